@@ -1,0 +1,118 @@
+"""Run folders and checkpoints: written to a temporary folder and renamed, so a kill never leaves a
+half-written checkpoint where a valid one is expected."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .errors import UserError
+
+CHECKPOINT_PREFIX = "step-"
+TEMP_PREFIX = ".tmp-"
+META_FILE = "meta.json"
+STATE_FILE = "training_state.pt"
+
+
+def new_run_dir(output_dir: str, project: str) -> Path:
+    """A fresh run folder output_dir/project/run_id; an existing folder is never reused."""
+    parent = Path(output_dir) / project
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"config key 'output_dir': cannot create {parent}: {error.strerror}") from None
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"config key 'output_dir': {parent} is not writable")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for attempt in range(1000):
+        run_dir = parent / (stamp if attempt == 0 else f"{stamp}-{attempt}")
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            continue
+    raise UserError(f"cannot create a new run folder under {parent}")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step:08d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first. Leftover temporary folders are not checkpoints."""
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir()
+             if p.name.startswith(CHECKPOINT_PREFIX) and (p / META_FILE).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def clean_partial(run_dir: Path) -> list[Path]:
+    """Remove the remains of writes that were interrupted; returns what was removed."""
+    folder = Path(run_dir) / "checkpoints"
+    removed = []
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if p.name.startswith(TEMP_PREFIX) or (p.name.startswith(CHECKPOINT_PREFIX)
+                                                  and not (p / META_FILE).is_file()):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(run_dir: Path, step: int, models: dict, state: dict, meta: dict, keep: int) -> Path:
+    """Write models (name -> diffusers model) and the training state; prune to the `keep` newest.
+
+    meta.json is written last inside the temporary folder and the folder is renamed into place, so a
+    checkpoint with meta.json is complete.
+    """
+    folder = Path(run_dir) / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / checkpoint_name(step)
+    temp = folder / f"{TEMP_PREFIX}{final.name}"
+    if temp.exists():
+        shutil.rmtree(temp)
+    temp.mkdir()
+    for name, model in models.items():
+        model.save_pretrained(temp / name, safe_serialization=True)
+    torch.save(state, temp / STATE_FILE)
+    (temp / META_FILE).write_text(json.dumps({**meta, "step": step}, indent=1), encoding="utf-8")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(temp, final)
+    if keep > 0:
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_meta(checkpoint: Path) -> dict:
+    return json.loads((Path(checkpoint) / META_FILE).read_text(encoding="utf-8"))
+
+
+def load_state(checkpoint: Path) -> dict:
+    return torch.load(Path(checkpoint) / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def load_model_weights(model, checkpoint: Path, name: str) -> None:
+    from safetensors.torch import load_file
+
+    folder = Path(checkpoint) / name
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"checkpoint {checkpoint} has no weights for {name}")
+    state = {}
+    for file in files:
+        state.update(load_file(file))
+    model.load_state_dict(state)

@@ -1,0 +1,145 @@
+"""`python -m engine COMMAND`: the command line. User mistakes print one line and exit 2, no traceback."""
+from __future__ import annotations
+
+import argparse
+import queue
+import sys
+import warnings
+
+
+def _quiet_libraries() -> None:
+    import logging
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def _format_warning(message, category, filename, lineno, line=None):
+    return f"warning: {message}\n"
+
+
+def cmd_train(args) -> int:
+    from . import events
+    from .config import load
+    from .train import Trainer
+
+    if args.resume:
+        trainer = Trainer.for_resume(args.resume, queue.Queue(), overrides=args.set)
+    else:
+        if not args.config:
+            raise SystemExit("error: train needs --config CFG or --resume RUN_DIR")
+        trainer = Trainer(load(args.config, args.set), queue.Queue())
+    trainer.start()
+    from tqdm import tqdm
+
+    bar = None
+    try:
+        while True:
+            try:
+                event = trainer.events.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if isinstance(event, events.Started):
+                bar = tqdm(total=event.total_steps, initial=event.start_step, unit="step", dynamic_ncols=True)
+                tqdm.write(f"run folder: {event.run_dir}")
+            elif isinstance(event, events.Step) and bar is not None:
+                bar.update(event.step - bar.n)
+                bar.set_postfix(epoch=event.epoch, loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}")
+            elif isinstance(event, events.Log):
+                (tqdm.write if bar else print)(f"{event.level}: {event.message}", file=sys.stderr)
+            elif isinstance(event, events.CheckpointSaved):
+                (tqdm.write if bar else print)(f"checkpoint: {event.path}")
+            elif isinstance(event, events.Sample):
+                (tqdm.write if bar else print)(f"samples: {len(event.paths)} at step {event.step}")
+            elif isinstance(event, events.Finished):
+                if bar:
+                    bar.close()
+                summary = event.summary or {}
+                state = "stopped" if event.stopped else "finished"
+                print(f"{state} at step {event.step}: {event.run_dir} "
+                      f"({summary.get('images', 0)} images, {summary.get('skipped', 0)} skipped)")
+                for item in summary.get("skipped_reasons", []):
+                    print(f"  skipped {item['path']}: {item['reason']}")
+                return 0
+            elif isinstance(event, events.Failed):
+                if bar:
+                    bar.close()
+                print(f"error: {event.error}", file=sys.stderr)
+                return 2 if event.user_error else 1
+    except KeyboardInterrupt:
+        print("stopping: saving a checkpoint (Ctrl+C again to abort)", file=sys.stderr)
+        trainer.stop(save_checkpoint=True)
+        trainer.join()
+        return 130
+
+
+def cmd_make_tiny_model(args) -> int:
+    from .tiny import make_tiny_model
+
+    print(make_tiny_model(args.dir, seed=args.seed))
+    return 0
+
+
+def cmd_make_sample_data(args) -> int:
+    from .tiny import make_sample_data
+
+    print(make_sample_data(args.dir, seed=args.seed))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m engine", description="SCAL-SDT training engine")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train from a config")
+    train.add_argument("--config", help="YAML config file")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set trainer.max_steps=10 (repeatable)")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest checkpoint")
+    train.set_defaults(func=cmd_train)
+
+    tiny = commands.add_parser("make-tiny-model", help="write the tiny offline demo pipeline")
+    tiny.add_argument("dir")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=cmd_make_tiny_model)
+
+    sample = commands.add_parser("make-sample-data", help="write the synthetic demo dataset")
+    sample.add_argument("dir")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.set_defaults(func=cmd_make_sample_data)
+
+    for register in _extra_commands():
+        register(commands)
+    return parser
+
+
+def _extra_commands():
+    """Commands defined next to the code they drive; each module exposes register(subparsers)."""
+    import importlib
+
+    registered = []
+    for name in ("buckets_cli", "classgen", "convert", "vram"):
+        try:
+            module = importlib.import_module(f".{name}", __package__)
+        except ModuleNotFoundError as error:
+            if error.name and error.name.endswith(name):
+                continue
+            raise
+        registered.append(module.register)
+    return registered
+
+
+def main(argv=None) -> int:
+    from .errors import UserError
+
+    _quiet_libraries()
+    warnings.formatwarning = _format_warning
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2

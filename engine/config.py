@@ -1,0 +1,472 @@
+"""The one typed config schema. YAML files, presets, the CLI and the GUI all read their defaults from here.
+
+Key names follow the seed trainer's YAML so that its users' configs load unchanged.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from .errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A config that cannot run; the message names the key path and what was expected."""
+
+
+@dataclass
+class AutoGenerate:
+    enabled: bool = False
+    negative_prompt: str = ""
+    steps: int = 28
+    cfg_scale: float = 7.5
+    num_target: int = 100
+    batch_size: int = 1
+
+
+@dataclass
+class InstanceSet:
+    path: str = ""
+    prompt: str = ""
+
+
+@dataclass
+class ClassSet:
+    path: str = ""
+    prompt: str = ""
+    auto_generate: AutoGenerate = field(default_factory=AutoGenerate)
+
+
+@dataclass
+class Concept:
+    instance_set: InstanceSet = field(default_factory=InstanceSet)
+    class_set: Optional[ClassSet] = None
+
+
+@dataclass
+class Data:
+    resolution: int = 512
+    center_crop: bool = False
+    concepts: list[Concept] = field(default_factory=list)
+
+
+@dataclass
+class SamplePrompt:
+    prompt: str = ""
+    negative_prompt: str = ""
+    steps: int = 28
+    cfg_scale: float = 7.5
+    num_samples: int = 1
+    seed: Optional[int] = None
+    width: Optional[int] = None
+    height: Optional[int] = None
+
+
+@dataclass
+class Sampling:
+    interval_steps: int = 0  # 0 = no sampling during training
+    batch_size: int = 1
+    concepts: list[SamplePrompt] = field(default_factory=list)
+
+
+@dataclass
+class Checkpoint:
+    every_n_epochs: Optional[int] = 1
+    every_n_train_steps: Optional[int] = None
+    save_top_k: int = 3  # keep the k newest; -1 keeps all
+
+
+@dataclass
+class Trainer:
+    # Lightning spellings are accepted: 32, 16, "16-mixed", "bf16", "bf16-mixed".
+    precision: Union[int, str] = 32
+    max_epochs: Optional[int] = 100
+    max_steps: Optional[int] = None
+    accelerator: Literal["auto", "gpu", "cuda", "cpu"] = "auto"
+    devices: Union[int, str, list] = 1
+    log_every_n_steps: int = 1
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: Optional[float] = None
+
+
+@dataclass
+class PriorPreservation:
+    enabled: bool = True
+    prior_loss_weight: float = 1.0
+
+
+@dataclass
+class ManualBuckets:
+    base_res: int = 512
+    max_size: int = 768
+    dim_range: list = field(default_factory=lambda: [256, 1024])
+    divisor: int = 64
+
+
+@dataclass
+class AspectRatioBucket:
+    enabled: bool = False
+    c_size: float = 1.5
+    c_dim: float = 2.0
+    c_div: int = 8
+    max_aspect_error: float = 0.5
+    debug: bool = False
+    manual: Optional[ManualBuckets] = None
+
+
+@dataclass
+class Loggers:
+    wandb: Optional[dict] = None
+    tensorboard: Optional[dict] = None
+
+
+@dataclass
+class OptimizerParams:
+    lr: float = 1e-6
+    beta1: float = 0.9
+    beta2: float = 0.999
+    weight_decay: float = 1e-2
+    eps: float = 1e-8
+
+
+@dataclass
+class LrScale:
+    enabled: bool = False
+    method: Literal["sqrt", "linear"] = "sqrt"
+
+
+@dataclass
+class Warmup:
+    enabled: bool = False
+    init_lr: float = 0.0
+    steps: int = 0
+    strategy: Literal["linear", "constant"] = "linear"
+
+
+@dataclass
+class LrScheduler:
+    name: str = "constant"
+    params: dict = field(default_factory=dict)
+    warmup: Warmup = field(default_factory=Warmup)
+
+
+@dataclass
+class Optimizer:
+    name: str = "torch.optim.AdamW"
+    params: OptimizerParams = field(default_factory=OptimizerParams)
+    lr_scale: LrScale = field(default_factory=LrScale)
+    lr_scheduler: LrScheduler = field(default_factory=LrScheduler)
+
+
+@dataclass
+class Ema:
+    enabled: bool = False
+    decay: float = 0.9999
+    on_cpu: bool = False
+
+
+@dataclass
+class Uncond:
+    enabled: bool = False
+    p: float = 0.1
+    cond: Literal["zeros", "bos", "eos"] = "zeros"
+
+
+@dataclass
+class Config:
+    model: str = ""
+    vae: Optional[str] = None
+    tokenizer: Optional[str] = None
+    output_dir: str = "output"
+    project: str = "SCAL-SDT"
+    description: str = ""  # one line shown by the GUI next to a preset
+    batch_size: int = 1
+    seed: Optional[int] = None
+    num_workers: Optional[int] = 0
+    train_text_encoder: bool = False
+    gradient_checkpointing: bool = False
+    xformers: bool = False
+    clip_stop_at_layer: int = 1
+    pad_tokens: bool = True
+    data: Data = field(default_factory=Data)
+    sampling: Sampling = field(default_factory=Sampling)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    trainer: Trainer = field(default_factory=Trainer)
+    prior_preservation: PriorPreservation = field(default_factory=PriorPreservation)
+    aspect_ratio_bucket: AspectRatioBucket = field(default_factory=AspectRatioBucket)
+    loggers: Loggers = field(default_factory=Loggers)
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    ema: Ema = field(default_factory=Ema)
+    uncond: Uncond = field(default_factory=Uncond)
+
+
+# Seed keys that only meant something to PyTorch Lightning: accepted with a warning so old configs load.
+IGNORED_KEYS = {
+    "trainer.auto_select_gpus", "trainer.strategy", "trainer.benchmark", "trainer.num_nodes",
+    "checkpoint.filename", "checkpoint.monitor", "checkpoint.mode", "checkpoint.auto_insert_metric_name",
+    "checkpoint.save_last", "checkpoint.dirpath",
+}
+
+
+class ConfigWarning(UserWarning):
+    pass
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    if origin is list or tp is list:
+        return "a list"
+    if origin is dict or tp is dict:
+        return "a mapping"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    """Check value against the annotation tp and return it in that type, or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, path)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key '{path}': expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"config key '{path}': expected {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{path}': expected a mapping, got {value!r}")
+        return _build(tp, value, path)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{path}': expected a list, got {value!r}")
+        (item_type,) = typing.get_args(tp)
+        return [_convert(item, item_type, f"{path}[{i}]") for i, item in enumerate(value)]
+    if tp is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{path}': expected a list, got {value!r}")
+        return value
+    if tp is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{path}': expected a mapping, got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{path}': expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{path}': expected an integer, got {value!r}")
+    if tp is float:
+        # YAML 1.1 reads 2e-6 as a string; users write learning rates that way.
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{path}': expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key '{path}': expected a string, got {value!r}")
+    raise ConfigError(f"config key '{path}': unsupported type {tp}")
+
+
+def _build(cls: type, values: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in hints:
+            if _is_ignored(path):
+                warnings.warn(f"config key '{path}' has no effect in SCAL-SDT and is ignored", ConfigWarning,
+                              stacklevel=2)
+                continue
+            allowed = ", ".join(hints)
+            raise ConfigError(f"unknown config key '{path}' (allowed here: {allowed})")
+        kwargs[key] = _convert(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def _is_ignored(path: str) -> bool:
+    generic = path.split("[")[0]
+    return generic in IGNORED_KEYS or generic.startswith("loggers.")
+
+
+def from_dict(values: dict) -> Config:
+    if not isinstance(values, dict):
+        raise ConfigError("the config file must be a mapping of keys to values")
+    config = _build(Config, values, "")
+    validate(config)
+    return config
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def default_dict() -> dict:
+    return to_dict(Config())
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse a `--set key.path=value` override; the value is read as YAML (numbers, booleans, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key.path=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def apply_override(values: dict, key: str, value: Any) -> None:
+    """Set values[key.path] = value; `a.b[0].c` addresses list items."""
+    parts = []
+    for part in key.split("."):
+        while "[" in part:
+            name, rest = part.split("[", 1)
+            index, part = rest.split("]", 1)
+            if name:
+                parts.append(name)
+            parts.append(int(index))
+        if part:
+            parts.append(part)
+    node = values
+    for depth, part in enumerate(parts[:-1]):
+        nxt = parts[depth + 1]
+        if isinstance(part, int):
+            if not isinstance(node, list) or part >= len(node):
+                raise ConfigError(f"config key '{key}': no list item {part}")
+            node = node[part]
+            continue
+        if node.get(part) is None:
+            node[part] = [] if isinstance(nxt, int) else {}
+        node = node[part]
+    last = parts[-1]
+    if isinstance(last, int):
+        if not isinstance(node, list) or last >= len(node):
+            raise ConfigError(f"config key '{key}': no list item {last}")
+    node[last] = value
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from None
+    return values if values is not None else {}
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None,
+         base: dict | None = None) -> Config:
+    """Load a YAML config (or a dict), apply `--set` overrides, validate; raises ConfigError."""
+    values = copy.deepcopy(base) if base is not None else (read_yaml(path) if path else {})
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: the config file must be a mapping of keys to values")
+    for text in overrides or []:
+        key, value = parse_override(text)
+        apply_override(values, key, value)
+    return from_dict(values)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(config: Config) -> None:
+    """Value checks that types alone cannot express; each message names its key."""
+    _require(config.batch_size >= 1, f"config key 'batch_size': must be at least 1, got {config.batch_size}")
+    _require(config.data.resolution >= 8 and config.data.resolution % 8 == 0,
+             f"config key 'data.resolution': must be a positive multiple of 8, got {config.data.resolution}")
+    _require(config.clip_stop_at_layer >= 1,
+             f"config key 'clip_stop_at_layer': must be 1 (no skip) or more, got {config.clip_stop_at_layer}")
+    lr = config.optimizer.params.lr
+    _require(lr > 0, f"config key 'optimizer.params.lr': must be positive, got {lr}")
+    _require(config.trainer.accumulate_grad_batches >= 1,
+             "config key 'trainer.accumulate_grad_batches': must be at least 1")
+    _require(config.trainer.max_epochs is not None or config.trainer.max_steps is not None,
+             "config keys 'trainer.max_epochs' and 'trainer.max_steps': set at least one")
+    precision = str(config.trainer.precision)
+    _require(precision in PRECISIONS,
+             f"config key 'trainer.precision': expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+    _require(0.0 <= config.uncond.p <= 1.0, f"config key 'uncond.p': must be within [0, 1], got {config.uncond.p}")
+    _require(config.prior_preservation.prior_loss_weight >= 0,
+             "config key 'prior_preservation.prior_loss_weight': must not be negative")
+    _require(config.sampling.interval_steps >= 0, "config key 'sampling.interval_steps': must not be negative")
+    for i, concept in enumerate(config.data.concepts):
+        _require(bool(concept.instance_set.path),
+                 f"config key 'data.concepts[{i}].instance_set.path': a folder of training images is required")
+        if config.prior_preservation.enabled:
+            _require(concept.class_set is not None and bool(concept.class_set.path),
+                     f"config key 'data.concepts[{i}].class_set.path': required while "
+                     "'prior_preservation.enabled' is true (set it to false for native fine-tuning)")
+
+
+# Lightning spellings -> (autocast dtype name or None, use grad scaler)
+PRECISIONS = {"32": None, "32-true": None, "16": "float16", "16-mixed": "float16",
+              "bf16": "bfloat16", "bf16-mixed": "bfloat16"}
+
+
+def dump_yaml(config: Config) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True)
+
+
+def iter_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every documented key path of the schema, for the README and the GUI."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}.{f.name}" if prefix else f.name
+        tp = typing.get_type_hints(cls)[f.name]
+        inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+        if typing.get_origin(tp) is list and inner:
+            keys += iter_keys(inner[0], path + "[]")
+        elif dataclasses.is_dataclass(tp):
+            keys += iter_keys(tp, path)
+        elif inner:
+            keys += iter_keys(inner[0], path)
+        else:
+            keys.append(path)
+    return keys

@@ -1,0 +1,85 @@
+"""Loading the diffusers components a run trains, and encoding prompts with CLIP skip."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from . import paths
+from .errors import UserError
+
+
+@dataclass
+class Components:
+    tokenizer: Any
+    text_encoder: Any
+    vae: Any
+    unet: Any
+    noise_scheduler: Any
+    model_path: str
+
+
+def resolve_model_path(model: str) -> str:
+    if not model:
+        raise UserError("config key 'model': no base model given (a diffusers folder or demo:tiny-sd)")
+    resolved = paths.resolve(model)
+    path = Path(resolved)
+    if not path.exists():
+        raise UserError(f"config key 'model': not found: {resolved}")
+    if path.is_dir() and not (path / "model_index.json").is_file() and not (path / "unet").is_dir():
+        raise UserError(f"config key 'model': {resolved} is not a diffusers model folder (no model_index.json)")
+    return resolved
+
+
+def load_components(model: str, vae: Optional[str] = None, tokenizer: Optional[str] = None) -> Components:
+    """Load tokenizer, text encoder, VAE, UNet and the training noise schedule in fp32 on the CPU."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    model_path = resolve_model_path(model)
+    if Path(model_path).is_file():
+        from .single_file import load_single_file_components
+        return load_single_file_components(model_path, vae=vae, tokenizer=tokenizer)
+    root = Path(model_path)
+    tokenizer_path = paths.resolve(tokenizer) if tokenizer else str(root / "tokenizer")
+    vae_path = paths.resolve(vae) if vae else str(root / "vae")
+    for label, location in (("tokenizer", tokenizer_path), ("vae", vae_path)):
+        if not Path(location).exists():
+            raise UserError(f"config key '{label if location != str(root / label) else 'model'}': "
+                            f"not found: {location}")
+    return Components(
+        tokenizer=CLIPTokenizer.from_pretrained(tokenizer_path),
+        text_encoder=CLIPTextModel.from_pretrained(root / "text_encoder"),
+        vae=AutoencoderKL.from_pretrained(vae_path),
+        unet=UNet2DConditionModel.from_pretrained(root / "unet"),
+        noise_scheduler=DDPMScheduler.from_pretrained(root / "scheduler"),
+        model_path=model_path,
+    )
+
+
+def final_layer_norm(text_encoder) -> torch.nn.Module:
+    # transformers 5 flattened CLIPTextModel; older versions nest it under .text_model.
+    return getattr(text_encoder, "text_model", text_encoder).final_layer_norm
+
+
+def encode_prompt(text_encoder, input_ids: torch.Tensor, clip_stop_at_layer: int = 1,
+                  attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """CLIP skip as in the NovelAI/A1111 convention: hidden_states[-N] then the final layer norm."""
+    if clip_stop_at_layer <= 1:
+        return text_encoder(input_ids, attention_mask=attention_mask).last_hidden_state
+    output = text_encoder(input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    return final_layer_norm(text_encoder)(output.hidden_states[-clip_stop_at_layer])
+
+
+def enable_xformers_if_usable(unet, wanted: bool) -> str:
+    """Return the attention backend used: 'xformers' only when importable and on CUDA, else torch SDPA."""
+    if wanted and torch.cuda.is_available():
+        try:
+            import xformers  # noqa: F401
+            unet.enable_xformers_memory_efficient_attention()
+            return "xformers"
+        except Exception:  # any import or kernel failure falls back to SDPA
+            pass
+    return "sdpa"

@@ -1,0 +1,448 @@
+"""The training loop: plain PyTorch, readable top to bottom.
+
+A Trainer runs in the caller's thread (`run`) or a background thread (`start`) and reports through typed
+events on a queue. One optimizer step is: for each micro-batch, encode images to latents, add noise at
+random timesteps, predict the noise with the UNet, take the MSE (instance + weighted prior part) and
+backpropagate; then clip, step the optimizer and the LR schedule, and log.
+"""
+from __future__ import annotations
+
+import math
+import os
+import queue
+import random
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import checkpoints, events, paths
+from .buckets import plan_buckets
+from .config import PRECISIONS, Config, dump_yaml, load, to_dict
+from .data import Collate, DreamBoothDataset
+from .dataset_index import scan_folder
+from .errors import UserError
+from .models import Components, enable_xformers_if_usable, encode_prompt, load_components, resolve_model_path
+
+_ENGINE_DIR = os.path.dirname(os.path.abspath(__file__))
+OOM_ADVICE = ("out of GPU memory. Try, in this order: a smaller preset (dreambooth-10gb or dreambooth-6gb), "
+              "batch_size 1, gradient_checkpointing: true, optimizer.name: bitsandbytes.optim.AdamW8bit, "
+              "and cached latents")
+
+
+def dreambooth_loss(pred: torch.Tensor, target: torch.Tensor, num_instance: int,
+                    prior_loss_weight: float) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """MSE on the instance rows plus prior_loss_weight x MSE on the class rows that follow them."""
+    instance_loss = F.mse_loss(pred[:num_instance].float(), target[:num_instance].float())
+    if pred.shape[0] == num_instance:
+        return instance_loss, instance_loss, None
+    prior_loss = F.mse_loss(pred[num_instance:].float(), target[num_instance:].float())
+    return instance_loss + prior_loss_weight * prior_loss, instance_loss, prior_loss
+
+
+def select_device(config: Config) -> torch.device:
+    wanted = config.trainer.accelerator
+    if wanted in ("gpu", "cuda") and not torch.cuda.is_available():
+        warnings.warn("trainer.accelerator is 'gpu' but no CUDA device is available: training on the CPU")
+        return torch.device("cpu")
+    if wanted == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def select_precision(config: Config, device: torch.device) -> tuple[Optional[torch.dtype], bool]:
+    """(autocast dtype or None, use a grad scaler)."""
+    name = PRECISIONS[str(config.trainer.precision)]
+    if name is None:
+        return None, False
+    if device.type != "cuda" and name == "float16":
+        warnings.warn("fp16 mixed precision needs CUDA: training in fp32 on the CPU")
+        return None, False
+    dtype = getattr(torch, name)
+    return dtype, dtype == torch.float16
+
+
+@dataclass
+class PreparedData:
+    dataset: DreamBoothDataset
+    sampler: object
+    loader: torch.utils.data.DataLoader
+    skipped: list = field(default_factory=list)
+    bucket_sizes: list = field(default_factory=list)
+
+
+def prepare_data(config: Config, tokenizer, seed: int, rank: int = 0, world_size: int = 1) -> PreparedData:
+    from .sampler import BucketBatchSampler
+
+    if not config.data.concepts:
+        raise UserError("config key 'data.concepts': at least one concept with an instance_set is required")
+    use_prior = config.prior_preservation.enabled
+    instances, classes, skipped = [], [], []
+    instance_groups, class_groups = [], []
+    for index, concept in enumerate(config.data.concepts):
+        found = scan_folder(paths.resolve(concept.instance_set.path), concept.instance_set.prompt,
+                            f"config key 'data.concepts[{index}].instance_set.path'")
+        skipped += found.skipped
+        instances += found.records
+        instance_groups += [index] * len(found.records)
+        if use_prior and concept.class_set is not None:
+            found = scan_folder(paths.resolve(concept.class_set.path), concept.class_set.prompt,
+                                f"config key 'data.concepts[{index}].class_set.path'")
+            skipped += found.skipped
+            if not found.records:
+                raise UserError(f"config key 'data.concepts[{index}].class_set.path': no class images in "
+                                f"{concept.class_set.path}; generate them first (python -m engine gen-class) "
+                                "or set prior_preservation.enabled: false")
+            classes += found.records
+            class_groups += [index] * len(found.records)
+    if not instances:
+        raise UserError("no usable training images in the instance folders")
+    instance_plan = plan_buckets(config, instances)
+    class_plan = plan_buckets(config, classes, sizes=instance_plan.sizes) if classes else None
+    skipped += instance_plan.skipped + (class_plan.skipped if class_plan else [])
+    dataset = DreamBoothDataset(
+        instance_plan.kept, instance_plan.assignments, instance_plan.sizes, tokenizer,
+        center_crop=config.data.center_crop, seed=seed,
+        classes=class_plan.kept if class_plan else (), class_buckets=class_plan.assignments if class_plan else (),
+        uncond_p=config.uncond.p if config.uncond.enabled else 0.0)
+    sampler = BucketBatchSampler(instance_plan.assignments, config.batch_size, seed, rank=rank,
+                                 world_size=world_size)
+    workers = config.num_workers if config.num_workers is not None else min(4, os.cpu_count() or 1)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=workers,
+        collate_fn=Collate(tokenizer.pad_token_id, tokenizer.model_max_length, config.pad_tokens),
+        generator=torch.Generator().manual_seed(seed))
+    return PreparedData(dataset, sampler, loader, skipped, instance_plan.sizes)
+
+
+class Trainer:
+    def __init__(self, config: Config, event_queue: Optional[queue.Queue] = None,
+                 resume_dir: Optional[str] = None, on_event: Optional[Callable] = None):
+        self.config = config
+        self.events = event_queue
+        self.on_event = on_event
+        self.resume_dir = Path(resume_dir) if resume_dir else None
+        self.run_dir: Optional[Path] = None
+        self._stop = threading.Event()
+        self._save_on_stop = True
+        self.thread: Optional[threading.Thread] = None
+        self.result: Optional[events.Event] = None
+
+    @classmethod
+    def for_resume(cls, run_dir: str, event_queue=None, overrides: Optional[list[str]] = None, **kwargs):
+        config_path = Path(run_dir) / "config.yaml"
+        if not config_path.is_file():
+            raise UserError(f"--resume: {run_dir} is not a run folder (no config.yaml)")
+        return cls(load(config_path, overrides), event_queue, resume_dir=run_dir, **kwargs)
+
+    # -- control ------------------------------------------------------------------------------------------
+    def start(self) -> threading.Thread:
+        self.thread = threading.Thread(target=self.run, name="scal-sdt-train", daemon=True)
+        self.thread.start()
+        return self.thread
+
+    def stop(self, save_checkpoint: bool = True) -> None:
+        """Ask the run to end after the current step, saving a checkpoint first unless told not to."""
+        self._save_on_stop = save_checkpoint
+        self._stop.set()
+
+    def join(self, timeout: Optional[float] = None) -> None:
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    def emit(self, event: events.Event) -> None:
+        if self.events is not None:
+            self.events.put(event)
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def log(self, message: str, level: str = "info") -> None:
+        self.emit(events.Log(level=level, message=message))
+
+    def run(self) -> events.Event:
+        """Train to the end or until stopped; never raises. Returns the Finished or Failed event."""
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    result = self._train(caught)
+                finally:
+                    self._flush_warnings(caught)
+        except UserError as error:
+            result = events.Failed(error=str(error), run_dir=str(self.run_dir or ""), user_error=True)
+        except torch.OutOfMemoryError:
+            self._release_memory()
+            result = events.Failed(error=OOM_ADVICE, run_dir=str(self.run_dir or ""), user_error=True)
+        except Exception as error:  # an engine bug: report it without killing the caller
+            import traceback
+
+            result = events.Failed(error=f"{error.__class__.__name__}: {error}\n{traceback.format_exc()}",
+                                   run_dir=str(self.run_dir or ""))
+        self.result = result
+        self.emit(result)
+        return result
+
+    def _flush_warnings(self, caught: list) -> None:
+        # Only the engine's own warnings are for the user; libraries' deprecation chatter is not.
+        for warning in caught:
+            if warning.filename.startswith(_ENGINE_DIR):
+                self.log(str(warning.message), "warning")
+        caught.clear()
+
+    @staticmethod
+    def _release_memory() -> None:
+        import gc
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # -- the run ------------------------------------------------------------------------------------------
+    def _train(self, caught_warnings: list) -> events.Event:
+        config = self.config
+        rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        device = select_device(config)
+        autocast_dtype, use_scaler = select_precision(config, device)
+
+        resolve_model_path(config.model)  # fail before creating a run folder
+        resume_from = None
+        if self.resume_dir is not None:
+            self.run_dir = self.resume_dir
+            for removed in checkpoints.clean_partial(self.run_dir):
+                self.log(f"removed an incomplete checkpoint: {removed.name}", "warning")
+            resume_from = checkpoints.latest_checkpoint(self.run_dir)
+            if resume_from is None:
+                raise UserError(f"--resume: {self.run_dir} has no complete checkpoint to resume from")
+        else:
+            if config.seed is None:
+                config.seed = random.randrange(2**31)
+            self.run_dir = checkpoints.new_run_dir(paths.resolve(config.output_dir), config.project)
+            (self.run_dir / "config.yaml").write_text(dump_yaml(config), encoding="utf-8")
+        seed = config.seed
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+        components = load_components(config.model, config.vae, config.tokenizer)
+        unet, text_encoder, vae = components.unet, components.text_encoder, components.vae
+        vae.requires_grad_(False)
+        text_encoder.requires_grad_(config.train_text_encoder)
+        unet.train()
+        text_encoder.train(config.train_text_encoder)
+        vae.eval()
+        if config.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+            if config.train_text_encoder:
+                text_encoder.gradient_checkpointing_enable()
+        attention = enable_xformers_if_usable(unet, config.xformers)
+        unet.to(device)
+        text_encoder.to(device)
+        vae.to(device)
+
+        data = prepare_data(config, components.tokenizer, seed, rank, world_size)
+        self._flush_warnings(caught_warnings)
+        batches_per_epoch = len(data.sampler)
+        accumulate = config.trainer.accumulate_grad_batches
+        steps_per_epoch = math.ceil(batches_per_epoch / accumulate)
+        total_steps = min(s for s in (config.trainer.max_steps,
+                                      config.trainer.max_epochs and config.trainer.max_epochs * steps_per_epoch)
+                          if s is not None)
+
+        trained = [unet] + ([text_encoder] if config.train_text_encoder else [])
+        params = [p for model in trained for p in model.parameters() if p.requires_grad]
+        from .optim import build_optimizer, build_scheduler, scaled_lr
+
+        effective_batch = config.batch_size * accumulate * world_size
+        optimizer = build_optimizer(config.optimizer, params, scaled_lr(config.optimizer, effective_batch))
+        lr_scheduler = build_scheduler(config.optimizer, optimizer, total_steps)
+        scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+        noise_generator = torch.Generator(device).manual_seed(seed)
+
+        global_step, epoch, position = 0, 0, 0
+        metrics_resume_step = None
+        if resume_from is not None:
+            state = checkpoints.load_state(resume_from)
+            checkpoints.load_model_weights(unet, resume_from, "unet")
+            if config.train_text_encoder:
+                checkpoints.load_model_weights(text_encoder, resume_from, "text_encoder")
+            optimizer.load_state_dict(state["optimizer"])
+            lr_scheduler.load_state_dict(state["lr_scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            noise_generator.set_state(state["noise_generator"])
+            random.setstate(state["rng"]["python"])
+            np.random.set_state(state["rng"]["numpy"])
+            torch.set_rng_state(state["rng"]["torch"])
+            if torch.cuda.is_available() and state["rng"].get("cuda"):
+                torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+            global_step, epoch, position = state["global_step"], state["sampler"]["epoch"], state["sampler"]["position"]
+            metrics_resume_step = global_step
+            self.log(f"resuming {self.run_dir} from {resume_from.name} (step {global_step})")
+
+        from .loggers import ExternalLoggers, MetricsLog
+
+        is_main = rank == 0
+        metrics = MetricsLog(self.run_dir / "metrics.jsonl", metrics_resume_step) if is_main else None
+        external = ExternalLoggers(config, self.run_dir, to_dict(config)) if is_main else None
+        self.emit(events.Started(run_dir=str(self.run_dir), total_steps=total_steps, start_step=global_step))
+        self.log(f"{len(data.dataset)} training images, {len(data.skipped)} skipped; {batches_per_epoch} batches "
+                 f"per epoch; {total_steps} steps; device {device}; attention {attention}")
+
+        def save(reason: str) -> Path:
+            state = {
+                "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "noise_generator": noise_generator.get_state(),
+                "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                "global_step": global_step, "sampler": {"epoch": epoch, "position": batch_index_in_epoch},
+            }
+            models = {"unet": unet}
+            if config.train_text_encoder:
+                models["text_encoder"] = text_encoder
+            meta = {"epoch": epoch, "base_model": components.model_path, "reason": reason,
+                    "trained": sorted(models)}
+            path = checkpoints.save_checkpoint(self.run_dir, global_step, models, state, meta,
+                                               config.checkpoint.save_top_k)
+            self.emit(events.CheckpointSaved(step=global_step, path=str(path)))
+            return path
+
+        def sample() -> None:
+            from .sampling import build_pipeline, generate_samples
+
+            pipeline = build_pipeline(components, unet, text_encoder, device)
+            sample_paths = generate_samples(config, pipeline, self.run_dir / "samples" / f"{global_step:06d}",
+                                            autocast_dtype)
+            text_encoder.train(config.train_text_encoder)
+            self.emit(events.Sample(step=global_step, paths=sample_paths))
+            external.log_images(global_step, sample_paths)
+
+        step_times: list[float] = []
+        last_sampled = -1
+        stopped = False
+        batch_index_in_epoch = position
+        loss_sum, loss_count = 0.0, 0
+        tick = time.perf_counter()
+        while global_step < total_steps and not stopped:
+            data.sampler.set_epoch(epoch, start=position)
+            data.dataset.set_epoch(epoch)
+            epoch_batches = batches_per_epoch
+            batch_index_in_epoch = position
+            for batch in data.loader:
+                group_start = batch_index_in_epoch // accumulate * accumulate
+                group_size = min(accumulate, epoch_batches - group_start)
+                loss, parts = self._forward(batch, components, device, autocast_dtype, noise_generator)
+                if not torch.isfinite(loss):
+                    raise UserError(f"the loss became {loss.item()} at step {global_step + 1}; stopping. "
+                                    f"The last good checkpoint is kept in {self.run_dir / 'checkpoints'}; "
+                                    "lower optimizer.params.lr or use bf16/fp32 precision")
+                scaler.scale(loss / group_size).backward()
+                loss_sum += loss.item()
+                loss_count += 1
+                batch_index_in_epoch += 1
+                if batch_index_in_epoch - group_start < group_size:
+                    continue
+
+                if config.trainer.gradient_clip_val:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(params, config.trainer.gradient_clip_val)
+                scaler.step(optimizer)
+                scaler.update()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                global_step += 1
+
+                now = time.perf_counter()
+                step_times.append(now - tick)
+                tick = now
+                recent = step_times[-20:]
+                it_per_s = len(recent) / sum(recent) if sum(recent) > 0 else 0.0
+                record = {"step": global_step, "epoch": epoch, "loss": loss_sum / loss_count,
+                          "lr": optimizer.param_groups[0]["lr"]}
+                if parts.get("prior_loss") is not None:
+                    record["instance_loss"], record["prior_loss"] = parts["instance_loss"], parts["prior_loss"]
+                loss_sum, loss_count = 0.0, 0
+                if is_main and (global_step % config.trainer.log_every_n_steps == 0 or global_step == total_steps):
+                    metrics.write(record)
+                    external.log(record)
+                self.emit(events.Step(step=global_step, epoch=epoch, loss=record["loss"], lr=record["lr"],
+                                      it_per_s=it_per_s, total_steps=total_steps,
+                                      eta_s=(total_steps - global_step) / it_per_s if it_per_s else 0.0))
+                self._flush_warnings(caught_warnings)
+
+                if is_main and config.sampling.concepts and config.sampling.interval_steps and \
+                        global_step % config.sampling.interval_steps == 0:
+                    sample()
+                    last_sampled = global_step
+                    tick = time.perf_counter()
+                every = config.checkpoint.every_n_train_steps
+                if is_main and every and global_step % every == 0:
+                    save("every_n_train_steps")
+                if self._stop.is_set():
+                    stopped = True
+                    break
+                if global_step >= total_steps:
+                    break
+            else:
+                # the epoch ran to its end
+                position = 0
+                epoch += 1
+                # As in the seed, every_n_train_steps replaces every_n_epochs when both are set.
+                every_epochs = None if config.checkpoint.every_n_train_steps else config.checkpoint.every_n_epochs
+                if is_main and every_epochs and epoch % every_epochs == 0 and global_step < total_steps:
+                    batch_index_in_epoch = 0
+                    save("every_n_epochs")
+                continue
+            position = batch_index_in_epoch
+            if position >= epoch_batches:
+                position, epoch, batch_index_in_epoch = 0, epoch + 1, 0
+
+        if is_main:
+            if config.sampling.concepts and config.sampling.interval_steps and last_sampled != global_step \
+                    and not stopped:
+                sample()
+            if not stopped or self._save_on_stop:
+                latest = checkpoints.latest_checkpoint(self.run_dir)
+                if latest is None or checkpoints.read_meta(latest)["step"] != global_step:
+                    save("stop" if stopped else "end")
+            metrics.close()
+            external.close()
+        summary = {"steps": global_step, "images": len(data.dataset), "skipped": len(data.skipped),
+                   "skipped_reasons": [{"path": p, "reason": r} for p, r in data.skipped]}
+        return events.Finished(run_dir=str(self.run_dir), step=global_step, stopped=stopped, summary=summary)
+
+    def _forward(self, batch: dict, components: Components, device: torch.device,
+                 autocast_dtype: Optional[torch.dtype], generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        config = self.config
+        vae, unet, text_encoder = components.vae, components.unet, components.text_encoder
+        scheduler = components.noise_scheduler
+        pixel_values = batch["pixel_values"].to(device)
+        input_ids = batch["input_ids"].to(device)
+        with torch.no_grad():
+            latents = vae.encode(pixel_values).latent_dist.sample(generator) * vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=generator, device=device)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                  generator=generator, device=device)
+        noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            with torch.set_grad_enabled(config.train_text_encoder):
+                encoder_hidden_states = encode_prompt(text_encoder, input_ids, config.clip_stop_at_layer)
+            if config.uncond.enabled and config.uncond.cond == "zeros":
+                dropped = torch.tensor([c == "" for c in batch["captions"]], device=device)
+                encoder_hidden_states = encoder_hidden_states * (~dropped).view(-1, 1, 1).to(encoder_hidden_states.dtype)
+            prediction = unet(noisy_latents, timesteps, encoder_hidden_states).sample
+        if scheduler.config.prediction_type == "v_prediction":
+            target = scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        loss, instance_loss, prior_loss = dreambooth_loss(prediction, target, batch["num_instance"],
+                                                          config.prior_preservation.prior_loss_weight)
+        parts = {"instance_loss": instance_loss.item(),
+                 "prior_loss": prior_loss.item() if prior_loss is not None else None}
+        return loss, parts

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# SCAL-SDT launcher: creates .venv, installs torch and the requirements once, then starts the app.
+#   ./launch.sh [app options]     start the web app (e.g. ./launch.sh --listen --port 7861)
+#   ./launch.sh --test [pytest options]   install, then run the test suite
+# Environment:
+#   SCAL_TORCH        torch requirement to install first (default torch==2.13.0)
+#   SCAL_TORCH_INDEX  extra pip index for torch, e.g. https://download.pytorch.org/whl/cu128 for a CUDA build
+#   PYTHON            interpreter used to create the venv (default python3)
+set -euo pipefail
+cd "$(dirname "$0")"
+
+mode=app
+if [[ "${1:-}" == "--test" ]]; then
+  mode=test
+  shift
+fi
+
+venv=.venv
+torch_spec=${SCAL_TORCH:-torch==2.13.0}
+torch_index=${SCAL_TORCH_INDEX:-}
+
+if [[ ! -x "$venv/bin/python" ]]; then
+  echo "creating $venv"
+  "${PYTHON:-python3}" -m venv "$venv"
+fi
+py="$venv/bin/python"
+
+# Reinstall only when what is asked for changed: the stamp holds a hash of the requirements and torch choice.
+want=$( { cat requirements.txt; echo "$torch_spec $torch_index"; } | sha256sum | cut -d' ' -f1)
+stamp="$venv/.scal-sdt-installed"
+if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
+  echo "installing $torch_spec, then requirements.txt (first run only)"
+  "$py" -m pip install --quiet --upgrade pip
+  # torch first: a bare torch pulled in by another package would be a multi-GB default build.
+  if [[ -n "$torch_index" ]]; then
+    "$py" -m pip install --quiet "$torch_spec" --extra-index-url "$torch_index"
+  else
+    "$py" -m pip install --quiet "$torch_spec"
+  fi
+  "$py" -m pip install --quiet -r requirements.txt
+  echo "$want" > "$stamp"
+fi
+
+export GRADIO_ANALYTICS_ENABLED=${GRADIO_ANALYTICS_ENABLED:-False}
+
+if [[ "$mode" == "test" ]]; then
+  # The browser tests drive Debian's Chromium; install it when missing and we may.
+  if [[ ! -x /usr/bin/chromium ]] && command -v apt-get >/dev/null && [[ $(id -u) -eq 0 ]]; then
+    echo "installing chromium for the browser tests"
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  fi
+  export HF_HUB_OFFLINE=1 WANDB_MODE=offline
+  set +e
+  "$py" -m pytest tests "$@"
+  status=$?
+  set -e
+  if [[ $status -eq 5 ]]; then
+    echo "error: pytest collected no tests" >&2
+    exit 1
+  fi
+  exit $status
+fi
+
+exec "$py" app.py "$@"

@@ -1,0 +1,1 @@
+"""SCAL-SDT web interface: a thin Gradio client of the engine."""

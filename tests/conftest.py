@@ -1,0 +1,53 @@
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def demo_cache(tmp_path_factory):
+    """Demo assets (`demo:` paths) are built once per test session in a private cache."""
+    cache = tmp_path_factory.mktemp("scal-cache")
+    os.environ["SCAL_SDT_CACHE"] = str(cache)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_model(demo_cache):
+    from engine import paths
+
+    return paths.demo_model_dir()
+
+
+@pytest.fixture(scope="session")
+def sample_data(demo_cache):
+    from engine import paths
+
+    return paths.demo_data_dir()
+
+
+@pytest.fixture(scope="session")
+def class_images(sample_data, tiny_model):
+    """Fill the sample data's class folder by rendering the tiny model, as class generation would."""
+    from engine.testing import fill_class_folder
+
+    fill_class_folder(tiny_model, sample_data / "class", count=6)
+    return sample_data / "class"
+
+
+def run_cli(*args, cwd=ROOT, env=None, timeout=600):
+    import subprocess
+
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "engine", *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
