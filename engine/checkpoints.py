@@ -91,8 +91,9 @@ def save_checkpoint(run_dir: Path, step: int, models: dict, state: dict, meta: d
     if final.exists():
         shutil.rmtree(final)
     os.replace(temp, final)
-    if keep > 0:
-        for old in list_checkpoints(run_dir)[:-keep]:
+    if keep >= 0:
+        # save_top_k 0 still keeps the newest: a run never loses its only valid checkpoint.
+        for old in list_checkpoints(run_dir)[:-max(keep, 1)]:
             shutil.rmtree(old, ignore_errors=True)
     return final
 

@@ -11,7 +11,6 @@ import math
 import os
 import queue
 import random
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -28,12 +27,10 @@ from .config import PRECISIONS, Config, dump_yaml, load, to_dict
 from .data import Collate, DreamBoothDataset
 from .dataset_index import scan_folder
 from .errors import UserError
+from .job import Job
 from .models import Components, enable_xformers_if_usable, encode_prompt, load_components, resolve_model_path
 
 _ENGINE_DIR = os.path.dirname(os.path.abspath(__file__))
-OOM_ADVICE = ("out of GPU memory. Try, in this order: a smaller preset (dreambooth-10gb or dreambooth-6gb), "
-              "batch_size 1, gradient_checkpointing: true, optimizer.name: bitsandbytes.optim.AdamW8bit, "
-              "and cached latents")
 
 
 def dreambooth_loss(pred: torch.Tensor, target: torch.Tensor, num_instance: int,
@@ -44,6 +41,18 @@ def dreambooth_loss(pred: torch.Tensor, target: torch.Tensor, num_instance: int,
         return instance_loss, instance_loss, None
     prior_loss = F.mse_loss(pred[num_instance:].float(), target[num_instance:].float())
     return instance_loss + prior_loss_weight * prior_loss, instance_loss, prior_loss
+
+
+def optimizer_step(optimizer, scaler, params, clip_norm: Optional[float]) -> bool:
+    """Clip and step through the grad scaler. False when fp16 gradients overflowed and the step was skipped."""
+    if clip_norm:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, clip_norm)
+    scale_before = scaler.get_scale()
+    scaler.step(optimizer)
+    scaler.update()
+    # The scaler lowers its scale exactly when it found inf/NaN gradients and skipped the step.
+    return not (scaler.is_enabled() and scaler.get_scale() < scale_before)
 
 
 def select_device(config: Config) -> torch.device:
@@ -123,18 +132,15 @@ def prepare_data(config: Config, tokenizer, seed: int, rank: int = 0, world_size
     return PreparedData(dataset, sampler, loader, skipped, instance_plan.sizes)
 
 
-class Trainer:
+class Trainer(Job):
+    thread_name = "scal-sdt-train"
+
     def __init__(self, config: Config, event_queue: Optional[queue.Queue] = None,
                  resume_dir: Optional[str] = None, on_event: Optional[Callable] = None):
+        super().__init__(event_queue, on_event)
         self.config = config
-        self.events = event_queue
-        self.on_event = on_event
         self.resume_dir = Path(resume_dir) if resume_dir else None
         self.run_dir: Optional[Path] = None
-        self._stop = threading.Event()
-        self._save_on_stop = True
-        self.thread: Optional[threading.Thread] = None
-        self.result: Optional[events.Event] = None
 
     @classmethod
     def for_resume(cls, run_dir: str, event_queue=None, overrides: Optional[list[str]] = None, **kwargs):
@@ -143,52 +149,30 @@ class Trainer:
             raise UserError(f"--resume: {run_dir} is not a run folder (no config.yaml)")
         return cls(load(config_path, overrides), event_queue, resume_dir=run_dir, **kwargs)
 
-    # -- control ------------------------------------------------------------------------------------------
-    def start(self) -> threading.Thread:
-        self.thread = threading.Thread(target=self.run, name="scal-sdt-train", daemon=True)
-        self.thread.start()
-        return self.thread
+    def failure_context(self) -> str:
+        return str(self.run_dir or "")
 
-    def stop(self, save_checkpoint: bool = True) -> None:
-        """Ask the run to end after the current step, saving a checkpoint first unless told not to."""
-        self._save_on_stop = save_checkpoint
-        self._stop.set()
+    def _run(self) -> events.Event:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                return self._train(caught)
+            finally:
+                self._flush_warnings(caught)
 
-    def join(self, timeout: Optional[float] = None) -> None:
-        if self.thread is not None:
-            self.thread.join(timeout)
+    def _generate_missing_class_images(self) -> None:
+        """Fill auto-generated class folders first, so that a DreamBooth preset runs with one click."""
+        from .classgen import ClassGenJob, plan_class_images
 
-    def emit(self, event: events.Event) -> None:
-        if self.events is not None:
-            self.events.put(event)
-        if self.on_event is not None:
-            self.on_event(event)
-
-    def log(self, message: str, level: str = "info") -> None:
-        self.emit(events.Log(level=level, message=message))
-
-    def run(self) -> events.Event:
-        """Train to the end or until stopped; never raises. Returns the Finished or Failed event."""
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                try:
-                    result = self._train(caught)
-                finally:
-                    self._flush_warnings(caught)
-        except UserError as error:
-            result = events.Failed(error=str(error), run_dir=str(self.run_dir or ""), user_error=True)
-        except torch.OutOfMemoryError:
-            self._release_memory()
-            result = events.Failed(error=OOM_ADVICE, run_dir=str(self.run_dir or ""), user_error=True)
-        except Exception as error:  # an engine bug: report it without killing the caller
-            import traceback
-
-            result = events.Failed(error=f"{error.__class__.__name__}: {error}\n{traceback.format_exc()}",
-                                   run_dir=str(self.run_dir or ""))
-        self.result = result
-        self.emit(result)
-        return result
+        missing = plan_class_images(self.config)
+        if not missing:
+            return
+        self.log(f"generating {len(missing)} missing class images first")
+        job = ClassGenJob(self.config, on_event=self.emit)
+        job._stop = self._stop  # one stop request ends both
+        result = job._run()
+        if result.stopped:
+            self.log("class image generation was stopped", "warning")
 
     def _flush_warnings(self, caught: list) -> None:
         # Only the engine's own warnings are for the user; libraries' deprecation chatter is not.
@@ -196,14 +180,6 @@ class Trainer:
             if warning.filename.startswith(_ENGINE_DIR):
                 self.log(str(warning.message), "warning")
         caught.clear()
-
-    @staticmethod
-    def _release_memory() -> None:
-        import gc
-
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
 
     # -- the run ------------------------------------------------------------------------------------------
     def _train(self, caught_warnings: list) -> events.Event:
@@ -231,6 +207,10 @@ class Trainer:
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)
 
+        if config.prior_preservation.enabled:
+            self._generate_missing_class_images()
+            if self.stop_requested:
+                return events.Finished(run_dir=str(self.run_dir), step=0, stopped=True)
         components = load_components(config.model, config.vae, config.tokenizer)
         unet, text_encoder, vae = components.unet, components.text_encoder, components.vae
         vae.requires_grad_(False)
@@ -301,7 +281,7 @@ class Trainer:
                 "scaler": scaler.state_dict(), "noise_generator": noise_generator.get_state(),
                 "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-                "global_step": global_step, "sampler": {"epoch": epoch, "position": batch_index_in_epoch},
+                "global_step": global_step, "overflow_steps": overflow_steps, "sampler": {"epoch": epoch, "position": batch_index_in_epoch},
             }
             models = {"unet": unet}
             if config.train_text_encoder:
@@ -324,6 +304,7 @@ class Trainer:
             external.log_images(global_step, sample_paths)
 
         step_times: list[float] = []
+        overflow_steps = state["overflow_steps"] if resume_from is not None else 0
         last_sampled = -1
         stopped = False
         batch_index_in_epoch = position
@@ -349,11 +330,8 @@ class Trainer:
                 if batch_index_in_epoch - group_start < group_size:
                     continue
 
-                if config.trainer.gradient_clip_val:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(params, config.trainer.gradient_clip_val)
-                scaler.step(optimizer)
-                scaler.update()
+                if not optimizer_step(optimizer, scaler, params, config.trainer.gradient_clip_val):
+                    overflow_steps += 1
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 global_step += 1
@@ -365,6 +343,8 @@ class Trainer:
                 it_per_s = len(recent) / sum(recent) if sum(recent) > 0 else 0.0
                 record = {"step": global_step, "epoch": epoch, "loss": loss_sum / loss_count,
                           "lr": optimizer.param_groups[0]["lr"]}
+                if use_scaler:
+                    record["overflow_steps"] = overflow_steps
                 if parts.get("prior_loss") is not None:
                     record["instance_loss"], record["prior_loss"] = parts["instance_loss"], parts["prior_loss"]
                 loss_sum, loss_count = 0.0, 0
@@ -384,7 +364,7 @@ class Trainer:
                 every = config.checkpoint.every_n_train_steps
                 if is_main and every and global_step % every == 0:
                     save("every_n_train_steps")
-                if self._stop.is_set():
+                if self.stop_requested:
                     stopped = True
                     break
                 if global_step >= total_steps:

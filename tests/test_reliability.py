@@ -1,0 +1,190 @@
+"""Never lose a run: exact resume after SIGKILL, crash-safe checkpoint writes, NaN and OOM handling."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import ROOT, run_cli
+from engine import checkpoints, events
+from engine import config as cfg
+from engine.testing import tiny_config
+
+
+def write_config(path, values):
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def only_run(output_dir):
+    (run,) = sorted(p for p in (output_dir / "tiny-demo").iterdir())
+    return run
+
+
+def final_unet(run_dir):
+    newest = checkpoints.latest_checkpoint(run_dir)
+    return load_file(newest / "unet" / "diffusion_pytorch_model.safetensors"), newest
+
+
+def metric_steps(run_dir):
+    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def resume_values(output_dir):
+    return tiny_config(output_dir, **{"trainer.max_steps": 30, "checkpoint.every_n_train_steps": 5,
+                                      "checkpoint.save_top_k": 2, "sampling.interval_steps": 10})
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, class_images):
+    reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
+    reference = run_cli("train", "--config", str(write_config(tmp_path / "a.yaml", resume_values(reference_dir))))
+    assert reference.returncode == 0, reference.stderr[-2000:]
+
+    config_path = write_config(tmp_path / "b.yaml", resume_values(killed_dir))
+    process = subprocess.Popen([sys.executable, "-m", "engine", "train", "--config", str(config_path)], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in process.stdout:
+        if "checkpoint:" in line and "step-00000010" in line:
+            process.send_signal(signal.SIGKILL)
+            break
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    run_dir = only_run(killed_dir)
+    steps_before = metric_steps(run_dir)
+    assert 10 <= steps_before[-1] < 30, "the kill must land mid-run"
+
+    resumed = run_cli("train", "--resume", str(run_dir))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert metric_steps(run_dir) == list(range(1, 31))
+    expected, expected_ckpt = final_unet(only_run(reference_dir))
+    actual, actual_ckpt = final_unet(run_dir)
+    assert expected_ckpt.name == actual_ckpt.name == "step-00000030"
+    assert expected.keys() == actual.keys()
+    worst = max((expected[k] - actual[k]).abs().max().item() for k in expected)
+    assert worst <= 1e-6, worst
+    assert len(list((tmp_path / "killed" / "tiny-demo").iterdir())) == 1
+
+
+KILL_IN_WRITE = """
+import os, signal, sys
+import engine.checkpoints as checkpoints
+original = checkpoints.torch.save
+calls = []
+def save_then_die(obj, path, *args, **kwargs):
+    calls.append(path)
+    if len(calls) == 2:
+        original(obj, path, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(obj, path, *args, **kwargs)
+checkpoints.torch.save = save_then_die
+from engine.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_kill_inside_a_checkpoint_write_leaves_a_resumable_run(tmp_path, class_images):
+    values = tiny_config(tmp_path, **{"trainer.max_steps": 12, "checkpoint.every_n_train_steps": 4,
+                                      "sampling.interval_steps": 0})
+    config_path = write_config(tmp_path / "c.yaml", values)
+    killed = subprocess.run([sys.executable, "-c", KILL_IN_WRITE, "train", "--config", str(config_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL
+    run_dir = only_run(tmp_path)
+    folder = run_dir / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == [".tmp-step-00000008", "step-00000004"]
+    assert checkpoints.latest_checkpoint(run_dir).name == "step-00000004"
+
+    resumed = run_cli("train", "--resume", str(run_dir))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "removed an incomplete checkpoint: .tmp-step-00000008" in resumed.stderr
+    assert not list(folder.glob(".tmp-*"))
+    assert metric_steps(run_dir) == list(range(1, 13))
+
+
+def test_save_top_k_keeps_the_newest_and_never_the_last_one(tmp_path):
+    model = torch.nn.Linear(2, 2)
+
+    class Saveable:
+        def save_pretrained(self, folder, safe_serialization=True):
+            folder.mkdir(parents=True)
+            torch.save(model.state_dict(), folder / "weights.pt")
+
+    for step in (1, 2, 3):
+        checkpoints.save_checkpoint(tmp_path, step, {"unet": Saveable()}, {}, {}, keep=0)
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path)] == ["step-00000003"]
+    for step in (4, 5, 6):
+        checkpoints.save_checkpoint(tmp_path, step, {"unet": Saveable()}, {}, {}, keep=2)
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path)] == ["step-00000005", "step-00000006"]
+
+
+def test_an_existing_run_folder_is_never_reused(tmp_path):
+    first = checkpoints.new_run_dir(str(tmp_path), "p")
+    second = checkpoints.new_run_dir(str(tmp_path), "p")
+    assert first != second and first.is_dir() and second.is_dir()
+
+
+def test_a_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, class_images,
+                                                                                   monkeypatch):
+    import engine.train
+    from engine.train import Trainer
+
+    real_loss = engine.train.dreambooth_loss
+    calls = []
+
+    def loss_goes_nan_at_the_sixth_batch(pred, target, num_instance, weight):
+        calls.append(1)
+        loss, instance, prior = real_loss(pred, target, num_instance, weight)
+        return (loss * float("nan") if len(calls) == 6 else loss), instance, prior
+
+    monkeypatch.setattr(engine.train, "dreambooth_loss", loss_goes_nan_at_the_sixth_batch)
+    values = tiny_config(tmp_path, **{"trainer.max_steps": 50, "checkpoint.every_n_train_steps": 2,
+                                      "sampling.interval_steps": 0})
+    result = Trainer(cfg.from_dict(values)).run()
+    assert isinstance(result, events.Failed) and result.user_error
+    assert result.error.startswith("the loss became nan at step 6; stopping.")
+    run_dir = only_run(tmp_path)
+    assert [p.name for p in checkpoints.list_checkpoints(run_dir)][-1] == "step-00000004"
+    assert metric_steps(run_dir) == [1, 2, 3, 4, 5]
+
+
+def test_overflowing_fp16_steps_are_skipped_and_counted():
+    from engine.train import optimizer_step
+
+    model = torch.nn.Linear(2, 2)
+    before = model.weight.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    scaler.scale(model(torch.ones(1, 2)).sum()).backward()
+    model.weight.grad.fill_(float("inf"))
+    assert optimizer_step(optimizer, scaler, list(model.parameters()), None) is False
+    assert torch.equal(model.weight, before)
+    optimizer.zero_grad()
+    scaler.scale(model(torch.ones(1, 2)).sum()).backward()
+    assert optimizer_step(optimizer, scaler, list(model.parameters()), None) is True
+    assert not torch.equal(model.weight, before)
+
+
+def test_out_of_memory_ends_the_run_with_advice_and_the_next_run_works(tmp_path, class_images, monkeypatch):
+    from diffusers import UNet2DConditionModel
+
+    from engine.train import Trainer
+
+    values = tiny_config(tmp_path, **{"trainer.max_steps": 2, "sampling.interval_steps": 0})
+    original = UNet2DConditionModel.forward
+
+    def out_of_memory(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", out_of_memory)
+    result = Trainer(cfg.from_dict(values)).run()
+    assert isinstance(result, events.Failed) and result.user_error
+    for advice in ("preset", "batch_size", "gradient_checkpointing", "AdamW8bit", "cached latents"):
+        assert advice in result.error
+    monkeypatch.setattr(UNet2DConditionModel, "forward", original)
+    assert isinstance(Trainer(cfg.from_dict(values)).run(), events.Finished)
