@@ -85,7 +85,7 @@ def save_checkpoint(run_dir: Path, step: int, models: dict, state: dict, meta: d
         shutil.rmtree(temp)
     temp.mkdir()
     for name, model in models.items():
-        model.save_pretrained(temp / name, safe_serialization=True)
+        model.save_pretrained(temp / name)  # diffusers and EMAModel default to safetensors
     torch.save(state, temp / STATE_FILE)
     (temp / META_FILE).write_text(json.dumps({**meta, "step": step}, indent=1), encoding="utf-8")
     if final.exists():

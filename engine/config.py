@@ -105,8 +105,8 @@ class PriorPreservation:
 
 @dataclass
 class ManualBuckets:
-    base_res: int = 512
-    max_size: int = 768
+    base_res: Union[int, list] = 512  # a side, or the seed's [width, height]
+    max_size: int = 393216  # largest bucket area in pixels (768 x 512)
     dim_range: list = field(default_factory=lambda: [256, 1024])
     divisor: int = 64
 
@@ -120,6 +120,13 @@ class AspectRatioBucket:
     max_aspect_error: float = 0.5
     debug: bool = False
     manual: Optional[ManualBuckets] = None
+
+
+@dataclass
+class Cache:
+    latents: bool = False
+    text_embeddings: bool = False
+    dir: Optional[str] = None  # null = the app's cache folder
 
 
 @dataclass
@@ -164,6 +171,9 @@ class Optimizer:
     params: OptimizerParams = field(default_factory=OptimizerParams)
     lr_scale: LrScale = field(default_factory=LrScale)
     lr_scheduler: LrScheduler = field(default_factory=LrScheduler)
+    # Step each parameter inside backward as soon as its gradient is ready, so that whole-model gradients
+    # never exist at once.
+    fused_backward: bool = False
 
 
 @dataclass
@@ -171,6 +181,7 @@ class Ema:
     enabled: bool = False
     decay: float = 0.9999
     on_cpu: bool = False
+    use_for_samples: bool = False
 
 
 @dataclass
@@ -178,6 +189,30 @@ class Uncond:
     enabled: bool = False
     p: float = 0.1
     cond: Literal["zeros", "bos", "eos"] = "zeros"
+
+
+@dataclass
+class Captions:
+    """For comma-separated tag captions (booru style)."""
+    shuffle_tags: bool = False
+    keep_tokens: int = 0  # the first N tags stay in place when shuffling
+    tag_dropout: float = 0.0  # probability of dropping each tag (never the kept ones)
+
+
+@dataclass
+class AugmentStep:
+    name: Literal["hflip", "rotate", "color_jitter"] = "hflip"
+    p: float = 0.5  # probability the step is applied to an image
+    degrees: float = 5.0  # rotate: largest angle either way
+    brightness: float = 0.1  # color_jitter: largest relative change of each
+    contrast: float = 0.1
+    saturation: float = 0.1
+
+
+@dataclass
+class CustomEmbeddings:
+    enabled: bool = False
+    path: str = ""  # a textual-inversion file (.pt / .safetensors) or a folder of them
 
 
 @dataclass
@@ -196,16 +231,26 @@ class Config:
     xformers: bool = False
     clip_stop_at_layer: int = 1
     pad_tokens: bool = True
+    # bf16 stores trained weights (and so their gradients) in bf16, updated with stochastic rounding.
+    weights_dtype: Literal["fp32", "bf16"] = "fp32"
     data: Data = field(default_factory=Data)
     sampling: Sampling = field(default_factory=Sampling)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     trainer: Trainer = field(default_factory=Trainer)
     prior_preservation: PriorPreservation = field(default_factory=PriorPreservation)
     aspect_ratio_bucket: AspectRatioBucket = field(default_factory=AspectRatioBucket)
+    cache: Cache = field(default_factory=Cache)
     loggers: Loggers = field(default_factory=Loggers)
     optimizer: Optimizer = field(default_factory=Optimizer)
     ema: Ema = field(default_factory=Ema)
     uncond: Uncond = field(default_factory=Uncond)
+    captions: Captions = field(default_factory=Captions)
+    augment: list[AugmentStep] = field(default_factory=list)
+    custom_embeddings: CustomEmbeddings = field(default_factory=CustomEmbeddings)
+    noise_offset: float = 0.0
+    min_snr_gamma: Optional[float] = None
+    prediction_type: Optional[Literal["epsilon", "v_prediction"]] = None  # null = the model's scheduler config
+    zero_terminal_snr: bool = False
 
 
 # Seed keys that only meant something to PyTorch Lightning: accepted with a warning so old configs load.

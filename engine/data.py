@@ -1,4 +1,4 @@
-"""Datasets: image records, captions, per-sample transforms and DreamBooth instance/class pairing.
+"""Datasets: per-sample transforms and DreamBooth instance/class pairing (records and captions: dataset_index).
 
 Buckets decide each image's target size; with bucketing off every image has the same size
 (resolution x resolution). Randomness for crops and caption dropout is derived from (seed, epoch, index)
@@ -7,52 +7,14 @@ so that a resumed run sees exactly the batches the uninterrupted run would have 
 from __future__ import annotations
 
 import logging
-import warnings
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-TXT_PROMPT = "{TXT_PROMPT}"
+from .dataset_index import ImageRecord
+
 log = logging.getLogger(__name__)
-
-
-class DataWarning(UserWarning):
-    pass
-
-
-@dataclass
-class ImageRecord:
-    path: str
-    width: int
-    height: int
-    caption: str = ""  # the resolved prompt for this image
-
-
-def read_caption(image_path: Path) -> Optional[str]:
-    caption_path = image_path.with_suffix(".txt")
-    if not caption_path.is_file():
-        return None
-    raw = caption_path.read_bytes()
-    try:
-        return raw.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        warnings.warn(f"{caption_path}: caption is not UTF-8; read as latin-1", DataWarning, stacklevel=2)
-        return raw.decode("latin-1").strip()
-
-
-def resolve_prompt(template: str, image_path: Path) -> str:
-    if TXT_PROMPT not in template:
-        return template
-    caption = read_caption(image_path)
-    if caption is None:
-        warnings.warn(f"{image_path}: no caption file {image_path.with_suffix('.txt').name} for {TXT_PROMPT}; "
-                      "using the prompt without it", DataWarning, stacklevel=2)
-        caption = ""
-    return template.replace(TXT_PROMPT, caption).strip(" ,")
 
 
 def seeded_rng(seed: int, epoch: int, index: int, stream: int = 0) -> np.random.Generator:
@@ -105,13 +67,17 @@ def tokenize(tokenizer, text: str) -> list[int]:
 class DreamBoothDataset(torch.utils.data.Dataset):
     """Instance examples, each paired with a class example of the same size when prior preservation is on.
 
-    Index i is the i-th instance image; its target size is `sizes[bucket_of_instance[i]]`.
+    Index i is the i-th instance image; its target size is `sizes[bucket_of_instance[i]]`. Groups are
+    the concepts: an instance image is paired only with class images of its own concept. When `latents`
+    is set (a cache.LatentReader), examples carry the VAE's latent distribution instead of pixels.
     """
 
     def __init__(self, instances: Sequence[ImageRecord], instance_buckets: Sequence[int],
                  sizes: Sequence[tuple[int, int]], tokenizer, center_crop: bool, seed: int,
                  classes: Sequence[ImageRecord] = (), class_buckets: Sequence[int] = (),
-                 uncond_p: float = 0.0):
+                 uncond_p: float = 0.0, captions=None, augment: Sequence = (),
+                 prompt_expansions: Optional[dict] = None, instance_groups: Sequence[int] = (),
+                 class_groups: Sequence[int] = ()):
         self.instances = list(instances)
         self.instance_buckets = list(instance_buckets)
         self.sizes = list(sizes)
@@ -120,24 +86,49 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.classes = list(classes)
         self.uncond_p = uncond_p
+        self.captions = captions
+        self.augment = list(augment)
+        self.prompt_expansions = prompt_expansions or {}
         self.epoch = 0
-        self.class_pool = self._class_pools(class_buckets) if self.classes else {}
+        self.instance_groups = list(instance_groups) or [0] * len(self.instances)
+        self.latents = None
+        self.class_pool = self._class_pools(class_buckets, list(class_groups) or [0] * len(self.classes)) \
+            if self.classes else {}
 
-    def _class_pools(self, class_buckets: Sequence[int]) -> dict[int, list[int]]:
-        """For each instance bucket, the class images of that bucket, else of the nearest-aspect bucket."""
-        by_bucket: dict[int, list[int]] = {}
-        for index, bucket in enumerate(class_buckets):
-            by_bucket.setdefault(bucket, []).append(index)
+    def _class_pools(self, class_buckets: Sequence[int],
+                     class_groups: Sequence[int]) -> dict[tuple[int, int], list[int]]:
+        """For each (concept, instance bucket), the concept's class images of that bucket, else of its
+        nearest-aspect bucket that has some."""
+        by_key: dict[tuple[int, int], list[int]] = {}
+        for index, key in enumerate(zip(class_groups, class_buckets)):
+            by_key.setdefault(key, []).append(index)
         pools = {}
-        for bucket in set(self.instance_buckets):
-            if bucket in by_bucket:
-                pools[bucket] = by_bucket[bucket]
+        for group, bucket in set(zip(self.instance_groups, self.instance_buckets)):
+            if (group, bucket) in by_key:
+                pools[group, bucket] = by_key[group, bucket]
                 continue
             width, height = self.sizes[bucket]
-            nearest = min(by_bucket, key=lambda b: abs(np.log(self.sizes[b][0] / self.sizes[b][1])
-                                                       - np.log(width / height)))
-            pools[bucket] = by_bucket[nearest]
+            candidates = [b for g, b in by_key if g == group]
+            nearest = min(candidates, key=lambda b: abs(np.log(self.sizes[b][0] / self.sizes[b][1])
+                                                        - np.log(width / height)))
+            pools[group, bucket] = by_key[group, nearest]
         return pools
+
+    def crops(self) -> set[tuple[str, tuple[int, int]]]:
+        """Every (image path, target size) this dataset can produce, class images included."""
+        found = {(r.path, self.sizes[b]) for r, b in zip(self.instances, self.instance_buckets)}
+        for (_, bucket), pool in self.class_pool.items():
+            found.update((self.classes[i].path, self.sizes[bucket]) for i in pool)
+        return found
+
+    def prompts(self) -> set[str]:
+        """Every caption an example can carry while captions are neither shuffled nor dropped per step."""
+        texts = {record.caption for record in self.instances + self.classes} | {""}
+        if not self.prompt_expansions:
+            return texts
+        from .embeddings import expand_tokens
+
+        return {expand_tokens(text, self.prompt_expansions) for text in texts}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -146,23 +137,41 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         return len(self.instances)
 
     def _example(self, record: ImageRecord, size: tuple[int, int], rng: np.random.Generator) -> dict:
-        image = crop_to_size(load_image(record.path), size[0], size[1], self.center_crop, rng)
-        caption = record.caption
+        from .augment import augment_after_crop, augment_before_crop, process_caption
+
+        if self.latents is not None:
+            # Cached only with a centre crop and no augmentation, which draw nothing from rng.
+            values = {"latent_params": self.latents.get(record.path, size)}
+        else:
+            image = load_image(record.path)
+            if self.augment:
+                image = augment_before_crop(image, self.augment, rng)
+            image = crop_to_size(image, size[0], size[1], self.center_crop, rng)
+            if self.augment:
+                image = augment_after_crop(image, self.augment, rng)
+            values = {"pixel_values": to_tensor(image)}
+        caption = process_caption(record.caption, self.captions, rng)
         if self.uncond_p > 0 and rng.random() < self.uncond_p:
             caption = ""
-        return {"pixel_values": to_tensor(image), "input_ids": tokenize(self.tokenizer, caption),
-                "caption": caption}
+        if self.prompt_expansions:
+            from .embeddings import expand_tokens
+
+            caption = expand_tokens(caption, self.prompt_expansions)
+        return {**values, "input_ids": tokenize(self.tokenizer, caption), "caption": caption}
 
     def __getitem__(self, index: int) -> dict:
         rng = seeded_rng(self.seed, self.epoch, index)
         bucket = self.instance_buckets[index]
         item = {"instance": self._example(self.instances[index], self.sizes[bucket], rng)}
+        # keys for the training noise of each row (see train.RowNoise), drawn from the same per-sample stream
+        item["instance"]["sample_key"] = int(rng.integers(2**62))
         if self.classes:
-            pool = self.class_pool[bucket]
+            pool = self.class_pool[self.instance_groups[index], bucket]
             # Rotating through the pool by epoch pairs each instance image with different class images
             # over the run, and never runs out when there are fewer class images than steps.
             class_index = pool[(index + self.epoch * len(self.instances)) % len(pool)]
             item["class"] = self._example(self.classes[class_index], self.sizes[bucket], rng)
+            item["class"]["sample_key"] = int(rng.integers(2**62))
         return item
 
 
@@ -183,9 +192,11 @@ class Collate:
         for row, example in enumerate(examples):
             ids = example["input_ids"][:length]
             input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        images = "latent_params" if "latent_params" in examples[0] else "pixel_values"
         return {
-            "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+            images: torch.stack([e[images] for e in examples]),
             "input_ids": input_ids,
             "captions": [e["caption"] for e in examples],
+            "sample_keys": torch.tensor([e["sample_key"] for e in examples], dtype=torch.long),
             "num_instance": num_instance,
         }

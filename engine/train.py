@@ -19,7 +19,6 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import checkpoints, events, paths
 from .buckets import plan_buckets
@@ -28,19 +27,39 @@ from .data import Collate, DreamBoothDataset
 from .dataset_index import scan_folder
 from .errors import UserError
 from .job import Job
+from .losses import dreambooth_loss, min_snr_weights, training_target
 from .models import Components, enable_xformers_if_usable, encode_prompt, load_components, resolve_model_path
 
 _ENGINE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
-def dreambooth_loss(pred: torch.Tensor, target: torch.Tensor, num_instance: int,
-                    prior_loss_weight: float) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """MSE on the instance rows plus prior_loss_weight x MSE on the class rows that follow them."""
-    instance_loss = F.mse_loss(pred[:num_instance].float(), target[:num_instance].float())
-    if pred.shape[0] == num_instance:
-        return instance_loss, instance_loss, None
-    prior_loss = F.mse_loss(pred[num_instance:].float(), target[num_instance:].float())
-    return instance_loss + prior_loss_weight * prior_loss, instance_loss, prior_loss
+class RowNoise:
+    """The random draws of one batch, made per row from that sample's own key.
+
+    A sample's latent noise, diffusion noise and timestep depend only on (seed, epoch, image), not on
+    the batch it landed in, the process that drew it or what ran before: resumed runs and multi-GPU runs
+    see exactly the draws of an uninterrupted single-process run.
+    """
+
+    def __init__(self, keys: torch.Tensor, num_timesteps: int):
+        self.generators = [torch.Generator().manual_seed(int(k)) for k in keys]
+        self.num_timesteps = num_timesteps
+
+    def _per_row(self, shape, draw) -> torch.Tensor:
+        return torch.stack([draw(shape, g) for g in self.generators])
+
+    def sample_latents(self, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        eps = self._per_row(mean.shape[1:], lambda shape, g: torch.randn(shape, generator=g))
+        return mean + std * eps.to(mean.device, mean.dtype)
+
+    def noise_and_timesteps(self, shape, offset: float) -> tuple[torch.Tensor, torch.Tensor]:
+        noise = self._per_row(shape[1:], lambda s, g: torch.randn(s, generator=g))
+        timesteps = self._per_row((), lambda s, g: torch.randint(0, self.num_timesteps, (), generator=g))
+        if offset > 0:
+            # a per-channel constant teaches the model to shift overall brightness
+            shift = self._per_row((shape[1], 1, 1), lambda s, g: torch.randn(s, generator=g))
+            noise = noise + offset * shift
+        return noise, timesteps
 
 
 def optimizer_step(optimizer, scaler, params, clip_norm: Optional[float]) -> bool:
@@ -53,6 +72,20 @@ def optimizer_step(optimizer, scaler, params, clip_norm: Optional[float]) -> boo
     scaler.update()
     # The scaler lowers its scale exactly when it found inf/NaN gradients and skipped the step.
     return not (scaler.is_enabled() and scaler.get_scale() < scale_before)
+
+
+def configure_noise_schedule(components: Components, config: Config) -> None:
+    """Apply prediction_type and zero_terminal_snr over the model's own scheduler config."""
+    overrides = {}
+    if config.prediction_type:
+        overrides["prediction_type"] = config.prediction_type
+    if config.zero_terminal_snr:
+        # Zero terminal SNR only works for sampling with trailing timesteps (Lin et al., 2023).
+        overrides.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    if overrides:
+        from diffusers import DDPMScheduler
+
+        components.noise_scheduler = DDPMScheduler.from_config(components.noise_scheduler.config, **overrides)
 
 
 def select_device(config: Config) -> torch.device:
@@ -88,7 +121,8 @@ class PreparedData:
     bucket_sizes: list = field(default_factory=list)
 
 
-def prepare_data(config: Config, tokenizer, seed: int, rank: int = 0, world_size: int = 1) -> PreparedData:
+def prepare_data(config: Config, tokenizer, seed: int, rank: int = 0, world_size: int = 1,
+                 prompt_expansions: Optional[dict] = None) -> PreparedData:
     from .sampler import BucketBatchSampler
 
     if not config.data.concepts:
@@ -117,11 +151,21 @@ def prepare_data(config: Config, tokenizer, seed: int, rank: int = 0, world_size
     instance_plan = plan_buckets(config, instances)
     class_plan = plan_buckets(config, classes, sizes=instance_plan.sizes) if classes else None
     skipped += instance_plan.skipped + (class_plan.skipped if class_plan else [])
+    if not instance_plan.kept:
+        raise UserError("no usable training images in the instance folders (all were skipped)")
+    instance_groups = [instance_groups[i] for i in instance_plan.indices]
+    class_groups = [class_groups[i] for i in class_plan.indices] if class_plan else []
+    unpaired = sorted(set(instance_groups) - set(class_groups)) if class_plan else []
+    if unpaired:
+        raise UserError(f"config key 'data.concepts[{unpaired[0]}].class_set.path': every class image was "
+                        "skipped (see the warnings); add usable class images or set prior_preservation.enabled: false")
     dataset = DreamBoothDataset(
         instance_plan.kept, instance_plan.assignments, instance_plan.sizes, tokenizer,
         center_crop=config.data.center_crop, seed=seed,
         classes=class_plan.kept if class_plan else (), class_buckets=class_plan.assignments if class_plan else (),
-        uncond_p=config.uncond.p if config.uncond.enabled else 0.0)
+        uncond_p=config.uncond.p if config.uncond.enabled else 0.0, captions=config.captions,
+        augment=config.augment, prompt_expansions=prompt_expansions, instance_groups=instance_groups,
+        class_groups=class_groups)
     sampler = BucketBatchSampler(instance_plan.assignments, config.batch_size, seed, rank=rank,
                                  world_size=world_size)
     workers = config.num_workers if config.num_workers is not None else min(4, os.cpu_count() or 1)
@@ -212,6 +256,14 @@ class Trainer(Job):
             if self.stop_requested:
                 return events.Finished(run_dir=str(self.run_dir), step=0, stopped=True)
         components = load_components(config.model, config.vae, config.tokenizer)
+        configure_noise_schedule(components, config)
+        expansions = {}
+        if config.custom_embeddings.enabled:
+            from .embeddings import load_custom_embeddings
+
+            expansions = load_custom_embeddings(paths.resolve(config.custom_embeddings.path),
+                                                components.tokenizer, components.text_encoder)
+            self.log(f"loaded custom embeddings: {', '.join(expansions)}")
         unet, text_encoder, vae = components.unet, components.text_encoder, components.vae
         vae.requires_grad_(False)
         text_encoder.requires_grad_(config.train_text_encoder)
@@ -227,8 +279,11 @@ class Trainer(Job):
         text_encoder.to(device)
         vae.to(device)
 
-        data = prepare_data(config, components.tokenizer, seed, rank, world_size)
+        data = prepare_data(config, components.tokenizer, seed, rank, world_size, expansions)
         self._flush_warnings(caught_warnings)
+        from .cache import attach_caches
+
+        text_cache = attach_caches(config, components, data.dataset, device, autocast_dtype, self.log)
         batches_per_epoch = len(data.sampler)
         accumulate = config.trainer.accumulate_grad_batches
         steps_per_epoch = math.ceil(batches_per_epoch / accumulate)
@@ -244,7 +299,9 @@ class Trainer(Job):
         optimizer = build_optimizer(config.optimizer, params, scaled_lr(config.optimizer, effective_batch))
         lr_scheduler = build_scheduler(config.optimizer, optimizer, total_steps)
         scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-        noise_generator = torch.Generator(device).manual_seed(seed)
+        from .ema import EMA_FOLDER, SwapInEma, create_ema, ema_step, load_ema
+
+        ema = create_ema(unet, config.ema) if config.ema.enabled else None
 
         global_step, epoch, position = 0, 0, 0
         metrics_resume_step = None
@@ -253,10 +310,15 @@ class Trainer(Job):
             checkpoints.load_model_weights(unet, resume_from, "unet")
             if config.train_text_encoder:
                 checkpoints.load_model_weights(text_encoder, resume_from, "text_encoder")
+            if ema is not None:
+                if (resume_from / EMA_FOLDER).is_dir():
+                    ema = load_ema(resume_from, config.ema, device)
+                else:
+                    self.log(f"{resume_from.name} has no EMA weights: the average starts from the current weights",
+                             "warning")
             optimizer.load_state_dict(state["optimizer"])
             lr_scheduler.load_state_dict(state["lr_scheduler"])
             scaler.load_state_dict(state["scaler"])
-            noise_generator.set_state(state["noise_generator"])
             random.setstate(state["rng"]["python"])
             np.random.set_state(state["rng"]["numpy"])
             torch.set_rng_state(state["rng"]["torch"])
@@ -278,7 +340,7 @@ class Trainer(Job):
         def save(reason: str) -> Path:
             state = {
                 "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "noise_generator": noise_generator.get_state(),
+                "scaler": scaler.state_dict(),
                 "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                 "global_step": global_step, "overflow_steps": overflow_steps, "sampler": {"epoch": epoch, "position": batch_index_in_epoch},
@@ -286,8 +348,10 @@ class Trainer(Job):
             models = {"unet": unet}
             if config.train_text_encoder:
                 models["text_encoder"] = text_encoder
+            if ema is not None:
+                models[EMA_FOLDER] = ema
             meta = {"epoch": epoch, "base_model": components.model_path, "reason": reason,
-                    "trained": sorted(models)}
+                    "trained": sorted(models), "prediction_type": components.noise_scheduler.config.prediction_type}
             path = checkpoints.save_checkpoint(self.run_dir, global_step, models, state, meta,
                                                config.checkpoint.save_top_k)
             self.emit(events.CheckpointSaved(step=global_step, path=str(path)))
@@ -297,8 +361,9 @@ class Trainer(Job):
             from .sampling import build_pipeline, generate_samples
 
             pipeline = build_pipeline(components, unet, text_encoder, device)
-            sample_paths = generate_samples(config, pipeline, self.run_dir / "samples" / f"{global_step:06d}",
-                                            autocast_dtype)
+            with SwapInEma(ema if config.ema.use_for_samples else None, unet.parameters()):
+                sample_paths = generate_samples(config, pipeline, self.run_dir / "samples" / f"{global_step:06d}",
+                                                autocast_dtype)
             text_encoder.train(config.train_text_encoder)
             self.emit(events.Sample(step=global_step, paths=sample_paths))
             external.log_images(global_step, sample_paths)
@@ -318,7 +383,7 @@ class Trainer(Job):
             for batch in data.loader:
                 group_start = batch_index_in_epoch // accumulate * accumulate
                 group_size = min(accumulate, epoch_batches - group_start)
-                loss, parts = self._forward(batch, components, device, autocast_dtype, noise_generator)
+                loss, parts = self._forward(batch, components, device, autocast_dtype, text_cache)
                 if not torch.isfinite(loss):
                     raise UserError(f"the loss became {loss.item()} at step {global_step + 1}; stopping. "
                                     f"The last good checkpoint is kept in {self.run_dir / 'checkpoints'}; "
@@ -332,6 +397,8 @@ class Trainer(Job):
 
                 if not optimizer_step(optimizer, scaler, params, config.trainer.gradient_clip_val):
                     overflow_steps += 1
+                if ema is not None:
+                    ema_step(ema, unet.parameters(), config.ema.on_cpu)
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 global_step += 1
@@ -342,7 +409,7 @@ class Trainer(Job):
                 recent = step_times[-20:]
                 it_per_s = len(recent) / sum(recent) if sum(recent) > 0 else 0.0
                 record = {"step": global_step, "epoch": epoch, "loss": loss_sum / loss_count,
-                          "lr": optimizer.param_groups[0]["lr"]}
+                          "lr": optimizer.param_groups[0]["lr"], "width": parts["width"], "height": parts["height"]}
                 if use_scaler:
                     record["overflow_steps"] = overflow_steps
                 if parts.get("prior_loss") is not None:
@@ -398,31 +465,43 @@ class Trainer(Job):
         return events.Finished(run_dir=str(self.run_dir), step=global_step, stopped=stopped, summary=summary)
 
     def _forward(self, batch: dict, components: Components, device: torch.device,
-                 autocast_dtype: Optional[torch.dtype], generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+                 autocast_dtype: Optional[torch.dtype], text_cache=None) -> tuple[torch.Tensor, dict]:
+        """The loss of one micro-batch; latents and embeddings come from the caches when the batch or
+        text_cache (a cache.TextEmbeddingCache) provide them."""
         config = self.config
         vae, unet, text_encoder = components.vae, components.unet, components.text_encoder
         scheduler = components.noise_scheduler
-        pixel_values = batch["pixel_values"].to(device)
+        prediction_type = scheduler.config.prediction_type
         input_ids = batch["input_ids"].to(device)
+        draws = RowNoise(batch["sample_keys"], scheduler.config.num_train_timesteps)
         with torch.no_grad():
-            latents = vae.encode(pixel_values).latent_dist.sample(generator) * vae.config.scaling_factor
-        noise = torch.randn(latents.shape, generator=generator, device=device)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                  generator=generator, device=device)
+            if "latent_params" in batch:
+                from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+                distribution = DiagonalGaussianDistribution(batch["latent_params"].to(device))
+            else:
+                distribution = vae.encode(batch["pixel_values"].to(device)).latent_dist
+            latents = draws.sample_latents(distribution.mean, distribution.std) * vae.config.scaling_factor
+        noise, timesteps = draws.noise_and_timesteps(latents.shape, config.noise_offset)
+        noise, timesteps = noise.to(device), timesteps.to(device)
         noisy_latents = scheduler.add_noise(latents, noise, timesteps)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            with torch.set_grad_enabled(config.train_text_encoder):
-                encoder_hidden_states = encode_prompt(text_encoder, input_ids, config.clip_stop_at_layer)
+            if text_cache is not None:
+                encoder_hidden_states = text_cache.lookup(input_ids).to(device)
+            else:
+                with torch.set_grad_enabled(config.train_text_encoder):
+                    encoder_hidden_states = encode_prompt(text_encoder, input_ids, config.clip_stop_at_layer)
             if config.uncond.enabled and config.uncond.cond == "zeros":
                 dropped = torch.tensor([c == "" for c in batch["captions"]], device=device)
                 encoder_hidden_states = encoder_hidden_states * (~dropped).view(-1, 1, 1).to(encoder_hidden_states.dtype)
             prediction = unet(noisy_latents, timesteps, encoder_hidden_states).sample
-        if scheduler.config.prediction_type == "v_prediction":
-            target = scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
+        target = training_target(scheduler, latents, noise, timesteps, prediction_type)
+        weights = (min_snr_weights(scheduler, timesteps, config.min_snr_gamma, prediction_type)
+                   if config.min_snr_gamma else None)
         loss, instance_loss, prior_loss = dreambooth_loss(prediction, target, batch["num_instance"],
-                                                          config.prior_preservation.prior_loss_weight)
+                                                          config.prior_preservation.prior_loss_weight, weights)
+        pixels_per_latent = 2 ** (len(vae.config.block_out_channels) - 1)
         parts = {"instance_loss": instance_loss.item(),
-                 "prior_loss": prior_loss.item() if prior_loss is not None else None}
+                 "prior_loss": prior_loss.item() if prior_loss is not None else None,
+                 "width": latents.shape[-1] * pixels_per_latent, "height": latents.shape[-2] * pixels_per_latent}
         return loss, parts

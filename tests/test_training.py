@@ -77,7 +77,7 @@ def test_native_finetune_trains_and_captions_reach_the_text_encoder(tmp_path, sa
 
 
 def test_prior_loss_enters_with_its_weight():
-    from engine.train import dreambooth_loss
+    from engine.losses import dreambooth_loss
 
     torch.manual_seed(0)
     pred, target = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
