@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import queue
 import sys
 import warnings
@@ -9,7 +10,6 @@ import warnings
 
 def _quiet_libraries() -> None:
     import logging
-    import os
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
@@ -33,6 +33,8 @@ def cmd_train(args) -> int:
             raise SystemExit("error: train needs --config CFG or --resume RUN_DIR")
         trainer = Trainer(load(args.config, args.set), queue.Queue())
     trainer.start()
+    if args.json_events or int(os.environ.get("RANK", 0)) != 0:
+        return _relay_events(trainer, as_json=args.json_events and int(os.environ.get("RANK", 0)) == 0)
     from tqdm import tqdm
 
     bar = None
@@ -76,6 +78,33 @@ def cmd_train(args) -> int:
         return 130
 
 
+def _relay_events(trainer, as_json: bool) -> int:
+    """For other programs (the app runs multi-GPU training as a child process) and for ranks other than 0:
+    one JSON object per event on stdout, or nothing but the final error."""
+    import json
+
+    from . import events
+
+    try:
+        while True:
+            try:
+                event = trainer.events.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if as_json:
+                print(json.dumps(event.to_dict()), flush=True)
+            if isinstance(event, events.Finished):
+                return 0
+            if isinstance(event, events.Failed):
+                if not as_json:
+                    print(f"error: {event.error}", file=sys.stderr)
+                return 2 if event.user_error else 1
+    except KeyboardInterrupt:
+        trainer.stop(save_checkpoint=True)
+        trainer.join()
+        return 130
+
+
 def cmd_make_tiny_model(args) -> int:
     from .tiny import make_tiny_model
 
@@ -99,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set trainer.max_steps=10 (repeatable)")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest checkpoint")
+    train.add_argument("--json-events", action="store_true",
+                       help="print each event as one JSON object per line instead of a progress bar")
     train.set_defaults(func=cmd_train)
 
     tiny = commands.add_parser("make-tiny-model", help="write the tiny offline demo pipeline")

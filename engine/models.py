@@ -70,7 +70,8 @@ def encode_prompt(text_encoder, input_ids: torch.Tensor, clip_stop_at_layer: int
     if clip_stop_at_layer <= 1:
         return text_encoder(input_ids, attention_mask=attention_mask).last_hidden_state
     output = text_encoder(input_ids, attention_mask=attention_mask, output_hidden_states=True)
-    return final_layer_norm(text_encoder)(output.hidden_states[-clip_stop_at_layer])
+    # Under DistributedDataParallel the layer norm sits on the wrapped module.
+    return final_layer_norm(getattr(text_encoder, "module", text_encoder))(output.hidden_states[-clip_stop_at_layer])
 
 
 def enable_xformers_if_usable(unet, wanted: bool) -> str:

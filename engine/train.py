@@ -7,6 +7,7 @@ backpropagate; then clip, step the optimizer and the LR schedule, and log.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import queue
@@ -20,7 +21,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from . import checkpoints, events, paths
+from . import checkpoints, distributed, events, paths
 from .buckets import plan_buckets
 from .config import PRECISIONS, Config, dump_yaml, load, to_dict
 from .data import Collate, DreamBoothDataset
@@ -123,6 +124,9 @@ class PreparedData:
 
 def prepare_data(config: Config, tokenizer, seed: int, rank: int = 0, world_size: int = 1,
                  prompt_expansions: Optional[dict] = None) -> PreparedData:
+    from collections import Counter
+
+    from .dataset_index import DataWarning
     from .sampler import BucketBatchSampler
 
     if not config.data.concepts:
@@ -168,6 +172,11 @@ def prepare_data(config: Config, tokenizer, seed: int, rank: int = 0, world_size
         class_groups=class_groups)
     sampler = BucketBatchSampler(instance_plan.assignments, config.batch_size, seed, rank=rank,
                                  world_size=world_size)
+    stranded = sum(n for n in Counter(instance_plan.assignments).values() if n < world_size)
+    if stranded:
+        warnings.warn(f"{stranded} training images are in aspect-ratio buckets holding fewer images than the "
+                      f"{world_size} processes and are never trained on; add images of similar shape or use "
+                      "fewer GPUs", DataWarning)
     workers = config.num_workers if config.num_workers is not None else min(4, os.cpu_count() or 1)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=workers,
@@ -228,7 +237,15 @@ class Trainer(Job):
     # -- the run ------------------------------------------------------------------------------------------
     def _train(self, caught_warnings: list) -> events.Event:
         config = self.config
-        rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        topology = distributed.init_from_environment()
+        try:
+            return self._train_in_group(caught_warnings, topology)
+        finally:
+            distributed.shutdown(topology)
+
+    def _train_in_group(self, caught_warnings: list, topology: distributed.Topology) -> events.Event:
+        config = self.config
+        rank, world_size, is_main = topology.rank, topology.world_size, topology.is_main
         device = select_device(config)
         autocast_dtype, use_scaler = select_precision(config, device)
 
@@ -236,23 +253,31 @@ class Trainer(Job):
         resume_from = None
         if self.resume_dir is not None:
             self.run_dir = self.resume_dir
-            for removed in checkpoints.clean_partial(self.run_dir):
-                self.log(f"removed an incomplete checkpoint: {removed.name}", "warning")
+            if is_main:
+                for removed in checkpoints.clean_partial(self.run_dir):
+                    self.log(f"removed an incomplete checkpoint: {removed.name}", "warning")
+            distributed.barrier(topology)
             resume_from = checkpoints.latest_checkpoint(self.run_dir)
             if resume_from is None:
                 raise UserError(f"--resume: {self.run_dir} has no complete checkpoint to resume from")
         else:
             if config.seed is None:
                 config.seed = random.randrange(2**31)
-            self.run_dir = checkpoints.new_run_dir(paths.resolve(config.output_dir), config.project)
-            (self.run_dir / "config.yaml").write_text(dump_yaml(config), encoding="utf-8")
+            config.seed = distributed.broadcast_from_main(topology, config.seed)
+            run_dir = None
+            if is_main:
+                run_dir = checkpoints.new_run_dir(paths.resolve(config.output_dir), config.project)
+                (run_dir / "config.yaml").write_text(dump_yaml(config), encoding="utf-8")
+            self.run_dir = Path(distributed.broadcast_from_main(topology, str(run_dir) if run_dir else None))
         seed = config.seed
         random.seed(seed)
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)
 
         if config.prior_preservation.enabled:
-            self._generate_missing_class_images()
+            if is_main:
+                self._generate_missing_class_images()
+            distributed.barrier(topology)
             if self.stop_requested:
                 return events.Finished(run_dir=str(self.run_dir), step=0, stopped=True)
         components = load_components(config.model, config.vae, config.tokenizer)
@@ -283,7 +308,11 @@ class Trainer(Job):
         self._flush_warnings(caught_warnings)
         from .cache import attach_caches
 
+        if not is_main:
+            distributed.barrier(topology)  # the main process fills the caches; the others then find them full
         text_cache = attach_caches(config, components, data.dataset, device, autocast_dtype, self.log)
+        if is_main:
+            distributed.barrier(topology)
         batches_per_epoch = len(data.sampler)
         accumulate = config.trainer.accumulate_grad_batches
         steps_per_epoch = math.ceil(batches_per_epoch / accumulate)
@@ -293,6 +322,10 @@ class Trainer(Job):
 
         trained = [unet] + ([text_encoder] if config.train_text_encoder else [])
         params = [p for model in trained for p in model.parameters() if p.requires_grad]
+        # The forward passes go through the DDP wrappers so that backward averages gradients over ranks.
+        self._unet = distributed.wrap(unet, topology, device)
+        self._text_encoder = (distributed.wrap(text_encoder, topology, device) if config.train_text_encoder
+                              else text_encoder)
         from .optim import build_optimizer, build_scheduler, scaled_lr
 
         effective_batch = config.batch_size * accumulate * world_size
@@ -330,7 +363,6 @@ class Trainer(Job):
 
         from .loggers import ExternalLoggers, MetricsLog
 
-        is_main = rank == 0
         metrics = MetricsLog(self.run_dir / "metrics.jsonl", metrics_resume_step) if is_main else None
         external = ExternalLoggers(config, self.run_dir, to_dict(config)) if is_main else None
         self.emit(events.Started(run_dir=str(self.run_dir), total_steps=total_steps, start_step=global_step))
@@ -388,7 +420,10 @@ class Trainer(Job):
                     raise UserError(f"the loss became {loss.item()} at step {global_step + 1}; stopping. "
                                     f"The last good checkpoint is kept in {self.run_dir / 'checkpoints'}; "
                                     "lower optimizer.params.lr or use bf16/fp32 precision")
-                scaler.scale(loss / group_size).backward()
+                last_of_group = batch_index_in_epoch + 1 - group_start == group_size
+                # Ranks exchange gradients only on the micro-batch that completes an accumulation group.
+                with contextlib.nullcontext() if last_of_group else self._no_sync():
+                    scaler.scale(loss / group_size).backward()
                 loss_sum += loss.item()
                 loss_count += 1
                 batch_index_in_epoch += 1
@@ -408,7 +443,8 @@ class Trainer(Job):
                 tick = now
                 recent = step_times[-20:]
                 it_per_s = len(recent) / sum(recent) if sum(recent) > 0 else 0.0
-                record = {"step": global_step, "epoch": epoch, "loss": loss_sum / loss_count,
+                record = {"step": global_step, "epoch": epoch,
+                          "loss": distributed.mean_over_ranks(topology, loss_sum / loss_count, device),
                           "lr": optimizer.param_groups[0]["lr"], "width": parts["width"], "height": parts["height"]}
                 if use_scaler:
                     record["overflow_steps"] = overflow_steps
@@ -431,7 +467,7 @@ class Trainer(Job):
                 every = config.checkpoint.every_n_train_steps
                 if is_main and every and global_step % every == 0:
                     save("every_n_train_steps")
-                if self.stop_requested:
+                if distributed.any_rank(topology, self.stop_requested, device):
                     stopped = True
                     break
                 if global_step >= total_steps:
@@ -464,6 +500,13 @@ class Trainer(Job):
                    "skipped_reasons": [{"path": p, "reason": r} for p, r in data.skipped]}
         return events.Finished(run_dir=str(self.run_dir), step=global_step, stopped=stopped, summary=summary)
 
+    def _no_sync(self) -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        for model in (self._unet, self._text_encoder):
+            if hasattr(model, "no_sync"):
+                stack.enter_context(model.no_sync())
+        return stack
+
     def _forward(self, batch: dict, components: Components, device: torch.device,
                  autocast_dtype: Optional[torch.dtype], text_cache=None) -> tuple[torch.Tensor, dict]:
         """The loss of one micro-batch; latents and embeddings come from the caches when the batch or
@@ -490,11 +533,11 @@ class Trainer(Job):
                 encoder_hidden_states = text_cache.lookup(input_ids).to(device)
             else:
                 with torch.set_grad_enabled(config.train_text_encoder):
-                    encoder_hidden_states = encode_prompt(text_encoder, input_ids, config.clip_stop_at_layer)
+                    encoder_hidden_states = encode_prompt(self._text_encoder, input_ids, config.clip_stop_at_layer)
             if config.uncond.enabled and config.uncond.cond == "zeros":
                 dropped = torch.tensor([c == "" for c in batch["captions"]], device=device)
                 encoder_hidden_states = encoder_hidden_states * (~dropped).view(-1, 1, 1).to(encoder_hidden_states.dtype)
-            prediction = unet(noisy_latents, timesteps, encoder_hidden_states).sample
+            prediction = self._unet(noisy_latents, timesteps, encoder_hidden_states).sample
         target = training_target(scheduler, latents, noise, timesteps, prediction_type)
         weights = (min_snr_weights(scheduler, timesteps, config.min_snr_gamma, prediction_type)
                    if config.min_snr_gamma else None)

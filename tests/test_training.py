@@ -198,3 +198,14 @@ def test_config_mistakes_exit_with_one_line(tmp_path, override, expected):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("error: ") and expected in lines[-1], result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_json_events_stream_one_object_per_line(tmp_path, class_images):
+    result = run_cli("train", "--config", "presets/tiny-demo-cpu.yaml", "--set", f"output_dir={tmp_path}",
+                     "--set", "trainer.max_steps=3", "--set", "sampling.interval_steps=3", "--json-events")
+    assert result.returncode == 0, result.stderr[-2000:]
+    stream = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    kinds = [e["kind"] for e in stream]
+    assert kinds[-1] == "finished" and kinds.index("started") < kinds.index("step")
+    assert [e["step"] for e in stream if e["kind"] == "step"] == [1, 2, 3]
+    assert any(e["kind"] == "sample" and e["paths"] for e in stream)

@@ -1,0 +1,82 @@
+"""Multi-process training through torchrun: process-group setup and the few collective helpers the loop
+needs. A single process (no WORLD_SIZE in the environment) uses none of this."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Topology:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_from_environment() -> Topology:
+    """Join the process group torchrun describes in the environment: NCCL on CUDA, gloo on the CPU."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    topology = Topology(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), world_size)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(topology.local_rank)
+        dist.init_process_group(backend)
+    return topology
+
+
+def shutdown(topology: Topology) -> None:
+    if topology.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(topology: Topology) -> None:
+    if topology.distributed:
+        dist.barrier()
+
+
+def broadcast_from_main(topology: Topology, value: Any) -> Any:
+    """Rank 0's value on every rank (run folder, seed)."""
+    if not topology.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def any_rank(topology: Topology, flag: bool, device: torch.device) -> bool:
+    """True on every rank when it is true on one: all ranks stop at the same step."""
+    if not topology.distributed:
+        return flag
+    tensor = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+def mean_over_ranks(topology: Topology, value: float, device: torch.device) -> float:
+    if not topology.distributed:
+        return value
+    tensor = torch.tensor([value], device=device, dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return tensor.item() / topology.world_size
+
+
+def wrap(model: torch.nn.Module, topology: Topology, device: torch.device) -> torch.nn.Module:
+    if not topology.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)

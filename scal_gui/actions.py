@@ -1,0 +1,130 @@
+"""What the app's buttons do, without gradio: each action returns the message the page shows.
+
+Engine errors become messages here, so a bad config or a failing engine never takes the server down.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from pathlib import Path
+from typing import Callable, Optional
+
+from engine import config as schema
+from engine.errors import UserError
+
+from . import configs, features
+from .jobs import CLASSGEN, TRAIN, JobBusy, JobManager
+
+
+def _train_builder(config: schema.Config) -> Callable:
+    def build(events):
+        from engine.train import Trainer
+
+        return Trainer(config, events)
+
+    return build
+
+
+def _resume_builder(run_dir: str) -> Callable:
+    def build(events):
+        from engine.train import Trainer
+
+        return Trainer.for_resume(run_dir, events)
+
+    return build
+
+
+def _classgen_builder(config: schema.Config) -> Callable:
+    def build(events):
+        return importlib.import_module("engine.classgen").ClassGenJob(config, events)
+
+    return build
+
+
+class Actions:
+    def __init__(self, manager: JobManager):
+        self.manager = manager
+
+    def _start(self, kind: str, build: Callable, label: str) -> str:
+        try:
+            self.manager.start(kind, build, label)
+        except JobBusy as error:
+            return f"Refused: {error}"
+        except UserError as error:
+            return f"Not started: {error}"
+        except Exception as error:  # an engine fault while building the job: shown, the server keeps serving
+            return f"Not started: {error.__class__.__name__}: {error}"
+        return f"Started {label}."
+
+    def _config(self, yaml_text: str) -> schema.Config:
+        config, _ = configs.load(configs.parse_yaml(yaml_text))
+        return config
+
+    def start_training(self, yaml_text: str) -> str:
+        try:
+            config = self._config(yaml_text)
+        except schema.ConfigError as error:
+            return f"Not started: {error}"
+        return self._start(TRAIN, _train_builder(config), f"training ({config.project})")
+
+    def resume_training(self, run_dir: str) -> str:
+        if not run_dir:
+            return "Error: Choose a run to resume."
+        return self._start(TRAIN, _resume_builder(run_dir), f"resuming {Path(run_dir).name}")
+
+    def generate_class_images(self, yaml_text: str) -> str:
+        if not features.available("classgen"):
+            return features.not_available("Class image generation")
+        try:
+            config = self._config(yaml_text)
+        except schema.ConfigError as error:
+            return f"Not started: {error}"
+        concepts = config.data.concepts
+        if not concepts or concepts[0].class_set is None or not concepts[0].class_set.path:
+            return "Error: Set a class folder on the Dataset tab first."
+        # Generate is an explicit request: it applies to the first concept whatever the config says.
+        concepts[0].class_set.auto_generate.enabled = True
+        return self._start(CLASSGEN, _classgen_builder(config), "class image generation")
+
+    def stop(self) -> str:
+        return self.manager.stop()
+
+    def status(self) -> dict:
+        """The current job for API clients: kind, state, step, loss and where its files are."""
+        history = self.manager.snapshot()
+        if history is None:
+            return {"kind": None, "state": "idle"}
+        last = history.points[-1] if history.points else {}
+        return {"kind": history.kind, "state": history.state, "step": history.step,
+                "total_steps": history.total_steps, "epoch": history.epoch, "loss": last.get("loss"),
+                "lr": last.get("lr"), "it_per_s": history.it_per_s, "eta_s": history.eta_s,
+                "done": history.done, "total": history.total, "run_dir": history.run_dir,
+                "samples": [path for _, path in history.samples], "images": list(history.images),
+                "error": history.error}
+
+    def estimate_vram(self, yaml_text: str) -> str:
+        if not features.available("vram"):
+            return features.not_available("The GPU memory estimate")
+        try:
+            config = self._config(yaml_text)
+            estimate = importlib.import_module("engine.vram").estimate(config)
+        except UserError as error:
+            return f"Error: {error}"
+        parts = [f"{name.replace('_', ' ')} {value:.2f}" for name, value in dataclasses.asdict(estimate).items()
+                 if name != "peak"]
+        return f"Estimated peak GPU memory: **{estimate.peak:.2f} GiB** ({', '.join(parts)} GiB)"
+
+    def convert(self, source: str, out: str, options: dict,
+                on_event: Optional[Callable] = None) -> str:
+        if not features.available("convert"):
+            return features.not_available("Conversion")
+        if not source or not out:
+            return "Error: Choose a checkpoint (or a model path) and an output path."
+        convert = importlib.import_module("engine.convert")
+        try:
+            path = convert.convert_checkpoint(source, out, on_event=on_event, **options)
+        except UserError as error:
+            return f"Error: {error}"
+        except Exception as error:  # an engine fault: shown, the server keeps serving
+            return f"Error: {error.__class__.__name__}: {error}"
+        return f"Wrote `{path}` ({convert.format_size(path.stat().st_size)})"

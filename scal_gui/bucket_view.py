@@ -1,0 +1,45 @@
+"""The Dataset tab's view of engine.buckets_cli.bucket_report: table, chart, skipped images, thumbnails."""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pandas as pd
+
+from .thumbnails import draw_crop
+
+MAX_THUMBNAILS = 48
+TABLE_COLUMNS = ("bucket", "width", "height", "aspect", "images")
+SKIPPED_COLUMNS = ("image", "reason")
+
+
+def report(config) -> dict:
+    return importlib.import_module("engine.buckets_cli").bucket_report(config)
+
+
+def bucket_label(bucket: dict) -> str:
+    return f"{bucket['width']}×{bucket['height']}"
+
+
+def table(result: dict) -> pd.DataFrame:
+    rows = [[bucket_label(b), b["width"], b["height"], round(b["width"] / b["height"], 3), b["count"]]
+            for b in result["buckets"]]
+    return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+
+
+def chart(result: dict) -> pd.DataFrame:
+    return pd.DataFrame({"bucket": [bucket_label(b) for b in result["buckets"]],
+                         "images": [b["count"] for b in result["buckets"]]})
+
+
+def skipped(result: dict) -> pd.DataFrame:
+    return pd.DataFrame([[s["path"], s["reason"]] for s in result["skipped"]], columns=list(SKIPPED_COLUMNS))
+
+
+def thumbnails(result: dict, label: str, out_dir: Path) -> list[tuple[str, str]]:
+    """(thumbnail path, caption) for the images of the bucket with that label, the crop drawn on each."""
+    for bucket in result["buckets"]:
+        if bucket_label(bucket) == label:
+            return [(str(draw_crop(image["path"], image["crop"], out_dir)), Path(image["path"]).name)
+                    for image in bucket["images"][:MAX_THUMBNAILS]]
+    return []

@@ -1,0 +1,91 @@
+"""The app's config text: YAML in and out, and the check shown before a job starts."""
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Optional
+
+import yaml
+
+from engine import config as schema
+
+from . import fields
+
+
+def to_yaml(raw: dict) -> str:
+    return yaml.safe_dump(raw, sort_keys=False, allow_unicode=True)
+
+
+def parse_yaml(text: str) -> dict:
+    """The raw config dict of a YAML text; raises ConfigError with the line of a syntax error."""
+    try:
+        values = yaml.safe_load(text or "")
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or "invalid YAML"
+        raise schema.ConfigError(f"YAML syntax error{where}: {problem}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise schema.ConfigError("the config must be a mapping of keys to values")
+    return values
+
+
+def load(raw: dict) -> tuple[schema.Config, list[str]]:
+    """The validated Config and the schema's notes (keys that are ignored); raises ConfigError."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", schema.ConfigWarning)
+        config = schema.from_dict(copy.deepcopy(raw))
+    notes = [str(w.message) for w in caught if issubclass(w.category, schema.ConfigWarning)]
+    return config, notes
+
+
+def check_message(raw: dict) -> str:
+    """One Markdown line: the config is ready, or what is wrong with it."""
+    try:
+        _, notes = load(raw)
+    except schema.ConfigError as error:
+        return f"Error: {error}"
+    return "The config is valid." + "".join(f"  \nNote: {note}" for note in notes)
+
+
+def _misfit(raw: dict) -> str:
+    """The check line when a form field cannot show its value in raw, else ''."""
+    wrong = fields.misfits(raw, fields.ALL)
+    if not wrong:
+        return ""
+    problem = check_message(raw)
+    return problem if problem.startswith("Error:") else "Error: the form cannot show " + ", ".join(wrong)
+
+
+def merge_form(yaml_text: str, values: list) -> tuple[Optional[str], str]:
+    """(the YAML with the form's values written in, or None where the YAML cannot take them; check line).
+
+    values are in fields.ALL order. A YAML that does not parse, or holds a value of the wrong type for a
+    form field, is left as it is: writing the form over it would hide the user's edit.
+    """
+    try:
+        raw = parse_yaml(yaml_text)
+    except schema.ConfigError as error:
+        return None, f"Error: Fix the YAML first: {error}"
+    problem = _misfit(raw)
+    if problem:
+        return None, "Error: Fix the YAML first: " + problem.removeprefix("Error: ")
+    try:
+        merged = fields.apply_form(raw, fields.ALL, values)
+    except fields.FormError as error:
+        return None, f"Error: {error}"
+    return to_yaml(merged), check_message(merged)
+
+
+def form_from_yaml(yaml_text: str) -> tuple[Optional[list], str]:
+    """(the form's values for a YAML text in fields.ALL order, or None where it cannot show them; check line)."""
+    try:
+        raw = parse_yaml(yaml_text)
+    except schema.ConfigError as error:
+        return None, f"Error: {error}"
+    problem = _misfit(raw)
+    if problem:
+        return None, problem
+    return fields.form_values(raw, fields.ALL), check_message(raw)

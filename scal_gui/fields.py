@@ -1,0 +1,286 @@
+"""Form fields bound to config keys.
+
+A field names a key path of engine.config's schema; its type, default and choices are read from the
+dataclasses there, so the form never holds a second copy of a default. Forms edit a raw config dict
+(the YAML as written), which keeps keys the form does not show and stays as compact as a preset.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Literal, Union
+
+from engine import config as schema
+
+_INDEX = re.compile(r"^(\w+)\[(\d+)\]$")
+_MISSING = object()
+
+
+class FormError(ValueError):
+    """A form value that cannot become its config key's type."""
+
+
+def _parts(key: str) -> list:
+    parts = []
+    for name in key.split("."):
+        match = _INDEX.match(name)
+        if match:
+            parts += [match.group(1), int(match.group(2))]
+        else:
+            parts.append(name)
+    return parts
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(tp))
+        return (args[0] if len(args) == 1 else Union[tuple(args)]), optional
+    return tp, False
+
+
+def _field_default(cls: type, name: str) -> Any:
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            return f.default_factory()
+    raise KeyError(name)
+
+
+def describe(key: str) -> tuple[Any, bool, Any]:
+    """(type, optional, default) of a config key path such as `data.concepts[0].instance_set.path`."""
+    cls: Any = schema.Config
+    parts = _parts(key)
+    tp, optional, default = cls, False, None
+    for position, part in enumerate(parts):
+        if isinstance(part, int):
+            (cls,) = typing.get_args(tp)
+            continue
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            raise KeyError(f"{key}: the config schema has no key {part!r}")
+        tp, optional = _unwrap_optional(hints[part])
+        default = _field_default(cls, part)
+        if position < len(parts) - 1 and dataclasses.is_dataclass(tp):
+            cls = tp
+    return tp, optional, default
+
+
+@dataclass(frozen=True)
+class Field:
+    key: str
+    label: str
+    info: str = ""
+
+    @property
+    def type(self) -> Any:
+        return describe(self.key)[0]
+
+    @property
+    def optional(self) -> bool:
+        return describe(self.key)[1]
+
+    @property
+    def default(self) -> Any:
+        return describe(self.key)[2]
+
+    @property
+    def kind(self) -> str:
+        """How the form shows it: bool, int, float, choice or text."""
+        tp = self.type
+        if self.choices:
+            return "choice"
+        return {bool: "bool", int: "int", float: "float"}.get(tp, "text")
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        tp = self.type
+        if typing.get_origin(tp) is Literal:
+            return tuple(str(a) for a in typing.get_args(tp))
+        if self.key == "trainer.precision":
+            # The schema types precision as int-or-str; the accepted spellings live in PRECISIONS.
+            return tuple(schema.PRECISIONS)
+        return ()
+
+    def fits(self, value: Any) -> bool:
+        """Whether a config value can be shown in this field (the schema would accept its type)."""
+        kind = self.kind
+        if value is None:
+            return self.optional
+        if kind == "bool":
+            return isinstance(value, bool)
+        if kind == "int":
+            return isinstance(value, int) and not isinstance(value, bool)
+        if kind == "float":
+            if isinstance(value, bool):
+                return False
+            try:
+                float(value)  # YAML reads 1e-6 as a string; the schema accepts it
+            except (TypeError, ValueError):
+                return False
+            return True
+        if kind == "choice":
+            return str(value) in self.choices
+        return isinstance(value, str)
+
+    def to_form(self, value: Any) -> Any:
+        if value is None:
+            return "" if self.kind == "text" else None
+        if self.kind == "choice":
+            return str(value)
+        if self.kind == "float":
+            return float(value)
+        return value
+
+    def from_form(self, value: Any) -> Any:
+        """The config value for a form value; raises FormError naming the key."""
+        kind = self.kind
+        if value is None or (isinstance(value, str) and value.strip() == "" and kind != "text"):
+            if self.optional:
+                return None
+            raise FormError(f"config key '{self.key}': a value is required")
+        if kind == "text":
+            return None if (value == "" and self.optional) else str(value)
+        if kind == "bool":
+            return bool(value)
+        if kind == "choice":
+            text = str(value)
+            return int(text) if text.isdigit() else text
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise FormError(f"config key '{self.key}': expected a number, got {value!r}") from None
+        if kind == "int":
+            if not number.is_integer():
+                raise FormError(f"config key '{self.key}': expected an integer, got {value!r}")
+            return int(number)
+        return number
+
+
+def _lookup(raw: dict, key: str) -> Any:
+    node: Any = raw
+    for part in _parts(key):
+        if isinstance(part, int):
+            if not isinstance(node, list) or part >= len(node):
+                return _MISSING
+            node = node[part]
+        else:
+            if not isinstance(node, dict) or part not in node:
+                return _MISSING
+            node = node[part]
+    return node
+
+
+def get_value(raw: dict, key: str) -> Any:
+    """The value at key in a raw config dict, or the schema default when the key is absent."""
+    _, optional, default = describe(key)
+    value = _lookup(raw, key)
+    if value is _MISSING or (value is None and not optional):
+        return default
+    return value
+
+
+def set_value(raw: dict, key: str, value: Any) -> None:
+    """Set key in a raw config dict, creating the mappings and list items on the way."""
+    parts = _parts(key)
+    node: Any = raw
+    for part, following in zip(parts[:-1], parts[1:]):
+        if isinstance(part, int):
+            while len(node) <= part:
+                node.append({})
+            if not isinstance(node[part], dict):
+                node[part] = {}
+            node = node[part]
+            continue
+        if not isinstance(node.get(part), (dict, list)):
+            node[part] = [] if isinstance(following, int) else {}
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def misfits(raw: dict, fields: typing.Sequence[Field]) -> list[str]:
+    """Keys whose value in raw has a type its field cannot show."""
+    return [f.key for f in fields if not f.fits(get_value(raw, f.key))]
+
+
+def form_values(raw: dict, fields: typing.Sequence[Field]) -> list:
+    return [f.to_form(get_value(raw, f.key)) for f in fields]
+
+
+def apply_form(raw: dict, fields: typing.Sequence[Field], values: typing.Sequence) -> dict:
+    """A copy of raw with the form's values written in.
+
+    Only changes are written: a value the key already holds keeps its spelling (`lr: 1e-6` stays a
+    string), and a schema default is not added where the key is absent, so a field the user left alone
+    adds nothing (for instance no class set to a native fine-tuning config).
+    """
+    result = copy.deepcopy(raw)
+    for f, value in zip(fields, values, strict=True):
+        converted = f.from_form(value)
+        existing = _lookup(result, f.key)
+        if existing is _MISSING:
+            if converted != f.default:
+                set_value(result, f.key, converted)
+        elif not (f.fits(existing) and f.from_form(f.to_form(existing)) == converted):
+            set_value(result, f.key, converted)
+    return result
+
+_CONCEPT = "data.concepts[0]"
+_AUTO = f"{_CONCEPT}.class_set.auto_generate"
+
+DATASET = (
+    Field("prior_preservation.enabled", "DreamBooth with prior preservation",
+          "off = native fine-tuning on the captioned folder below"),
+    Field(f"{_CONCEPT}.instance_set.path", "Instance folder (or captioned fine-tune folder)",
+          "a folder path or demo:sample-data/instance, demo:sample-data/finetune"),
+    Field(f"{_CONCEPT}.instance_set.prompt", "Instance prompt", "{TXT_PROMPT} is replaced by each image's caption"),
+    Field(f"{_CONCEPT}.class_set.path", "Class folder", "regularization images for prior preservation"),
+    Field("data.resolution", "Resolution", "pixels, a multiple of 8"),
+    Field("data.center_crop", "Centre crop", "off = random crop position"),
+    Field("aspect_ratio_bucket.enabled", "Aspect-ratio buckets"),
+    Field("aspect_ratio_bucket.c_size", "Max bucket area", "× resolution²"),
+    Field("aspect_ratio_bucket.c_dim", "Side range", "sides within resolution ÷ and × this"),
+    Field("aspect_ratio_bucket.c_div", "Side step divisor", "side step = resolution ÷ this"),
+    Field("aspect_ratio_bucket.max_aspect_error", "Max aspect error", "images at or above it are skipped"),
+)
+
+CLASS_IMAGES = (
+    Field(f"{_CONCEPT}.class_set.prompt", "Class prompt"),
+    Field(f"{_AUTO}.negative_prompt", "Negative prompt"),
+    Field(f"{_AUTO}.steps", "Steps"),
+    Field(f"{_AUTO}.cfg_scale", "Guidance scale (CFG)"),
+    Field(f"{_AUTO}.num_target", "Images wanted", "total in the class folder; existing ones count"),
+)
+
+TRAIN = (
+    Field("model", "Base model", "diffusers folder, .safetensors/.ckpt file or demo:tiny-sd"),
+    Field("output_dir", "Output folder"),
+    Field("project", "Project"),
+    Field("seed", "Seed", "empty = random, recorded in the run"),
+    Field("batch_size", "Batch size"),
+    Field("trainer.max_steps", "Max steps", "empty = no step limit"),
+    Field("trainer.max_epochs", "Max epochs", "empty = no epoch limit"),
+    Field("trainer.accumulate_grad_batches", "Gradient accumulation"),
+    Field("trainer.precision", "Precision"),
+    Field("trainer.accelerator", "Device"),
+    Field("optimizer.name", "Optimizer", "torch.optim.AdamW, bitsandbytes.optim.AdamW8bit or a class path"),
+    Field("optimizer.params.lr", "Learning rate"),
+    Field("optimizer.lr_scheduler.name", "LR schedule", "constant, linear, cosine, … or a class path"),
+    Field("optimizer.lr_scheduler.warmup.enabled", "Warmup"),
+    Field("optimizer.lr_scheduler.warmup.steps", "Warmup steps"),
+    Field("train_text_encoder", "Train the text encoder"),
+    Field("gradient_checkpointing", "Gradient checkpointing"),
+    Field("ema.enabled", "EMA of the UNet"),
+    Field("prior_preservation.prior_loss_weight", "Prior loss weight"),
+    Field("sampling.interval_steps", "Sample every N steps", "0 = never"),
+    Field("sampling.concepts[0].prompt", "Sample prompt"),
+    Field("checkpoint.every_n_train_steps", "Checkpoint every N steps", "empty = every N epochs"),
+    Field("checkpoint.save_top_k", "Checkpoints kept", "-1 keeps all"),
+)
+
+ALL = DATASET + CLASS_IMAGES + TRAIN

@@ -1,0 +1,117 @@
+"""The whole page: four tabs over one config, and a timer that shows the server's job as it runs."""
+from __future__ import annotations
+
+from typing import Optional
+
+import gradio as gr
+
+from . import charts, configs, fields, live, presets, tab_classgen, tab_convert, tab_dataset, tab_train
+from .actions import Actions
+from .context import PageContext
+from .jobs import CLASSGEN, TRAIN, JobManager
+
+POLL_SECONDS = 1.0
+TITLE = "SCAL-SDT"
+
+_served: set = set()
+
+
+def serve_files(paths: list[str]) -> None:
+    """Let the page show these images that a job wrote, and no other file beside them: a folder would
+    open everything under it (the output folder is whatever a config says)."""
+    new = [path for path in paths if path not in _served]
+    if new:
+        _served.update(new)
+        gr.set_static_paths(new)
+
+
+def build_page(manager: Optional[JobManager] = None, output_dir: Optional[str] = None) -> gr.Blocks:
+    manager = manager or JobManager()
+    preset_list = presets.list_presets()
+    selected = presets.default_preset(preset_list, presets.has_cuda_gpu())
+    ctx = PageContext(manager=manager, actions=Actions(manager), output_dir=output_dir,
+                      raw=presets.load_preset(selected, output_dir))
+    with gr.Blocks(title=TITLE) as page:
+        gr.Markdown(f"## {TITLE} — Stable Diffusion fine-tuning")
+        with gr.Tabs(selected="train"):
+            with gr.Tab("Dataset", id="dataset"):
+                dataset = tab_dataset.build(ctx)
+            with gr.Tab("Class images", id="class-images"):
+                classgen = tab_classgen.build(ctx)
+            with gr.Tab("Train", id="train"):
+                train = tab_train.build(ctx, preset_list, selected)
+            with gr.Tab("Convert", id="convert"):
+                convert = tab_convert.build(ctx)
+        _wire_config(ctx)
+        tab_dataset.wire(ctx, dataset)
+        tab_classgen.wire(ctx, classgen)
+        tab_train.wire(ctx, train, preset_list)
+        tab_convert.wire(ctx, convert, page)
+        _wire_live(ctx, page, train, classgen)
+    return page
+
+
+def _wire_config(ctx: PageContext) -> None:
+    """Keep the form and the YAML editor showing the same config, whichever the user edits."""
+    def form_edited(yaml_text: str, *values):
+        merged, message = configs.merge_form(yaml_text, list(values))
+        return (gr.skip() if merged is None else merged), message
+
+    gr.on([c.input for c in ctx.inputs], form_edited, [ctx.yaml, *ctx.inputs], [ctx.yaml, ctx.check],
+          trigger_mode="always_last", api_visibility="private")
+
+    def yaml_edited(yaml_text: str):
+        values, message = configs.form_from_yaml(yaml_text)
+        return [message, *(values if values is not None else [gr.skip()] * len(fields.ALL))]
+
+    ctx.yaml.input(yaml_edited, ctx.yaml, [ctx.check, *ctx.inputs], trigger_mode="always_last",
+                   api_visibility="private")
+
+
+def _wire_live(ctx: PageContext, page: gr.Blocks, train, classgen) -> None:
+    manager = ctx.manager
+    train_outputs = [train.status, train.progress, train.loss, train.lr, train.gallery, train.log]
+    class_outputs = [classgen.status, classgen.progress, classgen.gallery, classgen.log]
+
+    def render_train(history):
+        points = history.points if history else []
+        serve_files([path for _, path in history.samples] if history else [])
+        return [live.status_line(history, tab_train.IDLE), live.train_progress(history),
+                charts.loss_frame(points), charts.lr_frame(points), live.sample_gallery(history),
+                live.log_text(history)]
+
+    def render_classgen(history):
+        serve_files(history.images if history else [])
+        return [live.status_line(history, ""), live.classgen_progress(history),
+                list(history.images) if history else [], live.log_text(history)]
+
+    def refresh(seen: Optional[dict], output_dir: str):
+        # seen: what this browser tab last rendered, so an unchanged job sends nothing.
+        seen = dict(seen or {})
+        updates = []
+        for kind, render, count in ((TRAIN, render_train, len(train_outputs)),
+                                    (CLASSGEN, render_classgen, len(class_outputs))):
+            version = manager.version(kind)
+            if kind in seen and seen[kind] == version:
+                updates += [gr.skip()] * count
+                continue
+            history = manager.snapshot(kind)
+            updates += render(history)
+            seen[kind] = history.version if history else -1
+        runs_for = [manager.state(TRAIN), output_dir]
+        if seen.get("runs_for") != runs_for:
+            # A run that ended (or another output folder) changes what can be resumed.
+            seen["runs_for"] = runs_for
+            choices = tab_train.resume_choices(output_dir)
+            updates.append(gr.update(choices=choices, value=choices[0][1] if choices else None))
+        else:
+            updates.append(gr.skip())
+        return [*updates, seen]
+
+    seen = gr.State(None)
+    outputs = [*train_outputs, *class_outputs, train.resume_run, seen]
+    inputs = [seen, ctx.form["output_dir"]]
+    page.load(refresh, inputs, outputs, api_visibility="private", show_progress="hidden")
+    timer = gr.Timer(POLL_SECONDS)
+    timer.tick(refresh, inputs, outputs, api_visibility="private", show_progress="hidden")
+    gr.api(ctx.actions.status, api_name="job_status")

@@ -1,0 +1,39 @@
+"""Previous runs under an output folder (output_dir/project/run_id) and their checkpoints."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Run:
+    path: Path
+    checkpoints: tuple[Path, ...]
+
+    @property
+    def label(self) -> str:
+        newest = self.checkpoints[-1].name if self.checkpoints else "no checkpoint"
+        return f"{self.path.parent.name}/{self.path.name} ({newest})"
+
+
+def list_runs(output_dir: str) -> list[Run]:
+    """Run folders (those with a config.yaml), newest first."""
+    from engine import paths
+    from engine.checkpoints import list_checkpoints
+
+    root = Path(paths.resolve(output_dir or "output"))
+    if not root.is_dir():
+        return []
+    # config.yaml is written once when a run begins, so its time orders runs by start.
+    configs = sorted(root.glob("*/*/config.yaml"), key=lambda config: config.stat().st_mtime, reverse=True)
+    return [Run(config.parent, tuple(list_checkpoints(config.parent))) for config in configs]
+
+
+def resumable(runs: list[Run]) -> list[Run]:
+    return [run for run in runs if run.checkpoints]
+
+
+def checkpoints(found: list[Run]) -> list[tuple[str, str]]:
+    """(label, path) of every checkpoint of these runs, newest run first."""
+    return [(f"{run.path.parent.name}/{run.path.name}/{checkpoint.name}", str(checkpoint))
+            for run in found for checkpoint in reversed(run.checkpoints)]

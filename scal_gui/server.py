@@ -1,0 +1,88 @@
+"""`python app.py`: command-line flags, the checks that keep a public link closed, and the launch.
+
+Gradio and the page load only after the flags are checked, so a refused start is immediate.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from typing import Optional
+
+AUTH_ENV = "SCAL_AUTH"
+OUTPUT_ENV = "SCAL_SDT_OUTPUT"
+DEFAULT_PORT = 7860
+PORT_TRIES = 100
+
+
+class LaunchError(Exception):
+    """A flag combination the app refuses to start with."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python app.py", description="SCAL-SDT web app")
+    parser.add_argument("--listen", action="store_true", help="bind 0.0.0.0 (the local network) instead of 127.0.0.1")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+                        help=f"port to serve on (default {DEFAULT_PORT}; the next free one when taken)")
+    parser.add_argument("--share", action="store_true",
+                        help=f"open a public Gradio link; needs --auth or the {AUTH_ENV} environment variable")
+    parser.add_argument("--auth", metavar="USER:PASS", help=f"require this login (also read from {AUTH_ENV})")
+    parser.add_argument("--inbrowser", action="store_true", help="open the page in the default browser")
+    parser.add_argument("--output-dir", metavar="DIR",
+                        help=f"output folder for runs, replacing the presets' (also read from {OUTPUT_ENV})")
+    return parser
+
+
+def parse_auth(text: str) -> tuple[str, str]:
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise LaunchError("--auth / SCAL_AUTH: expected USER:PASS")
+    return user, password
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # As the server will: a port left in TIME_WAIT by a previous run counts as free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def pick_port(host: str, start: int, tries: int = PORT_TRIES) -> int:
+    for port in range(start, min(start + tries, 65536)):
+        if port_is_free(host, port):
+            return port
+    raise LaunchError(f"--port: no free port in {start}-{start + tries - 1}")
+
+
+def launch_options(args: argparse.Namespace, env: Optional[dict] = None) -> dict:
+    """gradio's launch() arguments for the flags; raises LaunchError for a combination that is refused."""
+    env = os.environ if env is None else env
+    auth_text = args.auth or env.get(AUTH_ENV)
+    auth = parse_auth(auth_text) if auth_text else None
+    if args.share and auth is None:
+        raise LaunchError(f"--share opens a public link: give a login with --auth USER:PASS or {AUTH_ENV}=USER:PASS")
+    host = "0.0.0.0" if args.listen else "127.0.0.1"
+    return {"server_name": host, "server_port": pick_port(host, args.port), "share": args.share, "auth": auth,
+            "inbrowser": args.inbrowser}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        options = launch_options(args)
+    except LaunchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from .live import CSS
+    from .page import build_page
+
+    page = build_page(output_dir=args.output_dir or os.environ.get(OUTPUT_ENV))
+    page.queue(default_concurrency_limit=4)
+    page.launch(**options, css=CSS, footer_links=["api", "settings"], show_error=True)
+    return 0

@@ -1,0 +1,79 @@
+"""The Convert tab: a run's checkpoint (or any model folder) to one .safetensors/.ckpt file."""
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import gradio as gr
+
+from . import convert_options, features, runs
+from .context import PageContext
+
+LABELS = {"text_encoder": "Include the text encoder", "vae": "Include the VAE", "ema": "Use the EMA UNet",
+          "overwrite": "Replace an existing file", "unet_dtype": "UNet weights", "vae_dtype": "VAE weights",
+          "text_encoder_dtype": "Text encoder weights", "fmt": "Format"}
+
+
+def checkpoint_choices(output_dir: str) -> list[tuple[str, str]]:
+    try:
+        return runs.checkpoints(runs.list_runs(output_dir))
+    except OSError:
+        return []
+
+
+def build(ctx: PageContext) -> SimpleNamespace:
+    ui = SimpleNamespace(available=features.available("convert"))
+    if not ui.available:
+        gr.Markdown(features.not_available("Conversion"))
+        return ui
+    with gr.Row(equal_height=True):
+        ui.checkpoint = gr.Dropdown([], label="Checkpoint of a run", elem_id="convert-checkpoint", scale=4)
+        ui.refresh = gr.Button("↻", scale=0, min_width=50, elem_id="convert-refresh")
+    ui.source = gr.Textbox(label="Checkpoint, run folder or diffusers model folder", elem_id="convert-source")
+    ui.out = gr.Textbox(label="Output .safetensors/.ckpt file, or a folder for a file named after the checkpoint",
+                        elem_id="convert-out")
+    # Values and choices arrive with the page load: reading them imports the converter, and torch with it.
+    ui.options = []
+    with gr.Row():
+        for name in convert_options.CHECKBOXES:
+            ui.options.append(gr.Checkbox(label=LABELS[name], elem_id=f"convert-{name}"))
+    with gr.Row():
+        for name in convert_options.ORDER[len(convert_options.CHECKBOXES):]:
+            # Custom values let API clients pass a choice the page has not loaded; the converter checks it.
+            ui.options.append(gr.Dropdown([], label=LABELS[name], elem_id=f"convert-{name}",
+                                          allow_custom_value=True))
+    ui.convert = gr.Button("Convert", variant="primary", elem_id="convert-button")
+    ui.result = gr.Markdown(elem_id="convert-result")
+    return ui
+
+
+def wire(ctx: PageContext, ui: SimpleNamespace, page: gr.Blocks) -> None:
+    if not ui.available:
+        return
+
+    def option_updates():
+        return [gr.update(value=default, choices=choices) if choices else gr.update(value=default)
+                for default, choices in convert_options.defaults().values()]
+
+    page.load(option_updates, None, ui.options, api_visibility="private")
+
+    def refresh(output_dir: str):
+        return gr.update(choices=checkpoint_choices(output_dir))
+
+    page.load(refresh, ctx.form["output_dir"], ui.checkpoint, api_visibility="private")
+    ui.refresh.click(refresh, ctx.form["output_dir"], ui.checkpoint, api_visibility="private")
+
+    def pick(checkpoint: str):
+        # A folder as output: the converter names the file after the run and the step.
+        return checkpoint, str(Path(checkpoint).parent.parent / "converted")
+
+    ui.checkpoint.input(pick, ui.checkpoint, [ui.source, ui.out], api_visibility="private")
+
+    def run(source: str, out: str, *values, progress=gr.Progress()):
+        def on_event(event):
+            if event.kind == "progress" and event.total:
+                progress((event.done, event.total), desc="converting")
+
+        return ctx.actions.convert(source, out, convert_options.to_kwargs(list(values)), on_event)
+
+    ui.convert.click(run, [ui.source, ui.out, *ui.options], ui.result, api_name="convert")

@@ -1,0 +1,65 @@
+"""The Dataset tab: folders, resolution and buckets; what training will make of the images."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import gradio as gr
+
+from . import bucket_view, configs, features, fields
+from .context import PageContext
+
+
+def build(ctx: PageContext) -> SimpleNamespace:
+    ui = SimpleNamespace()
+    ctx.add_fields(fields.DATASET)
+    ui.preview = gr.Button("Preview buckets", variant="primary", elem_id="bucket-preview-button")
+    ui.message = gr.Markdown(elem_id="bucket-message")
+    with gr.Row():
+        ui.table = gr.Dataframe(headers=list(bucket_view.TABLE_COLUMNS), label="Buckets", interactive=False,
+                                elem_id="bucket-table", scale=1)
+        ui.chart = gr.BarPlot(x="bucket", y="images", label="Images per bucket (narrow to wide)",
+                              elem_id="bucket-chart", y_lim=[0, None], x_label_angle=-45, height=260, scale=1)
+    ui.skipped = gr.Dataframe(headers=list(bucket_view.SKIPPED_COLUMNS), label="Skipped images", interactive=False,
+                              elem_id="skipped-table")
+    ui.bucket = gr.Dropdown([], label="Show the images of bucket", elem_id="bucket-choice")
+    ui.thumbnails = gr.Gallery(label="Crops used for training (outside the box is cut away)", columns=8,
+                               height=300, object_fit="contain", elem_id="bucket-thumbnails")
+    ui.report = gr.State(None)
+    return ui
+
+
+def wire(ctx: PageContext, ui: SimpleNamespace) -> None:
+    thumbs_dir = Path(tempfile.mkdtemp(prefix="scal-sdt-thumbs-"))
+
+    def preview(yaml_text: str, *values):
+        empty = [None, None, None, gr.update(choices=[], value=None), [], None]
+        if not features.available("buckets_cli"):
+            return [features.not_available("The bucket preview"), *empty]
+        merged, message = configs.merge_form(yaml_text, list(values))
+        if merged is None or message.startswith("Error:"):
+            return [message, *empty]
+        config, _ = configs.load(configs.parse_yaml(merged))
+        try:
+            result = bucket_view.report(config)
+        except Exception as error:  # UserError (missing folder) or an engine fault: shown on the page
+            return [f"Error: {error}", *empty]
+        labels = [bucket_view.bucket_label(b) for b in result["buckets"]]
+        used = [bucket_view.bucket_label(b) for b in result["buckets"] if b["count"]]
+        first = used[0] if used else None
+        total = sum(b["count"] for b in result["buckets"])
+        summary = f"{total} images in {len(used)} of {len(labels)} buckets, {len(result['skipped'])} skipped."
+        if not config.data.center_crop:
+            summary += " The boxes show the centre crop; training crops at a random position of the same size."
+        # The chart keeps the buckets in aspect order rather than the default alphabetical one.
+        chart = gr.BarPlot(bucket_view.chart(result), sort=labels)
+        return [summary, bucket_view.table(result), chart, bucket_view.skipped(result),
+                gr.update(choices=used, value=first),
+                bucket_view.thumbnails(result, first, thumbs_dir) if first else [], result]
+
+    ui.preview.click(preview, [ctx.yaml, *ctx.inputs],
+                     [ui.message, ui.table, ui.chart, ui.skipped, ui.bucket, ui.thumbnails, ui.report],
+                     api_visibility="private")
+    ui.bucket.input(lambda result, label: bucket_view.thumbnails(result, label, thumbs_dir) if result else [],
+                    [ui.report, ui.bucket], ui.thumbnails, api_visibility="private")

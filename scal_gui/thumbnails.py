@@ -1,0 +1,36 @@
+"""Thumbnails with the crop that training will use drawn on them."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Sequence
+
+THUMB_SIDE = 192
+SHADE = 110  # alpha of the veil over the parts that the crop cuts away
+
+
+def draw_crop(source: str, box: Sequence[float], out_dir: Path, side: int = THUMB_SIDE) -> Path:
+    """A thumbnail of source with the area outside box (left, top, right, bottom in source pixels) veiled
+    and the box outlined; written once per (file, box) and reused."""
+    from PIL import Image, ImageDraw, ImageOps
+
+    path = Path(source)
+    key = hashlib.sha1(f"{path.resolve()}:{path.stat().st_mtime_ns}:{list(box)}:{side}".encode()).hexdigest()[:16]
+    target = out_dir / f"{key}.png"
+    if target.is_file():
+        return target
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image).convert("RGB")
+    scale = side / max(image.size)
+    thumb = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
+    left, top, right, bottom = (round(v * scale) for v in box)
+    veil = Image.new("L", thumb.size, SHADE)
+    ImageDraw.Draw(veil).rectangle((left, top, right - 1, bottom - 1), fill=0)
+    thumb = Image.composite(Image.new("RGB", thumb.size, (0, 0, 0)), thumb, veil)
+    # White inside black reads on any picture.
+    draw = ImageDraw.Draw(thumb)
+    draw.rectangle((left, top, right - 1, bottom - 1), outline=(0, 0, 0), width=3)
+    draw.rectangle((left + 1, top + 1, right - 2, bottom - 2), outline=(255, 255, 255), width=1)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    thumb.save(target)
+    return target

@@ -1,0 +1,53 @@
+"""`python app.py` flags, run as a user would: a public link never opens without a login, --listen binds
+every interface, and a taken port moves the app to the next free one."""
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from scal_gui.testing import app_server
+
+ENV_WITHOUT_LOGIN = {k: v for k, v in os.environ.items() if k != "SCAL_AUTH"}
+
+
+def run_app(*args, env=ENV_WITHOUT_LOGIN):
+    return subprocess.run([sys.executable, "app.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_share_without_a_login_exits_with_a_message():
+    result = run_app("--share")
+    assert result.returncode == 2
+    assert "--share opens a public link" in result.stderr and "--auth USER:PASS" in result.stderr
+
+
+def test_a_malformed_login_is_refused():
+    result = run_app("--share", "--auth", "just-a-name")
+    assert result.returncode == 2 and "USER:PASS" in result.stderr
+
+
+def listening_sockets() -> set[tuple[str, int]]:
+    """(address, port) of the IPv4 TCP sockets in LISTEN state, from the kernel's table."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        if state == "0A":
+            address, port = local.split(":")
+            found.add((socket.inet_ntoa(bytes.fromhex(address)[::-1]), int(port, 16)))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux's socket table")
+def test_listen_binds_every_interface_and_a_taken_port_moves_on(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with app_server("--listen", "--port", str(port), "--output-dir", str(tmp_path)) as url:
+            served_port = int(url.rstrip("/").rsplit(":", 1)[1])
+            assert served_port > port
+            assert ("0.0.0.0", served_port) in listening_sockets()

@@ -1,0 +1,44 @@
+"""torchrun with two CPU processes (gloo) trains exactly like one process with the same global batch."""
+import os
+import subprocess
+import sys
+
+import yaml
+from safetensors.torch import load_file
+
+from conftest import ROOT, run_cli
+from engine import checkpoints
+from engine.testing import tiny_config
+
+
+def newest_unet(output_dir):
+    (run_dir,) = (output_dir / "tiny-demo").iterdir()
+    newest = checkpoints.latest_checkpoint(run_dir)
+    return load_file(newest / "unet" / "diffusion_pytorch_model.safetensors"), newest
+
+
+def test_two_gloo_ranks_equal_one_process_with_the_same_global_batch(tmp_path, class_images):
+    steps = {"trainer.max_steps": 4, "sampling.interval_steps": 2, "checkpoint.every_n_train_steps": 2,
+             "gradient_checkpointing": True}
+    single = tiny_config(tmp_path / "single", batch_size=2, **steps)
+    ranks = tiny_config(tmp_path / "ddp", batch_size=1, **steps)
+    (tmp_path / "single.yaml").write_text(yaml.safe_dump(single))
+    (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(ranks))
+
+    result = run_cli("train", "--config", str(tmp_path / "single.yaml"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "engine", "train", "--config", str(tmp_path / "ddp.yaml")]
+    result = subprocess.run(torchrun, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    assert len(list((tmp_path / "ddp" / "tiny-demo").iterdir())) == 1
+    expected, expected_ckpt = newest_unet(tmp_path / "single")
+    actual, actual_ckpt = newest_unet(tmp_path / "ddp")
+    assert expected_ckpt.name == actual_ckpt.name == "step-00000004"
+    worst = max((expected[k] - actual[k]).abs().max().item() for k in expected)
+    assert worst <= 1e-5, worst
+    (run_dir,) = (tmp_path / "ddp" / "tiny-demo").iterdir()
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 4
+    assert len(list(run_dir.glob("samples/*"))) == 2

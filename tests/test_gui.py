@@ -1,0 +1,349 @@
+"""The app's logic without a browser: form <-> config, the job manager, messages, rendering, flags."""
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import ROOT
+from engine import config as schema
+from engine import events
+from scal_gui import charts, configs, fields, live, presets, server
+from scal_gui.actions import Actions
+from scal_gui.jobs import CLASSGEN, TRAIN, JobBusy, JobManager
+
+
+# -- form fields and the config schema ------------------------------------------------------------------
+def test_every_form_default_is_the_schemas():
+    defaults = schema.default_dict()
+    defaults["data"]["concepts"] = [dataclass_dict(schema.Concept(class_set=schema.ClassSet()))]
+    defaults["sampling"]["concepts"] = [dataclass_dict(schema.SamplePrompt())]
+    for spec in fields.ALL:
+        assert spec.default == fields.get_value(defaults, spec.key), spec.key
+
+
+def dataclass_dict(value):
+    import dataclasses
+
+    return dataclasses.asdict(value)
+
+
+def test_a_changed_schema_default_reaches_the_form(monkeypatch):
+    import dataclasses
+
+    (lr,) = [f for f in dataclasses.fields(schema.OptimizerParams) if f.name == "lr"]
+    monkeypatch.setattr(lr, "default", 3e-5)
+    spec = next(f for f in fields.TRAIN if f.key == "optimizer.params.lr")
+    assert spec.default == 3e-5
+    assert fields.form_values({}, [spec]) == [3e-5]
+
+
+def test_choices_come_from_the_schema():
+    by_key = {f.key: f for f in fields.ALL}
+    assert by_key["trainer.accelerator"].choices == ("auto", "gpu", "cuda", "cpu")
+    assert set(by_key["trainer.precision"].choices) == set(schema.PRECISIONS)
+    assert by_key["seed"].optional and by_key["seed"].kind == "int"
+
+
+@pytest.mark.parametrize("preset", presets.list_presets(), ids=lambda p: p.name)
+def test_an_untouched_form_leaves_each_preset_as_it_is(preset):
+    raw = presets.load_preset(preset)
+    values = fields.form_values(raw, fields.ALL)
+    assert fields.apply_form(raw, fields.ALL, values) == raw
+    merged, message = configs.merge_form(configs.to_yaml(raw), values)
+    assert configs.parse_yaml(merged) == raw
+    assert message == "The config is valid."
+
+
+def test_form_and_yaml_round_trip():
+    raw = presets.load_preset(next(p for p in presets.list_presets() if p.name == "tiny-demo-cpu"))
+    values = fields.form_values(raw, fields.ALL)
+    index = {f.key: i for i, f in enumerate(fields.ALL)}
+    values[index["batch_size"]] = 3
+    values[index["seed"]] = None
+    values[index["trainer.precision"]] = "bf16"
+    merged, message = configs.merge_form(configs.to_yaml(raw), values)
+    written = configs.parse_yaml(merged)
+    assert (written["batch_size"], written["seed"], written["trainer"]["precision"]) == (3, None, "bf16")
+    assert written["sampling"] == raw["sampling"]  # keys the form does not show are kept
+    back, _ = configs.form_from_yaml(merged)
+    assert back == values
+
+
+def test_yaml_edits_reach_the_form_and_bad_yaml_does_not():
+    text = configs.to_yaml({"model": "m", "batch_size": 0, "optimizer": {"params": {"lr": "2e-6"}}})
+    values, message = configs.form_from_yaml(text)
+    index = {f.key: i for i, f in enumerate(fields.ALL)}
+    assert values[index["batch_size"]] == 0 and values[index["optimizer.params.lr"]] == 2e-6
+    assert "batch_size" in message and message.startswith("Error:")
+    values, message = configs.form_from_yaml("model: [unclosed\n")
+    assert values is None and "YAML syntax error at line 2" in message
+    merged, message = configs.merge_form("batch_size: many\n", fields.form_values({}, fields.ALL))
+    assert merged is None and "batch_size" in message
+
+
+def test_a_native_config_gets_no_class_set_from_the_form():
+    raw = presets.load_preset(next(p for p in presets.list_presets() if p.name == "native-finetune"))
+    merged = fields.apply_form(raw, fields.ALL, fields.form_values(raw, fields.ALL))
+    assert "class_set" not in merged["data"]["concepts"][0]
+
+
+def test_an_empty_required_number_is_named():
+    spec = next(f for f in fields.TRAIN if f.key == "batch_size")
+    with pytest.raises(fields.FormError, match="batch_size"):
+        spec.from_form(None)
+    with pytest.raises(fields.FormError, match="integer"):
+        spec.from_form(1.5)
+
+
+# -- presets ------------------------------------------------------------------------------------------
+def test_default_preset_depends_on_the_gpu(monkeypatch):
+    found = presets.list_presets()
+    assert presets.default_preset(found, gpu=False).name == "tiny-demo-cpu"
+    assert presets.default_preset(found, gpu=True).name != "tiny-demo-cpu"
+    assert all(p.description for p in found)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert not presets.has_cuda_gpu()
+
+
+def test_the_app_output_folder_replaces_the_presets():
+    preset = presets.list_presets()[0]
+    assert presets.load_preset(preset, "/tmp/elsewhere")["output_dir"] == "/tmp/elsewhere"
+
+
+# -- the job manager ----------------------------------------------------------------------------------
+class FakeJob:
+    """Emits a scripted list of events from a thread; stops between events when asked."""
+
+    def __init__(self, event_queue, script, hold=None):
+        self.events, self.script, self.hold = event_queue, script, hold
+        self.thread = None
+        self.stopped = threading.Event()
+
+    def start(self):
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        for event in self.script:
+            if self.hold is not None and isinstance(event, events.Finished):
+                self.hold.wait(10)
+                event = events.Finished(run_dir="run", step=2, stopped=self.stopped.is_set())
+            self.events.put(event)
+
+    def stop(self):
+        self.stopped.set()
+        if self.hold is not None:
+            self.hold.set()
+
+
+RUN = [events.Started(run_dir="run", total_steps=4), events.Log(message="hello"),
+       events.Step(step=1, epoch=0, loss=0.5, lr=1e-4, it_per_s=2.0, eta_s=1.5, total_steps=4),
+       events.Step(step=2, epoch=0, loss=0.25, lr=1e-4, it_per_s=2.0, eta_s=1.0, total_steps=4),
+       events.Sample(step=2, paths=["a.png", "b.png"]), events.CheckpointSaved(step=2, path="ckpt"),
+       events.Finished(run_dir="run", step=2)]
+
+
+def test_the_history_records_what_the_job_reports():
+    manager = JobManager()
+    manager.start(TRAIN, lambda q: FakeJob(q, RUN), "demo")
+    assert manager.wait(10)
+    history = manager.snapshot(TRAIN)
+    assert history.state == "finished" and history.run_dir == "run"
+    assert [p["loss"] for p in history.points] == [0.5, 0.25]
+    assert history.samples == [(2, "a.png"), (2, "b.png")] and history.checkpoints == [(2, "ckpt")]
+    assert any("hello" in line for line in history.logs)
+    assert not manager.busy
+
+
+def test_one_job_at_a_time_and_stop():
+    manager = JobManager()
+    hold = threading.Event()
+    manager.start(TRAIN, lambda q: FakeJob(q, RUN, hold), "first")
+    with pytest.raises(JobBusy, match="training run is already running"):
+        manager.start(CLASSGEN, lambda q: FakeJob(q, RUN), "second")
+    assert manager.stop().startswith("Stopping")
+    assert manager.wait(10)
+    assert manager.snapshot(TRAIN).state == "stopped"
+    assert manager.stop() == "No job is running."
+    manager.start(CLASSGEN, lambda q: FakeJob(q, [events.Finished()]), "after")  # free again
+    assert manager.wait(10)
+    assert manager.snapshot(TRAIN).label == "first"  # each kind keeps its last history
+
+
+def test_a_failure_is_recorded_and_frees_the_manager():
+    manager = JobManager()
+    manager.start(TRAIN, lambda q: FakeJob(q, [events.Failed(error="boom\ntrace", user_error=False)]))
+    assert manager.wait(10)
+    history = manager.snapshot(TRAIN)
+    assert history.state == "failed" and history.error.startswith("boom")
+    assert "boom" in live.status_line(history, "") and "trace" in live.log_text(history)
+    assert not manager.busy
+
+
+def test_a_job_that_dies_silently_is_failed():
+    manager = JobManager()
+    manager.start(TRAIN, lambda q: FakeJob(q, [events.Started(run_dir="r")]))
+    assert manager.wait(10)
+    assert manager.snapshot(TRAIN).state == "failed"
+
+
+def test_a_job_that_cannot_be_built_starts_nothing():
+    manager = JobManager()
+
+    def build(_):
+        raise schema.ConfigError("config key 'x': bad")
+
+    with pytest.raises(schema.ConfigError):
+        manager.start(TRAIN, build)
+    assert not manager.busy and manager.snapshot(TRAIN) is None
+
+
+# -- actions: the messages the page shows -------------------------------------------------------------
+def tiny_yaml(tmp_path, **overrides):
+    from engine.testing import tiny_config
+
+    return configs.to_yaml(tiny_config(tmp_path, **overrides))
+
+
+def test_an_invalid_config_starts_no_job(tmp_path):
+    actions = Actions(JobManager())
+    message = actions.start_training(tiny_yaml(tmp_path, batch_size=0))
+    assert message.startswith("Not started") and "batch_size" in message
+    assert "line" in actions.start_training("model: [\n")
+    assert actions.manager.snapshot() is None and actions.status() == {"kind": None, "state": "idle"}
+
+
+def test_generation_needs_a_class_folder(tmp_path):
+    message = Actions(JobManager()).generate_class_images(tiny_yaml(tmp_path, **{"data.concepts[0].class_set": None,
+                                                                               "prior_preservation.enabled": False}))
+    assert message == "Error: Set a class folder on the Dataset tab first."
+
+
+def test_a_second_start_is_refused(tmp_path):
+    manager = JobManager()
+    hold = threading.Event()
+    manager.start(CLASSGEN, lambda q: FakeJob(q, RUN, hold))
+    try:
+        message = Actions(manager).start_training(tiny_yaml(tmp_path))
+        assert message.startswith("Refused") and "Class image generation is already running" in message
+    finally:
+        manager.stop()
+        manager.wait(10)
+
+
+def test_an_engine_fault_while_building_is_a_message(tmp_path, monkeypatch):
+    import scal_gui.actions as actions_module
+
+    def broken(config):
+        def build(_):
+            raise RuntimeError("engine bug")
+        return build
+
+    monkeypatch.setattr(actions_module, "_train_builder", broken)
+    message = Actions(JobManager()).start_training(tiny_yaml(tmp_path))
+    assert message == "Not started: RuntimeError: engine bug"
+
+
+def test_status_reports_the_current_job():
+    actions = Actions(JobManager())
+    actions.manager.start(TRAIN, lambda q: FakeJob(q, RUN))
+    actions.manager.wait(10)
+    status = actions.status()
+    assert (status["state"], status["step"], status["loss"]) == ("finished", 2, 0.25)
+    assert status["samples"] == ["a.png", "b.png"]
+
+
+def test_conversion_through_the_actions(tiny_model, tmp_path):
+    from scal_gui import convert_options
+
+    defaults = convert_options.defaults()
+    assert defaults["unet_dtype"] == ("fp32", ["fp16", "bf16", "fp32"]) and defaults["text_encoder"][0] is True
+    values = [value for value, _ in defaults.values()]
+    values[convert_options.ORDER.index("unet_dtype")] = "fp16"
+    kwargs = convert_options.to_kwargs(values)
+    assert kwargs["fmt"] is None and kwargs["unet_dtype"] == "fp16"
+    actions = Actions(JobManager())
+    message = actions.convert(str(tiny_model), str(tmp_path / "tiny.safetensors"), kwargs)
+    assert message.startswith("Wrote") and (tmp_path / "tiny.safetensors").is_file() and "MB)" in message
+    again = actions.convert(str(tiny_model), str(tmp_path / "tiny.safetensors"), kwargs)
+    assert again.startswith("Error:") and "already exists" in again
+
+
+def test_gpu_memory_estimate_of_the_demo():
+    raw = presets.load_preset(next(p for p in presets.list_presets() if p.name == "tiny-demo-cpu"))
+    message = Actions(JobManager()).estimate_vram(configs.to_yaml(raw))
+    assert re.match(r"Estimated peak GPU memory: \*\*\d+\.\d\d GiB\*\* \(parameters ", message), message
+
+
+# -- rendering ------------------------------------------------------------------------------------------
+def test_smoothing_and_thinning():
+    assert charts.smooth([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])
+    assert charts.smooth([1.0, 0.0])[0] == pytest.approx(1.0)  # debiased: no pull towards zero
+    points = [{"step": s, "loss": 1.0 / s, "lr": 0.1} for s in range(1, 5001)]
+    frame = charts.loss_frame(points)
+    raw = frame[frame.series == "raw"]
+    assert len(raw) <= charts.MAX_POINTS + 1 and raw.step.iloc[-1] == 5000
+    assert charts.loss_frame([]) is None
+
+
+def test_progress_line():
+    manager = JobManager()
+    hold = threading.Event()
+    manager.start(TRAIN, lambda q: FakeJob(q, RUN, hold))
+    deadline = time.monotonic() + 10
+    while manager.snapshot(TRAIN).step < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    text = live.train_progress(manager.snapshot(TRAIN))
+    assert "step 2 / 4" in text and "2.00 it/s" in text and "ETA 0:01" in text and 'width:50.0%' in text
+    manager.stop()
+    manager.wait(10)
+
+
+def test_thumbnail_veils_what_the_crop_cuts(tmp_path):
+    from PIL import Image
+
+    from scal_gui.thumbnails import draw_crop
+
+    source = tmp_path / "wide.png"
+    Image.new("RGB", (400, 200), (200, 200, 200)).save(source)
+    thumb = Image.open(draw_crop(str(source), (100, 0, 300, 200), tmp_path / "thumbs", side=200))
+    assert thumb.size == (200, 100)
+    outside, inside = thumb.getpixel((10, 50)), thumb.getpixel((100, 50))
+    assert outside[0] < inside[0] - 50
+    assert thumb.getpixel((51, 50)) == (255, 255, 255) and thumb.getpixel((50, 50)) == (0, 0, 0)  # the outline
+
+
+# -- flags ----------------------------------------------------------------------------------------------
+def options(*argv, env=None):
+    return server.launch_options(server.build_parser().parse_args(list(argv)), env or {})
+
+
+def test_share_needs_a_login():
+    with pytest.raises(server.LaunchError, match="--auth"):
+        options("--share")
+    assert options("--share", "--auth", "me:secret")["auth"] == ("me", "secret")
+    assert options("--share", env={"SCAL_AUTH": "me:pw"})["auth"] == ("me", "pw")
+    with pytest.raises(server.LaunchError, match="USER:PASS"):
+        options("--auth", "nopassword")
+
+
+def test_listen_and_port():
+    assert options()["server_name"] == "127.0.0.1"
+    assert options("--listen")["server_name"] == "0.0.0.0"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert options("--port", str(port))["server_port"] > port
+
+
+def test_the_page_builds_without_torch():
+    code = ("import sys; from scal_gui.page import build_page; build_page(); "
+            "heavy = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
