@@ -1,20 +1,168 @@
-"""Target sizes for training images. With aspect-ratio bucketing off there is one size, resolution^2."""
+"""Target sizes for training images: aspect-ratio buckets and the bucket of each image.
+
+With bucketing off there is one size, resolution x resolution. With it on, the sizes follow NovelAI's
+scheme: sides on a grid from min_side to max_side in steps of `step`; for each width the tallest height
+whose area stays within max_area, then the same with the axes swapped; the base size is always present.
+An image goes to the bucket whose aspect ratio is nearest in log space (so 2:1 and 1:2 are equally far
+from 1:1) and is skipped when even that one is max_aspect_error or more away. Every size is a multiple
+of 8, the VAE's downsampling factor, so each bucket has a whole latent size.
+"""
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass, field
+from typing import Optional, Sequence
 
-from .config import Config
-from .data import ImageRecord
+import numpy as np
+
+from .config import Config, ConfigError
+from .dataset_index import DataWarning, ImageRecord
+
+LATENT_FACTOR = 8
+# An image this many times smaller than the smallest bucket side would be upscaled into mush.
+MAX_UPSCALE = 8
+
+
+@dataclass(frozen=True)
+class BucketGrid:
+    base: tuple[int, int]
+    max_area: int
+    min_side: int
+    max_side: int
+    step: int
 
 
 @dataclass
 class BucketPlan:
     sizes: list[tuple[int, int]]                 # (width, height) of each bucket
-    assignments: list[int]                       # bucket index of each record
-    skipped: list[tuple[str, str]] = field(default_factory=list)
+    assignments: list[int]                       # bucket index of each kept record
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     kept: list[ImageRecord] = field(default_factory=list)
+    indices: list[int] = field(default_factory=list)  # position of each kept record in the input
 
 
-def plan_buckets(config: Config, records: list[ImageRecord], sizes=None) -> BucketPlan:
+def _floor8(value: float) -> int:
+    return int(value) // LATENT_FACTOR * LATENT_FACTOR
+
+
+def _ceil8(value: float) -> int:
+    return math.ceil(value / LATENT_FACTOR) * LATENT_FACTOR
+
+
+def _require_multiple_of_8(key: str, values: Sequence) -> None:
+    if not all(isinstance(v, int) and v > 0 and v % LATENT_FACTOR == 0 for v in values):
+        raise ConfigError(f"config key '{key}': expected positive multiples of 8, got {list(values)}")
+
+
+def bucket_grid(config: Config) -> BucketGrid:
+    """The grid parameters: derived from data.resolution, or aspect_ratio_bucket.manual as given."""
+    arb = config.aspect_ratio_bucket
+    manual = arb.manual
+    if manual is not None:
+        prefix = "aspect_ratio_bucket.manual"
+        base = manual.base_res
+        base = (base, base) if isinstance(base, int) else tuple(base)
+        if len(base) != 2:
+            raise ConfigError(f"config key '{prefix}.base_res': expected a side or [width, height], got {base}")
+        _require_multiple_of_8(f"{prefix}.base_res", base)
+        if len(manual.dim_range) != 2 or manual.dim_range[0] > manual.dim_range[1]:
+            raise ConfigError(f"config key '{prefix}.dim_range': expected [min side, max side], "
+                              f"got {manual.dim_range}")
+        _require_multiple_of_8(f"{prefix}.dim_range", manual.dim_range)
+        _require_multiple_of_8(f"{prefix}.divisor", [manual.divisor])
+        if manual.max_size <= 0:
+            raise ConfigError(f"config key '{prefix}.max_size': expected the largest bucket area in pixels, "
+                              f"got {manual.max_size}")
+        return BucketGrid(base, manual.max_size, manual.dim_range[0], manual.dim_range[1], manual.divisor)
+    if arb.c_size <= 0:
+        raise ConfigError(f"config key 'aspect_ratio_bucket.c_size': must be positive, got {arb.c_size}")
+    if arb.c_dim < 1:
+        raise ConfigError(f"config key 'aspect_ratio_bucket.c_dim': must be at least 1, got {arb.c_dim}")
+    if arb.c_div < 1:
+        raise ConfigError(f"config key 'aspect_ratio_bucket.c_div': must be at least 1, got {arb.c_div}")
     resolution = config.data.resolution
-    return BucketPlan(sizes=[(resolution, resolution)], assignments=[0] * len(records), kept=list(records))
+    return BucketGrid(base=(resolution, resolution), max_area=int(resolution * resolution * arb.c_size),
+                      min_side=_ceil8(resolution / arb.c_dim), max_side=_floor8(resolution * arb.c_dim),
+                      step=max(LATENT_FACTOR, _floor8(resolution / arb.c_div)))
+
+
+def generate_buckets(grid: BucketGrid) -> list[tuple[int, int]]:
+    """All bucket sizes of a grid, ordered by aspect ratio (then area)."""
+    sides = range(grid.min_side, grid.max_side + 1, grid.step)
+    sizes = {grid.base, grid.base[::-1]}
+    for width in sides:
+        heights = [h for h in sides if width * h <= grid.max_area]
+        if heights:
+            sizes.add((width, heights[-1]))
+            sizes.add((heights[-1], width))
+    return sorted(sizes, key=lambda s: (s[0] / s[1], s[0] * s[1]))
+
+
+def bucket_sizes(config: Config) -> list[tuple[int, int]]:
+    if not config.aspect_ratio_bucket.enabled:
+        return [(config.data.resolution, config.data.resolution)]
+    return generate_buckets(bucket_grid(config))
+
+
+def assign(sizes: Sequence[tuple[int, int]], widths, heights) -> tuple[np.ndarray, np.ndarray]:
+    """(bucket index, log-aspect error) of each image: the nearest aspect, the larger bucket on ties."""
+    bucket_log = np.log([w / h for w, h in sizes])
+    # argmin keeps the first of equal errors: order candidates by area, largest first.
+    order = np.argsort([-(w * h) for w, h in sizes], kind="stable")
+    image_log = np.log(np.asarray(widths, dtype=np.float64) / np.asarray(heights, dtype=np.float64))
+    buckets = np.empty(len(image_log), dtype=np.int64)
+    best_errors = np.empty(len(image_log))
+    for begin in range(0, len(image_log), 16384):  # bounds the images x buckets matrix
+        errors = np.abs(image_log[begin:begin + 16384, None] - bucket_log[order][None, :])
+        best = errors.argmin(axis=1)
+        buckets[begin:begin + len(best)] = order[best]
+        best_errors[begin:begin + len(best)] = errors[np.arange(len(best)), best]
+    return buckets, best_errors
+
+
+def plan_buckets(config: Config, records: Sequence[ImageRecord],
+                 sizes: Optional[Sequence[tuple[int, int]]] = None) -> BucketPlan:
+    """Each record's bucket; `sizes` reuses another plan's buckets (class images follow the instances')."""
+    sizes = list(sizes) if sizes is not None else bucket_sizes(config)
+    plan = BucketPlan(sizes=sizes, assignments=[])
+    if not records:
+        return plan
+    if config.aspect_ratio_bucket.enabled:
+        buckets, errors = assign(sizes, [r.width for r in records], [r.height for r in records])
+    else:
+        buckets, errors = np.zeros(len(records), dtype=np.int64), np.zeros(len(records))
+    smallest_side = min(min(s) for s in sizes)
+    max_error = config.aspect_ratio_bucket.max_aspect_error
+    for index, record in enumerate(records):
+        bucket = int(buckets[index])
+        reason = None
+        if min(record.width, record.height) * MAX_UPSCALE < smallest_side:
+            reason = (f"too small to train: {record.width}x{record.height} px; the shorter side must be at "
+                      f"least {math.ceil(smallest_side / MAX_UPSCALE)} px (1/{MAX_UPSCALE} of the smallest "
+                      f"bucket side, {smallest_side} px)")
+        elif errors[index] >= max_error:
+            width, height = sizes[bucket]
+            reason = (f"aspect ratio {record.width}x{record.height} is too far from every bucket: the nearest, "
+                      f"{width}x{height}, has a log-aspect error of {errors[index]:.2f} "
+                      f"(aspect_ratio_bucket.max_aspect_error is {max_error})")
+        if reason is not None:
+            warnings.warn(f"skipping {record.path}: {reason}", DataWarning)
+            plan.skipped.append((record.path, reason))
+            continue
+        plan.kept.append(record)
+        plan.assignments.append(bucket)
+        plan.indices.append(index)
+    return plan
+
+
+def crop_box(image_size: tuple[int, int], bucket: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The centre crop (left, top, right, bottom) that data.crop_to_size takes, in original-image pixels."""
+    width, height = image_size
+    bucket_w, bucket_h = bucket
+    scale = max(bucket_w / width, bucket_h / height)
+    resized_w = max(bucket_w, round(width * scale))
+    resized_h = max(bucket_h, round(height * scale))
+    left, top = (resized_w - bucket_w) // 2, (resized_h - bucket_h) // 2
+    return (round(left / scale), round(top / scale), round((left + bucket_w) / scale),
+            round((top + bucket_h) / scale))

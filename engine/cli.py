@@ -101,8 +101,8 @@ def _relay_events(trainer, as_json: bool) -> int:
                 return 2 if event.user_error else 1
     except KeyboardInterrupt:
         trainer.stop(save_checkpoint=True)
-        trainer.join()
-        return 130
+        # keep relaying: the last step, the stop checkpoint and the finished event still go out
+        return _relay_events(trainer, as_json)
 
 
 def cmd_make_tiny_model(args) -> int:
@@ -142,25 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0)
     sample.set_defaults(func=cmd_make_sample_data)
 
-    for register in _extra_commands():
-        register(commands)
+    from . import buckets_cli, classgen, convert, vram
+
+    # Commands defined next to the code they drive; each module adds its own subcommand.
+    for module in (buckets_cli, classgen, convert, vram):
+        module.register(commands)
     return parser
-
-
-def _extra_commands():
-    """Commands defined next to the code they drive; each module exposes register(subparsers)."""
-    import importlib
-
-    registered = []
-    for name in ("buckets_cli", "classgen", "convert", "vram"):
-        try:
-            module = importlib.import_module(f".{name}", __package__)
-        except ModuleNotFoundError as error:
-            if error.name and error.name.endswith(name):
-                continue
-            raise
-        registered.append(module.register)
-    return registered
 
 
 def main(argv=None) -> int:

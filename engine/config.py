@@ -481,6 +481,16 @@ def validate(config: Config) -> None:
     _require(config.prior_preservation.prior_loss_weight >= 0,
              "config key 'prior_preservation.prior_loss_weight': must not be negative")
     _require(config.sampling.interval_steps >= 0, "config key 'sampling.interval_steps': must not be negative")
+    if config.optimizer.fused_backward:
+        _require(not config.trainer.gradient_clip_val,
+                 "config key 'optimizer.fused_backward': cannot be combined with 'trainer.gradient_clip_val' "
+                 "(clipping the global norm needs every gradient at once); set one of them off")
+        _require(config.trainer.devices in (1, "1"),
+                 "config key 'optimizer.fused_backward': works on one device only; set 'trainer.devices: 1'")
+    if config.optimizer.fused_backward or config.weights_dtype == "bf16":
+        _require(PRECISIONS[str(config.trainer.precision)] != "float16",
+                 "config key 'trainer.precision': fp16 with a grad scaler cannot be combined with "
+                 "'optimizer.fused_backward' or 'weights_dtype: bf16'; use precision bf16")
     for i, concept in enumerate(config.data.concepts):
         _require(bool(concept.instance_set.path),
                  f"config key 'data.concepts[{i}].instance_set.path': a folder of training images is required")

@@ -6,15 +6,15 @@ so that a resumed run sees exactly the batches the uninterrupted run would have 
 """
 from __future__ import annotations
 
-import logging
+import bisect
+import warnings
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
-from .dataset_index import ImageRecord
-
-log = logging.getLogger(__name__)
+from .dataset_index import DataWarning, ImageRecord
+from .errors import UserError
 
 
 def seeded_rng(seed: int, epoch: int, index: int, stream: int = 0) -> np.random.Generator:
@@ -94,6 +94,9 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.latents = None
         self.class_pool = self._class_pools(class_buckets, list(class_groups) or [0] * len(self.classes)) \
             if self.classes else {}
+        self.instance_pool: dict[tuple[int, int], list[int]] = {}
+        for index, key in enumerate(zip(self.instance_groups, self.instance_buckets)):
+            self.instance_pool.setdefault(key, []).append(index)
 
     def _class_pools(self, class_buckets: Sequence[int],
                      class_groups: Sequence[int]) -> dict[tuple[int, int], list[int]]:
@@ -143,7 +146,10 @@ class DreamBoothDataset(torch.utils.data.Dataset):
             # Cached only with a centre crop and no augmentation, which draw nothing from rng.
             values = {"latent_params": self.latents.get(record.path, size)}
         else:
-            image = load_image(record.path)
+            try:
+                image = load_image(record.path)
+            except Exception as error:  # PIL raises many types for files it cannot decode
+                raise UnusableImage(f"skipping {record.path}: cannot decode it: {error}") from None
             if self.augment:
                 image = augment_before_crop(image, self.augment, rng)
             image = crop_to_size(image, size[0], size[1], self.center_crop, rng)
@@ -159,20 +165,39 @@ class DreamBoothDataset(torch.utils.data.Dataset):
             caption = expand_tokens(caption, self.prompt_expansions)
         return {**values, "input_ids": tokenize(self.tokenizer, caption), "caption": caption}
 
+    def _first_usable(self, records: Sequence[ImageRecord], pool: list[int], start: int, size: tuple[int, int],
+                      rng: np.random.Generator) -> dict:
+        """The example of pool[start], or of the next image of the pool that decodes: a file whose header
+        read fine but whose pixels do not is replaced, with a warning naming it."""
+        for step in range(len(pool)):
+            try:
+                return self._example(records[pool[(start + step) % len(pool)]], size, rng)
+            except UnusableImage as error:
+                warnings.warn(str(error), DataWarning)
+        raise UserError(f"none of the {len(pool)} images of the {size[0]}x{size[1]} bucket can be decoded")
+
     def __getitem__(self, index: int) -> dict:
         rng = seeded_rng(self.seed, self.epoch, index)
         bucket = self.instance_buckets[index]
-        item = {"instance": self._example(self.instances[index], self.sizes[bucket], rng)}
+        size = self.sizes[bucket]
+        # Replacements for an image that cannot be decoded come after it, from its own concept and bucket.
+        same_bucket = self.instance_pool[self.instance_groups[index], bucket]
+        start = bisect.bisect_left(same_bucket, index)
+        item = {"instance": self._first_usable(self.instances, same_bucket, start, size, rng)}
         # keys for the training noise of each row (see train.RowNoise), drawn from the same per-sample stream
         item["instance"]["sample_key"] = int(rng.integers(2**62))
         if self.classes:
             pool = self.class_pool[self.instance_groups[index], bucket]
             # Rotating through the pool by epoch pairs each instance image with different class images
             # over the run, and never runs out when there are fewer class images than steps.
-            class_index = pool[(index + self.epoch * len(self.instances)) % len(pool)]
-            item["class"] = self._example(self.classes[class_index], self.sizes[bucket], rng)
+            start = (index + self.epoch * len(self.instances)) % len(pool)
+            item["class"] = self._first_usable(self.classes, pool, start, size, rng)
             item["class"]["sample_key"] = int(rng.integers(2**62))
         return item
+
+
+class UnusableImage(Exception):
+    pass
 
 
 class Collate:

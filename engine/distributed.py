@@ -25,12 +25,12 @@ class Topology:
         return self.world_size > 1
 
 
-def init_from_environment() -> Topology:
+def init_from_environment(use_cuda: bool) -> Topology:
     """Join the process group torchrun describes in the environment: NCCL on CUDA, gloo on the CPU."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     topology = Topology(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), world_size)
     if world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if use_cuda else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(topology.local_rank)
         dist.init_process_group(backend)

@@ -84,3 +84,23 @@ class Failed(Event):
     error: str = ""
     run_dir: str = ""
     user_error: bool = False  # a mistake the user can fix (config, paths), as opposed to an engine fault
+
+
+_BY_KIND = {cls.kind: cls for cls in Event.__subclasses__()}
+
+
+def event_from_dict(values: dict) -> Event:
+    """The event that to_dict() turned into values: how a parent process reads a child's --json-events.
+
+    Raises ValueError for a kind or a field this engine does not know, so that a line from another program
+    or another engine version is never mistaken for an event.
+    """
+    fields = dict(values)
+    kind = fields.pop("kind", None)
+    cls = _BY_KIND.get(kind)
+    if cls is None:
+        raise ValueError(f"unknown event kind {kind!r}")
+    try:
+        return cls(**fields)
+    except TypeError as error:
+        raise ValueError(f"{kind} event: {error}") from None

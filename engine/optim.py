@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import math
+from typing import Optional
 
 import torch
 
@@ -97,3 +98,81 @@ def build_scheduler(config: OptimizerConfig, optimizer: torch.optim.Optimizer, t
         warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=start_factor, end_factor=1.0,
                                                    total_iters=warmup_steps)
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, main], milestones=[warmup_steps])
+
+
+def stochastic_round_to_bf16(values: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Round fp32 to bf16 up or down with probability proportional to the distance, so that small updates
+    survive on average instead of being rounded away. bf16 is fp32 with the low 16 bits dropped: adding a
+    uniform random 16-bit integer before dropping them rounds stochastically."""
+    bits = values.contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device, generator=generator)
+    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
+
+
+class PerParameterOptimizer:
+    """One optimizer per parameter, so a parameter can be stepped on its own.
+
+    fused=True steps each parameter from its post-accumulate-grad hook during backward and frees its
+    gradient at once, so the full set of gradients never exists at the same time. The hooks step only
+    while `armed` (the last micro-batch of an accumulation group); earlier micro-batches accumulate as
+    usual. Global-norm clipping needs every gradient at once and is not available in this mode.
+
+    bf16_weights=True keeps the weights in bf16: each step runs on an fp32 copy of one parameter (so the
+    optimizer state is fp32 or 8-bit) and writes back with stochastic rounding.
+
+    The learning rate lives on `proxy`, a placeholder optimizer that the usual LR schedulers drive.
+    """
+
+    def __init__(self, config: OptimizerConfig, params: list, lr: float, fused: bool, bf16_weights: bool,
+                 seed: int = 0):
+        self.params = list(params)
+        self.proxy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+        self.optimizers = [build_optimizer(config, [p], lr) for p in self.params]
+        self.bf16_weights = bf16_weights
+        self.armed = not fused
+        self.rounding = torch.Generator().manual_seed(seed)
+        if fused:
+            for param, optimizer in zip(self.params, self.optimizers):
+                param.register_post_accumulate_grad_hook(self._hook(optimizer))
+
+    def _hook(self, optimizer):
+        def step_when_armed(param: torch.Tensor) -> None:
+            if self.armed:
+                self._step_one(param, optimizer)
+        return step_when_armed
+
+    @property
+    def param_groups(self) -> list:
+        return self.proxy.param_groups
+
+    @torch.no_grad()
+    def _step_one(self, param: torch.Tensor, optimizer) -> None:
+        optimizer.param_groups[0]["lr"] = self.proxy.param_groups[0]["lr"]
+        if self.bf16_weights:
+            weights, gradient = param.data, param.grad
+            param.data = weights.float()
+            param.grad = gradient.float()
+            optimizer.step()
+            rounding = self.rounding if param.device.type == "cpu" else None
+            param.data = stochastic_round_to_bf16(param.data, rounding)
+        else:
+            optimizer.step()
+        param.grad = None
+
+    def step(self) -> None:
+        """Step every parameter that has a gradient (the non-fused path)."""
+        for param, optimizer in zip(self.params, self.optimizers):
+            if param.grad is not None:
+                self._step_one(param, optimizer)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for param in self.params:
+            param.grad = None
+
+    def state_dict(self) -> dict:
+        return {"proxy": self.proxy.state_dict(), "parameters": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.proxy.load_state_dict(state["proxy"])
+        for optimizer, saved in zip(self.optimizers, state["parameters"]):
+            optimizer.load_state_dict(saved)

@@ -3,7 +3,9 @@
 An epoch is built as follows. Each bucket's images are shuffled and cut into global batches of
 batch_size x world_size images. A bucket's last, partial global batch is kept as a smaller batch:
 with one process it is simply shorter; with several processes it is split evenly over the ranks and the
-remainder (fewer than world_size images) waits for the next epoch's shuffle. The list of batches is then
+remainder (fewer than world_size images) sits this epoch out, so that no two ranks share an image. The
+next epoch's shuffle leaves out others, but a bucket with fewer images than world_size never reaches
+a batch (prepare_data warns about it). The list of batches is then
 shuffled as a whole, which draws buckets in proportion to the batches they have left. Everything depends
 only on (seed, epoch), so every rank computes the same order and a resumed run the same sequence.
 """

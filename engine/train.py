@@ -104,6 +104,8 @@ def select_device(config: Config) -> torch.device:
 def select_precision(config: Config, device: torch.device) -> tuple[Optional[torch.dtype], bool]:
     """(autocast dtype or None, use a grad scaler)."""
     name = PRECISIONS[str(config.trainer.precision)]
+    if config.weights_dtype == "bf16":
+        name = "bfloat16"  # bf16 weights need bf16 compute
     if name is None:
         return None, False
     if device.type != "cuda" and name == "float16":
@@ -138,6 +140,9 @@ def prepare_data(config: Config, tokenizer, seed: int, rank: int = 0, world_size
         found = scan_folder(paths.resolve(concept.instance_set.path), concept.instance_set.prompt,
                             f"config key 'data.concepts[{index}].instance_set.path'")
         skipped += found.skipped
+        if not found.records:
+            raise UserError(f"config key 'data.concepts[{index}].instance_set.path': no usable images in "
+                            f"{concept.instance_set.path} ({len(found.skipped)} skipped; formats: jpg, png, webp, bmp)")
         instances += found.records
         instance_groups += [index] * len(found.records)
         if use_prior and concept.class_set is not None:
@@ -150,8 +155,6 @@ def prepare_data(config: Config, tokenizer, seed: int, rank: int = 0, world_size
                                 "or set prior_preservation.enabled: false")
             classes += found.records
             class_groups += [index] * len(found.records)
-    if not instances:
-        raise UserError("no usable training images in the instance folders")
     instance_plan = plan_buckets(config, instances)
     class_plan = plan_buckets(config, classes, sizes=instance_plan.sizes) if classes else None
     skipped += instance_plan.skipped + (class_plan.skipped if class_plan else [])
@@ -237,7 +240,7 @@ class Trainer(Job):
     # -- the run ------------------------------------------------------------------------------------------
     def _train(self, caught_warnings: list) -> events.Event:
         config = self.config
-        topology = distributed.init_from_environment()
+        topology = distributed.init_from_environment(use_cuda=select_device(config).type == "cuda")
         try:
             return self._train_in_group(caught_warnings, topology)
         finally:
@@ -303,6 +306,9 @@ class Trainer(Job):
         unet.to(device)
         text_encoder.to(device)
         vae.to(device)
+        if config.weights_dtype == "bf16":
+            for model in [unet] + ([text_encoder] if config.train_text_encoder else []):
+                model.to(torch.bfloat16)
 
         data = prepare_data(config, components.tokenizer, seed, rank, world_size, expansions)
         self._flush_warnings(caught_warnings)
@@ -313,6 +319,11 @@ class Trainer(Job):
         text_cache = attach_caches(config, components, data.dataset, device, autocast_dtype, self.log)
         if is_main:
             distributed.barrier(topology)
+        if config.aspect_ratio_bucket.debug:
+            for bucket, (width, height) in enumerate(data.bucket_sizes):
+                count = data.dataset.instance_buckets.count(bucket)
+                if count:
+                    self.log(f"bucket {width}x{height}: {count} images")
         batches_per_epoch = len(data.sampler)
         accumulate = config.trainer.accumulate_grad_batches
         steps_per_epoch = math.ceil(batches_per_epoch / accumulate)
@@ -326,11 +337,18 @@ class Trainer(Job):
         self._unet = distributed.wrap(unet, topology, device)
         self._text_encoder = (distributed.wrap(text_encoder, topology, device) if config.train_text_encoder
                               else text_encoder)
-        from .optim import build_optimizer, build_scheduler, scaled_lr
+        from .optim import PerParameterOptimizer, build_optimizer, build_scheduler, scaled_lr
 
         effective_batch = config.batch_size * accumulate * world_size
-        optimizer = build_optimizer(config.optimizer, params, scaled_lr(config.optimizer, effective_batch))
-        lr_scheduler = build_scheduler(config.optimizer, optimizer, total_steps)
+        lr = scaled_lr(config.optimizer, effective_batch)
+        per_parameter = config.optimizer.fused_backward or config.weights_dtype == "bf16"
+        if per_parameter:
+            optimizer = PerParameterOptimizer(config.optimizer, params, lr, fused=config.optimizer.fused_backward,
+                                              bf16_weights=config.weights_dtype == "bf16", seed=seed)
+            lr_scheduler = build_scheduler(config.optimizer, optimizer.proxy, total_steps)
+        else:
+            optimizer = build_optimizer(config.optimizer, params, lr)
+            lr_scheduler = build_scheduler(config.optimizer, optimizer, total_steps)
         scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
         from .ema import EMA_FOLDER, SwapInEma, create_ema, ema_step, load_ema
 
@@ -392,10 +410,14 @@ class Trainer(Job):
         def sample() -> None:
             from .sampling import build_pipeline, generate_samples
 
+            # With both caches on, the VAE and text encoder wait off the device: put them back after sampling.
+            resting = {model: next(model.parameters()).device for model in (vae, text_encoder)}
             pipeline = build_pipeline(components, unet, text_encoder, device)
             with SwapInEma(ema if config.ema.use_for_samples else None, unet.parameters()):
                 sample_paths = generate_samples(config, pipeline, self.run_dir / "samples" / f"{global_step:06d}",
                                                 autocast_dtype)
+            for model, home in resting.items():
+                model.to(home)
             text_encoder.train(config.train_text_encoder)
             self.emit(events.Sample(step=global_step, paths=sample_paths))
             external.log_images(global_step, sample_paths)
@@ -422,6 +444,8 @@ class Trainer(Job):
                                     "lower optimizer.params.lr or use bf16/fp32 precision")
                 last_of_group = batch_index_in_epoch + 1 - group_start == group_size
                 # Ranks exchange gradients only on the micro-batch that completes an accumulation group.
+                if config.optimizer.fused_backward:
+                    optimizer.armed = last_of_group  # parameters step inside this backward
                 with contextlib.nullcontext() if last_of_group else self._no_sync():
                     scaler.scale(loss / group_size).backward()
                 loss_sum += loss.item()
@@ -430,8 +454,11 @@ class Trainer(Job):
                 if batch_index_in_epoch - group_start < group_size:
                     continue
 
-                if not optimizer_step(optimizer, scaler, params, config.trainer.gradient_clip_val):
-                    overflow_steps += 1
+                if not per_parameter:
+                    if not optimizer_step(optimizer, scaler, params, config.trainer.gradient_clip_val):
+                        overflow_steps += 1
+                elif not config.optimizer.fused_backward:
+                    optimizer.step()
                 if ema is not None:
                     ema_step(ema, unet.parameters(), config.ema.on_cpu)
                 lr_scheduler.step()

@@ -12,12 +12,15 @@ from typing import Callable, Optional
 from engine import config as schema
 from engine.errors import UserError
 
-from . import configs, features
+from . import configs, features, multi_device
 from .jobs import CLASSGEN, TRAIN, JobBusy, JobManager
 
 
 def _train_builder(config: schema.Config) -> Callable:
     def build(events):
+        processes = multi_device.process_count(config.trainer.devices)
+        if processes > 1:
+            return multi_device.torchrun_training(events, processes, config)
         from engine.train import Trainer
 
         return Trainer(config, events)
@@ -29,7 +32,11 @@ def _resume_builder(run_dir: str) -> Callable:
     def build(events):
         from engine.train import Trainer
 
-        return Trainer.for_resume(run_dir, events)
+        trainer = Trainer.for_resume(run_dir, events)  # checks that run_dir is a run folder
+        processes = multi_device.process_count(trainer.config.trainer.devices)
+        if processes > 1:
+            return multi_device.torchrun_training(events, processes, trainer.config, resume_dir=run_dir)
+        return trainer
 
     return build
 

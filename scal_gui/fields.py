@@ -76,6 +76,7 @@ class Field:
     key: str
     label: str
     info: str = ""
+    form_kind: str = ""  # overrides the kind read from a schema type wider than what the form edits
 
     @property
     def type(self) -> Any:
@@ -92,6 +93,8 @@ class Field:
     @property
     def kind(self) -> str:
         """How the form shows it: bool, int, float, choice or text."""
+        if self.form_kind:
+            return self.form_kind
         tp = self.type
         if self.choices:
             return "choice"
@@ -268,6 +271,9 @@ TRAIN = (
     Field("trainer.accumulate_grad_batches", "Gradient accumulation"),
     Field("trainer.precision", "Precision"),
     Field("trainer.accelerator", "Device"),
+    # The schema also takes Lightning's device lists and strings; the app runs a number of processes.
+    Field("trainer.devices", "Devices", "processes (GPUs); 2 or more train through torchrun, -1 = every GPU",
+          form_kind="int"),
     Field("optimizer.name", "Optimizer", "torch.optim.AdamW, bitsandbytes.optim.AdamW8bit or a class path"),
     Field("optimizer.params.lr", "Learning rate"),
     Field("optimizer.lr_scheduler.name", "LR schedule", "constant, linear, cosine, … or a class path"),

@@ -209,6 +209,10 @@ class JobManager:
                 history.run_dir = event.run_dir
             history.eta_s = 0.0
             history.logs.append(f"{_stamp()} {history.state}")
+            skipped = (event.summary or {}).get("skipped_reasons", [])
+            if skipped:
+                history.logs.append(f"{_stamp()} {len(skipped)} images were skipped:")
+                history.logs += [f"  {item['path']}: {item['reason']}" for item in skipped]
         elif kind == "failed":
             self._fail(history, event.error, event.user_error)
 

@@ -159,6 +159,16 @@ def test_the_history_records_what_the_job_reports():
     assert not manager.busy
 
 
+def test_the_log_lists_the_images_a_run_skipped():
+    manager = JobManager()
+    summary = {"skipped": 1, "skipped_reasons": [{"path": "/data/bad.png", "reason": "cannot read image"}]}
+    manager.start(TRAIN, lambda q: FakeJob(q, RUN[:-1] + [events.Finished(run_dir="run", step=2, summary=summary)]))
+    assert manager.wait(10)
+    logs = manager.snapshot(TRAIN).logs
+    assert any(line.endswith("1 images were skipped:") for line in logs)
+    assert "  /data/bad.png: cannot read image" in logs
+
+
 def test_one_job_at_a_time_and_stop():
     manager = JobManager()
     hold = threading.Event()

@@ -1,0 +1,268 @@
+"""On-disk caches of VAE latents and text-encoder outputs, so that training can skip those models.
+
+Each cache is a folder of safetensors shards named after a fingerprint of everything its values depend
+on (the weights of the model that made them, their dtype, the resolution, the crop, CLIP skip): change any
+of these and the cache is another folder, so stale values are never read. Shards are written one at a
+time as they fill and read by memory map one tensor at a time, so neither building nor training holds a
+cache in RAM. Shards get unique names and appear by rename, so concurrent or interrupted builds never
+leave a half-written shard; an interrupted build keeps the shards it finished.
+
+Latents are cached only with a centre crop and no augmentation (a random crop or flip differs every
+epoch). The cached value is the VAE's distribution (mean and log-variance), not a sample of it, so each
+step still draws its own latent exactly as without the cache. Text embeddings are cached only while the
+text encoder is frozen and captions are not shuffled or dropped per step. They are keyed by token ids
+and computed at full padding: under CLIP's causal attention the first L positions are also the
+embedding of the same ids padded to any length L, which is what a batch without pad_tokens uses.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from . import paths
+from .config import Config
+from .data import DreamBoothDataset, crop_to_size, load_image, to_tensor, tokenize
+from .models import Components, encode_prompt
+
+SHARD_BYTES = 256 * 2**20
+# Bump when the pixels a latent is computed from change (resize filter, crop arithmetic).
+LATENT_TRANSFORM_VERSION = 1
+LATENT_BATCH = 8
+TEXT_BATCH = 32
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """A hash of every weight of a module (names, shapes, dtypes, bytes)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in module.state_dict().items():
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode("utf-8"))
+        digest.update(tensor.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy())
+    return digest.hexdigest()
+
+
+def fingerprint(**parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+
+
+class ShardStore:
+    """Tensors by name in the safetensors shards of one folder. Pickles without its open files."""
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+
+        self.folder = Path(folder)
+        self.location: dict[str, str] = {}
+        self._handles: dict[str, object] = {}
+        for shard in sorted(self.folder.glob("*.safetensors")) if self.folder.is_dir() else ():
+            try:
+                with safe_open(shard, framework="pt") as handle:
+                    for key in handle.keys():
+                        self.location.setdefault(key, shard.name)
+            except Exception:  # an unreadable shard (disk error, foreign file) is rebuilt, not fatal
+                continue
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.location
+
+    def __len__(self) -> int:
+        return len(self.location)
+
+    def get(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        shard = self.location[key]
+        handle = self._handles.get(shard)
+        if handle is None:
+            handle = self._handles[shard] = safe_open(self.folder / shard, framework="pt")
+        return handle.get_tensor(key)
+
+    def writer(self) -> "ShardWriter":
+        return ShardWriter(self)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_handles": {}}
+
+
+class ShardWriter:
+    """Collects new tensors and writes a shard whenever SHARD_BYTES have gathered, and on exit."""
+
+    def __init__(self, store: ShardStore):
+        self.store = store
+        self.pending: dict[str, torch.Tensor] = {}
+        self.size = 0
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach().to("cpu").contiguous().clone()
+        self.pending[key] = tensor
+        self.size += tensor.numel() * tensor.element_size()
+        if self.size >= SHARD_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.pending:
+            return
+        folder = self.store.folder
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"{uuid.uuid4().hex}.safetensors"
+        temp = folder / f".{name}.tmp"
+        save_file(self.pending, str(temp))
+        os.replace(temp, folder / name)
+        for key in self.pending:
+            self.store.location[key] = name
+        self.pending, self.size = {}, 0
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.flush()
+
+
+def cache_root(config: Config) -> Path:
+    return Path(paths.resolve(config.cache.dir)) if config.cache.dir else paths.cache_dir() / "train-cache"
+
+
+# -- latents ------------------------------------------------------------------------------------------------
+
+def latent_key(path: str, size: tuple[int, int]) -> str:
+    """One image file (by path, byte size and mtime) cropped to one size."""
+    stat = os.stat(path)
+    text = f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}|{size[0]}x{size[1]}"
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+
+class LatentReader:
+    """The cached latent distribution of an image at a size; goes to data-loader workers by pickling."""
+
+    def __init__(self, store: ShardStore, keys: dict[tuple[str, int, int], str]):
+        self.store = store
+        self.keys = keys
+
+    def get(self, path: str, size: tuple[int, int]) -> torch.Tensor:
+        return self.store.get(self.keys[path, size[0], size[1]])
+
+
+def cache_latents(dataset: DreamBoothDataset, vae, device: torch.device, folder: Path,
+                  log: Callable[[str], None]) -> LatentReader:
+    """Encode every (image, size) of the dataset that the cache in `folder` does not have yet."""
+    crops = sorted(dataset.crops())
+    keys = {(path, w, h): latent_key(path, (w, h)) for path, (w, h) in crops}
+    store = ShardStore(folder)
+    missing: dict[tuple[int, int], list[str]] = {}
+    for path, size in crops:
+        if keys[path, size[0], size[1]] not in store:
+            missing.setdefault(size, []).append(path)
+    count = sum(len(group) for group in missing.values())
+    log(f"latent cache {folder}: {len(crops) - count} of {len(crops)} image crops cached"
+        + (f", encoding {count}" if count else ""))
+    dtype = next(vae.parameters()).dtype
+    with store.writer() as writer, torch.no_grad():
+        for size, group in missing.items():
+            for begin in range(0, len(group), LATENT_BATCH):
+                chunk = group[begin:begin + LATENT_BATCH]
+                pixels = torch.stack([to_tensor(crop_to_size(load_image(p), size[0], size[1], True, None))
+                                      for p in chunk])
+                moments = vae.encode(pixels.to(device=device, dtype=dtype)).latent_dist.parameters
+                for path, row in zip(chunk, moments):
+                    writer.add(keys[path, size[0], size[1]], row)
+    return LatentReader(store, keys)
+
+
+# -- text embeddings ------------------------------------------------------------------------------------------
+
+def ids_key(ids: list[int], pad_token_id: int) -> str:
+    """Token ids without their trailing padding: the same key for any padded length."""
+    end = len(ids)
+    while end and ids[end - 1] == pad_token_id:
+        end -= 1
+    return hashlib.sha1(",".join(map(str, ids[:end])).encode("ascii")).hexdigest()
+
+
+class TextEmbeddingCache:
+    """Encoder hidden states for batches of token ids, read from the cache instead of the text encoder."""
+
+    def __init__(self, store: ShardStore, pad_token_id: int):
+        self.store = store
+        self.pad_token_id = pad_token_id
+
+    def lookup(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[batch, length, dim] for input_ids [batch, length]."""
+        rows = [self.store.get(ids_key(ids, self.pad_token_id)) for ids in input_ids.tolist()]
+        return torch.stack(rows)[:, :input_ids.shape[1]]
+
+
+def cache_text_embeddings(prompts: set[str], tokenizer, text_encoder, clip_stop_at_layer: int,
+                          device: torch.device, autocast_dtype: Optional[torch.dtype], folder: Path,
+                          log: Callable[[str], None]) -> TextEmbeddingCache:
+    """Encode every prompt (tokenized as the dataset does) that the cache in `folder` lacks."""
+    store = ShardStore(folder)
+    length, pad = tokenizer.model_max_length, tokenizer.pad_token_id
+    missing: dict[str, list[int]] = {}
+    for prompt in sorted(prompts):
+        ids = tokenize(tokenizer, prompt)
+        ids = ids + [pad] * (length - len(ids))
+        key = ids_key(ids, pad)
+        if key not in store:
+            missing[key] = ids
+    log(f"text-embedding cache {folder}: {len(prompts) - len(missing)} of {len(prompts)} prompts cached"
+        + (f", encoding {len(missing)}" if missing else ""))
+    items = list(missing.items())
+    # The same autocast as the training forward pass, so cached and computed embeddings agree.
+    with store.writer() as writer, torch.no_grad(), torch.autocast(
+            device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        for begin in range(0, len(items), TEXT_BATCH):
+            chunk = items[begin:begin + TEXT_BATCH]
+            input_ids = torch.tensor([ids for _, ids in chunk], dtype=torch.long, device=device)
+            hidden = encode_prompt(text_encoder, input_ids, clip_stop_at_layer)
+            for (key, _), row in zip(chunk, hidden):
+                writer.add(key, row)
+    return TextEmbeddingCache(store, pad)
+
+
+# -- wiring for a training run --------------------------------------------------------------------------------
+
+def attach_caches(config: Config, components: Components, dataset: DreamBoothDataset, device: torch.device,
+                  autocast_dtype: Optional[torch.dtype],
+                  log: Callable[..., None]) -> Optional[TextEmbeddingCache]:
+    """Build the caches config.cache asks for and can have; latents go to the dataset, the returned text
+    cache (or None) to the forward pass. With both, the VAE and text encoder leave the training device."""
+    root = cache_root(config)
+    text_cache = None
+    if config.cache.latents:
+        if not config.data.center_crop or config.augment:
+            log("latents are not cached: with random crops (data.center_crop: false) or augment steps each "
+                "epoch sees different pixels", "warning")
+        else:
+            vae = components.vae
+            folder = root / "latents-{}".format(fingerprint(
+                vae=weights_digest(vae), resolution=config.data.resolution, center_crop=True,
+                transform=LATENT_TRANSFORM_VERSION))
+            dataset.latents = cache_latents(dataset, vae, device, folder, log)
+    if config.cache.text_embeddings:
+        captions = config.captions
+        if config.train_text_encoder or captions.shuffle_tags or captions.tag_dropout > 0:
+            log("text embeddings are not cached: the text encoder is trained or captions change every step "
+                "(captions.shuffle_tags / captions.tag_dropout)", "warning")
+        else:
+            encoder = components.text_encoder
+            folder = root / "text-{}".format(fingerprint(
+                text_encoder=weights_digest(encoder), clip_stop_at_layer=config.clip_stop_at_layer,
+                autocast=str(autocast_dtype)))
+            text_cache = cache_text_embeddings(dataset.prompts(), components.tokenizer, encoder,
+                                               config.clip_stop_at_layer, device, autocast_dtype, folder, log)
+    if dataset.latents is not None and text_cache is not None and device.type != "cpu":
+        from .job import release_memory
+
+        components.vae.to("cpu")
+        components.text_encoder.to("cpu")
+        release_memory()
+        log("the VAE and text encoder left the training device: latents and text embeddings come from the cache")
+    return text_cache

@@ -1,0 +1,414 @@
+"""Pre-flight VRAM estimate: one training step of the config's real architecture, on fake tensors.
+
+The UNet, text encoder and VAE are built from their diffusers and transformers configs under
+FakeTensorMode: shapes and dtypes are real, no weight is read and no memory is used. One steady-state step
+then runs under a memory tracker that records every storage it allocates: the configured rows (DreamBooth
+doubles the batch: instance + class rows) at the largest training size, autocast precision, weights dtype,
+optimizer (its state already there, as after the first step; with gradient accumulation, the gradients
+too), gradient checkpointing, cached latents/embeddings, EMA and the optimizer step fused into backward.
+The figures are the tensor bytes alive at the step's peak; the CUDA context and allocator fragmentation
+come on top of them.
+
+The model's own unet/config.json is used when the config's model is a diffusers folder; otherwise the
+shipped SD1.5 or SD2.1 configs in engine/configs/, picked by name or by `--arch`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import re
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import paths
+from .config import Config
+from .errors import UserError
+
+GIB = 2**30
+ARCHITECTURES = ("sd15", "sd21")
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
+# bitsandbytes keeps fp32 states for parameters smaller than this (its min_8bit_size) and one fp32 absmax
+# per block of this many elements for the others (its blockwise quantization).
+BNB_MIN_8BIT_SIZE = 4096
+BNB_BLOCK_SIZE = 256
+
+
+@dataclass
+class VramEstimate:
+    """Device memory at the step's peak, in GiB, by what holds it; the parts add up to the peak."""
+    parameters: float
+    gradients: float
+    optimizer_state: float
+    activations: float  # forward activations, their gradients and other temporaries of the step
+    other: float        # buffers, the batch and the EMA weights
+    peak: float
+
+    def lines(self) -> list[str]:
+        names = ("parameters", "gradients", "optimizer_state", "activations", "other", "peak")
+        return [f"{name}_gib: {getattr(self, name):.3f}" for name in names]
+
+
+def memory_tracker():
+    """A torch MemTracker that follows only the overall peak; its `peak()` is the breakdown at that moment."""
+    return _peak_tracker_class()()
+
+
+@functools.cache
+def _peak_tracker_class():
+    # Imported on first use: torch.distributed's tools take a second to import, which every CLI command
+    # would pay otherwise.
+    from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker
+
+    class PeakMemTracker(MemTracker):
+        """MemTracker that follows only the overall peak and its breakdown.
+
+        The stock tracker also refreshes the peak of every open module after every operator, which makes an
+        SD1.5 step take minutes on a CPU instead of seconds; the overall figures are the same.
+        """
+
+        def _pre_fw_hook(self, module, inputs) -> None:
+            # Only overall figures are kept, so a module may run again outside backward, as the VAE does
+            # once per batch while latents are cached; the stock tracker takes that for a second iteration.
+            if module in self.memory_tracking and not self._mod_tracker.is_bw:
+                return
+            super()._pre_fw_hook(module, inputs)
+
+        def _track_module_params_and_buffers(self, module, install_grad_hooks: bool = True):
+            # The stock tracker puts a gradient hook on every parameter of a module that runs, which the
+            # parameters of a frozen VAE or text encoder refuse.
+            install_grad_hooks = install_grad_hooks and all(param.requires_grad for param in module.parameters())
+            return super()._track_module_params_and_buffers(module, install_grad_hooks)
+
+        def _update_peak_stats(self, peak_state) -> None:
+            for device, snapshot in self._curr_mem_snap.items():
+                if snapshot[_TOTAL_KEY] > self._peak_mem.get(device, 0):
+                    self._peak_mem[device] = snapshot[_TOTAL_KEY]
+                    self._peak_mem_snap[device] = dict(snapshot)
+
+        def peak(self) -> VramEstimate:
+            totals: Counter = Counter()
+            for device, snapshot in self.get_tracker_snapshot("peak").items():
+                if device.type == "meta":  # diffusers builds models there before loading weights: no memory
+                    continue
+                for kind, size in snapshot.items():
+                    totals[getattr(kind, "value", kind)] += size
+            return VramEstimate(
+                parameters=totals["Parameter"] / GIB, gradients=totals["Gradient"] / GIB,
+                optimizer_state=totals["Optstate"] / GIB, activations=(totals["Activation"] + totals["Temp"]) / GIB,
+                other=(totals["Buffer"] + totals["Other"]) / GIB, peak=totals[_TOTAL_KEY] / GIB)
+
+    return PeakMemTracker
+
+
+@dataclass
+class Architecture:
+    source: str  # the model folder, or the shipped config folder it was recognised as
+    unet: dict
+    text_encoder: dict
+    vae: dict
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path}: cannot read the model config ({error})") from None
+
+
+def guess_architecture(model: str) -> str:
+    """sd21 when the model's name says SD2.x ("stable-diffusion-2-1", "v2-1_768", "sd21"), else sd15."""
+    name = Path(model).name.lower() if model else ""
+    return "sd21" if re.search(r"(?<![0-9.])2[-._]?[01](?![0-9])|v2|sd2(?!x)", name) else "sd15"
+
+
+def resolve_architecture(config: Config, arch: Optional[str] = None) -> Architecture:
+    """The config's model folder's own configs when it has them, else the shipped SD1.5/SD2.1 ones."""
+    if arch is not None and arch not in ARCHITECTURES:
+        raise UserError(f"--arch: expected one of {', '.join(ARCHITECTURES)}, got {arch!r}")
+    folder = Path(paths.resolve(config.model)) if config.model else None
+    if folder is not None and (folder / "unet" / "config.json").is_file():
+        vae_dir = Path(paths.resolve(config.vae)) if config.vae else folder / "vae"
+        if not (vae_dir / "config.json").is_file():
+            vae_dir = folder / "vae"
+        return Architecture(str(folder), _read_json(folder / "unet" / "config.json"),
+                            _read_json(folder / "text_encoder" / "config.json"), _read_json(vae_dir / "config.json"))
+    shipped = SHIPPED_CONFIGS / (arch or guess_architecture(config.model))
+    return Architecture(shipped.name, _read_json(shipped / "unet.json"), _read_json(shipped / "text_encoder.json"),
+                        _read_json(shipped / "vae.json"))
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What one optimizer step of a config puts on the device."""
+    rows: int
+    width: int
+    height: int
+    cuda: bool
+    autocast: Optional[torch.dtype]
+    weights: torch.dtype
+    train_text_encoder: bool
+    cached_latents: bool
+    cached_text: bool
+    frozen_off_device: bool  # the VAE and the frozen text encoder leave the device
+    checkpointing: bool
+    fused_backward: bool
+    accumulating: bool  # micro-batches after the first start with the gradients of those before
+    per_parameter: bool  # the trainer's PerParameterOptimizer (fused backward or bf16 weights)
+    ema_on_device: bool
+    optimizer: str  # class path
+
+    def describe(self) -> str:
+        features = [f"{self.rows} rows of {self.width}x{self.height}",
+                    f"{str(self.autocast).removeprefix('torch.')} autocast" if self.autocast else "no autocast",
+                    f"{str(self.weights).removeprefix('torch.')} weights", self.optimizer.rpartition(".")[2]]
+        features += [name for name, on in (("text encoder trained", self.train_text_encoder),
+                                           ("gradient checkpointing", self.checkpointing),
+                                           ("fused backward", self.fused_backward),
+                                           ("gradient accumulation", self.accumulating),
+                                           ("cached latents", self.cached_latents),
+                                           ("cached text embeddings", self.cached_text),
+                                           ("VAE and text encoder off the device", self.frozen_off_device),
+                                           ("EMA", self.ema_on_device)) if on]
+        return ", ".join(features)
+
+
+def step_plan(config: Config) -> StepPlan:
+    from .buckets import bucket_sizes
+    from .optim import OPTIMIZER_ALIASES
+    from .train import select_precision
+
+    # Estimates are for the GPU unless the config pins the CPU, where fp16 autocast is off as in training.
+    cuda = config.trainer.accelerator != "cpu"
+    autocast, _ = select_precision(config, torch.device("cuda" if cuda else "cpu"))
+    # The largest bucket sets the peak.
+    width, height = max(bucket_sizes(config), key=lambda size: size[0] * size[1])
+    # Training caches only what stays the same every epoch (see cache.attach_caches), and moves the VAE and
+    # text encoder off the GPU only when both caches are in use.
+    cached_latents = config.cache.latents and config.data.center_crop and not config.augment
+    cached_text = (config.cache.text_embeddings and not config.train_text_encoder
+                   and not config.captions.shuffle_tags and config.captions.tag_dropout == 0)
+    return StepPlan(
+        rows=config.batch_size * (2 if config.prior_preservation.enabled else 1), width=width, height=height,
+        cuda=cuda, autocast=autocast, weights=torch.bfloat16 if config.weights_dtype == "bf16" else torch.float32,
+        train_text_encoder=config.train_text_encoder, cached_latents=cached_latents, cached_text=cached_text,
+        frozen_off_device=cached_latents and cached_text and cuda,
+        checkpointing=config.gradient_checkpointing, fused_backward=config.optimizer.fused_backward,
+        accumulating=config.trainer.accumulate_grad_batches > 1,
+        per_parameter=config.optimizer.fused_backward or config.weights_dtype == "bf16",
+        ema_on_device=config.ema.enabled and not config.ema.on_cpu,
+        optimizer=OPTIMIZER_ALIASES.get(config.optimizer.name.lower(), config.optimizer.name))
+
+
+class BitsandbytesState(torch.optim.Optimizer):
+    """Stand-in for bitsandbytes' 8-bit Adam and AdamW: their state, allocated the way they allocate it.
+
+    Their update kernels cannot run on fake tensors, so training's optimizer is built with this stand-in in
+    their place. For each parameter of BNB_MIN_8BIT_SIZE elements or more the 8-bit versions keep one uint8
+    byte per element per state plus one fp32 absmax per BNB_BLOCK_SIZE elements per state, and each
+    optimizer one 256-entry fp32 quantization map per state; smaller parameters, and the 32-bit versions,
+    keep fp32 states. Adam-family optimizers have two states, Lion one. The CUDA kernels update these
+    buffers in place, so a step that changes nothing leaves every byte as it is. (bitsandbytes' CPU
+    fallback does allocate temporaries while it steps; the estimate is for the GPU.)
+    """
+    eight_bit, num_states = True, 2
+
+    def __init__(self, params, **hyperparameters):  # learning rate, betas and the rest change no byte
+        super().__init__(params, {})
+        quantization_maps = None  # one pair of 256-entry tables per optimizer, shared by its parameters
+        for group in self.param_groups:
+            for param in group["params"]:
+                state = self.state[param]
+                eight_bit = self.eight_bit and param.numel() >= BNB_MIN_8BIT_SIZE
+                if eight_bit and quantization_maps is None:
+                    quantization_maps = [torch.zeros(256, device=param.device) for _ in range(self.num_states)]
+                for index in range(1, self.num_states + 1):
+                    if eight_bit:
+                        blocks = -(-param.numel() // BNB_BLOCK_SIZE)
+                        state[f"state{index}"] = torch.zeros_like(param, dtype=torch.uint8)
+                        state[f"qmap{index}"] = quantization_maps[index - 1]
+                        state[f"absmax{index}"] = torch.zeros(blocks, dtype=torch.float32, device=param.device)
+                    else:
+                        state[f"state{index}"] = torch.zeros_like(param, dtype=torch.float32)
+
+    def step(self, closure=None):
+        return None
+
+
+class Bitsandbytes32bitState(BitsandbytesState):
+    eight_bit = False
+
+
+class BitsandbytesLion8bitState(BitsandbytesState):
+    num_states = 1
+
+
+class BitsandbytesLionState(BitsandbytesState):
+    eight_bit, num_states = False, 1
+
+
+def _stand_in(optimizer: str) -> str:
+    """The class path of the stand-in for a bitsandbytes optimizer's class path."""
+    name = optimizer.rpartition(".")[2].lower()
+    if "lion" in name:
+        cls = BitsandbytesLion8bitState if "8bit" in name else BitsandbytesLionState
+    else:
+        cls = BitsandbytesState if "8bit" in name else Bitsandbytes32bitState
+    return f"{__name__}.{cls.__name__}"
+
+
+def steady_state_optimizer(config: Config, plan: StepPlan, params: list):
+    """Training's optimizer over `params` with its state already there, as after the first step.
+
+    Returns it and the torch optimizers inside it (one per parameter for the per-parameter one)."""
+    from . import optim
+
+    options = config.optimizer
+    if plan.optimizer.startswith("bitsandbytes."):
+        options = dataclasses.replace(options, name=_stand_in(plan.optimizer))
+    if plan.per_parameter:
+        optimizer = optim.PerParameterOptimizer(options, params, options.params.lr, fused=plan.fused_backward,
+                                                bf16_weights=plan.weights == torch.bfloat16)
+        inner = optimizer.optimizers
+    else:
+        optimizer = optim.build_optimizer(options, params, options.params.lr)
+        inner = [optimizer]
+    for each in inner:
+        for group in each.param_groups:
+            # torch picks its multi-tensor implementation for CUDA parameters; its temporaries are as large
+            # as all parameters together, so the fake CPU tensors must take the same path.
+            if "foreach" in group and plan.cuda:
+                group["foreach"] = True
+    # One step on zero gradients creates the state every later step starts with.
+    for param in params:
+        param.grad = torch.zeros_like(param)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return optimizer, inner
+
+
+def estimate(config: Config, arch: Optional[str] = None) -> VramEstimate:
+    """Trace one training step of `config` on fake tensors and return its peak device memory."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    architecture = resolve_architecture(config, arch)
+    plan = step_plan(config)
+    with FakeTensorMode(), warnings.catch_warnings():
+        # With the step fused into backward a gradient is gone by the time the tracker's own
+        # post-accumulate hook looks for it, which it reports as a warning and otherwise ignores.
+        warnings.filterwarnings("ignore", message="Expected a tensor or a traceable wrapper-subclass")
+        return _trace_step(config, architecture, plan)
+
+
+def _trace_step(config: Config, architecture: Architecture, plan: StepPlan) -> VramEstimate:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .ema import create_ema, ema_step
+    from .models import encode_prompt
+    from .train import dreambooth_loss
+
+    # As in training, weights_dtype applies to the trained models; frozen ones stay in fp32.
+    unet = _cast(UNet2DConditionModel.from_config(architecture.unet), plan.weights).train()
+    if plan.checkpointing:
+        unet.enable_gradient_checkpointing()
+    trained = [unet]
+    text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(architecture.text_encoder))
+    text_encoder.requires_grad_(plan.train_text_encoder).train(plan.train_text_encoder)
+    if plan.train_text_encoder:
+        trained.append(_cast(text_encoder, plan.weights))
+        if plan.checkpointing:
+            text_encoder.gradient_checkpointing_enable()
+    vae = AutoencoderKL.from_config(architecture.vae).requires_grad_(False).eval()
+    frozen = [vae] + ([] if plan.train_text_encoder else [text_encoder])
+    on_device = trained + ([] if plan.frozen_off_device else frozen)
+
+    # The batch as the data loader delivers it: cached latents come as the VAE's mean and log-variance.
+    latent_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    latent_size = (plan.height // latent_scale, plan.width // latent_scale)
+    tokens = text_encoder.config.max_position_embeddings
+    batch = [torch.randn(plan.rows, 2 * vae.config.latent_channels, *latent_size) if plan.cached_latents
+             else torch.randn(plan.rows, 3, plan.height, plan.width),
+             torch.randn(plan.rows, tokens, unet.config.cross_attention_dim) if plan.cached_text
+             else torch.randint(0, text_encoder.config.vocab_size, (plan.rows, tokens))]
+    params = [param for model in trained for param in model.parameters() if param.requires_grad]
+    optimizer, inner = steady_state_optimizer(config, plan, params)
+    ema = create_ema(unet, config.ema) if plan.ema_on_device else None
+    if plan.accumulating:
+        for param in params:
+            param.grad = torch.zeros_like(param)
+    tracker = memory_tracker()
+    tracker.track_external(*on_device, *inner, *batch, *(ema.shadow_params if ema else ()))
+    with tracker:
+        images, text = batch
+        with torch.no_grad():
+            distribution = (DiagonalGaussianDistribution(images) if plan.cached_latents
+                            else vae.encode(images).latent_dist)
+            latents = distribution.sample() * vae.config.scaling_factor
+        noise = torch.randn(latents.shape)
+        timesteps = torch.randint(0, 1000, (plan.rows,))
+        noisy_latents = latents + noise  # the scheduler's add_noise: the same shapes
+        with torch.autocast("cpu", dtype=plan.autocast or torch.float32, enabled=plan.autocast is not None):
+            if plan.cached_text:
+                embeddings = text
+            else:
+                with torch.set_grad_enabled(plan.train_text_encoder):
+                    embeddings = encode_prompt(text_encoder, text, config.clip_stop_at_layer)
+            prediction = unet(noisy_latents, timesteps, embeddings).sample
+        num_instance = config.batch_size if config.prior_preservation.enabled else plan.rows
+        loss, _, _ = dreambooth_loss(prediction, noise, num_instance, config.prior_preservation.prior_loss_weight)
+        if plan.fused_backward:
+            optimizer.armed = True  # the traced micro-batch is the last of its accumulation group
+        loss.backward()
+        del loss, prediction
+        if not plan.fused_backward:
+            optimizer.step()
+        if ema is not None:
+            ema_step(ema, unet.parameters(), on_cpu=False)
+        optimizer.zero_grad(set_to_none=True)
+    result = tracker.peak()
+    # A step on bf16 weights gives each parameter new storage, which the tracker books as a temporary;
+    # the parameters' own size does not change, so count them directly.
+    parameters = sum(p.numel() * p.element_size() for model in on_device for p in model.parameters()) / GIB
+    return dataclasses.replace(result, parameters=parameters,
+                               activations=result.activations + result.parameters - parameters)
+
+
+def _cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    # Module.to() swaps parameter objects when they are tensor subclasses, which fake tensors refuse.
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.is_floating_point():
+            tensor.data = tensor.data.to(dtype)
+    return module
+
+
+def format_report(architecture: Architecture, plan: StepPlan, result: VramEstimate) -> str:
+    return "\n".join([f"architecture: {architecture.source}", f"step: {plan.describe()}", *result.lines()])
+
+
+def cmd_estimate_vram(args) -> int:
+    from .config import load
+
+    config = load(args.config, args.set)
+    architecture = resolve_architecture(config, args.arch)
+    plan = step_plan(config)
+    print(format_report(architecture, plan, estimate(config, args.arch)))
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "estimate-vram", help="estimate the peak GPU memory of a config's training step (no GPU needed)")
+    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set batch_size=2 (repeatable)")
+    parser.add_argument("--arch", choices=ARCHITECTURES,
+                        help="architecture when the model is not a diffusers folder (default: from the model's "
+                             "name, else sd15)")
+    parser.set_defaults(func=cmd_estimate_vram)

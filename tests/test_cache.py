@@ -1,0 +1,154 @@
+"""Latent and text-embedding caches: shards on disk, reuse, invalidation, and losses equal to uncached runs."""
+import json
+import os
+import pickle
+
+import pytest
+import torch
+
+from engine import cache
+from engine import config as cfg
+from engine.testing import tiny_config
+
+
+def test_shards_fill_stream_to_disk_and_reopen(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache, "SHARD_BYTES", 1000)  # a shard holds three 400-byte tensors
+    store = cache.ShardStore(tmp_path / "store")
+    tensors = {f"k{i}": torch.full((10, 10), float(i)) for i in range(7)}
+    with store.writer() as writer:
+        for key, tensor in tensors.items():
+            writer.add(key, tensor)
+            assert len(writer.pending) <= 2  # never more than a shard in memory
+    shards = sorted((tmp_path / "store").glob("*.safetensors"))
+    assert len(shards) == 3 and not list((tmp_path / "store").glob(".*"))
+    reopened = pickle.loads(pickle.dumps(cache.ShardStore(tmp_path / "store")))
+    assert len(reopened) == 7
+    for key, tensor in tensors.items():
+        assert torch.equal(reopened.get(key), tensor)
+
+
+def test_a_corrupt_shard_is_ignored(tmp_path):
+    store = cache.ShardStore(tmp_path)
+    with store.writer() as writer:
+        writer.add("good", torch.ones(3))
+    (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 20)
+    reopened = cache.ShardStore(tmp_path)
+    assert "good" in reopened and len(reopened) == 1
+
+
+def test_text_cache_equals_the_encoder_at_any_padding(tmp_path, tiny_model):
+    from engine.data import tokenize
+    from engine.models import encode_prompt, load_components
+
+    components = load_components(str(tiny_model))
+    tokenizer, encoder = components.tokenizer, components.text_encoder
+    prompts = {"a sks toy", "a red circle on a white background", ""}
+    logs = []
+    text_cache = cache.cache_text_embeddings(prompts, tokenizer, encoder, 2, torch.device("cpu"), None,
+                                             tmp_path, logs.append)
+    assert logs == [f"text-embedding cache {tmp_path}: 0 of 3 prompts cached, encoding 3"]
+    rows = [tokenize(tokenizer, p) for p in sorted(prompts)]
+    for length in (77, max(len(r) for r in rows)):  # pad_tokens true, then false (longest in batch)
+        input_ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, :len(row)] = torch.tensor(row)
+        with torch.no_grad():
+            expected = encode_prompt(encoder, input_ids, 2)
+        cached = text_cache.lookup(input_ids)
+        assert cached.shape == expected.shape == (3, length, 32)
+        assert torch.allclose(cached, expected, atol=1e-5)
+    again = []
+    cache.cache_text_embeddings(prompts, tokenizer, encoder, 2, torch.device("cpu"), None, tmp_path, again.append)
+    assert again == [f"text-embedding cache {tmp_path}: 3 of 3 prompts cached"]
+
+
+def prepared(tmp_path, **overrides):
+    from engine.models import load_components
+    from engine.train import prepare_data
+
+    values = tiny_config(tmp_path, **{"prior_preservation.enabled": False, "cache.dir": str(tmp_path / "cache"),
+                                      "cache.latents": True, **overrides})
+    config = cfg.from_dict(values)
+    components = load_components(config.model)
+    return config, components, prepare_data(config, components.tokenizer, seed=0)
+
+
+def counting_encodes(vae):
+    calls = []
+    real = vae.encode
+    vae.encode = lambda pixels: calls.append(pixels.shape[0]) or real(pixels)
+    return calls
+
+
+def test_latents_are_encoded_once_and_rebuilt_only_when_inputs_change(tmp_path, sample_data):
+    import shutil
+
+    data_dir = tmp_path / "images"
+    shutil.copytree(sample_data / "instance", data_dir)
+    concept = [{"instance_set": {"path": str(data_dir), "prompt": "sks toy"}}]
+    config, components, data = prepared(tmp_path, **{"data.concepts": concept})
+    calls = counting_encodes(components.vae)
+    logs = []
+    cache.attach_caches(config, components, data.dataset, torch.device("cpu"), None, lambda m, *a: logs.append(m))
+    assert sum(calls) == 10 and data.dataset.latents is not None
+    batch = next(iter(data.loader))
+    assert "pixel_values" not in batch and batch["latent_params"].shape == (2, 8, 8, 8)  # mean and logvar
+
+    # The same run again: nothing to encode.
+    calls.clear()
+    _, _, data = prepared(tmp_path, **{"data.concepts": concept})
+    cache.attach_caches(config, components, data.dataset, torch.device("cpu"), None, lambda m, *a: None)
+    assert calls == []
+    # A changed image file is encoded again, alone.
+    os.utime(data_dir / "toy_03.png", ns=(5_000_000_000, 5_000_000_000))
+    cache.attach_caches(config, components, data.dataset, torch.device("cpu"), None, lambda m, *a: None)
+    assert sum(calls) == 1
+    # Another resolution, crop or VAE is another cache.
+    calls.clear()
+    config2, _, data2 = prepared(tmp_path, **{"data.concepts": concept, "data.resolution": 32})
+    cache.attach_caches(config2, components, data2.dataset, torch.device("cpu"), None, lambda m, *a: None)
+    assert sum(calls) == 10
+    folders = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert len(folders) == 2 and all(f.startswith("latents-") for f in folders)
+    with torch.no_grad():
+        components.vae.decoder.conv_out.bias.add_(0.01)  # the decoder does not change latents, but it is the VAE
+    calls.clear()
+    cache.attach_caches(config, components, data.dataset, torch.device("cpu"), None, lambda m, *a: None)
+    assert sum(calls) == 10 and len(list((tmp_path / "cache").iterdir())) == 3
+
+
+def test_random_crops_turn_latent_caching_off_with_a_message(tmp_path, sample_data):
+    config, components, data = prepared(tmp_path, **{"data.center_crop": False})
+    logs = []
+    cache.attach_caches(config, components, data.dataset, torch.device("cpu"), None,
+                        lambda message, level="info": logs.append((level, message)))
+    assert data.dataset.latents is None and not (tmp_path / "cache").exists()
+    assert logs == [("warning", logs[0][1])] and "latents are not cached" in logs[0][1]
+
+
+def run_steps(tmp_path, name, steps, **overrides):
+    from engine.train import Trainer
+
+    values = tiny_config(tmp_path / name, **{
+        "trainer.max_steps": steps, "sampling.interval_steps": 0, "checkpoint.every_n_train_steps": None,
+        "cache.dir": str(tmp_path / "cache"), "uncond.enabled": True, "uncond.p": 0.5, "uncond.cond": "eos",
+        "data.concepts[0].class_set.auto_generate.enabled": False, **overrides})
+    trainer = Trainer(cfg.from_dict(values))
+    result = trainer.run()
+    assert type(result).__name__ == "Finished", result
+    lines = (trainer.run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def test_cached_training_matches_uncached_training(tmp_path, class_images):
+    plain = run_steps(tmp_path, "plain", 2)
+    cached = run_steps(tmp_path, "cached", 2, **{"cache.latents": True, "cache.text_embeddings": True})
+    shards = sorted((tmp_path / "cache").rglob("*.safetensors"))
+    assert {p.parent.name.split("-")[0] for p in shards} == {"latents", "text"}
+    for a, b in zip(plain, cached):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["prior_loss"] == pytest.approx(b["prior_loss"], rel=1e-5)
+    # A second cached run reads the same shards and writes none.
+    again = run_steps(tmp_path, "again", 1, **{"cache.latents": True, "cache.text_embeddings": True})
+    assert sorted((tmp_path / "cache").rglob("*.safetensors")) == shards
+    assert again[0]["loss"] == pytest.approx(cached[0]["loss"], rel=1e-6)
