@@ -155,8 +155,8 @@ def _batches(tasks: list[ImageTask], batch_size: int) -> list[list[ImageTask]]:
 class ClassGenJob(Job):
     thread_name = "scal-sdt-classgen"
 
-    def __init__(self, config: Config, event_queue=None, on_event=None):
-        super().__init__(event_queue, on_event)
+    def __init__(self, config: Config, event_queue=None, on_event=None, stop_event=None):
+        super().__init__(event_queue, on_event, stop_event)
         self.config = config
         self.written: list[Path] = []
 

@@ -26,12 +26,13 @@ def release_memory() -> None:
 class Job:
     thread_name = "scal-sdt-job"
 
-    def __init__(self, event_queue: Optional[queue.Queue] = None, on_event: Optional[Callable] = None):
+    def __init__(self, event_queue: Optional[queue.Queue] = None, on_event: Optional[Callable] = None,
+                 stop_event: Optional[threading.Event] = None):
         self.events = event_queue
         self.on_event = on_event
         self.thread: Optional[threading.Thread] = None
         self.result: Optional[events.Event] = None
-        self._stop = threading.Event()
+        self._stop = stop_event or threading.Event()  # a job run inside another shares its stop request
         self._save_on_stop = True
 
     def start(self) -> threading.Thread:
@@ -80,6 +81,10 @@ class Job:
         self.result = result
         self.emit(result)
         return result
+
+    def run_inline(self) -> events.Event:
+        """Run as part of another job: errors propagate to it and no final event is emitted."""
+        return self._run()
 
     def _run(self) -> events.Event:
         raise NotImplementedError

@@ -224,9 +224,7 @@ class Trainer(Job):
         if not missing:
             return
         self.log(f"generating {len(missing)} missing class images first")
-        job = ClassGenJob(self.config, on_event=self.emit)
-        job._stop = self._stop  # one stop request ends both
-        result = job._run()
+        result = ClassGenJob(self.config, on_event=self.emit, stop_event=self._stop).run_inline()
         if result.stopped:
             self.log("class image generation was stopped", "warning")
 
