@@ -51,9 +51,11 @@ def load_components(model: str, vae: Optional[str] = None, tokenizer: Optional[s
                             f"not found: {location}")
     return Components(
         tokenizer=CLIPTokenizer.from_pretrained(tokenizer_path),
-        text_encoder=CLIPTextModel.from_pretrained(root / "text_encoder"),
-        vae=AutoencoderKL.from_pretrained(vae_path),
-        unet=UNet2DConditionModel.from_pretrained(root / "unet"),
+        # fp32 whatever the files hold: many published models store fp16 weights, and training
+        # keeps fp32 master weights (mixed precision comes from autocast or weights_dtype).
+        text_encoder=CLIPTextModel.from_pretrained(root / "text_encoder", dtype=torch.float32),
+        vae=AutoencoderKL.from_pretrained(vae_path, torch_dtype=torch.float32),
+        unet=UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=torch.float32),
         noise_scheduler=DDPMScheduler.from_pretrained(root / "scheduler"),
         model_path=model_path,
     )
