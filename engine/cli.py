@@ -22,7 +22,6 @@ def _format_warning(message, category, filename, lineno, line=None):
 
 
 def cmd_train(args) -> int:
-    from . import events
     from .config import load
     from .train import Trainer
 
@@ -33,49 +32,75 @@ def cmd_train(args) -> int:
             raise SystemExit("error: train needs --config CFG or --resume RUN_DIR")
         trainer = Trainer(load(args.config, args.set), queue.Queue())
     trainer.start()
-    if args.json_events or int(os.environ.get("RANK", 0)) != 0:
-        return _relay_events(trainer, as_json=args.json_events and int(os.environ.get("RANK", 0)) == 0)
-    from tqdm import tqdm
-
-    bar = None
+    is_main = int(os.environ.get("RANK", 0)) == 0
+    if args.json_events or not is_main:
+        return _relay_events(trainer, as_json=args.json_events and is_main)
     try:
-        while True:
-            try:
-                event = trainer.events.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            if isinstance(event, events.Started):
-                bar = tqdm(total=event.total_steps, initial=event.start_step, unit="step", dynamic_ncols=True)
-                tqdm.write(f"run folder: {event.run_dir}")
-            elif isinstance(event, events.Step) and bar is not None:
-                bar.update(event.step - bar.n)
-                bar.set_postfix(epoch=event.epoch, loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}")
-            elif isinstance(event, events.Log):
-                (tqdm.write if bar else print)(f"{event.level}: {event.message}", file=sys.stderr)
-            elif isinstance(event, events.CheckpointSaved):
-                (tqdm.write if bar else print)(f"checkpoint: {event.path}")
-            elif isinstance(event, events.Sample):
-                (tqdm.write if bar else print)(f"samples: {len(event.paths)} at step {event.step}")
-            elif isinstance(event, events.Finished):
-                if bar:
-                    bar.close()
-                summary = event.summary or {}
-                state = "stopped" if event.stopped else "finished"
-                print(f"{state} at step {event.step}: {event.run_dir} "
-                      f"({summary.get('images', 0)} images, {summary.get('skipped', 0)} skipped)")
-                for item in summary.get("skipped_reasons", []):
-                    print(f"  skipped {item['path']}: {item['reason']}")
-                return 0
-            elif isinstance(event, events.Failed):
-                if bar:
-                    bar.close()
-                print(f"error: {event.error}", file=sys.stderr)
-                return 2 if event.user_error else 1
+        return _show_progress(trainer)
     except KeyboardInterrupt:
         print("stopping: saving a checkpoint (Ctrl+C again to abort)", file=sys.stderr)
         trainer.stop(save_checkpoint=True)
-        trainer.join()
-        return 130
+        return _show_progress(trainer)
+
+
+def _events_until_done(trainer):
+    """The job's events as they come, up to and including its Finished or Failed event."""
+    from . import events
+
+    while True:
+        try:
+            event = trainer.events.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        yield event
+        if isinstance(event, (events.Finished, events.Failed)):
+            return
+
+
+def _exit_code(event) -> int:
+    from . import events
+
+    if isinstance(event, events.Failed):
+        return 2 if event.user_error else 1
+    return 0
+
+
+def _show_progress(trainer) -> int:
+    """A progress bar with the loss, and one line per checkpoint, sample batch and log message."""
+    from tqdm import tqdm
+
+    from . import events
+
+    bar = None
+    say = print
+    for event in _events_until_done(trainer):
+        if isinstance(event, events.Started):
+            bar = tqdm(total=event.total_steps, initial=event.start_step, unit="step", dynamic_ncols=True)
+            say = tqdm.write
+            say(f"run folder: {event.run_dir}")
+        elif isinstance(event, events.Step) and bar is not None:
+            bar.update(event.step - bar.n)
+            bar.set_postfix(epoch=event.epoch, loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}")
+        elif isinstance(event, events.Log):
+            say(f"{event.level}: {event.message}", file=sys.stderr)
+        elif isinstance(event, events.CheckpointSaved):
+            say(f"checkpoint: {event.path}")
+        elif isinstance(event, events.Sample):
+            say(f"samples: {len(event.paths)} at step {event.step}")
+        elif isinstance(event, events.Finished):
+            if bar:
+                bar.close()
+            summary = event.summary or {}
+            state = "stopped" if event.stopped else "finished"
+            print(f"{state} at step {event.step}: {event.run_dir} "
+                  f"({summary.get('images', 0)} images, {summary.get('skipped', 0)} skipped)")
+            for item in summary.get("skipped_reasons", []):
+                print(f"  skipped {item['path']}: {item['reason']}")
+        elif isinstance(event, events.Failed):
+            if bar:
+                bar.close()
+            print(f"error: {event.error}", file=sys.stderr)
+    return _exit_code(event)
 
 
 def _relay_events(trainer, as_json: bool) -> int:
@@ -86,19 +111,12 @@ def _relay_events(trainer, as_json: bool) -> int:
     from . import events
 
     try:
-        while True:
-            try:
-                event = trainer.events.get(timeout=0.5)
-            except queue.Empty:
-                continue
+        for event in _events_until_done(trainer):
             if as_json:
                 print(json.dumps(event.to_dict()), flush=True)
-            if isinstance(event, events.Finished):
-                return 0
-            if isinstance(event, events.Failed):
-                if not as_json:
-                    print(f"error: {event.error}", file=sys.stderr)
-                return 2 if event.user_error else 1
+            elif isinstance(event, events.Failed):
+                print(f"error: {event.error}", file=sys.stderr)
+        return _exit_code(event)
     except KeyboardInterrupt:
         trainer.stop(save_checkpoint=True)
         # keep relaying: the last step, the stop checkpoint and the finished event still go out
