@@ -289,4 +289,27 @@ TRAIN = (
     Field("checkpoint.save_top_k", "Checkpoints kept", "-1 keeps all"),
 )
 
-ALL = DATASET + CLASS_IMAGES + TRAIN
+ADVANCED = (
+    Field("clip_stop_at_layer", "CLIP skip", "1 = last layer, 2 = penultimate"),
+    Field("ema.decay", "EMA decay"),
+    Field("ema.use_for_samples", "Samples use the EMA weights"),
+    Field("noise_offset", "Noise offset", "e.g. 0.05; 0 = off"),
+    Field("min_snr_gamma", "Min-SNR γ", "e.g. 5; empty = off"),
+    Field("prediction_type", "Prediction type", "empty = the model's own"),
+    Field("zero_terminal_snr", "Zero terminal SNR", "use with v_prediction"),
+    Field("uncond.enabled", "Caption dropout"),
+    Field("uncond.p", "Caption dropout probability"),
+    Field("uncond.cond", "Dropped caption becomes"),
+    Field("captions.shuffle_tags", "Shuffle caption tags"),
+    Field("captions.keep_tokens", "Tags kept in place"),
+    Field("captions.tag_dropout", "Tag dropout"),
+    Field("custom_embeddings.enabled", "Custom embeddings"),
+    Field("custom_embeddings.path", "Embeddings file or folder"),
+    Field("cache.latents", "Cache latents", "needs centre crop and no augmentation"),
+    Field("cache.text_embeddings", "Cache text embeddings", "text encoder frozen, captions not shuffled"),
+    Field("optimizer.fused_backward", "Optimizer step in backward", "saves gradient memory; no clipping"),
+    Field("weights_dtype", "Weights dtype", "bf16 = less memory (RTX 30xx or newer)"),
+    Field("xformers", "xformers attention", "used only when installed and on CUDA"),
+)
+
+ALL = DATASET + CLASS_IMAGES + TRAIN + ADVANCED

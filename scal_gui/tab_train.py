@@ -29,6 +29,8 @@ def build(ctx: PageContext, preset_list: list[presets.Preset], selected: presets
                 ui.description = gr.Markdown(selected.description, elem_id="preset-description")
             with gr.Accordion("Settings", open=True):
                 ctx.add_fields(fields.TRAIN, per_row=3)
+            with gr.Accordion("Advanced training options (augmentations: in the YAML, key augment)", open=False):
+                ctx.add_fields(fields.ADVANCED, per_row=3)
             with gr.Accordion("Advanced: the whole config as YAML", open=False):
                 ctx.yaml = gr.Code(configs.to_yaml(ctx.raw), language="yaml", lines=18, max_lines=40,
                                    interactive=True, label="config.yaml", elem_id="config-yaml")

@@ -357,3 +357,19 @@ def test_the_page_builds_without_torch():
             "assert not heavy, heavy")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_every_training_option_has_a_field_in_the_advanced_section():
+    options = {"ema.decay", "ema.use_for_samples", "noise_offset", "min_snr_gamma", "prediction_type",
+               "zero_terminal_snr", "uncond.enabled", "uncond.p", "uncond.cond", "captions.shuffle_tags",
+               "captions.keep_tokens", "captions.tag_dropout", "custom_embeddings.enabled",
+               "custom_embeddings.path", "cache.latents", "cache.text_embeddings", "optimizer.fused_backward",
+               "weights_dtype"}
+    assert options <= {f.key for f in fields.ADVANCED}
+    assert options <= set(schema.iter_keys())
+    yaml_text = configs.to_yaml(presets.load_preset(presets.list_presets()[0], "/tmp/out"))
+    values, _ = configs.form_from_yaml(yaml_text)
+    index = [f.key for f in fields.ALL].index("noise_offset")
+    values[index] = 0.07
+    merged, message = configs.merge_form(yaml_text, values)
+    assert merged is not None and schema.from_dict(configs.parse_yaml(merged)).noise_offset == 0.07
