@@ -209,3 +209,31 @@ def test_json_events_stream_one_object_per_line(tmp_path, class_images):
     assert kinds[-1] == "finished" and kinds.index("started") < kinds.index("step")
     assert [e["step"] for e in stream if e["kind"] == "step"] == [1, 2, 3]
     assert any(e["kind"] == "sample" and e["paths"] for e in stream)
+
+
+def test_gpu_accelerator_without_cuda_falls_back_to_the_cpu_with_a_warning(monkeypatch):
+    from engine.train import select_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config = cfg.from_dict(tiny_config("/tmp", **{"trainer.accelerator": "gpu"}))
+    with pytest.warns(UserWarning, match="no CUDA device is available: training on the CPU"):
+        assert select_device(config).type == "cpu"
+
+
+def test_wandb_offline_and_tensorboard_receive_the_metrics(tmp_path, class_images):
+    values = tiny_config(tmp_path, **{"trainer.max_steps": 3, "sampling.interval_steps": 3,
+                                      "loggers.wandb": {"sample": True}, "loggers.tensorboard": {}})
+    config_file = tmp_path / "loggers.yaml"
+    config_file.write_text(yaml.safe_dump(values))
+    result = run_cli("train", "--config", str(config_file), env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = only_run(tmp_path)
+    assert list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    event_files = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert event_files
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(event_files[0].parent))
+    accumulator.Reload()
+    losses = accumulator.Scalars("train/loss")
+    assert [e.step for e in losses] == [1, 2, 3]
