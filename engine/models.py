@@ -76,6 +76,13 @@ def encode_prompt(text_encoder, input_ids: torch.Tensor, clip_stop_at_layer: int
     return final_layer_norm(getattr(text_encoder, "module", text_encoder))(output.hidden_states[-clip_stop_at_layer])
 
 
+def enable_text_encoder_checkpointing(text_encoder) -> None:
+    # transformers 5 renamed the switch; older versions only have the first name.
+    enable = getattr(text_encoder, "activation_checkpointing_enable", None) or \
+        text_encoder.gradient_checkpointing_enable
+    enable()
+
+
 def enable_xformers_if_usable(unet, wanted: bool) -> str:
     """Return the attention backend used: 'xformers' only when importable and on CUDA, else torch SDPA."""
     if wanted and torch.cuda.is_available():

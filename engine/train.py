@@ -29,7 +29,8 @@ from .dataset_index import scan_folder
 from .errors import UserError
 from .job import Job
 from .losses import dreambooth_loss, min_snr_weights, training_target
-from .models import Components, enable_xformers_if_usable, encode_prompt, load_components, resolve_model_path
+from .models import (Components, enable_text_encoder_checkpointing, enable_xformers_if_usable, encode_prompt,
+                     load_components, resolve_model_path)
 
 _ENGINE_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -299,7 +300,7 @@ class Trainer(Job):
         if config.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
             if config.train_text_encoder:
-                text_encoder.gradient_checkpointing_enable()
+                enable_text_encoder_checkpointing(text_encoder)
         attention = enable_xformers_if_usable(unet, config.xformers)
         unet.to(device)
         text_encoder.to(device)

@@ -311,7 +311,7 @@ def _trace_step(config: Config, architecture: Architecture, plan: StepPlan) -> V
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from .ema import create_ema, ema_step
-    from .models import encode_prompt
+    from .models import enable_text_encoder_checkpointing, encode_prompt
     from .train import dreambooth_loss
 
     # As in training, weights_dtype applies to the trained models; frozen ones stay in fp32.
@@ -324,7 +324,7 @@ def _trace_step(config: Config, architecture: Architecture, plan: StepPlan) -> V
     if plan.train_text_encoder:
         trained.append(_cast(text_encoder, plan.weights))
         if plan.checkpointing:
-            text_encoder.gradient_checkpointing_enable()
+            enable_text_encoder_checkpointing(text_encoder)
     vae = AutoencoderKL.from_config(architecture.vae).requires_grad_(False).eval()
     frozen = [vae] + ([] if plan.train_text_encoder else [text_encoder])
     on_device = trained + ([] if plan.frozen_off_device else frozen)
