@@ -8,12 +8,9 @@ setlocal EnableDelayedExpansion
 cd /d "%~dp0"
 
 set MODE=app
-if "%~1"=="--test" (
-  set MODE=test
-  shift
-)
-if "%SCAL_TORCH%"=="" set SCAL_TORCH=torch==2.13.0
-if "%PYTHON%"=="" set PYTHON=python
+if "%~1"=="--test" set MODE=test
+if not defined SCAL_TORCH set SCAL_TORCH=torch==2.13.0
+if not defined PYTHON set PYTHON=python
 set VENV=.venv
 set PY=%VENV%\Scripts\python.exe
 
@@ -22,31 +19,33 @@ if not exist "%PY%" (
   "%PYTHON%" -m venv %VENV% || exit /b 1
 )
 
-rem Reinstall only when the requirements or the torch choice changed.
-copy /y requirements.txt "%TEMP%\scal-sdt-want.txt" >nul
-echo %SCAL_TORCH% %SCAL_TORCH_INDEX%>> "%TEMP%\scal-sdt-want.txt"
-for /f "skip=1 tokens=* delims=" %%H in ('certutil -hashfile "%TEMP%\scal-sdt-want.txt" SHA256') do (
-  if not defined WANT set WANT=%%H
-)
+rem Reinstall only when the requirements or the torch choice changed; the same hash as launch.sh.
+rem The torch spec goes to python through the environment: on a command line its comparison signs redirect.
+set WANT=
+"%PY%" -c "import hashlib, os; data = open('requirements.txt', 'rb').read() + (os.environ['SCAL_TORCH'] + ' ' + os.environ.get('SCAL_TORCH_INDEX', '') + '\n').encode(); print(hashlib.sha256(data).hexdigest())" > "%VENV%\.scal-sdt-want" || exit /b 1
+set /p WANT=<"%VENV%\.scal-sdt-want"
 set HAVE=
 if exist "%VENV%\.scal-sdt-installed" set /p HAVE=<"%VENV%\.scal-sdt-installed"
 if not "%HAVE%"=="%WANT%" (
-  echo installing %SCAL_TORCH%, then requirements.txt ^(first run only^)
+  echo installing !SCAL_TORCH!, then requirements.txt ^(first run only^)
   "%PY%" -m pip install --quiet --upgrade pip || exit /b 1
-  if "%SCAL_TORCH_INDEX%"=="" (
-    "%PY%" -m pip install --quiet "%SCAL_TORCH%" || exit /b 1
+  if defined SCAL_TORCH_INDEX (
+    "%PY%" -m pip install --quiet "!SCAL_TORCH!" --extra-index-url "!SCAL_TORCH_INDEX!" || exit /b 1
   ) else (
-    "%PY%" -m pip install --quiet "%SCAL_TORCH%" --extra-index-url "%SCAL_TORCH_INDEX%" || exit /b 1
+    "%PY%" -m pip install --quiet "!SCAL_TORCH!" || exit /b 1
   )
   "%PY%" -m pip install --quiet -r requirements.txt || exit /b 1
   >"%VENV%\.scal-sdt-installed" echo %WANT%
 )
 
 if "%GRADIO_ANALYTICS_ENABLED%"=="" set GRADIO_ANALYTICS_ENABLED=False
+rem The pytest options are all the arguments after --test. Python drops --test itself: cmd's shift leaves the
+rem full argument list as it was and numbers only nine, and a goto loop is unsafe in a file checked out with
+rem LF line endings.
 if "%MODE%"=="test" (
   set HF_HUB_OFFLINE=1
   set WANDB_MODE=offline
-  "%PY%" -m pytest tests %1 %2 %3 %4 %5 %6 %7 %8 %9
+  "%PY%" -c "import sys, pytest; sys.exit(pytest.main(['tests'] + sys.argv[2:]))" %*
   if !ERRORLEVEL!==5 (
     echo error: pytest collected no tests
     exit /b 1

@@ -26,7 +26,9 @@ fi
 py="$venv/bin/python"
 
 # Reinstall only when what is asked for changed: the stamp holds a hash of the requirements and torch choice.
-want=$( { cat requirements.txt; echo "$torch_spec $torch_index"; } | sha256sum | cut -d' ' -f1)
+# Hashed by the venv's python because sha256sum is missing on macOS; launch.bat runs the same code.
+hash_code="import hashlib, os; data = open('requirements.txt', 'rb').read() + (os.environ['SCAL_TORCH'] + ' ' + os.environ.get('SCAL_TORCH_INDEX', '') + '\n').encode(); print(hashlib.sha256(data).hexdigest())"
+want=$(SCAL_TORCH="$torch_spec" SCAL_TORCH_INDEX="$torch_index" "$py" -c "$hash_code")
 stamp="$venv/.scal-sdt-installed"
 if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
   echo "installing $torch_spec, then requirements.txt (first run only)"

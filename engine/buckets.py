@@ -10,12 +10,12 @@ of 8, the VAE's downsampling factor, so each bucket has a whole latent size.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import numpy as np
 
+from . import notices
 from .config import Config, ConfigError
 from .dataset_index import DataWarning, ImageRecord
 
@@ -147,7 +147,7 @@ def plan_buckets(config: Config, records: Sequence[ImageRecord],
                       f"{width}x{height}, has a log-aspect error of {errors[index]:.2f} "
                       f"(aspect_ratio_bucket.max_aspect_error is {max_error})")
         if reason is not None:
-            warnings.warn(f"skipping {record.path}: {reason}", DataWarning)
+            notices.warn(f"skipping {record.path}: {reason}", DataWarning)
             plan.skipped.append((record.path, reason))
             continue
         plan.kept.append(record)
@@ -156,13 +156,18 @@ def plan_buckets(config: Config, records: Sequence[ImageRecord],
     return plan
 
 
-def crop_box(image_size: tuple[int, int], bucket: tuple[int, int]) -> tuple[int, int, int, int]:
-    """The centre crop (left, top, right, bottom) that data.crop_to_size takes, in original-image pixels."""
+def cover_resize(image_size: tuple[int, int], bucket: tuple[int, int]) -> tuple[float, int, int]:
+    """(scale, width, height) of the image resized, keeping its aspect, to just cover the bucket."""
     width, height = image_size
     bucket_w, bucket_h = bucket
     scale = max(bucket_w / width, bucket_h / height)
-    resized_w = max(bucket_w, round(width * scale))
-    resized_h = max(bucket_h, round(height * scale))
+    return scale, max(bucket_w, round(width * scale)), max(bucket_h, round(height * scale))
+
+
+def crop_box(image_size: tuple[int, int], bucket: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The centre crop (left, top, right, bottom) that data.crop_to_size takes, in original-image pixels."""
+    bucket_w, bucket_h = bucket
+    scale, resized_w, resized_h = cover_resize(image_size, bucket)
     left, top = (resized_w - bucket_w) // 2, (resized_h - bucket_h) // 2
     return (round(left / scale), round(top / scale), round((left + bucket_w) / scale),
             round((top + bucket_h) / scale))

@@ -5,12 +5,11 @@ bucket_report is the same information for the app, with each bucket's images and
 from __future__ import annotations
 
 import json
-import warnings
 
-from . import paths
+from . import notices, paths
 from .buckets import crop_box, plan_buckets
 from .config import Config
-from .dataset_index import DataWarning, scan_folder
+from .dataset_index import scan_folder
 
 
 def bucket_report(config: Config) -> dict:
@@ -18,7 +17,7 @@ def bucket_report(config: Config) -> dict:
 
     {"buckets": [{"width", "height", "count", "images": [{"path", "width", "height", "crop"}]}],
      "skipped": [{"path", "reason"}]}. Image sizes are upright (EXIF orientation applied); "crop" is the
-    centre crop [left, top, right, bottom] in those pixels. Skipped images also raise a DataWarning.
+    centre crop [left, top, right, bottom] in those pixels. Skipped images are also reported as notices.
     """
     records, skipped = [], []
     for index, concept in enumerate(config.data.concepts):
@@ -54,9 +53,8 @@ def cmd_buckets(args) -> int:
     from .config import load
 
     config = load(args.config, args.set)
-    with warnings.catch_warnings():
-        # The report lists every skipped image with its reason; the warnings would say it twice.
-        warnings.simplefilter("ignore", DataWarning)
+    # The report lists every skipped image with its reason; the notices would say it twice.
+    with notices.collect(lambda message: None):
         report = bucket_report(config)
     if args.json:
         for bucket in report["buckets"]:

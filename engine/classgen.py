@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,12 +145,17 @@ def save_class_image(task: ImageTask, image) -> Path:
     return image_path
 
 
-def _batches(tasks: list[ImageTask], batch_size: int) -> list[list[ImageTask]]:
-    """Group tasks that can share a pipeline call (same concept settings and size)."""
+def _batches(tasks: list[ImageTask], batch_sizes: dict[int, int]) -> list[list[ImageTask]]:
+    """Group tasks that can share a pipeline call (same concept settings and size), in batches of at most
+    batch_sizes[concept]."""
     groups: dict[tuple, list[ImageTask]] = {}
     for task in tasks:
         groups.setdefault((task.concept, task.width, task.height), []).append(task)
-    return [group[i:i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
+    batches = []
+    for (concept, _, _), group in groups.items():
+        size = batch_sizes[concept]
+        batches += [group[i:i + size] for i in range(0, len(group), size)]
+    return batches
 
 
 class ClassGenJob(Job):
@@ -179,7 +185,7 @@ class ClassGenJob(Job):
         started = time.perf_counter()
         self.emit(events.Progress(done=0, total=total))
         try:
-            for batch in _batches(tasks, self._batch_size(tasks)):
+            for batch in _batches(tasks, self._batch_sizes()):
                 if self.stop_requested:
                     break
                 first = batch[0]
@@ -201,9 +207,9 @@ class ClassGenJob(Job):
         stopped = done < total
         return events.Finished(step=done, stopped=stopped, summary={"generated": done, "wanted": total})
 
-    def _batch_size(self, tasks: list[ImageTask]) -> int:
-        concept = self.config.data.concepts[tasks[0].concept]
-        return max(1, concept.class_set.auto_generate.batch_size)
+    def _batch_sizes(self) -> dict[int, int]:
+        return {number: max(1, concept.class_set.auto_generate.batch_size)
+                for number, concept in enumerate(self.config.data.concepts) if concept.class_set is not None}
 
 
 def _load_pipeline(model_path: str, config: Config, device: torch.device, dtype: torch.dtype):
@@ -241,7 +247,7 @@ def cmd_gen_class(args) -> int:
     if isinstance(result, events.Failed):
         if result.user_error:
             raise UserError(result.error)
-        print(f"error: {result.error}")
+        print(f"error: {result.error}", file=sys.stderr)
         return 1
     print(f"generated {result.summary['generated']} class images")
     return 0

@@ -28,8 +28,6 @@ def cmd_train(args) -> int:
     if args.resume:
         trainer = Trainer.for_resume(args.resume, queue.Queue(), overrides=args.set)
     else:
-        if not args.config:
-            raise SystemExit("error: train needs --config CFG or --resume RUN_DIR")
         trainer = Trainer(load(args.config, args.set), queue.Queue())
     trainer.start()
     is_main = int(os.environ.get("RANK", 0)) == 0
@@ -40,7 +38,11 @@ def cmd_train(args) -> int:
     except KeyboardInterrupt:
         print("stopping: saving a checkpoint (Ctrl+C again to abort)", file=sys.stderr)
         trainer.stop(save_checkpoint=True)
-        return _show_progress(trainer)
+        try:
+            return _show_progress(trainer)
+        except KeyboardInterrupt:
+            print("aborted: the newest checkpoint on disk is kept", file=sys.stderr)
+            return 130
 
 
 def _events_until_done(trainer):
@@ -142,10 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train from a config")
-    train.add_argument("--config", help="YAML config file")
+    source = train.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="YAML config file")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set trainer.max_steps=10 (repeatable)")
-    train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest checkpoint")
+    source.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest checkpoint")
     train.add_argument("--json-events", action="store_true",
                        help="print each event as one JSON object per line instead of a progress bar")
     train.set_defaults(func=cmd_train)

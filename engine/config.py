@@ -1,20 +1,22 @@
 """The one typed config schema. YAML files, presets, the CLI and the GUI all read their defaults from here.
 
-Key names follow the seed trainer's YAML so that its users' configs load unchanged.
+Key names follow the YAML of SCAL-SDT's earlier command-line trainer (built on PyTorch Lightning),
+so configs written for it load unchanged.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import types
 import typing
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from . import notices
 from .errors import UserError
 
 
@@ -105,7 +107,7 @@ class PriorPreservation:
 
 @dataclass
 class ManualBuckets:
-    base_res: Union[int, list] = 512  # a side, or the seed's [width, height]
+    base_res: Union[int, list] = 512  # a side, or [width, height] as earlier configs wrote it
     max_size: int = 393216  # largest bucket area in pixels (768 x 512)
     dim_range: list = field(default_factory=lambda: [256, 1024])
     divisor: int = 64
@@ -356,8 +358,7 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
         path = f"{prefix}.{key}" if prefix else str(key)
         if key not in hints:
             if _is_ignored(path):
-                warnings.warn(f"config key '{path}' has no effect in SCAL-SDT and is ignored", ConfigWarning,
-                              stacklevel=2)
+                notices.warn(f"config key '{path}' has no effect in SCAL-SDT and is ignored", ConfigWarning)
                 continue
             allowed = ", ".join(hints)
             raise ConfigError(f"unknown config key '{path}' (allowed here: {allowed})")
@@ -398,34 +399,42 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+_KEY_PART = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)((?:\[\d+\])*)")
+
+
+def key_parts(key: str) -> list:
+    """`a.b[0].c` -> ['a', 'b', 0, 'c']; raises ConfigError for anything else."""
+    parts: list = []
+    for piece in key.split("."):
+        match = _KEY_PART.fullmatch(piece)
+        if not match:
+            raise ConfigError(f"--set: '{key}' is not a key path like data.concepts[0].instance_set.path")
+        parts.append(match.group(1))
+        parts += [int(i) for i in re.findall(r"\[(\d+)\]", match.group(2))]
+    return parts
+
+
 def apply_override(values: dict, key: str, value: Any) -> None:
     """Set values[key.path] = value; `a.b[0].c` addresses list items."""
-    parts = []
-    for part in key.split("."):
-        while "[" in part:
-            name, rest = part.split("[", 1)
-            index, part = rest.split("]", 1)
-            if name:
-                parts.append(name)
-            parts.append(int(index))
-        if part:
-            parts.append(part)
-    node = values
-    for depth, part in enumerate(parts[:-1]):
-        nxt = parts[depth + 1]
+    parts = key_parts(key)
+    node: Any = values
+    for depth, part in enumerate(parts):
+        parent = format_key(parts[:depth])
         if isinstance(part, int):
             if not isinstance(node, list) or part >= len(node):
-                raise ConfigError(f"config key '{key}': no list item {part}")
-            node = node[part]
-            continue
-        if node.get(part) is None:
-            node[part] = [] if isinstance(nxt, int) else {}
+                raise ConfigError(f"config key '{key}': '{parent}' has no list item {part}")
+        elif not isinstance(node, dict):
+            raise ConfigError(f"config key '{key}': '{parent}' is not a mapping")
+        if depth == len(parts) - 1:
+            node[part] = value
+            return
+        if isinstance(part, str) and node.get(part) is None:
+            node[part] = [] if isinstance(parts[depth + 1], int) else {}
         node = node[part]
-    last = parts[-1]
-    if isinstance(last, int):
-        if not isinstance(node, list) or last >= len(node):
-            raise ConfigError(f"config key '{key}': no list item {last}")
-    node[last] = value
+
+
+def format_key(parts: list) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else p) for i, p in enumerate(parts))
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -481,6 +490,14 @@ def validate(config: Config) -> None:
     _require(config.prior_preservation.prior_loss_weight >= 0,
              "config key 'prior_preservation.prior_loss_weight': must not be negative")
     _require(config.sampling.interval_steps >= 0, "config key 'sampling.interval_steps': must not be negative")
+    _require(config.sampling.batch_size >= 1, "config key 'sampling.batch_size': must be at least 1")
+    _require(config.trainer.log_every_n_steps >= 1, "config key 'trainer.log_every_n_steps': must be at least 1")
+    for key, limit in (("max_epochs", config.trainer.max_epochs), ("max_steps", config.trainer.max_steps)):
+        _require(limit is None or limit >= 1, f"config key 'trainer.{key}': must be at least 1 (or null)")
+    for key, every in (("every_n_epochs", config.checkpoint.every_n_epochs),
+                       ("every_n_train_steps", config.checkpoint.every_n_train_steps)):
+        _require(every is None or every >= 1, f"config key 'checkpoint.{key}': must be at least 1 (or null)")
+    _require(config.checkpoint.save_top_k >= -1, "config key 'checkpoint.save_top_k': -1 (keep all) or more")
     if config.optimizer.fused_backward:
         _require(not config.trainer.gradient_clip_val,
                  "config key 'optimizer.fused_backward': cannot be combined with 'trainer.gradient_clip_val' "

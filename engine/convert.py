@@ -19,6 +19,7 @@ import torch
 from . import checkpoints, events, paths
 from .ema import EMA_FOLDER
 from .errors import UserError
+from .models import is_diffusers_folder
 from .keymap import KEY_MAPS, check_complete, to_original
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -59,10 +60,6 @@ class Source:
     models: dict = field(default_factory=dict)
     name: str = "model"
     prediction_type: str = "epsilon"
-
-
-def _is_diffusers_folder(path: Path) -> bool:
-    return (path / "model_index.json").is_file() or (path / "unet").is_dir()
 
 
 def _prediction_type(base: Path) -> str:
@@ -121,7 +118,7 @@ def load_source(source: str | Path, wanted: tuple[str, ...], ema: bool = False,
         if run_vae is not None:
             own["vae"] = run_vae
         name = f"{path.parent.parent.name}-{path.name}"
-    elif _is_diffusers_folder(path):
+    elif is_diffusers_folder(path):
         if ema:
             raise UserError(f"--ema: {path} is a diffusers model folder; only training checkpoints have ema_unet/")
         base, name = path, path.name

@@ -7,18 +7,18 @@ so that a resumed run sees exactly the batches the uninterrupted run would have 
 from __future__ import annotations
 
 import bisect
-import warnings
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
+from . import notices
 from .dataset_index import DataWarning, ImageRecord
 from .errors import UserError
 
 
-def seeded_rng(seed: int, epoch: int, index: int, stream: int = 0) -> np.random.Generator:
-    return np.random.default_rng([seed & 0xFFFFFFFF, epoch, index, stream])
+def seeded_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed & 0xFFFFFFFF, epoch, index])
 
 
 def load_image(path: str):
@@ -27,11 +27,11 @@ def load_image(path: str):
 
     with Image.open(path) as image:
         image = ImageOps.exif_transpose(image)
-        if image.mode in ("P", "LA", "RGBA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        if image.mode in ("P", "LA", "RGBA", "PA"):  # transparent pixels become white, not black
             image = image.convert("RGBA")
             background = Image.new("RGBA", image.size, (255, 255, 255, 255))
             image = Image.alpha_composite(background, image)
-        if image.mode == "I;16" or image.mode.startswith("I;16") or image.mode == "I":
+        if image.mode.startswith("I"):  # 16-bit and 32-bit integer images: scale into 8 bits
             array = np.asarray(image, dtype=np.float32)
             scale = 65535.0 if array.max() > 255 else 255.0
             image = Image.fromarray((array / scale * 255.0).clip(0, 255).astype(np.uint8))
@@ -42,9 +42,9 @@ def crop_to_size(image, width: int, height: int, center: bool, rng: Optional[np.
     """Resize keeping the aspect so the image covers width x height, then crop to exactly that size."""
     from PIL import Image
 
-    scale = max(width / image.width, height / image.height)
-    resized_w = max(width, round(image.width * scale))
-    resized_h = max(height, round(image.height * scale))
+    from .buckets import cover_resize
+
+    _, resized_w, resized_h = cover_resize(image.size, (width, height))
     image = image.resize((resized_w, resized_h), Image.Resampling.BICUBIC)
     extra_w, extra_h = resized_w - width, resized_h - height
     if center or rng is None:
@@ -173,7 +173,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
             try:
                 return self._example(records[pool[(start + step) % len(pool)]], size, rng)
             except UnusableImage as error:
-                warnings.warn(str(error), DataWarning)
+                notices.warn(str(error), DataWarning)
         raise UserError(f"none of the {len(pool)} images of the {size[0]}x{size[1]} bucket can be decoded")
 
     def __getitem__(self, index: int) -> dict:

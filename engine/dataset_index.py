@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from . import paths
+from . import notices, paths
 from .errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -140,7 +140,7 @@ def _write_index(folder: Path, data: dict) -> None:
                 temp.unlink(missing_ok=True)
             except OSError:
                 pass
-    warnings.warn(f"{folder}: cannot write the dataset index here or in {paths.cache_dir()}; the next scan "
+    notices.warn(f"{folder}: cannot write the dataset index here or in {paths.cache_dir()}; the next scan "
                   "reads every image header again", DataWarning)
 
 
@@ -260,10 +260,9 @@ def _scan(folder: str, prompt_template: str, label: str) -> ScanResult:
     wants_captions = TXT_PROMPT in prompt_template
     listed_images, listed_texts = _list_folder(root, wants_captions)
     stored = _read_index(root)
-    with warnings.catch_warnings():
-        # Oversized images are reported below as skipped, not as PIL warnings.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        images, images_changed = _refresh(stored.get("images"), folder, listed_images, _IMAGE_VALUES, _read_image)
+    # Oversized images are reported as skipped by the scan, not as PIL warnings.
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    images, images_changed = _refresh(stored.get("images"), folder, listed_images, _IMAGE_VALUES, _read_image)
     captions, captions_changed = stored.get("captions") or _empty(_CAPTION_VALUES), False
     if wants_captions:
         # A scan without {TXT_PROMPT} leaves the stored captions alone for the scans that need them.
@@ -285,7 +284,7 @@ def _scan(folder: str, prompt_template: str, label: str) -> ScanResult:
             error = (f"image too large to decode safely: {width}x{height} = {width * height} pixels, over "
                      f"PIL.Image.MAX_IMAGE_PIXELS ({max_pixels})")
         if error is not None:
-            warnings.warn(f"skipping {path}: {error}", DataWarning)
+            notices.warn(f"skipping {path}: {error}", DataWarning)
             result.skipped.append((path, error))
             continue
         prompt = prompt_template
@@ -298,15 +297,15 @@ def _scan(folder: str, prompt_template: str, label: str) -> ScanResult:
 def _with_caption(template: str, image_path: str, prefix: str, caption: Optional[tuple]) -> str:
     if caption is None:
         stem = os.path.basename(image_path).rpartition(".")[0]
-        warnings.warn(f"{image_path}: no caption file {stem}.txt for {TXT_PROMPT}; using the prompt without it",
+        notices.warn(f"{image_path}: no caption file {stem}.txt for {TXT_PROMPT}; using the prompt without it",
                       DataWarning)
         text = ""
     else:
         name, text, utf8, error = caption
         if error is not None:
-            warnings.warn(f"{prefix + name}: {error}; using the prompt without it", DataWarning)
+            notices.warn(f"{prefix + name}: {error}; using the prompt without it", DataWarning)
         elif not utf8:
-            warnings.warn(f"{prefix + name}: caption is not UTF-8; read as latin-1", DataWarning)
+            notices.warn(f"{prefix + name}: caption is not UTF-8; read as latin-1", DataWarning)
         elif not text:
-            warnings.warn(f"{prefix + name}: the caption is empty", DataWarning)
+            notices.warn(f"{prefix + name}: the caption is empty", DataWarning)
     return template.replace(TXT_PROMPT, text).strip(" ,")

@@ -1,10 +1,10 @@
-"""Multi-process training through torchrun: process-group setup and the few collective helpers the loop
+"""Multi-process training through torchrun: process-group setup and the few collective operations the loop
 needs. A single process (no WORLD_SIZE in the environment) uses none of this."""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -80,3 +80,28 @@ def wrap(model: torch.nn.Module, topology: Topology, device: torch.device) -> to
 
     device_ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def main_first(topology: Topology, work: Callable[[], Any], then_others: bool = True) -> Any:
+    """Run work on the main process while the other ranks wait, then (then_others) on the other ranks.
+
+    Used for work whose results land on disk (class images, caches): the main process writes them once
+    and the others find them done. A failure on the main process fails every rank with its message
+    instead of leaving them waiting in the next collective.
+    """
+    from .errors import UserError
+
+    result, error = None, None
+    if topology.is_main:
+        try:
+            result = work()
+        except Exception as caught:  # re-raised below once the other ranks know
+            error = caught
+    failure = broadcast_from_main(topology, None if error is None else str(error))
+    if error is not None:
+        raise error
+    if failure is not None:
+        raise UserError(f"stopped because the main process failed: {failure}")
+    if not topology.is_main and then_others:
+        result = work()
+    return result

@@ -6,6 +6,14 @@ from pathlib import Path
 from typing import Optional
 
 
+def _step_of(line: str) -> Optional[int]:
+    """The step of a metrics line; None for a line cut short when the process was killed mid-write."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 class MetricsLog:
     """metrics.jsonl, one object per logged step. On resume, lines past the checkpoint's step are dropped
     so the file continues with no gaps and no duplicate steps."""
@@ -13,8 +21,8 @@ class MetricsLog:
     def __init__(self, path: Path, resume_step: Optional[int] = None):
         self.path = path
         if resume_step is not None and path.is_file():
-            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            kept = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
+                    if _step_of(line) is not None and _step_of(line) <= resume_step]
             path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         self.file = open(path, "a", encoding="utf-8")
 

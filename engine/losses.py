@@ -40,4 +40,7 @@ def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float, prediction
 
     snr = compute_snr(scheduler, timesteps)
     clipped = torch.minimum(snr, torch.full_like(snr, gamma))
-    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    # min(SNR, γ)/SNR tends to 1 as SNR → 0; zero terminal SNR reaches SNR = 0 exactly.
+    return torch.where(snr > 0, clipped / snr.clamp(min=torch.finfo(snr.dtype).tiny), torch.ones_like(snr))

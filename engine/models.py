@@ -21,6 +21,10 @@ class Components:
     model_path: str
 
 
+def is_diffusers_folder(path: Path) -> bool:
+    return (path / "model_index.json").is_file() or (path / "unet").is_dir()
+
+
 def resolve_model_path(model: str) -> str:
     if not model:
         raise UserError("config key 'model': no base model given (a diffusers folder or demo:tiny-sd)")
@@ -28,7 +32,7 @@ def resolve_model_path(model: str) -> str:
     path = Path(resolved)
     if not path.exists():
         raise UserError(f"config key 'model': not found: {resolved}")
-    if path.is_dir() and not (path / "model_index.json").is_file() and not (path / "unet").is_dir():
+    if path.is_dir() and not is_diffusers_folder(path):
         raise UserError(f"config key 'model': {resolved} is not a diffusers model folder (no model_index.json)")
     return resolved
 
@@ -77,7 +81,7 @@ def encode_prompt(text_encoder, input_ids: torch.Tensor, clip_stop_at_layer: int
 
 
 def enable_text_encoder_checkpointing(text_encoder) -> None:
-    # transformers 5 renamed the switch; older versions only have the first name.
+    # transformers 5 renamed the switch; older versions only have gradient_checkpointing_enable.
     enable = getattr(text_encoder, "activation_checkpointing_enable", None) or \
         text_encoder.gradient_checkpointing_enable
     enable()

@@ -1,4 +1,4 @@
-"""Optimizers and learning-rate schedules from the config's names (the seed's class paths or short names)."""
+"""Optimizers and learning-rate schedules from the config's names (class paths or short names)."""
 from __future__ import annotations
 
 import importlib
@@ -78,7 +78,7 @@ def build_scheduler(config: OptimizerConfig, optimizer: torch.optim.Optimizer, t
                         f"{', '.join(DIFFUSERS_SCHEDULES)} or a torch scheduler class path, got {name!r}")
     cls = _import_class(name, "optimizer.lr_scheduler.name")
     params = dict(sched.params)
-    params.pop("last_epoch", None)  # the seed's templates carried it; resuming restores the state instead
+    params.pop("last_epoch", None)  # earlier templates carried it; resuming restores the state instead
     if cls is torch.optim.lr_scheduler.CosineAnnealingLR:
         params.setdefault("T_max", max(1, total_steps - warmup_steps))
     for key in ("eta_min", "gamma", "start_factor", "end_factor", "factor"):
@@ -170,9 +170,11 @@ class PerParameterOptimizer:
             param.grad = None
 
     def state_dict(self) -> dict:
-        return {"proxy": self.proxy.state_dict(), "parameters": [o.state_dict() for o in self.optimizers]}
+        return {"proxy": self.proxy.state_dict(), "parameters": [o.state_dict() for o in self.optimizers],
+                "rounding": self.rounding.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
         self.proxy.load_state_dict(state["proxy"])
+        self.rounding.set_state(state["rounding"])
         for optimizer, saved in zip(self.optimizers, state["parameters"]):
             optimizer.load_state_dict(saved)

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import threading
+import uuid
 from pathlib import Path
+from typing import Callable
 
 DEMO_PREFIX = "demo:"
 _build_lock = threading.Lock()
@@ -13,26 +16,47 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SCAL_SDT_CACHE", Path.home() / ".cache" / "scal-sdt"))
 
 
+def _build_once(target: Path, build: Callable[[Path], object]) -> Path:
+    """Build target unless it exists; the folder only ever appears complete.
+
+    Several processes (torchrun ranks, the app beside a CLI run) may build at once, and a build may be killed
+    halfway. Each one builds into its own hidden sibling folder and renames it into place, so the final
+    folder existing is the proof of a finished build; whoever renames second throws its copy away.
+    """
+    if target.is_dir():
+        return target
+    # The lock only saves threads of one process from building the same thing twice.
+    with _build_lock:
+        if target.is_dir():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Not mkdtemp: its owner-only mode would stick to the renamed folder.
+        staging = target.with_name(f".{target.name}.building-{uuid.uuid4().hex}")
+        staging.mkdir()
+        try:
+            build(staging)
+            try:
+                os.rename(staging, target)
+            except OSError:
+                if not target.is_dir():
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
 def demo_model_dir() -> Path:
     """The tiny demo pipeline, built on first use."""
     from .tiny import make_tiny_model
 
-    target = cache_dir() / "tiny-sd"
-    with _build_lock:
-        if not (target / "model_index.json").is_file():
-            make_tiny_model(target)
-    return target
+    return _build_once(cache_dir() / "tiny-sd", make_tiny_model)
 
 
 def demo_data_dir() -> Path:
     """The synthetic sample dataset, written on first use."""
     from .tiny import make_sample_data
 
-    target = cache_dir() / "sample-data"
-    with _build_lock:
-        if not (target / "finetune").is_dir():
-            make_sample_data(target)
-    return target
+    return _build_once(cache_dir() / "sample-data", make_sample_data)
 
 
 def resolve(path: str) -> str:

@@ -17,12 +17,11 @@ import numpy as np
 
 
 class BucketBatchSampler:
-    def __init__(self, item_buckets: Sequence[int], batch_size: int, seed: int, shuffle: bool = True,
+    def __init__(self, item_buckets: Sequence[int], batch_size: int, seed: int,
                  rank: int = 0, world_size: int = 1):
         self.item_buckets = np.asarray(item_buckets, dtype=np.int64)
         self.batch_size = batch_size
         self.seed = seed
-        self.shuffle = shuffle
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
@@ -46,8 +45,7 @@ class BucketBatchSampler:
         batches: list[list[int]] = []
         for bucket in np.unique(self.item_buckets):
             items = np.flatnonzero(self.item_buckets == bucket)
-            if self.shuffle:
-                items = rng.permutation(items)
+            items = rng.permutation(items)
             for begin in range(0, len(items), global_size):
                 chunk = items[begin:begin + global_size]
                 per_rank = len(chunk) // self.world_size
@@ -55,9 +53,8 @@ class BucketBatchSampler:
                     continue
                 mine = chunk[self.rank * per_rank:(self.rank + 1) * per_rank]
                 batches.append([int(i) for i in mine])
-        if self.shuffle:
-            order = rng.permutation(len(batches))
-            batches = [batches[i] for i in order]
+        order = rng.permutation(len(batches))
+        batches = [batches[i] for i in order]
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:

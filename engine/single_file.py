@@ -9,14 +9,13 @@ The tokenizer vocabulary is not built in: it comes from `tokenizer:` or from the
 """
 from __future__ import annotations
 
-import warnings
 import zipfile
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from . import paths
+from . import notices, paths
 from .errors import UserError
 from .keymap import CLIP_PREFIX, OPEN_CLIP_PREFIX, TEXT_ENCODER_PREFIX, UNET_PREFIX, VAE_PREFIX
 from .models import Components
@@ -82,7 +81,7 @@ def config_folder(path: Path, shapes: dict, tokenizer: Optional[str] = None) -> 
         raise UserError(f"config key 'model': {path} is not an SD1.x or SD2.x checkpoint this app knows; put its "
                         f"diffusers model folder beside it as {companion.name}/ (model_index.json and configs)")
     if family == "sd21":
-        warnings.warn(f"{path.name}: loaded as SD2.x 768 v-prediction; for an epsilon model such as SD2.1-base "
+        notices.warn(f"{path.name}: loaded as SD2.x 768 v-prediction; for an epsilon model such as SD2.1-base "
                       "set prediction_type: epsilon")
     return BUILTIN_CONFIGS / family
 

@@ -1,4 +1,4 @@
-"""Helpers shared by the test suite and the benchmarks: small configs over the demo assets."""
+"""Small configs over the demo assets, shared by the test suite and the benchmarks."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -13,7 +13,6 @@ import os
 import queue
 import random
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -21,7 +20,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from . import checkpoints, distributed, events, paths
+from . import checkpoints, distributed, events, notices, paths
 from .buckets import plan_buckets
 from .config import PRECISIONS, Config, dump_yaml, load, to_dict
 from .data import Collate, DreamBoothDataset
@@ -32,7 +31,6 @@ from .losses import dreambooth_loss, min_snr_weights, training_target
 from .models import (Components, enable_text_encoder_checkpointing, enable_xformers_if_usable, encode_prompt,
                      load_components, resolve_model_path)
 
-_ENGINE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 class RowNoise:
@@ -93,7 +91,7 @@ def configure_noise_schedule(components: Components, config: Config) -> None:
 def select_device(config: Config) -> torch.device:
     wanted = config.trainer.accelerator
     if wanted in ("gpu", "cuda") and not torch.cuda.is_available():
-        warnings.warn("trainer.accelerator is 'gpu' but no CUDA device is available: training on the CPU")
+        notices.warn("trainer.accelerator is 'gpu' but no CUDA device is available: training on the CPU")
         return torch.device("cpu")
     if wanted == "cpu":
         return torch.device("cpu")
@@ -110,7 +108,7 @@ def select_precision(config: Config, device: torch.device) -> tuple[Optional[tor
     if name is None:
         return None, False
     if device.type != "cuda" and name == "float16":
-        warnings.warn("fp16 mixed precision needs CUDA: training in fp32 on the CPU")
+        notices.warn("fp16 mixed precision needs CUDA: training in fp32 on the CPU")
         return None, False
     dtype = getattr(torch, name)
     return dtype, dtype == torch.float16
@@ -178,7 +176,7 @@ def prepare_data(config: Config, tokenizer, seed: int, rank: int = 0, world_size
                                  world_size=world_size)
     stranded = sum(n for n in Counter(instance_plan.assignments).values() if n < world_size)
     if stranded:
-        warnings.warn(f"{stranded} training images are in aspect-ratio buckets holding fewer images than the "
+        notices.warn(f"{stranded} training images are in aspect-ratio buckets holding fewer images than the "
                       f"{world_size} processes and are never trained on; add images of similar shape or use "
                       "fewer GPUs", DataWarning)
     workers = config.num_workers if config.num_workers is not None else min(4, os.cpu_count() or 1)
@@ -210,12 +208,8 @@ class Trainer(Job):
         return str(self.run_dir or "")
 
     def _run(self) -> events.Event:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                return self._train(caught)
-            finally:
-                self._flush_warnings(caught)
+        with notices.collect(lambda message: self.log(message, "warning")):
+            return self._train()
 
     def _generate_missing_class_images(self) -> None:
         """Fill auto-generated class folders first, so that a DreamBooth preset runs with one click."""
@@ -229,26 +223,22 @@ class Trainer(Job):
         if result.stopped:
             self.log("class image generation was stopped", "warning")
 
-    def _flush_warnings(self, caught: list) -> None:
-        # Only the engine's own warnings are for the user; libraries' deprecation chatter is not.
-        for warning in caught:
-            if warning.filename.startswith(_ENGINE_DIR):
-                self.log(str(warning.message), "warning")
-        caught.clear()
-
     # -- the run ------------------------------------------------------------------------------------------
-    def _train(self, caught_warnings: list) -> events.Event:
-        config = self.config
-        topology = distributed.init_from_environment(use_cuda=select_device(config).type == "cuda")
+    def _train(self) -> events.Event:
+        device = select_device(self.config)
+        topology = distributed.init_from_environment(use_cuda=device.type == "cuda")
         try:
-            return self._train_in_group(caught_warnings, topology)
+            with contextlib.ExitStack() as cleanup:
+                return self._train_in_group(topology, device, cleanup)
         finally:
+            # the finished job must not keep the models alive (the app holds on to its last job)
+            self._unet = self._text_encoder = None
             distributed.shutdown(topology)
 
-    def _train_in_group(self, caught_warnings: list, topology: distributed.Topology) -> events.Event:
+    def _train_in_group(self, topology: distributed.Topology, device: torch.device,
+                        cleanup: contextlib.ExitStack) -> events.Event:
         config = self.config
         rank, world_size, is_main = topology.rank, topology.world_size, topology.is_main
-        device = select_device(config)
         autocast_dtype, use_scaler = select_precision(config, device)
 
         resolve_model_path(config.model)  # fail before creating a run folder
@@ -277,10 +267,8 @@ class Trainer(Job):
         torch.manual_seed(seed)
 
         if config.prior_preservation.enabled:
-            if is_main:
-                self._generate_missing_class_images()
-            distributed.barrier(topology)
-            if self.stop_requested:
+            distributed.main_first(topology, self._generate_missing_class_images, then_others=False)
+            if distributed.any_rank(topology, self.stop_requested, device):
                 return events.Finished(run_dir=str(self.run_dir), step=0, stopped=True)
         components = load_components(config.model, config.vae, config.tokenizer)
         configure_noise_schedule(components, config)
@@ -294,6 +282,11 @@ class Trainer(Job):
         unet, text_encoder, vae = components.unet, components.text_encoder, components.vae
         vae.requires_grad_(False)
         text_encoder.requires_grad_(config.train_text_encoder)
+        if config.train_text_encoder and config.clip_stop_at_layer > 1:
+            # CLIP skip never runs the last layers: freezing them keeps DDP from waiting for their gradients.
+            layers = getattr(text_encoder, "text_model", text_encoder).encoder.layers
+            for layer in layers[len(layers) - (config.clip_stop_at_layer - 1):]:
+                layer.requires_grad_(False)
         unet.train()
         text_encoder.train(config.train_text_encoder)
         vae.eval()
@@ -310,20 +303,20 @@ class Trainer(Job):
                 model.to(torch.bfloat16)
 
         data = prepare_data(config, components.tokenizer, seed, rank, world_size, expansions)
-        self._flush_warnings(caught_warnings)
         from .cache import attach_caches
 
-        if not is_main:
-            distributed.barrier(topology)  # the main process fills the caches; the others then find them full
-        text_cache = attach_caches(config, components, data.dataset, device, autocast_dtype, self.log)
-        if is_main:
-            distributed.barrier(topology)
+        # The main process fills the caches; the other ranks then find them full.
+        text_cache = distributed.main_first(
+            topology, lambda: attach_caches(config, components, data.dataset, device, autocast_dtype, self.log))
         if config.aspect_ratio_bucket.debug:
             for bucket, (width, height) in enumerate(data.bucket_sizes):
                 count = data.dataset.instance_buckets.count(bucket)
                 if count:
                     self.log(f"bucket {width}x{height}: {count} images")
         batches_per_epoch = len(data.sampler)
+        if batches_per_epoch == 0:
+            raise UserError(f"no batch can be formed: every bucket holds fewer images than the {world_size} "
+                            "processes; add images or train on fewer devices")
         accumulate = config.trainer.accumulate_grad_batches
         steps_per_epoch = math.ceil(batches_per_epoch / accumulate)
         total_steps = min(s for s in (config.trainer.max_steps,
@@ -351,8 +344,6 @@ class Trainer(Job):
         scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
         from .ema import EMA_FOLDER, SwapInEma, create_ema, ema_step, load_ema
 
-        ema = create_ema(unet, config.ema) if config.ema.enabled else None
-
         global_step, epoch, position = 0, 0, 0
         metrics_resume_step = None
         if resume_from is not None:
@@ -360,20 +351,25 @@ class Trainer(Job):
             checkpoints.load_model_weights(unet, resume_from, "unet")
             if config.train_text_encoder:
                 checkpoints.load_model_weights(text_encoder, resume_from, "text_encoder")
-            if ema is not None:
-                if (resume_from / EMA_FOLDER).is_dir():
-                    ema = load_ema(resume_from, config.ema, device)
-                else:
-                    self.log(f"{resume_from.name} has no EMA weights: the average starts from the current weights",
+        # Only the main process samples and saves, so only it keeps the average.
+        ema = None
+        if config.ema.enabled and is_main:
+            if resume_from is not None and (resume_from / EMA_FOLDER).is_dir():
+                ema = load_ema(resume_from, config.ema, device)
+            else:
+                if resume_from is not None:
+                    self.log(f"{resume_from.name} has no EMA weights: the average starts from the resumed weights",
                              "warning")
+                ema = create_ema(unet, config.ema)
+        if resume_from is not None:
             optimizer.load_state_dict(state["optimizer"])
             lr_scheduler.load_state_dict(state["lr_scheduler"])
             scaler.load_state_dict(state["scaler"])
             random.setstate(state["rng"]["python"])
             np.random.set_state(state["rng"]["numpy"])
             torch.set_rng_state(state["rng"]["torch"])
-            if torch.cuda.is_available() and state["rng"].get("cuda"):
-                torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+            if device.type == "cuda" and state["rng"].get("cuda") is not None:
+                torch.cuda.set_rng_state(state["rng"]["cuda"], device)
             global_step, epoch, position = state["global_step"], state["sampler"]["epoch"], state["sampler"]["position"]
             metrics_resume_step = global_step
             self.log(f"resuming {self.run_dir} from {resume_from.name} (step {global_step})")
@@ -382,6 +378,9 @@ class Trainer(Job):
 
         metrics = MetricsLog(self.run_dir / "metrics.jsonl", metrics_resume_step) if is_main else None
         external = ExternalLoggers(config, self.run_dir, to_dict(config)) if is_main else None
+        if is_main:  # closed however the run ends, so W&B and TensorBoard keep what was logged
+            cleanup.callback(metrics.close)
+            cleanup.callback(external.close)
         self.emit(events.Started(run_dir=str(self.run_dir), total_steps=total_steps, start_step=global_step))
         self.log(f"{len(data.dataset)} training images, {len(data.skipped)} skipped; {batches_per_epoch} batches "
                  f"per epoch; {total_steps} steps; device {device}; attention {attention}")
@@ -391,7 +390,7 @@ class Trainer(Job):
                 "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
                 "scaler": scaler.state_dict(),
                 "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
                 "global_step": global_step, "overflow_steps": overflow_steps, "sampler": {"epoch": epoch, "position": batch_index_in_epoch},
             }
             models = {"unet": unet}
@@ -437,8 +436,10 @@ class Trainer(Job):
                 group_start = batch_index_in_epoch // accumulate * accumulate
                 group_size = min(accumulate, epoch_batches - group_start)
                 loss, parts = self._forward(batch, components, device, autocast_dtype, text_cache)
-                if not torch.isfinite(loss):
-                    raise UserError(f"the loss became {loss.item()} at step {global_step + 1}; stopping. "
+                finite = bool(torch.isfinite(loss))
+                if distributed.any_rank(topology, not finite, device):
+                    value = "non-finite on another process" if finite else loss.item()
+                    raise UserError(f"the loss became {value} at step {global_step + 1}; stopping. "
                                     f"The last good checkpoint is kept in {self.run_dir / 'checkpoints'}; "
                                     "lower optimizer.params.lr or use bf16/fp32 precision")
                 last_of_group = batch_index_in_epoch + 1 - group_start == group_size
@@ -457,6 +458,8 @@ class Trainer(Job):
                     if not optimizer_step(optimizer, scaler, params, config.trainer.gradient_clip_val):
                         overflow_steps += 1
                 elif not config.optimizer.fused_backward:
+                    if config.trainer.gradient_clip_val:
+                        torch.nn.utils.clip_grad_norm_(params, config.trainer.gradient_clip_val)
                     optimizer.step()
                 if ema is not None:
                     ema_step(ema, unet.parameters(), config.ema.on_cpu)
@@ -483,8 +486,7 @@ class Trainer(Job):
                 self.emit(events.Step(step=global_step, epoch=epoch, loss=record["loss"], lr=record["lr"],
                                       it_per_s=it_per_s, total_steps=total_steps,
                                       eta_s=(total_steps - global_step) / it_per_s if it_per_s else 0.0))
-                self._flush_warnings(caught_warnings)
-
+        
                 if is_main and config.sampling.concepts and config.sampling.interval_steps and \
                         global_step % config.sampling.interval_steps == 0:
                     sample()
@@ -499,10 +501,9 @@ class Trainer(Job):
                 if global_step >= total_steps:
                     break
             else:
-                # the epoch ran to its end
                 position = 0
                 epoch += 1
-                # As in the seed, every_n_train_steps replaces every_n_epochs when both are set.
+                # As in Lightning's ModelCheckpoint, every_n_train_steps replaces every_n_epochs when set.
                 every_epochs = None if config.checkpoint.every_n_train_steps else config.checkpoint.every_n_epochs
                 if is_main and every_epochs and epoch % every_epochs == 0 and global_step < total_steps:
                     batch_index_in_epoch = 0
@@ -520,8 +521,6 @@ class Trainer(Job):
                 latest = checkpoints.latest_checkpoint(self.run_dir)
                 if latest is None or checkpoints.read_meta(latest)["step"] != global_step:
                     save("stop" if stopped else "end")
-            metrics.close()
-            external.close()
         summary = {"steps": global_step, "images": len(data.dataset), "skipped": len(data.skipped),
                    "skipped_reasons": [{"path": p, "reason": r} for p, r in data.skipped]}
         return events.Finished(run_dir=str(self.run_dir), step=global_step, stopped=stopped, summary=summary)

@@ -10,7 +10,7 @@ The figures are the tensor bytes alive at the step's peak; the CUDA context and 
 come on top of them.
 
 The model's own unet/config.json is used when the config's model is a diffusers folder; otherwise the
-shipped SD1.5 or SD2.1 configs in engine/configs/, picked by name or by `--arch`.
+shipped SD1.5 or SD2.1 configs in engine/configs/pipelines/, picked by name or by `--arch`.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from .errors import UserError
 
 GIB = 2**30
 ARCHITECTURES = ("sd15", "sd21")
-SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs" / "pipelines"
 # bitsandbytes keeps fp32 states for parameters smaller than this (its min_8bit_size) and one fp32 absmax
 # per block of this many elements for the others (its blockwise quantization).
 BNB_MIN_8BIT_SIZE = 4096
@@ -132,15 +132,16 @@ def resolve_architecture(config: Config, arch: Optional[str] = None) -> Architec
     if arch is not None and arch not in ARCHITECTURES:
         raise UserError(f"--arch: expected one of {', '.join(ARCHITECTURES)}, got {arch!r}")
     folder = Path(paths.resolve(config.model)) if config.model else None
-    if folder is not None and (folder / "unet" / "config.json").is_file():
-        vae_dir = Path(paths.resolve(config.vae)) if config.vae else folder / "vae"
-        if not (vae_dir / "config.json").is_file():
-            vae_dir = folder / "vae"
-        return Architecture(str(folder), _read_json(folder / "unet" / "config.json"),
-                            _read_json(folder / "text_encoder" / "config.json"), _read_json(vae_dir / "config.json"))
-    shipped = SHIPPED_CONFIGS / (arch or guess_architecture(config.model))
-    return Architecture(shipped.name, _read_json(shipped / "unet.json"), _read_json(shipped / "text_encoder.json"),
-                        _read_json(shipped / "vae.json"))
+    vae_dir = None
+    if folder is None or not (folder / "unet" / "config.json").is_file():
+        # A single file or a hub name: the same shipped configs the single-file loader uses.
+        folder = SHIPPED_CONFIGS / (arch or guess_architecture(config.model))
+    elif config.vae and (Path(paths.resolve(config.vae)) / "config.json").is_file():
+        vae_dir = Path(paths.resolve(config.vae))
+    vae_dir = vae_dir or folder / "vae"
+    return Architecture(folder.name if folder.parent == SHIPPED_CONFIGS else str(folder),
+                        _read_json(folder / "unet" / "config.json"),
+                        _read_json(folder / "text_encoder" / "config.json"), _read_json(vae_dir / "config.json"))
 
 
 @dataclass(frozen=True)
@@ -298,10 +299,11 @@ def estimate(config: Config, arch: Optional[str] = None) -> VramEstimate:
 
     architecture = resolve_architecture(config, arch)
     plan = step_plan(config)
-    with FakeTensorMode(), warnings.catch_warnings():
-        # With the step fused into backward a gradient is gone by the time the tracker's own
-        # post-accumulate hook looks for it, which it reports as a warning and otherwise ignores.
-        warnings.filterwarnings("ignore", message="Expected a tensor or a traceable wrapper-subclass")
+    # With the step fused into backward a gradient is gone by the time the tracker's own
+    # post-accumulate hook looks for it, which it reports as a warning and otherwise ignores. A lasting
+    # filter, not catch_warnings: that would swap process-wide state under the app's other threads.
+    warnings.filterwarnings("ignore", message="Expected a tensor or a traceable wrapper-subclass")
+    with FakeTensorMode():
         return _trace_step(config, architecture, plan)
 
 
@@ -312,7 +314,7 @@ def _trace_step(config: Config, architecture: Architecture, plan: StepPlan) -> V
 
     from .ema import create_ema, ema_step
     from .models import enable_text_encoder_checkpointing, encode_prompt
-    from .train import dreambooth_loss
+    from .losses import dreambooth_loss
 
     # As in training, weights_dtype applies to the trained models; frozen ones stay in fp32.
     unet = _cast(UNet2DConditionModel.from_config(architecture.unet), plan.weights).train()

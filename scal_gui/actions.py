@@ -5,14 +5,13 @@ Engine errors become messages here, so a bad config or a failing engine never ta
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from pathlib import Path
 from typing import Callable, Optional
 
 from engine import config as schema
 from engine.errors import UserError
 
-from . import configs, features, multi_device
+from . import configs, multi_device
 from .jobs import CLASSGEN, TRAIN, JobBusy, JobManager
 
 
@@ -43,7 +42,9 @@ def _resume_builder(run_dir: str) -> Callable:
 
 def _classgen_builder(config: schema.Config) -> Callable:
     def build(events):
-        return importlib.import_module("engine.classgen").ClassGenJob(config, events)
+        from engine.classgen import ClassGenJob
+
+        return ClassGenJob(config, events)
 
     return build
 
@@ -80,8 +81,6 @@ class Actions:
         return self._start(TRAIN, _resume_builder(run_dir), f"resuming {Path(run_dir).name}")
 
     def generate_class_images(self, yaml_text: str) -> str:
-        if not features.available("classgen"):
-            return features.not_available("Class image generation")
         try:
             config = self._config(yaml_text)
         except schema.ConfigError as error:
@@ -110,11 +109,11 @@ class Actions:
                 "error": history.error}
 
     def estimate_vram(self, yaml_text: str) -> str:
-        if not features.available("vram"):
-            return features.not_available("The GPU memory estimate")
+        from engine import vram  # imports torch: loaded on first use, not with the page
+
         try:
             config = self._config(yaml_text)
-            estimate = importlib.import_module("engine.vram").estimate(config)
+            estimate = vram.estimate(config)
         except UserError as error:
             return f"Error: {error}"
         parts = [f"{name.replace('_', ' ')} {value:.2f}" for name, value in dataclasses.asdict(estimate).items()
@@ -123,11 +122,10 @@ class Actions:
 
     def convert(self, source: str, out: str, options: dict,
                 on_event: Optional[Callable] = None) -> str:
-        if not features.available("convert"):
-            return features.not_available("Conversion")
         if not source or not out:
             return "Error: Choose a checkpoint (or a model path) and an output path."
-        convert = importlib.import_module("engine.convert")
+        from engine import convert  # imports torch: loaded on first use, not with the page
+
         try:
             path = convert.convert_checkpoint(source, out, on_event=on_event, **options)
         except UserError as error:

@@ -1,7 +1,6 @@
 """The Dataset tab's view of engine.buckets_cli.bucket_report: table, chart, skipped images, thumbnails."""
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 import pandas as pd
@@ -14,7 +13,9 @@ SKIPPED_COLUMNS = ("image", "reason")
 
 
 def report(config) -> dict:
-    return importlib.import_module("engine.buckets_cli").bucket_report(config)
+    from engine.buckets_cli import bucket_report  # the image scan pulls in PIL: loaded on first use
+
+    return bucket_report(config)
 
 
 def bucket_label(bucket: dict) -> str:

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import copy
-import warnings
+import tempfile
 from typing import Optional
 
 import yaml
 
 from engine import config as schema
+from engine import notices
 
 from . import fields
 
@@ -17,16 +18,20 @@ def to_yaml(raw: dict) -> str:
 
 
 def parse_yaml(text: str) -> dict:
-    """The raw config dict of a YAML text; raises ConfigError with the line of a syntax error."""
-    try:
-        values = yaml.safe_load(text or "")
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(error, "problem", None) or "invalid YAML"
-        raise schema.ConfigError(f"YAML syntax error{where}: {problem}") from None
-    if values is None:
-        return {}
+    """The raw config dict of a YAML text; raises ConfigError with the line of a syntax error.
+
+    The engine reads YAML only from files, so the text goes through one: its messages (the line and column
+    of a syntax error) are then the command line's, written in one place.
+    """
+    with tempfile.NamedTemporaryFile("w", encoding="utf-8", errors="surrogatepass", prefix="scal-sdt-edit-",
+                                     suffix=".yaml") as file:
+        file.write(text or "")
+        file.flush()
+        try:
+            values = schema.read_yaml(file.name)
+        except schema.ConfigError as error:
+            # The file is an implementation detail; the user edited text.
+            raise schema.ConfigError(str(error).removeprefix(f"{file.name}: ")) from None
     if not isinstance(values, dict):
         raise schema.ConfigError("the config must be a mapping of keys to values")
     return values
@@ -34,10 +39,10 @@ def parse_yaml(text: str) -> dict:
 
 def load(raw: dict) -> tuple[schema.Config, list[str]]:
     """The validated Config and the schema's notes (keys that are ignored); raises ConfigError."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", schema.ConfigWarning)
+    notes: list[str] = []
+    # Notices go to this thread's sink: a training thread's notices stay in its own log, not in these notes.
+    with notices.collect(notes.append):
         config = schema.from_dict(copy.deepcopy(raw))
-    notes = [str(w.message) for w in caught if issubclass(w.category, schema.ConfigWarning)]
     return config, notes
 
 

@@ -2,7 +2,6 @@
 engine's tables of dtypes and formats."""
 from __future__ import annotations
 
-import importlib
 import inspect
 
 AUTO_FORMAT = "from the output name"
@@ -13,7 +12,8 @@ ORDER = CHECKBOXES + DTYPE_OPTIONS + ("fmt",)
 
 def defaults() -> dict[str, tuple[object, list]]:
     """option -> (default shown in the form, choices; [] for a checkbox)."""
-    convert = importlib.import_module("engine.convert")
+    from engine import convert  # imports torch: loaded with the page's first request, not at startup
+
     parameters = inspect.signature(convert.convert_checkpoint).parameters
     result: dict[str, tuple[object, list]] = {name: (parameters[name].default, []) for name in CHECKBOXES}
     for name in DTYPE_OPTIONS:

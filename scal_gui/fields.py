@@ -16,8 +16,11 @@ from typing import Any, Literal, Union
 
 from engine import config as schema
 
-_INDEX = re.compile(r"^(\w+)\[(\d+)\]$")
-_MISSING = object()
+# A key path as engine.config.apply_override reads it: names between dots, list indexes in brackets.
+_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+_INDEX = re.compile(r"\[(\d+)\]")
+_MISSING = object()  # the key, a mapping or a list item on its path is absent (or null)
+_BLOCKED = object()  # a value on the key's path holds no keys: the form cannot write past it
 
 
 class FormError(ValueError):
@@ -25,14 +28,8 @@ class FormError(ValueError):
 
 
 def _parts(key: str) -> list:
-    parts = []
-    for name in key.split("."):
-        match = _INDEX.match(name)
-        if match:
-            parts += [match.group(1), int(match.group(2))]
-        else:
-            parts.append(name)
-    return parts
+    """`a.b[0].c` -> ["a", "b", 0, "c"]."""
+    return [int(index) if index else name for name, index in _PART.findall(key)]
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
@@ -168,19 +165,22 @@ class Field:
 def _lookup(raw: dict, key: str) -> Any:
     node: Any = raw
     for part in _parts(key):
-        if isinstance(part, int):
-            if not isinstance(node, list) or part >= len(node):
-                return _MISSING
-            node = node[part]
-        else:
-            if not isinstance(node, dict) or part not in node:
-                return _MISSING
-            node = node[part]
+        if node is None:
+            return _MISSING
+        if not isinstance(node, list if isinstance(part, int) else dict):
+            return _BLOCKED
+        if part not in (range(len(node)) if isinstance(part, int) else node):
+            return _MISSING
+        node = node[part]
     return node
 
 
 def get_value(raw: dict, key: str) -> Any:
-    """The value at key in a raw config dict, or the schema default when the key is absent."""
+    """The value at key in a raw config dict, or the schema default when the key is absent.
+
+    Where the path runs into a value that holds no keys (`data: 5`), a marker that fits no field is returned,
+    so that misfits names the key.
+    """
     _, optional, default = describe(key)
     value = _lookup(raw, key)
     if value is _MISSING or (value is None and not optional):
@@ -189,21 +189,21 @@ def get_value(raw: dict, key: str) -> Any:
 
 
 def set_value(raw: dict, key: str, value: Any) -> None:
-    """Set key in a raw config dict, creating the mappings and list items on the way."""
-    parts = _parts(key)
-    node: Any = raw
-    for part, following in zip(parts[:-1], parts[1:]):
-        if isinstance(part, int):
-            while len(node) <= part:
-                node.append({})
-            if not isinstance(node[part], dict):
-                node[part] = {}
-            node = node[part]
+    """Set key in a raw config dict with the engine's override, adding the list items the key addresses.
+
+    The override creates absent mappings but, like `--set`, refuses list items that are not there yet;
+    the form adds them, because its first concept is where a new config's folders go.
+    """
+    for match in _INDEX.finditer(key):
+        prefix, index = key[:match.start()], int(match.group(1))
+        items = _lookup(raw, prefix)
+        items = list(items) if isinstance(items, list) else []
+        if index < len(items) and items[index] is not None:
             continue
-        if not isinstance(node.get(part), (dict, list)):
-            node[part] = [] if isinstance(following, int) else {}
-        node = node[part]
-    node[parts[-1]] = value
+        items += [{} for _ in range(index + 1 - len(items))]
+        items[index] = {}
+        schema.apply_override(raw, prefix, items)
+    schema.apply_override(raw, key, value)
 
 
 def misfits(raw: dict, fields: typing.Sequence[Field]) -> list[str]:
@@ -216,7 +216,7 @@ def form_values(raw: dict, fields: typing.Sequence[Field]) -> list:
 
 
 def apply_form(raw: dict, fields: typing.Sequence[Field], values: typing.Sequence) -> dict:
-    """A copy of raw with the form's values written in.
+    """A copy of raw with the form's values written in; raw must have no misfits.
 
     Only changes are written: a value the key already holds keeps its spelling (`lr: 1e-6` stays a
     string), and a schema default is not added where the key is absent, so a field the user left alone

@@ -1,6 +1,6 @@
 """One job at a time (a training run or class image generation), and the history of what it reported.
 
-The manager lives in the server process, not in a browser session: a run started from the page goes on
+The manager lives in the server process, not in a browser tab: a run started from the page goes on
 when the tab is closed, and a reloaded page renders the same history. A drain thread per job moves the
 job's events into the history as they arrive, so the history is current even while no page polls it.
 Nothing here imports gradio or the heavy engine modules; those load when a job is built.
@@ -63,10 +63,9 @@ def _stamp() -> str:
 class JobManager:
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._job: Any = None
+        self._job: Any = None  # the active job; None once it has ended, so that its model can be freed
         self._current: Optional[History] = None
         self._histories: dict[str, History] = {}
-        self._drainer: Optional[threading.Thread] = None
         self._building: Optional[str] = None  # kind of a job being built
 
     # -- starting and stopping ------------------------------------------------------------------------
@@ -87,10 +86,14 @@ class JobManager:
         events: queue.Queue = queue.Queue()
         try:
             job = build(events)
-        finally:
+        except BaseException:
             with self._lock:
                 self._building = None
+            raise
         with self._lock:
+            # Cleared where the job is installed: between two locked blocks another start would pass the
+            # busy check.
+            self._building = None
             history = History(kind=kind, label=label)
             history.logs.append(f"{_stamp()} starting {label or JOB_NAMES[kind]}")
             self._job, self._current = job, history
@@ -99,10 +102,10 @@ class JobManager:
                 job.start()
             except Exception as error:
                 self._fail(history, f"{error.__class__.__name__}: {error}", user_error=False)
+                self._job = None
                 raise
-            self._drainer = threading.Thread(target=self._drain, args=(job, events, history),
-                                             name=f"scal-gui-{kind}-events", daemon=True)
-            self._drainer.start()
+            threading.Thread(target=self._drain, args=(job, events, history), name=f"scal-gui-{kind}-events",
+                             daemon=True).start()
             return history
 
     def stop(self) -> str:
@@ -117,20 +120,7 @@ class JobManager:
                 self._job.stop()
         return f"Stopping {JOB_NAMES[history.kind]}…"
 
-    def wait(self, timeout: Optional[float] = None) -> bool:
-        """Wait until the current job's events are all in its history; True when it has ended."""
-        drainer = self._drainer
-        if drainer is not None:
-            drainer.join(timeout)
-            return not drainer.is_alive()
-        return True
-
     # -- reading --------------------------------------------------------------------------------------
-    @property
-    def busy(self) -> bool:
-        with self._lock:
-            return self._building is not None or (self._current is not None and self._current.active)
-
     def snapshot(self, kind: Optional[str] = None) -> Optional[History]:
         """A copy of the newest history of that kind (or of the current job), safe to read unlocked.
 
@@ -166,13 +156,20 @@ class JobManager:
                 if thread is not None and not thread.is_alive() and events.empty():
                     with self._lock:
                         self._fail(history, "the job ended without reporting a result", user_error=False)
+                        self._release(job)
                     return
                 continue
             with self._lock:
                 self._apply(history, event)
                 history.version += 1
-            if event.kind in ("finished", "failed"):
-                return
+                if event.kind in ("finished", "failed"):
+                    self._release(job)
+                    return
+
+    def _release(self, job: Any) -> None:
+        """Forget an ended job: it holds the model, which an idle app should not keep in memory."""
+        if self._job is job:
+            self._job = None
 
     def _apply(self, history: History, event: Any) -> None:
         kind = event.kind

@@ -5,14 +5,12 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from . import features, fields
+from . import fields
 from .context import PageContext, sync_form
 
 
 def build(ctx: PageContext) -> SimpleNamespace:
     ui = SimpleNamespace()
-    if not features.available("classgen"):
-        gr.Markdown(features.not_available("Class image generation"))
     gr.Markdown("Images are written to the class folder set on the Dataset tab; those already there count.")
     ctx.add_fields(fields.CLASS_IMAGES, per_row=5)
     with gr.Row():

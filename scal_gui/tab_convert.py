@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from . import convert_options, features, runs
+from . import convert_options, runs
 from .context import PageContext
 
 LABELS = {"text_encoder": "Include the text encoder", "vae": "Include the VAE", "ema": "Use the EMA UNet",
@@ -22,10 +22,7 @@ def checkpoint_choices(output_dir: str) -> list[tuple[str, str]]:
 
 
 def build(ctx: PageContext) -> SimpleNamespace:
-    ui = SimpleNamespace(available=features.available("convert"))
-    if not ui.available:
-        gr.Markdown(features.not_available("Conversion"))
-        return ui
+    ui = SimpleNamespace()
     with gr.Row(equal_height=True):
         ui.checkpoint = gr.Dropdown([], label="Checkpoint of a run", elem_id="convert-checkpoint", scale=4)
         ui.refresh = gr.Button("↻", scale=0, min_width=50, elem_id="convert-refresh")
@@ -48,9 +45,6 @@ def build(ctx: PageContext) -> SimpleNamespace:
 
 
 def wire(ctx: PageContext, ui: SimpleNamespace, page: gr.Blocks) -> None:
-    if not ui.available:
-        return
-
     def option_updates():
         return [gr.update(value=default, choices=choices) if choices else gr.update(value=default)
                 for default, choices in convert_options.defaults().values()]

@@ -1,14 +1,36 @@
 """The Dataset tab: folders, resolution and buckets; what training will make of the images."""
 from __future__ import annotations
 
+import atexit
+import functools
+import shutil
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
 import gradio as gr
 
-from . import bucket_view, configs, features, fields
+from . import bucket_view, configs, fields
 from .context import PageContext
+
+
+@functools.cache
+def thumbnails_dir() -> Path:
+    """The app process's one folder of thumbnails, removed when the process ends."""
+    folder = Path(tempfile.mkdtemp(prefix="scal-sdt-thumbs-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
+def cleared_thumbnails_dir() -> Path:
+    """The thumbnails folder emptied for a new preview, so that it does not grow with each one.
+
+    Emptying it is safe for pages that show earlier thumbnails: the gallery serves its own copies.
+    """
+    folder = thumbnails_dir()
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    return folder
 
 
 def build(ctx: PageContext) -> SimpleNamespace:
@@ -31,12 +53,8 @@ def build(ctx: PageContext) -> SimpleNamespace:
 
 
 def wire(ctx: PageContext, ui: SimpleNamespace) -> None:
-    thumbs_dir = Path(tempfile.mkdtemp(prefix="scal-sdt-thumbs-"))
-
     def preview(yaml_text: str, *values):
         empty = [None, None, None, gr.update(choices=[], value=None), [], None]
-        if not features.available("buckets_cli"):
-            return [features.not_available("The bucket preview"), *empty]
         merged, message = configs.merge_form(yaml_text, list(values))
         if merged is None or message.startswith("Error:"):
             return [message, *empty]
@@ -56,10 +74,10 @@ def wire(ctx: PageContext, ui: SimpleNamespace) -> None:
         chart = gr.BarPlot(bucket_view.chart(result), sort=labels)
         return [summary, bucket_view.table(result), chart, bucket_view.skipped(result),
                 gr.update(choices=used, value=first),
-                bucket_view.thumbnails(result, first, thumbs_dir) if first else [], result]
+                bucket_view.thumbnails(result, first, cleared_thumbnails_dir()) if first else [], result]
 
     ui.preview.click(preview, [ctx.yaml, *ctx.inputs],
                      [ui.message, ui.table, ui.chart, ui.skipped, ui.bucket, ui.thumbnails, ui.report],
                      api_visibility="private")
-    ui.bucket.input(lambda result, label: bucket_view.thumbnails(result, label, thumbs_dir) if result else [],
+    ui.bucket.input(lambda result, label: bucket_view.thumbnails(result, label, thumbnails_dir()) if result else [],
                     [ui.report, ui.bucket], ui.thumbnails, api_visibility="private")

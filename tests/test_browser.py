@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import ROOT
-from scal_gui import configs, features
+from scal_gui import configs
 from scal_gui.testing import app_server
 
 CHROMIUM = "/usr/bin/chromium"
@@ -183,7 +183,6 @@ def test_the_api_reports_failures_refuses_a_second_job_stops_and_resumes(app):
 
 
 @needs_chromium
-@pytest.mark.skipif(not features.available("buckets_cli"), reason="the engine has no bucket report yet")
 def test_dataset_tab_shows_the_buckets_of_the_sample_data(app, browser):
     from playwright.sync_api import expect
 

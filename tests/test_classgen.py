@@ -82,6 +82,27 @@ def test_bucketed_split_follows_the_instance_buckets(tmp_path, tiny_model):
     assert per_size == {wide: 6, square: 2}
 
 
+def test_each_concept_is_batched_with_its_own_batch_size(tmp_path, sample_data, tiny_model):
+    config = classgen_values(tmp_path, sample_data / "instance",
+                             **{"data.concepts[0].class_set.auto_generate.num_target": 3})
+    values = cfg.to_dict(config)
+    second = json.loads(json.dumps(values["data"]["concepts"][0]))
+    second["class_set"]["path"] = str(tmp_path / "class-2")
+    second["class_set"]["auto_generate"].update(num_target=2, batch_size=1)
+    values["data"]["concepts"].append(second)
+    done = []
+
+    def record(event):
+        if isinstance(event, events.Progress) and event.done:
+            done.append(event.done)
+
+    result = ClassGenJob(cfg.from_dict(values), on_event=record).run()
+    assert isinstance(result, events.Finished) and result.summary["generated"] == 5
+    # One call of 3 for the first concept, then the second concept's images one at a time.
+    assert done == [3, 4, 5]
+    assert len(class_pngs(tmp_path)) == 3 and len(list((tmp_path / "class-2").glob("*.png"))) == 2
+
+
 def test_stop_leaves_only_complete_images(tmp_path, sample_data, tiny_model):
     config = classgen_values(tmp_path, sample_data / "instance",
                              **{"data.concepts[0].class_set.auto_generate.num_target": 12,

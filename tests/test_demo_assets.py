@@ -1,10 +1,13 @@
 """The offline demo assets: a tiny SD pipeline with real SD geometry, and the synthetic dataset."""
 import hashlib
+import os
 import re
+import subprocess
+import sys
 
 from PIL import Image
 
-from conftest import run_cli
+from conftest import ROOT, run_cli
 
 
 def folder_digest(folder):
@@ -50,3 +53,75 @@ def test_sample_data_has_mixed_aspects_and_captions(tmp_path):
         caption = image_path.with_suffix(".txt").read_text()
         assert re.fullmatch(r"a \w+ (circle|square|triangle)( and a \w+ (circle|square|triangle))? "
                             r"on a (black|white) background", caption), caption
+
+
+# Each child builds the sample data, then waits until the other has built too, so both rename at nearly
+# the same moment.
+RACING_BUILD = """
+import sys, time
+from pathlib import Path
+from engine import paths, tiny
+
+barrier, name = Path(sys.argv[1]), sys.argv[2]
+build = tiny.make_sample_data
+
+def build_then_wait(directory):
+    build(directory)
+    # Nobody renames before both have arrived here, so a complete build must not show yet.
+    assert not (paths.cache_dir() / "sample-data").exists()
+    (barrier / name).touch()
+    deadline = time.monotonic() + 60
+    while len(list(barrier.iterdir())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+tiny.make_sample_data = build_then_wait
+print(paths.demo_data_dir())
+"""
+
+
+def test_processes_building_at_once_leave_one_complete_folder(tmp_path):
+    from engine.tiny import make_sample_data
+
+    cache, barrier = tmp_path / "cache", tmp_path / "barrier"
+    barrier.mkdir()
+    env = {**os.environ, "SCAL_SDT_CACHE": str(cache)}
+    children = [subprocess.Popen([sys.executable, "-c", RACING_BUILD, str(barrier), name], cwd=ROOT, env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for name in ("first", "second")]
+    outputs = [child.communicate(timeout=120) for child in children]
+    for child, (_, stderr) in zip(children, outputs):
+        assert child.returncode == 0, stderr
+    assert sorted(p.name for p in barrier.iterdir()) == ["first", "second"]
+    assert {stdout.strip() for stdout, _ in outputs} == {str(cache / "sample-data")}
+    assert [p.name for p in cache.iterdir()] == ["sample-data"]
+    assert folder_digest(cache / "sample-data") == folder_digest(make_sample_data(tmp_path / "reference"))
+
+
+INTERRUPTED_BUILD = """
+import os
+from engine import paths, tiny
+
+def build_and_die(directory):
+    (directory / "finetune").mkdir()
+    os._exit(9)
+
+tiny.make_sample_data = build_and_die
+paths.demo_data_dir()
+"""
+
+
+def test_an_interrupted_build_is_not_taken_for_a_finished_one(tmp_path, monkeypatch):
+    from engine import paths
+    from engine.tiny import make_sample_data
+
+    cache = tmp_path / "cache"
+    env = {**os.environ, "SCAL_SDT_CACHE": str(cache)}
+    killed = subprocess.run([sys.executable, "-c", INTERRUPTED_BUILD], cwd=ROOT, env=env, timeout=120)
+    assert killed.returncode == 9
+    leftovers = list(cache.iterdir())
+    assert len(leftovers) == 1 and (leftovers[0] / "finetune").is_dir()
+
+    monkeypatch.setenv("SCAL_SDT_CACHE", str(cache))
+    built = paths.demo_data_dir()
+    assert built == cache / "sample-data"
+    assert folder_digest(built) == folder_digest(make_sample_data(tmp_path / "reference"))

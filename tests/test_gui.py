@@ -1,17 +1,19 @@
 """The app's logic without a browser: form <-> config, the job manager, messages, rendering, flags."""
+import gc
 import re
 import socket
 import subprocess
 import sys
 import threading
 import time
+import weakref
 
 import pytest
 
 from conftest import ROOT
 from engine import config as schema
-from engine import events
-from scal_gui import charts, configs, fields, live, presets, server
+from engine import events, notices
+from scal_gui import charts, configs, fields, live, presets, server, tab_dataset
 from scal_gui.actions import Actions
 from scal_gui.jobs import CLASSGEN, TRAIN, JobBusy, JobManager
 
@@ -80,15 +82,48 @@ def test_yaml_edits_reach_the_form_and_bad_yaml_does_not():
     assert values[index["batch_size"]] == 0 and values[index["optimizer.params.lr"]] == 2e-6
     assert "batch_size" in message and message.startswith("Error:")
     values, message = configs.form_from_yaml("model: [unclosed\n")
-    assert values is None and "YAML syntax error at line 2" in message
+    assert values is None and message.startswith("Error: YAML syntax error at line 2, column 1: ")
     merged, message = configs.merge_form("batch_size: many\n", fields.form_values({}, fields.ALL))
     assert merged is None and "batch_size" in message
+
+
+def test_the_check_notes_only_what_its_own_config_causes(monkeypatch):
+    raw = presets.load_preset(next(p for p in presets.list_presets() if p.name == "tiny-demo-cpu"))
+    raw["trainer"]["strategy"] = "ddp"
+    from_dict = schema.from_dict
+
+    def while_a_run_warns(values):
+        # Another thread reports an ignored key of its own meanwhile (without a sink: a Python warning).
+        run = threading.Thread(target=notices.warn, args=("from the training thread", schema.ConfigWarning))
+        run.start()
+        run.join()
+        return from_dict(values)
+
+    monkeypatch.setattr(schema, "from_dict", while_a_run_warns)
+    with pytest.warns(schema.ConfigWarning, match="from the training thread"):
+        _, notes = configs.load(raw)
+    assert notes == ["config key 'trainer.strategy' has no effect in SCAL-SDT and is ignored"]
 
 
 def test_a_native_config_gets_no_class_set_from_the_form():
     raw = presets.load_preset(next(p for p in presets.list_presets() if p.name == "native-finetune"))
     merged = fields.apply_form(raw, fields.ALL, fields.form_values(raw, fields.ALL))
     assert "class_set" not in merged["data"]["concepts"][0]
+
+
+def test_a_form_value_for_an_absent_list_item_adds_the_item():
+    by_key = {f.key: f for f in fields.ALL}
+    specs = [by_key["data.concepts[0].instance_set.path"], by_key["sampling.concepts[0].prompt"]]
+    merged = fields.apply_form({"sampling": {"concepts": []}}, specs, ["/photos", "a dog"])
+    assert merged == {"data": {"concepts": [{"instance_set": {"path": "/photos"}}]},
+                      "sampling": {"concepts": [{"prompt": "a dog"}]}}
+
+
+def test_the_form_is_not_written_over_a_value_that_holds_no_keys():
+    values = fields.form_values({}, fields.ALL)
+    values[[f.key for f in fields.ALL].index("data.resolution")] = 256
+    merged, message = configs.merge_form("data: 5\n", values)
+    assert merged is None and message.startswith("Error: Fix the YAML first: config key 'data'")
 
 
 def test_an_empty_required_number_is_named():
@@ -147,23 +182,52 @@ RUN = [events.Started(run_dir="run", total_steps=4), events.Log(message="hello")
        events.Finished(run_dir="run", step=2)]
 
 
+def wait_until_ended(manager, timeout=10):
+    """Poll the current job's history, as the page does, until it is in its final state."""
+    deadline = time.monotonic() + timeout
+    while manager.snapshot().active:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def test_the_history_records_what_the_job_reports():
     manager = JobManager()
     manager.start(TRAIN, lambda q: FakeJob(q, RUN), "demo")
-    assert manager.wait(10)
+    assert wait_until_ended(manager)
     history = manager.snapshot(TRAIN)
     assert history.state == "finished" and history.run_dir == "run"
     assert [p["loss"] for p in history.points] == [0.5, 0.25]
     assert history.samples == [(2, "a.png"), (2, "b.png")] and history.checkpoints == [(2, "ckpt")]
     assert any("hello" in line for line in history.logs)
-    assert not manager.busy
+    assert manager.stop() == "No job is running."
+
+
+def test_an_ended_job_is_let_go_and_its_history_kept():
+    manager = JobManager()
+    built = []
+
+    def build(event_queue):
+        built.append(FakeJob(event_queue, RUN))
+        return built[-1]
+
+    manager.start(TRAIN, build)
+    assert wait_until_ended(manager)
+    job = weakref.ref(built.pop())
+    deadline = time.monotonic() + 5
+    while job() is not None and time.monotonic() < deadline:  # the job's own thread may still be ending
+        gc.collect()
+        time.sleep(0.02)
+    assert job() is None
+    assert manager.snapshot(TRAIN).state == "finished"
 
 
 def test_the_log_lists_the_images_a_run_skipped():
     manager = JobManager()
     summary = {"skipped": 1, "skipped_reasons": [{"path": "/data/bad.png", "reason": "cannot read image"}]}
     manager.start(TRAIN, lambda q: FakeJob(q, RUN[:-1] + [events.Finished(run_dir="run", step=2, summary=summary)]))
-    assert manager.wait(10)
+    assert wait_until_ended(manager)
     logs = manager.snapshot(TRAIN).logs
     assert any(line.endswith("1 images were skipped:") for line in logs)
     assert "  /data/bad.png: cannot read image" in logs
@@ -176,28 +240,68 @@ def test_one_job_at_a_time_and_stop():
     with pytest.raises(JobBusy, match="training run is already running"):
         manager.start(CLASSGEN, lambda q: FakeJob(q, RUN), "second")
     assert manager.stop().startswith("Stopping")
-    assert manager.wait(10)
+    assert wait_until_ended(manager)
     assert manager.snapshot(TRAIN).state == "stopped"
     assert manager.stop() == "No job is running."
     manager.start(CLASSGEN, lambda q: FakeJob(q, [events.Finished()]), "after")  # free again
-    assert manager.wait(10)
+    assert wait_until_ended(manager)
     assert manager.snapshot(TRAIN).label == "first"  # each kind keeps its last history
+
+
+class InterleavingLock:
+    """A lock that lets `rival` run each time the `owner` thread lets the lock go, before it goes on."""
+
+    def __init__(self, rival):
+        self.lock, self.rival, self.owner = threading.Lock(), rival, None
+
+    def __enter__(self):
+        self.lock.acquire()
+
+    def __exit__(self, *exc):
+        self.lock.release()
+        if threading.get_ident() == self.owner:
+            thread = threading.Thread(target=self.rival)
+            thread.start()
+            thread.join(10)
+
+
+def test_no_other_job_starts_at_any_point_of_a_start():
+    manager = JobManager()
+    outcomes = []
+
+    def rival():
+        try:
+            manager.start(CLASSGEN, lambda q: FakeJob(q, [events.Finished()]), "rival")
+            outcomes.append("started")
+        except JobBusy:
+            outcomes.append("refused")
+
+    # The manager holds its lock in several short blocks; a start between two of them must be refused too.
+    manager._lock = lock = InterleavingLock(rival)
+    hold = threading.Event()
+    lock.owner = threading.get_ident()
+    manager.start(TRAIN, lambda q: FakeJob(q, RUN, hold), "first")
+    lock.owner = None
+    manager.stop()
+    assert wait_until_ended(manager)
+    assert outcomes and set(outcomes) == {"refused"}, outcomes
+    assert manager.snapshot(CLASSGEN) is None
 
 
 def test_a_failure_is_recorded_and_frees_the_manager():
     manager = JobManager()
     manager.start(TRAIN, lambda q: FakeJob(q, [events.Failed(error="boom\ntrace", user_error=False)]))
-    assert manager.wait(10)
+    assert wait_until_ended(manager)
     history = manager.snapshot(TRAIN)
     assert history.state == "failed" and history.error.startswith("boom")
     assert "boom" in live.status_line(history, "") and "trace" in live.log_text(history)
-    assert not manager.busy
+    assert manager.stop() == "No job is running."
 
 
 def test_a_job_that_dies_silently_is_failed():
     manager = JobManager()
     manager.start(TRAIN, lambda q: FakeJob(q, [events.Started(run_dir="r")]))
-    assert manager.wait(10)
+    assert wait_until_ended(manager)
     assert manager.snapshot(TRAIN).state == "failed"
 
 
@@ -209,7 +313,9 @@ def test_a_job_that_cannot_be_built_starts_nothing():
 
     with pytest.raises(schema.ConfigError):
         manager.start(TRAIN, build)
-    assert not manager.busy and manager.snapshot(TRAIN) is None
+    assert manager.snapshot(TRAIN) is None
+    manager.start(CLASSGEN, lambda q: FakeJob(q, [events.Finished()]))  # not refused: the manager is free
+    assert wait_until_ended(manager)
 
 
 # -- actions: the messages the page shows -------------------------------------------------------------
@@ -242,7 +348,7 @@ def test_a_second_start_is_refused(tmp_path):
         assert message.startswith("Refused") and "Class image generation is already running" in message
     finally:
         manager.stop()
-        manager.wait(10)
+        wait_until_ended(manager)
 
 
 def test_an_engine_fault_while_building_is_a_message(tmp_path, monkeypatch):
@@ -261,7 +367,7 @@ def test_an_engine_fault_while_building_is_a_message(tmp_path, monkeypatch):
 def test_status_reports_the_current_job():
     actions = Actions(JobManager())
     actions.manager.start(TRAIN, lambda q: FakeJob(q, RUN))
-    actions.manager.wait(10)
+    assert wait_until_ended(actions.manager)
     status = actions.status()
     assert (status["state"], status["step"], status["loss"]) == ("finished", 2, 0.25)
     assert status["samples"] == ["a.png", "b.png"]
@@ -310,7 +416,14 @@ def test_progress_line():
     text = live.train_progress(manager.snapshot(TRAIN))
     assert "step 2 / 4" in text and "2.00 it/s" in text and "ETA 0:01" in text and 'width:50.0%' in text
     manager.stop()
-    manager.wait(10)
+    wait_until_ended(manager)
+
+
+def test_each_bucket_preview_empties_the_one_thumbnails_folder():
+    first = tab_dataset.cleared_thumbnails_dir()
+    (first / "earlier-preview.png").write_bytes(b"")
+    second = tab_dataset.cleared_thumbnails_dir()
+    assert second == first == tab_dataset.thumbnails_dir() and list(second.iterdir()) == []
 
 
 def test_thumbnail_veils_what_the_crop_cuts(tmp_path):

@@ -53,7 +53,7 @@ def test_two_cpu_processes_stream_a_run_into_the_history(tmp_path, class_images,
     settings = {**TWO_CPUS, "trainer.max_steps": 4, "sampling.interval_steps": 2, "checkpoint.every_n_train_steps": 2}
     message = actions.start_training(configs.to_yaml(tiny_config(tmp_path, **settings)))
     assert message == "Started training (tiny-demo).", message
-    assert actions.manager.wait(120)
+    assert wait_for(lambda: not actions.manager.snapshot().active, 120)
 
     history = actions.manager.snapshot(TRAIN)
     assert history.state == "finished", history.error
@@ -74,7 +74,7 @@ def test_stop_ends_the_processes_with_a_checkpoint_and_resume_goes_on(tmp_path, 
     actions.start_training(configs.to_yaml(tiny_config(tmp_path, **settings)))
     assert wait_for(lambda: actions.manager.snapshot(TRAIN).points, 120), actions.manager.snapshot(TRAIN).logs
     actions.stop()
-    assert actions.manager.wait(120)
+    assert wait_for(lambda: not actions.manager.snapshot().active, 120)
 
     history = actions.manager.snapshot(TRAIN)
     assert history.state == "stopped", history.error
@@ -85,7 +85,7 @@ def test_stop_ends_the_processes_with_a_checkpoint_and_resume_goes_on(tmp_path, 
     assert actions.resume_training(str(run_dir)).startswith("Started")
     assert wait_for(lambda: actions.manager.snapshot(TRAIN).points, 120), actions.manager.snapshot(TRAIN).logs
     actions.stop()
-    assert actions.manager.wait(120)
+    assert wait_for(lambda: not actions.manager.snapshot().active, 120)
     resumed = actions.manager.snapshot(TRAIN)
     assert resumed.state == "stopped" and resumed.start_step == stopped_at
     assert resumed.points[0]["step"] == stopped_at + 1
@@ -102,7 +102,7 @@ def test_a_child_that_dies_without_a_result_shows_its_error_output():
     code = ("import json, sys; print(json.dumps({'kind': 'started', 'run_dir': 'r', 'total_steps': 9, "
             "'start_step': 0})); print('not an event'); sys.stderr.write('Traceback: boom'); sys.exit(3)")
     manager.start(TRAIN, lambda q: child(code, q))
-    assert manager.wait(30)
+    assert wait_for(lambda: not manager.snapshot().active, 30)
     history = manager.snapshot(TRAIN)
     assert history.state == "failed" and history.run_dir == "r"
     assert "exited with code 3" in history.error and history.error.endswith("Traceback: boom")
