@@ -442,23 +442,32 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(error, "problem", None) or "invalid YAML"
-        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}") from None
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a UTF-8 text file") from None
-    return values if values is not None else {}
+    return parse_yaml(text, f"{path}: ")
+
+
+def parse_yaml(text: str, where: str = "") -> dict:
+    """The raw values of a YAML text (a file's, or the app's editor's); `where` prefixes error messages."""
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        position = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{where}YAML syntax error{position}: {problem}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}the config must be a mapping of keys to values")
+    return values
 
 
 def load(path: str | Path | None = None, overrides: list[str] | None = None,
          base: dict | None = None) -> Config:
     """Load a YAML config (or a dict), apply `--set` overrides, validate; raises ConfigError."""
     values = copy.deepcopy(base) if base is not None else (read_yaml(path) if path else {})
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: the config file must be a mapping of keys to values")
     for text in overrides or []:
         key, value = parse_override(text)
         apply_override(values, key, value)

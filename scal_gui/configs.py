@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import tempfile
 from typing import Optional
 
 import yaml
@@ -18,23 +17,8 @@ def to_yaml(raw: dict) -> str:
 
 
 def parse_yaml(text: str) -> dict:
-    """The raw config dict of a YAML text; raises ConfigError with the line of a syntax error.
-
-    The engine reads YAML only from files, so the text goes through one: its messages (the line and column
-    of a syntax error) are then the command line's, written in one place.
-    """
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", errors="surrogatepass", prefix="scal-sdt-edit-",
-                                     suffix=".yaml") as file:
-        file.write(text or "")
-        file.flush()
-        try:
-            values = schema.read_yaml(file.name)
-        except schema.ConfigError as error:
-            # The file is an implementation detail; the user edited text.
-            raise schema.ConfigError(str(error).removeprefix(f"{file.name}: ")) from None
-    if not isinstance(values, dict):
-        raise schema.ConfigError("the config must be a mapping of keys to values")
-    return values
+    """The raw config dict of the editor's YAML text; raises ConfigError with the line of a syntax error."""
+    return schema.parse_yaml(text or "")
 
 
 def load(raw: dict) -> tuple[schema.Config, list[str]]:

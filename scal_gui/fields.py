@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import re
 import types
 import typing
 from dataclasses import dataclass
@@ -16,9 +15,6 @@ from typing import Any, Literal, Union
 
 from engine import config as schema
 
-# A key path as engine.config.apply_override reads it: names between dots, list indexes in brackets.
-_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
-_INDEX = re.compile(r"\[(\d+)\]")
 _MISSING = object()  # the key, a mapping or a list item on its path is absent (or null)
 _BLOCKED = object()  # a value on the key's path holds no keys: the form cannot write past it
 
@@ -28,8 +24,8 @@ class FormError(ValueError):
 
 
 def _parts(key: str) -> list:
-    """`a.b[0].c` -> ["a", "b", 0, "c"]."""
-    return [int(index) if index else name for name, index in _PART.findall(key)]
+    """`a.b[0].c` -> ["a", "b", 0, "c"], with the engine's own key syntax."""
+    return schema.key_parts(key)
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
@@ -194,8 +190,11 @@ def set_value(raw: dict, key: str, value: Any) -> None:
     The override creates absent mappings but, like `--set`, refuses list items that are not there yet;
     the form adds them, because its first concept is where a new config's folders go.
     """
-    for match in _INDEX.finditer(key):
-        prefix, index = key[:match.start()], int(match.group(1))
+    parts = _parts(key)
+    for depth, index in enumerate(parts):
+        if not isinstance(index, int):
+            continue
+        prefix = schema.format_key(parts[:depth])
         items = _lookup(raw, prefix)
         items = list(items) if isinstance(items, list) else []
         if index < len(items) and items[index] is not None:

@@ -121,3 +121,39 @@ def test_readme_documents_every_config_key():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     documented = set(re.findall(r"^\| `([a-z0-9_.\[\]]+)` \|", readme, flags=re.MULTILINE))
     assert documented == set(cfg.iter_keys())
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.concepts.instance_set.path=x", "config key 'data.concepts.instance_set.path': 'data.concepts' is not a mapping"),
+    ("data.concepts[x].path=1", "--set: 'data.concepts[x].path' is not a key path"),
+    ("model.x=1", "config key 'model.x': 'model' is not a mapping"),
+    ("=3", "--set: '' is not a key path"),
+    ("data.concepts[3].instance_set.path=x", "'data.concepts' has no list item 3"),
+])
+def test_malformed_overrides_name_the_key(override, message):
+    base = cfg.default_dict()
+    base["model"] = "m"
+    with pytest.raises(cfg.ConfigError) as error:
+        cfg.load(base=base, overrides=[override])
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"sampling": {"batch_size": 0}}, "config key 'sampling.batch_size': must be at least 1"),
+    ({"trainer": {"log_every_n_steps": 0}}, "config key 'trainer.log_every_n_steps': must be at least 1"),
+    ({"trainer": {"max_epochs": -1}}, "config key 'trainer.max_epochs': must be at least 1"),
+    ({"checkpoint": {"every_n_train_steps": 0}}, "config key 'checkpoint.every_n_train_steps': must be at least 1"),
+    ({"checkpoint": {"save_top_k": -2}}, "config key 'checkpoint.save_top_k'"),
+    ({"optimizer": {"fused_backward": True}, "trainer": {"precision": 16}}, "use precision bf16"),
+])
+def test_values_that_would_hang_or_crash_are_refused(values, message):
+    with pytest.raises(cfg.ConfigError) as error:
+        cfg.from_dict(values)
+    assert message in str(error.value)
+
+
+def test_editor_text_errors_carry_the_line():
+    with pytest.raises(cfg.ConfigError, match=r"^YAML syntax error at line 3, column 1"):
+        cfg.parse_yaml("model: x\ndata: [oops\n")
+    with pytest.raises(cfg.ConfigError, match="must be a mapping"):
+        cfg.parse_yaml("- a list\n")

@@ -174,3 +174,37 @@ def test_each_option_trains_from_the_cli(tmp_path, class_images, overrides):
     assert node not in (None, False, 0, [])
     if overrides[0].startswith("ema"):
         assert (sorted((run_dir / "checkpoints").iterdir())[-1] / "ema_unet").is_dir()
+
+
+def test_min_snr_stays_finite_at_zero_terminal_snr():
+    from diffusers import DDPMScheduler
+
+    from engine.losses import min_snr_weights
+
+    scheduler = DDPMScheduler(rescale_betas_zero_snr=True)
+    weights = min_snr_weights(scheduler, torch.tensor([0, 500, 999]), 5.0, "epsilon")
+    assert torch.isfinite(weights).all() and weights[-1].item() == 1.0
+
+
+def test_ema_of_bf16_weights_is_kept_in_fp32_and_moves():
+    from engine.config import Ema
+    from engine.ema import create_ema, ema_step
+
+    class Unet(torch.nn.Module):
+        config = {}
+
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 4).to(torch.bfloat16)
+
+    unet = Unet()
+    with torch.no_grad():
+        unet.linear.weight.fill_(1.0)
+    ema = create_ema(unet, Ema(enabled=True, decay=0.9999))
+    assert ema.shadow_params[0].dtype == torch.float32
+    ema_step(ema, unet.parameters(), on_cpu=False)
+    with torch.no_grad():
+        unet.linear.weight.fill_(2.0)
+    for _ in range(20):
+        ema_step(ema, unet.parameters(), on_cpu=False)
+    assert 1.0 < ema.shadow_params[0].mean().item() < 2.0

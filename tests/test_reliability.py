@@ -188,3 +188,14 @@ def test_out_of_memory_ends_the_run_with_advice_and_the_next_run_works(tmp_path,
         assert advice in result.error
     monkeypatch.setattr(UNet2DConditionModel, "forward", original)
     assert isinstance(Trainer(cfg.from_dict(values)).run(), events.Finished)
+
+
+def test_a_metrics_line_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
+    from engine.loggers import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "lo')
+    log = MetricsLog(path, resume_step=2)
+    log.write({"step": 3, "loss": 0.3})
+    log.close()
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
