@@ -235,6 +235,71 @@ class Trainer(Job):
             self._unet = self._text_encoder = None
             distributed.shutdown(topology)
 
+    def _open_run_dir(self, topology: distributed.Topology) -> Optional[Path]:
+        """Set self.run_dir: the resumed run's folder, or a new one with the resolved config (and its seed)
+        written by the main process. Returns the checkpoint to resume from, if resuming."""
+        config = self.config
+        if self.resume_dir is not None:
+            self.run_dir = self.resume_dir
+            if topology.is_main:
+                for removed in checkpoints.clean_partial(self.run_dir):
+                    self.log(f"removed an incomplete checkpoint: {removed.name}", "warning")
+            distributed.barrier(topology)
+            resume_from = checkpoints.latest_checkpoint(self.run_dir)
+            if resume_from is None:
+                raise UserError(f"--resume: {self.run_dir} has no complete checkpoint to resume from")
+            return resume_from
+        if config.seed is None:
+            config.seed = random.randrange(2**31)
+        config.seed = distributed.broadcast_from_main(topology, config.seed)
+        run_dir = None
+        if topology.is_main:
+            run_dir = checkpoints.new_run_dir(paths.resolve(config.output_dir), config.project)
+            (run_dir / "config.yaml").write_text(dump_yaml(config), encoding="utf-8")
+        self.run_dir = Path(distributed.broadcast_from_main(topology, str(run_dir) if run_dir else None))
+        return None
+
+    def _prepare_models(self, components: Components, device: torch.device) -> str:
+        """Freeze what is not trained, switch on the memory features, move to the device. Returns the
+        attention backend in use."""
+        config = self.config
+        unet, text_encoder, vae = components.unet, components.text_encoder, components.vae
+        vae.requires_grad_(False)
+        text_encoder.requires_grad_(config.train_text_encoder)
+        if config.train_text_encoder and config.clip_stop_at_layer > 1:
+            # CLIP skip never runs the last layers: freezing them keeps DDP from waiting for their gradients.
+            layers = getattr(text_encoder, "text_model", text_encoder).encoder.layers
+            for layer in layers[len(layers) - (config.clip_stop_at_layer - 1):]:
+                layer.requires_grad_(False)
+        unet.train()
+        text_encoder.train(config.train_text_encoder)
+        vae.eval()
+        if config.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+            if config.train_text_encoder:
+                enable_text_encoder_checkpointing(text_encoder)
+        attention = enable_xformers_if_usable(unet, config.xformers)
+        for model in (unet, text_encoder, vae):
+            model.to(device)
+        if config.weights_dtype == "bf16":
+            for model in [unet] + ([text_encoder] if config.train_text_encoder else []):
+                model.to(torch.bfloat16)
+        return attention
+
+    def _build_optimizer(self, params: list, effective_batch: int, total_steps: int, seed: int):
+        """(optimizer, LR schedule). Fused backward and bf16 weights need one optimizer per parameter,
+        whose learning rate the schedule drives through a placeholder optimizer."""
+        from .optim import PerParameterOptimizer, build_optimizer, build_scheduler, scaled_lr
+
+        config = self.config
+        lr = scaled_lr(config.optimizer, effective_batch)
+        if config.optimizer.fused_backward or config.weights_dtype == "bf16":
+            optimizer = PerParameterOptimizer(config.optimizer, params, lr, fused=config.optimizer.fused_backward,
+                                              bf16_weights=config.weights_dtype == "bf16", seed=seed)
+            return optimizer, build_scheduler(config.optimizer, optimizer.proxy, total_steps)
+        optimizer = build_optimizer(config.optimizer, params, lr)
+        return optimizer, build_scheduler(config.optimizer, optimizer, total_steps)
+
     def _train_in_group(self, topology: distributed.Topology, device: torch.device,
                         cleanup: contextlib.ExitStack) -> events.Event:
         config = self.config
@@ -242,25 +307,7 @@ class Trainer(Job):
         autocast_dtype, use_scaler = select_precision(config, device)
 
         resolve_model_path(config.model)  # fail before creating a run folder
-        resume_from = None
-        if self.resume_dir is not None:
-            self.run_dir = self.resume_dir
-            if is_main:
-                for removed in checkpoints.clean_partial(self.run_dir):
-                    self.log(f"removed an incomplete checkpoint: {removed.name}", "warning")
-            distributed.barrier(topology)
-            resume_from = checkpoints.latest_checkpoint(self.run_dir)
-            if resume_from is None:
-                raise UserError(f"--resume: {self.run_dir} has no complete checkpoint to resume from")
-        else:
-            if config.seed is None:
-                config.seed = random.randrange(2**31)
-            config.seed = distributed.broadcast_from_main(topology, config.seed)
-            run_dir = None
-            if is_main:
-                run_dir = checkpoints.new_run_dir(paths.resolve(config.output_dir), config.project)
-                (run_dir / "config.yaml").write_text(dump_yaml(config), encoding="utf-8")
-            self.run_dir = Path(distributed.broadcast_from_main(topology, str(run_dir) if run_dir else None))
+        resume_from = self._open_run_dir(topology)
         seed = config.seed
         random.seed(seed)
         np.random.seed(seed % 2**32)
@@ -280,27 +327,7 @@ class Trainer(Job):
                                                 components.tokenizer, components.text_encoder)
             self.log(f"loaded custom embeddings: {', '.join(expansions)}")
         unet, text_encoder, vae = components.unet, components.text_encoder, components.vae
-        vae.requires_grad_(False)
-        text_encoder.requires_grad_(config.train_text_encoder)
-        if config.train_text_encoder and config.clip_stop_at_layer > 1:
-            # CLIP skip never runs the last layers: freezing them keeps DDP from waiting for their gradients.
-            layers = getattr(text_encoder, "text_model", text_encoder).encoder.layers
-            for layer in layers[len(layers) - (config.clip_stop_at_layer - 1):]:
-                layer.requires_grad_(False)
-        unet.train()
-        text_encoder.train(config.train_text_encoder)
-        vae.eval()
-        if config.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-            if config.train_text_encoder:
-                enable_text_encoder_checkpointing(text_encoder)
-        attention = enable_xformers_if_usable(unet, config.xformers)
-        unet.to(device)
-        text_encoder.to(device)
-        vae.to(device)
-        if config.weights_dtype == "bf16":
-            for model in [unet] + ([text_encoder] if config.train_text_encoder else []):
-                model.to(torch.bfloat16)
+        attention = self._prepare_models(components, device)
 
         data = prepare_data(config, components.tokenizer, seed, rank, world_size, expansions)
         from .cache import attach_caches
@@ -329,18 +356,9 @@ class Trainer(Job):
         self._unet = distributed.wrap(unet, topology, device)
         self._text_encoder = (distributed.wrap(text_encoder, topology, device) if config.train_text_encoder
                               else text_encoder)
-        from .optim import PerParameterOptimizer, build_optimizer, build_scheduler, scaled_lr
-
-        effective_batch = config.batch_size * accumulate * world_size
-        lr = scaled_lr(config.optimizer, effective_batch)
         per_parameter = config.optimizer.fused_backward or config.weights_dtype == "bf16"
-        if per_parameter:
-            optimizer = PerParameterOptimizer(config.optimizer, params, lr, fused=config.optimizer.fused_backward,
-                                              bf16_weights=config.weights_dtype == "bf16", seed=seed)
-            lr_scheduler = build_scheduler(config.optimizer, optimizer.proxy, total_steps)
-        else:
-            optimizer = build_optimizer(config.optimizer, params, lr)
-            lr_scheduler = build_scheduler(config.optimizer, optimizer, total_steps)
+        optimizer, lr_scheduler = self._build_optimizer(params, config.batch_size * accumulate * world_size,
+                                                        total_steps, seed)
         scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
         from .ema import EMA_FOLDER, SwapInEma, create_ema, ema_step, load_ema
 
@@ -537,8 +555,7 @@ class Trainer(Job):
         """The loss of one micro-batch; latents and embeddings come from the caches when the batch or
         text_cache (a cache.TextEmbeddingCache) provide them."""
         config = self.config
-        vae, unet, text_encoder = components.vae, components.unet, components.text_encoder
-        scheduler = components.noise_scheduler
+        vae, scheduler = components.vae, components.noise_scheduler
         prediction_type = scheduler.config.prediction_type
         input_ids = batch["input_ids"].to(device)
         draws = RowNoise(batch["sample_keys"], scheduler.config.num_train_timesteps)

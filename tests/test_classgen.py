@@ -1,6 +1,5 @@
 """Class image generation: exact counts, bucket split, idempotence, identical regeneration, stop."""
 import json
-import threading
 
 import pytest
 from PIL import Image

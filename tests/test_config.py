@@ -1,7 +1,6 @@
 """The config schema: the seed's YAML loads, overrides apply, mistakes are named."""
 import re
 import warnings
-from pathlib import Path
 
 import pytest
 

@@ -54,7 +54,6 @@ def test_ema_after_k_steps_equals_the_closed_form():
     from engine.ema import create_ema, ema_step
 
     model = torch.nn.Linear(3, 3)
-    from diffusers import UNet2DConditionModel  # noqa: F401  (EMAModel's model class)
 
     class Unet(torch.nn.Module):
         config = {}

@@ -1,12 +1,9 @@
 """Never lose a run: exact resume after SIGKILL, crash-safe checkpoint writes, NaN and OOM handling."""
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 
-import pytest
 import torch
 import yaml
 from safetensors.torch import load_file

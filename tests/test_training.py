@@ -1,8 +1,6 @@
 """The training loop end to end on the tiny model, and the pieces of its loss."""
 import json
 import queue
-import threading
-import time
 
 import pytest
 import torch
