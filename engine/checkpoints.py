@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from .errors import UserError
+from .paths import writable_folder
 
 CHECKPOINT_PREFIX = "step-"
 TEMP_PREFIX = ".tmp-"
@@ -21,13 +22,7 @@ STATE_FILE = "training_state.pt"
 
 def new_run_dir(output_dir: str, project: str) -> Path:
     """A fresh run folder output_dir/project/run_id; an existing folder is never reused."""
-    parent = Path(output_dir) / project
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UserError(f"config key 'output_dir': cannot create {parent}: {error.strerror}") from None
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"config key 'output_dir': {parent} is not writable")
+    parent = writable_folder(Path(output_dir) / project, "output_dir")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for attempt in range(1000):
         run_dir = parent / (stamp if attempt == 0 else f"{stamp}-{attempt}")

@@ -90,13 +90,7 @@ def plan_class_images(config: Config) -> list[ImageTask]:
             raise UserError(f"config key '{key}.path': a folder for the class images is required")
         if not class_set.prompt.strip():
             raise UserError(f"config key '{key}.prompt': the class prompt is empty")
-        folder = Path(paths.resolve(class_set.path))
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise UserError(f"config key '{key}.path': cannot create {folder}: {error.strerror}") from None
-        if not os.access(folder, os.W_OK):
-            raise UserError(f"config key '{key}.path': {folder} is not writable")
+        folder = paths.writable_folder(Path(paths.resolve(class_set.path)), f"{key}.path")
 
         instances = scan_folder(paths.resolve(concept.instance_set.path), concept.instance_set.prompt,
                                 f"config key 'data.concepts[{number}].instance_set.path'")

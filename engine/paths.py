@@ -1,4 +1,5 @@
-"""Where offline demo assets live, and how `demo:` paths in configs resolve to them."""
+"""Where files go: the offline demo assets (what `demo:` paths in configs resolve to), and the folders
+a config names for output."""
 from __future__ import annotations
 
 import os
@@ -7,6 +8,8 @@ import threading
 import uuid
 from pathlib import Path
 from typing import Callable
+
+from .errors import UserError
 
 DEMO_PREFIX = "demo:"
 _build_lock = threading.Lock()
@@ -69,3 +72,14 @@ def resolve(path: str) -> str:
     if name == "sample-data" or name.startswith("sample-data/"):
         return str(demo_data_dir() / name[len("sample-data"):].strip("/"))
     return str(cache_dir() / name)
+
+
+def writable_folder(folder: Path, key: str) -> Path:
+    """Create folder if needed and make sure it can be written; errors name the config key."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"config key '{key}': cannot create {folder}: {error.strerror}") from None
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"config key '{key}': {folder} is not writable")
+    return folder

@@ -48,18 +48,24 @@ def _misfit(raw: dict) -> str:
     return problem if problem.startswith("Error:") else "Error: the form cannot show " + ", ".join(wrong)
 
 
+def _form_view(yaml_text: str) -> tuple[Optional[dict], str]:
+    """(the raw config of a YAML text, or None with the reason the form cannot show or take it)."""
+    try:
+        raw = parse_yaml(yaml_text)
+    except schema.ConfigError as error:
+        return None, f"Error: {error}"
+    problem = _misfit(raw)
+    return (None, problem) if problem else (raw, "")
+
+
 def merge_form(yaml_text: str, values: list) -> tuple[Optional[str], str]:
     """(the YAML with the form's values written in, or None where the YAML cannot take them; check line).
 
     values are in fields.ALL order. A YAML that does not parse, or holds a value of the wrong type for a
     form field, is left as it is: writing the form over it would hide the user's edit.
     """
-    try:
-        raw = parse_yaml(yaml_text)
-    except schema.ConfigError as error:
-        return None, f"Error: Fix the YAML first: {error}"
-    problem = _misfit(raw)
-    if problem:
+    raw, problem = _form_view(yaml_text)
+    if raw is None:
         return None, "Error: Fix the YAML first: " + problem.removeprefix("Error: ")
     try:
         merged = fields.apply_form(raw, fields.ALL, values)
@@ -70,11 +76,7 @@ def merge_form(yaml_text: str, values: list) -> tuple[Optional[str], str]:
 
 def form_from_yaml(yaml_text: str) -> tuple[Optional[list], str]:
     """(the form's values for a YAML text in fields.ALL order, or None where it cannot show them; check line)."""
-    try:
-        raw = parse_yaml(yaml_text)
-    except schema.ConfigError as error:
-        return None, f"Error: {error}"
-    problem = _misfit(raw)
-    if problem:
+    raw, problem = _form_view(yaml_text)
+    if raw is None:
         return None, problem
     return fields.form_values(raw, fields.ALL), check_message(raw)
