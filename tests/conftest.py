@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT))
 
 @pytest.fixture(scope="session", autouse=True)
 def demo_cache(tmp_path_factory):
-    """Demo assets (`demo:` paths) are built once per test session in a private cache."""
+    """Demo assets (`demo:` paths) are built once per test run in a private cache."""
     cache = tmp_path_factory.mktemp("scal-cache")
     os.environ["SCAL_SDT_CACHE"] = str(cache)
     return cache
