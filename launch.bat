@@ -3,7 +3,8 @@ rem SCAL-SDT launcher for Windows: creates .venv, installs torch and the require
 rem   launch.bat [app options]         start the web app
 rem   launch.bat --test [pytest opts]  install, then run the test suite
 rem Environment: SCAL_TORCH (default torch==2.13.0), SCAL_TORCH_INDEX (e.g.
-rem https://download.pytorch.org/whl/cu128; PyPI's Windows torch is CPU-only), PYTHON (default python).
+rem https://download.pytorch.org/whl/cu128; unset, engine\torch_choice.py picks the CUDA build the NVIDIA
+rem driver supports, as PyPI's Windows torch is CPU-only), PYTHON (default python).
 setlocal EnableDelayedExpansion
 cd /d "%~dp0"
 
@@ -19,6 +20,18 @@ if not exist "%PY%" (
   "%PYTHON%" -m venv %VENV% || exit /b 1
 )
 
+rem An explicit SCAL_TORCH_INDEX wins; otherwise the build follows the NVIDIA driver's CUDA version. The choice
+rem runs every start so that a driver update changes the stamp below; its reason is shown when torch installs.
+rem An empty index file, PyPI's default build, leaves SCAL_TORCH_INDEX undefined.
+set TORCH_WHY=
+if defined SCAL_TORCH_INDEX (
+  set "TORCH_WHY=torch: the build from SCAL_TORCH_INDEX=!SCAL_TORCH_INDEX!"
+) else (
+  "%PY%" engine\torch_choice.py >"%VENV%\.scal-sdt-torch-index" 2>"%VENV%\.scal-sdt-torch-why" || exit /b 1
+  set /p SCAL_TORCH_INDEX=<"%VENV%\.scal-sdt-torch-index"
+  set /p TORCH_WHY=<"%VENV%\.scal-sdt-torch-why"
+)
+
 rem Reinstall only when the requirements or the torch choice changed; the same hash as launch.sh.
 rem The torch spec goes to python through the environment: on a command line its comparison signs redirect.
 set WANT=
@@ -27,6 +40,7 @@ set /p WANT=<"%VENV%\.scal-sdt-want"
 set HAVE=
 if exist "%VENV%\.scal-sdt-installed" set /p HAVE=<"%VENV%\.scal-sdt-installed"
 if not "%HAVE%"=="%WANT%" (
+  echo !TORCH_WHY!
   echo installing !SCAL_TORCH!, then requirements.txt ^(first run only^)
   "%PY%" -m pip install --quiet --upgrade pip || exit /b 1
   if defined SCAL_TORCH_INDEX (

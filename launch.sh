@@ -4,7 +4,8 @@
 #   ./launch.sh --test [pytest options]   install, then run the test suite
 # Environment:
 #   SCAL_TORCH        torch requirement to install first (default torch==2.13.0)
-#   SCAL_TORCH_INDEX  extra pip index for torch, e.g. https://download.pytorch.org/whl/cu128 for a CUDA build
+#   SCAL_TORCH_INDEX  extra pip index for torch, e.g. https://download.pytorch.org/whl/cu128 for a CUDA build;
+#                     unset, engine/torch_choice.py picks one from the NVIDIA driver (see README, GPU installs)
 #   PYTHON            interpreter used to create the venv (default python3)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -17,7 +18,6 @@ fi
 
 venv=.venv
 torch_spec=${SCAL_TORCH:-torch==2.13.0}
-torch_index=${SCAL_TORCH_INDEX:-}
 
 if [[ ! -x "$venv/bin/python" ]]; then
   echo "creating $venv"
@@ -25,12 +25,23 @@ if [[ ! -x "$venv/bin/python" ]]; then
 fi
 py="$venv/bin/python"
 
+# An explicit SCAL_TORCH_INDEX wins; otherwise the build follows the NVIDIA driver's CUDA version. The choice
+# runs every start so that a driver update changes the stamp below; its reason is shown when torch installs.
+if [[ -n "${SCAL_TORCH_INDEX:-}" ]]; then
+  torch_index=$SCAL_TORCH_INDEX
+  torch_why="torch: the build from SCAL_TORCH_INDEX=$torch_index"
+else
+  torch_index=$("$py" engine/torch_choice.py 2>"$venv/.scal-sdt-torch-why")
+  torch_why=$(cat "$venv/.scal-sdt-torch-why")
+fi
+
 # Reinstall only when what is asked for changed: the stamp holds a hash of the requirements and torch choice.
 # Hashed by the venv's python because sha256sum is missing on macOS; launch.bat runs the same code.
 hash_code="import hashlib, os; data = open('requirements.txt', 'rb').read() + (os.environ['SCAL_TORCH'] + ' ' + os.environ.get('SCAL_TORCH_INDEX', '') + '\n').encode(); print(hashlib.sha256(data).hexdigest())"
 want=$(SCAL_TORCH="$torch_spec" SCAL_TORCH_INDEX="$torch_index" "$py" -c "$hash_code")
 stamp="$venv/.scal-sdt-installed"
 if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
+  echo "$torch_why"
   echo "installing $torch_spec, then requirements.txt (first run only)"
   "$py" -m pip install --quiet --upgrade pip
   # torch first: a bare torch pulled in by another package would be a multi-GB default build.

@@ -25,7 +25,9 @@ def serve_files(paths: list[str]) -> None:
         gr.set_static_paths(new)
 
 
-def build_page(manager: Optional[JobManager] = None, output_dir: Optional[str] = None) -> gr.Blocks:
+def build_page(manager: Optional[JobManager] = None, output_dir: Optional[str] = None,
+               warning: Optional[str] = None) -> gr.Blocks:
+    """The app's page; a warning, when given, shows above the tabs."""
     manager = manager or JobManager()
     preset_list = presets.list_presets()
     selected = presets.default_preset(preset_list, presets.has_cuda_gpu())
@@ -33,6 +35,8 @@ def build_page(manager: Optional[JobManager] = None, output_dir: Optional[str] =
                       raw=presets.load_preset(selected, output_dir))
     with gr.Blocks(title=TITLE) as page:
         gr.Markdown(f"## {TITLE} — Stable Diffusion fine-tuning")
+        if warning:
+            gr.Markdown(f"**Warning:** {warning}", elem_id="page-warning")
         with gr.Tabs(selected="train"):
             with gr.Tab("Dataset", id="dataset"):
                 dataset = tab_dataset.build(ctx)

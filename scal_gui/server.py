@@ -14,6 +14,8 @@ AUTH_ENV = "SCAL_AUTH"
 OUTPUT_ENV = "SCAL_SDT_OUTPUT"
 DEFAULT_PORT = 7860
 PORT_TRIES = 100
+OPEN_NETWORK_WARNING = ("--listen without a login: anyone on the network can start jobs and read and write files "
+                        f"as this user. Give a login with --auth USER:PASS or {AUTH_ENV}=USER:PASS.")
 
 
 class LaunchError(Exception):
@@ -71,6 +73,11 @@ def launch_options(args: argparse.Namespace, env: Optional[dict] = None) -> dict
             "inbrowser": args.inbrowser}
 
 
+def open_network_warning(options: dict) -> Optional[str]:
+    """The warning for a page served to the network with no login (a public link always has one)."""
+    return OPEN_NETWORK_WARNING if options["server_name"] == "0.0.0.0" and options["auth"] is None else None
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -78,11 +85,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     except LaunchError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    warning = open_network_warning(options)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from .live import CSS
     from .page import build_page
 
-    page = build_page(output_dir=args.output_dir or os.environ.get(OUTPUT_ENV))
+    page = build_page(output_dir=args.output_dir or os.environ.get(OUTPUT_ENV), warning=warning)
     page.queue(default_concurrency_limit=4)
     page.launch(**options, css=CSS, footer_links=["api", "settings"], show_error=True)
     return 0

@@ -51,3 +51,55 @@ def test_listen_binds_every_interface_and_a_taken_port_moves_on(tmp_path):
             served_port = int(url.rstrip("/").rsplit(":", 1)[1])
             assert served_port > port
             assert ("0.0.0.0", served_port) in listening_sockets()
+
+
+class StartedPage:
+    """Stands in for the page main() builds and launches: records what it was given, serves nothing."""
+
+    def __init__(self, **built):
+        self.built = built
+        self.launched = None
+
+    def queue(self, **_):
+        return self
+
+    def launch(self, **options):
+        self.launched = options
+
+
+@pytest.mark.parametrize("args, login, warned", [
+    (["--listen"], None, True),
+    (["--listen", "--auth", "me:secret"], None, False),
+    (["--listen"], "me:secret", False),
+    ([], None, False)])
+def test_listen_without_a_login_starts_with_a_warning(monkeypatch, capsys, args, login, warned):
+    import scal_gui.page
+    from scal_gui import server
+    from scal_gui.testing import free_port
+
+    pages = []
+    monkeypatch.setattr(scal_gui.page, "build_page", lambda **built: pages.append(StartedPage(**built)) or pages[-1])
+    if login:
+        monkeypatch.setenv("SCAL_AUTH", login)
+    else:
+        monkeypatch.delenv("SCAL_AUTH", raising=False)
+    assert server.main([*args, "--port", str(free_port())]) == 0
+    [page] = pages
+    assert page.launched is not None
+    stderr = capsys.readouterr().err
+    assert ("anyone on the network can start jobs and read and write files as this user" in stderr) == warned
+    assert page.built["warning"] == (server.OPEN_NETWORK_WARNING if warned else None)
+
+
+def markdown_values(page) -> list[str]:
+    return [component["props"].get("value") or "" for component in page.config["components"]
+            if component["type"] == "markdown"]
+
+
+def test_the_page_shows_the_warning_at_the_top_only_when_given():
+    from scal_gui.page import build_page
+    from scal_gui.server import OPEN_NETWORK_WARNING
+
+    warned = markdown_values(build_page(warning=OPEN_NETWORK_WARNING))
+    assert warned[1] == f"**Warning:** {OPEN_NETWORK_WARNING}"
+    assert not any("anyone on the network" in value for value in markdown_values(build_page()))
