@@ -29,6 +29,7 @@ from . import paths
 from .config import Config
 from .data import DreamBoothDataset, crop_to_size, load_image, to_tensor, tokenize
 from .models import Components, encode_prompt
+from .plan import RunPlan
 
 SHARD_BYTES = 256 * 2**20
 # Bump when the pixels a latent is computed from change (resize filter, crop arithmetic).
@@ -229,36 +230,32 @@ def cache_text_embeddings(prompts: set[str], tokenizer, text_encoder, clip_stop_
 
 # -- wiring for a training run --------------------------------------------------------------------------------
 
-def attach_caches(config: Config, components: Components, dataset: DreamBoothDataset, device: torch.device,
-                  autocast_dtype: Optional[torch.dtype],
-                  log: Callable[..., None]) -> Optional[TextEmbeddingCache]:
-    """Build the caches config.cache asks for and can have; latents go to the dataset, the returned text
-    cache (or None) to the forward pass. With both, the VAE and text encoder leave the training device."""
+def attach_caches(config: Config, plan: RunPlan, components: Components, dataset: DreamBoothDataset,
+                  device: torch.device, log: Callable[..., None]) -> Optional[TextEmbeddingCache]:
+    """Build the caches the plan has; latents go to the dataset, the returned text cache (or None) to the
+    forward pass. With both, the VAE and text encoder leave the training device."""
     root = cache_root(config)
     text_cache = None
-    if config.cache.latents:
-        if not config.data.center_crop or config.augment:
-            log("latents are not cached: with random crops (data.center_crop: false) or augment steps each "
-                "epoch sees different pixels", "warning")
-        else:
-            vae = components.vae
-            folder = root / "latents-{}".format(fingerprint(
-                vae=weights_digest(vae), resolution=config.data.resolution, center_crop=True,
-                transform=LATENT_TRANSFORM_VERSION))
-            dataset.latents = cache_latents(dataset, vae, device, folder, log)
-    if config.cache.text_embeddings:
-        captions = config.captions
-        if config.train_text_encoder or captions.shuffle_tags or captions.tag_dropout > 0:
-            log("text embeddings are not cached: the text encoder is trained or captions change every step "
-                "(captions.shuffle_tags / captions.tag_dropout)", "warning")
-        else:
-            encoder = components.text_encoder
-            folder = root / "text-{}".format(fingerprint(
-                text_encoder=weights_digest(encoder), clip_stop_at_layer=config.clip_stop_at_layer,
-                autocast=str(autocast_dtype)))
-            text_cache = cache_text_embeddings(dataset.prompts(), components.tokenizer, encoder,
-                                               config.clip_stop_at_layer, device, autocast_dtype, folder, log)
-    if dataset.latents is not None and text_cache is not None and device.type != "cpu":
+    if config.cache.latents and not plan.cache_latents:
+        log("latents are not cached: with random crops (data.center_crop: false) or augment steps each "
+            "epoch sees different pixels", "warning")
+    if plan.cache_latents:
+        vae = components.vae
+        folder = root / "latents-{}".format(fingerprint(
+            vae=weights_digest(vae), resolution=config.data.resolution, center_crop=True,
+            transform=LATENT_TRANSFORM_VERSION))
+        dataset.latents = cache_latents(dataset, vae, device, folder, log)
+    if config.cache.text_embeddings and not plan.cache_text:
+        log("text embeddings are not cached: the text encoder is trained or captions change every step "
+            "(captions.shuffle_tags / captions.tag_dropout)", "warning")
+    if plan.cache_text:
+        encoder = components.text_encoder
+        folder = root / "text-{}".format(fingerprint(
+            text_encoder=weights_digest(encoder), clip_stop_at_layer=config.clip_stop_at_layer,
+            autocast=str(plan.autocast)))
+        text_cache = cache_text_embeddings(dataset.prompts(), components.tokenizer, encoder,
+                                           config.clip_stop_at_layer, device, plan.autocast, folder, log)
+    if plan.frozen_off_device:
         from .job import release_memory
 
         components.vae.to("cpu")

@@ -4,34 +4,22 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
-import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 from .errors import UserError
-from .paths import writable_folder
+from .run_dir import RunDir
 
 CHECKPOINT_PREFIX = "step-"
 TEMP_PREFIX = ".tmp-"
 META_FILE = "meta.json"
 STATE_FILE = "training_state.pt"
-
-
-def new_run_dir(output_dir: str, project: str) -> Path:
-    """A fresh run folder output_dir/project/run_id; an existing folder is never reused."""
-    parent = writable_folder(Path(output_dir) / project, "output_dir")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for attempt in range(1000):
-        run_dir = parent / (stamp if attempt == 0 else f"{stamp}-{attempt}")
-        try:
-            run_dir.mkdir()
-            return run_dir
-        except FileExistsError:
-            continue
-    raise UserError(f"cannot create a new run folder under {parent}")
 
 
 def checkpoint_name(step: int) -> str:
@@ -40,7 +28,7 @@ def checkpoint_name(step: int) -> str:
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first. Leftover temporary folders are not checkpoints."""
-    folder = Path(run_dir) / "checkpoints"
+    folder = RunDir(Path(run_dir)).checkpoints
     if not folder.is_dir():
         return []
     found = [p for p in folder.iterdir()
@@ -50,7 +38,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 def clean_partial(run_dir: Path) -> list[Path]:
     """Remove the remains of writes that were interrupted; returns what was removed."""
-    folder = Path(run_dir) / "checkpoints"
+    folder = RunDir(Path(run_dir)).checkpoints
     removed = []
     if folder.is_dir():
         for p in folder.iterdir():
@@ -72,7 +60,7 @@ def save_checkpoint(run_dir: Path, step: int, models: dict, state: dict, meta: d
     meta.json is written last inside the temporary folder and the folder is renamed into place, so a
     checkpoint with meta.json is complete.
     """
-    folder = Path(run_dir) / "checkpoints"
+    folder = RunDir(Path(run_dir)).checkpoints
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / checkpoint_name(step)
     temp = folder / f"{TEMP_PREFIX}{final.name}"
@@ -112,3 +100,46 @@ def load_model_weights(model, checkpoint: Path, name: str) -> None:
     for file in files:
         state.update(load_file(file))
     model.load_state_dict(state)
+
+
+STATE_VERSION = 1
+
+
+@dataclass
+class TrainState:
+    """Where a run stands; saved with every checkpoint and restored exactly on resume."""
+    step: int = 0
+    epoch: int = 0
+    position: int = 0        # micro-batches of the current epoch already trained
+    overflow_steps: int = 0  # fp16 steps skipped for inf/NaN gradients
+
+    def advance(self, micro_batches: int, batches_per_epoch: int) -> bool:
+        """Count one optimizer step over micro_batches; True when it completed an epoch."""
+        self.step += 1
+        self.position += micro_batches
+        if self.position < batches_per_epoch:
+            return False
+        self.epoch, self.position = self.epoch + 1, 0
+        return True
+
+    def to_dict(self) -> dict:
+        return {"version": STATE_VERSION, "global_step": self.step, "overflow_steps": self.overflow_steps,
+                "sampler": {"epoch": self.epoch, "position": self.position}}
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> "TrainState":
+        return cls(step=saved["global_step"], epoch=saved["sampler"]["epoch"],
+                   position=saved["sampler"]["position"], overflow_steps=saved.get("overflow_steps", 0))
+
+
+def rng_states(device: torch.device) -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def restore_rng_states(states: dict, device: torch.device) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if device.type == "cuda" and states.get("cuda") is not None:
+        torch.cuda.set_rng_state(states["cuda"], device)

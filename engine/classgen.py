@@ -26,6 +26,7 @@ from .config import Config, load
 from .dataset_index import scan_folder
 from .errors import UserError
 from .job import Job, release_memory
+from .sampling import PromptEncoder, build_pipeline, render
 
 SIDECAR_SUFFIX = ".json"
 
@@ -173,7 +174,7 @@ class ClassGenJob(Job):
         dtype = torch.float16 if device.type == "cuda" else torch.float32
         self.log(f"generating {total} class images on {device}")
         pipeline = _load_pipeline(model_path, config, device, dtype)
-        clip_skip = config.clip_stop_at_layer - 1 or None
+        encoder = PromptEncoder(pipeline.tokenizer, pipeline.text_encoder, config.clip_stop_at_layer)
         done = 0
         started = time.perf_counter()
         self.emit(events.Progress(done=0, total=total))
@@ -183,10 +184,9 @@ class ClassGenJob(Job):
                     break
                 first = batch[0]
                 generators = [torch.Generator("cpu").manual_seed(t.seed) for t in batch]
-                images = pipeline([t.prompt for t in batch], negative_prompt=[t.negative_prompt for t in batch],
-                                  num_inference_steps=first.steps, guidance_scale=first.cfg_scale,
-                                  width=first.width, height=first.height, generator=generators,
-                                  clip_skip=clip_skip).images
+                images = render(pipeline, encoder, [t.prompt for t in batch], [t.negative_prompt for t in batch],
+                                num_inference_steps=first.steps, guidance_scale=first.cfg_scale,
+                                width=first.width, height=first.height, generator=generators)
                 for task, image in zip(batch, images):
                     path = save_class_image(task, image)
                     self.written.append(path)
@@ -210,7 +210,6 @@ def _load_pipeline(model_path: str, config: Config, device: torch.device, dtype:
 
     if Path(model_path).is_file():
         from .models import load_components
-        from .sampling import build_pipeline
 
         components = load_components(config.model, config.vae, config.tokenizer)
         pipeline = build_pipeline(components, components.unet, components.text_encoder, device)

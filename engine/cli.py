@@ -23,12 +23,16 @@ def _format_warning(message, category, filename, lineno, line=None):
 
 def cmd_train(args) -> int:
     from .config import load
+    from .distributed import world_size_from_environment
+    from .plan import refuse_for_processes
     from .train import Trainer
 
     if args.resume:
         trainer = Trainer.for_resume(args.resume, queue.Queue(), overrides=args.set)
     else:
         trainer = Trainer(load(args.config, args.set), queue.Queue())
+    # Refused here, before the ranks start their work, as well as by the trainer itself.
+    refuse_for_processes(trainer.config, world_size_from_environment())
     trainer.start()
     is_main = int(os.environ.get("RANK", 0)) == 0
     if args.json_events or not is_main:
@@ -172,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from .config import ConfigError
     from .errors import UserError
 
     _quiet_libraries()
@@ -179,6 +184,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except ConfigError as error:
+        # Every torchrun rank reads the same config: the first rank's line is enough.
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {error}", file=sys.stderr)
+        return 2
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -511,13 +511,27 @@ def validate(config: Config) -> None:
         _require(not config.trainer.gradient_clip_val,
                  "config key 'optimizer.fused_backward': cannot be combined with 'trainer.gradient_clip_val' "
                  "(clipping the global norm needs every gradient at once); set one of them off")
-        _require(config.trainer.devices in (1, "1"),
-                 "config key 'optimizer.fused_backward': works on one device only; set 'trainer.devices: 1'")
     if config.optimizer.fused_backward or config.weights_dtype == "bf16":
         _require(PRECISIONS[str(config.trainer.precision)] != "float16",
                  "config key 'trainer.precision': fp16 with a grad scaler cannot be combined with "
                  "'optimizer.fused_backward' or 'weights_dtype: bf16'; use precision bf16")
+    for i, sample in enumerate(config.sampling.concepts):
+        key = f"sampling.concepts[{i}]"
+        for name in ("width", "height"):
+            size = getattr(sample, name)
+            # the pipeline needs whole latents: the VAE halves the size three times
+            _require(size is None or (size >= 8 and size % 8 == 0),
+                     f"config key '{key}.{name}': must be a positive multiple of 8 (or null for data.resolution), "
+                     f"got {size}")
+        _require(sample.steps >= 1, f"config key '{key}.steps': must be at least 1, got {sample.steps}")
+        _require(sample.num_samples >= 0, f"config key '{key}.num_samples': must not be negative")
     for i, concept in enumerate(config.data.concepts):
+        if concept.class_set is not None:
+            generation, key = concept.class_set.auto_generate, f"data.concepts[{i}].class_set.auto_generate"
+            _require(generation.steps >= 1, f"config key '{key}.steps': must be at least 1, got {generation.steps}")
+            _require(generation.batch_size >= 1,
+                     f"config key '{key}.batch_size': must be at least 1, got {generation.batch_size}")
+            _require(generation.num_target >= 0, f"config key '{key}.num_target': must not be negative")
         _require(bool(concept.instance_set.path),
                  f"config key 'data.concepts[{i}].instance_set.path': a folder of training images is required")
         if config.prior_preservation.enabled:

@@ -21,6 +21,7 @@ from .ema import EMA_FOLDER
 from .errors import UserError
 from .models import is_diffusers_folder
 from .keymap import KEY_MAPS, check_complete, to_original
+from .run_dir import RunDir
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 FORMATS = {".safetensors": "safetensors", ".ckpt": "ckpt"}
@@ -72,7 +73,7 @@ def _prediction_type(base: Path) -> str:
 def _run_vae(run_dir: Path) -> Optional[Path]:
     from .config import read_yaml
 
-    config = run_dir / "config.yaml"
+    config = RunDir(run_dir).config
     vae = read_yaml(config).get("vae") if config.is_file() else None
     return Path(paths.resolve(vae)) if vae else None
 
@@ -94,7 +95,7 @@ def load_source(source: str | Path, wanted: tuple[str, ...], ema: bool = False,
     path = Path(paths.resolve(str(source)))
     if not path.exists():
         raise UserError(f"{source}: not found")
-    if not (path / checkpoints.META_FILE).is_file() and (path / "checkpoints").is_dir():
+    if not (path / checkpoints.META_FILE).is_file() and RunDir(path).checkpoints.is_dir():
         path = checkpoints.latest_checkpoint(path) or path
     # Components that replace the base model's: what the run trained, and the VAE the run used.
     own: dict[str, Path] = {}

@@ -3,11 +3,14 @@ needs. A single process (no WORLD_SIZE in the environment) uses none of this."""
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
+
+from .errors import UserError
 
 
 @dataclass
@@ -25,9 +28,39 @@ class Topology:
         return self.world_size > 1
 
 
+def world_size_from_environment() -> int:
+    """How many processes train: torchrun says so in WORLD_SIZE; a plain start is one."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def process_count(devices: Any) -> int:
+    """How many training processes trainer.devices asks for: -1 is every CUDA device, and without CUDA
+    a number above 1 is that many CPU processes."""
+    if isinstance(devices, bool) or not isinstance(devices, int) or devices == 0 or devices < -1:
+        raise UserError("config key 'trainer.devices': expected a number of devices (1, 2, …) or -1 for every "
+                        f"GPU, got {devices!r}")
+    if devices == 1:
+        return 1
+    gpus = torch.cuda.device_count()
+    if devices == -1:
+        return max(gpus, 1)
+    if gpus and devices > gpus:
+        raise UserError(f"config key 'trainer.devices': {devices} devices asked for, but this machine has {gpus} "
+                        "GPUs (-1 uses every GPU)")
+    return devices
+
+
+def torchrun_command(processes: int, config_file: Optional[str] = None, resume_dir: Optional[str] = None) -> list:
+    """The command line that trains config_file (or resumes resume_dir) in `processes` processes, with the
+    engine's events as JSON lines on stdout."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+               "-m", "engine", "train", "--json-events"]
+    return command + (["--resume", str(resume_dir)] if resume_dir else ["--config", str(config_file)])
+
+
 def init_from_environment(use_cuda: bool) -> Topology:
     """Join the process group torchrun describes in the environment: NCCL on CUDA, gloo on the CPU."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    world_size = world_size_from_environment()
     topology = Topology(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), world_size)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
@@ -89,8 +122,6 @@ def main_first(topology: Topology, work: Callable[[], Any], then_others: bool = 
     and the others find them done. A failure on the main process fails every rank with its message
     instead of leaving them waiting in the next collective.
     """
-    from .errors import UserError
-
     result, error = None, None
     if topology.is_main:
         try:

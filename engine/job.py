@@ -66,18 +66,24 @@ class Job:
         """The run folder or output a failure refers to, if any."""
         return ""
 
+    def describe_failure(self, message: str) -> str:
+        """The one-line error of a failure, with what the job leaves behind (a training run's checkpoint)."""
+        return message
+
     def run(self) -> events.Event:
         """Run to the end or until stopped; never raises. Returns the Finished or Failed event."""
         try:
             result = self._run()
         except UserError as error:
-            result = events.Failed(error=str(error), run_dir=self.failure_context(), user_error=True)
+            result = events.Failed(error=self.describe_failure(str(error)), run_dir=self.failure_context(),
+                                   user_error=True)
         except torch.OutOfMemoryError:
             release_memory()
-            result = events.Failed(error=OOM_ADVICE, run_dir=self.failure_context(), user_error=True)
+            result = events.Failed(error=self.describe_failure(OOM_ADVICE), run_dir=self.failure_context(),
+                                   user_error=True)
         except Exception as error:  # an engine fault: reported with its traceback, the caller keeps running
-            result = events.Failed(error=f"{error.__class__.__name__}: {error}\n{traceback.format_exc()}",
-                                   run_dir=self.failure_context())
+            summary = self.describe_failure(f"{error.__class__.__name__}: {error}")
+            result = events.Failed(error=f"{summary}\n{traceback.format_exc()}", run_dir=self.failure_context())
         self.result = result
         self.emit(result)
         return result

@@ -115,7 +115,8 @@ class PerParameterOptimizer:
     fused=True steps each parameter from its post-accumulate-grad hook during backward and frees its
     gradient at once, so the full set of gradients never exists at the same time. The hooks step only
     while `armed` (the last micro-batch of an accumulation group); earlier micro-batches accumulate as
-    usual. Global-norm clipping needs every gradient at once and is not available in this mode.
+    usual, and `step()` has nothing left to do. Global-norm clipping needs every gradient at once and is
+    not available in this mode; otherwise `step()` clips to clip_norm first.
 
     bf16_weights=True keeps the weights in bf16: each step runs on an fp32 copy of one parameter (so the
     optimizer state is fp32 or 8-bit) and writes back with stochastic rounding.
@@ -124,11 +125,13 @@ class PerParameterOptimizer:
     """
 
     def __init__(self, config: OptimizerConfig, params: list, lr: float, fused: bool, bf16_weights: bool,
-                 seed: int = 0):
+                 seed: int = 0, clip_norm: Optional[float] = None):
         self.params = list(params)
         self.proxy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
         self.optimizers = [build_optimizer(config, [p], lr) for p in self.params]
         self.bf16_weights = bf16_weights
+        self.fused = fused
+        self.clip_norm = clip_norm
         self.armed = not fused
         self.rounding = torch.Generator().manual_seed(seed)
         if fused:
@@ -160,7 +163,11 @@ class PerParameterOptimizer:
         param.grad = None
 
     def step(self) -> None:
-        """Step every parameter that has a gradient (the non-fused path)."""
+        """Step every parameter that has a gradient; fused into backward, they have all stepped already."""
+        if self.fused:
+            return
+        if self.clip_norm:
+            torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], self.clip_norm)
         for param, optimizer in zip(self.params, self.optimizers):
             if param.grad is not None:
                 self._step_one(param, optimizer)

@@ -1,11 +1,37 @@
-"""Sample images during training with StableDiffusionPipeline and the weights being trained."""
+"""Render images with StableDiffusionPipeline: samples during training and class images.
+
+The pipeline never encodes prompts itself. It is handed `prompt_embeds` from the engine's own encoder,
+so CLIP skip and textual-inversion tokens behave exactly as they do in training. (diffusers' own
+`clip_skip` reaches into `text_encoder.text_model`, which transformers 5's CLIPTextModel no longer has.)
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .config import Config
+from .embeddings import expand_tokens
+from .models import encode_prompt
+
+
+@dataclass
+class PromptEncoder:
+    """Prompts to text embeddings the way training computes them."""
+    tokenizer: Any
+    text_encoder: Any
+    clip_stop_at_layer: int = 1
+    expansions: dict = field(default_factory=dict)  # textual-inversion token -> its multi-vector spelling
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        texts = [expand_tokens(text, self.expansions) for text in prompts]
+        ids = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        device = next(self.text_encoder.parameters()).device
+        return encode_prompt(self.text_encoder, ids.to(device), self.clip_stop_at_layer)
 
 
 def build_pipeline(components, unet, text_encoder, device):
@@ -19,15 +45,23 @@ def build_pipeline(components, unet, text_encoder, device):
     return pipeline.to(device)
 
 
+def render(pipeline, encoder: PromptEncoder, prompts: list[str], negative_prompts: list[str], **options) -> list:
+    """The pipeline's images for prompts, with embeddings from the engine's encoder."""
+    return pipeline(prompt_embeds=encoder(prompts), negative_prompt_embeds=encoder(negative_prompts),
+                    **options).images
+
+
 @torch.no_grad()
-def generate_samples(config: Config, pipeline, out_dir: Path, autocast_dtype=None) -> list[str]:
+def generate_samples(config: Config, pipeline, encoder: PromptEncoder, out_dir: Path,
+                     autocast_dtype=None) -> list[str]:
     """Render every sampling concept; files are samples/<step>/<concept>-<index>.png."""
     out_dir.mkdir(parents=True, exist_ok=True)
     device = pipeline.device
-    clip_skip = config.clip_stop_at_layer - 1 or None
     paths = []
-    was_training = pipeline.unet.training
-    pipeline.unet.eval()
+    models = (pipeline.unet, encoder.text_encoder)
+    was_training = [model.training for model in models]
+    for model in models:
+        model.eval()
     try:
         for concept_index, concept in enumerate(config.sampling.concepts):
             generator = torch.Generator("cpu").manual_seed(concept.seed if concept.seed is not None else concept_index)
@@ -36,12 +70,10 @@ def generate_samples(config: Config, pipeline, out_dir: Path, autocast_dtype=Non
             while remaining > 0:
                 count = min(remaining, config.sampling.batch_size)
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    images = pipeline(
-                        [concept.prompt] * count, negative_prompt=[concept.negative_prompt] * count,
-                        num_inference_steps=concept.steps, guidance_scale=concept.cfg_scale,
-                        width=concept.width or config.data.resolution,
-                        height=concept.height or config.data.resolution,
-                        generator=generator, clip_skip=clip_skip).images
+                    images = render(pipeline, encoder, [concept.prompt] * count, [concept.negative_prompt] * count,
+                                    num_inference_steps=concept.steps, guidance_scale=concept.cfg_scale,
+                                    width=concept.width or config.data.resolution,
+                                    height=concept.height or config.data.resolution, generator=generator)
                 for image in images:
                     path = out_dir / f"{concept_index:02d}-{image_index:03d}.png"
                     image.save(path)
@@ -49,5 +81,6 @@ def generate_samples(config: Config, pipeline, out_dir: Path, autocast_dtype=Non
                     image_index += 1
                 remaining -= count
     finally:
-        pipeline.unet.train(was_training)
+        for model, training in zip(models, was_training):
+            model.train(training)
     return paths

@@ -22,56 +22,19 @@ import torch
 
 from . import checkpoints, distributed, events, notices, paths
 from .buckets import plan_buckets
-from .config import PRECISIONS, Config, dump_yaml, load, to_dict
+from .config import Config, dump_yaml, load, to_dict
 from .data import Collate, DreamBoothDataset
 from .dataset_index import scan_folder
+from .ema import ema_step
 from .errors import UserError
-from .job import Job
-from .losses import dreambooth_loss, min_snr_weights, training_target
-from .models import (Components, enable_text_encoder_checkpointing, enable_xformers_if_usable, encode_prompt,
-                     load_components, resolve_model_path)
-
-
-
-class RowNoise:
-    """The random draws of one batch, made per row from that sample's own key.
-
-    A sample's latent noise, diffusion noise and timestep depend only on (seed, epoch, image), not on
-    the batch it landed in, the process that drew it or what ran before: resumed runs and multi-GPU runs
-    see exactly the draws of an uninterrupted single-process run.
-    """
-
-    def __init__(self, keys: torch.Tensor, num_timesteps: int):
-        self.generators = [torch.Generator().manual_seed(int(k)) for k in keys]
-        self.num_timesteps = num_timesteps
-
-    def _per_row(self, shape, draw) -> torch.Tensor:
-        return torch.stack([draw(shape, g) for g in self.generators])
-
-    def sample_latents(self, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-        eps = self._per_row(mean.shape[1:], lambda shape, g: torch.randn(shape, generator=g))
-        return mean + std * eps.to(mean.device, mean.dtype)
-
-    def noise_and_timesteps(self, shape, offset: float) -> tuple[torch.Tensor, torch.Tensor]:
-        noise = self._per_row(shape[1:], lambda s, g: torch.randn(s, generator=g))
-        timesteps = self._per_row((), lambda s, g: torch.randint(0, self.num_timesteps, (), generator=g))
-        if offset > 0:
-            # a per-channel constant teaches the model to shift overall brightness
-            shift = self._per_row((shape[1], 1, 1), lambda s, g: torch.randn(s, generator=g))
-            noise = noise + offset * shift
-        return noise, timesteps
-
-
-def optimizer_step(optimizer, scaler, params, clip_norm: Optional[float]) -> bool:
-    """Clip and step through the grad scaler. False when fp16 gradients overflowed and the step was skipped."""
-    if clip_norm:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, clip_norm)
-    scale_before = scaler.get_scale()
-    scaler.step(optimizer)
-    scaler.update()
-    # The scaler lowers its scale exactly when it found inf/NaN gradients and skipped the step.
-    return not (scaler.is_enabled() and scaler.get_scale() < scale_before)
+from .job import Job, release_memory
+from .models import Components, load_components, resolve_model_path
+from .optim import scaled_lr
+from .plan import RunPlan, make_plan
+from .run_dir import CONFIG_FILE, RunDir
+from .sampling import PromptEncoder, build_pipeline, generate_samples
+from .setup import build_optimizer, build_schedule, prepare_models, trained_parameters
+from .step import LossParts, StepModels, backward, compute_loss, optimizer_step
 
 
 def configure_noise_schedule(components: Components, config: Config) -> None:
@@ -98,20 +61,6 @@ def select_device(config: Config) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
-
-
-def select_precision(config: Config, device: torch.device) -> tuple[Optional[torch.dtype], bool]:
-    """(autocast dtype or None, use a grad scaler)."""
-    name = PRECISIONS[str(config.trainer.precision)]
-    if config.weights_dtype == "bf16":
-        name = "bfloat16"  # bf16 weights need bf16 compute
-    if name is None:
-        return None, False
-    if device.type != "cuda" and name == "float16":
-        notices.warn("fp16 mixed precision needs CUDA: training in fp32 on the CPU")
-        return None, False
-    dtype = getattr(torch, name)
-    return dtype, dtype == torch.float16
 
 
 @dataclass
@@ -187,6 +136,48 @@ def prepare_data(config: Config, tokenizer, seed: int, rank: int = 0, world_size
     return PreparedData(dataset, sampler, loader, skipped, instance_plan.sizes)
 
 
+# Settings that decide which images each batch holds; the saved data position assumes them unchanged.
+DATA_POSITION_KEYS = ("batch_size", "seed", "trainer.accumulate_grad_batches", "data", "aspect_ratio_bucket")
+
+
+@dataclass
+class StepContext:
+    """What the step loop works with, set up once per run by Trainer._setup."""
+    components: Components
+    plan: RunPlan
+    device: torch.device
+    topology: distributed.Topology
+    data: PreparedData
+    models: StepModels           # what the step runs: DDP wrappers where several processes train
+    params: list
+    optimizer: object
+    lr_scheduler: object
+    scaler: torch.amp.GradScaler
+    text_cache: object
+    ema: object
+    prompt_encoder: PromptEncoder
+    batches_per_epoch: int
+    total_steps: int
+    metrics: object = None       # the main process's MetricsLog and ExternalLoggers
+    external: object = None
+
+
+def optimizer_steps(context: StepContext, state: checkpoints.TrainState, accumulate: int):
+    """The micro-batches of each optimizer step, epoch after epoch, from where state stands.
+
+    Accumulation groups are counted from each epoch's start; an epoch's last group may be shorter."""
+    data, per_epoch = context.data, context.batches_per_epoch
+    while True:
+        data.sampler.set_epoch(state.epoch, start=state.position)
+        data.dataset.set_epoch(state.epoch)
+        group, group_size = [], min(accumulate, per_epoch - state.position)
+        for batch in data.loader:
+            group.append(batch)
+            if len(group) == group_size:
+                yield group
+                group, group_size = [], min(accumulate, per_epoch - state.position)
+
+
 class Trainer(Job):
     thread_name = "scal-sdt-train"
 
@@ -196,16 +187,27 @@ class Trainer(Job):
         self.config = config
         self.resume_dir = Path(resume_dir) if resume_dir else None
         self.run_dir: Optional[Path] = None
+        self.state = checkpoints.TrainState()
+        self._models: Optional[StepModels] = None
+        self.failed_sample_rounds = 0
 
     @classmethod
     def for_resume(cls, run_dir: str, event_queue=None, overrides: Optional[list[str]] = None, **kwargs):
-        config_path = Path(run_dir) / "config.yaml"
-        if not config_path.is_file():
-            raise UserError(f"--resume: {run_dir} is not a run folder (no config.yaml)")
-        return cls(load(config_path, overrides), event_queue, resume_dir=run_dir, **kwargs)
+        if not RunDir.is_run(Path(run_dir)):
+            raise UserError(f"--resume: {run_dir} is not a run folder (no {CONFIG_FILE})")
+        return cls(load(RunDir(Path(run_dir)).config, overrides), event_queue, resume_dir=run_dir, **kwargs)
 
     def failure_context(self) -> str:
         return str(self.run_dir or "")
+
+    def describe_failure(self, message: str) -> str:
+        """A run that ends in an error says what is left of it."""
+        if self.run_dir is None:
+            return message
+        latest = checkpoints.latest_checkpoint(self.run_dir)
+        if latest is None:
+            return f"{message} (no checkpoint was saved yet)"
+        return f"{message} (last good checkpoint: {latest}; continue with --resume {self.run_dir})"
 
     def _run(self) -> events.Event:
         with notices.collect(lambda message: self.log(message, "warning")):
@@ -226,13 +228,19 @@ class Trainer(Job):
     # -- the run ------------------------------------------------------------------------------------------
     def _train(self) -> events.Event:
         device = select_device(self.config)
+        # Planned (and refused, for rules that depend on the process count) before any process group or
+        # run folder exists.
+        plan = make_plan(self.config, device.type, distributed.world_size_from_environment())
         topology = distributed.init_from_environment(use_cuda=device.type == "cuda")
         try:
             with contextlib.ExitStack() as cleanup:
-                return self._train_in_group(topology, device, cleanup)
+                context = self._setup(plan, topology, device, cleanup)
+                if context is None:
+                    return events.Finished(run_dir=str(self.run_dir), step=0, stopped=True)
+                return self._train_loop(context)
         finally:
             # the finished job must not keep the models alive (the app holds on to its last job)
-            self._unet = self._text_encoder = None
+            self._models = None
             distributed.shutdown(topology)
 
     def _open_run_dir(self, topology: distributed.Topology) -> Optional[Path]:
@@ -248,75 +256,34 @@ class Trainer(Job):
             resume_from = checkpoints.latest_checkpoint(self.run_dir)
             if resume_from is None:
                 raise UserError(f"--resume: {self.run_dir} has no complete checkpoint to resume from")
+            self._warn_of_moved_data_position()
             return resume_from
         if config.seed is None:
             config.seed = random.randrange(2**31)
         config.seed = distributed.broadcast_from_main(topology, config.seed)
         run_dir = None
         if topology.is_main:
-            run_dir = checkpoints.new_run_dir(paths.resolve(config.output_dir), config.project)
-            (run_dir / "config.yaml").write_text(dump_yaml(config), encoding="utf-8")
-        self.run_dir = Path(distributed.broadcast_from_main(topology, str(run_dir) if run_dir else None))
+            run_dir = RunDir.create(paths.resolve(config.output_dir), config.project)
+            run_dir.config.write_text(dump_yaml(config), encoding="utf-8")
+        self.run_dir = Path(distributed.broadcast_from_main(topology, str(run_dir.path) if run_dir else None))
         return None
 
-    def _prepare_models(self, components: Components, device: torch.device) -> str:
-        """Freeze what is not trained, switch on the memory features, move to the device. Returns the
-        attention backend in use."""
+    def _warn_of_moved_data_position(self) -> None:
+        """The checkpoint's data position counts batches of the run's own settings: a resume that changes
+        them does not continue exactly where the run stopped."""
+        saved, now = to_dict(load(RunDir(self.run_dir).config)), to_dict(self.config)
+        for key in DATA_POSITION_KEYS:
+            before, after = saved, now
+            for part in key.split("."):
+                before, after = before.get(part), after.get(part)
+            if before != after:
+                self.log(f"--set {key} changes what the saved data position counts ({before!r} -> {after!r}): "
+                         "the resumed run will not see exactly the images it would have seen", "warning")
+
+    def _load_models(self, plan: RunPlan, device: torch.device) -> tuple[Components, dict, str]:
+        """The base model with its noise schedule and custom embeddings, prepared for training.
+        Returns (components, textual-inversion expansions, attention backend)."""
         config = self.config
-        unet, text_encoder, vae = components.unet, components.text_encoder, components.vae
-        vae.requires_grad_(False)
-        text_encoder.requires_grad_(config.train_text_encoder)
-        if config.train_text_encoder and config.clip_stop_at_layer > 1:
-            # CLIP skip never runs the last layers: freezing them keeps DDP from waiting for their gradients.
-            layers = getattr(text_encoder, "text_model", text_encoder).encoder.layers
-            for layer in layers[len(layers) - (config.clip_stop_at_layer - 1):]:
-                layer.requires_grad_(False)
-        unet.train()
-        text_encoder.train(config.train_text_encoder)
-        vae.eval()
-        if config.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-            if config.train_text_encoder:
-                enable_text_encoder_checkpointing(text_encoder)
-        attention = enable_xformers_if_usable(unet, config.xformers)
-        for model in (unet, text_encoder, vae):
-            model.to(device)
-        if config.weights_dtype == "bf16":
-            for model in [unet] + ([text_encoder] if config.train_text_encoder else []):
-                model.to(torch.bfloat16)
-        return attention
-
-    def _build_optimizer(self, params: list, effective_batch: int, total_steps: int, seed: int):
-        """(optimizer, LR schedule). Fused backward and bf16 weights need one optimizer per parameter,
-        whose learning rate the schedule drives through a placeholder optimizer."""
-        from .optim import PerParameterOptimizer, build_optimizer, build_scheduler, scaled_lr
-
-        config = self.config
-        lr = scaled_lr(config.optimizer, effective_batch)
-        if config.optimizer.fused_backward or config.weights_dtype == "bf16":
-            optimizer = PerParameterOptimizer(config.optimizer, params, lr, fused=config.optimizer.fused_backward,
-                                              bf16_weights=config.weights_dtype == "bf16", seed=seed)
-            return optimizer, build_scheduler(config.optimizer, optimizer.proxy, total_steps)
-        optimizer = build_optimizer(config.optimizer, params, lr)
-        return optimizer, build_scheduler(config.optimizer, optimizer, total_steps)
-
-    def _train_in_group(self, topology: distributed.Topology, device: torch.device,
-                        cleanup: contextlib.ExitStack) -> events.Event:
-        config = self.config
-        rank, world_size, is_main = topology.rank, topology.world_size, topology.is_main
-        autocast_dtype, use_scaler = select_precision(config, device)
-
-        resolve_model_path(config.model)  # fail before creating a run folder
-        resume_from = self._open_run_dir(topology)
-        seed = config.seed
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
-
-        if config.prior_preservation.enabled:
-            distributed.main_first(topology, self._generate_missing_class_images, then_others=False)
-            if distributed.any_rank(topology, self.stop_requested, device):
-                return events.Finished(run_dir=str(self.run_dir), step=0, stopped=True)
         components = load_components(config.model, config.vae, config.tokenizer)
         configure_noise_schedule(components, config)
         expansions = {}
@@ -326,267 +293,267 @@ class Trainer(Job):
             expansions = load_custom_embeddings(paths.resolve(config.custom_embeddings.path),
                                                 components.tokenizer, components.text_encoder)
             self.log(f"loaded custom embeddings: {', '.join(expansions)}")
-        unet, text_encoder, vae = components.unet, components.text_encoder, components.vae
-        attention = self._prepare_models(components, device)
+        attention = prepare_models(components, config, plan, device)
+        return components, expansions, attention
 
-        data = prepare_data(config, components.tokenizer, seed, rank, world_size, expansions)
+    def _total_steps(self, batches_per_epoch: int) -> int:
+        trainer = self.config.trainer
+        steps_per_epoch = math.ceil(batches_per_epoch / trainer.accumulate_grad_batches)
+        return min(s for s in (trainer.max_steps, trainer.max_epochs and trainer.max_epochs * steps_per_epoch)
+                   if s is not None)
+
+    def _setup(self, plan: RunPlan, topology: distributed.Topology, device: torch.device,
+               cleanup: contextlib.ExitStack) -> Optional[StepContext]:
+        """Run folder, class images, models, data and caches, optimizer, resumed state and loggers, in that
+        order. None when a stop request came during class image generation."""
+        config = self.config
+        resolve_model_path(config.model)  # fail before creating a run folder
+        resume_from = self._open_run_dir(topology)
+        random.seed(config.seed)
+        np.random.seed(config.seed % 2**32)
+        torch.manual_seed(config.seed)
+        if config.prior_preservation.enabled:
+            distributed.main_first(topology, self._generate_missing_class_images, then_others=False)
+            if distributed.any_rank(topology, self.stop_requested, device):
+                return None
+        components, expansions, attention = self._load_models(plan, device)
+        data = prepare_data(config, components.tokenizer, config.seed, topology.rank, topology.world_size,
+                            expansions)
         from .cache import attach_caches
 
         # The main process fills the caches; the other ranks then find them full.
         text_cache = distributed.main_first(
-            topology, lambda: attach_caches(config, components, data.dataset, device, autocast_dtype, self.log))
-        if config.aspect_ratio_bucket.debug:
+            topology, lambda: attach_caches(config, plan, components, data.dataset, device, self.log))
+        self._log_buckets(data)
+        batches_per_epoch = len(data.sampler)
+        if batches_per_epoch == 0:
+            raise UserError(f"no batch can be formed: every bucket holds fewer images than the "
+                            f"{topology.world_size} processes; add images or train on fewer devices")
+        total_steps = self._total_steps(batches_per_epoch)
+        params = trained_parameters(components, plan)
+        effective_batch = config.batch_size * config.trainer.accumulate_grad_batches * topology.world_size
+        optimizer = build_optimizer(config, plan, params, scaled_lr(config.optimizer, effective_batch),
+                                    config.seed)
+        # The forward passes go through the DDP wrappers so that backward averages gradients over ranks.
+        models = StepModels(
+            unet=distributed.wrap(components.unet, topology, device),
+            text_encoder=(distributed.wrap(components.text_encoder, topology, device) if plan.train_text_encoder
+                          else components.text_encoder),
+            vae=components.vae, noise_scheduler=components.noise_scheduler)
+        self._models = models
+        context = StepContext(
+            components=components, plan=plan, device=device, topology=topology, data=data, models=models,
+            params=params, optimizer=optimizer, lr_scheduler=build_schedule(config, optimizer, total_steps),
+            scaler=torch.amp.GradScaler(device.type, enabled=plan.grad_scaler), text_cache=text_cache,
+            ema=None, prompt_encoder=PromptEncoder(components.tokenizer, components.text_encoder,
+                                                   config.clip_stop_at_layer, expansions),
+            batches_per_epoch=batches_per_epoch, total_steps=total_steps)
+        self.state = self._restore(context, resume_from)
+        if topology.is_main:
+            from .loggers import ExternalLoggers, MetricsLog
+
+            context.metrics = MetricsLog(RunDir(self.run_dir).metrics,
+                                         self.state.step if resume_from is not None else None)
+            context.external = ExternalLoggers(config, self.run_dir, to_dict(config))
+            # closed however the run ends, so W&B and TensorBoard keep what was logged
+            cleanup.callback(context.metrics.close)
+            cleanup.callback(context.external.close)
+        self.emit(events.Started(run_dir=str(self.run_dir), total_steps=total_steps, start_step=self.state.step))
+        self.log(f"{len(data.dataset)} training images, {len(data.skipped)} skipped; {batches_per_epoch} batches "
+                 f"per epoch; {total_steps} steps; device {device}; attention {attention}")
+        return context
+
+    def _log_buckets(self, data: PreparedData) -> None:
+        if self.config.aspect_ratio_bucket.debug:
             for bucket, (width, height) in enumerate(data.bucket_sizes):
                 count = data.dataset.instance_buckets.count(bucket)
                 if count:
                     self.log(f"bucket {width}x{height}: {count} images")
-        batches_per_epoch = len(data.sampler)
-        if batches_per_epoch == 0:
-            raise UserError(f"no batch can be formed: every bucket holds fewer images than the {world_size} "
-                            "processes; add images or train on fewer devices")
-        accumulate = config.trainer.accumulate_grad_batches
-        steps_per_epoch = math.ceil(batches_per_epoch / accumulate)
-        total_steps = min(s for s in (config.trainer.max_steps,
-                                      config.trainer.max_epochs and config.trainer.max_epochs * steps_per_epoch)
-                          if s is not None)
 
-        trained = [unet] + ([text_encoder] if config.train_text_encoder else [])
-        params = [p for model in trained for p in model.parameters() if p.requires_grad]
-        # The forward passes go through the DDP wrappers so that backward averages gradients over ranks.
-        self._unet = distributed.wrap(unet, topology, device)
-        self._text_encoder = (distributed.wrap(text_encoder, topology, device) if config.train_text_encoder
-                              else text_encoder)
-        per_parameter = config.optimizer.fused_backward or config.weights_dtype == "bf16"
-        optimizer, lr_scheduler = self._build_optimizer(params, config.batch_size * accumulate * world_size,
-                                                        total_steps, seed)
-        scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-        from .ema import EMA_FOLDER, SwapInEma, create_ema, ema_step, load_ema
+    def _restore(self, context: StepContext, resume_from: Optional[Path]) -> checkpoints.TrainState:
+        """Weights, EMA, optimizer, schedule, scaler, RNG and data position of the checkpoint resumed from;
+        a fresh state otherwise."""
+        from .ema import EMA_FOLDER, create_ema, load_ema
 
-        global_step, epoch, position = 0, 0, 0
-        metrics_resume_step = None
+        config, unet = self.config, context.components.unet
         if resume_from is not None:
-            state = checkpoints.load_state(resume_from)
             checkpoints.load_model_weights(unet, resume_from, "unet")
             if config.train_text_encoder:
-                checkpoints.load_model_weights(text_encoder, resume_from, "text_encoder")
+                checkpoints.load_model_weights(context.components.text_encoder, resume_from, "text_encoder")
         # Only the main process samples and saves, so only it keeps the average.
-        ema = None
-        if config.ema.enabled and is_main:
+        if config.ema.enabled and context.topology.is_main:
             if resume_from is not None and (resume_from / EMA_FOLDER).is_dir():
-                ema = load_ema(resume_from, config.ema, device)
+                context.ema = load_ema(resume_from, config.ema, context.device)
             else:
                 if resume_from is not None:
                     self.log(f"{resume_from.name} has no EMA weights: the average starts from the resumed weights",
                              "warning")
-                ema = create_ema(unet, config.ema)
-        if resume_from is not None:
-            optimizer.load_state_dict(state["optimizer"])
-            lr_scheduler.load_state_dict(state["lr_scheduler"])
-            scaler.load_state_dict(state["scaler"])
-            random.setstate(state["rng"]["python"])
-            np.random.set_state(state["rng"]["numpy"])
-            torch.set_rng_state(state["rng"]["torch"])
-            if device.type == "cuda" and state["rng"].get("cuda") is not None:
-                torch.cuda.set_rng_state(state["rng"]["cuda"], device)
-            global_step, epoch, position = state["global_step"], state["sampler"]["epoch"], state["sampler"]["position"]
-            metrics_resume_step = global_step
-            self.log(f"resuming {self.run_dir} from {resume_from.name} (step {global_step})")
+                context.ema = create_ema(unet, config.ema)
+        if resume_from is None:
+            return checkpoints.TrainState()
+        saved = checkpoints.load_state(resume_from)
+        context.optimizer.load_state_dict(saved["optimizer"])
+        context.lr_scheduler.load_state_dict(saved["lr_scheduler"])
+        context.scaler.load_state_dict(saved["scaler"])
+        checkpoints.restore_rng_states(saved["rng"], context.device)
+        state = checkpoints.TrainState.from_dict(saved)
+        self.log(f"resuming {self.run_dir} from {resume_from.name} (step {state.step})")
+        return state
 
-        from .loggers import ExternalLoggers, MetricsLog
-
-        metrics = MetricsLog(self.run_dir / "metrics.jsonl", metrics_resume_step) if is_main else None
-        external = ExternalLoggers(config, self.run_dir, to_dict(config)) if is_main else None
-        if is_main:  # closed however the run ends, so W&B and TensorBoard keep what was logged
-            cleanup.callback(metrics.close)
-            cleanup.callback(external.close)
-        self.emit(events.Started(run_dir=str(self.run_dir), total_steps=total_steps, start_step=global_step))
-        self.log(f"{len(data.dataset)} training images, {len(data.skipped)} skipped; {batches_per_epoch} batches "
-                 f"per epoch; {total_steps} steps; device {device}; attention {attention}")
-
-        def save(reason: str) -> Path:
-            state = {
-                "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
-                "global_step": global_step, "overflow_steps": overflow_steps, "sampler": {"epoch": epoch, "position": batch_index_in_epoch},
-            }
-            models = {"unet": unet}
-            if config.train_text_encoder:
-                models["text_encoder"] = text_encoder
-            if ema is not None:
-                models[EMA_FOLDER] = ema
-            meta = {"epoch": epoch, "base_model": components.model_path, "reason": reason,
-                    "trained": sorted(models), "prediction_type": components.noise_scheduler.config.prediction_type}
-            path = checkpoints.save_checkpoint(self.run_dir, global_step, models, state, meta,
-                                               config.checkpoint.save_top_k)
-            self.emit(events.CheckpointSaved(step=global_step, path=str(path)))
-            return path
-
-        def sample() -> None:
-            from .sampling import build_pipeline, generate_samples
-
-            # With both caches on, the VAE and text encoder wait off the device: put them back after sampling.
-            resting = {model: next(model.parameters()).device for model in (vae, text_encoder)}
-            pipeline = build_pipeline(components, unet, text_encoder, device)
-            with SwapInEma(ema if config.ema.use_for_samples else None, unet.parameters()):
-                sample_paths = generate_samples(config, pipeline, self.run_dir / "samples" / f"{global_step:06d}",
-                                                autocast_dtype)
-            for model, home in resting.items():
-                model.to(home)
-            text_encoder.train(config.train_text_encoder)
-            self.emit(events.Sample(step=global_step, paths=sample_paths))
-            external.log_images(global_step, sample_paths)
-
-        step_times: list[float] = []
-        overflow_steps = state["overflow_steps"] if resume_from is not None else 0
-        last_sampled = -1
+    # -- the step loop ------------------------------------------------------------------------------------
+    def _train_loop(self, context: StepContext) -> events.Event:
+        config, state, topology, device = self.config, self.state, context.topology, context.device
+        steps = optimizer_steps(context, state, config.trainer.accumulate_grad_batches)
+        clock = StepClock()
         stopped = False
-        batch_index_in_epoch = position
-        loss_sum, loss_count = 0.0, 0
-        tick = time.perf_counter()
-        while global_step < total_steps and not stopped:
-            data.sampler.set_epoch(epoch, start=position)
-            data.dataset.set_epoch(epoch)
-            epoch_batches = batches_per_epoch
-            batch_index_in_epoch = position
-            for batch in data.loader:
-                group_start = batch_index_in_epoch // accumulate * accumulate
-                group_size = min(accumulate, epoch_batches - group_start)
-                loss, parts = self._forward(batch, components, device, autocast_dtype, text_cache)
+        last = state.step >= context.total_steps  # resumed from the final checkpoint: nothing left to do
+        while not last:
+            micro_batches = next(steps)
+            losses, parts = [], None
+            for index, batch in enumerate(micro_batches):
+                loss, parts = compute_loss(config, context.models, batch, device, context.plan.autocast,
+                                           context.text_cache)
+                # CPU–GPU sync: every rank learns whether any loss is non-finite before stepping on it.
                 finite = bool(torch.isfinite(loss))
                 if distributed.any_rank(topology, not finite, device):
                     value = "non-finite on another process" if finite else loss.item()
-                    raise UserError(f"the loss became {value} at step {global_step + 1}; stopping. "
-                                    f"The last good checkpoint is kept in {self.run_dir / 'checkpoints'}; "
-                                    "lower optimizer.params.lr or use bf16/fp32 precision")
-                last_of_group = batch_index_in_epoch + 1 - group_start == group_size
-                # Ranks exchange gradients only on the micro-batch that completes an accumulation group.
-                if config.optimizer.fused_backward:
-                    optimizer.armed = last_of_group  # parameters step inside this backward
-                with contextlib.nullcontext() if last_of_group else self._no_sync():
-                    scaler.scale(loss / group_size).backward()
-                loss_sum += loss.item()
-                loss_count += 1
-                batch_index_in_epoch += 1
-                if batch_index_in_epoch - group_start < group_size:
-                    continue
+                    raise UserError(f"the loss became {value} at step {state.step + 1}; stopping. Lower "
+                                    "optimizer.params.lr or use bf16/fp32 precision")
+                backward(loss, context.scaler, context.optimizer, len(micro_batches),
+                         last_of_group=index == len(micro_batches) - 1, no_sync=self._no_sync)
+                losses.append(loss.item())  # CPU–GPU sync
+            if not optimizer_step(context.optimizer, context.scaler, context.params,
+                                  config.trainer.gradient_clip_val):
+                state.overflow_steps += 1
+            if context.ema is not None:
+                ema_step(context.ema, context.components.unet.parameters(), config.ema.on_cpu)
+            context.lr_scheduler.step()
+            context.optimizer.zero_grad(set_to_none=True)
+            epoch = state.epoch
+            epoch_ended = state.advance(len(micro_batches), context.batches_per_epoch)
+            self._report_step(context, epoch, sum(losses) / len(losses), parts, clock.tick())
+            stopped = distributed.any_rank(topology, self.stop_requested, device)
+            last = stopped or state.step >= context.total_steps
+            self._run_due(context, epoch_ended, last, stopped)
+            clock.restart()  # sampling and saving are not training time
+        summary = {"steps": state.step, "images": len(context.data.dataset), "skipped": len(context.data.skipped),
+                   "skipped_reasons": [{"path": p, "reason": r} for p, r in context.data.skipped],
+                   "failed_sample_rounds": self.failed_sample_rounds}
+        return events.Finished(run_dir=str(self.run_dir), step=state.step, stopped=stopped, summary=summary)
 
-                if not per_parameter:
-                    if not optimizer_step(optimizer, scaler, params, config.trainer.gradient_clip_val):
-                        overflow_steps += 1
-                elif not config.optimizer.fused_backward:
-                    if config.trainer.gradient_clip_val:
-                        torch.nn.utils.clip_grad_norm_(params, config.trainer.gradient_clip_val)
-                    optimizer.step()
-                if ema is not None:
-                    ema_step(ema, unet.parameters(), config.ema.on_cpu)
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                global_step += 1
+    def _report_step(self, context: StepContext, epoch: int, loss: float, parts: LossParts,
+                     it_per_s: float) -> None:
+        state, total = self.state, context.total_steps
+        record = {"step": state.step, "epoch": epoch,
+                  "loss": distributed.mean_over_ranks(context.topology, loss, context.device),
+                  "lr": context.optimizer.param_groups[0]["lr"], "width": parts.width, "height": parts.height}
+        if context.plan.grad_scaler:
+            record["overflow_steps"] = state.overflow_steps
+        if parts.prior_loss is not None:  # CPU–GPU sync
+            record["instance_loss"], record["prior_loss"] = parts.instance_loss.item(), parts.prior_loss.item()
+        if context.metrics is not None and (state.step % self.config.trainer.log_every_n_steps == 0
+                                            or state.step == total):
+            context.metrics.write(record)
+            self._side_task("logging", context.external.log, record)
+        self.emit(events.Step(step=state.step, epoch=record["epoch"], loss=record["loss"], lr=record["lr"],
+                              it_per_s=it_per_s, total_steps=total,
+                              eta_s=(total - state.step) / it_per_s if it_per_s else 0.0))
 
-                now = time.perf_counter()
-                step_times.append(now - tick)
-                tick = now
-                recent = step_times[-20:]
-                it_per_s = len(recent) / sum(recent) if sum(recent) > 0 else 0.0
-                record = {"step": global_step, "epoch": epoch,
-                          "loss": distributed.mean_over_ranks(topology, loss_sum / loss_count, device),
-                          "lr": optimizer.param_groups[0]["lr"], "width": parts["width"], "height": parts["height"]}
-                if use_scaler:
-                    record["overflow_steps"] = overflow_steps
-                if parts.get("prior_loss") is not None:
-                    record["instance_loss"], record["prior_loss"] = parts["instance_loss"], parts["prior_loss"]
-                loss_sum, loss_count = 0.0, 0
-                if is_main and (global_step % config.trainer.log_every_n_steps == 0 or global_step == total_steps):
-                    metrics.write(record)
-                    external.log(record)
-                self.emit(events.Step(step=global_step, epoch=epoch, loss=record["loss"], lr=record["lr"],
-                                      it_per_s=it_per_s, total_steps=total_steps,
-                                      eta_s=(total_steps - global_step) / it_per_s if it_per_s else 0.0))
-        
-                if is_main and config.sampling.concepts and config.sampling.interval_steps and \
-                        global_step % config.sampling.interval_steps == 0:
-                    sample()
-                    last_sampled = global_step
-                    tick = time.perf_counter()
-                every = config.checkpoint.every_n_train_steps
-                if is_main and every and global_step % every == 0:
-                    save("every_n_train_steps")
-                if distributed.any_rank(topology, self.stop_requested, device):
-                    stopped = True
-                    break
-                if global_step >= total_steps:
-                    break
-            else:
-                position = 0
-                epoch += 1
-                # As in Lightning's ModelCheckpoint, every_n_train_steps replaces every_n_epochs when set.
-                every_epochs = None if config.checkpoint.every_n_train_steps else config.checkpoint.every_n_epochs
-                if is_main and every_epochs and epoch % every_epochs == 0 and global_step < total_steps:
-                    batch_index_in_epoch = 0
-                    save("every_n_epochs")
-                continue
-            position = batch_index_in_epoch
-            if position >= epoch_batches:
-                position, epoch, batch_index_in_epoch = 0, epoch + 1, 0
-
-        if is_main:
-            if config.sampling.concepts and config.sampling.interval_steps and last_sampled != global_step \
-                    and not stopped:
-                sample()
+    def _run_due(self, context: StepContext, epoch_ended: bool, last: bool, stopped: bool) -> None:
+        """Sampling and checkpoints, periodic or at the end of the run (last), decided in one place."""
+        config, step = self.config, self.state.step
+        if not context.topology.is_main:
+            return
+        sampling = config.sampling
+        if sampling.concepts and sampling.interval_steps and not stopped and (
+                step % sampling.interval_steps == 0 or last):
+            self._sample(context)
+        every = config.checkpoint.every_n_train_steps
+        # As in Lightning's ModelCheckpoint, every_n_train_steps replaces every_n_epochs when set.
+        every_epochs = None if every else config.checkpoint.every_n_epochs
+        if last:
             if not stopped or self._save_on_stop:
-                latest = checkpoints.latest_checkpoint(self.run_dir)
-                if latest is None or checkpoints.read_meta(latest)["step"] != global_step:
-                    save("stop" if stopped else "end")
-        summary = {"steps": global_step, "images": len(data.dataset), "skipped": len(data.skipped),
-                   "skipped_reasons": [{"path": p, "reason": r} for p, r in data.skipped]}
-        return events.Finished(run_dir=str(self.run_dir), step=global_step, stopped=stopped, summary=summary)
+                self._save(context, "stop" if stopped else "end")
+        elif every and step % every == 0:
+            self._save(context, "every_n_train_steps")
+        elif epoch_ended and every_epochs and self.state.epoch % every_epochs == 0:
+            self._save(context, "every_n_epochs")
+
+    def _save(self, context: StepContext, reason: str) -> None:
+        from .ema import EMA_FOLDER
+
+        latest = checkpoints.latest_checkpoint(self.run_dir)
+        if latest is not None and checkpoints.read_meta(latest)["step"] == self.state.step:
+            return  # already saved at this step
+        components = context.components
+        saved = {**self.state.to_dict(), "optimizer": context.optimizer.state_dict(),
+                 "lr_scheduler": context.lr_scheduler.state_dict(), "scaler": context.scaler.state_dict(),
+                 "rng": checkpoints.rng_states(context.device)}
+        models = {"unet": components.unet}
+        if self.config.train_text_encoder:
+            models["text_encoder"] = components.text_encoder
+        if context.ema is not None:
+            models[EMA_FOLDER] = context.ema
+        meta = {"epoch": self.state.epoch, "base_model": components.model_path, "reason": reason,
+                "trained": sorted(models), "prediction_type": components.noise_scheduler.config.prediction_type}
+        path = checkpoints.save_checkpoint(self.run_dir, self.state.step, models, saved, meta,
+                                           self.config.checkpoint.save_top_k)
+        self.emit(events.CheckpointSaved(step=self.state.step, path=str(path)))
+
+    def _sample(self, context: StepContext) -> None:
+        """Render the sampling prompts. Samples are a side product: a failure is reported and counted, and
+        training goes on."""
+        from .ema import SwapInEma
+
+        components, config, step = context.components, self.config, self.state.step
+        # With both caches on, the VAE and text encoder wait off the device: put them back after sampling.
+        resting = {model: next(model.parameters()).device for model in (components.vae, components.text_encoder)}
+        try:
+            pipeline = build_pipeline(components, components.unet, components.text_encoder, context.device)
+            with SwapInEma(context.ema if config.ema.use_for_samples else None, components.unet.parameters()):
+                sample_paths = generate_samples(config, pipeline, context.prompt_encoder,
+                                                RunDir(self.run_dir).samples(step), context.plan.autocast)
+        except Exception as error:  # any failure of the side task; training goes on
+            if isinstance(error, torch.OutOfMemoryError):
+                release_memory()
+            self.failed_sample_rounds += 1
+            self.log(f"sampling at step {step} failed and was skipped; training goes on: "
+                     f"{error.__class__.__name__}: {error}", "warning")
+            return
+        finally:
+            for model, home in resting.items():
+                model.to(home)
+        self.emit(events.Sample(step=step, paths=sample_paths))
+        self._side_task("sample upload", context.external.log_images, step, sample_paths)
+
+    def _side_task(self, name: str, work: Callable, *args) -> None:
+        """Logging to W&B/TensorBoard never ends a run: a failure is a warning."""
+        try:
+            work(*args)
+        except Exception as error:  # an external service's failure of any kind
+            self.log(f"{name} failed at step {self.state.step}: {error.__class__.__name__}: {error}", "warning")
 
     def _no_sync(self) -> contextlib.ExitStack:
         stack = contextlib.ExitStack()
-        for model in (self._unet, self._text_encoder):
+        for model in (self._models.unet, self._models.text_encoder):
             if hasattr(model, "no_sync"):
                 stack.enter_context(model.no_sync())
         return stack
 
-    def _forward(self, batch: dict, components: Components, device: torch.device,
-                 autocast_dtype: Optional[torch.dtype], text_cache=None) -> tuple[torch.Tensor, dict]:
-        """The loss of one micro-batch; latents and embeddings come from the caches when the batch or
-        text_cache (a cache.TextEmbeddingCache) provide them."""
-        config = self.config
-        vae, scheduler = components.vae, components.noise_scheduler
-        prediction_type = scheduler.config.prediction_type
-        input_ids = batch["input_ids"].to(device)
-        draws = RowNoise(batch["sample_keys"], scheduler.config.num_train_timesteps)
-        with torch.no_grad():
-            if "latent_params" in batch:
-                from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-                distribution = DiagonalGaussianDistribution(batch["latent_params"].to(device))
-            else:
-                distribution = vae.encode(batch["pixel_values"].to(device)).latent_dist
-            latents = draws.sample_latents(distribution.mean, distribution.std) * vae.config.scaling_factor
-        noise, timesteps = draws.noise_and_timesteps(latents.shape, config.noise_offset)
-        noise, timesteps = noise.to(device), timesteps.to(device)
-        noisy_latents = scheduler.add_noise(latents, noise, timesteps)
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            if text_cache is not None:
-                encoder_hidden_states = text_cache.lookup(input_ids).to(device)
-            else:
-                with torch.set_grad_enabled(config.train_text_encoder):
-                    encoder_hidden_states = encode_prompt(self._text_encoder, input_ids, config.clip_stop_at_layer)
-            if config.uncond.enabled and config.uncond.cond == "zeros":
-                dropped = torch.tensor([c == "" for c in batch["captions"]], device=device)
-                encoder_hidden_states = encoder_hidden_states * (~dropped).view(-1, 1, 1).to(encoder_hidden_states.dtype)
-            prediction = self._unet(noisy_latents, timesteps, encoder_hidden_states).sample
-        target = training_target(scheduler, latents, noise, timesteps, prediction_type)
-        weights = (min_snr_weights(scheduler, timesteps, config.min_snr_gamma, prediction_type)
-                   if config.min_snr_gamma else None)
-        loss, instance_loss, prior_loss = dreambooth_loss(prediction, target, batch["num_instance"],
-                                                          config.prior_preservation.prior_loss_weight, weights)
-        pixels_per_latent = 2 ** (len(vae.config.block_out_channels) - 1)
-        parts = {"instance_loss": instance_loss.item(),
-                 "prior_loss": prior_loss.item() if prior_loss is not None else None,
-                 "width": latents.shape[-1] * pixels_per_latent, "height": latents.shape[-2] * pixels_per_latent}
-        return loss, parts
+class StepClock:
+    """Optimizer steps per second over the last 20 steps."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self.last = time.perf_counter()
+
+    def tick(self) -> float:
+        now = time.perf_counter()
+        self.times.append(now - self.last)
+        self.last = now
+        recent = self.times[-20:]
+        return len(recent) / sum(recent) if sum(recent) > 0 else 0.0
+
+    def restart(self) -> None:
+        self.last = time.perf_counter()

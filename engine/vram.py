@@ -29,6 +29,10 @@ import torch
 from . import paths
 from .config import Config
 from .errors import UserError
+from .models import Components
+from .plan import RunPlan, make_plan
+from .setup import build_optimizer, prepare_models, trained_models, trained_parameters
+from .step import StepModels, backward, compute_loss, optimizer_step
 
 GIB = 2**30
 ARCHITECTURES = ("sd15", "sd21")
@@ -112,6 +116,7 @@ class Architecture:
     unet: dict
     text_encoder: dict
     vae: dict
+    scheduler: dict  # the training noise schedule, which sets the prediction target
 
 
 def _read_json(path: Path) -> dict:
@@ -139,71 +144,50 @@ def resolve_architecture(config: Config, arch: Optional[str] = None) -> Architec
     elif config.vae and (Path(paths.resolve(config.vae)) / "config.json").is_file():
         vae_dir = Path(paths.resolve(config.vae))
     vae_dir = vae_dir or folder / "vae"
+    scheduler = folder / "scheduler" / "scheduler_config.json"
     return Architecture(folder.name if folder.parent == SHIPPED_CONFIGS else str(folder),
                         _read_json(folder / "unet" / "config.json"),
-                        _read_json(folder / "text_encoder" / "config.json"), _read_json(vae_dir / "config.json"))
+                        _read_json(folder / "text_encoder" / "config.json"), _read_json(vae_dir / "config.json"),
+                        _read_json(scheduler) if scheduler.is_file() else {})
 
 
 @dataclass(frozen=True)
-class StepPlan:
-    """What one optimizer step of a config puts on the device."""
+class StepShape:
+    """The batch of the step that sets the peak: the configured rows (DreamBooth adds a class row per
+    instance row) at the largest training size."""
     rows: int
     width: int
     height: int
-    cuda: bool
-    autocast: Optional[torch.dtype]
-    weights: torch.dtype
-    train_text_encoder: bool
-    cached_latents: bool
-    cached_text: bool
-    frozen_off_device: bool  # the VAE and the frozen text encoder leave the device
-    checkpointing: bool
-    fused_backward: bool
-    accumulating: bool  # micro-batches after the first start with the gradients of those before
-    per_parameter: bool  # the trainer's PerParameterOptimizer (fused backward or bf16 weights)
-    ema_on_device: bool
-    optimizer: str  # class path
-
-    def describe(self) -> str:
-        features = [f"{self.rows} rows of {self.width}x{self.height}",
-                    f"{str(self.autocast).removeprefix('torch.')} autocast" if self.autocast else "no autocast",
-                    f"{str(self.weights).removeprefix('torch.')} weights", self.optimizer.rpartition(".")[2]]
-        features += [name for name, on in (("text encoder trained", self.train_text_encoder),
-                                           ("gradient checkpointing", self.checkpointing),
-                                           ("fused backward", self.fused_backward),
-                                           ("gradient accumulation", self.accumulating),
-                                           ("cached latents", self.cached_latents),
-                                           ("cached text embeddings", self.cached_text),
-                                           ("VAE and text encoder off the device", self.frozen_off_device),
-                                           ("EMA", self.ema_on_device)) if on]
-        return ", ".join(features)
 
 
-def step_plan(config: Config) -> StepPlan:
+def step_shape(config: Config) -> StepShape:
     from .buckets import bucket_sizes
-    from .optim import OPTIMIZER_ALIASES
-    from .train import select_precision
 
-    # Estimates are for the GPU unless the config pins the CPU, where fp16 autocast is off as in training.
-    cuda = config.trainer.accelerator != "cpu"
-    autocast, _ = select_precision(config, torch.device("cuda" if cuda else "cpu"))
-    # The largest bucket sets the peak.
     width, height = max(bucket_sizes(config), key=lambda size: size[0] * size[1])
-    # Training caches only what stays the same every epoch (see cache.attach_caches), and moves the VAE and
-    # text encoder off the GPU only when both caches are in use.
-    cached_latents = config.cache.latents and config.data.center_crop and not config.augment
-    cached_text = (config.cache.text_embeddings and not config.train_text_encoder
-                   and not config.captions.shuffle_tags and config.captions.tag_dropout == 0)
-    return StepPlan(
-        rows=config.batch_size * (2 if config.prior_preservation.enabled else 1), width=width, height=height,
-        cuda=cuda, autocast=autocast, weights=torch.bfloat16 if config.weights_dtype == "bf16" else torch.float32,
-        train_text_encoder=config.train_text_encoder, cached_latents=cached_latents, cached_text=cached_text,
-        frozen_off_device=cached_latents and cached_text and cuda,
-        checkpointing=config.gradient_checkpointing, fused_backward=config.optimizer.fused_backward,
-        accumulating=config.trainer.accumulate_grad_batches > 1,
-        per_parameter=config.optimizer.fused_backward or config.weights_dtype == "bf16",
-        ema_on_device=config.ema.enabled and not config.ema.on_cpu,
-        optimizer=OPTIMIZER_ALIASES.get(config.optimizer.name.lower(), config.optimizer.name))
+    return StepShape(config.batch_size * (2 if config.prior_preservation.enabled else 1), width, height)
+
+
+def estimate_plan(config: Config) -> RunPlan:
+    """The run plan of the estimated device: the GPU unless the config pins the CPU."""
+    return make_plan(config, "cpu" if config.trainer.accelerator == "cpu" else "cuda")
+
+
+def describe(config: Config, plan: RunPlan, shape: StepShape) -> str:
+    from .optim import OPTIMIZER_ALIASES
+
+    optimizer = OPTIMIZER_ALIASES.get(config.optimizer.name.lower(), config.optimizer.name)
+    features = [f"{shape.rows} rows of {shape.width}x{shape.height}",
+                f"{str(plan.autocast).removeprefix('torch.')} autocast" if plan.autocast else "no autocast",
+                f"{str(plan.weights).removeprefix('torch.')} weights", optimizer.rpartition(".")[2]]
+    features += [name for name, on in (("text encoder trained", plan.train_text_encoder),
+                                       ("gradient checkpointing", config.gradient_checkpointing),
+                                       ("fused backward", plan.fused_backward),
+                                       ("gradient accumulation", config.trainer.accumulate_grad_batches > 1),
+                                       ("cached latents", plan.cache_latents),
+                                       ("cached text embeddings", plan.cache_text),
+                                       ("VAE and text encoder off the device", plan.frozen_off_device),
+                                       ("EMA", config.ema.enabled and not config.ema.on_cpu)) if on]
+    return ", ".join(features)
 
 
 class BitsandbytesState(torch.optim.Optimizer):
@@ -263,32 +247,32 @@ def _stand_in(optimizer: str) -> str:
     return f"{__name__}.{cls.__name__}"
 
 
-def steady_state_optimizer(config: Config, plan: StepPlan, params: list):
+def steady_state_optimizer(config: Config, plan: RunPlan, params: list):
     """Training's optimizer over `params` with its state already there, as after the first step.
 
     Returns it and the torch optimizers inside it (one per parameter for the per-parameter one)."""
-    from . import optim
+    from .optim import OPTIMIZER_ALIASES
 
-    options = config.optimizer
-    if plan.optimizer.startswith("bitsandbytes."):
-        options = dataclasses.replace(options, name=_stand_in(plan.optimizer))
-    if plan.per_parameter:
-        optimizer = optim.PerParameterOptimizer(options, params, options.params.lr, fused=plan.fused_backward,
-                                                bf16_weights=plan.weights == torch.bfloat16)
-        inner = optimizer.optimizers
-    else:
-        optimizer = optim.build_optimizer(options, params, options.params.lr)
-        inner = [optimizer]
+    name = OPTIMIZER_ALIASES.get(config.optimizer.name.lower(), config.optimizer.name)
+    if name.startswith("bitsandbytes."):
+        config = dataclasses.replace(config, optimizer=dataclasses.replace(config.optimizer, name=_stand_in(name)))
+    optimizer = build_optimizer(config, plan, params, config.optimizer.params.lr)
+    inner = getattr(optimizer, "optimizers", [optimizer])
     for each in inner:
         for group in each.param_groups:
             # torch picks its multi-tensor implementation for CUDA parameters; its temporaries are as large
             # as all parameters together, so the fake CPU tensors must take the same path.
-            if "foreach" in group and plan.cuda:
+            if "foreach" in group and plan.device_type == "cuda":
                 group["foreach"] = True
     # One step on zero gradients creates the state every later step starts with.
     for param in params:
         param.grad = torch.zeros_like(param)
+    armed = getattr(optimizer, "fused", False)
+    if armed:
+        optimizer.fused = False  # step outside backward this once
     optimizer.step()
+    if armed:
+        optimizer.fused = True
     optimizer.zero_grad(set_to_none=True)
     return optimizer, inner
 
@@ -298,79 +282,83 @@ def estimate(config: Config, arch: Optional[str] = None) -> VramEstimate:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     architecture = resolve_architecture(config, arch)
-    plan = step_plan(config)
     # With the step fused into backward a gradient is gone by the time the tracker's own
     # post-accumulate hook looks for it, which it reports as a warning and otherwise ignores. A lasting
     # filter, not catch_warnings: that would swap process-wide state under the app's other threads.
     warnings.filterwarnings("ignore", message="Expected a tensor or a traceable wrapper-subclass")
-    with FakeTensorMode():
-        return _trace_step(config, architecture, plan)
+    # Real tensors the step meets (the noise schedule's tables, the batch's sample keys) become fake ones.
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        return _trace_step(config, architecture, estimate_plan(config), step_shape(config))
 
 
-def _trace_step(config: Config, architecture: Architecture, plan: StepPlan) -> VramEstimate:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+class _FakeTextCache:
+    """Stands in for the text-embedding cache: the embeddings arrive with the batch."""
+
+    def __init__(self, embeddings: torch.Tensor):
+        self.embeddings = embeddings
+
+    def lookup(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embeddings
+
+
+def build_fake_components(config: Config, architecture: Architecture) -> Components:
+    """The architecture's models on fake tensors, with the training noise schedule as the trainer sets it."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .ema import create_ema, ema_step
-    from .models import enable_text_encoder_checkpointing, encode_prompt
-    from .losses import dreambooth_loss
+    from .train import configure_noise_schedule
 
-    # As in training, weights_dtype applies to the trained models; frozen ones stay in fp32.
-    unet = _cast(UNet2DConditionModel.from_config(architecture.unet), plan.weights).train()
-    if plan.checkpointing:
-        unet.enable_gradient_checkpointing()
-    trained = [unet]
-    text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(architecture.text_encoder))
-    text_encoder.requires_grad_(plan.train_text_encoder).train(plan.train_text_encoder)
-    if plan.train_text_encoder:
-        trained.append(_cast(text_encoder, plan.weights))
-        if plan.checkpointing:
-            enable_text_encoder_checkpointing(text_encoder)
-    vae = AutoencoderKL.from_config(architecture.vae).requires_grad_(False).eval()
-    frozen = [vae] + ([] if plan.train_text_encoder else [text_encoder])
+    components = Components(
+        tokenizer=None, text_encoder=CLIPTextModel(CLIPTextConfig.from_dict(architecture.text_encoder)),
+        vae=AutoencoderKL.from_config(architecture.vae), unet=UNet2DConditionModel.from_config(architecture.unet),
+        noise_scheduler=DDPMScheduler.from_config(architecture.scheduler), model_path=architecture.source)
+    configure_noise_schedule(components, config)
+    return components
+
+
+def _trace_step(config: Config, architecture: Architecture, plan: RunPlan, shape: StepShape) -> VramEstimate:
+    from .ema import create_ema, ema_step
+
+    device = torch.device("cpu")  # fake tensors: the device only names where the bytes are counted
+    components = build_fake_components(config, architecture)
+    prepare_models(components, config, plan, device)
+    trained = trained_models(components, plan)
+    frozen = [components.vae] + ([] if plan.train_text_encoder else [components.text_encoder])
     on_device = trained + ([] if plan.frozen_off_device else frozen)
+    vae, unet, text_encoder = components.vae, components.unet, components.text_encoder
 
     # The batch as the data loader delivers it: cached latents come as the VAE's mean and log-variance.
     latent_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    latent_size = (plan.height // latent_scale, plan.width // latent_scale)
+    latent_size = (shape.height // latent_scale, shape.width // latent_scale)
     tokens = text_encoder.config.max_position_embeddings
-    batch = [torch.randn(plan.rows, 2 * vae.config.latent_channels, *latent_size) if plan.cached_latents
-             else torch.randn(plan.rows, 3, plan.height, plan.width),
-             torch.randn(plan.rows, tokens, unet.config.cross_attention_dim) if plan.cached_text
-             else torch.randint(0, text_encoder.config.vocab_size, (plan.rows, tokens))]
-    params = [param for model in trained for param in model.parameters() if param.requires_grad]
+    batch = {"input_ids": torch.randint(0, text_encoder.config.vocab_size, (shape.rows, tokens)),
+             "captions": ["a caption"] * shape.rows, "sample_keys": list(range(shape.rows)),
+             "num_instance": config.batch_size if config.prior_preservation.enabled else shape.rows}
+    if plan.cache_latents:
+        batch["latent_params"] = torch.randn(shape.rows, 2 * vae.config.latent_channels, *latent_size)
+    else:
+        batch["pixel_values"] = torch.randn(shape.rows, 3, shape.height, shape.width)
+    text_cache = (_FakeTextCache(torch.randn(shape.rows, tokens, unet.config.cross_attention_dim))
+                  if plan.cache_text else None)
+    params = trained_parameters(components, plan)
     optimizer, inner = steady_state_optimizer(config, plan, params)
-    ema = create_ema(unet, config.ema) if plan.ema_on_device else None
-    if plan.accumulating:
+    ema = create_ema(unet, config.ema) if config.ema.enabled and not config.ema.on_cpu else None
+    scaler = torch.amp.GradScaler("cpu", enabled=False)  # loss scaling allocates nothing that matters
+    if config.trainer.accumulate_grad_batches > 1:
+        # micro-batches after the first start with the gradients of those before
         for param in params:
             param.grad = torch.zeros_like(param)
     tracker = memory_tracker()
-    tracker.track_external(*on_device, *inner, *batch, *(ema.shadow_params if ema else ()))
+    batch_tensors = [value for value in batch.values() if isinstance(value, torch.Tensor)]
+    tracker.track_external(*on_device, *inner, *batch_tensors, *([text_cache.embeddings] if text_cache else []),
+                           *(ema.shadow_params if ema else ()))
+    models = StepModels(unet=unet, text_encoder=text_encoder, vae=vae, noise_scheduler=components.noise_scheduler)
     with tracker:
-        images, text = batch
-        with torch.no_grad():
-            distribution = (DiagonalGaussianDistribution(images) if plan.cached_latents
-                            else vae.encode(images).latent_dist)
-            latents = distribution.sample() * vae.config.scaling_factor
-        noise = torch.randn(latents.shape)
-        timesteps = torch.randint(0, 1000, (plan.rows,))
-        noisy_latents = latents + noise  # the scheduler's add_noise: the same shapes
-        with torch.autocast("cpu", dtype=plan.autocast or torch.float32, enabled=plan.autocast is not None):
-            if plan.cached_text:
-                embeddings = text
-            else:
-                with torch.set_grad_enabled(plan.train_text_encoder):
-                    embeddings = encode_prompt(text_encoder, text, config.clip_stop_at_layer)
-            prediction = unet(noisy_latents, timesteps, embeddings).sample
-        num_instance = config.batch_size if config.prior_preservation.enabled else plan.rows
-        loss, _, _ = dreambooth_loss(prediction, noise, num_instance, config.prior_preservation.prior_loss_weight)
-        if plan.fused_backward:
-            optimizer.armed = True  # the traced micro-batch is the last of its accumulation group
-        loss.backward()
-        del loss, prediction
-        if not plan.fused_backward:
-            optimizer.step()
+        # The traced micro-batch is the last of its accumulation group, so the fused optimizer steps.
+        loss, _ = compute_loss(config, models, batch, device, plan.autocast, text_cache)
+        backward(loss, scaler, optimizer, group_size=1, last_of_group=True)
+        del loss
+        optimizer_step(optimizer, scaler, params, config.trainer.gradient_clip_val)
         if ema is not None:
             ema_step(ema, unet.parameters(), on_cpu=False)
         optimizer.zero_grad(set_to_none=True)
@@ -382,16 +370,8 @@ def _trace_step(config: Config, architecture: Architecture, plan: StepPlan) -> V
                                activations=result.activations + result.parameters - parameters)
 
 
-def _cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    # Module.to() swaps parameter objects when they are tensor subclasses, which fake tensors refuse.
-    for tensor in (*module.parameters(), *module.buffers()):
-        if tensor.is_floating_point():
-            tensor.data = tensor.data.to(dtype)
-    return module
-
-
-def format_report(architecture: Architecture, plan: StepPlan, result: VramEstimate) -> str:
-    return "\n".join([f"architecture: {architecture.source}", f"step: {plan.describe()}", *result.lines()])
+def format_report(architecture: Architecture, description: str, result: VramEstimate) -> str:
+    return "\n".join([f"architecture: {architecture.source}", f"step: {description}", *result.lines()])
 
 
 def cmd_estimate_vram(args) -> int:
@@ -399,8 +379,8 @@ def cmd_estimate_vram(args) -> int:
 
     config = load(args.config, args.set)
     architecture = resolve_architecture(config, args.arch)
-    plan = step_plan(config)
-    print(format_report(architecture, plan, estimate(config, args.arch)))
+    description = describe(config, estimate_plan(config), step_shape(config))
+    print(format_report(architecture, description, estimate(config, args.arch)))
     return 0
 
 

@@ -17,7 +17,9 @@ from .jobs import CLASSGEN, TRAIN, JobBusy, JobManager
 
 def _train_builder(config: schema.Config) -> Callable:
     def build(events):
-        processes = multi_device.process_count(config.trainer.devices)
+        from engine import distributed
+
+        processes = distributed.process_count(config.trainer.devices)
         if processes > 1:
             return multi_device.torchrun_training(events, processes, config)
         from engine.train import Trainer
@@ -29,10 +31,11 @@ def _train_builder(config: schema.Config) -> Callable:
 
 def _resume_builder(run_dir: str) -> Callable:
     def build(events):
+        from engine import distributed
         from engine.train import Trainer
 
         trainer = Trainer.for_resume(run_dir, events)  # checks that run_dir is a run folder
-        processes = multi_device.process_count(trainer.config.trainer.devices)
+        processes = distributed.process_count(trainer.config.trainer.devices)
         if processes > 1:
             return multi_device.torchrun_training(events, processes, trainer.config, resume_dir=run_dir)
         return trainer

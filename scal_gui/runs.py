@@ -20,13 +20,12 @@ def list_runs(output_dir: str) -> list[Run]:
     """Run folders (those with a config.yaml), newest first."""
     from engine import paths
     from engine.checkpoints import list_checkpoints
+    from engine.run_dir import find_runs
 
     root = Path(paths.resolve(output_dir or "output"))
     if not root.is_dir():
         return []
-    # config.yaml is written once when a run begins, so its time orders runs by start.
-    configs = sorted(root.glob("*/*/config.yaml"), key=lambda config: config.stat().st_mtime, reverse=True)
-    return [Run(config.parent, tuple(list_checkpoints(config.parent))) for config in configs]
+    return [Run(run.path, tuple(list_checkpoints(run.path))) for run in find_runs(root)]
 
 
 def resumable(runs: list[Run]) -> list[Run]:

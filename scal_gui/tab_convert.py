@@ -6,6 +6,8 @@ from types import SimpleNamespace
 
 import gradio as gr
 
+from engine.run_dir import RunDir
+
 from . import convert_options, runs
 from .context import PageContext
 
@@ -59,7 +61,7 @@ def wire(ctx: PageContext, ui: SimpleNamespace, page: gr.Blocks) -> None:
 
     def pick(checkpoint: str):
         # A folder as output: the converter names the file after the run and the step.
-        return checkpoint, str(Path(checkpoint).parent.parent / "converted")
+        return checkpoint, str(RunDir(Path(checkpoint).parent.parent).converted)
 
     ui.checkpoint.input(pick, ui.checkpoint, [ui.source, ui.out], api_visibility="private")
 

@@ -8,6 +8,7 @@ import torch
 
 from engine import cache
 from engine import config as cfg
+from engine.plan import make_plan
 from engine.testing import tiny_config
 
 
@@ -89,7 +90,8 @@ def test_latents_are_encoded_once_and_rebuilt_only_when_inputs_change(tmp_path, 
     config, components, data = prepared(tmp_path, **{"data.concepts": concept})
     calls = counting_encodes(components.vae)
     logs = []
-    cache.attach_caches(config, components, data.dataset, torch.device("cpu"), None, lambda m, *a: logs.append(m))
+    cache.attach_caches(config, make_plan(config, "cpu"), components, data.dataset, torch.device("cpu"),
+                        lambda m, *a: logs.append(m))
     assert sum(calls) == 10 and data.dataset.latents is not None
     batch = next(iter(data.loader))
     assert "pixel_values" not in batch and batch["latent_params"].shape == (2, 8, 8, 8)  # mean and logvar
@@ -97,30 +99,34 @@ def test_latents_are_encoded_once_and_rebuilt_only_when_inputs_change(tmp_path, 
     # The same run again: nothing to encode.
     calls.clear()
     _, _, data = prepared(tmp_path, **{"data.concepts": concept})
-    cache.attach_caches(config, components, data.dataset, torch.device("cpu"), None, lambda m, *a: None)
+    cache.attach_caches(config, make_plan(config, "cpu"), components, data.dataset, torch.device("cpu"),
+                        lambda m, *a: None)
     assert calls == []
     # A changed image file is encoded again, alone.
     os.utime(data_dir / "toy_03.png", ns=(5_000_000_000, 5_000_000_000))
-    cache.attach_caches(config, components, data.dataset, torch.device("cpu"), None, lambda m, *a: None)
+    cache.attach_caches(config, make_plan(config, "cpu"), components, data.dataset, torch.device("cpu"),
+                        lambda m, *a: None)
     assert sum(calls) == 1
     # Another resolution, crop or VAE is another cache.
     calls.clear()
     config2, _, data2 = prepared(tmp_path, **{"data.concepts": concept, "data.resolution": 32})
-    cache.attach_caches(config2, components, data2.dataset, torch.device("cpu"), None, lambda m, *a: None)
+    cache.attach_caches(config2, make_plan(config2, "cpu"), components, data2.dataset, torch.device("cpu"),
+                        lambda m, *a: None)
     assert sum(calls) == 10
     folders = sorted(p.name for p in (tmp_path / "cache").iterdir())
     assert len(folders) == 2 and all(f.startswith("latents-") for f in folders)
     with torch.no_grad():
         components.vae.decoder.conv_out.bias.add_(0.01)  # the decoder does not change latents, but it is the VAE
     calls.clear()
-    cache.attach_caches(config, components, data.dataset, torch.device("cpu"), None, lambda m, *a: None)
+    cache.attach_caches(config, make_plan(config, "cpu"), components, data.dataset, torch.device("cpu"),
+                        lambda m, *a: None)
     assert sum(calls) == 10 and len(list((tmp_path / "cache").iterdir())) == 3
 
 
 def test_random_crops_turn_latent_caching_off_with_a_message(tmp_path, sample_data):
     config, components, data = prepared(tmp_path, **{"data.center_crop": False})
     logs = []
-    cache.attach_caches(config, components, data.dataset, torch.device("cpu"), None,
+    cache.attach_caches(config, make_plan(config, "cpu"), components, data.dataset, torch.device("cpu"),
                         lambda message, level="info": logs.append((level, message)))
     assert data.dataset.latents is None and not (tmp_path / "cache").exists()
     assert logs == [("warning", logs[0][1])] and "latents are not cached" in logs[0][1]

@@ -42,3 +42,18 @@ def test_two_gloo_ranks_equal_one_process_with_the_same_global_batch(tmp_path, c
     (run_dir,) = (tmp_path / "ddp" / "tiny-demo").iterdir()
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 4
     assert len(list(run_dir.glob("samples/*"))) == 2
+
+
+def test_fused_backward_is_refused_at_start_when_torchrun_starts_two_processes(tmp_path):
+    values = tiny_config(tmp_path / "out", **{"optimizer.fused_backward": True, "trainer.max_steps": 2})
+    (tmp_path / "fused.yaml").write_text(yaml.safe_dump(values))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "engine", "train", "--config", str(tmp_path / "fused.yaml")]
+    result = subprocess.run(torchrun, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                            text=True, timeout=240)
+    assert result.returncode != 0
+    refusals = [line for line in result.stderr.splitlines() if "optimizer.fused_backward" in line]
+    assert len(refusals) == 1, result.stderr[-3000:]
+    assert refusals[0].startswith("error: config key 'optimizer.fused_backward': works in one training process "
+                                  "only (2 were started)")
+    assert not (tmp_path / "out").exists()  # refused before a run folder was made

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from conftest import ROOT
-from engine import events
+from engine import distributed, events
 from engine.errors import UserError
 from engine.testing import tiny_config
 from scal_gui import configs, fields, multi_device
@@ -174,9 +174,9 @@ def test_devices_become_a_process_count(monkeypatch):
     import torch
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    assert [multi_device.process_count(n) for n in (1, 2, 3, -1)] == [1, 2, 3, 1]
+    assert [distributed.process_count(n) for n in (1, 2, 3, -1)] == [1, 2, 3, 1]
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
-    assert [multi_device.process_count(n) for n in (1, 2, -1)] == [1, 2, 4]
+    assert [distributed.process_count(n) for n in (1, 2, -1)] == [1, 2, 4]
     for wrong in (0, -2, "auto", [0, 1], True, 8):
         with pytest.raises(UserError, match="trainer.devices"):
-            multi_device.process_count(wrong)
+            distributed.process_count(wrong)

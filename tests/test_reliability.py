@@ -9,6 +9,7 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import ROOT, run_cli
+from engine.run_dir import RunDir
 from engine import checkpoints, events
 from engine import config as cfg
 from engine.testing import tiny_config
@@ -121,17 +122,17 @@ def test_save_top_k_keeps_the_newest_and_never_the_last_one(tmp_path):
 
 
 def test_an_existing_run_folder_is_never_reused(tmp_path):
-    first = checkpoints.new_run_dir(str(tmp_path), "p")
-    second = checkpoints.new_run_dir(str(tmp_path), "p")
+    first = RunDir.create(str(tmp_path), "p").path
+    second = RunDir.create(str(tmp_path), "p").path
     assert first != second and first.is_dir() and second.is_dir()
 
 
 def test_a_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, class_images,
                                                                                    monkeypatch):
-    import engine.train
+    import engine.step
     from engine.train import Trainer
 
-    real_loss = engine.train.dreambooth_loss
+    real_loss = engine.step.dreambooth_loss
     calls = []
 
     def loss_goes_nan_at_the_sixth_batch(*args):
@@ -139,7 +140,7 @@ def test_a_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoin
         loss, instance, prior = real_loss(*args)
         return (loss * float("nan") if len(calls) == 6 else loss), instance, prior
 
-    monkeypatch.setattr(engine.train, "dreambooth_loss", loss_goes_nan_at_the_sixth_batch)
+    monkeypatch.setattr(engine.step, "dreambooth_loss", loss_goes_nan_at_the_sixth_batch)
     values = tiny_config(tmp_path, **{"trainer.max_steps": 50, "checkpoint.every_n_train_steps": 2,
                                       "sampling.interval_steps": 0})
     result = Trainer(cfg.from_dict(values)).run()
@@ -147,11 +148,12 @@ def test_a_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoin
     assert result.error.startswith("the loss became nan at step 6; stopping.")
     run_dir = only_run(tmp_path)
     assert [p.name for p in checkpoints.list_checkpoints(run_dir)][-1] == "step-00000004"
+    assert f"(last good checkpoint: {run_dir / 'checkpoints' / 'step-00000004'}; continue with --resume" in result.error
     assert metric_steps(run_dir) == [1, 2, 3, 4, 5]
 
 
 def test_overflowing_fp16_steps_are_skipped_and_counted():
-    from engine.train import optimizer_step
+    from engine.step import optimizer_step
 
     model = torch.nn.Linear(2, 2)
     before = model.weight.detach().clone()

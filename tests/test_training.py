@@ -235,3 +235,24 @@ def test_wandb_offline_and_tensorboard_receive_the_metrics(tmp_path, class_image
     accumulator.Reload()
     losses = accumulator.Scalars("train/loss")
     assert [e.step for e in losses] == [1, 2, 3]
+
+
+def test_a_resume_that_changes_the_batch_layout_warns(tmp_path, class_images):
+    from engine import events
+    from engine.train import Trainer
+
+    values = tiny_config(tmp_path, **{"trainer.max_steps": 2, "sampling.interval_steps": 0,
+                                      "data.concepts[0].class_set.auto_generate.enabled": False})
+    first = Trainer(cfg.from_dict(values))
+    assert isinstance(first.run(), events.Finished)
+
+    def warnings_of_resume(*overrides):
+        seen = []
+        trainer = Trainer.for_resume(str(first.run_dir), overrides=list(overrides), on_event=seen.append)
+        assert isinstance(trainer.run(), events.Finished)
+        return [e.message for e in seen if isinstance(e, events.Log) and e.level == "warning"]
+
+    assert not any("data position" in w for w in warnings_of_resume("trainer.max_steps=3"))
+    moved = [w for w in warnings_of_resume("trainer.max_steps=4", "batch_size=1") if "data position" in w]
+    assert moved == ["--set batch_size changes what the saved data position counts (2 -> 1): the resumed run "
+                     "will not see exactly the images it would have seen"]

@@ -1,0 +1,79 @@
+"""The run plan: what a config trains, how and where, decided once from the config and the topology.
+
+The trainer, the caches, the VRAM estimator and the app read the plan; none of them re-derives a rule.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from . import notices
+from .config import PRECISIONS, Config, ConfigError
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    device_type: str                   # "cuda" or "cpu"
+    processes: int                     # training processes (torchrun ranks)
+    autocast: Optional[torch.dtype]    # None: fp32 compute
+    grad_scaler: bool                  # fp16 autocast needs loss scaling
+    weights: torch.dtype               # of the trained models; frozen ones stay in fp32
+    train_text_encoder: bool
+    frozen_text_layers: int            # final CLIP layers that CLIP skip never runs
+    per_parameter: bool                # one optimizer per parameter (optim.PerParameterOptimizer)
+    fused_backward: bool               # parameters step inside backward
+    cache_latents: bool
+    cache_text: bool
+
+    @property
+    def frozen_off_device(self) -> bool:
+        """With both caches the VAE and the frozen text encoder wait off the GPU (on a CPU there is no gain)."""
+        return self.cache_latents and self.cache_text and self.device_type != "cpu"
+
+
+def latents_cacheable(config: Config) -> bool:
+    # Random crops and augmentations give different pixels every epoch.
+    return config.data.center_crop and not config.augment
+
+
+def text_cacheable(config: Config) -> bool:
+    # A trained encoder or captions that change every step give different embeddings every time.
+    captions = config.captions
+    return not config.train_text_encoder and not captions.shuffle_tags and captions.tag_dropout == 0
+
+
+def precision(config: Config, device_type: str) -> tuple[Optional[torch.dtype], bool]:
+    """(autocast dtype or None, use a grad scaler) for training on device_type."""
+    name = PRECISIONS[str(config.trainer.precision)]
+    if config.weights_dtype == "bf16":
+        name = "bfloat16"  # bf16 weights need bf16 compute
+    if name is None:
+        return None, False
+    if device_type != "cuda" and name == "float16":
+        notices.warn("fp16 mixed precision needs CUDA: training in fp32 on the CPU")
+        return None, False
+    dtype = getattr(torch, name)
+    return dtype, dtype == torch.float16
+
+
+def refuse_for_processes(config: Config, processes: int) -> None:
+    """Rules that depend on how many processes train; the engine checks them against the real topology."""
+    if processes > 1 and config.optimizer.fused_backward:
+        raise ConfigError(f"config key 'optimizer.fused_backward': works in one training process only ({processes} "
+                        "were started): each process would step on its own gradients, never averaged; set it "
+                        "to false or train on one device")
+
+
+def make_plan(config: Config, device_type: str, processes: int = 1) -> RunPlan:
+    refuse_for_processes(config, processes)
+    autocast, scaler = precision(config, device_type)
+    bf16 = config.weights_dtype == "bf16"
+    return RunPlan(
+        device_type=device_type, processes=processes, autocast=autocast, grad_scaler=scaler,
+        weights=torch.bfloat16 if bf16 else torch.float32, train_text_encoder=config.train_text_encoder,
+        frozen_text_layers=config.clip_stop_at_layer - 1 if config.train_text_encoder else 0,
+        per_parameter=config.optimizer.fused_backward or bf16, fused_backward=config.optimizer.fused_backward,
+        cache_latents=config.cache.latents and latents_cacheable(config),
+        cache_text=config.cache.text_embeddings and text_cacheable(config))

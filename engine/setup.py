@@ -1,0 +1,72 @@
+"""Setting up what a run trains from its plan: which parameters train, the memory features, the
+optimizer. The trainer calls these on the loaded models, the VRAM estimator on fake ones."""
+from __future__ import annotations
+
+import torch
+
+from .config import Config
+from .models import Components, enable_text_encoder_checkpointing, enable_xformers_if_usable
+from .plan import RunPlan
+
+
+def cast_(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast floating-point weights in place, keeping the parameter objects (Module.to() swaps them for
+    tensor subclasses such as the estimator's fake tensors, which those refuse)."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.is_floating_point():
+            tensor.data = tensor.data.to(dtype)
+    return module
+
+
+def prepare_models(components: Components, config: Config, plan: RunPlan, device: torch.device) -> str:
+    """Freeze what is not trained, switch on the memory features, move to the device. Returns the
+    attention backend in use."""
+    unet, text_encoder, vae = components.unet, components.text_encoder, components.vae
+    vae.requires_grad_(False)
+    text_encoder.requires_grad_(plan.train_text_encoder)
+    if plan.frozen_text_layers:
+        # CLIP skip never runs the last layers: freezing them keeps DDP from waiting for their gradients
+        # and the optimizer from keeping state for them.
+        layers = getattr(text_encoder, "text_model", text_encoder).encoder.layers
+        for layer in layers[len(layers) - plan.frozen_text_layers:]:
+            layer.requires_grad_(False)
+    unet.train()
+    text_encoder.train(plan.train_text_encoder)
+    vae.eval()
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if plan.train_text_encoder:
+            enable_text_encoder_checkpointing(text_encoder)
+    attention = enable_xformers_if_usable(unet, config.xformers)
+    for model in (unet, text_encoder, vae):
+        if next(model.parameters()).device != device:  # (fake tensors refuse even a move to where they are)
+            model.to(device)
+    for model in trained_models(components, plan):
+        cast_(model, plan.weights)  # weights_dtype applies to the trained models; frozen ones stay fp32
+    return attention
+
+
+def trained_models(components: Components, plan: RunPlan) -> list[torch.nn.Module]:
+    return [components.unet] + ([components.text_encoder] if plan.train_text_encoder else [])
+
+
+def trained_parameters(components: Components, plan: RunPlan) -> list[torch.nn.Parameter]:
+    return [p for model in trained_models(components, plan) for p in model.parameters() if p.requires_grad]
+
+
+def build_optimizer(config: Config, plan: RunPlan, params: list, lr: float, seed: int = 0):
+    """Training's optimizer. Fused backward and bf16 weights need one optimizer per parameter, whose
+    learning rate a schedule drives through its placeholder `proxy`."""
+    from . import optim
+
+    if plan.per_parameter:
+        return optim.PerParameterOptimizer(config.optimizer, params, lr, fused=plan.fused_backward,
+                                           bf16_weights=plan.weights == torch.bfloat16, seed=seed,
+                                           clip_norm=config.trainer.gradient_clip_val)
+    return optim.build_optimizer(config.optimizer, params, lr)
+
+
+def build_schedule(config: Config, optimizer, total_steps: int):
+    from . import optim
+
+    return optim.build_scheduler(config.optimizer, getattr(optimizer, "proxy", optimizer), total_steps)

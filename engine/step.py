@@ -1,0 +1,129 @@
+"""One training step: the loss of a micro-batch, its backward pass and the optimizer step.
+
+The trainer runs these on real tensors and the VRAM estimator traces the very same functions on fake
+ones, so the two cannot disagree about what a step computes or keeps alive. Nothing here reads a tensor
+back to the CPU (no `.item()`): the loop decides where it waits for the device.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+from .config import Config
+from .losses import dreambooth_loss, min_snr_weights, training_target
+from .models import encode_prompt
+from .optim import PerParameterOptimizer
+
+
+class RowNoise:
+    """The random draws of one batch, made per row from that sample's own key.
+
+    A sample's latent noise, diffusion noise and timestep depend only on (seed, epoch, image), not on
+    the batch it landed in, the process that drew it or what ran before: resumed runs and multi-GPU runs
+    see exactly the draws of an uninterrupted single-process run.
+    """
+
+    def __init__(self, keys, num_timesteps: int):
+        self.generators = [torch.Generator().manual_seed(int(k)) for k in keys]
+        self.num_timesteps = num_timesteps
+
+    def _per_row(self, shape, draw) -> torch.Tensor:
+        return torch.stack([draw(shape, g) for g in self.generators])
+
+    def sample_latents(self, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        eps = self._per_row(mean.shape[1:], lambda shape, g: torch.randn(shape, generator=g))
+        return mean + std * eps.to(mean.device, mean.dtype)
+
+    def noise_and_timesteps(self, shape, offset: float) -> tuple[torch.Tensor, torch.Tensor]:
+        noise = self._per_row(shape[1:], lambda s, g: torch.randn(s, generator=g))
+        timesteps = self._per_row((), lambda s, g: torch.randint(0, self.num_timesteps, (), generator=g))
+        if offset > 0:
+            # a per-channel constant teaches the model to shift overall brightness
+            shift = self._per_row((shape[1], 1, 1), lambda s, g: torch.randn(s, generator=g))
+            noise = noise + offset * shift
+        return noise, timesteps
+
+
+@dataclass
+class StepModels:
+    """What a step runs. unet and text_encoder are the DDP wrappers when several processes train."""
+    unet: Any
+    text_encoder: Any
+    vae: Any
+    noise_scheduler: Any
+
+
+@dataclass
+class LossParts:
+    instance_loss: torch.Tensor
+    prior_loss: Optional[torch.Tensor]
+    width: int
+    height: int
+
+
+def compute_loss(config: Config, models: StepModels, batch: dict, device: torch.device,
+                 autocast_dtype: Optional[torch.dtype], text_cache=None) -> tuple[torch.Tensor, LossParts]:
+    """The loss of one micro-batch; latents and embeddings come from the caches when the batch or
+    text_cache (a cache.TextEmbeddingCache) provide them."""
+    vae, scheduler = models.vae, models.noise_scheduler
+    prediction_type = scheduler.config.prediction_type
+    input_ids = batch["input_ids"].to(device)
+    draws = RowNoise(batch["sample_keys"], scheduler.config.num_train_timesteps)
+    with torch.no_grad():
+        if "latent_params" in batch:
+            from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+            distribution = DiagonalGaussianDistribution(batch["latent_params"].to(device))
+        else:
+            distribution = vae.encode(batch["pixel_values"].to(device)).latent_dist
+        latents = draws.sample_latents(distribution.mean, distribution.std) * vae.config.scaling_factor
+    noise, timesteps = draws.noise_and_timesteps(latents.shape, config.noise_offset)
+    noise, timesteps = noise.to(device), timesteps.to(device)
+    noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+    with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        if text_cache is not None:
+            encoder_hidden_states = text_cache.lookup(input_ids).to(device)
+        else:
+            with torch.set_grad_enabled(config.train_text_encoder):
+                encoder_hidden_states = encode_prompt(models.text_encoder, input_ids, config.clip_stop_at_layer)
+        if config.uncond.enabled and config.uncond.cond == "zeros":
+            dropped = torch.tensor([c == "" for c in batch["captions"]], device=device)
+            encoder_hidden_states = encoder_hidden_states * (~dropped).view(-1, 1, 1).to(encoder_hidden_states.dtype)
+        prediction = models.unet(noisy_latents, timesteps, encoder_hidden_states).sample
+    target = training_target(scheduler, latents, noise, timesteps, prediction_type)
+    weights = (min_snr_weights(scheduler, timesteps, config.min_snr_gamma, prediction_type)
+               if config.min_snr_gamma else None)
+    loss, instance_loss, prior_loss = dreambooth_loss(prediction, target, batch["num_instance"],
+                                                      config.prior_preservation.prior_loss_weight, weights)
+    pixels_per_latent = 2 ** (len(vae.config.block_out_channels) - 1)
+    return loss, LossParts(instance_loss, prior_loss, latents.shape[-1] * pixels_per_latent,
+                           latents.shape[-2] * pixels_per_latent)
+
+
+def backward(loss: torch.Tensor, scaler, optimizer, group_size: int, last_of_group: bool,
+             no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> None:
+    """Backpropagate one micro-batch's share of its accumulation group's loss.
+
+    Ranks exchange gradients, and an optimizer fused into backward steps, only on the micro-batch that
+    completes the group."""
+    if isinstance(optimizer, PerParameterOptimizer):
+        optimizer.armed = last_of_group
+    with contextlib.nullcontext() if last_of_group else no_sync():
+        scaler.scale(loss / group_size).backward()
+
+
+def optimizer_step(optimizer, scaler, params, clip_norm: Optional[float]) -> bool:
+    """Clip and step through the grad scaler. False when fp16 gradients overflowed and the step was skipped.
+
+    A per-parameter optimizer clips itself (and, fused into backward, has already stepped)."""
+    if clip_norm and not isinstance(optimizer, PerParameterOptimizer):
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, clip_norm)
+    scale_before = scaler.get_scale()
+    scaler.step(optimizer)
+    scaler.update()
+    # The scaler lowers its scale exactly when it found inf/NaN gradients and skipped the step.
+    return not (scaler.is_enabled() and scaler.get_scale() < scale_before)
