@@ -164,6 +164,7 @@ class PerParameterOptimizer:
 
     def step(self) -> None:
         """Step every parameter that has a gradient; fused into backward, they have all stepped already."""
+        self.proxy.step()  # moves nothing; tells the LR schedule that a step was taken
         if self.fused:
             return
         if self.clip_norm:
