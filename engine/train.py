@@ -427,11 +427,12 @@ class Trainer(Job):
                 state.overflow_steps += 1
             if context.ema is not None:
                 ema_step(context.ema, context.components.unet.parameters(), config.ema.on_cpu)
+            lr = context.optimizer.param_groups[0]["lr"]  # the rate this step used, before the schedule moves
             context.lr_scheduler.step()
             context.optimizer.zero_grad(set_to_none=True)
             epoch = state.epoch
             epoch_ended = state.advance(len(micro_batches), context.batches_per_epoch)
-            self._report_step(context, epoch, sum(losses) / len(losses), parts, clock.tick())
+            self._report_step(context, epoch, sum(losses) / len(losses), lr, parts, clock.tick())
             stopped = distributed.any_rank(topology, self.stop_requested, device)
             last = stopped or state.step >= context.total_steps
             self._run_due(context, epoch_ended, last, stopped)
@@ -441,12 +442,12 @@ class Trainer(Job):
                    "failed_sample_rounds": self.failed_sample_rounds}
         return events.Finished(run_dir=str(self.run_dir), step=state.step, stopped=stopped, summary=summary)
 
-    def _report_step(self, context: StepContext, epoch: int, loss: float, parts: LossParts,
+    def _report_step(self, context: StepContext, epoch: int, loss: float, lr: float, parts: LossParts,
                      it_per_s: float) -> None:
         state, total = self.state, context.total_steps
         record = {"step": state.step, "epoch": epoch,
                   "loss": distributed.mean_over_ranks(context.topology, loss, context.device),
-                  "lr": context.optimizer.param_groups[0]["lr"], "width": parts.width, "height": parts.height}
+                  "lr": lr, "width": parts.width, "height": parts.height}
         if context.plan.grad_scaler:
             record["overflow_steps"] = state.overflow_steps
         if parts.prior_loss is not None:  # CPU–GPU sync

@@ -256,3 +256,27 @@ def test_a_resume_that_changes_the_batch_layout_warns(tmp_path, class_images):
     moved = [w for w in warnings_of_resume("trainer.max_steps=4", "batch_size=1") if "data position" in w]
     assert moved == ["--set batch_size changes what the saved data position counts (2 -> 1): the resumed run "
                      "will not see exactly the images it would have seen"]
+
+
+def test_metrics_log_the_learning_rate_each_step_used(tmp_path, class_images):
+    from engine import events
+    from engine.optim import build_optimizer, build_scheduler, scaled_lr
+    from engine.train import Trainer
+
+    values = tiny_config(tmp_path, **{"trainer.max_steps": 3, "sampling.interval_steps": 0,
+                                      "optimizer.lr_scheduler.warmup": {"enabled": True, "steps": 2, "init_lr": 0.0},
+                                      "data.concepts[0].class_set.auto_generate.enabled": False})
+    config = cfg.from_dict(values)
+    trainer = Trainer(config)
+    assert isinstance(trainer.run(), events.Finished)
+    # The schedule on its own: the rate in force before each step.
+    optimizer = build_optimizer(config.optimizer, torch.nn.Linear(1, 1).parameters(),
+                                scaled_lr(config.optimizer, config.batch_size))
+    schedule = build_scheduler(config.optimizer, optimizer, total_steps=3)
+    expected = []
+    for _ in range(3):
+        expected.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert expected[0] == 0.0 and expected[2] > expected[1] > 0
+    assert [m["lr"] for m in read_metrics(only_run(tmp_path))] == pytest.approx(expected)

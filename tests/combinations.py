@@ -1,0 +1,264 @@
+"""Helpers for the combination matrix: a deterministic all-pairs generator, the option factors, and the
+rewrite of a shipped preset into a run that fits the tiny demo model."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+from engine import config as cfg
+from engine.testing import tiny_config
+
+ROOT = Path(__file__).resolve().parent.parent
+PRESETS = sorted((ROOT / "presets").glob("*.yaml"))
+
+Pair = tuple[tuple[str, str], tuple[str, str]]
+
+
+# -- all-pairs generation ---------------------------------------------------------------------------------
+
+def all_pairs(factors: dict[str, list[str]]) -> set[Pair]:
+    """Every ((factor, level), (factor, level)) of two different factors, factors in dict order."""
+    names = list(factors)
+    return {((a, x), (b, y)) for i, a in enumerate(names) for b in names[i + 1:]
+            for x in factors[a] for y in factors[b]}
+
+
+def pairs_of(row: dict[str, str], names: list[str]) -> set[Pair]:
+    present = [n for n in names if n in row]
+    return {((a, row[a]), (b, row[b])) for i, a in enumerate(present) for b in present[i + 1:]}
+
+
+def pairwise_rows(factors: dict[str, list[str]], forbidden: Iterable[Pair] = (), seed: int = 0,
+                  candidates: int = 24) -> list[dict[str, str]]:
+    """A small set of rows (factor -> level) in which every allowed pair of levels occurs at least once.
+
+    Greedy, in the manner of AETG: each new row starts from an uncovered pair, then fills the remaining
+    factors one at a time (in a shuffled order) with the level that covers the most uncovered pairs;
+    of `candidates` such rows the one covering most is kept. No row holds a forbidden pair. All choices
+    come from random.Random(seed), so the same factors and seed always give the same rows.
+    """
+    names = list(factors)
+    forbidden = set(forbidden)
+    uncovered = all_pairs(factors) - forbidden
+    rng = random.Random(seed)
+    rows: list[dict[str, str]] = []
+
+    def allowed(row: dict[str, str], name: str, level: str) -> bool:
+        trial = {**row, name: level}
+        return not (pairs_of(trial, names) & forbidden)
+
+    while uncovered:
+        best, best_gain = None, -1
+        for _ in range(candidates):
+            (a, x), (b, y) = rng.choice(sorted(uncovered))
+            row = {a: x, b: y}
+            rest = [n for n in names if n not in row]
+            rng.shuffle(rest)
+            for name in rest:
+                options = [level for level in factors[name] if allowed(row, name, level)]
+                if not options:
+                    raise ValueError(f"no level of {name!r} fits with {row}")
+                gains = [len(pairs_of({**row, name: level}, names) & uncovered) for level in options]
+                top = max(gains)
+                row[name] = rng.choice([level for level, gain in zip(options, gains) if gain == top])
+            ordered = {n: row[n] for n in names}
+            gain = len(pairs_of(ordered, names) & uncovered)
+            if gain > best_gain:
+                best, best_gain = ordered, gain
+        rows.append(best)
+        uncovered -= pairs_of(best, names)
+    return rows
+
+
+def row_id(index: int, row: dict[str, str], factors: dict[str, list[str]]) -> str:
+    """`r03-clip2+prior_gen+ema+...`: the levels that differ from each factor's first (default) level."""
+    changed = [f"{name}_{level}" if len(factors[name]) > 2 else name if level == "on" else f"{name}{level}"
+               for name, level in row.items() if level != factors[name][0]]
+    return f"r{index:02d}-" + ("+".join(changed) or "defaults")
+
+
+# -- the option factors -------------------------------------------------------------------------------------
+
+# Each factor's first level is the default; row ids name only the others.
+FACTORS: dict[str, list[str]] = {
+    "clip": ["1", "2"],                    # clip_stop_at_layer
+    "prior": ["off", "gen", "existing"],   # prior preservation: off, generated class images, a filled folder
+    "latents": ["off", "on"],              # cache.latents
+    "textcache": ["off", "on"],            # cache.text_embeddings
+    "centercrop": ["off", "on"],           # data.center_crop (cached latents need it)
+    "buckets": ["off", "on"],              # aspect_ratio_bucket.enabled
+    "ema": ["off", "on"],                  # ema.enabled, and samples drawn with the averaged weights
+    "te": ["off", "on"],                   # train_text_encoder
+    "fused": ["off", "on"],                # optimizer.fused_backward
+    "accum": ["1", "2"],                   # trainer.accumulate_grad_batches
+    "bf16w": ["off", "on"],                # weights_dtype: bf16
+    "precision": ["32", "bf16", "16"],     # trainer.precision (16 falls back to fp32 on the CPU)
+    "gradclip": ["off", "on"],             # trainer.gradient_clip_val
+    "uncond": ["off", "on"],               # uncond.enabled
+    "minsnr": ["off", "on"],               # min_snr_gamma
+    "vpred": ["off", "on"],                # prediction_type: v_prediction
+    "noiseoffset": ["off", "on"],          # noise_offset
+    "augment": ["off", "on"],              # hflip, rotate and colour jitter
+    "ti": ["off", "on"],                   # custom_embeddings (a textual-inversion file)
+}
+
+# Pairs whose meaning is "this cache is off", which the engine says with a warning (cache.attach_caches):
+# latents are cached only with a centre crop and no augmentation, text embeddings only while the text
+# encoder is frozen. Rows avoid them so that every "on" row really trains from the cache; one separate
+# test checks the warnings.
+INELIGIBLE: set[Pair] = {
+    (("latents", "on"), ("centercrop", "off")),
+    (("latents", "on"), ("augment", "on")),
+    (("textcache", "on"), ("te", "on")),
+}
+
+ROW_STEPS = 2
+ROW_CLASS_IMAGES = 2
+ROW_RESOLUTION = 64
+EMBEDDING_TOKEN = "tinystyle"
+AUGMENT = [{"name": "hflip", "p": 0.5}, {"name": "rotate", "degrees": 8.0, "p": 1.0},
+           {"name": "color_jitter", "p": 1.0}]
+
+
+def row_values(row: dict[str, str], output_dir: Path, class_dir: Path, existing_class_dir: Path,
+               embedding_file: Path, cache_dir: Path) -> dict:
+    """The tiny demo preset with one row's options, trained for ROW_STEPS steps with one sampling round at
+    the last step and one checkpoint."""
+    on = {name: level == "on" for name, level in row.items()}
+    prompt = f"sks toy {EMBEDDING_TOKEN}" if on["ti"] else "sks toy"
+    values = tiny_config(output_dir, **{
+        "trainer.max_steps": ROW_STEPS, "trainer.max_epochs": None,
+        "sampling.interval_steps": ROW_STEPS, "sampling.batch_size": 1,
+        "sampling.concepts": [{"prompt": prompt, "negative_prompt": "", "steps": 2, "cfg_scale": 3.0,
+                               "num_samples": 1, "seed": 7, "width": ROW_RESOLUTION,
+                               "height": ROW_RESOLUTION}],
+        "data.resolution": ROW_RESOLUTION,
+        "checkpoint.every_n_train_steps": ROW_STEPS,
+        "data.concepts[0].instance_set.prompt": prompt,
+        "clip_stop_at_layer": int(row["clip"]),
+        "cache": {"latents": on["latents"], "text_embeddings": on["textcache"], "dir": str(cache_dir)},
+        "data.center_crop": on["centercrop"],
+        "aspect_ratio_bucket.enabled": on["buckets"],
+        "ema": {"enabled": on["ema"], "use_for_samples": on["ema"]},
+        "train_text_encoder": on["te"],
+        "optimizer.fused_backward": on["fused"],
+        "trainer.accumulate_grad_batches": int(row["accum"]),
+        "weights_dtype": "bf16" if on["bf16w"] else "fp32",
+        "trainer.precision": row["precision"] if row["precision"] == "bf16" else int(row["precision"]),
+        "trainer.gradient_clip_val": 1.0 if on["gradclip"] else None,
+        "uncond": {"enabled": on["uncond"], "p": 0.5},
+        "min_snr_gamma": 5.0 if on["minsnr"] else None,
+        "prediction_type": "v_prediction" if on["vpred"] else None,
+        "noise_offset": 0.05 if on["noiseoffset"] else 0.0,
+        "augment": copy.deepcopy(AUGMENT) if on["augment"] else [],
+        "custom_embeddings": {"enabled": on["ti"], "path": str(embedding_file)},
+    })
+    class_set = values["data"]["concepts"][0]["class_set"]
+    # The class set stays in the config with prior preservation off, as users leave it: nothing is generated.
+    values["prior_preservation"]["enabled"] = row["prior"] != "off"
+    class_set["path"] = str(existing_class_dir if row["prior"] == "existing" else class_dir)
+    class_set["auto_generate"].update(enabled=row["prior"] != "existing", num_target=ROW_CLASS_IMAGES, steps=2,
+                                     batch_size=2)
+    return values
+
+
+def refused_pairs(factors: dict[str, list[str]], values_for: Callable[[dict], dict]) -> dict[Pair, str]:
+    """Pairs of levels that the config loader refuses when set together over default levels, with its
+    message."""
+    defaults = {name: levels[0] for name, levels in factors.items()}
+    refused = {}
+    for pair in sorted(all_pairs(factors)):
+        (a, x), (b, y) = pair
+        if x == factors[a][0] or y == factors[b][0]:
+            continue  # a level on its own is checked by the rows, which all load
+        try:
+            cfg.from_dict(values_for({**defaults, a: x, b: y}))
+        except cfg.ConfigError as error:
+            refused[pair] = str(error)
+    return refused
+
+
+# -- shipped presets on the tiny model ------------------------------------------------------------------------
+
+PRESET_STEPS = 3
+PRESET_CLASS_IMAGES = 4
+PRESET_MAX_SAMPLES = 2
+
+
+def preset_to_tiny(preset: Path, output_dir: Path, class_root: Path, captioned_path: str) -> cfg.Config:
+    """Load a shipped preset with engine.config and rewrite only what cannot run on a CPU in a test.
+
+    Changed, and nothing else:
+    - model -> demo:tiny-sd; vae and tokenizer -> null (the tiny model's own);
+    - every concept's instance_set.path -> demo:sample-data/instance, or `captioned_path` (images with .txt
+      captions) when its prompt is '{TXT_PROMPT}';
+    - every class_set.path -> class_root/<concept index>, an empty folder, so class images are generated;
+      auto_generate keeps its settings except num_target -> PRESET_CLASS_IMAGES and steps -> 2;
+    - data.resolution -> 64;
+    - trainer.max_steps -> PRESET_STEPS and trainer.max_epochs -> null;
+    - sampling.interval_steps -> PRESET_STEPS (one round, at the last step); for each sampling prompt
+      width/height -> 64, steps -> 2, num_samples -> at most PRESET_MAX_SAMPLES;
+    - checkpoint.every_n_train_steps -> PRESET_STEPS (one checkpoint, at the last step);
+    - output_dir -> output_dir; num_workers -> 0.
+    Precision, accelerator, optimizer (8-bit included), caches, batch size, bucketing, CLIP skip and the
+    memory switches stay as the preset sets them: the engine falls back on a CPU as it does for users.
+    """
+    values = cfg.to_dict(cfg.load(preset))
+    values.update(model="demo:tiny-sd", vae=None, tokenizer=None, output_dir=str(output_dir), num_workers=0)
+    values["data"]["resolution"] = 64
+    for index, concept in enumerate(values["data"]["concepts"]):
+        instance = concept["instance_set"]
+        instance["path"] = captioned_path if "{TXT_PROMPT}" in instance["prompt"] else "demo:sample-data/instance"
+        if concept.get("class_set"):
+            concept["class_set"]["path"] = str(class_root / str(index))
+            concept["class_set"]["auto_generate"].update(num_target=PRESET_CLASS_IMAGES, steps=2)
+    values["trainer"].update(max_steps=PRESET_STEPS, max_epochs=None)
+    values["sampling"]["interval_steps"] = PRESET_STEPS
+    for prompt in values["sampling"]["concepts"]:
+        prompt.update(width=64, height=64, steps=2, num_samples=min(prompt["num_samples"], PRESET_MAX_SAMPLES))
+    values["checkpoint"]["every_n_train_steps"] = PRESET_STEPS
+    return cfg.from_dict(values)
+
+
+# -- reading a run --------------------------------------------------------------------------------------------
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def changed_elements(base_file: Path, trained_file: Path) -> int:
+    """How many weights differ between a base model file and a checkpoint's, compared in the checkpoint's
+    dtype (bf16 weights are rounded from the base before training, which alone is no change). A grown
+    tensor (token embeddings with textual-inversion tokens added) is compared on the base's part."""
+    from safetensors.torch import load_file
+
+    base, trained = load_file(base_file), load_file(trained_file)
+    assert base.keys() == trained.keys()
+    changed = 0
+    for key, before in base.items():
+        after = trained[key][tuple(slice(0, n) for n in before.shape)]
+        assert after.shape == before.shape, key
+        changed += int((before.to(after.dtype) != after).sum())
+    return changed
+
+
+def tensor_dtypes(value) -> list:
+    """The dtype of every tensor inside nested dicts and lists (an optimizer's saved state)."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return [value.dtype]
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    return [dtype for item in items for dtype in tensor_dtypes(item)]
+
+
+def messages(log: list, text: str, level: Optional[str] = None) -> list[str]:
+    return [e.message for e in log if text in e.message and (level is None or e.level == level)]
+
+
+def combinations_of(factors: dict[str, list[str]]) -> int:
+    return math.prod(len(levels) for levels in factors.values())

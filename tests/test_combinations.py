@@ -1,0 +1,253 @@
+"""The combination matrix: every shipped preset end to end on the tiny model, and a pairwise-covering set
+of option combinations, each trained for a few steps with one sampling round and one checkpoint."""
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from combinations import (EMBEDDING_TOKEN, FACTORS, INELIGIBLE, PRESET_CLASS_IMAGES, PRESET_STEPS, PRESETS,
+                          ROW_CLASS_IMAGES, ROW_STEPS, all_pairs, changed_elements, messages, pairs_of, pairwise_rows,
+                          preset_to_tiny, read_metrics, refused_pairs, row_id, row_values, tensor_dtypes)
+from engine import checkpoints
+from engine import config as cfg
+from engine import events
+
+# Any seed covers every pair; 1 gives 12 rows for these factors where others give up to 14.
+PAIRWISE_SEED = 1
+MAX_ROWS = 12  # each row is a training run: more would outgrow the matrix's time budget
+CAPTIONED = "demo:sample-data/finetune"
+MODEL_FILES = {"unet": "unet/diffusion_pytorch_model.safetensors", "text_encoder": "text_encoder/model.safetensors"}
+# Placeholder paths: the config loader checks that paths are given, not that they exist.
+_PROBE_PATHS = dict(output_dir=Path("out"), class_dir=Path("class"), existing_class_dir=Path("class-existing"),
+                    embedding_file=Path(f"{EMBEDDING_TOKEN}.safetensors"), cache_dir=Path("cache"))
+
+
+def _probe_values(row):
+    return row_values(row, **_PROBE_PATHS)
+
+
+REFUSED = refused_pairs(FACTORS, _probe_values)
+ROWS = pairwise_rows(FACTORS, set(REFUSED) | INELIGIBLE, seed=PAIRWISE_SEED)
+ROW_IDS = [row_id(i, row, FACTORS) for i, row in enumerate(ROWS)]
+
+# What engine.config.validate() documents as refused among these factors, and the key each message names.
+EXPECTED_REFUSED = {
+    (("fused", "on"), ("gradclip", "on")): "optimizer.fused_backward",
+    (("fused", "on"), ("precision", "16")): "trainer.precision",
+    (("bf16w", "on"), ("precision", "16")): "trainer.precision",
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Run this module's training on one CPU thread. The tiny model's ops are too small to split, and
+    while other processes share the cores, torch's spinning thread pool made these runs several times
+    slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def embedding_file(tmp_path_factory):
+    """A two-vector textual-inversion embedding for the tiny text encoder (hidden size 32)."""
+    from safetensors.torch import save_file
+
+    path = tmp_path_factory.mktemp("embeddings") / f"{EMBEDDING_TOKEN}.safetensors"
+    save_file({"emb_params": torch.randn(2, 32, generator=torch.Generator().manual_seed(0))}, str(path))
+    return path
+
+
+def train(config):
+    from engine.train import Trainer
+
+    log = []
+    result = Trainer(config, on_event=lambda e: log.append(e) if isinstance(e, events.Log) else None).run()
+    assert isinstance(result, events.Finished), getattr(result, "error", result)
+    return result, log
+
+
+def assert_caches(log, cache_dir: Path, latents: bool, text: bool) -> None:
+    assert bool(messages(log, "latent cache ")) == latents
+    assert bool(list(cache_dir.glob("latents-*/*.safetensors"))) == latents
+    assert bool(messages(log, "text-embedding cache ")) == text
+    assert bool(list(cache_dir.glob("text-*/*.safetensors"))) == text
+
+
+def pngs(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.png")) if folder.is_dir() else []
+
+
+# -- the generator and the refused combinations -----------------------------------------------------------
+
+def test_generator_covers_every_pair_and_is_stable_for_a_seed():
+    factors = {"a": ["0", "1"], "b": ["0", "1", "2"], "c": ["0", "1"], "d": ["0", "1"]}
+    forbidden = {(("a", "1"), ("b", "2"))}
+    for seed in range(5):
+        rows = pairwise_rows(factors, forbidden, seed=seed)
+        assert rows == pairwise_rows(factors, forbidden, seed=seed)
+        covered = set().union(*(pairs_of(row, list(factors)) for row in rows))
+        assert covered == all_pairs(factors) - forbidden
+        assert 6 <= len(rows) <= 8  # b x (a or c or d) needs 6; exhaustive would be 24
+
+
+def test_rows_cover_every_pair_of_option_values():
+    names = list(FACTORS)
+    covered = set().union(*(pairs_of(row, names) for row in ROWS))
+    assert INELIGIBLE <= all_pairs(FACTORS)
+    required = all_pairs(FACTORS) - set(REFUSED) - INELIGIBLE
+    assert sorted(required - covered) == []
+    assert not covered & (set(REFUSED) | INELIGIBLE)
+    assert all(list(row) == names for row in ROWS)
+    assert pairwise_rows(FACTORS, set(REFUSED) | INELIGIBLE, seed=PAIRWISE_SEED) == ROWS
+    # Two 3-level factors need at least 9 rows; every combination would be over a million runs.
+    assert 9 <= len(ROWS) <= MAX_ROWS < math.prod(len(levels) for levels in FACTORS.values())
+    assert len(set(ROW_IDS)) == len(ROWS)
+    for row in ROWS:
+        cfg.from_dict(_probe_values(row))  # no row trips a refusal of three or more options
+
+
+def test_the_refused_pairs_are_the_ones_validate_documents():
+    assert set(REFUSED) == set(EXPECTED_REFUSED)
+
+
+@pytest.mark.parametrize("pair", sorted(EXPECTED_REFUSED), ids=lambda p: f"{p[0][0]}_{p[0][1]}+{p[1][0]}_{p[1][1]}")
+def test_a_refused_combination_raises_a_config_error_naming_its_key(pair):
+    (a, x), (b, y) = pair
+    row = {**{name: levels[0] for name, levels in FACTORS.items()}, a: x, b: y}
+    with pytest.raises(cfg.ConfigError, match=rf"^config key '{EXPECTED_REFUSED[pair]}'"):
+        cfg.from_dict(_probe_values(row))
+
+
+# -- shipped presets --------------------------------------------------------------------------------------
+
+def _flatten(value, prefix=""):
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}.{key}" if prefix else key))
+        return out
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        out = {}
+        for item in value:  # list items merge under `key[]`: the rewrite treats every item alike
+            for key, leaf in _flatten(item, f"{prefix}[]").items():
+                out.setdefault(key, []).append(leaf)
+        return out
+    return {prefix: value}
+
+
+REWRITTEN_KEYS = {
+    "model", "vae", "tokenizer", "output_dir", "num_workers", "data.resolution",
+    "data.concepts[].instance_set.path", "data.concepts[].class_set.path",
+    "data.concepts[].class_set.auto_generate.num_target", "data.concepts[].class_set.auto_generate.steps",
+    "trainer.max_steps", "trainer.max_epochs", "sampling.interval_steps", "sampling.concepts[].width",
+    "sampling.concepts[].height", "sampling.concepts[].steps", "sampling.concepts[].num_samples",
+    "checkpoint.every_n_train_steps",
+}
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_the_preset_rewrite_changes_only_what_cannot_run_here(preset, tmp_path):
+    before = _flatten(cfg.to_dict(cfg.load(preset)))
+    after = _flatten(cfg.to_dict(preset_to_tiny(preset, tmp_path, tmp_path / "class", CAPTIONED)))
+    assert before.keys() == after.keys()
+    changed = {key for key in before if before[key] != after[key]}
+    assert changed <= REWRITTEN_KEYS, changed - REWRITTEN_KEYS
+    for key in ("trainer.precision", "trainer.accelerator", "optimizer.name", "optimizer.fused_backward",
+                "cache.latents", "cache.text_embeddings", "weights_dtype", "clip_stop_at_layer", "batch_size",
+                "data.concepts[].class_set.auto_generate.enabled"):
+        if key in before:
+            assert after[key] == before[key], key
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_preset_trains_end_to_end_on_the_tiny_model(preset, tmp_path, tiny_model, sample_data):
+    assert len(pngs(sample_data / "finetune")) == len(list((sample_data / "finetune").glob("*.txt"))) > 0
+    config = preset_to_tiny(preset, tmp_path / "out", tmp_path / "class", CAPTIONED)
+    result, _ = train(config)
+    assert result.step == PRESET_STEPS and not result.stopped
+    run_dir = Path(result.run_dir)
+
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in metrics] == list(range(1, PRESET_STEPS + 1))
+    assert all(math.isfinite(m["loss"]) for m in metrics)
+
+    (checkpoint,) = checkpoints.list_checkpoints(run_dir)
+    assert checkpoint.name == checkpoints.checkpoint_name(PRESET_STEPS)
+    meta = checkpoints.read_meta(checkpoint)
+    expected_trained = ["text_encoder", "unet"] if config.train_text_encoder else ["unet"]
+    assert meta["trained"] == expected_trained
+    for name in expected_trained:
+        assert changed_elements(tiny_model / MODEL_FILES[name], checkpoint / MODEL_FILES[name]) > 0, name
+    if "8bit" in config.optimizer.name:
+        # bitsandbytes runs on the CPU: tensors of 4096 weights or more keep uint8 moments.
+        dtypes = tensor_dtypes(checkpoints.load_state(checkpoint)["optimizer"])
+        assert dtypes.count(torch.uint8) >= 2
+
+    expected_samples = sum(prompt.num_samples for prompt in config.sampling.concepts)
+    assert [p.parent.name for p in run_dir.glob("samples/*/*.png")] == [f"{PRESET_STEPS:06d}"] * expected_samples
+
+    for index, concept in enumerate(config.data.concepts):
+        if config.prior_preservation.enabled and concept.class_set and concept.class_set.auto_generate.enabled:
+            assert len(pngs(tmp_path / "class" / str(index))) == PRESET_CLASS_IMAGES
+
+
+# -- pairwise option rows ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("row", ROWS, ids=ROW_IDS)
+def test_option_row_trains_samples_and_saves(row, tmp_path, tiny_model, class_images, embedding_file):
+    on = {name: level == "on" for name, level in row.items()}
+    existing = pngs(class_images)
+    config = cfg.from_dict(row_values(row, tmp_path / "out", tmp_path / "class", class_images, embedding_file,
+                                      tmp_path / "cache"))
+    result, log = train(config)
+    assert result.step == ROW_STEPS and not result.stopped
+    run_dir = Path(result.run_dir)
+
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in metrics] == list(range(1, ROW_STEPS + 1))
+    assert all(math.isfinite(m["loss"]) for m in metrics)
+    if row["prior"] != "off":
+        assert all(math.isfinite(m["prior_loss"]) and math.isfinite(m["instance_loss"]) for m in metrics)
+    else:
+        assert not any("prior_loss" in m for m in metrics)
+
+    assert [p.parent for p in run_dir.glob("samples/*/*.png")] == [run_dir / "samples" / f"{ROW_STEPS:06d}"]
+
+    (checkpoint,) = checkpoints.list_checkpoints(run_dir)
+    assert checkpoint.name == checkpoints.checkpoint_name(ROW_STEPS)
+    assert (checkpoint / "text_encoder").is_dir() == on["te"]
+    assert (checkpoint / "ema_unet").is_dir() == on["ema"]
+    # The warmup starts at lr 0, so only the last step moves the weights: the optimizer (fused into
+    # backward, after accumulation, onto bf16 weights) must have reached them.
+    trained = [MODEL_FILES["unet"]] + ([MODEL_FILES["text_encoder"]] if on["te"] else [])
+    for file in trained:
+        assert changed_elements(tiny_model / file, checkpoint / file) > 0, file
+
+    generated = pngs(tmp_path / "class")
+    assert len(generated) == (ROW_CLASS_IMAGES if row["prior"] == "gen" else 0)
+    assert pngs(class_images) == existing  # a filled folder with auto_generate off is only read
+
+    # Rows hold no INELIGIBLE pair, so a requested cache is built and read, and nothing is cached unasked.
+    assert_caches(log, tmp_path / "cache", latents=on["latents"], text=on["textcache"])
+
+    if on["ti"]:
+        assert messages(log, f"loaded custom embeddings: {EMBEDDING_TOKEN}")
+    if row["precision"] == "16" and not on["bf16w"]:
+        assert messages(log, "fp16 mixed precision needs CUDA", "warning")
+
+
+def test_caches_requested_where_their_rules_exclude_them_fall_back_with_a_warning(tmp_path, tiny_model,
+                                                                                   embedding_file):
+    defaults = {name: levels[0] for name, levels in FACTORS.items()}
+    row = {**defaults, **{name: level for pair in INELIGIBLE for name, level in pair}}
+    assert row["latents"] == row["textcache"] == row["augment"] == row["te"] == "on" and row["centercrop"] == "off"
+    config = cfg.from_dict(row_values(row, tmp_path / "out", tmp_path / "class", tmp_path / "class",
+                                      embedding_file, tmp_path / "cache"))
+    result, log = train(config)
+    assert result.step == ROW_STEPS
+    assert len(messages(log, "latents are not cached", "warning")) == 1
+    assert len(messages(log, "text embeddings are not cached", "warning")) == 1
+    assert_caches(log, tmp_path / "cache", latents=False, text=False)
