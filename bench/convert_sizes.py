@@ -12,8 +12,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.convert import DTYPES, estimate_output_bytes  # noqa: E402
-from engine.single_file import empty_models  # noqa: E402
+from engine.models.convert import DTYPES, estimate_output_bytes  # noqa: E402
+from engine.models.single_file import empty_models  # noqa: E402
 
 # (flags, unet, vae, text encoder dtype or None when left out)
 VARIANTS = [

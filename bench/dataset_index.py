@@ -71,7 +71,7 @@ def measure(folder: str, mode: str, template: str) -> dict:
 
     from PIL import Image
 
-    from engine.dataset_index import scan_folder
+    from engine.data.index import scan_folder
 
     start, cpu_start = time.perf_counter(), time.process_time()
     if mode == "bare":
@@ -100,7 +100,7 @@ def run(counts: list[int], captions: bool, base: Path) -> list[dict]:
     for count in counts:
         folder = base / f"n{count}"
         make_images(folder, count, captions)
-        from engine.dataset_index import index_locations
+        from engine.data.index import index_locations
 
         for location in index_locations(folder):
             location.unlink(missing_ok=True)

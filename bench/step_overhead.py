@@ -63,9 +63,10 @@ def bare_step_times(config) -> list[float]:
     """The same step without the trainer: batches read up front, no events, metrics or checks."""
     import torch
 
-    from engine.models import encode_prompt, load_components
+    from engine.models.sd import encode_prompt, load_components
     from engine.optim import build_optimizer
-    from engine.train import dreambooth_loss, prepare_data
+    from engine.data.prepare import prepare_data
+    from engine.losses import dreambooth_loss
 
     torch.manual_seed(config.seed)
     parts = load_components(config.model)

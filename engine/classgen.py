@@ -21,12 +21,14 @@ from pathlib import Path
 import torch
 
 from . import events, paths
-from .buckets import plan_buckets
+from .data.buckets import plan_buckets
 from .config import Config, load
-from .dataset_index import scan_folder
+from .data.index import scan_folder
 from .errors import UserError
 from .job import Job, release_memory
-from .sampling import PromptEncoder, build_pipeline, render
+from .models.family import family_for
+from .models.sd import resolve_model_path
+from .sampling import PromptEncoder, render
 
 SIDECAR_SUFFIX = ".json"
 
@@ -167,14 +169,12 @@ class ClassGenJob(Job):
         if total == 0:
             self.log("class folders are complete: nothing to generate")
             return events.Finished(step=0, summary={"generated": 0})
-        from .models import resolve_model_path
-
-        model_path = resolve_model_path(config.model)
+        resolve_model_path(config.model)
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         dtype = torch.float16 if device.type == "cuda" else torch.float32
         self.log(f"generating {total} class images on {device}")
-        pipeline = _load_pipeline(model_path, config, device, dtype)
-        encoder = PromptEncoder(pipeline.tokenizer, pipeline.text_encoder, config.clip_stop_at_layer)
+        family, pipeline = _load_pipeline(config, device, dtype)
+        encoder = PromptEncoder(family, pipeline.tokenizer, pipeline.text_encoder, config.clip_stop_at_layer)
         done = 0
         started = time.perf_counter()
         self.emit(events.Progress(done=0, total=total))
@@ -205,19 +205,12 @@ class ClassGenJob(Job):
                 for number, concept in enumerate(self.config.data.concepts) if concept.class_set is not None}
 
 
-def _load_pipeline(model_path: str, config: Config, device: torch.device, dtype: torch.dtype):
-    from diffusers import StableDiffusionPipeline
-
-    if Path(model_path).is_file():
-        from .models import load_components
-
-        components = load_components(config.model, config.vae, config.tokenizer)
-        pipeline = build_pipeline(components, components.unet, components.text_encoder, device)
-        return pipeline.to(dtype=dtype)
-    pipeline = StableDiffusionPipeline.from_pretrained(model_path, dtype=dtype, safety_checker=None,
-                                                       requires_safety_checker=False)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline.to(device)
+def _load_pipeline(config: Config, device: torch.device, dtype: torch.dtype):
+    """The base model's pipeline: class images come from the model before any training."""
+    family = family_for(config)
+    components = family.load(config)
+    pipeline = family.pipeline(components, components.unet, components.text_encoder, device)
+    return family, pipeline.to(dtype=dtype)
 
 
 def cmd_gen_class(args) -> int:

@@ -130,14 +130,14 @@ def _relay_events(trainer, as_json: bool) -> int:
 
 
 def cmd_make_tiny_model(args) -> int:
-    from .tiny import make_tiny_model
+    from .models.tiny import make_tiny_model
 
     print(make_tiny_model(args.dir, seed=args.seed))
     return 0
 
 
 def cmd_make_sample_data(args) -> int:
-    from .tiny import make_sample_data
+    from .models.tiny import make_sample_data
 
     print(make_sample_data(args.dir, seed=args.seed))
     return 0
@@ -167,7 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0)
     sample.set_defaults(func=cmd_make_sample_data)
 
-    from . import buckets_cli, classgen, convert, vram
+    from .data import buckets_cli
+    from . import classgen, vram
+    from .models import convert
 
     # Commands defined next to the code they drive; each module adds its own subcommand.
     for module in (buckets_cli, classgen, convert, vram):

@@ -7,8 +7,6 @@ import threading
 import traceback
 from typing import Callable, Optional
 
-import torch
-
 from . import events
 from .errors import UserError
 
@@ -18,6 +16,8 @@ OOM_ADVICE = ("out of GPU memory. Try, in this order: a smaller preset (dreamboo
 
 
 def release_memory() -> None:
+    import torch
+
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -72,6 +72,8 @@ class Job:
 
     def run(self) -> events.Event:
         """Run to the end or until stopped; never raises. Returns the Finished or Failed event."""
+        import torch  # here, not at import: the app's page uses jobs without loading torch
+
         try:
             result = self._run()
         except UserError as error:

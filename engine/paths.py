@@ -50,14 +50,14 @@ def _build_once(target: Path, build: Callable[[Path], object]) -> Path:
 
 def demo_model_dir() -> Path:
     """The tiny demo pipeline, built on first use."""
-    from .tiny import make_tiny_model
+    from .models.tiny import make_tiny_model
 
     return _build_once(cache_dir() / "tiny-sd", make_tiny_model)
 
 
 def demo_data_dir() -> Path:
     """The synthetic sample dataset, written on first use."""
-    from .tiny import make_sample_data
+    from .models.tiny import make_sample_data
 
     return _build_once(cache_dir() / "sample-data", make_sample_data)
 

@@ -13,13 +13,14 @@ from typing import Any
 import torch
 
 from .config import Config
-from .embeddings import expand_tokens
-from .models import encode_prompt
+from .models.embeddings import expand_tokens
+from .models.family import ModelFamily
 
 
 @dataclass
 class PromptEncoder:
     """Prompts to text embeddings the way training computes them."""
+    family: ModelFamily
     tokenizer: Any
     text_encoder: Any
     clip_stop_at_layer: int = 1
@@ -31,18 +32,7 @@ class PromptEncoder:
         ids = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids
         device = next(self.text_encoder.parameters()).device
-        return encode_prompt(self.text_encoder, ids.to(device), self.clip_stop_at_layer)
-
-
-def build_pipeline(components, unet, text_encoder, device):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    pipeline = StableDiffusionPipeline(
-        unet=unet, vae=components.vae, text_encoder=text_encoder, tokenizer=components.tokenizer,
-        scheduler=DDIMScheduler.from_config(components.noise_scheduler.config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline.to(device)
+        return self.family.encode_text(self.text_encoder, ids.to(device), self.clip_stop_at_layer)
 
 
 def render(pipeline, encoder: PromptEncoder, prompts: list[str], negative_prompts: list[str], **options) -> list:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .config import Config
-from .models import Components, enable_text_encoder_checkpointing, enable_xformers_if_usable
+from .models.sd import Components, enable_text_encoder_checkpointing, enable_xformers_if_usable
 from .plan import RunPlan
 
 

@@ -14,7 +14,6 @@ import torch
 
 from .config import Config
 from .losses import dreambooth_loss, min_snr_weights, training_target
-from .models import encode_prompt
 from .optim import PerParameterOptimizer
 
 
@@ -50,6 +49,7 @@ class RowNoise:
 @dataclass
 class StepModels:
     """What a step runs. unet and text_encoder are the DDP wrappers when several processes train."""
+    family: Any  # models.family.ModelFamily
     unet: Any
     text_encoder: Any
     vae: Any
@@ -88,11 +88,12 @@ def compute_loss(config: Config, models: StepModels, batch: dict, device: torch.
             encoder_hidden_states = text_cache.lookup(input_ids).to(device)
         else:
             with torch.set_grad_enabled(config.train_text_encoder):
-                encoder_hidden_states = encode_prompt(models.text_encoder, input_ids, config.clip_stop_at_layer)
+                encoder_hidden_states = models.family.encode_text(models.text_encoder, input_ids,
+                                                                  config.clip_stop_at_layer)
         if config.uncond.enabled and config.uncond.cond == "zeros":
             dropped = torch.tensor([c == "" for c in batch["captions"]], device=device)
             encoder_hidden_states = encoder_hidden_states * (~dropped).view(-1, 1, 1).to(encoder_hidden_states.dtype)
-        prediction = models.unet(noisy_latents, timesteps, encoder_hidden_states).sample
+        prediction = models.family.predict(models.unet, noisy_latents, timesteps, encoder_hidden_states)
     target = training_target(scheduler, latents, noise, timesteps, prediction_type)
     weights = (min_snr_weights(scheduler, timesteps, config.min_snr_gamma, prediction_type)
                if config.min_snr_gamma else None)

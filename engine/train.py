@@ -13,7 +13,7 @@ import os
 import queue
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -21,34 +21,19 @@ import numpy as np
 import torch
 
 from . import checkpoints, distributed, events, notices, paths
-from .buckets import plan_buckets
 from .config import Config, dump_yaml, load, to_dict
-from .data import Collate, DreamBoothDataset
-from .dataset_index import scan_folder
+from .data.prepare import PreparedData, prepare_data
 from .ema import ema_step
 from .errors import UserError
 from .job import Job, release_memory
-from .models import Components, load_components, resolve_model_path
+from .models.family import ModelFamily, family_for
+from .models.sd import Components, resolve_model_path
 from .optim import scaled_lr
 from .plan import RunPlan, make_plan
 from .run_dir import CONFIG_FILE, RunDir
-from .sampling import PromptEncoder, build_pipeline, generate_samples
+from .sampling import PromptEncoder, generate_samples
 from .setup import build_optimizer, build_schedule, prepare_models, trained_parameters
 from .step import LossParts, StepModels, backward, compute_loss, optimizer_step
-
-
-def configure_noise_schedule(components: Components, config: Config) -> None:
-    """Apply prediction_type and zero_terminal_snr over the model's own scheduler config."""
-    overrides = {}
-    if config.prediction_type:
-        overrides["prediction_type"] = config.prediction_type
-    if config.zero_terminal_snr:
-        # Zero terminal SNR only works for sampling with trailing timesteps (Lin et al., 2023).
-        overrides.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
-    if overrides:
-        from diffusers import DDPMScheduler
-
-        components.noise_scheduler = DDPMScheduler.from_config(components.noise_scheduler.config, **overrides)
 
 
 def select_device(config: Config) -> torch.device:
@@ -61,79 +46,6 @@ def select_device(config: Config) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
-
-
-@dataclass
-class PreparedData:
-    dataset: DreamBoothDataset
-    sampler: object
-    loader: torch.utils.data.DataLoader
-    skipped: list = field(default_factory=list)
-    bucket_sizes: list = field(default_factory=list)
-
-
-def prepare_data(config: Config, tokenizer, seed: int, rank: int = 0, world_size: int = 1,
-                 prompt_expansions: Optional[dict] = None) -> PreparedData:
-    from collections import Counter
-
-    from .dataset_index import DataWarning
-    from .sampler import BucketBatchSampler
-
-    if not config.data.concepts:
-        raise UserError("config key 'data.concepts': at least one concept with an instance_set is required")
-    use_prior = config.prior_preservation.enabled
-    instances, classes, skipped = [], [], []
-    instance_groups, class_groups = [], []
-    for index, concept in enumerate(config.data.concepts):
-        found = scan_folder(paths.resolve(concept.instance_set.path), concept.instance_set.prompt,
-                            f"config key 'data.concepts[{index}].instance_set.path'")
-        skipped += found.skipped
-        if not found.records:
-            raise UserError(f"config key 'data.concepts[{index}].instance_set.path': no usable images in "
-                            f"{concept.instance_set.path} ({len(found.skipped)} skipped; formats: jpg, png, webp, bmp)")
-        instances += found.records
-        instance_groups += [index] * len(found.records)
-        if use_prior and concept.class_set is not None:
-            found = scan_folder(paths.resolve(concept.class_set.path), concept.class_set.prompt,
-                                f"config key 'data.concepts[{index}].class_set.path'")
-            skipped += found.skipped
-            if not found.records:
-                raise UserError(f"config key 'data.concepts[{index}].class_set.path': no class images in "
-                                f"{concept.class_set.path}; generate them first (python -m engine gen-class) "
-                                "or set prior_preservation.enabled: false")
-            classes += found.records
-            class_groups += [index] * len(found.records)
-    instance_plan = plan_buckets(config, instances)
-    class_plan = plan_buckets(config, classes, sizes=instance_plan.sizes) if classes else None
-    skipped += instance_plan.skipped + (class_plan.skipped if class_plan else [])
-    if not instance_plan.kept:
-        raise UserError("no usable training images in the instance folders (all were skipped)")
-    instance_groups = [instance_groups[i] for i in instance_plan.indices]
-    class_groups = [class_groups[i] for i in class_plan.indices] if class_plan else []
-    unpaired = sorted(set(instance_groups) - set(class_groups)) if class_plan else []
-    if unpaired:
-        raise UserError(f"config key 'data.concepts[{unpaired[0]}].class_set.path': every class image was "
-                        "skipped (see the warnings); add usable class images or set prior_preservation.enabled: false")
-    dataset = DreamBoothDataset(
-        instance_plan.kept, instance_plan.assignments, instance_plan.sizes, tokenizer,
-        center_crop=config.data.center_crop, seed=seed,
-        classes=class_plan.kept if class_plan else (), class_buckets=class_plan.assignments if class_plan else (),
-        uncond_p=config.uncond.p if config.uncond.enabled else 0.0, captions=config.captions,
-        augment=config.augment, prompt_expansions=prompt_expansions, instance_groups=instance_groups,
-        class_groups=class_groups)
-    sampler = BucketBatchSampler(instance_plan.assignments, config.batch_size, seed, rank=rank,
-                                 world_size=world_size)
-    stranded = sum(n for n in Counter(instance_plan.assignments).values() if n < world_size)
-    if stranded:
-        notices.warn(f"{stranded} training images are in aspect-ratio buckets holding fewer images than the "
-                      f"{world_size} processes and are never trained on; add images of similar shape or use "
-                      "fewer GPUs", DataWarning)
-    workers = config.num_workers if config.num_workers is not None else min(4, os.cpu_count() or 1)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=workers,
-        collate_fn=Collate(tokenizer.pad_token_id, tokenizer.model_max_length, config.pad_tokens),
-        generator=torch.Generator().manual_seed(seed))
-    return PreparedData(dataset, sampler, loader, skipped, instance_plan.sizes)
 
 
 # Settings that decide which images each batch holds; the saved data position assumes them unchanged.
@@ -280,15 +192,15 @@ class Trainer(Job):
                 self.log(f"--set {key} changes what the saved data position counts ({before!r} -> {after!r}): "
                          "the resumed run will not see exactly the images it would have seen", "warning")
 
-    def _load_models(self, plan: RunPlan, device: torch.device) -> tuple[Components, dict, str]:
+    def _load_models(self, family: ModelFamily, plan: RunPlan,
+                     device: torch.device) -> tuple[Components, dict, str]:
         """The base model with its noise schedule and custom embeddings, prepared for training.
         Returns (components, textual-inversion expansions, attention backend)."""
         config = self.config
-        components = load_components(config.model, config.vae, config.tokenizer)
-        configure_noise_schedule(components, config)
+        components = family.load(config)
         expansions = {}
         if config.custom_embeddings.enabled:
-            from .embeddings import load_custom_embeddings
+            from .models.embeddings import load_custom_embeddings
 
             expansions = load_custom_embeddings(paths.resolve(config.custom_embeddings.path),
                                                 components.tokenizer, components.text_encoder)
@@ -316,10 +228,11 @@ class Trainer(Job):
             distributed.main_first(topology, self._generate_missing_class_images, then_others=False)
             if distributed.any_rank(topology, self.stop_requested, device):
                 return None
-        components, expansions, attention = self._load_models(plan, device)
+        family = family_for(config)
+        components, expansions, attention = self._load_models(family, plan, device)
         data = prepare_data(config, components.tokenizer, config.seed, topology.rank, topology.world_size,
                             expansions)
-        from .cache import attach_caches
+        from .data.cache import attach_caches
 
         # The main process fills the caches; the other ranks then find them full.
         text_cache = distributed.main_first(
@@ -336,7 +249,7 @@ class Trainer(Job):
                                     config.seed)
         # The forward passes go through the DDP wrappers so that backward averages gradients over ranks.
         models = StepModels(
-            unet=distributed.wrap(components.unet, topology, device),
+            family=family, unet=distributed.wrap(components.unet, topology, device),
             text_encoder=(distributed.wrap(components.text_encoder, topology, device) if plan.train_text_encoder
                           else components.text_encoder),
             vae=components.vae, noise_scheduler=components.noise_scheduler)
@@ -345,7 +258,7 @@ class Trainer(Job):
             components=components, plan=plan, device=device, topology=topology, data=data, models=models,
             params=params, optimizer=optimizer, lr_scheduler=build_schedule(config, optimizer, total_steps),
             scaler=torch.amp.GradScaler(device.type, enabled=plan.grad_scaler), text_cache=text_cache,
-            ema=None, prompt_encoder=PromptEncoder(components.tokenizer, components.text_encoder,
+            ema=None, prompt_encoder=PromptEncoder(family, components.tokenizer, components.text_encoder,
                                                    config.clip_stop_at_layer, expansions),
             batches_per_epoch=batches_per_epoch, total_steps=total_steps)
         self.state = self._restore(context, resume_from)
@@ -510,7 +423,8 @@ class Trainer(Job):
         # With both caches on, the VAE and text encoder wait off the device: put them back after sampling.
         resting = {model: next(model.parameters()).device for model in (components.vae, components.text_encoder)}
         try:
-            pipeline = build_pipeline(components, components.unet, components.text_encoder, context.device)
+            pipeline = context.models.family.pipeline(components, components.unet, components.text_encoder,
+                                                      context.device)
             with SwapInEma(context.ema if config.ema.use_for_samples else None, components.unet.parameters()):
                 sample_paths = generate_samples(config, pipeline, context.prompt_encoder,
                                                 RunDir(self.run_dir).samples(step), context.plan.autocast)

@@ -10,7 +10,7 @@ The figures are the tensor bytes alive at the step's peak; the CUDA context and 
 come on top of them.
 
 The model's own unet/config.json is used when the config's model is a diffusers folder; otherwise the
-shipped SD1.5 or SD2.1 configs in engine/configs/pipelines/, picked by name or by `--arch`.
+shipped SD1.5 or SD2.1 configs in engine/models/configs/pipelines/, picked by name or by `--arch`.
 """
 from __future__ import annotations
 
@@ -29,14 +29,14 @@ import torch
 from . import paths
 from .config import Config
 from .errors import UserError
-from .models import Components
+from .models.family import family_for
+from .models.single_file import BUILTIN_CONFIGS
 from .plan import RunPlan, make_plan
 from .setup import build_optimizer, prepare_models, trained_models, trained_parameters
 from .step import StepModels, backward, compute_loss, optimizer_step
 
 GIB = 2**30
 ARCHITECTURES = ("sd15", "sd21")
-SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs" / "pipelines"
 # bitsandbytes keeps fp32 states for parameters smaller than this (its min_8bit_size) and one fp32 absmax
 # per block of this many elements for the others (its blockwise quantization).
 BNB_MIN_8BIT_SIZE = 4096
@@ -140,12 +140,12 @@ def resolve_architecture(config: Config, arch: Optional[str] = None) -> Architec
     vae_dir = None
     if folder is None or not (folder / "unet" / "config.json").is_file():
         # A single file or a hub name: the same shipped configs the single-file loader uses.
-        folder = SHIPPED_CONFIGS / (arch or guess_architecture(config.model))
+        folder = BUILTIN_CONFIGS / (arch or guess_architecture(config.model))
     elif config.vae and (Path(paths.resolve(config.vae)) / "config.json").is_file():
         vae_dir = Path(paths.resolve(config.vae))
     vae_dir = vae_dir or folder / "vae"
     scheduler = folder / "scheduler" / "scheduler_config.json"
-    return Architecture(folder.name if folder.parent == SHIPPED_CONFIGS else str(folder),
+    return Architecture(folder.name if folder.parent == BUILTIN_CONFIGS else str(folder),
                         _read_json(folder / "unet" / "config.json"),
                         _read_json(folder / "text_encoder" / "config.json"), _read_json(vae_dir / "config.json"),
                         _read_json(scheduler) if scheduler.is_file() else {})
@@ -161,7 +161,7 @@ class StepShape:
 
 
 def step_shape(config: Config) -> StepShape:
-    from .buckets import bucket_sizes
+    from .data.buckets import bucket_sizes
 
     width, height = max(bucket_sizes(config), key=lambda size: size[0] * size[1])
     return StepShape(config.batch_size * (2 if config.prior_preservation.enabled else 1), width, height)
@@ -301,26 +301,12 @@ class _FakeTextCache:
         return self.embeddings
 
 
-def build_fake_components(config: Config, architecture: Architecture) -> Components:
-    """The architecture's models on fake tensors, with the training noise schedule as the trainer sets it."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from .train import configure_noise_schedule
-
-    components = Components(
-        tokenizer=None, text_encoder=CLIPTextModel(CLIPTextConfig.from_dict(architecture.text_encoder)),
-        vae=AutoencoderKL.from_config(architecture.vae), unet=UNet2DConditionModel.from_config(architecture.unet),
-        noise_scheduler=DDPMScheduler.from_config(architecture.scheduler), model_path=architecture.source)
-    configure_noise_schedule(components, config)
-    return components
-
-
 def _trace_step(config: Config, architecture: Architecture, plan: RunPlan, shape: StepShape) -> VramEstimate:
     from .ema import create_ema, ema_step
 
     device = torch.device("cpu")  # fake tensors: the device only names where the bytes are counted
-    components = build_fake_components(config, architecture)
+    family = family_for(config)
+    components = family.fake_components(config, architecture)
     prepare_models(components, config, plan, device)
     trained = trained_models(components, plan)
     frozen = [components.vae] + ([] if plan.train_text_encoder else [components.text_encoder])
@@ -352,7 +338,8 @@ def _trace_step(config: Config, architecture: Architecture, plan: RunPlan, shape
     batch_tensors = [value for value in batch.values() if isinstance(value, torch.Tensor)]
     tracker.track_external(*on_device, *inner, *batch_tensors, *([text_cache.embeddings] if text_cache else []),
                            *(ema.shadow_params if ema else ()))
-    models = StepModels(unet=unet, text_encoder=text_encoder, vae=vae, noise_scheduler=components.noise_scheduler)
+    models = StepModels(family=family, unet=unet, text_encoder=text_encoder, vae=vae,
+                        noise_scheduler=components.noise_scheduler)
     with tracker:
         # The traced micro-batch is the last of its accumulation group, so the fused optimizer steps.
         loss, _ = compute_loss(config, models, batch, device, plan.autocast, text_cache)

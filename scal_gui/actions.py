@@ -117,17 +117,19 @@ class Actions:
         try:
             config = self._config(yaml_text)
             estimate = vram.estimate(config)
+            # what the estimate assumed, from the same run plan the trainer follows
+            step = vram.describe(config, vram.estimate_plan(config), vram.step_shape(config))
         except UserError as error:
             return f"Error: {error}"
         parts = [f"{name.replace('_', ' ')} {value:.2f}" for name, value in dataclasses.asdict(estimate).items()
                  if name != "peak"]
-        return f"Estimated peak GPU memory: **{estimate.peak:.2f} GiB** ({', '.join(parts)} GiB)"
+        return f"Estimated peak GPU memory: **{estimate.peak:.2f} GiB** ({', '.join(parts)} GiB). Step: {step}"
 
     def convert(self, source: str, out: str, options: dict,
                 on_event: Optional[Callable] = None) -> str:
         if not source or not out:
             return "Error: Choose a checkpoint (or a model path) and an output path."
-        from engine import convert  # imports torch: loaded on first use, not with the page
+        from engine.models import convert  # imports torch: loaded on first use, not with the page
 
         try:
             path = convert.convert_checkpoint(source, out, on_event=on_event, **options)

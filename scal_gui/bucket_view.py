@@ -1,4 +1,4 @@
-"""The Dataset tab's view of engine.buckets_cli.bucket_report: table, chart, skipped images, thumbnails."""
+"""The Dataset tab's view of engine.data.buckets_cli.bucket_report: table, chart, skipped images, thumbnails."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,7 +13,7 @@ SKIPPED_COLUMNS = ("image", "reason")
 
 
 def report(config) -> dict:
-    from engine.buckets_cli import bucket_report  # the image scan pulls in PIL: loaded on first use
+    from engine.data.buckets_cli import bucket_report  # the image scan pulls in PIL: loaded on first use
 
     return bucket_report(config)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from engine import events
+from engine.job import Job
 
 # How long a stopped run may take to finish its step and save its checkpoint before it is terminated.
 STOP_GRACE_S = 300.0
@@ -36,57 +37,42 @@ def _interrupt(process: subprocess.Popen) -> None:
         os.killpg(process.pid, signal.SIGINT)
 
 
-class ChildTraining:
+class ChildTraining(Job):
+    """The engine's Job interface over a child process: the same start, stop, join, result and events."""
     thread_name = "scal-sdt-child"
 
     def __init__(self, command: Sequence[str], event_queue: queue.Queue, env: Optional[dict] = None,
                  files: Sequence[Path] = (), stop_grace_s: float = STOP_GRACE_S):
+        super().__init__(event_queue)
         self.command = list(command)
-        self.events = event_queue
         self.env = env
         self.files = list(files)  # temporary files the child reads, removed once it has ended
         self.stop_grace_s = stop_grace_s
         self.process: Optional[subprocess.Popen] = None
-        self.thread: Optional[threading.Thread] = None
-        self.result: Optional[events.Event] = None
-        self._stop = threading.Event()
         self._stderr = None
         self._run_dir = ""
         self._step = 0
         self._checkpoints: set[str] = set()
+        self._interrupted = threading.Lock()  # the child is interrupted once, by stop() or on its start
 
-    def start(self) -> threading.Thread:
-        # A file rather than a pipe: nothing has to drain it while the child runs, and only its tail is read.
-        self._stderr = tempfile.TemporaryFile()
-        try:
-            self.process = subprocess.Popen(self.command, env=self.env, stdin=subprocess.DEVNULL,
-                                            stdout=subprocess.PIPE, stderr=self._stderr, text=True,
-                                            encoding="utf-8", errors="replace", **_OWN_GROUP)
-        except BaseException:
-            self._stderr.close()
-            self._remove_files()
-            raise
-        # Its own process group keeps the app's Ctrl+C from reaching it, so closing the app stops it here.
-        atexit.register(self.stop)
-        self.thread = threading.Thread(target=self._relay, name=self.thread_name, daemon=True)
-        self.thread.start()
-        return self.thread
+    def failure_context(self) -> str:
+        return self._run_dir
 
-    def stop(self) -> None:
+    def stop(self, save_checkpoint: bool = True) -> None:
         """Interrupt the child, which stops after its current step and saves a checkpoint; a child still
         running after the grace period is terminated, and after another one killed."""
-        if self._stop.is_set() or self.process is None or self.process.poll() is not None:
-            return
-        self._stop.set()
+        super().stop(save_checkpoint)
+        self._interrupt_child()
+
+    def _interrupt_child(self) -> None:
+        process = self.process
+        if process is None or process.poll() is not None or not self._interrupted.acquire(blocking=False):
+            return  # not started yet (it is interrupted as it starts), already ended, or already interrupted
         try:
-            _interrupt(self.process)
+            _interrupt(process)
         except ProcessLookupError:  # it ended just now
             return
         threading.Thread(target=self._end_after_grace, name=f"{self.thread_name}-stop", daemon=True).start()
-
-    def join(self, timeout: Optional[float] = None) -> None:
-        if self.thread is not None:
-            self.thread.join(timeout)
 
     # -- the child's output -----------------------------------------------------------------------------
     def _end_after_grace(self) -> None:
@@ -97,27 +83,40 @@ class ChildTraining:
             except subprocess.TimeoutExpired:
                 end()
 
-    def _relay(self) -> None:
-        outcome = None
+    def _run(self) -> events.Event:
+        # A file rather than a pipe: nothing has to drain it while the child runs, and only its tail is read.
+        self._stderr = tempfile.TemporaryFile()
         try:
-            for line in self.process.stdout:
-                event = self._parse(line.strip())
-                if event is None:
-                    continue
-                if isinstance(event, (events.Finished, events.Failed)):
-                    outcome = event  # reported once the child has exited, so that "finished" means gone
-                else:
-                    self._note(event)
-                    self.events.put(event)
-            returncode = self.process.wait()
-            if outcome is None:
-                outcome = self._stopped() if self._stop.is_set() else self._failed(returncode)
+            self.process = subprocess.Popen(self.command, env=self.env, stdin=subprocess.DEVNULL,
+                                            stdout=subprocess.PIPE, stderr=self._stderr, text=True,
+                                            encoding="utf-8", errors="replace", **_OWN_GROUP)
+            # Its own process group keeps the app's Ctrl+C from reaching it, so closing the app stops it here.
+            atexit.register(self.stop)
+            if self.stop_requested:
+                self._interrupt_child()
+            return self._relay()
         finally:
             atexit.unregister(self.stop)
             self._stderr.close()
             self._remove_files()
-        self.result = outcome
-        self.events.put(outcome)
+
+    def _relay(self) -> events.Event:
+        """Pass the child's events on; its final one is reported once it has exited, so that "finished"
+        means gone."""
+        outcome = None
+        for line in self.process.stdout:
+            event = self._parse(line.strip())
+            if event is None:
+                continue
+            if isinstance(event, (events.Finished, events.Failed)):
+                outcome = event
+            else:
+                self._note(event)
+                self.emit(event)
+        returncode = self.process.wait()
+        if outcome is None:
+            outcome = self._stopped() if self.stop_requested else self._failed(returncode)
+        return outcome
 
     def _parse(self, line: str) -> Optional[events.Event]:
         """The event on a line; other output (a library printing to stdout) becomes a log line."""
@@ -149,7 +148,7 @@ class ChildTraining:
             if newest is not None:
                 step = checkpoints.read_meta(newest)["step"]
                 if str(newest) not in self._checkpoints:
-                    self.events.put(events.CheckpointSaved(step=step, path=str(newest)))
+                    self.emit(events.CheckpointSaved(step=step, path=str(newest)))
         return events.Finished(run_dir=self._run_dir, step=step, stopped=True)
 
     def _failed(self, returncode: int) -> events.Event:

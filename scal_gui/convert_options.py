@@ -12,7 +12,7 @@ ORDER = CHECKBOXES + DTYPE_OPTIONS + ("fmt",)
 
 def defaults() -> dict[str, tuple[object, list]]:
     """option -> (default shown in the form, choices; [] for a checkbox)."""
-    from engine import convert  # imports torch: loaded with the page's first request, not at startup
+    from engine.models import convert  # imports torch: loaded with the page's first request, not at startup
 
     parameters = inspect.signature(convert.convert_checkpoint).parameters
     result: dict[str, tuple[object, list]] = {name: (parameters[name].default, []) for name in CHECKBOXES}

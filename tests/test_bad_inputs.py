@@ -11,8 +11,8 @@ from PIL import Image
 
 from conftest import run_cli
 from engine import config as cfg
-from engine.buckets import plan_buckets
-from engine.dataset_index import scan_folder
+from engine.data.buckets import plan_buckets
+from engine.data.index import scan_folder
 from engine.testing import tiny_config
 
 
@@ -111,8 +111,8 @@ def test_each_bad_input_is_used_or_skipped_with_its_reason(corpus):
 
 
 def test_usable_odd_formats_decode_to_rgb_and_exif_rotation_is_upright(corpus, tiny_model):
-    from engine.data import DreamBoothDataset
-    from engine.models import load_components
+    from engine.data.dataset import DreamBoothDataset
+    from engine.models.sd import load_components
 
     scanned, plan, _ = scan_and_plan(corpus)
     records = {os.path.basename(r.path): r for r in plan.kept}

@@ -6,7 +6,7 @@ import pickle
 import pytest
 import torch
 
-from engine import cache
+from engine.data import cache
 from engine import config as cfg
 from engine.plan import make_plan
 from engine.testing import tiny_config
@@ -38,8 +38,8 @@ def test_a_corrupt_shard_is_ignored(tmp_path):
 
 
 def test_text_cache_equals_the_encoder_at_any_padding(tmp_path, tiny_model):
-    from engine.data import tokenize
-    from engine.models import encode_prompt, load_components
+    from engine.data.dataset import tokenize
+    from engine.models.sd import encode_prompt, load_components
 
     components = load_components(str(tiny_model))
     tokenizer, encoder = components.tokenizer, components.text_encoder
@@ -64,8 +64,8 @@ def test_text_cache_equals_the_encoder_at_any_padding(tmp_path, tiny_model):
 
 
 def prepared(tmp_path, **overrides):
-    from engine.models import load_components
-    from engine.train import prepare_data
+    from engine.models.sd import load_components
+    from engine.data.prepare import prepare_data
 
     values = tiny_config(tmp_path, **{"prior_preservation.enabled": False, "cache.dir": str(tmp_path / "cache"),
                                       "cache.latents": True, **overrides})

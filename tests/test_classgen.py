@@ -72,8 +72,8 @@ def test_bucketed_split_follows_the_instance_buckets(tmp_path, tiny_model):
     per_size = {}
     for task in tasks:
         per_size[(task.width, task.height)] = per_size.get((task.width, task.height), 0) + 1
-    from engine.buckets import plan_buckets
-    from engine.dataset_index import scan_folder
+    from engine.data.buckets import plan_buckets
+    from engine.data.index import scan_folder
 
     plan = plan_buckets(config, scan_folder(str(instance), "x").records)
     wide = plan.sizes[plan.assignments[0]]

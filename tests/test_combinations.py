@@ -60,13 +60,22 @@ def embedding_file(tmp_path_factory):
     return path
 
 
-def train(config):
+def train(config, steps: int):
+    """Train config to its end; asserts what every run must show: `steps` steps with finite losses and one
+    checkpoint, at the end. Returns (run folder, metrics, checkpoint, log events)."""
     from engine.train import Trainer
 
     log = []
     result = Trainer(config, on_event=lambda e: log.append(e) if isinstance(e, events.Log) else None).run()
     assert isinstance(result, events.Finished), getattr(result, "error", result)
-    return result, log
+    assert result.step == steps and not result.stopped
+    run_dir = Path(result.run_dir)
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in metrics] == list(range(1, steps + 1))
+    assert all(math.isfinite(m["loss"]) for m in metrics)
+    (checkpoint,) = checkpoints.list_checkpoints(run_dir)
+    assert checkpoint.name == checkpoints.checkpoint_name(steps)
+    return run_dir, metrics, checkpoint, log
 
 
 def assert_caches(log, cache_dir: Path, latents: bool, text: bool) -> None:
@@ -166,16 +175,7 @@ def test_the_preset_rewrite_changes_only_what_cannot_run_here(preset, tmp_path):
 def test_preset_trains_end_to_end_on_the_tiny_model(preset, tmp_path, tiny_model, sample_data):
     assert len(pngs(sample_data / "finetune")) == len(list((sample_data / "finetune").glob("*.txt"))) > 0
     config = preset_to_tiny(preset, tmp_path / "out", tmp_path / "class", CAPTIONED)
-    result, _ = train(config)
-    assert result.step == PRESET_STEPS and not result.stopped
-    run_dir = Path(result.run_dir)
-
-    metrics = read_metrics(run_dir)
-    assert [m["step"] for m in metrics] == list(range(1, PRESET_STEPS + 1))
-    assert all(math.isfinite(m["loss"]) for m in metrics)
-
-    (checkpoint,) = checkpoints.list_checkpoints(run_dir)
-    assert checkpoint.name == checkpoints.checkpoint_name(PRESET_STEPS)
+    run_dir, _, checkpoint, _ = train(config, PRESET_STEPS)
     meta = checkpoints.read_meta(checkpoint)
     expected_trained = ["text_encoder", "unet"] if config.train_text_encoder else ["unet"]
     assert meta["trained"] == expected_trained
@@ -202,13 +202,7 @@ def test_option_row_trains_samples_and_saves(row, tmp_path, tiny_model, class_im
     existing = pngs(class_images)
     config = cfg.from_dict(row_values(row, tmp_path / "out", tmp_path / "class", class_images, embedding_file,
                                       tmp_path / "cache"))
-    result, log = train(config)
-    assert result.step == ROW_STEPS and not result.stopped
-    run_dir = Path(result.run_dir)
-
-    metrics = read_metrics(run_dir)
-    assert [m["step"] for m in metrics] == list(range(1, ROW_STEPS + 1))
-    assert all(math.isfinite(m["loss"]) for m in metrics)
+    run_dir, metrics, checkpoint, log = train(config, ROW_STEPS)
     if row["prior"] != "off":
         assert all(math.isfinite(m["prior_loss"]) and math.isfinite(m["instance_loss"]) for m in metrics)
     else:
@@ -216,8 +210,6 @@ def test_option_row_trains_samples_and_saves(row, tmp_path, tiny_model, class_im
 
     assert [p.parent for p in run_dir.glob("samples/*/*.png")] == [run_dir / "samples" / f"{ROW_STEPS:06d}"]
 
-    (checkpoint,) = checkpoints.list_checkpoints(run_dir)
-    assert checkpoint.name == checkpoints.checkpoint_name(ROW_STEPS)
     assert (checkpoint / "text_encoder").is_dir() == on["te"]
     assert (checkpoint / "ema_unet").is_dir() == on["ema"]
     # The warmup starts at lr 0, so only the last step moves the weights: the optimizer (fused into
@@ -246,8 +238,7 @@ def test_caches_requested_where_their_rules_exclude_them_fall_back_with_a_warnin
     assert row["latents"] == row["textcache"] == row["augment"] == row["te"] == "on" and row["centercrop"] == "off"
     config = cfg.from_dict(row_values(row, tmp_path / "out", tmp_path / "class", tmp_path / "class",
                                       embedding_file, tmp_path / "cache"))
-    result, log = train(config)
-    assert result.step == ROW_STEPS
+    *_, log = train(config, ROW_STEPS)
     assert len(messages(log, "latents are not cached", "warning")) == 1
     assert len(messages(log, "text embeddings are not cached", "warning")) == 1
     assert_caches(log, tmp_path / "cache", latents=False, text=False)

@@ -8,11 +8,11 @@ import torch
 from conftest import run_cli
 from engine import config as cfg
 from engine import events
-from engine.convert import build_key_maps, convert_checkpoint, estimate_output_bytes
+from engine.models.convert import build_key_maps, convert_checkpoint, estimate_output_bytes
 from engine.errors import UserError
-from engine.keymap import (OPEN_CLIP_PREFIX, TEXT_ENCODER_PREFIX, UNET_PREFIX, VAE_PREFIX, text_encoder_key_map,
+from engine.models.keymap import (OPEN_CLIP_PREFIX, TEXT_ENCODER_PREFIX, UNET_PREFIX, VAE_PREFIX, text_encoder_key_map,
                            to_original, unet_key_map)
-from engine.single_file import detect_family, empty_models, load_single_file_components
+from engine.models.single_file import detect_family, empty_models, load_single_file_components
 from engine.testing import tiny_config
 
 COMPONENTS = ("unet", "vae", "text_encoder")

@@ -7,8 +7,8 @@ import warnings
 import pytest
 from PIL import Image
 
-from engine import dataset_index
-from engine.dataset_index import INDEX_NAME, DataWarning, scan_folder
+from engine.data import index as dataset_index
+from engine.data.index import INDEX_NAME, DataWarning, scan_folder
 
 
 def write_image(path, size, fmt=None, **save_args):
@@ -188,7 +188,7 @@ def test_scanning_imports_neither_torch_nor_numpy(tmp_path):
     import subprocess
 
     write_image(tmp_path / "a.png", (24, 16))
-    code = ("import sys; from engine.dataset_index import scan_folder; scan_folder(sys.argv[1], 'p'); "
+    code = ("import sys; from engine.data.index import scan_folder; scan_folder(sys.argv[1], 'p'); "
             "print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     output = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=root, capture_output=True, text=True,

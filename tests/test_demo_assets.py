@@ -60,7 +60,8 @@ def test_sample_data_has_mixed_aspects_and_captions(tmp_path):
 RACING_BUILD = """
 import sys, time
 from pathlib import Path
-from engine import paths, tiny
+from engine import paths
+from engine.models import tiny
 
 barrier, name = Path(sys.argv[1]), sys.argv[2]
 build = tiny.make_sample_data
@@ -80,7 +81,7 @@ print(paths.demo_data_dir())
 
 
 def test_processes_building_at_once_leave_one_complete_folder(tmp_path):
-    from engine.tiny import make_sample_data
+    from engine.models.tiny import make_sample_data
 
     cache, barrier = tmp_path / "cache", tmp_path / "barrier"
     barrier.mkdir()
@@ -99,7 +100,8 @@ def test_processes_building_at_once_leave_one_complete_folder(tmp_path):
 
 INTERRUPTED_BUILD = """
 import os
-from engine import paths, tiny
+from engine import paths
+from engine.models import tiny
 
 def build_and_die(directory):
     (directory / "finetune").mkdir()
@@ -112,7 +114,7 @@ paths.demo_data_dir()
 
 def test_an_interrupted_build_is_not_taken_for_a_finished_one(tmp_path, monkeypatch):
     from engine import paths
-    from engine.tiny import make_sample_data
+    from engine.models.tiny import make_sample_data
 
     cache = tmp_path / "cache"
     env = {**os.environ, "SCAL_SDT_CACHE": str(cache)}

@@ -393,6 +393,8 @@ def test_gpu_memory_estimate_of_the_demo():
     raw = presets.load_preset(next(p for p in presets.list_presets() if p.name == "tiny-demo-cpu"))
     message = Actions(JobManager()).estimate_vram(configs.to_yaml(raw))
     assert re.match(r"Estimated peak GPU memory: \*\*\d+\.\d\d GiB\*\* \(parameters ", message), message
+    # the step the estimate traced, as the trainer's run plan has it
+    assert message.endswith("Step: 4 rows of 64x64, no autocast, float32 weights, AdamW"), message
 
 
 # -- rendering ------------------------------------------------------------------------------------------

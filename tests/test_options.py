@@ -18,7 +18,7 @@ import torch
 
 from engine import checkpoints, events
 from engine import config as cfg
-from engine.augment import largest_rotated_rect, process_caption, rotate_and_crop
+from engine.data.augment import largest_rotated_rect, process_caption, rotate_and_crop
 from engine.testing import tiny_config
 
 
@@ -119,8 +119,8 @@ def test_rotation_crops_away_the_empty_corners():
 
 
 def test_uncond_with_p1_gives_the_empty_prompt_embedding(tiny_model, sample_data):
-    from engine.data import Collate, DreamBoothDataset, ImageRecord
-    from engine.models import encode_prompt, load_components
+    from engine.data.dataset import Collate, DreamBoothDataset, ImageRecord
+    from engine.models.sd import encode_prompt, load_components
 
     components = load_components(str(tiny_model))
     image = next((sample_data / "instance").glob("*.png"))
@@ -137,8 +137,8 @@ def test_uncond_with_p1_gives_the_empty_prompt_embedding(tiny_model, sample_data
 def test_a_loaded_embedding_changes_the_encoding_of_its_token(tiny_model, tmp_path):
     from safetensors.torch import save_file
 
-    from engine.embeddings import expand_tokens, load_custom_embeddings
-    from engine.models import encode_prompt, load_components
+    from engine.models.embeddings import expand_tokens, load_custom_embeddings
+    from engine.models.sd import encode_prompt, load_components
 
     components = load_components(str(tiny_model))
     tokenizer, encoder = components.tokenizer, components.text_encoder
@@ -501,8 +501,8 @@ def test_rotation_reaches_the_encoded_pixels(baseline, tmp_path):
 def test_random_crop_takes_windows_off_centre(baseline, sample_data, tmp_path):
     from PIL import Image
 
-    from engine.buckets import cover_resize
-    from engine.data import load_image, to_tensor
+    from engine.data.buckets import cover_resize
+    from engine.data.dataset import load_image, to_tensor
 
     run = train(tmp_path, **{"data.center_crop": False})
     size = run.first.pixels.shape[-1]

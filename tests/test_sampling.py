@@ -19,22 +19,22 @@ def pixels(path) -> np.ndarray:
 
 
 def tiny_pipeline(tiny_model):
-    from engine.models import load_components
-    from engine.sampling import build_pipeline
+    from engine.models.sd import StableDiffusion, load_components
 
     components = load_components(str(tiny_model))
-    return components, build_pipeline(components, components.unet, components.text_encoder, torch.device("cpu"))
+    pipeline = StableDiffusion().pipeline(components, components.unet, components.text_encoder, torch.device("cpu"))
+    return components, pipeline
 
 
 def test_clip_skip_samples_differ_and_equal_the_pipeline_fed_the_engines_embeddings(tiny_model, tmp_path):
-    from engine.models import encode_prompt
+    from engine.models.sd import StableDiffusion, encode_prompt
     from engine.sampling import PromptEncoder, generate_samples
 
     components, pipeline = tiny_pipeline(tiny_model)
     rendered = {}
     for skip in (1, 2):
         config = cfg.load(base=tiny_config(tmp_path, clip_stop_at_layer=skip))
-        encoder = PromptEncoder(components.tokenizer, components.text_encoder, skip)
+        encoder = PromptEncoder(StableDiffusion(), components.tokenizer, components.text_encoder, skip)
         (path, _) = generate_samples(config, pipeline, encoder, tmp_path / f"skip{skip}")
         rendered[skip] = pixels(path)
     assert np.abs(rendered[1] - rendered[2]).max() > 0  # the skipped layer changes the picture

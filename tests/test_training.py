@@ -49,8 +49,8 @@ def finetune_values(tmp_path, **overrides):
 
 
 def test_native_finetune_trains_and_captions_reach_the_text_encoder(tmp_path, sample_data, tiny_model):
-    from engine.models import load_components
-    from engine.train import prepare_data
+    from engine.models.sd import load_components
+    from engine.data.prepare import prepare_data
 
     config = cfg.from_dict(finetune_values(tmp_path))
     components = load_components(config.model)
@@ -95,7 +95,7 @@ def test_prior_loss_enters_with_its_weight():
 
 
 def test_clip_skip_uses_the_penultimate_layer_through_the_final_norm(tiny_model):
-    from engine.models import encode_prompt, final_layer_norm, load_components
+    from engine.models.sd import encode_prompt, final_layer_norm, load_components
 
     components = load_components(str(tiny_model))
     encoder = components.text_encoder

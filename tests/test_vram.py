@@ -46,7 +46,7 @@ def measure_training(config) -> vram.VramEstimate:
         "cached-ema-fused",
         "bf16-fused-accumulating"])
 def test_estimate_matches_the_bytes_training_allocates(tiny_model, class_images, tmp_path, overrides):
-    from engine.models import load_components
+    from engine.models.sd import load_components
 
     config = tiny(tmp_path, **{"trainer.max_steps": 2, "sampling.interval_steps": 0,
                                "checkpoint.every_n_train_steps": 100,
@@ -93,7 +93,7 @@ def test_bitsandbytes_state_is_laid_out_as_bitsandbytes_allocates_it(tiny_model)
 
 
 def test_memory_features_change_the_estimate_as_modelled(tiny_model, tmp_path):
-    from engine.models import load_components
+    from engine.models.sd import load_components
 
     # Estimates for the GPU, which training leaves when both caches are in use.
     base = {"optimizer.name": "adamw8bit", "gradient_checkpointing": True, "trainer.accelerator": "gpu"}

@@ -25,18 +25,11 @@ class BucketBatchSampler:
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
-        self.start = 0  # batches of the current epoch already consumed (set when resuming)
+        self.start = 0  # batches of the current epoch already trained: the checkpoint's TrainState.position
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch = epoch
         self.start = start
-
-    def state_dict(self, consumed: int) -> dict:
-        """The position after `consumed` batches of the current epoch (the loader may have prefetched more)."""
-        return {"epoch": self.epoch, "position": consumed, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.set_epoch(state["epoch"], state["position"])
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """This rank's batches for an epoch, in order."""

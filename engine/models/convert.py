@@ -16,12 +16,12 @@ from typing import Callable, Mapping, Optional
 
 import torch
 
-from . import checkpoints, events, paths
-from .ema import EMA_FOLDER
-from .errors import UserError
-from .models import is_diffusers_folder
+from .. import checkpoints, events, paths
+from ..ema import EMA_FOLDER
+from ..errors import UserError
+from .sd import is_diffusers_folder
 from .keymap import KEY_MAPS, check_complete, to_original
-from .run_dir import RunDir
+from ..run_dir import RunDir
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 FORMATS = {".safetensors": "safetensors", ".ckpt": "ckpt"}
@@ -71,7 +71,7 @@ def _prediction_type(base: Path) -> str:
 
 
 def _run_vae(run_dir: Path) -> Optional[Path]:
-    from .config import read_yaml
+    from ..config import read_yaml
 
     config = RunDir(run_dir).config
     vae = read_yaml(config).get("vae") if config.is_file() else None

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from . import notices, paths
-from .errors import UserError
+from .. import notices, paths
+from ..errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 TXT_PROMPT = "{TXT_PROMPT}"

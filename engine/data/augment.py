@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .config import AugmentStep, Captions
+from ..config import AugmentStep, Captions
 
 
 def process_caption(caption: str, options: Optional[Captions], rng: np.random.Generator) -> str:

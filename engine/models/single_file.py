@@ -15,10 +15,10 @@ from typing import Optional
 
 import torch
 
-from . import notices, paths
-from .errors import UserError
+from .. import notices, paths
+from ..errors import UserError
 from .keymap import CLIP_PREFIX, OPEN_CLIP_PREFIX, TEXT_ENCODER_PREFIX, UNET_PREFIX, VAE_PREFIX
-from .models import Components
+from .sd import Components
 
 SUFFIXES = (".safetensors", ".ckpt")
 BUILTIN_CONFIGS = Path(__file__).resolve().parent / "configs" / "pipelines"

@@ -25,11 +25,11 @@ from typing import Callable, Optional
 
 import torch
 
-from . import paths
-from .config import Config
-from .data import DreamBoothDataset, crop_to_size, load_image, to_tensor, tokenize
-from .models import Components, encode_prompt
-from .plan import RunPlan
+from .. import paths
+from ..config import Config
+from .dataset import DreamBoothDataset, crop_to_size, load_image, to_tensor, tokenize
+from ..models.sd import Components, encode_prompt
+from ..plan import RunPlan
 
 SHARD_BYTES = 256 * 2**20
 # Bump when the pixels a latent is computed from change (resize filter, crop arithmetic).
@@ -256,7 +256,7 @@ def attach_caches(config: Config, plan: RunPlan, components: Components, dataset
         text_cache = cache_text_embeddings(dataset.prompts(), components.tokenizer, encoder,
                                            config.clip_stop_at_layer, device, plan.autocast, folder, log)
     if plan.frozen_off_device:
-        from .job import release_memory
+        from ..job import release_memory
 
         components.vae.to("cpu")
         components.text_encoder.to("cpu")

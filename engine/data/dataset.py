@@ -12,9 +12,9 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from . import notices
-from .dataset_index import DataWarning, ImageRecord
-from .errors import UserError
+from .. import notices
+from .index import DataWarning, ImageRecord
+from ..errors import UserError
 
 
 def seeded_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -129,7 +129,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         texts = {record.caption for record in self.instances + self.classes} | {""}
         if not self.prompt_expansions:
             return texts
-        from .embeddings import expand_tokens
+        from ..models.embeddings import expand_tokens
 
         return {expand_tokens(text, self.prompt_expansions) for text in texts}
 
@@ -160,7 +160,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         if self.uncond_p > 0 and rng.random() < self.uncond_p:
             caption = ""
         if self.prompt_expansions:
-            from .embeddings import expand_tokens
+            from ..models.embeddings import expand_tokens
 
             caption = expand_tokens(caption, self.prompt_expansions)
         return {**values, "input_ids": tokenize(self.tokenizer, caption), "caption": caption}

@@ -13,14 +13,13 @@ from typing import Iterable, Mapping, Optional, Union
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_ENCODER_PREFIX = "cond_stage_model."
 CLIP_PREFIX = TEXT_ENCODER_PREFIX + "transformer.text_model."
 OPEN_CLIP_PREFIX = TEXT_ENCODER_PREFIX + "model."
-COMPONENT_PREFIXES = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": TEXT_ENCODER_PREFIX}
 
 
 @dataclass(frozen=True)

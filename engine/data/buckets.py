@@ -15,9 +15,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from . import notices
-from .config import Config, ConfigError
-from .dataset_index import DataWarning, ImageRecord
+from .. import notices
+from ..config import Config, ConfigError
+from .index import DataWarning, ImageRecord
 
 LATENT_FACTOR = 8
 # An image this many times smaller than the smallest bucket side would be upscaled into mush.

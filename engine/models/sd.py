@@ -1,4 +1,5 @@
-"""Loading the diffusers components a run trains, and encoding prompts with CLIP skip."""
+"""The SD1.x/SD2.x model family: loading the diffusers components a run trains, encoding prompts with CLIP
+skip, the UNet's prediction and the sampling pipeline."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,8 +8,8 @@ from typing import Any, Optional
 
 import torch
 
-from . import paths
-from .errors import UserError
+from .. import paths
+from ..errors import UserError
 
 
 @dataclass
@@ -97,3 +98,48 @@ def enable_xformers_if_usable(unet, wanted: bool) -> str:
         except Exception:  # any import or kernel failure falls back to SDPA
             pass
     return "sdpa"
+
+
+class StableDiffusion:
+    """SD1.x and SD2.x: one CLIP text encoder whose hidden states (CLIP skip applied) condition the UNet."""
+    name = "sd"
+
+    def load(self, config) -> Components:
+        from .family import configure_noise_schedule
+
+        components = load_components(config.model, config.vae, config.tokenizer)
+        configure_noise_schedule(components, config)
+        return components
+
+    def fake_components(self, config, architecture) -> Components:
+        """The architecture's models, built under the caller's FakeTensorMode: shapes, no weights."""
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        from .family import configure_noise_schedule
+
+        components = Components(
+            tokenizer=None, text_encoder=CLIPTextModel(CLIPTextConfig.from_dict(architecture.text_encoder)),
+            vae=AutoencoderKL.from_config(architecture.vae),
+            unet=UNet2DConditionModel.from_config(architecture.unet),
+            noise_scheduler=DDPMScheduler.from_config(architecture.scheduler), model_path=architecture.source)
+        configure_noise_schedule(components, config)
+        return components
+
+    def encode_text(self, text_encoder, input_ids: torch.Tensor, clip_stop_at_layer: int) -> torch.Tensor:
+        return encode_prompt(text_encoder, input_ids, clip_stop_at_layer)
+
+    def predict(self, unet, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
+                conditioning: torch.Tensor) -> torch.Tensor:
+        return unet(noisy_latents, timesteps, conditioning).sample
+
+    def pipeline(self, components: Components, unet, text_encoder, device: torch.device):
+        """StableDiffusionPipeline over the given (trained) UNet and text encoder, sampling with DDIM."""
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+        pipeline = StableDiffusionPipeline(
+            unet=unet, vae=components.vae, text_encoder=text_encoder, tokenizer=components.tokenizer,
+            scheduler=DDIMScheduler.from_config(components.noise_scheduler.config),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline.to(device)

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import json
 
-from . import notices, paths
+from .. import notices, paths
 from .buckets import crop_box, plan_buckets
-from .config import Config
-from .dataset_index import scan_folder
+from ..config import Config
+from .index import scan_folder
 
 
 def bucket_report(config: Config) -> dict:
@@ -50,7 +50,7 @@ def format_table(report: dict) -> str:
 
 
 def cmd_buckets(args) -> int:
-    from .config import load
+    from ..config import load
 
     config = load(args.config, args.set)
     # The report lists every skipped image with its reason; the notices would say it twice.

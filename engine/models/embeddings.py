@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 EMBEDDING_SUFFIXES = (".pt", ".safetensors", ".bin")
 

@@ -1,0 +1,86 @@
+"""The training data of a run: the instance and class folders scanned and bucketed, the dataset, its
+batch sampler (sharded over ranks) and the data loader."""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .. import notices, paths
+from ..config import Config
+from ..errors import UserError
+from .buckets import plan_buckets
+from .dataset import Collate, DreamBoothDataset
+from .index import DataWarning, scan_folder
+from .sampler import BucketBatchSampler
+
+
+@dataclass
+class PreparedData:
+    dataset: DreamBoothDataset
+    sampler: object
+    loader: torch.utils.data.DataLoader
+    skipped: list = field(default_factory=list)
+    bucket_sizes: list = field(default_factory=list)
+
+
+def prepare_data(config: Config, tokenizer, seed: int, rank: int = 0, world_size: int = 1,
+                 prompt_expansions: Optional[dict] = None) -> PreparedData:
+    if not config.data.concepts:
+        raise UserError("config key 'data.concepts': at least one concept with an instance_set is required")
+    use_prior = config.prior_preservation.enabled
+    instances, classes, skipped = [], [], []
+    instance_groups, class_groups = [], []
+    for index, concept in enumerate(config.data.concepts):
+        found = scan_folder(paths.resolve(concept.instance_set.path), concept.instance_set.prompt,
+                            f"config key 'data.concepts[{index}].instance_set.path'")
+        skipped += found.skipped
+        if not found.records:
+            raise UserError(f"config key 'data.concepts[{index}].instance_set.path': no usable images in "
+                            f"{concept.instance_set.path} ({len(found.skipped)} skipped; formats: jpg, png, webp, bmp)")
+        instances += found.records
+        instance_groups += [index] * len(found.records)
+        if use_prior and concept.class_set is not None:
+            found = scan_folder(paths.resolve(concept.class_set.path), concept.class_set.prompt,
+                                f"config key 'data.concepts[{index}].class_set.path'")
+            skipped += found.skipped
+            if not found.records:
+                raise UserError(f"config key 'data.concepts[{index}].class_set.path': no class images in "
+                                f"{concept.class_set.path}; generate them first (python -m engine gen-class) "
+                                "or set prior_preservation.enabled: false")
+            classes += found.records
+            class_groups += [index] * len(found.records)
+    instance_plan = plan_buckets(config, instances)
+    class_plan = plan_buckets(config, classes, sizes=instance_plan.sizes) if classes else None
+    skipped += instance_plan.skipped + (class_plan.skipped if class_plan else [])
+    if not instance_plan.kept:
+        raise UserError("no usable training images in the instance folders (all were skipped)")
+    instance_groups = [instance_groups[i] for i in instance_plan.indices]
+    class_groups = [class_groups[i] for i in class_plan.indices] if class_plan else []
+    unpaired = sorted(set(instance_groups) - set(class_groups)) if class_plan else []
+    if unpaired:
+        raise UserError(f"config key 'data.concepts[{unpaired[0]}].class_set.path': every class image was "
+                        "skipped (see the warnings); add usable class images or set prior_preservation.enabled: false")
+    dataset = DreamBoothDataset(
+        instance_plan.kept, instance_plan.assignments, instance_plan.sizes, tokenizer,
+        center_crop=config.data.center_crop, seed=seed,
+        classes=class_plan.kept if class_plan else (), class_buckets=class_plan.assignments if class_plan else (),
+        uncond_p=config.uncond.p if config.uncond.enabled else 0.0, captions=config.captions,
+        augment=config.augment, prompt_expansions=prompt_expansions, instance_groups=instance_groups,
+        class_groups=class_groups)
+    sampler = BucketBatchSampler(instance_plan.assignments, config.batch_size, seed, rank=rank,
+                                 world_size=world_size)
+    stranded = sum(n for n in Counter(instance_plan.assignments).values() if n < world_size)
+    if stranded:
+        notices.warn(f"{stranded} training images are in aspect-ratio buckets holding fewer images than the "
+                      f"{world_size} processes and are never trained on; add images of similar shape or use "
+                      "fewer GPUs", DataWarning)
+    workers = config.num_workers if config.num_workers is not None else min(4, os.cpu_count() or 1)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=workers,
+        collate_fn=Collate(tokenizer.pad_token_id, tokenizer.model_max_length, config.pad_tokens),
+        generator=torch.Generator().manual_seed(seed))
+    return PreparedData(dataset, sampler, loader, skipped, instance_plan.sizes)
