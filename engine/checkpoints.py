@@ -8,7 +8,7 @@ import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -54,8 +54,10 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     return found[-1] if found else None
 
 
-def save_checkpoint(run_dir: Path, step: int, models: dict, state: dict, meta: dict, keep: int) -> Path:
-    """Write models (name -> diffusers model) and the training state; prune to the `keep` newest.
+def save_checkpoint(run_dir: Path, step: int, models: dict, state: dict, meta: dict, keep: int,
+                    extra: Optional[Callable[[Path], None]] = None) -> Path:
+    """Write models (name -> an object with save_pretrained), the training state and what `extra` writes
+    into the folder; prune to the `keep` newest.
 
     meta.json is written last inside the temporary folder and the folder is renamed into place, so a
     checkpoint with meta.json is complete.
@@ -70,6 +72,8 @@ def save_checkpoint(run_dir: Path, step: int, models: dict, state: dict, meta: d
     for name, model in models.items():
         model.save_pretrained(temp / name)  # diffusers and EMAModel default to safetensors
     torch.save(state, temp / STATE_FILE)
+    if extra is not None:
+        extra(temp)
     (temp / META_FILE).write_text(json.dumps({**meta, "step": step}, indent=1), encoding="utf-8")
     if final.exists():
         shutil.rmtree(final)

@@ -217,6 +217,26 @@ class CustomEmbeddings:
     path: str = ""  # a textual-inversion file (.pt / .safetensors) or a folder of them
 
 
+NETWORK_TYPES = ("full", "lora", "dora", "loha", "lokr")
+
+
+@dataclass
+class Network:
+    """What trains: the full weights, or a LoRA-family adapter over frozen base weights."""
+    type: Literal["full", "lora", "dora", "loha", "lokr"] = "full"
+    rank: int = 16
+    alpha: float = 16.0  # the adapter's output is scaled by alpha / rank
+    conv_rank: int = 0  # > 0 also adapts the 3x3 convolutions (LoCon)
+    conv_alpha: float = 0.0
+    dropout: float = 0.0
+    init_from: Optional[str] = None  # an adapter .safetensors to continue training from
+    text_encoder_lr: Optional[float] = None  # null = optimizer.params.lr
+
+    @property
+    def adapter(self) -> bool:
+        return self.type != "full"
+
+
 @dataclass
 class Config:
     model: str = ""
@@ -249,6 +269,7 @@ class Config:
     captions: Captions = field(default_factory=Captions)
     augment: list[AugmentStep] = field(default_factory=list)
     custom_embeddings: CustomEmbeddings = field(default_factory=CustomEmbeddings)
+    network: Network = field(default_factory=Network)
     noise_offset: float = 0.0
     min_snr_gamma: Optional[float] = None
     prediction_type: Optional[Literal["epsilon", "v_prediction"]] = None  # null = the model's scheduler config
@@ -515,6 +536,21 @@ def validate(config: Config) -> None:
         _require(PRECISIONS[str(config.trainer.precision)] != "float16",
                  "config key 'trainer.precision': fp16 with a grad scaler cannot be combined with "
                  "'optimizer.fused_backward' or 'weights_dtype: bf16'; use precision bf16")
+    network = config.network
+    if network.adapter:
+        _require(network.rank >= 1, f"config key 'network.rank': must be a whole number of at least 1, got "
+                                    f"{network.rank}")
+        _require(network.alpha > 0, f"config key 'network.alpha': must be positive, got {network.alpha}")
+        _require(network.conv_rank >= 0, "config key 'network.conv_rank': must be 0 (no LoCon) or more")
+        _require(network.conv_rank == 0 or network.conv_alpha > 0,
+                 "config key 'network.conv_alpha': must be positive when network.conv_rank is set")
+        _require(0.0 <= network.dropout < 1.0, f"config key 'network.dropout': must be within [0, 1), got "
+                                               f"{network.dropout}")
+        _require(network.text_encoder_lr is None or network.text_encoder_lr > 0,
+                 "config key 'network.text_encoder_lr': must be positive (or null for optimizer.params.lr)")
+        _require(not config.ema.enabled,
+                 "config key 'ema.enabled': an average of adapter weights is not available; set it to false "
+                 "for network.type " + repr(network.type))
     for i, sample in enumerate(config.sampling.concepts):
         key = f"sampling.concepts[{i}]"
         for name in ("width", "height"):

@@ -124,9 +124,12 @@ class PerParameterOptimizer:
     The learning rate lives on `proxy`, a placeholder optimizer that the usual LR schedulers drive.
     """
 
-    def __init__(self, config: OptimizerConfig, params: list, lr: float, fused: bool, bf16_weights: bool,
+    def __init__(self, config: OptimizerConfig, groups: list[dict], fused: bool, bf16_weights: bool,
                  seed: int = 0, clip_norm: Optional[float] = None):
-        self.params = list(params)
+        lr = groups[0]["lr"]
+        self.params = [p for group in groups for p in group["params"]]
+        # each parameter's rate relative to the schedule's (a text encoder may train at its own)
+        self.lr_ratios = [group["lr"] / lr if lr else 1.0 for group in groups for _ in group["params"]]
         self.proxy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
         self.optimizers = [build_optimizer(config, [p], lr) for p in self.params]
         self.bf16_weights = bf16_weights
@@ -135,13 +138,13 @@ class PerParameterOptimizer:
         self.armed = not fused
         self.rounding = torch.Generator().manual_seed(seed)
         if fused:
-            for param, optimizer in zip(self.params, self.optimizers):
-                param.register_post_accumulate_grad_hook(self._hook(optimizer))
+            for param, optimizer, ratio in zip(self.params, self.optimizers, self.lr_ratios):
+                param.register_post_accumulate_grad_hook(self._hook(optimizer, ratio))
 
-    def _hook(self, optimizer):
+    def _hook(self, optimizer, ratio: float):
         def step_when_armed(param: torch.Tensor) -> None:
             if self.armed:
-                self._step_one(param, optimizer)
+                self._step_one(param, optimizer, ratio)
         return step_when_armed
 
     @property
@@ -149,8 +152,8 @@ class PerParameterOptimizer:
         return self.proxy.param_groups
 
     @torch.no_grad()
-    def _step_one(self, param: torch.Tensor, optimizer) -> None:
-        optimizer.param_groups[0]["lr"] = self.proxy.param_groups[0]["lr"]
+    def _step_one(self, param: torch.Tensor, optimizer, ratio: float) -> None:
+        optimizer.param_groups[0]["lr"] = self.proxy.param_groups[0]["lr"] * ratio
         if self.bf16_weights:
             weights, gradient = param.data, param.grad
             param.data = weights.float()
@@ -169,9 +172,9 @@ class PerParameterOptimizer:
             return
         if self.clip_norm:
             torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], self.clip_norm)
-        for param, optimizer in zip(self.params, self.optimizers):
+        for param, optimizer, ratio in zip(self.params, self.optimizers, self.lr_ratios):
             if param.grad is not None:
-                self._step_one(param, optimizer)
+                self._step_one(param, optimizer, ratio)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for param in self.params:

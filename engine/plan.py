@@ -19,7 +19,8 @@ class RunPlan:
     processes: int                     # training processes (torchrun ranks)
     autocast: Optional[torch.dtype]    # None: fp32 compute
     grad_scaler: bool                  # fp16 autocast needs loss scaling
-    weights: torch.dtype               # of the trained models; frozen ones stay in fp32
+    weights: torch.dtype               # of the trained models (an adapter's base); frozen ones stay in fp32
+    adapter: str                       # "full" fine-tuning, or the LoRA-family network trained over it
     train_text_encoder: bool
     frozen_text_layers: int            # final CLIP layers that CLIP skip never runs
     per_parameter: bool                # one optimizer per parameter (optim.PerParameterOptimizer)
@@ -72,8 +73,12 @@ def make_plan(config: Config, device_type: str, processes: int = 1) -> RunPlan:
     bf16 = config.weights_dtype == "bf16"
     return RunPlan(
         device_type=device_type, processes=processes, autocast=autocast, grad_scaler=scaler,
-        weights=torch.bfloat16 if bf16 else torch.float32, train_text_encoder=config.train_text_encoder,
+        weights=torch.bfloat16 if bf16 else torch.float32, adapter=config.network.type,
+        train_text_encoder=config.train_text_encoder,
         frozen_text_layers=config.clip_stop_at_layer - 1 if config.train_text_encoder else 0,
-        per_parameter=config.optimizer.fused_backward or bf16, fused_backward=config.optimizer.fused_backward,
+        # bf16 weights that train need stochastic rounding, one parameter at a time; an adapter trains in
+        # fp32 over a frozen bf16 base
+        per_parameter=config.optimizer.fused_backward or (bf16 and not config.network.adapter),
+        fused_backward=config.optimizer.fused_backward,
         cache_latents=config.cache.latents and latents_cacheable(config),
         cache_text=config.cache.text_embeddings and text_cacheable(config))

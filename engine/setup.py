@@ -19,17 +19,11 @@ def cast_(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
 
 
 def prepare_models(components: Components, config: Config, plan: RunPlan, device: torch.device) -> str:
-    """Freeze what is not trained, switch on the memory features, move to the device. Returns the
-    attention backend in use."""
+    """Freeze what is not trained, switch on the memory features, move to the device, add the adapter of
+    an adapter run. Returns the attention backend in use."""
     unet, text_encoder, vae = components.unet, components.text_encoder, components.vae
     vae.requires_grad_(False)
     text_encoder.requires_grad_(plan.train_text_encoder)
-    if plan.frozen_text_layers:
-        # CLIP skip never runs the last layers: freezing them keeps DDP from waiting for their gradients
-        # and the optimizer from keeping state for them.
-        layers = getattr(text_encoder, "text_model", text_encoder).encoder.layers
-        for layer in layers[len(layers) - plan.frozen_text_layers:]:
-            layer.requires_grad_(False)
     unet.train()
     text_encoder.train(plan.train_text_encoder)
     vae.eval()
@@ -43,27 +37,52 @@ def prepare_models(components: Components, config: Config, plan: RunPlan, device
             model.to(device)
     for model in trained_models(components, plan):
         cast_(model, plan.weights)  # weights_dtype applies to the trained models; frozen ones stay fp32
+    if plan.adapter != "full":
+        from .models.adapters import add_adapter
+
+        for component, model in adapted_models(components, plan).items():
+            add_adapter(model, component, config.network, config.seed or 0)
+    if plan.frozen_text_layers:
+        # CLIP skip never runs the last layers: freezing them keeps DDP from waiting for their gradients
+        # and the optimizer from keeping state for them.
+        layers = getattr(text_encoder, "text_model", text_encoder).encoder.layers
+        for layer in layers[len(layers) - plan.frozen_text_layers:]:
+            layer.requires_grad_(False)
     return attention
+
+
+def adapted_models(components: Components, plan: RunPlan) -> dict[str, torch.nn.Module]:
+    """The models that train, by component name: what an adapter run adapts."""
+    return dict(zip(("unet", "text_encoder"), trained_models(components, plan)))
 
 
 def trained_models(components: Components, plan: RunPlan) -> list[torch.nn.Module]:
     return [components.unet] + ([components.text_encoder] if plan.train_text_encoder else [])
 
 
-def trained_parameters(components: Components, plan: RunPlan) -> list[torch.nn.Parameter]:
-    return [p for model in trained_models(components, plan) for p in model.parameters() if p.requires_grad]
+def parameter_groups(components: Components, plan: RunPlan, config, lr: float) -> list[dict]:
+    """The trained parameters as optimizer groups: the UNet's at lr, the text encoder's at
+    network.text_encoder_lr (scaled as lr is) when set."""
+    groups = []
+    for model in trained_models(components, plan):
+        params = [p for p in model.parameters() if p.requires_grad]
+        group_lr = lr
+        if model is components.text_encoder and config is not None and config.network.text_encoder_lr:
+            group_lr = lr * config.network.text_encoder_lr / config.optimizer.params.lr
+        groups.append({"params": params, "lr": group_lr})
+    return groups
 
 
-def build_optimizer(config: Config, plan: RunPlan, params: list, lr: float, seed: int = 0):
-    """Training's optimizer. Fused backward and bf16 weights need one optimizer per parameter, whose
-    learning rate a schedule drives through its placeholder `proxy`."""
+def build_optimizer(config: Config, plan: RunPlan, groups: list[dict], seed: int = 0):
+    """Training's optimizer over parameter groups. Fused backward and bf16 weights need one optimizer per
+    parameter, whose learning rate a schedule drives through its placeholder `proxy`."""
     from . import optim
 
     if plan.per_parameter:
-        return optim.PerParameterOptimizer(config.optimizer, params, lr, fused=plan.fused_backward,
+        return optim.PerParameterOptimizer(config.optimizer, groups, fused=plan.fused_backward,
                                            bf16_weights=plan.weights == torch.bfloat16, seed=seed,
                                            clip_norm=config.trainer.gradient_clip_val)
-    return optim.build_optimizer(config.optimizer, params, lr)
+    return optim.build_optimizer(config.optimizer, groups, groups[0]["lr"])
 
 
 def build_schedule(config: Config, optimizer, total_steps: int):

@@ -32,7 +32,9 @@ from .optim import scaled_lr
 from .plan import RunPlan, make_plan
 from .run_dir import CONFIG_FILE, RunDir
 from .sampling import PromptEncoder, generate_samples
-from .setup import build_optimizer, build_schedule, prepare_models, trained_parameters
+from .models import kohya
+from .models.adapters import AdapterWeights, load_adapter_folder
+from .setup import adapted_models, build_optimizer, build_schedule, parameter_groups, prepare_models
 from .step import LossParts, StepModels, backward, compute_loss, optimizer_step
 
 
@@ -243,10 +245,10 @@ class Trainer(Job):
             raise UserError(f"no batch can be formed: every bucket holds fewer images than the "
                             f"{topology.world_size} processes; add images or train on fewer devices")
         total_steps = self._total_steps(batches_per_epoch)
-        params = trained_parameters(components, plan)
         effective_batch = config.batch_size * config.trainer.accumulate_grad_batches * topology.world_size
-        optimizer = build_optimizer(config, plan, params, scaled_lr(config.optimizer, effective_batch),
-                                    config.seed)
+        groups = parameter_groups(components, plan, config, scaled_lr(config.optimizer, effective_batch))
+        optimizer = build_optimizer(config, plan, groups, config.seed)
+        params = [p for group in groups for p in group["params"]]
         # The forward passes go through the DDP wrappers so that backward averages gradients over ranks.
         models = StepModels(
             family=family, unet=distributed.wrap(components.unet, topology, device),
@@ -290,9 +292,17 @@ class Trainer(Job):
 
         config, unet = self.config, context.components.unet
         if resume_from is not None:
-            checkpoints.load_model_weights(unet, resume_from, "unet")
-            if config.train_text_encoder:
-                checkpoints.load_model_weights(context.components.text_encoder, resume_from, "text_encoder")
+            for name, model in adapted_models(context.components, context.plan).items():
+                if context.plan.adapter != "full":
+                    load_adapter_folder(model, resume_from / name, "--resume")
+                else:
+                    checkpoints.load_model_weights(model, resume_from, name)
+        elif config.network.init_from:
+            from safetensors.torch import load_file
+
+            # training goes on from an existing adapter file
+            kohya.from_kohya(load_file(paths.resolve(config.network.init_from)),
+                             adapted_models(context.components, context.plan), config, "network.init_from")
         # Only the main process samples and saves, so only it keeps the average.
         if config.ema.enabled and context.topology.is_main:
             if resume_from is not None and (resume_from / EMA_FOLDER).is_dir():
@@ -403,15 +413,22 @@ class Trainer(Job):
         saved = {**self.state.to_dict(), "optimizer": context.optimizer.state_dict(),
                  "lr_scheduler": context.lr_scheduler.state_dict(), "scaler": context.scaler.state_dict(),
                  "rng": checkpoints.rng_states(context.device)}
-        models = {"unet": components.unet}
-        if self.config.train_text_encoder:
-            models["text_encoder"] = components.text_encoder
+        trained = adapted_models(components, context.plan)
+        adapter = context.plan.adapter != "full"
+        # an adapter run keeps only the adapter's weights, and writes the file the UIs load beside them
+        models = {name: AdapterWeights(model) if adapter else model for name, model in trained.items()}
         if context.ema is not None:
             models[EMA_FOLDER] = context.ema
         meta = {"epoch": self.state.epoch, "base_model": components.model_path, "reason": reason,
-                "trained": sorted(models), "prediction_type": components.noise_scheduler.config.prediction_type}
-        path = checkpoints.save_checkpoint(self.run_dir, self.state.step, models, saved, meta,
-                                           self.config.checkpoint.save_top_k)
+                "trained": sorted(models), "prediction_type": components.noise_scheduler.config.prediction_type,
+                "network": context.plan.adapter}
+        step, epoch, images = self.state.step, self.state.epoch, len(context.data.dataset)
+
+        def write_adapter_file(folder: Path) -> None:
+            kohya.save(folder / kohya.ADAPTER_EXPORT, trained, self.config, step, epoch, images)
+
+        path = checkpoints.save_checkpoint(self.run_dir, step, models, saved, meta, self.config.checkpoint.save_top_k,
+                                           write_adapter_file if adapter else None)
         self.emit(events.CheckpointSaved(step=self.state.step, path=str(path)))
 
     def _sample(self, context: StepContext) -> None:

@@ -32,7 +32,7 @@ from .errors import UserError
 from .models.family import family_for
 from .models.single_file import BUILTIN_CONFIGS
 from .plan import RunPlan, make_plan
-from .setup import build_optimizer, prepare_models, trained_models, trained_parameters
+from .setup import build_optimizer, parameter_groups, prepare_models, trained_models
 from .step import StepModels, backward, compute_loss, optimizer_step
 
 GIB = 2**30
@@ -247,8 +247,8 @@ def _stand_in(optimizer: str) -> str:
     return f"{__name__}.{cls.__name__}"
 
 
-def steady_state_optimizer(config: Config, plan: RunPlan, params: list):
-    """Training's optimizer over `params` with its state already there, as after the first step.
+def steady_state_optimizer(config: Config, plan: RunPlan, groups: list[dict]):
+    """Training's optimizer over parameter groups with its state already there, as after the first step.
 
     Returns it and the torch optimizers inside it (one per parameter for the per-parameter one)."""
     from .optim import OPTIMIZER_ALIASES
@@ -256,7 +256,8 @@ def steady_state_optimizer(config: Config, plan: RunPlan, params: list):
     name = OPTIMIZER_ALIASES.get(config.optimizer.name.lower(), config.optimizer.name)
     if name.startswith("bitsandbytes."):
         config = dataclasses.replace(config, optimizer=dataclasses.replace(config.optimizer, name=_stand_in(name)))
-    optimizer = build_optimizer(config, plan, params, config.optimizer.params.lr)
+    optimizer = build_optimizer(config, plan, groups)
+    params = [p for group in groups for p in group["params"]]
     inner = getattr(optimizer, "optimizers", [optimizer])
     for each in inner:
         for group in each.param_groups:
@@ -301,13 +302,31 @@ class _FakeTextCache:
         return self.embeddings
 
 
+def _fake_parameters(model: torch.nn.Module) -> None:
+    """Replace the real parameters among the model's fake ones by fake parameters of the same kind."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and not isinstance(param, FakeTensor):
+                module._parameters[name] = torch.nn.Parameter(torch.empty(param.shape, dtype=param.dtype),
+                                                              requires_grad=param.requires_grad)
+
+
 def _trace_step(config: Config, architecture: Architecture, plan: RunPlan, shape: StepShape) -> VramEstimate:
     from .ema import create_ema, ema_step
 
     device = torch.device("cpu")  # fake tensors: the device only names where the bytes are counted
     family = family_for(config)
     components = family.fake_components(config, architecture)
-    prepare_models(components, config, plan, device)
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    # peft moves each new adapter layer with Module.to(), which fake tensors refuse: the adapter is built of
+    # real (small) tensors, then given fake ones of the same shapes
+    with unset_fake_temporarily():
+        prepare_models(components, config, plan, device)
+    for model in trained_models(components, plan):
+        _fake_parameters(model)
     trained = trained_models(components, plan)
     frozen = [components.vae] + ([] if plan.train_text_encoder else [components.text_encoder])
     on_device = trained + ([] if plan.frozen_off_device else frozen)
@@ -326,8 +345,9 @@ def _trace_step(config: Config, architecture: Architecture, plan: RunPlan, shape
         batch["pixel_values"] = torch.randn(shape.rows, 3, shape.height, shape.width)
     text_cache = (_FakeTextCache(torch.randn(shape.rows, tokens, unet.config.cross_attention_dim))
                   if plan.cache_text else None)
-    params = trained_parameters(components, plan)
-    optimizer, inner = steady_state_optimizer(config, plan, params)
+    groups = parameter_groups(components, plan, config, config.optimizer.params.lr)
+    params = [p for group in groups for p in group["params"]]
+    optimizer, inner = steady_state_optimizer(config, plan, groups)
     ema = create_ema(unet, config.ema) if config.ema.enabled and not config.ema.on_cpu else None
     scaler = torch.amp.GradScaler("cpu", enabled=False)  # loss scaling allocates nothing that matters
     if config.trainer.accumulate_grad_batches > 1:

@@ -200,7 +200,8 @@ def test_a_bf16_step_smaller_than_half_a_bf16_step_survives_on_average():
     # stochastic rounding a quarter of the weights drop one neighbour and the mean follows the update.
     options = cfg.from_dict(tiny_config("/tmp")).optimizer
     weight = torch.nn.Parameter(torch.ones(100_000, dtype=torch.bfloat16))
-    optimizer = PerParameterOptimizer(options, [weight], 2 ** -10, fused=False, bf16_weights=True)
+    optimizer = PerParameterOptimizer(options, [{"params": [weight], "lr": 2 ** -10}], fused=False,
+                                      bf16_weights=True)
     weight.grad = torch.ones_like(weight)
     optimizer.step()
     assert weight.dtype == torch.bfloat16 and weight.grad is None

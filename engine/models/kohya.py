@@ -1,0 +1,135 @@
+"""The kohya/LyCORIS adapter file: the layout ComfyUI, AUTOMATIC1111/Forge and diffusers load.
+
+Each adapted module is named after its diffusers module path with dots as underscores, behind
+`lora_unet_` or `lora_te_text_model_` (the text encoder's names as the original CLIPTextModel nested them,
+which transformers 5 no longer does). Its tensors are `lora_down.weight`/`lora_up.weight` (LoRA, LoCon)
+plus `dora_scale` (DoRA), `hada_w1_a`… (LoHa) or `lokr_w1`… (LoKr), and a scalar `alpha`: the UIs scale
+the update by alpha / rank, as the trainer did. The `ss_*` metadata are kohya's, read by the UIs and
+model sites.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from ..config import Config
+from ..errors import UserError
+from .adapters import adapter_state, load_adapter_state, target_modules
+
+ADAPTER_EXPORT = "adapter.safetensors"  # in each checkpoint of an adapter run
+PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+# peft's parameter names inside an adapted module -> kohya/LyCORIS names
+PARAMETERS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight",
+              "lora_magnitude_vector": "dora_scale"}
+NETWORK_MODULES = {"lora": "networks.lora", "dora": "networks.lora", "loha": "lycoris.kohya",
+                   "lokr": "lycoris.kohya"}
+
+
+def kohya_module_name(component: str, module: str) -> str:
+    if component == "text_encoder":
+        module = "text_model." + module.removeprefix("text_model.")
+    return PREFIXES[component] + module.replace(".", "_")
+
+
+def _split(key: str, modules: Mapping[str, str]) -> tuple[str, str]:
+    """A peft state key -> (module path, parameter name inside the adapter)."""
+    for module in sorted(modules, key=len, reverse=True):
+        if key.startswith(module + "."):
+            return module, key[len(module) + 1:]
+    raise UserError(f"adapter weight {key} belongs to no adapted module")
+
+
+def _dora_scale(magnitude: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
+    # peft keeps one magnitude per output channel; kohya/LyCORIS store it shaped to broadcast over the weight
+    weight = module.get_base_layer().weight
+    return magnitude.reshape(weight.shape[0], *([1] * (weight.dim() - 1)))
+
+
+def to_kohya(models: Mapping[str, torch.nn.Module], config: Config) -> dict[str, torch.Tensor]:
+    """The adapters of models ({"unet": …, "text_encoder": …}) in the kohya/LyCORIS layout."""
+    network = config.network
+    out: dict[str, torch.Tensor] = {}
+    for component, model in models.items():
+        targets = target_modules(model, component, network)
+        for key, tensor in adapter_state(model).items():
+            module, parameter = _split(key, targets)
+            name = kohya_module_name(component, module)
+            if parameter == "lora_magnitude_vector":
+                tensor = _dora_scale(tensor, model.get_submodule(module))
+            out[f"{name}.{PARAMETERS.get(parameter, parameter)}"] = tensor.float().contiguous()
+        for module, is_conv in targets.items():
+            alpha = network.conv_alpha if is_conv else network.alpha
+            out[f"{kohya_module_name(component, module)}.alpha"] = torch.tensor(float(alpha))
+    return out
+
+
+def from_kohya(state: Mapping[str, torch.Tensor], models: Mapping[str, torch.nn.Module], config: Config,
+               key: str) -> None:
+    """Load a kohya/LyCORIS file's adapter weights into the models' adapters (training goes on from them)."""
+    network = config.network
+    renamed = {kohya: peft for peft, kohya in PARAMETERS.items()}
+    for component, model in models.items():
+        targets = target_modules(model, component, network)
+        by_name = {kohya_module_name(component, module): module for module in targets}
+        own: dict[str, torch.Tensor] = {}
+        for file_key, tensor in state.items():
+            name, _, parameter = file_key.partition(".")
+            if not name.startswith(PREFIXES[component]) or parameter == "alpha":
+                continue
+            if name not in by_name:
+                raise UserError(f"config key '{key}': {file_key} names no module of this model (another "
+                                "architecture, or modules this network does not adapt)")
+            if parameter == "dora_scale":
+                tensor = tensor.reshape(-1)
+            own[f"{by_name[name]}.{renamed.get(parameter, parameter)}"] = tensor
+            alpha = state.get(f"{name}.alpha")
+            wanted = network.conv_alpha if targets[by_name[name]] else network.alpha
+            if alpha is not None and float(alpha) != float(wanted):
+                raise UserError(f"config key '{key}': {name} was trained with alpha {float(alpha):g}, this "
+                                f"network has {wanted:g} (network.alpha / network.conv_alpha)")
+        load_adapter_state(model, own, key)
+
+
+def base_model_version(config: Config, models: Mapping[str, torch.nn.Module]) -> str:
+    width = models["unet"].config.cross_attention_dim
+    return "sd_v2" if width == 1024 else "sd_v1"
+
+
+def metadata(config: Config, models: Mapping[str, torch.nn.Module], step: int, epoch: int,
+             images: int) -> dict[str, str]:
+    """kohya's training metadata, all strings (safetensors metadata are str -> str)."""
+    network = config.network
+    args = {"conv_dim": str(network.conv_rank), "conv_alpha": str(network.conv_alpha)} if network.conv_rank else {}
+    if network.type in ("loha", "lokr"):
+        args["algo"] = network.type
+    if network.type == "dora":
+        args["dora_wd"] = "True"
+    trigger_words = {}
+    for concept in config.data.concepts:
+        words = [w for w in re.split(r"[,\s]+", concept.instance_set.prompt) if w and "{" not in w]
+        folder = Path(concept.instance_set.path).name or concept.instance_set.path
+        trigger_words[folder] = {word: 1 for word in words}
+    version = base_model_version(config, models)
+    return {
+        "ss_network_module": NETWORK_MODULES[network.type], "ss_network_dim": str(network.rank),
+        "ss_network_alpha": str(network.alpha), "ss_network_args": json.dumps(args),
+        "ss_base_model_version": version, "ss_v2": str(version == "sd_v2"),
+        "ss_sd_model_name": Path(config.model).name, "ss_resolution": f"({config.data.resolution}, "
+                                                                      f"{config.data.resolution})",
+        "ss_steps": str(step), "ss_epoch": str(epoch), "ss_num_train_images": str(images),
+        "ss_tag_frequency": json.dumps(trigger_words), "ss_clip_skip": str(config.clip_stop_at_layer),
+        "ss_text_encoder_lr": str(network.text_encoder_lr or config.optimizer.params.lr),
+        "ss_unet_lr": str(config.optimizer.params.lr), "ss_training_comment": "SCAL-SDT",
+    }
+
+
+def save(path: Path, models: Mapping[str, torch.nn.Module], config: Config, step: int, epoch: int,
+         images: int) -> Path:
+    from safetensors.torch import save_file
+
+    save_file(to_kohya(models, config), str(path), metadata=metadata(config, models, step, epoch, images))
+    return path
