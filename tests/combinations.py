@@ -104,6 +104,7 @@ FACTORS: dict[str, list[str]] = {
     "noiseoffset": ["off", "on"],          # noise_offset
     "augment": ["off", "on"],              # hflip, rotate and colour jitter
     "ti": ["off", "on"],                   # custom_embeddings (a textual-inversion file)
+    "locon": ["off", "on"],                # network: a LoRA adapter over the UNet's 3x3 convolutions too
 }
 
 # Pairs whose meaning is "this cache is off", which the engine says with a warning (cache.attach_caches):
@@ -156,6 +157,8 @@ def row_values(row: dict[str, str], output_dir: Path, class_dir: Path, existing_
         "noise_offset": 0.05 if on["noiseoffset"] else 0.0,
         "augment": copy.deepcopy(AUGMENT) if on["augment"] else [],
         "custom_embeddings": {"enabled": on["ti"], "path": str(embedding_file)},
+        "network": ({"type": "lora", "rank": 4, "alpha": 4.0, "conv_rank": 2, "conv_alpha": 2.0} if on["locon"]
+                    else {"type": "full"}),
     })
     class_set = values["data"]["concepts"][0]["class_set"]
     # The class set stays in the config with prior preservation off, as users leave it: nothing is generated.

@@ -42,9 +42,10 @@ def measure_training(config) -> vram.VramEstimate:
     # (bitsandbytes' CPU fallback allocates temporaries its CUDA kernels do not, so 8-bit AdamW is measured
     # only where its step does not set the peak.)
     {"weights_dtype": "bf16", "optimizer.fused_backward": True, "trainer.accumulate_grad_batches": 2},
+    {"network.type": "lora", "network.rank": 4, "network.conv_rank": 2, "network.conv_alpha": 1.0,
+     "train_text_encoder": True, "gradient_checkpointing": True},
 ], ids=["adamw-fp32-accumulating", "checkpointing-8bit-text-encoder", "text-encoder-clip-skip",
-        "cached-ema-fused",
-        "bf16-fused-accumulating"])
+        "cached-ema-fused", "bf16-fused-accumulating", "locon-with-text-encoder"])
 def test_estimate_matches_the_bytes_training_allocates(tiny_model, class_images, tmp_path, overrides):
     from engine.models.sd import load_components
 
@@ -64,6 +65,11 @@ def test_estimate_matches_the_bytes_training_allocates(tiny_model, class_images,
     # applies to the trained models.
     components = load_components(config.model)
     trained = [components.unet] + ([components.text_encoder] if config.train_text_encoder else [])
+    if config.network.adapter:
+        from engine.models.adapters import add_adapter
+
+        for name, model in zip(("unet", "text_encoder"), trained):
+            add_adapter(model, name, config.network, 0)
     frozen = [components.vae] + ([] if config.train_text_encoder else [components.text_encoder])
     on_device = model_bytes(*trained) // (2 if config.weights_dtype == "bf16" else 1) + model_bytes(*frozen)
     assert estimated.parameters * GIB == on_device

@@ -49,6 +49,17 @@ def _dora_scale(magnitude: torch.Tensor, module: torch.nn.Module) -> torch.Tenso
     return magnitude.reshape(weight.shape[0], *([1] * (weight.dim() - 1)))
 
 
+def _bake_lokr_scale(state: dict, name: str, trained_scale: float, inverse: bool = False) -> None:
+    """peft scales a LoKr update by alpha / rank always; the UIs only when a factor is a low-rank product
+    (by alpha over that product's rank), else not at all. The difference goes into the second factor
+    (and comes out again, inverse, when a file is read back)."""
+    low = state.get(f"{name}.lokr_w2_b", state.get(f"{name}.lokr_w1_b"))
+    read_scale = float(state[f"{name}.alpha"]) / low.shape[0] if low is not None else 1.0
+    factor = f"{name}.lokr_w2" if f"{name}.lokr_w2" in state else f"{name}.lokr_w2_a"
+    ratio = trained_scale / read_scale
+    state[factor] = state[factor] / ratio if inverse else state[factor] * ratio
+
+
 def to_kohya(models: Mapping[str, torch.nn.Module], config: Config) -> dict[str, torch.Tensor]:
     """The adapters of models ({"unet": …, "text_encoder": …}) in the kohya/LyCORIS layout."""
     network = config.network
@@ -63,7 +74,10 @@ def to_kohya(models: Mapping[str, torch.nn.Module], config: Config) -> dict[str,
             out[f"{name}.{PARAMETERS.get(parameter, parameter)}"] = tensor.float().contiguous()
         for module, is_conv in targets.items():
             alpha = network.conv_alpha if is_conv else network.alpha
-            out[f"{kohya_module_name(component, module)}.alpha"] = torch.tensor(float(alpha))
+            name = kohya_module_name(component, module)
+            out[f"{name}.alpha"] = torch.tensor(float(alpha))
+            if network.type == "lokr":
+                _bake_lokr_scale(out, name, alpha / (network.conv_rank if is_conv else network.rank))
     return out
 
 
@@ -72,9 +86,16 @@ def from_kohya(state: Mapping[str, torch.Tensor], models: Mapping[str, torch.nn.
     """Load a kohya/LyCORIS file's adapter weights into the models' adapters (training goes on from them)."""
     network = config.network
     renamed = {kohya: peft for peft, kohya in PARAMETERS.items()}
+    state = dict(state)
     for component, model in models.items():
         targets = target_modules(model, component, network)
         by_name = {kohya_module_name(component, module): module for module in targets}
+        shapes = {key: tensor.shape for key, tensor in adapter_state(model).items()}
+        if network.type == "lokr":
+            for name, module in by_name.items():
+                if f"{name}.alpha" in state:
+                    rank = network.conv_rank if targets[module] else network.rank
+                    _bake_lokr_scale(state, name, float(state[f"{name}.alpha"]) / rank, inverse=True)
         own: dict[str, torch.Tensor] = {}
         for file_key, tensor in state.items():
             name, _, parameter = file_key.partition(".")
@@ -83,9 +104,10 @@ def from_kohya(state: Mapping[str, torch.Tensor], models: Mapping[str, torch.nn.
             if name not in by_name:
                 raise UserError(f"config key '{key}': {file_key} names no module of this model (another "
                                 "architecture, or modules this network does not adapt)")
-            if parameter == "dora_scale":
-                tensor = tensor.reshape(-1)
-            own[f"{by_name[name]}.{renamed.get(parameter, parameter)}"] = tensor
+            key_in_model = f"{by_name[name]}.{renamed.get(parameter, parameter)}"
+            if parameter == "dora_scale" and key_in_model in shapes:
+                tensor = tensor.reshape(shapes[key_in_model])  # back to peft's magnitude shape
+            own[key_in_model] = tensor
             alpha = state.get(f"{name}.alpha")
             wanted = network.conv_alpha if targets[by_name[name]] else network.alpha
             if alpha is not None and float(alpha) != float(wanted):

@@ -1,0 +1,265 @@
+"""LoRA-family adapters: the kohya file against diffusers' loader, the network types against the formulas
+the UIs apply, exact resume (after SIGKILL and in two gloo processes), init_from, and refusals."""
+import io
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from conftest import ROOT, run_cli
+from engine import checkpoints, events
+from engine import config as cfg
+from engine.testing import tiny_config
+
+# A high rate and no warmup, so that two steps move the adapter far from its zero start.
+LOCON = {"network.type": "lora", "network.rank": 4, "network.alpha": 2.0, "network.conv_rank": 2,
+         "network.conv_alpha": 1.0, "train_text_encoder": True, "optimizer.params.lr": 1e-2,
+         "optimizer.lr_scheduler.warmup.enabled": False, "sampling.interval_steps": 0,
+         "data.concepts[0].class_set.auto_generate.enabled": False}
+
+
+def adapter_values(output_dir, **overrides):
+    return tiny_config(output_dir, **{**LOCON, "trainer.max_steps": 2, "checkpoint.every_n_train_steps": 2,
+                                      **overrides})
+
+
+def train(values):
+    from engine.train import Trainer
+
+    trainer = Trainer(cfg.from_dict(values))
+    result = trainer.run()
+    assert isinstance(result, events.Finished), getattr(result, "error", result)
+    return trainer.run_dir, checkpoints.latest_checkpoint(trainer.run_dir)
+
+
+@pytest.fixture(scope="module")
+def locon_run(tmp_path_factory, class_images):
+    output = tmp_path_factory.mktemp("locon")
+    run_dir, checkpoint = train(adapter_values(output))
+    return cfg.load(run_dir / "config.yaml"), checkpoint
+
+
+def adapted_models(tiny_model, config, checkpoint):
+    """The trained models rebuilt by the engine: base weights, adapter layers, the checkpoint's weights."""
+    from engine.models.adapters import add_adapter, load_adapter_folder
+    from engine.models.sd import load_components
+
+    components = load_components(str(tiny_model))
+    models = {"unet": components.unet, "text_encoder": components.text_encoder}
+    for name, model in models.items():
+        add_adapter(model, name, config.network, 0)
+        load_adapter_folder(model, checkpoint / name, "test")
+        model.eval()
+    return models
+
+
+def probe(models, seed=0):
+    """UNet and text-encoder outputs on fixed inputs."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 100, (2, 77), generator=generator)
+    latents, timesteps = torch.randn(2, 4, 8, 8, generator=generator), torch.tensor([10, 500])
+    with torch.no_grad():
+        text = models["text_encoder"](ids).last_hidden_state
+        return models["unet"](latents, timesteps, text).sample, text
+
+
+def file_modules(path):
+    with safe_open(str(path), "pt") as handle:
+        return {key.partition(".")[0] for key in handle.keys()}, handle.metadata()
+
+
+def test_the_kohya_file_loads_in_diffusers_with_every_module_and_the_trained_outputs(tiny_model, locon_run):
+    from diffusers import StableDiffusionPipeline
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    config, checkpoint = locon_run
+    path = checkpoint / "adapter.safetensors"
+    modules, metadata = file_modules(path)
+    unet_modules = {m for m in modules if m.startswith("lora_unet_")}
+    text_modules = {m for m in modules if m.startswith("lora_te_text_model_encoder_layers_")}
+    assert unet_modules | text_modules == modules
+    # kohya's choice: every Linear/1x1 conv of the transformer blocks, the ResNet blocks and samplers (LoCon)
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0" in unet_modules
+    assert "lora_unet_down_blocks_0_resnets_0_conv1" in unet_modules
+    assert "lora_te_text_model_encoder_layers_0_mlp_fc1" in text_modules
+    state = load_file(path)
+    assert state["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"].shape == (2, 32, 3, 3)
+    assert state["lora_unet_down_blocks_0_resnets_0_conv1.alpha"].item() == 1.0
+    assert state["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"].shape == (4, 32, 1, 1)
+    assert state["lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha"].item() == 2.0
+    assert (metadata["ss_network_module"], metadata["ss_network_dim"], metadata["ss_network_alpha"],
+            metadata["ss_base_model_version"], metadata["ss_steps"]) == ("networks.lora", "4", "2.0", "sd_v1", "2")
+
+    logs = io.StringIO()
+    handler = logging.StreamHandler(logs)
+    logging.getLogger().addHandler(handler)
+    try:
+        pipeline = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
+        base = probe({"unet": pipeline.unet, "text_encoder": pipeline.text_encoder})
+        pipeline.load_lora_weights(str(path))
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert "unexpected" not in logs.getvalue().lower() and "missing keys" not in logs.getvalue().lower()
+    wrapped = {name: sum(isinstance(m, BaseTunerLayer) for m in model.modules())
+               for name, model in (("unet", pipeline.unet), ("text_encoder", pipeline.text_encoder))}
+    assert wrapped == {"unet": len(unet_modules), "text_encoder": len(text_modules)}
+
+    loaded = probe({"unet": pipeline.unet, "text_encoder": pipeline.text_encoder})
+    trained = probe(adapted_models(tiny_model, config, checkpoint))
+    for mine, theirs, before in zip(trained, loaded, base):
+        assert (mine - theirs).abs().max().item() <= 1e-4
+        assert (mine - before).abs().max().item() > 1e-3  # the adapter really changes the output
+
+
+def test_an_adapter_checkpoint_holds_only_the_adapter(locon_run):
+    _, checkpoint = locon_run
+    assert sorted(p.name for p in (checkpoint / "unet").iterdir()) == ["adapter_model.safetensors"]
+    weights = load_file(checkpoint / "unet" / "adapter_model.safetensors")
+    assert weights and all(".lora_A." in k or ".lora_B." in k for k in weights)
+    assert checkpoints.read_meta(checkpoint)["network"] == "lora"
+
+
+def delta_from_file(state, module):
+    """The weight update ComfyUI computes from a LyCORIS module (comfy/weight_adapter loha.py, lokr.py):
+    LoHa scales by alpha / rank; LoKr by alpha / rank when a factor is decomposed, else not at all."""
+    alpha = state[f"{module}.alpha"].item()
+    if f"{module}.hada_w1_a" in state:
+        w1b = state[f"{module}.hada_w1_b"]
+        return (state[f"{module}.hada_w1_a"] @ w1b) * (state[f"{module}.hada_w2_a"] @ state[f"{module}.hada_w2_b"]) \
+            * alpha / w1b.shape[0]
+    factors, rank = [], None
+    for factor in ("lokr_w1", "lokr_w2"):
+        if f"{module}.{factor}" in state:
+            factors.append(state[f"{module}.{factor}"])
+        else:
+            low = state[f"{module}.{factor}_b"]
+            factors.append(state[f"{module}.{factor}_a"] @ low)
+            rank = low.shape[0]
+    return torch.kron(*factors) * (alpha / rank if rank else 1.0)
+
+
+@pytest.mark.parametrize("network", ["dora", "loha", "lokr"])
+def test_each_network_type_trains_and_its_file_holds_what_the_uis_compute(tiny_model, class_images, tmp_path,
+                                                                         network):
+    from engine.models.adapters import add_adapter, load_adapter_folder
+    from engine.models.kohya import kohya_module_name
+    from engine.models.sd import load_components
+
+    values = adapter_values(tmp_path, **{"network.type": network, "network.conv_rank": 0,
+                                         "train_text_encoder": False, "trainer.max_steps": 3,
+                                         "checkpoint.every_n_train_steps": 3})
+    _, checkpoint = train(values)
+    network_config = cfg.from_dict(values).network
+    state = load_file(checkpoint / "adapter.safetensors")
+    unet = load_components(str(tiny_model)).unet
+    add_adapter(unet, "unet", network_config, 0)
+    load_adapter_folder(unet, checkpoint / "unet", "test")
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    layer, module = unet.get_submodule(name), kohya_module_name("unet", name)
+    base = layer.get_base_layer().weight.detach().clone()
+    if network == "dora":
+        # LyCORIS's decomposition on the output axis: W' = scale * (W + s·up@down) / ‖W + s·up@down‖ per row
+        scale = state[f"{module}.dora_scale"]
+        assert scale.shape == (base.shape[0], 1)
+        s = state[f"{module}.alpha"].item() / state[f"{module}.lora_down.weight"].shape[0]
+        updated = base + s * state[f"{module}.lora_up.weight"] @ state[f"{module}.lora_down.weight"]
+        expected = scale * updated / updated.norm(dim=1, keepdim=True)
+    else:
+        expected = base + delta_from_file(state, module)
+    layer.merge()  # peft's own arithmetic of the trained adapter
+    assert (layer.get_base_layer().weight.detach() - expected).abs().max().item() <= 1e-5
+    assert (expected - base).abs().max().item() > 1e-4
+
+    # read back (as network.init_from does), the file gives the trained adapter again
+    from engine.models.adapters import adapter_state
+    from engine.models.kohya import from_kohya
+
+    again = load_components(str(tiny_model)).unet
+    add_adapter(again, "unet", network_config, 1)
+    from_kohya(state, {"unet": again}, cfg.from_dict(values), "network.init_from")
+    trained = load_file(checkpoint / "unet" / "adapter_model.safetensors")
+    assert max((adapter_state(again)[k] - trained[k]).abs().max().item() for k in trained) <= 1e-6
+
+
+def test_resume_after_sigkill_equals_an_uninterrupted_adapter_run(tmp_path, class_images):
+    values = {**LOCON, "trainer.max_steps": 8, "checkpoint.every_n_train_steps": 3, "optimizer.params.lr": 1e-3}
+    reference = tmp_path / "a.yaml"
+    reference.write_text(yaml.safe_dump(tiny_config(tmp_path / "reference", **values)))
+    assert run_cli("train", "--config", str(reference)).returncode == 0
+    killed = tmp_path / "b.yaml"
+    killed.write_text(yaml.safe_dump(tiny_config(tmp_path / "killed", **values)))
+    process = subprocess.Popen([sys.executable, "-m", "engine", "train", "--config", str(killed)], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in process.stdout:
+        if "checkpoint:" in line and "step-00000003" in line:
+            process.send_signal(signal.SIGKILL)
+            break
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    (run_dir,) = (tmp_path / "killed" / "tiny-demo").iterdir()
+    assert run_cli("train", "--resume", str(run_dir)).returncode == 0
+    (reference_run,) = (tmp_path / "reference" / "tiny-demo").iterdir()
+    for component in ("unet", "text_encoder"):
+        expected = load_file(checkpoints.latest_checkpoint(reference_run) / component / "adapter_model.safetensors")
+        actual = load_file(checkpoints.latest_checkpoint(run_dir) / component / "adapter_model.safetensors")
+        assert expected.keys() == actual.keys()
+        assert max((expected[k] - actual[k]).abs().max().item() for k in expected) <= 1e-6
+
+
+def test_two_gloo_ranks_train_the_adapter_as_one_process_with_the_same_global_batch(tmp_path, class_images):
+    # Adam's first steps move every weight by about the rate, whatever the gradient's size: a low rate keeps
+    # the float differences of summing the batch in two processes small
+    values = {**LOCON, "trainer.max_steps": 2, "checkpoint.every_n_train_steps": 2, "optimizer.params.lr": 1e-4}
+    (tmp_path / "single.yaml").write_text(yaml.safe_dump(tiny_config(tmp_path / "single", batch_size=2, **values)))
+    (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(tiny_config(tmp_path / "ddp", batch_size=1, **values)))
+    assert run_cli("train", "--config", str(tmp_path / "single.yaml")).returncode == 0
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "engine", "train", "--config", str(tmp_path / "ddp.yaml")]
+    result = subprocess.run(torchrun, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                            text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = [next((tmp_path / name / "tiny-demo").iterdir()) for name in ("single", "ddp")]
+    for component in ("unet", "text_encoder"):
+        expected, actual = (load_file(checkpoints.latest_checkpoint(run) / component / "adapter_model.safetensors")
+                            for run in runs)
+        assert max((expected[k] - actual[k]).abs().max().item() for k in expected) <= 1e-5
+
+
+def test_init_from_continues_from_the_file_and_refuses_another_rank(tmp_path, class_images, locon_run):
+    config, checkpoint = locon_run
+    file = str(checkpoint / "adapter.safetensors")
+    # a rate too small to move anything: the run ends with the file's weights
+    run_dir, continued = train(adapter_values(tmp_path / "continued", **{"network.init_from": file,
+                                                                          "optimizer.params.lr": 1e-12,
+                                                                          "trainer.max_steps": 1,
+                                                                          "checkpoint.every_n_train_steps": 1}))
+    expected, actual = load_file(file), load_file(continued / "adapter.safetensors")
+    assert expected.keys() == actual.keys()
+    assert max((expected[k] - actual[k]).abs().max().item() for k in expected) <= 1e-6
+
+    from engine.train import Trainer
+
+    wrong = Trainer(cfg.from_dict(adapter_values(tmp_path / "wrong", **{"network.init_from": file,
+                                                                        "network.rank": 8}))).run()
+    assert isinstance(wrong, events.Failed) and wrong.user_error
+    assert wrong.error.startswith("config key 'network.init_from': the adapter does not fit")
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("network.rank", 0, "config key 'network.rank': must be a whole number of at least 1"),
+    ("network.rank", 2.5, "config key 'network.rank': expected an integer"),
+    ("network.type", "lorax", "config key 'network.type': expected one of 'full', 'lora'"),
+    ("network.dropout", 1.0, "config key 'network.dropout': must be within [0, 1)"),
+    ("ema.enabled", True, "config key 'ema.enabled'"),
+])
+def test_network_mistakes_are_refused_with_the_key(tmp_path, key, value, message):
+    with pytest.raises(cfg.ConfigError) as error:
+        cfg.from_dict(adapter_values(tmp_path, **{key: value}))
+    assert str(error.value).startswith(message)
