@@ -548,9 +548,6 @@ def validate(config: Config) -> None:
                                                f"{network.dropout}")
         _require(network.text_encoder_lr is None or network.text_encoder_lr > 0,
                  "config key 'network.text_encoder_lr': must be positive (or null for optimizer.params.lr)")
-        _require(not config.ema.enabled,
-                 "config key 'ema.enabled': an average of adapter weights is not available; set it to false "
-                 "for network.type " + repr(network.type))
     for i, sample in enumerate(config.sampling.concepts):
         key = f"sampling.concepts[{i}]"
         for name in ("width", "height"):

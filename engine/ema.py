@@ -10,21 +10,55 @@ from .config import Ema
 EMA_FOLDER = "ema_unet"
 
 
+ADAPTER_EMA_FILE = "adapter_ema.pt"
+
+
+def averaged_parameters(unet) -> list:
+    """The UNet weights the average follows: all of them, or only an adapter's."""
+    from .models.adapters import has_adapter
+
+    return [p for p in unet.parameters() if p.requires_grad] if has_adapter(unet) else list(unet.parameters())
+
+
+def _adapter_ema_class():
+    from diffusers.training_utils import EMAModel
+
+    class AdapterEma(EMAModel):
+        """The average of an adapter's weights; a checkpoint keeps its whole state (weights and step count)."""
+
+        def save_pretrained(self, folder) -> None:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            torch.save(self.state_dict(), Path(folder) / ADAPTER_EMA_FILE)
+
+    return AdapterEma
+
+
 def create_ema(unet, options: Ema):
     from diffusers import UNet2DConditionModel
     from diffusers.training_utils import EMAModel
 
-    ema = EMAModel(unet.parameters(), decay=options.decay, model_cls=UNet2DConditionModel, model_config=unet.config)
+    from .models.adapters import has_adapter
+
+    if has_adapter(unet):
+        ema = _adapter_ema_class()(averaged_parameters(unet), decay=options.decay)
+    else:
+        ema = EMAModel(unet.parameters(), decay=options.decay, model_cls=UNet2DConditionModel,
+                       model_config=unet.config)
     # The average moves by (1 - decay) of each update: far below bf16's resolution with bf16 weights.
     ema.to("cpu" if options.on_cpu else None, dtype=torch.float32)
     return ema
 
 
-def load_ema(checkpoint: Path, options: Ema, device):
+def load_ema(checkpoint: Path, options: Ema, device, unet=None):
     from diffusers import UNet2DConditionModel
     from diffusers.training_utils import EMAModel
 
-    ema = EMAModel.from_pretrained(str(Path(checkpoint) / EMA_FOLDER), UNet2DConditionModel)
+    folder = Path(checkpoint) / EMA_FOLDER
+    if (folder / ADAPTER_EMA_FILE).is_file():
+        ema = _adapter_ema_class()(averaged_parameters(unet), decay=options.decay)
+        ema.load_state_dict(torch.load(folder / ADAPTER_EMA_FILE, map_location="cpu", weights_only=False))
+    else:
+        ema = EMAModel.from_pretrained(str(folder), UNet2DConditionModel)
     ema.decay = options.decay
     ema.to("cpu" if options.on_cpu else device, dtype=torch.float32)
     return ema

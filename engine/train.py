@@ -23,7 +23,7 @@ import torch
 from . import checkpoints, distributed, events, notices, paths
 from .config import Config, dump_yaml, load, to_dict
 from .data.prepare import PreparedData, prepare_data
-from .ema import ema_step
+from .ema import averaged_parameters, ema_step
 from .errors import UserError
 from .job import Job, release_memory
 from .models.family import ModelFamily, family_for
@@ -306,7 +306,7 @@ class Trainer(Job):
         # Only the main process samples and saves, so only it keeps the average.
         if config.ema.enabled and context.topology.is_main:
             if resume_from is not None and (resume_from / EMA_FOLDER).is_dir():
-                context.ema = load_ema(resume_from, config.ema, context.device)
+                context.ema = load_ema(resume_from, config.ema, context.device, unet)
             else:
                 if resume_from is not None:
                     self.log(f"{resume_from.name} has no EMA weights: the average starts from the resumed weights",
@@ -349,7 +349,7 @@ class Trainer(Job):
                                   config.trainer.gradient_clip_val):
                 state.overflow_steps += 1
             if context.ema is not None:
-                ema_step(context.ema, context.components.unet.parameters(), config.ema.on_cpu)
+                ema_step(context.ema, averaged_parameters(context.components.unet), config.ema.on_cpu)
             lr = context.optimizer.param_groups[0]["lr"]  # the rate this step used, before the schedule moves
             context.lr_scheduler.step()
             context.optimizer.zero_grad(set_to_none=True)
@@ -442,7 +442,8 @@ class Trainer(Job):
         try:
             pipeline = context.models.family.pipeline(components, components.unet, components.text_encoder,
                                                       context.device)
-            with SwapInEma(context.ema if config.ema.use_for_samples else None, components.unet.parameters()):
+            with SwapInEma(context.ema if config.ema.use_for_samples else None,
+                           averaged_parameters(components.unet)):
                 sample_paths = generate_samples(config, pipeline, context.prompt_encoder,
                                                 RunDir(self.run_dir).samples(step), context.plan.autocast)
         except Exception as error:  # any failure of the side task; training goes on

@@ -314,7 +314,7 @@ def _fake_parameters(model: torch.nn.Module) -> None:
 
 
 def _trace_step(config: Config, architecture: Architecture, plan: RunPlan, shape: StepShape) -> VramEstimate:
-    from .ema import create_ema, ema_step
+    from .ema import averaged_parameters, create_ema, ema_step
 
     device = torch.device("cpu")  # fake tensors: the device only names where the bytes are counted
     family = family_for(config)
@@ -367,7 +367,7 @@ def _trace_step(config: Config, architecture: Architecture, plan: RunPlan, shape
         del loss
         optimizer_step(optimizer, scaler, params, config.trainer.gradient_clip_val)
         if ema is not None:
-            ema_step(ema, unet.parameters(), on_cpu=False)
+            ema_step(ema, averaged_parameters(unet), on_cpu=False)
         optimizer.zero_grad(set_to_none=True)
     result = tracker.peak()
     # A step on bf16 weights gives each parameter new storage, which the tracker books as a temporary;

@@ -257,9 +257,33 @@ def test_init_from_continues_from_the_file_and_refuses_another_rank(tmp_path, cl
     ("network.rank", 2.5, "config key 'network.rank': expected an integer"),
     ("network.type", "lorax", "config key 'network.type': expected one of 'full', 'lora'"),
     ("network.dropout", 1.0, "config key 'network.dropout': must be within [0, 1)"),
-    ("ema.enabled", True, "config key 'ema.enabled'"),
+    ("network.conv_alpha", 0.0, "config key 'network.conv_alpha': must be positive"),
 ])
 def test_network_mistakes_are_refused_with_the_key(tmp_path, key, value, message):
     with pytest.raises(cfg.ConfigError) as error:
         cfg.from_dict(adapter_values(tmp_path, **{key: value}))
     assert str(error.value).startswith(message)
+
+
+def test_the_ema_of_an_adapter_follows_its_weights_and_resumes(tmp_path, class_images):
+    from engine.ema import ADAPTER_EMA_FILE, EMA_FOLDER
+    from engine.train import Trainer
+
+    values = adapter_values(tmp_path, **{"ema.enabled": True, "ema.decay": 0.5, "trainer.max_steps": 2,
+                                         "checkpoint.every_n_train_steps": 1, "train_text_encoder": False})
+    run_dir, _ = train(values)
+    first, second = checkpoints.list_checkpoints(run_dir)
+    raw = [load_file(c / "unet" / "adapter_model.safetensors") for c in (first, second)]
+    averages = [torch.load(c / EMA_FOLDER / ADAPTER_EMA_FILE, weights_only=False) for c in (first, second)]
+    # diffusers' EMAModel copies the weights at its first update, then decays by min(decay, k / (9 + k))
+    zero_start = next(i for i, k in enumerate(raw[0]) if ".lora_B." in k)
+    key = list(raw[0])[zero_start]
+    shadow = [state["shadow_params"][zero_start] for state in averages]
+    assert torch.equal(shadow[0], raw[0][key])
+    assert torch.allclose(shadow[1], (2 / 11) * shadow[0] + (9 / 11) * raw[1][key], atol=1e-7)
+    assert (shadow[1] - raw[1][key]).abs().max().item() > 1e-6  # the average lags the weights
+
+    resumed = Trainer.for_resume(str(run_dir), overrides=["trainer.max_steps=3"])
+    assert isinstance(resumed.run(), events.Finished)
+    state = torch.load(checkpoints.latest_checkpoint(run_dir) / EMA_FOLDER / ADAPTER_EMA_FILE, weights_only=False)
+    assert state["optimization_step"] == 3

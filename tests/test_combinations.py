@@ -37,7 +37,6 @@ EXPECTED_REFUSED = {
     (("fused", "on"), ("gradclip", "on")): "optimizer.fused_backward",
     (("fused", "on"), ("precision", "16")): "trainer.precision",
     (("bf16w", "on"), ("precision", "16")): "trainer.precision",
-    (("ema", "on"), ("locon", "on")): "ema.enabled",
 }
 
 
