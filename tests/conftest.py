@@ -51,3 +51,18 @@ def run_cli(*args, cwd=ROOT, env=None, timeout=600):
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "engine", *args], cwd=cwd, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def kill_at_checkpoint(config_path, checkpoint_name: str) -> None:
+    """Train config_path from the CLI and SIGKILL it as soon as it reports the checkpoint checkpoint_name."""
+    import signal
+    import subprocess
+
+    process = subprocess.Popen([sys.executable, "-m", "engine", "train", "--config", str(config_path)], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in process.stdout:
+        if "checkpoint:" in line and checkpoint_name in line:
+            process.send_signal(signal.SIGKILL)
+            break
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL

@@ -3,7 +3,6 @@ the UIs apply, exact resume (after SIGKILL and in two gloo processes), init_from
 import io
 import logging
 import os
-import signal
 import subprocess
 import sys
 
@@ -13,7 +12,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, kill_at_checkpoint, run_cli
 from engine import checkpoints, events
 from engine import config as cfg
 from engine.testing import tiny_config
@@ -195,14 +194,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_adapter_run(tmp_path, clas
     assert run_cli("train", "--config", str(reference)).returncode == 0
     killed = tmp_path / "b.yaml"
     killed.write_text(yaml.safe_dump(tiny_config(tmp_path / "killed", **values)))
-    process = subprocess.Popen([sys.executable, "-m", "engine", "train", "--config", str(killed)], cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    for line in process.stdout:
-        if "checkpoint:" in line and "step-00000003" in line:
-            process.send_signal(signal.SIGKILL)
-            break
-    process.wait(timeout=60)
-    assert process.returncode == -signal.SIGKILL
+    kill_at_checkpoint(killed, "step-00000003")
     (run_dir,) = (tmp_path / "killed" / "tiny-demo").iterdir()
     assert run_cli("train", "--resume", str(run_dir)).returncode == 0
     (reference_run,) = (tmp_path / "reference" / "tiny-demo").iterdir()

@@ -8,7 +8,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, kill_at_checkpoint, run_cli
 from engine.run_dir import RunDir
 from engine import checkpoints, events
 from engine import config as cfg
@@ -44,15 +44,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, class_images)
     reference = run_cli("train", "--config", str(write_config(tmp_path / "a.yaml", resume_values(reference_dir))))
     assert reference.returncode == 0, reference.stderr[-2000:]
 
-    config_path = write_config(tmp_path / "b.yaml", resume_values(killed_dir))
-    process = subprocess.Popen([sys.executable, "-m", "engine", "train", "--config", str(config_path)], cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    for line in process.stdout:
-        if "checkpoint:" in line and "step-00000010" in line:
-            process.send_signal(signal.SIGKILL)
-            break
-    process.wait(timeout=60)
-    assert process.returncode == -signal.SIGKILL
+    kill_at_checkpoint(write_config(tmp_path / "b.yaml", resume_values(killed_dir)), "step-00000010")
     run_dir = only_run(killed_dir)
     steps_before = metric_steps(run_dir)
     assert 10 <= steps_before[-1] < 30, "the kill must land mid-run"
