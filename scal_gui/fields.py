@@ -311,4 +311,16 @@ ADVANCED = (
     Field("xformers", "xformers attention", "used only when installed and on CUDA"),
 )
 
-ALL = DATASET + CLASS_IMAGES + TRAIN + ADVANCED
+NETWORK = (
+    Field("network.type", "Network", "full = every weight trains; lora, dora, loha, lokr train an adapter file"),
+    Field("network.rank", "Rank", "the adapter's dimension (kohya's network_dim)"),
+    Field("network.alpha", "Alpha", "the adapter's update is scaled by alpha ÷ rank"),
+    Field("network.conv_rank", "Conv rank", "> 0 also adapts the 3×3 convolutions (LoCon); 0 = off"),
+    Field("network.conv_alpha", "Conv alpha", "scale of the convolutions' adapter: conv alpha ÷ conv rank"),
+    Field("network.dropout", "Adapter dropout"),
+    Field("network.text_encoder_lr", "Text encoder learning rate",
+          "empty = the learning rate; with Train the text encoder"),
+    Field("network.init_from", "Continue from adapter file", "a kohya/LyCORIS .safetensors; empty = a new adapter"),
+)
+
+ALL = DATASET + CLASS_IMAGES + TRAIN + ADVANCED + NETWORK

@@ -1,4 +1,5 @@
-"""The Convert tab: a run's checkpoint (or any model folder) to one .safetensors/.ckpt file."""
+"""The Convert tab: a run's checkpoint (or any model folder) to one .safetensors/.ckpt file; an adapter
+run's checkpoint to its adapter file, the merged model or a diffusers LoRA."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,7 +14,9 @@ from .context import PageContext
 
 LABELS = {"text_encoder": "Include the text encoder", "vae": "Include the VAE", "ema": "Use the EMA UNet",
           "overwrite": "Replace an existing file", "unet_dtype": "UNet weights", "vae_dtype": "VAE weights",
-          "text_encoder_dtype": "Text encoder weights", "fmt": "Format"}
+          "text_encoder_dtype": "Text encoder weights", "fmt": "Format",
+          "adapter_output": "An adapter run's checkpoint becomes"}
+INFO = {"adapter_output": "a full fine-tune's is always one model file"}
 
 
 def checkpoint_choices(output_dir: str) -> list[tuple[str, str]]:
@@ -39,7 +42,7 @@ def build(ctx: PageContext) -> SimpleNamespace:
     with gr.Row():
         for name in convert_options.ORDER[len(convert_options.CHECKBOXES):]:
             # Custom values let API clients pass a choice the page has not loaded; the converter checks it.
-            ui.options.append(gr.Dropdown([], label=LABELS[name], elem_id=f"convert-{name}",
+            ui.options.append(gr.Dropdown([], label=LABELS[name], info=INFO.get(name), elem_id=f"convert-{name}",
                                           allow_custom_value=True))
     ui.convert = gr.Button("Convert", variant="primary", elem_id="convert-button")
     ui.result = gr.Markdown(elem_id="convert-result")

@@ -29,6 +29,11 @@ def build(ctx: PageContext, preset_list: list[presets.Preset], selected: presets
                 ui.description = gr.Markdown(selected.description, elem_id="preset-description")
             with gr.Accordion("Settings", open=True):
                 ctx.add_fields(fields.TRAIN, per_row=3)
+            # Open when the page's config trains an adapter, so that its settings are in sight.
+            adapter = fields.get_value(ctx.raw, "network.type") != "full"
+            with gr.Accordion("Network: full fine-tuning or a LoRA-family adapter", open=adapter,
+                              elem_id="network-section"):
+                ctx.add_fields(fields.NETWORK, per_row=4)
             with gr.Accordion("Advanced training options (augmentations: in the YAML, key augment)", open=False):
                 ctx.add_fields(fields.ADVANCED, per_row=3)
             with gr.Accordion("Advanced: the whole config as YAML", open=False):

@@ -4,6 +4,12 @@
 A training checkpoint holds only what was trained (unet/, maybe text_encoder/ and ema_unet/); the other
 components come from the run's base model named in its meta.json, and the VAE from the run's `vae:` when
 it trained with a separate one.
+
+An adapter run's checkpoint (meta.json network: lora, dora, loha or lokr) holds only the adapter's weights,
+under peft's names. It converts to one of three files (ADAPTER_OUTPUTS): the kohya/LyCORIS adapter file
+(the default), the base model with the adapter merged in as one original-layout file (--merge), or
+diffusers' own LoRA layout (--format diffusers). The adapter's layers are rebuilt from the run's
+config.yaml (its network settings) over the base model, and its weights loaded into them.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ from typing import Callable, Mapping, Optional
 import torch
 
 from .. import checkpoints, events, paths
+from ..config import Config
 from ..ema import EMA_FOLDER
 from ..errors import UserError
 from .sd import is_diffusers_folder
@@ -26,6 +33,22 @@ from ..run_dir import RunDir
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 FORMATS = {".safetensors": "safetensors", ".ckpt": "ckpt"}
 COMPONENTS = ("unet", "vae", "text_encoder")
+ADAPTED = ("unet", "text_encoder")  # the components an adapter run can train
+
+# What an adapter run's checkpoint converts to, and the command-line flag that asks for each.
+ADAPTER_OUTPUTS = {
+    "kohya": "the adapter as one kohya/LyCORIS .safetensors file (A1111, ComfyUI, diffusers' load_lora_weights)",
+    "merged": "the base model with the adapter merged in, as one original-layout .safetensors/.ckpt file",
+    "diffusers": "diffusers' own LoRA layout: a folder with pytorch_lora_weights.safetensors",
+}
+ADAPTER_FLAGS = {"kohya": "(the default)", "merged": "--merge", "diffusers": "--format diffusers"}
+DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name diffusers' save_lora_weights gives the file
+# diffusers builds LoRA (and DoRA) layers from its own layout's files; it has no LoHa or LoKr text-encoder path.
+DIFFUSERS_NETWORKS = ("lora", "dora")
+# The LoraConfig fields written into a diffusers LoRA file: what this trainer sets. The full config of the
+# installed peft would carry fields that older peft versions (and so older diffusers setups) refuse.
+DIFFUSERS_CONFIG_FIELDS = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "lora_dropout",
+                           "use_dora")
 
 
 def _config(model) -> Mapping:
@@ -57,10 +80,24 @@ def format_size(size: int) -> str:
 
 
 @dataclass
+class AdapterRun:
+    """An adapter run's checkpoint: which components carry an adapter, and the run's config (its network)."""
+    checkpoint: Path
+    config: Config
+    trained: tuple[str, ...]
+    meta: dict
+
+    @property
+    def network(self):
+        return self.config.network
+
+
+@dataclass
 class Source:
     models: dict = field(default_factory=dict)
     name: str = "model"
     prediction_type: str = "epsilon"
+    adapter: Optional[AdapterRun] = None
 
 
 def _prediction_type(base: Path) -> str:
@@ -84,22 +121,76 @@ def _load_model(name: str, folder: Path):
 
     if not folder.is_dir():
         raise UserError(f"{folder}: not found (needed for the {name})")
-    loader = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}[name]
-    return loader.from_pretrained(folder)
+    # fp32 whatever the files hold, as training loads them: an adapter is merged at full precision, and
+    # every component is cast to its output dtype when written.
+    if name == "text_encoder":
+        return CLIPTextModel.from_pretrained(folder, dtype=torch.float32)
+    loader = {"unet": UNet2DConditionModel, "vae": AutoencoderKL}[name]
+    return loader.from_pretrained(folder, torch_dtype=torch.float32)
 
 
-def load_source(source: str | Path, wanted: tuple[str, ...], ema: bool = False,
-                on_loaded: Optional[Callable[[str], None]] = None) -> Source:
-    """Load the wanted components of a training checkpoint, a run folder (its newest checkpoint) or a
-    diffusers folder."""
+def checkpoint_path(source: str | Path) -> Path:
+    """The path SOURCE names; a run folder stands for its newest checkpoint."""
     path = Path(paths.resolve(str(source)))
     if not path.exists():
         raise UserError(f"{source}: not found")
     if not (path / checkpoints.META_FILE).is_file() and RunDir(path).checkpoints.is_dir():
         path = checkpoints.latest_checkpoint(path) or path
+    return path
+
+
+def checkpoint_name(checkpoint: Path) -> str:
+    """RUN-step-N: the name of the files converted from a training checkpoint."""
+    return f"{checkpoint.parent.parent.name}-{checkpoint.name}"
+
+
+def _adapter_run(path: Path, meta: dict) -> Optional[AdapterRun]:
+    """The adapter run a checkpoint belongs to, or None for a full fine-tune's checkpoint."""
+    from ..config import load as load_config
+
+    network = meta.get("network", "full")
+    if network == "full":
+        return None
+    config_file = RunDir(path.parent.parent).config
+    if not config_file.is_file():
+        raise UserError(f"{path}: a {network} adapter checkpoint needs its run's {config_file} (the network "
+                        "settings rebuild the adapter's layers); not found")
+    config = load_config(config_file)
+    if config.network.type != network:
+        raise UserError(f"config key 'network.type': {config_file} says {config.network.type}, but "
+                        f"{path.name} was trained as {network} (meta.json network)")
+    trained = tuple(c for c in ADAPTED if c in meta.get("trained", ()))
+    return AdapterRun(checkpoint=path, config=config, trained=trained, meta=meta)
+
+
+def find_adapter_run(source: str | Path) -> Optional[AdapterRun]:
+    """The adapter run of SOURCE (a checkpoint or a run folder), or None for anything else."""
+    path = checkpoint_path(source)
+    if not (path / checkpoints.META_FILE).is_file():
+        return None
+    return _adapter_run(path, checkpoints.read_meta(path))
+
+
+def _adapt(model: torch.nn.Module, component: str, adapter: AdapterRun, merge: bool) -> torch.nn.Module:
+    """The base model with the checkpoint's adapter on it, or merged into its weights."""
+    from .adapters import add_adapter, load_adapter_folder, merge_adapter
+
+    add_adapter(model, component, adapter.network, 0)  # the initial weights are replaced by the checkpoint's
+    load_adapter_folder(model, adapter.checkpoint / component, "network")
+    model.eval()  # adapter dropout off: what is converted is the adapter as it applies at inference
+    return merge_adapter(model) if merge else model
+
+
+def load_source(source: str | Path, wanted: tuple[str, ...], ema: bool = False,
+                on_loaded: Optional[Callable[[str], None]] = None, merge_adapters: bool = True) -> Source:
+    """Load the wanted components of a training checkpoint, a run folder (its newest checkpoint) or a
+    diffusers folder. An adapter checkpoint's components are the base model's with the adapter merged in,
+    or, with merge_adapters false, with the adapter's layers on them."""
+    path = checkpoint_path(source)
     # Components that replace the base model's: what the run trained, and the VAE the run used.
     own: dict[str, Path] = {}
     trained_as = None
+    adapter = None
     if (path / checkpoints.META_FILE).is_file():
         meta = checkpoints.read_meta(path)
         trained_as = meta.get("prediction_type")
@@ -109,16 +200,21 @@ def load_source(source: str | Path, wanted: tuple[str, ...], ema: bool = False,
         base = Path(paths.resolve(base_name))
         if not base.exists():
             raise UserError(f"{path}: its base model {base} (meta.json base_model) is not found")
-        unet_folder = path / (EMA_FOLDER if ema else "unet")
-        if ema and not unet_folder.is_dir():
-            raise UserError(f"--ema: {path} has no ema_unet/ (the run did not keep an EMA)")
-        own["unet"] = unet_folder
-        if (path / "text_encoder").is_dir():
-            own["text_encoder"] = path / "text_encoder"
+        adapter = _adapter_run(path, meta)
+        if adapter is not None and ema:
+            raise UserError(f"--ema: {path} is a {adapter.network.type} adapter checkpoint; adapter runs keep no EMA")
+        # An adapter run's trained components are the base model's, with the adapter added once loaded.
+        if adapter is None:
+            unet_folder = path / (EMA_FOLDER if ema else "unet")
+            if ema and not unet_folder.is_dir():
+                raise UserError(f"--ema: {path} has no ema_unet/ (the run did not keep an EMA)")
+            own["unet"] = unet_folder
+            if (path / "text_encoder").is_dir():
+                own["text_encoder"] = path / "text_encoder"
         run_vae = _run_vae(path.parent.parent)
         if run_vae is not None:
             own["vae"] = run_vae
-        name = f"{path.parent.parent.name}-{path.name}"
+        name = checkpoint_name(path)
     elif is_diffusers_folder(path):
         if ema:
             raise UserError(f"--ema: {path} is a diffusers model folder; only training checkpoints have ema_unet/")
@@ -127,7 +223,7 @@ def load_source(source: str | Path, wanted: tuple[str, ...], ema: bool = False,
         raise UserError(f"{source}: neither a training checkpoint (no meta.json) nor a diffusers model folder "
                         "(no model_index.json)")
 
-    result = Source(name=name)
+    result = Source(name=name, adapter=adapter)
     base_components = None
     if base.is_file():
         from .single_file import config_folder, load_single_file_components, read_shapes
@@ -146,6 +242,8 @@ def load_source(source: str | Path, wanted: tuple[str, ...], ema: bool = False,
             result.models[component] = getattr(base_components, component)
         else:
             result.models[component] = _load_model(component, base / component)
+        if adapter is not None and component in adapter.trained:
+            result.models[component] = _adapt(result.models[component], component, adapter, merge_adapters)
         if on_loaded:
             on_loaded(component)
     return result
@@ -167,7 +265,25 @@ def output_path(out: str | Path, name: str, fmt: Optional[str]) -> tuple[Path, s
     return out, named
 
 
-def _write(state: dict, path: Path, fmt: str) -> None:
+def adapter_output_path(out: str | Path, name: str, kind: str, network: str) -> Path:
+    """Where an adapter file goes: a .safetensors OUT is the file; a folder gets NAME-NETWORK.safetensors, or
+    for diffusers' layout a folder NAME-NETWORK-diffusers/ holding pytorch_lora_weights.safetensors, the file
+    load_lora_weights looks for in a folder. The names differ from the merged file's (NAME.safetensors), so
+    every kind converts into the same folder."""
+    out = Path(out).expanduser()
+    suffix = out.suffix.lower()
+    if suffix in FORMATS and not out.is_dir():
+        if suffix != ".safetensors":
+            raise UserError(f"{out.name}: an adapter file is .safetensors; a .ckpt is written only with --merge")
+        return out
+    if out.is_file():
+        raise UserError(f"{out}: expected a .safetensors file name, or a folder")
+    if kind == "diffusers":
+        return out / f"{name}-{network}-diffusers" / DIFFUSERS_WEIGHTS
+    return out / f"{name}-{network}.safetensors"
+
+
+def _write(state: dict, path: Path, fmt: str, metadata: Optional[dict[str, str]] = None) -> None:
     # Written beside the target and renamed, so an interrupted conversion never leaves a truncated file.
     temp = path.with_name(f".{path.name}.tmp")
     try:
@@ -177,7 +293,7 @@ def _write(state: dict, path: Path, fmt: str) -> None:
             # safetensors creates its files owner-only; give the file the mode the umask gives a new file.
             temp.touch()
             mode = temp.stat().st_mode
-            save_file(state, str(temp), metadata={"format": "pt"})
+            save_file(state, str(temp), metadata={"format": "pt"} if metadata is None else metadata)
             os.chmod(temp, mode)
         else:
             torch.save({"state_dict": state}, temp)
@@ -197,14 +313,142 @@ def _dtype(option: str, value: str) -> torch.dtype:
     return DTYPES[value]
 
 
+def _check_adapter_options(source, adapter: Optional[AdapterRun], kind: str, fmt: Optional[str], ema: bool,
+                           vae_dtype: str) -> None:
+    """Refuse, before any loading, what cannot be written for this source: one line naming the flag."""
+    if kind not in ADAPTER_OUTPUTS:
+        raise UserError(f"adapter output: expected one of {', '.join(ADAPTER_OUTPUTS)}, got {kind!r}")
+    if adapter is None:
+        if kind != "kohya":
+            raise UserError(f"{ADAPTER_FLAGS[kind]}: {source} is not an adapter run's checkpoint (its network is "
+                            "full, or it is a model folder); only a LoRA-family adapter has "
+                            + ("weights to merge" if kind == "merged" else "a diffusers LoRA layout"))
+        return
+    if ema:
+        raise UserError(f"--ema: {adapter.checkpoint} is a {adapter.network.type} adapter checkpoint; adapter runs "
+                        "keep no EMA")
+    if kind == "merged":
+        return
+    if fmt == "ckpt":
+        raise UserError("--format ckpt: an adapter file is .safetensors; a .ckpt is written only with --merge")
+    if vae_dtype != "fp32":
+        raise UserError("--vae-dtype: an adapter file holds no VAE; the option applies with --merge")
+    if kind == "diffusers" and adapter.network.type not in DIFFUSERS_NETWORKS:
+        raise UserError(f"--format diffusers: diffusers' LoRA layout is written for "
+                        f"{' and '.join(DIFFUSERS_NETWORKS)} adapters (diffusers builds no LoHa layers, nor LoKr "
+                        f"ones in a text encoder), not network.type {adapter.network.type}; write the "
+                        "kohya/LyCORIS file (without --format diffusers) instead")
+
+
+def _kohya_file(loaded: Source, dtypes: Mapping[str, torch.dtype]) -> tuple[dict, dict[str, str]]:
+    """The kohya/LyCORIS tensors of the loaded adapters and the metadata the training run wrote."""
+    from . import kohya
+
+    adapter = loaded.adapter
+    state = kohya.to_kohya(loaded.models, adapter.config)
+    for component in loaded.models:
+        prefix = kohya.PREFIXES[component]
+        for key in [k for k in state if k.startswith(prefix)]:
+            state[key] = state[key].to(dtypes[component])
+    written = adapter.checkpoint / kohya.ADAPTER_EXPORT
+    if written.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(written), "pt") as handle:
+            metadata = dict(handle.metadata() or {})  # the record of the training run, kept as it was
+    else:
+        meta = adapter.meta
+        metadata = kohya.metadata(adapter.config, loaded.models, meta.get("step", 0), meta.get("epoch", 0), 0)
+        metadata.pop("ss_num_train_images")  # not recorded in the checkpoint: better absent than wrong
+    return state, metadata
+
+
+def _diffusers_file(loaded: Source, dtypes: Mapping[str, torch.dtype]) -> tuple[dict, dict[str, str]]:
+    """The adapters in diffusers' LoRA layout: peft's names behind `unet.`/`text_encoder.`, as
+    save_lora_weights writes them, with each component's LoraConfig under lora_adapter_metadata (without
+    it the loader would take alpha = rank, and not the network's scale alpha / rank)."""
+    from .adapters import adapter_state, peft_config
+
+    network = loaded.adapter.network
+    state: dict[str, torch.Tensor] = {}
+    configs: dict[str, object] = {}
+    for component, model in loaded.models.items():
+        for key, tensor in adapter_state(model).items():
+            if component == "text_encoder":
+                # The names as CLIPTextModel nested them before transformers 5: diffusers strips the
+                # text_model. prefix for a flat model, and older versions need it.
+                key = "text_model." + key.removeprefix("text_model.")
+                if key.endswith(".lora_magnitude_vector"):
+                    # transformers 5 loads a text encoder's adapter by parameter name, and DoRA's magnitude
+                    # is the .weight of a module; peft's own loader (UNet, older transformers) reads both.
+                    key += ".weight"
+            state[f"{component}.{key}"] = tensor.to(dtypes[component]).contiguous()
+        # Target modules match by name suffix, so the text encoder's flat names fit either nesting.
+        config = peft_config(model, component, network).to_dict()
+        for name in DIFFUSERS_CONFIG_FIELDS:
+            value = config[name]
+            configs[f"{component}.{name}"] = sorted(value) if isinstance(value, (set, list, tuple)) else value
+    return state, {"format": "pt", "lora_adapter_metadata": json.dumps(configs, indent=2, sort_keys=True)}
+
+
+def _convert_adapter(adapter: AdapterRun, out, kind: str, wanted: tuple[str, ...],
+                     dtypes: Mapping[str, torch.dtype], overwrite: bool,
+                     emit: Callable[[events.Event], None]) -> Path:
+    """Write an adapter checkpoint's adapter as a kohya/LyCORIS or diffusers LoRA file."""
+    # The target is known from the checkpoint's name: an existing file is refused before any loading.
+    target = adapter_output_path(out, checkpoint_name(adapter.checkpoint), kind, adapter.network.type)
+    _refuse_existing(target, overwrite)
+    total = len(wanted) + 2  # load each adapted component, convert, write
+    done = 0
+
+    def step(message: str) -> None:
+        nonlocal done
+        done += 1
+        emit(events.Log(message=message))
+        emit(events.Progress(done=done, total=total))
+
+    loaded = load_source(adapter.checkpoint, wanted, on_loaded=lambda c: step(f"loaded the {c} with its adapter"),
+                         merge_adapters=False)
+    state, metadata = (_diffusers_file if kind == "diffusers" else _kohya_file)(loaded, dtypes)
+    loaded.models.clear()
+    step(f"converted the adapter to the {'diffusers LoRA' if kind == 'diffusers' else 'kohya/LyCORIS'} layout")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    expected = sum(t.numel() * t.element_size() for t in state.values())
+    free = shutil.disk_usage(target.parent).free
+    if free < expected:
+        raise UserError(f"not enough free space in {target.parent}: the file needs about {format_size(expected)}, "
+                        f"{format_size(free)} free")
+    _write(state, target, "safetensors", metadata)
+    step(f"wrote {target} ({format_size(target.stat().st_size)})")
+    return target
+
+
 def convert_checkpoint(source: str | Path, out: str | Path, *, text_encoder: bool = True, vae: bool = True,
                        unet_dtype: str = "fp32", vae_dtype: str = "fp32", text_encoder_dtype: str = "fp32",
-                       ema: bool = False, fmt: Optional[str] = None, overwrite: bool = False,
+                       ema: bool = False, fmt: Optional[str] = None, adapter_output: str = "kohya",
+                       overwrite: bool = False,
                        on_event: Optional[Callable[[events.Event], None]] = None) -> Path:
-    """Write SOURCE as one original-layout file and return its path; emits Progress and Log events."""
+    """Write SOURCE as one original-layout file and return its path; emits Progress and Log events.
+
+    An adapter run's checkpoint is written as adapter_output says (ADAPTER_OUTPUTS): the kohya/LyCORIS
+    adapter file, the merged model, or diffusers' LoRA layout (also asked for with fmt="diffusers"). The
+    dtype options apply to the adapter's weights of each component; the text_encoder option leaves the text
+    encoder's adapter out.
+    """
     emit = on_event or (lambda event: None)
     dtypes = {"unet": _dtype("--unet-dtype", unet_dtype), "vae": _dtype("--vae-dtype", vae_dtype),
               "text_encoder": _dtype("--text-encoder-dtype", text_encoder_dtype)}
+    if fmt == "diffusers":
+        if adapter_output == "merged":
+            raise UserError("--merge: a merged model is an original-layout file; it cannot be written with "
+                            "--format diffusers (an adapter layout)")
+        fmt, adapter_output = None, "diffusers"
+    adapter = find_adapter_run(source)
+    _check_adapter_options(source, adapter, adapter_output, fmt, ema, vae_dtype)
+    if adapter is not None and adapter_output != "merged":
+        wanted = tuple(c for c in adapter.trained if text_encoder or c != "text_encoder")
+        return _convert_adapter(adapter, out, adapter_output, wanted, dtypes, overwrite, emit)
+
     wanted = tuple(c for c, keep in zip(COMPONENTS, (True, vae, text_encoder)) if keep)
     total = 2 * len(wanted) + 1  # load and convert each component, then write
     done = 0
@@ -219,7 +463,11 @@ def convert_checkpoint(source: str | Path, out: str | Path, *, text_encoder: boo
     target, _ = output_path(out, "", fmt)
     if target == Path(out).expanduser():
         _refuse_existing(target, overwrite)
-    loaded = load_source(source, wanted, ema=ema, on_loaded=lambda c: step(f"loaded the {c}"))
+    def loaded_one(component: str) -> None:
+        adapted = adapter is not None and component in adapter.trained
+        step(f"loaded the {component}" + (" and merged its adapter in" if adapted else ""))
+
+    loaded = load_source(source, wanted, ema=ema, on_loaded=loaded_one)
     target, fmt = output_path(out, loaded.name, fmt)
     _refuse_existing(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -257,25 +505,44 @@ def cmd_convert(args) -> int:
     path = convert_checkpoint(
         args.checkpoint, args.out, text_encoder=not args.no_text_encoder, vae=not args.no_vae,
         unet_dtype=args.unet_dtype, vae_dtype=args.vae_dtype, text_encoder_dtype=args.text_encoder_dtype,
-        ema=args.ema, fmt=args.format, overwrite=args.overwrite, on_event=show)
+        ema=args.ema, fmt=args.format, adapter_output="merged" if args.merge else "kohya",
+        overwrite=args.overwrite, on_event=show)
     print(f"{path} ({format_size(path.stat().st_size)})")
     return 0
 
 
 def register(subparsers) -> None:
+    import argparse
+
     parser = subparsers.add_parser(
-        "convert", help="write a checkpoint or diffusers folder as one .safetensors/.ckpt file (A1111, ComfyUI)")
+        "convert", help="write a checkpoint or diffusers folder as one .safetensors/.ckpt file (A1111, ComfyUI); "
+                        "an adapter run's checkpoint as its LoRA file, or merged into its base model",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="A full fine-tune's checkpoint (or a diffusers folder) becomes one original-layout model file.\n"
+                    "An adapter run's checkpoint (network.type lora, dora, loha, lokr) becomes, by default, its\n"
+                    "kohya/LyCORIS adapter file OUT or OUT/NAME-NETWORK.safetensors (A1111, ComfyUI, diffusers'\n"
+                    "load_lora_weights); with --merge the base model with the adapter merged in, as one model\n"
+                    "file; with --format diffusers diffusers' own LoRA layout, a folder\n"
+                    f"OUT/NAME-NETWORK-diffusers/ holding {DIFFUSERS_WEIGHTS} (or the .safetensors file OUT).\n"
+                    "For an adapter file --unet-dtype and --text-encoder-dtype set the adapter's weight types and\n"
+                    "--no-text-encoder leaves the text encoder's adapter out.")
     parser.add_argument("checkpoint", metavar="CKPT",
                         help="training checkpoint (run/checkpoints/step-N), run folder or diffusers folder")
     parser.add_argument("out", metavar="OUT",
                         help="output .safetensors/.ckpt file, or a folder for a file named after the checkpoint")
-    parser.add_argument("--no-text-encoder", action="store_true", help="leave the text encoder out")
+    parser.add_argument("--no-text-encoder", action="store_true",
+                        help="leave the text encoder out (of an adapter file: its text-encoder adapter)")
     parser.add_argument("--no-vae", action="store_true", help="leave the VAE out")
     for component in ("unet", "vae", "text-encoder"):
         parser.add_argument(f"--{component}-dtype", choices=list(DTYPES), default="fp32",
-                            help=f"{component.replace('-', ' ')} weight type (default fp32)")
+                            help=f"{component.replace('-', ' ')} weight type (default fp32)"
+                                 + ("" if component == "vae" else "; of an adapter file, its adapter's"))
     parser.add_argument("--ema", action="store_true", help="use the checkpoint's EMA UNet (ema_unet/)")
-    parser.add_argument("--format", choices=list(FORMATS.values()),
-                        help="file format when OUT is a folder (default safetensors; a file's extension decides)")
+    parser.add_argument("--merge", action="store_true",
+                        help="adapter runs: write the base model with the adapter merged in, as one "
+                             ".safetensors/.ckpt model file (default: the kohya/LyCORIS adapter file)")
+    parser.add_argument("--format", choices=[*FORMATS.values(), "diffusers"],
+                        help="file format when OUT is a folder (default safetensors; a file's extension decides); "
+                             "diffusers: an adapter run's LoRA in diffusers' layout (not with --merge)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     parser.set_defaults(func=cmd_convert)
