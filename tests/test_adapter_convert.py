@@ -271,3 +271,21 @@ def test_what_cannot_be_written_is_refused_naming_the_flag(lora_run, loha_run, t
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
     assert result.stderr.startswith("error: --merge") and "--format diffusers" in result.stderr
     assert not out.exists()
+
+
+def test_ema_writes_the_average_of_the_adapter(tmp_path, tiny_model, class_images):
+    from engine.ema import ADAPTER_EMA_FILE, EMA_FOLDER
+
+    run = train_adapter_run(tmp_path / "run", "lora", **{"ema.enabled": True, "ema.decay": 0.5,
+                                                        "train_text_encoder": False})
+    checkpoint = checkpoints.latest_checkpoint(run)
+    raw = convert_checkpoint(checkpoint, tmp_path / "raw.safetensors")
+    averaged = convert_checkpoint(checkpoint, tmp_path / "ema.safetensors", ema=True)
+    (raw_state, _), (ema_state, _) = file_tensors(raw), file_tensors(averaged)
+    assert raw_state.keys() == ema_state.keys()
+    # the average of two steps lags the weights: every trained tensor differs, the alphas do not
+    shadow = torch.load(checkpoint / EMA_FOLDER / ADAPTER_EMA_FILE, weights_only=False)["shadow_params"]
+    ups = [k for k in raw_state if k.endswith("lora_up.weight")]
+    assert all(not torch.equal(raw_state[k], ema_state[k]) for k in ups)
+    assert all(torch.equal(raw_state[k], ema_state[k]) for k in raw_state if k.endswith(".alpha"))
+    assert sum(t.numel() for t in shadow) == sum(t.numel() for k, t in ema_state.items() if not k.endswith("alpha"))

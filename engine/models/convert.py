@@ -171,12 +171,17 @@ def find_adapter_run(source: str | Path) -> Optional[AdapterRun]:
     return _adapter_run(path, checkpoints.read_meta(path))
 
 
-def _adapt(model: torch.nn.Module, component: str, adapter: AdapterRun, merge: bool) -> torch.nn.Module:
-    """The base model with the checkpoint's adapter on it, or merged into its weights."""
+def _adapt(model: torch.nn.Module, component: str, adapter: AdapterRun, merge: bool,
+           ema: bool = False) -> torch.nn.Module:
+    """The base model with the checkpoint's adapter (or, ema, the UNet adapter's average) on it, or merged
+    into its weights."""
+    from ..ema import averaged_parameters, load_ema
     from .adapters import add_adapter, load_adapter_folder, merge_adapter
 
     add_adapter(model, component, adapter.network, 0)  # the initial weights are replaced by the checkpoint's
     load_adapter_folder(model, adapter.checkpoint / component, "network")
+    if ema and component == "unet":
+        load_ema(adapter.checkpoint, adapter.config.ema, "cpu", model).copy_to(averaged_parameters(model))
     model.eval()  # adapter dropout off: what is converted is the adapter as it applies at inference
     return merge_adapter(model) if merge else model
 
@@ -201,14 +206,11 @@ def load_source(source: str | Path, wanted: tuple[str, ...], ema: bool = False,
         if not base.exists():
             raise UserError(f"{path}: its base model {base} (meta.json base_model) is not found")
         adapter = _adapter_run(path, meta)
-        if adapter is not None and ema:
-            raise UserError(f"--ema: {path} is a {adapter.network.type} adapter checkpoint; adapter runs keep no EMA")
+        if ema and not (path / EMA_FOLDER).is_dir():
+            raise UserError(f"--ema: {path} has no ema_unet/ (the run did not keep an EMA)")
         # An adapter run's trained components are the base model's, with the adapter added once loaded.
         if adapter is None:
-            unet_folder = path / (EMA_FOLDER if ema else "unet")
-            if ema and not unet_folder.is_dir():
-                raise UserError(f"--ema: {path} has no ema_unet/ (the run did not keep an EMA)")
-            own["unet"] = unet_folder
+            own["unet"] = path / (EMA_FOLDER if ema else "unet")
             if (path / "text_encoder").is_dir():
                 own["text_encoder"] = path / "text_encoder"
         run_vae = _run_vae(path.parent.parent)
@@ -243,7 +245,7 @@ def load_source(source: str | Path, wanted: tuple[str, ...], ema: bool = False,
         else:
             result.models[component] = _load_model(component, base / component)
         if adapter is not None and component in adapter.trained:
-            result.models[component] = _adapt(result.models[component], component, adapter, merge_adapters)
+            result.models[component] = _adapt(result.models[component], component, adapter, merge_adapters, ema)
         if on_loaded:
             on_loaded(component)
     return result
@@ -324,9 +326,6 @@ def _check_adapter_options(source, adapter: Optional[AdapterRun], kind: str, fmt
                             "full, or it is a model folder); only a LoRA-family adapter has "
                             + ("weights to merge" if kind == "merged" else "a diffusers LoRA layout"))
         return
-    if ema:
-        raise UserError(f"--ema: {adapter.checkpoint} is a {adapter.network.type} adapter checkpoint; adapter runs "
-                        "keep no EMA")
     if kind == "merged":
         return
     if fmt == "ckpt":
@@ -392,7 +391,7 @@ def _diffusers_file(loaded: Source, dtypes: Mapping[str, torch.dtype]) -> tuple[
 
 
 def _convert_adapter(adapter: AdapterRun, out, kind: str, wanted: tuple[str, ...],
-                     dtypes: Mapping[str, torch.dtype], overwrite: bool,
+                     dtypes: Mapping[str, torch.dtype], overwrite: bool, ema: bool,
                      emit: Callable[[events.Event], None]) -> Path:
     """Write an adapter checkpoint's adapter as a kohya/LyCORIS or diffusers LoRA file."""
     # The target is known from the checkpoint's name: an existing file is refused before any loading.
@@ -408,7 +407,7 @@ def _convert_adapter(adapter: AdapterRun, out, kind: str, wanted: tuple[str, ...
         emit(events.Progress(done=done, total=total))
 
     loaded = load_source(adapter.checkpoint, wanted, on_loaded=lambda c: step(f"loaded the {c} with its adapter"),
-                         merge_adapters=False)
+                         merge_adapters=False, ema=ema)
     state, metadata = (_diffusers_file if kind == "diffusers" else _kohya_file)(loaded, dtypes)
     loaded.models.clear()
     step(f"converted the adapter to the {'diffusers LoRA' if kind == 'diffusers' else 'kohya/LyCORIS'} layout")
@@ -447,7 +446,7 @@ def convert_checkpoint(source: str | Path, out: str | Path, *, text_encoder: boo
     _check_adapter_options(source, adapter, adapter_output, fmt, ema, vae_dtype)
     if adapter is not None and adapter_output != "merged":
         wanted = tuple(c for c in adapter.trained if text_encoder or c != "text_encoder")
-        return _convert_adapter(adapter, out, adapter_output, wanted, dtypes, overwrite, emit)
+        return _convert_adapter(adapter, out, adapter_output, wanted, dtypes, overwrite, ema, emit)
 
     wanted = tuple(c for c, keep in zip(COMPONENTS, (True, vae, text_encoder)) if keep)
     total = 2 * len(wanted) + 1  # load and convert each component, then write
