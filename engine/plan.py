@@ -20,6 +20,7 @@ class RunPlan:
     autocast: Optional[torch.dtype]    # None: fp32 compute
     grad_scaler: bool                  # fp16 autocast needs loss scaling
     weights: torch.dtype               # of the trained models (an adapter's base); frozen ones stay in fp32
+    rounded_weights: bool              # trained weights kept in bf16, written back with stochastic rounding
     adapter: str                       # "full" fine-tuning, or the LoRA-family network trained over it
     train_text_encoder: bool
     frozen_text_layers: int            # final CLIP layers that CLIP skip never runs
@@ -71,14 +72,15 @@ def make_plan(config: Config, device_type: str, processes: int = 1) -> RunPlan:
     refuse_for_processes(config, processes)
     autocast, scaler = precision(config, device_type)
     bf16 = config.weights_dtype == "bf16"
+    rounded = bf16 and not config.network.adapter  # an adapter trains in fp32 over a frozen bf16 base
     return RunPlan(
         device_type=device_type, processes=processes, autocast=autocast, grad_scaler=scaler,
-        weights=torch.bfloat16 if bf16 else torch.float32, adapter=config.network.type,
+        weights=torch.bfloat16 if bf16 else torch.float32, rounded_weights=rounded,
+        adapter=config.network.type,
         train_text_encoder=config.train_text_encoder,
         frozen_text_layers=config.clip_stop_at_layer - 1 if config.train_text_encoder else 0,
-        # bf16 weights that train need stochastic rounding, one parameter at a time; an adapter trains in
-        # fp32 over a frozen bf16 base
-        per_parameter=config.optimizer.fused_backward or (bf16 and not config.network.adapter),
+        # bf16 weights that train need stochastic rounding, one parameter at a time
+        per_parameter=config.optimizer.fused_backward or rounded,
         fused_backward=config.optimizer.fused_backward,
         cache_latents=config.cache.latents and latents_cacheable(config),
         cache_text=config.cache.text_embeddings and text_cacheable(config))

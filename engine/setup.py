@@ -80,7 +80,7 @@ def build_optimizer(config: Config, plan: RunPlan, groups: list[dict], seed: int
 
     if plan.per_parameter:
         return optim.PerParameterOptimizer(config.optimizer, groups, fused=plan.fused_backward,
-                                           bf16_weights=plan.weights == torch.bfloat16, seed=seed,
+                                           bf16_weights=plan.rounded_weights, seed=seed,
                                            clip_norm=config.trainer.gradient_clip_val)
     return optim.build_optimizer(config.optimizer, groups, groups[0]["lr"])
 

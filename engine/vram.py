@@ -179,6 +179,10 @@ def describe(config: Config, plan: RunPlan, shape: StepShape) -> str:
     features = [f"{shape.rows} rows of {shape.width}x{shape.height}",
                 f"{str(plan.autocast).removeprefix('torch.')} autocast" if plan.autocast else "no autocast",
                 f"{str(plan.weights).removeprefix('torch.')} weights", optimizer.rpartition(".")[2]]
+    if plan.adapter != "full":
+        network = config.network
+        features.append(f"{plan.adapter} rank {network.rank}"
+                        + (f" (conv rank {network.conv_rank})" if network.conv_rank else "") + " over a frozen base")
     features += [name for name, on in (("text encoder trained", plan.train_text_encoder),
                                        ("gradient checkpointing", config.gradient_checkpointing),
                                        ("fused backward", plan.fused_backward),

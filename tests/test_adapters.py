@@ -279,3 +279,14 @@ def test_the_ema_of_an_adapter_follows_its_weights_and_resumes(tmp_path, class_i
     assert isinstance(resumed.run(), events.Finished)
     state = torch.load(checkpoints.latest_checkpoint(run_dir) / EMA_FOLDER / ADAPTER_EMA_FILE, weights_only=False)
     assert state["optimization_step"] == 3
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_an_adapter_over_a_bf16_base_trains_in_fp32(tmp_path, class_images, fused):
+    run_dir, checkpoint = train(adapter_values(tmp_path, **{"weights_dtype": "bf16", "trainer.precision": "bf16",
+                                                            "optimizer.fused_backward": fused,
+                                                            "train_text_encoder": False}))
+    adapter = load_file(checkpoint / "unet" / "adapter_model.safetensors")
+    assert {t.dtype for t in adapter.values()} == {torch.float32}
+    ups = [t for k, t in adapter.items() if ".lora_B." in k]
+    assert all(torch.isfinite(t).all() for t in ups) and max(t.abs().max().item() for t in ups) > 0

@@ -160,7 +160,7 @@ def test_architecture_comes_from_the_model_folder_or_its_name(tiny_model):
     assert vram.resolve_architecture(cfg.load(base={"model": "demo:tiny-sd"})).unet["block_out_channels"] == [32, 64]
 
 
-@pytest.mark.parametrize("preset,limit", [("dreambooth-10gb", 6.0), ("dreambooth-6gb", 4.5)])
+@pytest.mark.parametrize("preset,limit", [("dreambooth-10gb", 6.0), ("dreambooth-6gb", 4.5), ("lora-4gb", 3.0)])
 def test_low_memory_presets_fit_their_budget_on_sd15(preset, limit):
     config = cfg.load(ROOT / "presets" / f"{preset}.yaml")
     assert vram.resolve_architecture(config).source == "sd15"
