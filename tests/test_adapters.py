@@ -290,3 +290,37 @@ def test_an_adapter_over_a_bf16_base_trains_in_fp32(tmp_path, class_images, fuse
     assert {t.dtype for t in adapter.values()} == {torch.float32}
     ups = [t for k, t in adapter.items() if ".lora_B." in k]
     assert all(torch.isfinite(t).all() for t in ups) and max(t.abs().max().item() for t in ups) > 0
+
+
+def test_samples_render_with_the_adapter_and_class_images_come_from_the_base_model(tmp_path, tiny_model):
+    import numpy as np
+    from PIL import Image
+
+    from engine.classgen import ClassGenJob
+
+    def class_folder(name):
+        return {"data.concepts[0].class_set.path": str(tmp_path / name),
+                "data.concepts[0].class_set.auto_generate": {"enabled": True, "num_target": 2, "steps": 2,
+                                                             "cfg_scale": 3.0, "batch_size": 2}}
+
+    # class images generated inside an adapter run equal those of the base model alone
+    run_dir, _ = train(adapter_values(tmp_path / "run", **class_folder("in-run"), **{"sampling.interval_steps": 2}))
+    base_only = tiny_config(tmp_path / "base", **class_folder("base"))
+    assert isinstance(ClassGenJob(cfg.from_dict(base_only)).run(), events.Finished)
+    pixels = {name: [np.asarray(Image.open(p)) for p in sorted((tmp_path / name).rglob("*.png"))]
+              for name in ("in-run", "base")}
+    assert len(pixels["in-run"]) == 2 and all(np.array_equal(a, b) for a, b in zip(pixels["in-run"], pixels["base"]))
+
+    # the run's sample differs from the base model's rendering of the same prompt, seed and size
+    from engine.models.sd import StableDiffusion, load_components
+    from engine.sampling import PromptEncoder, generate_samples
+
+    config = cfg.load(run_dir / "config.yaml")
+    components = load_components(str(tiny_model))
+    family = StableDiffusion()
+    pipeline = family.pipeline(components, components.unet, components.text_encoder, torch.device("cpu"))
+    encoder = PromptEncoder(family, components.tokenizer, components.text_encoder, config.clip_stop_at_layer)
+    (base_sample, *_) = generate_samples(config, pipeline, encoder, tmp_path / "base-samples")
+    trained_sample = sorted((run_dir / "samples" / "000002").glob("*.png"))[0]
+    assert np.abs(np.asarray(Image.open(trained_sample), dtype=np.int16)
+                  - np.asarray(Image.open(base_sample), dtype=np.int16)).max() > 0
