@@ -390,6 +390,18 @@ def _diffusers_file(loaded: Source, dtypes: Mapping[str, torch.dtype]) -> tuple[
     return state, {"format": "pt", "lora_adapter_metadata": json.dumps(configs, indent=2, sort_keys=True)}
 
 
+class ProgressSteps:
+    """Counts a conversion's steps: each one a log line and a progress event."""
+
+    def __init__(self, emit: Callable[[events.Event], None], total: int):
+        self.emit, self.total, self.done = emit, total, 0
+
+    def __call__(self, message: str) -> None:
+        self.done += 1
+        self.emit(events.Log(message=message))
+        self.emit(events.Progress(done=self.done, total=self.total))
+
+
 def _convert_adapter(adapter: AdapterRun, out, kind: str, wanted: tuple[str, ...],
                      dtypes: Mapping[str, torch.dtype], overwrite: bool, ema: bool,
                      emit: Callable[[events.Event], None]) -> Path:
@@ -397,14 +409,7 @@ def _convert_adapter(adapter: AdapterRun, out, kind: str, wanted: tuple[str, ...
     # The target is known from the checkpoint's name: an existing file is refused before any loading.
     target = adapter_output_path(out, checkpoint_name(adapter.checkpoint), kind, adapter.network.type)
     _refuse_existing(target, overwrite)
-    total = len(wanted) + 2  # load each adapted component, convert, write
-    done = 0
-
-    def step(message: str) -> None:
-        nonlocal done
-        done += 1
-        emit(events.Log(message=message))
-        emit(events.Progress(done=done, total=total))
+    step = ProgressSteps(emit, total=len(wanted) + 2)  # load each adapted component, convert, write
 
     loaded = load_source(adapter.checkpoint, wanted, on_loaded=lambda c: step(f"loaded the {c} with its adapter"),
                          merge_adapters=False, ema=ema)
@@ -449,14 +454,7 @@ def convert_checkpoint(source: str | Path, out: str | Path, *, text_encoder: boo
         return _convert_adapter(adapter, out, adapter_output, wanted, dtypes, overwrite, ema, emit)
 
     wanted = tuple(c for c, keep in zip(COMPONENTS, (True, vae, text_encoder)) if keep)
-    total = 2 * len(wanted) + 1  # load and convert each component, then write
-    done = 0
-
-    def step(message: str) -> None:
-        nonlocal done
-        done += 1
-        emit(events.Log(message=message))
-        emit(events.Progress(done=done, total=total))
+    step = ProgressSteps(emit, total=2 * len(wanted) + 1)  # load and convert each component, then write
 
     # A named output file is checked before minutes of loading; a folder's file name needs the source.
     target, _ = output_path(out, "", fmt)
