@@ -5,7 +5,11 @@ import argparse
 import os
 import queue
 import sys
+import time
 import warnings
+
+# How long a torchrun rank other than the first waits, after a config error, for torchrun to end it.
+OTHER_RANKS_WAIT_S = 30.0
 
 
 def _quiet_libraries() -> None:
@@ -187,9 +191,12 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except ConfigError as error:
-        # Every torchrun rank reads the same config: the first rank's line is enough.
+        # Every torchrun rank reads the same config, so the first rank reports it. The others wait to be
+        # ended: torchrun stops every rank as soon as one exits, which could cut the report off.
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {error}", file=sys.stderr)
+        else:
+            time.sleep(OTHER_RANKS_WAIT_S)
         return 2
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
