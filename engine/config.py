@@ -271,6 +271,8 @@ class Config:
     custom_embeddings: CustomEmbeddings = field(default_factory=CustomEmbeddings)
     network: Network = field(default_factory=Network)
     noise_offset: float = 0.0
+    min_timestep: int = 0  # train only timesteps in [min_timestep, max_timestep) of the noise schedule
+    max_timestep: Optional[int] = None  # null = the schedule's length
     min_snr_gamma: Optional[float] = None
     prediction_type: Optional[Literal["epsilon", "v_prediction"]] = None  # null = the model's scheduler config
     zero_terminal_snr: bool = False
@@ -536,6 +538,9 @@ def validate(config: Config) -> None:
         _require(PRECISIONS[str(config.trainer.precision)] != "float16",
                  "config key 'trainer.precision': fp16 with a grad scaler cannot be combined with "
                  "'optimizer.fused_backward' or 'weights_dtype: bf16'; use precision bf16")
+    _require(config.min_timestep >= 0 and (config.max_timestep is None or config.max_timestep > config.min_timestep),
+             f"config keys 'min_timestep' and 'max_timestep': need 0 <= min_timestep < max_timestep, got "
+             f"{config.min_timestep} and {config.max_timestep}")
     network = config.network
     if network.adapter:
         _require(network.rank >= 1, f"config key 'network.rank': must be a whole number of at least 1, got "

@@ -25,9 +25,9 @@ class RowNoise:
     see exactly the draws of an uninterrupted single-process run.
     """
 
-    def __init__(self, keys, num_timesteps: int):
+    def __init__(self, keys, timesteps: tuple[int, int]):
         self.generators = [torch.Generator().manual_seed(int(k)) for k in keys]
-        self.num_timesteps = num_timesteps
+        self.timesteps = timesteps  # drawn from [first, end)
 
     def _per_row(self, shape, draw) -> torch.Tensor:
         return torch.stack([draw(shape, g) for g in self.generators])
@@ -38,7 +38,8 @@ class RowNoise:
 
     def noise_and_timesteps(self, shape, offset: float) -> tuple[torch.Tensor, torch.Tensor]:
         noise = self._per_row(shape[1:], lambda s, g: torch.randn(s, generator=g))
-        timesteps = self._per_row((), lambda s, g: torch.randint(0, self.num_timesteps, (), generator=g))
+        first, end = self.timesteps
+        timesteps = self._per_row((), lambda s, g: torch.randint(first, end, (), generator=g))
         if offset > 0:
             # a per-channel constant teaches the model to shift overall brightness
             shift = self._per_row((shape[1], 1, 1), lambda s, g: torch.randn(s, generator=g))
@@ -64,6 +65,17 @@ class LossParts:
     height: int
 
 
+def timestep_range(config: Config, scheduler) -> tuple[int, int]:
+    """[min_timestep, max_timestep) of the noise schedule, the part of it that trains."""
+    steps = scheduler.config.num_train_timesteps
+    end = steps if config.max_timestep is None else config.max_timestep
+    if end > steps:
+        from .errors import UserError
+
+        raise UserError(f"config key 'max_timestep': the model's noise schedule has {steps} timesteps, got {end}")
+    return config.min_timestep, end
+
+
 def compute_loss(config: Config, models: StepModels, batch: dict, device: torch.device,
                  autocast_dtype: Optional[torch.dtype], text_cache=None) -> tuple[torch.Tensor, LossParts]:
     """The loss of one micro-batch; latents and embeddings come from the caches when the batch or
@@ -71,7 +83,7 @@ def compute_loss(config: Config, models: StepModels, batch: dict, device: torch.
     vae, scheduler = models.vae, models.noise_scheduler
     prediction_type = scheduler.config.prediction_type
     input_ids = batch["input_ids"].to(device)
-    draws = RowNoise(batch["sample_keys"], scheduler.config.num_train_timesteps)
+    draws = RowNoise(batch["sample_keys"], timestep_range(config, scheduler))
     with torch.no_grad():
         if "latent_params" in batch:
             from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution

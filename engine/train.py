@@ -35,7 +35,7 @@ from .sampling import PromptEncoder, generate_samples
 from .models import kohya
 from .models.adapters import AdapterWeights, load_adapter_folder
 from .setup import adapted_models, build_optimizer, build_schedule, parameter_groups, prepare_models
-from .step import LossParts, StepModels, backward, compute_loss, optimizer_step
+from .step import LossParts, StepModels, backward, compute_loss, optimizer_step, timestep_range
 
 
 def select_device(config: Config) -> torch.device:
@@ -232,6 +232,7 @@ class Trainer(Job):
                 return None
         family = family_for(config)
         components, expansions, attention = self._load_models(family, plan, device)
+        timestep_range(config, components.noise_scheduler)  # a range past the model's schedule fails here
         data = prepare_data(config, components.tokenizer, config.seed, topology.rank, topology.world_size,
                             expansions)
         from .data.cache import attach_caches

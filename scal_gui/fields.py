@@ -294,6 +294,8 @@ ADVANCED = (
     Field("ema.use_for_samples", "Samples use the EMA weights"),
     Field("noise_offset", "Noise offset", "e.g. 0.05; 0 = off"),
     Field("min_snr_gamma", "Min-SNR γ", "e.g. 5; empty = off"),
+    Field("min_timestep", "Min timestep", "train only timesteps from this one on"),
+    Field("max_timestep", "Max timestep", "train only timesteps below this one; empty = all"),
     Field("prediction_type", "Prediction type", "empty = the model's own"),
     Field("zero_terminal_snr", "Zero terminal SNR", "use with v_prediction"),
     Field("uncond.enabled", "Caption dropout"),

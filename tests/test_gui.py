@@ -488,3 +488,13 @@ def test_every_training_option_has_a_field_in_the_advanced_section():
     values[index] = 0.07
     merged, message = configs.merge_form(yaml_text, values)
     assert merged is not None and schema.from_dict(configs.parse_yaml(merged)).noise_offset == 0.07
+
+
+def test_the_timestep_range_fields_reach_the_config():
+    yaml_text = configs.to_yaml(presets.load_preset(presets.list_presets()[0], "/tmp/out"))
+    values, _ = configs.form_from_yaml(yaml_text)
+    keys = [f.key for f in fields.ALL]
+    values[keys.index("min_timestep")], values[keys.index("max_timestep")] = 200, 800
+    merged, message = configs.merge_form(yaml_text, values)
+    config = schema.from_dict(configs.parse_yaml(merged))
+    assert (config.min_timestep, config.max_timestep) == (200, 800), message

@@ -566,3 +566,29 @@ def test_ema_weights_follow_the_closed_form_of_the_trained_weights(tmp_path, cla
     assert max((ema[n].double() - expected[n]).abs().max().item() for n in ema) < 1e-6
     # The average lags the trained weights, which moved at each step.
     assert max((ema[n].double() - trained[-1][n].double()).abs().max().item() for n in ema) > 1e-5
+
+
+def test_a_timestep_range_trains_only_that_part_of_the_schedule(baseline, alphas_cumprod, tmp_path):
+    run = train(tmp_path, min_timestep=600, max_timestep=610)
+    steps = run.first.timesteps
+    assert ((steps >= 600) & (steps < 610)).all()
+    assert not ((baseline.first.timesteps >= 600) & (baseline.first.timesteps < 610)).all()
+    a = scaled(alphas_cumprod, steps)
+    assert torch.allclose(run.first.noisy.double(), a.sqrt() * run.first.latents + (1 - a).sqrt() * run.first.noise,
+                          atol=1e-5)
+    assert run.losses[0] == pytest.approx(dreambooth_mse(run.first.prediction, run.first.noise), rel=1e-5)
+
+
+@pytest.mark.parametrize("values", [{"min_timestep": 500, "max_timestep": 500}, {"min_timestep": -1}])
+def test_an_empty_timestep_range_is_refused(tmp_path, values):
+    with pytest.raises(cfg.ConfigError, match="config keys 'min_timestep' and 'max_timestep'"):
+        cfg.from_dict(tiny_config(tmp_path, **values))
+
+
+def test_a_timestep_range_past_the_schedule_names_the_key(tmp_path, class_images):
+    from engine.train import Trainer
+
+    result = Trainer(cfg.from_dict(tiny_config(tmp_path, **{"max_timestep": 5000, "trainer.max_steps": 1,
+                                                            "sampling.interval_steps": 0}))).run()
+    assert isinstance(result, events.Failed) and result.user_error
+    assert result.error.startswith("config key 'max_timestep': the model's noise schedule has 1000 timesteps")
