@@ -46,13 +46,14 @@ def trained_parameters(config) -> int:
     """How many weights the config trains: the trainer's own freezing rules and adapter, on the CPU."""
     import torch
 
-    from engine.models.sd import load_components
+    from engine.models.sd import StableDiffusion, load_components
     from engine.plan import make_plan
     from engine.setup import parameter_groups, prepare_models
 
+    family = StableDiffusion()
     components = load_components(config.model)
     plan = make_plan(config, "cpu")
-    prepare_models(components, config, plan, torch.device("cpu"))
+    prepare_models(family, components, config, plan, torch.device("cpu"))
     groups = parameter_groups(components, plan, config, config.optimizer.params.lr)
     return sum(p.numel() for group in groups for p in group["params"])
 

@@ -24,6 +24,8 @@ from . import events, paths
 from .data.buckets import plan_buckets
 from .config import Config, load
 from .data.index import scan_folder
+from .data.shards import names_shards
+from .data.sources import scan_images
 from .errors import UserError
 from .job import Job, release_memory
 from .models.family import family_for
@@ -93,9 +95,12 @@ def plan_class_images(config: Config) -> list[ImageTask]:
             raise UserError(f"config key '{key}.path': a folder for the class images is required")
         if not class_set.prompt.strip():
             raise UserError(f"config key '{key}.prompt': the class prompt is empty")
+        if names_shards(paths.resolve(class_set.path)):
+            raise UserError(f"config key '{key}.auto_generate.enabled': class images are generated into a folder "
+                            f"of images, but {key}.path names shards; turn it off or name a folder")
         folder = paths.writable_folder(Path(paths.resolve(class_set.path)), f"{key}.path")
 
-        instances = scan_folder(paths.resolve(concept.instance_set.path), concept.instance_set.prompt,
+        instances = scan_images(paths.resolve(concept.instance_set.path), concept.instance_set.prompt,
                                 f"config key 'data.concepts[{number}].instance_set.path'")
         instance_plan = plan_buckets(config, instances.records)
         counts = [instance_plan.assignments.count(b) for b in range(len(instance_plan.sizes))]
@@ -173,8 +178,8 @@ class ClassGenJob(Job):
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         dtype = torch.float16 if device.type == "cuda" else torch.float32
         self.log(f"generating {total} class images on {device}")
-        family, pipeline = _load_pipeline(config, device, dtype)
-        encoder = PromptEncoder(family, pipeline.tokenizer, pipeline.text_encoder, config.clip_stop_at_layer)
+        family, components, pipeline = _load_pipeline(config, device, dtype)
+        encoder = PromptEncoder(family, components.tokenizer, components.text_encoder, config.clip_stop_at_layer)
         done = 0
         started = time.perf_counter()
         self.emit(events.Progress(done=0, total=total))
@@ -210,7 +215,7 @@ def _load_pipeline(config: Config, device: torch.device, dtype: torch.dtype):
     family = family_for(config)
     components = family.load(config)
     pipeline = family.pipeline(components, components.unet, components.text_encoder, device)
-    return family, pipeline.to(dtype=dtype)
+    return family, components, pipeline.to(dtype=dtype)
 
 
 def cmd_gen_class(args) -> int:

@@ -76,13 +76,15 @@ def _exit_code(event) -> int:
 
 
 def _show_progress(trainer) -> int:
-    """A progress bar with the loss, and one line per checkpoint, sample batch and log message."""
+    """A progress bar with the loss (and the newest val_loss), and one line per checkpoint, sample batch and
+    log message."""
     from tqdm import tqdm
 
     from . import events
 
     bar = None
     say = print
+    shown = {}  # the newest val_loss stays on the bar between validation rounds
     for event in _events_until_done(trainer):
         if isinstance(event, events.Started):
             bar = tqdm(total=event.total_steps, initial=event.start_step, unit="step", dynamic_ncols=True)
@@ -90,7 +92,9 @@ def _show_progress(trainer) -> int:
             say(f"run folder: {event.run_dir}")
         elif isinstance(event, events.Step) and bar is not None:
             bar.update(event.step - bar.n)
-            bar.set_postfix(epoch=event.epoch, loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}")
+            bar.set_postfix(epoch=event.epoch, loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}", **shown)
+        elif isinstance(event, events.Validation):
+            shown["val_loss"] = f"{event.loss:.4f}"
         elif isinstance(event, events.Log):
             say(f"{event.level}: {event.message}", file=sys.stderr)
         elif isinstance(event, events.CheckpointSaved):
@@ -136,7 +140,7 @@ def _relay_events(trainer, as_json: bool) -> int:
 def cmd_make_tiny_model(args) -> int:
     from .models.tiny import make_tiny_model
 
-    print(make_tiny_model(args.dir, seed=args.seed))
+    print(make_tiny_model(args.dir, seed=args.seed, arch=args.arch))
     return 0
 
 
@@ -164,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = commands.add_parser("make-tiny-model", help="write the tiny offline demo pipeline")
     tiny.add_argument("dir")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--arch", choices=("sd", "sdxl"), default="sd", help="SD1.x-shaped (default) or SDXL-shaped")
     tiny.set_defaults(func=cmd_make_tiny_model)
 
     sample = commands.add_parser("make-sample-data", help="write the synthetic demo dataset")
@@ -171,12 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0)
     sample.set_defaults(func=cmd_make_sample_data)
 
-    from .data import buckets_cli
+    from .data import buckets_cli, make_shards
     from . import classgen, vram
     from .models import convert
 
     # Commands defined next to the code they drive; each module adds its own subcommand.
-    for module in (buckets_cli, classgen, convert, vram):
+    for module in (buckets_cli, classgen, convert, make_shards, vram):
         module.register(commands)
     return parser
 

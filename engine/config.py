@@ -38,6 +38,8 @@ class AutoGenerate:
 class InstanceSet:
     path: str = ""
     prompt: str = ""
+    repeats: int = 1  # each image is this many samples of an epoch, so a small concept is not outweighed
+    mask_path: str = ""  # a folder of loss masks named <image stem>.png; empty = <stem>.mask.png beside each image
 
 
 @dataclass
@@ -80,6 +82,17 @@ class Sampling:
 
 
 @dataclass
+class Validation:
+    """The loss on held-out images at fixed timesteps with fixed noise, comparable across steps and runs."""
+    every_n_steps: int = 0  # 0 = off
+    path: str = ""  # a folder of held-out images, scanned like an instance set
+    prompt: str = "{TXT_PROMPT}"  # the caption of each image of path
+    split: float = 0.0  # or: this fraction of each concept's instance images, held out of training
+    timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])
+    seed: int = 0  # picks the split's images and the noise of every image
+
+
+@dataclass
 class Checkpoint:
     every_n_epochs: Optional[int] = 1
     every_n_train_steps: Optional[int] = None
@@ -103,6 +116,13 @@ class Trainer:
 class PriorPreservation:
     enabled: bool = True
     prior_loss_weight: float = 1.0
+
+
+@dataclass
+class MaskedLoss:
+    """Weights each latent pixel's loss by the image's mask (see data.masks): white trains, black does not."""
+    enabled: bool = False
+    unmasked_weight: float = 0.0  # the weight of black mask pixels: 0 = ignored, 1 = trained fully
 
 
 @dataclass
@@ -144,6 +164,9 @@ class OptimizerParams:
     beta2: float = 0.999
     weight_decay: float = 1e-2
     eps: float = 1e-8
+    # Adafactor only: its own step size from the step count and each weight's scale, instead of lr
+    relative_step: bool = False
+    warmup_init: bool = False  # with relative_step: that step size grows from 0 over the first steps
 
 
 @dataclass
@@ -176,6 +199,31 @@ class Optimizer:
     # Step each parameter inside backward as soon as its gradient is ready, so that whole-model gradients
     # never exist at once.
     fused_backward: bool = False
+
+
+# Short names of optimizer.name (case-insensitive); any other name is a class path.
+OPTIMIZER_ALIASES = {
+    "adamw": "torch.optim.AdamW",
+    "adam": "torch.optim.Adam",
+    "sgd": "torch.optim.SGD",
+    "adamw8bit": "bitsandbytes.optim.AdamW8bit",
+    "adamw_8bit": "bitsandbytes.optim.AdamW8bit",
+    "bnb.optim.adamw8bit": "bitsandbytes.optim.AdamW8bit",
+    "lion": "bitsandbytes.optim.Lion",
+    "lion8bit": "bitsandbytes.optim.Lion8bit",
+    "prodigy": "prodigyopt.Prodigy",
+    "adafactor": "transformers.optimization.Adafactor",
+    "adamw_schedulefree": "schedulefree.AdamWScheduleFree",
+    "came": "came_pytorch.CAME",
+}
+# One short name per optimizer, as the app lists them.
+OPTIMIZER_NAMES = ("adamw", "adam", "sgd", "adamw8bit", "lion", "lion8bit", "prodigy", "adafactor",
+                   "adamw_schedulefree", "came")
+
+
+def optimizer_path(name: str) -> str:
+    """The class path that an optimizer.name stands for."""
+    return OPTIMIZER_ALIASES.get(name.lower(), name)
 
 
 @dataclass
@@ -249,6 +297,8 @@ class Config:
     seed: Optional[int] = None
     num_workers: Optional[int] = 0
     train_text_encoder: bool = False
+    # SDXL's second text encoder; null = as train_text_encoder (false with true trains only the first)
+    train_text_encoder_2: Optional[bool] = None
     gradient_checkpointing: bool = False
     xformers: bool = False
     clip_stop_at_layer: int = 1
@@ -257,9 +307,11 @@ class Config:
     weights_dtype: Literal["fp32", "bf16"] = "fp32"
     data: Data = field(default_factory=Data)
     sampling: Sampling = field(default_factory=Sampling)
+    validation: Validation = field(default_factory=Validation)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     trainer: Trainer = field(default_factory=Trainer)
     prior_preservation: PriorPreservation = field(default_factory=PriorPreservation)
+    masked_loss: MaskedLoss = field(default_factory=MaskedLoss)
     aspect_ratio_bucket: AspectRatioBucket = field(default_factory=AspectRatioBucket)
     cache: Cache = field(default_factory=Cache)
     loggers: Loggers = field(default_factory=Loggers)
@@ -276,6 +328,17 @@ class Config:
     min_snr_gamma: Optional[float] = None
     prediction_type: Optional[Literal["epsilon", "v_prediction"]] = None  # null = the model's scheduler config
     zero_terminal_snr: bool = False
+
+    @property
+    def trained_text_encoders(self) -> tuple[str, ...]:
+        """The text encoders that train, by diffusers name (SDXL has two; other models ignore the second)."""
+        second = self.train_text_encoder if self.train_text_encoder_2 is None else self.train_text_encoder_2
+        return tuple(name for name, on in (("text_encoder", self.train_text_encoder), ("text_encoder_2", second))
+                     if on)
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        return bool(self.trained_text_encoders)
 
 
 # Seed keys that only meant something to PyTorch Lightning: accepted with a warning so old configs load.
@@ -521,6 +584,9 @@ def validate(config: Config) -> None:
     _require(0.0 <= config.uncond.p <= 1.0, f"config key 'uncond.p': must be within [0, 1], got {config.uncond.p}")
     _require(config.prior_preservation.prior_loss_weight >= 0,
              "config key 'prior_preservation.prior_loss_weight': must not be negative")
+    unmasked = config.masked_loss.unmasked_weight
+    _require(0.0 <= unmasked <= 1.0, f"config key 'masked_loss.unmasked_weight': must be within [0, 1] (the loss "
+                                     f"weight of black mask pixels), got {unmasked}")
     _require(config.sampling.interval_steps >= 0, "config key 'sampling.interval_steps': must not be negative")
     _require(config.sampling.batch_size >= 1, "config key 'sampling.batch_size': must be at least 1")
     _require(config.trainer.log_every_n_steps >= 1, "config key 'trainer.log_every_n_steps': must be at least 1")
@@ -541,6 +607,8 @@ def validate(config: Config) -> None:
     _require(config.min_timestep >= 0 and (config.max_timestep is None or config.max_timestep > config.min_timestep),
              f"config keys 'min_timestep' and 'max_timestep': need 0 <= min_timestep < max_timestep, got "
              f"{config.min_timestep} and {config.max_timestep}")
+    _validate_validation(config.validation)
+    _validate_optimizer(config)
     network = config.network
     if network.adapter:
         _require(network.rank >= 1, f"config key 'network.rank': must be a whole number of at least 1, got "
@@ -572,10 +640,75 @@ def validate(config: Config) -> None:
             _require(generation.num_target >= 0, f"config key '{key}.num_target': must not be negative")
         _require(bool(concept.instance_set.path),
                  f"config key 'data.concepts[{i}].instance_set.path': a folder of training images is required")
+        _require(concept.instance_set.repeats >= 1,
+                 f"config key 'data.concepts[{i}].instance_set.repeats': must be a whole number of at least 1 "
+                 f"(samples per image and epoch), got {concept.instance_set.repeats}")
         if config.prior_preservation.enabled:
             _require(concept.class_set is not None and bool(concept.class_set.path),
                      f"config key 'data.concepts[{i}].class_set.path': required while "
                      "'prior_preservation.enabled' is true (set it to false for native fine-tuning)")
+
+
+def _validate_validation(validation: Validation) -> None:
+    _require(validation.every_n_steps >= 0,
+             f"config key 'validation.every_n_steps': must be 0 (off) or more, got {validation.every_n_steps}")
+    _require(0.0 <= validation.split < 1.0,
+             f"config key 'validation.split': must be within [0, 1) (a fraction of each concept's instance "
+             f"images), got {validation.split}")
+    _require(not (validation.path and validation.split > 0),
+             "config keys 'validation.path' and 'validation.split': set one of them (a folder of held-out images, "
+             "or a fraction of the instance images to hold out), not both")
+    _require(validation.split == 0 or validation.every_n_steps > 0,
+             "config key 'validation.split': holds images out of training for a validation that is off; set "
+             "'validation.every_n_steps' too, or set validation.split to 0")
+    _require(validation.every_n_steps == 0 or bool(validation.path) or validation.split > 0,
+             "config key 'validation.every_n_steps': validation needs images; set 'validation.path' (a folder) "
+             "or 'validation.split' (a fraction of the instance images to hold out)")
+    timesteps = validation.timesteps
+    _require(bool(timesteps) and min(timesteps) >= 0 and len(set(timesteps)) == len(timesteps),
+             f"config key 'validation.timesteps': expected a list of distinct timesteps of the noise schedule "
+             f"(0 or more), got {timesteps}")
+
+
+def _validate_optimizer(config: Config) -> None:
+    """What the optimizer named by optimizer.name cannot combine with (see README, Optimizers)."""
+    optimizer, network = config.optimizer, config.network
+    params, schedule = optimizer.params, optimizer.lr_scheduler
+    name = optimizer_path(optimizer.name).rpartition(".")[2]
+    if name == "Prodigy":
+        # the same rule as the run plan's: fused backward, or bf16 weights that are not an adapter's base
+        per_parameter = optimizer.fused_backward or (config.weights_dtype == "bf16" and not network.adapter)
+        _require(not per_parameter,
+                 "config key 'optimizer.name': Prodigy estimates one step size from all parameters together, "
+                 "which one optimizer per parameter (optimizer.fused_backward: true, or weights_dtype: bf16 "
+                 "without an adapter) would split; turn those off or pick another optimizer")
+        _require(network.text_encoder_lr is None or network.text_encoder_lr == params.lr,
+                 "config key 'network.text_encoder_lr': Prodigy takes one learning rate for all parameters; "
+                 "leave it null")
+        if params.lr < 0.1:
+            notices.warn(f"config key 'optimizer.params.lr' is {params.lr:g}: Prodigy multiplies the step size "
+                         "it estimates by it, so 1.0 is its usual setting", ConfigWarning)
+    if "ScheduleFree" in name:
+        _require(schedule.name == "constant",
+                 f"config key 'optimizer.lr_scheduler.name': a schedule-free optimizer takes the place of the "
+                 f"schedule; use constant (warmup still applies), got {schedule.name!r}")
+        warmup = schedule.warmup
+        _require(not warmup.enabled or (warmup.strategy == "linear" and warmup.init_lr == 0),
+                 "config key 'optimizer.lr_scheduler.warmup': a schedule-free optimizer warms up linearly from "
+                 "0 by itself; use strategy linear and init_lr 0")
+    _require(name == "Adafactor" or not (params.relative_step or params.warmup_init),
+             "config key 'optimizer.params.relative_step': only Adafactor (optimizer.name: adafactor) has a "
+             "relative step; set relative_step and warmup_init to false")
+    _require(params.relative_step or not params.warmup_init,
+             "config key 'optimizer.params.warmup_init': warms up Adafactor's relative step; set "
+             "optimizer.params.relative_step to true as well, or warmup_init to false")
+    if params.relative_step:
+        _require(schedule.name == "constant",
+                 f"config key 'optimizer.lr_scheduler.name': Adafactor's relative step sets its own step size "
+                 f"and ignores a schedule; use constant, got {schedule.name!r}")
+        _require(not schedule.warmup.enabled,
+                 "config key 'optimizer.lr_scheduler.warmup.enabled': Adafactor's relative step ignores it; "
+                 "set it to false (optimizer.params.warmup_init warms the relative step up)")
 
 
 # Lightning spellings -> (autocast dtype name or None, use grad scaler)

@@ -34,6 +34,15 @@ class Step(Event):
 
 
 @dataclass
+class Validation(Event):
+    """A validation round after an optimizer step: val_loss, the mean over images and timesteps."""
+    kind: ClassVar[str] = "validation"
+    step: int = 0
+    loss: float = 0.0
+    per_timestep: dict = field(default_factory=dict)  # str(timestep) -> mean loss (JSON keeps keys as strings)
+
+
+@dataclass
 class Progress(Event):
     """Progress of a job that is not a training run (class image generation, conversion)."""
     kind: ClassVar[str] = "progress"

@@ -59,7 +59,9 @@ class ExternalLoggers:
         if self.tensorboard is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
-                    self.tensorboard.add_scalar(f"train/{key}", value, step)
+                    # val_loss and val_loss_t<T> become validation/loss and validation/loss_t<T>
+                    tag = f"validation/{key[4:]}" if key.startswith("val_") else f"train/{key}"
+                    self.tensorboard.add_scalar(tag, value, step)
 
     def log_images(self, step: int, paths: list[str]) -> None:
         if self.wandb_run is not None and self.log_samples:

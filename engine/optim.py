@@ -1,23 +1,17 @@
 """Optimizers and learning-rate schedules from the config's names (class paths or short names)."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
 from .config import Optimizer as OptimizerConfig
+from .config import optimizer_path
 from .errors import UserError
 
-OPTIMIZER_ALIASES = {
-    "adamw": "torch.optim.AdamW",
-    "adam": "torch.optim.Adam",
-    "sgd": "torch.optim.SGD",
-    "adamw8bit": "bitsandbytes.optim.AdamW8bit",
-    "adamw_8bit": "bitsandbytes.optim.AdamW8bit",
-    "bnb.optim.adamw8bit": "bitsandbytes.optim.AdamW8bit",
-}
 DIFFUSERS_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
                        "constant_with_warmup")
 
@@ -39,17 +33,46 @@ def scaled_lr(config: OptimizerConfig, effective_batch: int) -> float:
     return lr * math.sqrt(effective_batch)
 
 
-def build_optimizer(config: OptimizerConfig, params, lr: float) -> torch.optim.Optimizer:
-    path = OPTIMIZER_ALIASES.get(config.name.lower(), config.name)
-    cls = _import_class(path, "optimizer.name")
+def _hyperparameters(config: OptimizerConfig, name: str, lr: float) -> dict:
+    """The arguments optimizer.params give the optimizer class `name` (README, Optimizers, lists them)."""
     p = config.params
-    kwargs = {"lr": lr, "weight_decay": p.weight_decay}
-    if cls is not torch.optim.SGD:
-        kwargs.update(betas=(p.beta1, p.beta2), eps=p.eps)
+    if name == "SGD":
+        return {"lr": lr, "weight_decay": p.weight_decay}
+    if "Lion" in name:  # Lion divides by nothing: no eps
+        return {"lr": lr, "betas": (p.beta1, p.beta2), "weight_decay": p.weight_decay}
+    if name == "Adafactor":
+        # without a first moment (beta1) and with its own eps pair: Adafactor's memory-saving defaults
+        if p.relative_step:
+            return {"lr": None, "relative_step": True, "scale_parameter": True, "warmup_init": p.warmup_init,
+                    "weight_decay": p.weight_decay}
+        return {"lr": lr, "relative_step": False, "scale_parameter": False, "warmup_init": False,
+                "weight_decay": p.weight_decay}
+    if name == "CAME":  # its third beta (of the instability average) and eps pair keep their defaults
+        return {"lr": lr, "betas": (p.beta1, p.beta2, 0.9999), "weight_decay": p.weight_decay}
+    kwargs = {"lr": lr, "betas": (p.beta1, p.beta2), "eps": p.eps, "weight_decay": p.weight_decay}
+    if name == "Prodigy":
+        # the settings Prodigy's authors give for diffusion models
+        kwargs.update(use_bias_correction=True, safeguard_warmup=True)
+    elif "ScheduleFree" in name:
+        # the configured warmup happens inside the optimizer, which replaces the schedule
+        warmup = config.lr_scheduler.warmup
+        kwargs["warmup_steps"] = warmup.steps if warmup.enabled else 0
+    return kwargs
+
+
+def build_optimizer(config: OptimizerConfig, params, lr: float) -> torch.optim.Optimizer:
+    path = optimizer_path(config.name)
+    cls = _import_class(path, "optimizer.name")
+    kwargs = _hyperparameters(config, cls.__name__, lr)
     try:
-        return cls(params, **kwargs)
+        optimizer = cls(params, **kwargs)
     except TypeError as error:
         raise UserError(f"config key 'optimizer.params': {path} does not accept these parameters: {error}") from None
+    if kwargs["lr"] is None:
+        # Adafactor's relative step reads no learning rate; schedules and the per-parameter proxy need one
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+    return optimizer
 
 
 def build_scheduler(config: OptimizerConfig, optimizer: torch.optim.Optimizer, total_steps: int):
@@ -58,7 +81,9 @@ def build_scheduler(config: OptimizerConfig, optimizer: torch.optim.Optimizer, t
     Schedules advance once per optimizer step, so step counts in scheduler params are optimizer steps.
     """
     sched = config.lr_scheduler
-    warmup_steps = sched.warmup.steps if sched.warmup.enabled else 0
+    # a schedule-free optimizer warms up by itself (_hyperparameters)
+    schedule_free = "ScheduleFree" in optimizer_path(config.name)
+    warmup_steps = sched.warmup.steps if sched.warmup.enabled and not schedule_free else 0
     name = sched.name
     if name in DIFFUSERS_SCHEDULES:
         from diffusers.optimization import get_scheduler
@@ -180,6 +205,25 @@ class PerParameterOptimizer:
         for param in self.params:
             param.grad = None
 
+    def train(self) -> None:
+        self._switch("train")
+
+    def eval(self) -> None:
+        self._switch("eval")
+
+    @torch.no_grad()
+    def _switch(self, mode: str) -> None:
+        """Move each parameter between a schedule-free optimizer's training and evaluation points."""
+        for param, optimizer in zip(self.params, self.optimizers):
+            if not self.bf16_weights:
+                getattr(optimizer, mode)()
+                continue
+            # The optimizer's state is fp32, as in a step. Rounded to nearest: a move smaller than half a
+            # bf16 step there and back leaves the weight as it was.
+            param.data = param.data.float()
+            getattr(optimizer, mode)()
+            param.data = param.data.to(torch.bfloat16)
+
     def state_dict(self) -> dict:
         return {"proxy": self.proxy.state_dict(), "parameters": [o.state_dict() for o in self.optimizers],
                 "rounding": self.rounding.get_state()}
@@ -187,5 +231,39 @@ class PerParameterOptimizer:
     def load_state_dict(self, state: dict) -> None:
         self.proxy.load_state_dict(state["proxy"])
         self.rounding.set_state(state["rounding"])
-        for optimizer, saved in zip(self.optimizers, state["parameters"]):
+        for param, optimizer, saved in zip(self.params, self.optimizers, state["parameters"]):
+            weights = param.data
+            if self.bf16_weights:
+                # torch casts a loaded state to its parameter's dtype, which must be that of the fp32 copy
+                # each step works on
+                param.data = weights.float()
             optimizer.load_state_dict(saved)
+            param.data = weights
+
+
+def has_train_mode(optimizer) -> bool:
+    """Whether the optimizer trains at one point and evaluates at another (an average of its steps), as the
+    schedule-free ones do."""
+    inner = getattr(optimizer, "optimizers", [optimizer])
+    return all(hasattr(each, "train") and hasattr(each, "eval") for each in inner)
+
+
+def train_mode(optimizer) -> None:
+    """Put the weights at the optimizer's training point: before the first step, and after a resume (a
+    checkpoint holds the evaluation weights). Other optimizers have one point only."""
+    if has_train_mode(optimizer):
+        optimizer.train()
+
+
+@contextlib.contextmanager
+def eval_weights(optimizer) -> Iterator[None]:
+    """The optimizer's evaluation weights for the block (what samples show and checkpoints hold), then its
+    training point again."""
+    if not has_train_mode(optimizer):
+        yield
+        return
+    optimizer.eval()
+    try:
+        yield
+    finally:
+        optimizer.train()

@@ -48,11 +48,11 @@ def _build_once(target: Path, build: Callable[[Path], object]) -> Path:
     return target
 
 
-def demo_model_dir() -> Path:
-    """The tiny demo pipeline, built on first use."""
+def demo_model_dir(arch: str = "sd") -> Path:
+    """The tiny demo pipeline of an architecture ('sd' or 'sdxl'), built on first use."""
     from .models.tiny import make_tiny_model
 
-    return _build_once(cache_dir() / "tiny-sd", make_tiny_model)
+    return _build_once(cache_dir() / f"tiny-{arch}", lambda folder: make_tiny_model(folder, arch=arch))
 
 
 def demo_data_dir() -> Path:
@@ -63,12 +63,13 @@ def demo_data_dir() -> Path:
 
 
 def resolve(path: str) -> str:
-    """Map `demo:tiny-sd` and `demo:sample-data/...` to the cache folder; other paths are returned as given."""
+    """Map `demo:tiny-sd`, `demo:tiny-sdxl` and `demo:sample-data/...` to the cache folder; other paths are
+    returned as given."""
     if not path.startswith(DEMO_PREFIX):
         return os.path.expanduser(path)
     name = path[len(DEMO_PREFIX):].strip("/")
-    if name == "tiny-sd":
-        return str(demo_model_dir())
+    if name in ("tiny-sd", "tiny-sdxl"):
+        return str(demo_model_dir(name[len("tiny-"):]))
     if name == "sample-data" or name.startswith("sample-data/"):
         return str(demo_data_dir() / name[len("sample-data"):].strip("/"))
     return str(cache_dir() / name)

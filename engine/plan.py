@@ -22,17 +22,24 @@ class RunPlan:
     weights: torch.dtype               # of the trained models (an adapter's base); frozen ones stay in fp32
     rounded_weights: bool              # trained weights kept in bf16, written back with stochastic rounding
     adapter: str                       # "full" fine-tuning, or the LoRA-family network trained over it
-    train_text_encoder: bool
-    frozen_text_layers: int            # final CLIP layers that CLIP skip never runs
+    trained_text_encoders: tuple       # by diffusers name: text_encoder, and SDXL's text_encoder_2
     per_parameter: bool                # one optimizer per parameter (optim.PerParameterOptimizer)
     fused_backward: bool               # parameters step inside backward
     cache_latents: bool
     cache_text: bool
 
     @property
-    def frozen_off_device(self) -> bool:
-        """With both caches the VAE and the frozen text encoder wait off the GPU (on a CPU there is no gain)."""
-        return self.cache_latents and self.cache_text and self.device_type != "cpu"
+    def train_text_encoder(self) -> bool:
+        return bool(self.trained_text_encoders)
+
+    # A model whose outputs all come from a cache waits off the GPU (on a CPU there is no gain).
+    @property
+    def vae_off_device(self) -> bool:
+        return self.cache_latents and self.device_type != "cpu"
+
+    @property
+    def text_encoder_off_device(self) -> bool:
+        return self.cache_text and self.device_type != "cpu"
 
 
 def latents_cacheable(config: Config) -> bool:
@@ -43,7 +50,7 @@ def latents_cacheable(config: Config) -> bool:
 def text_cacheable(config: Config) -> bool:
     # A trained encoder or captions that change every step give different embeddings every time.
     captions = config.captions
-    return not config.train_text_encoder and not captions.shuffle_tags and captions.tag_dropout == 0
+    return not config.trains_text_encoder and not captions.shuffle_tags and captions.tag_dropout == 0
 
 
 def precision(config: Config, device_type: str) -> tuple[Optional[torch.dtype], bool]:
@@ -77,8 +84,7 @@ def make_plan(config: Config, device_type: str, processes: int = 1) -> RunPlan:
         device_type=device_type, processes=processes, autocast=autocast, grad_scaler=scaler,
         weights=torch.bfloat16 if bf16 else torch.float32, rounded_weights=rounded,
         adapter=config.network.type,
-        train_text_encoder=config.train_text_encoder,
-        frozen_text_layers=config.clip_stop_at_layer - 1 if config.train_text_encoder else 0,
+        trained_text_encoders=config.trained_text_encoders,
         # bf16 weights that train need stochastic rounding, one parameter at a time
         per_parameter=config.optimizer.fused_backward or rounded,
         fused_backward=config.optimizer.fused_backward,

@@ -1,4 +1,4 @@
-"""Render images with StableDiffusionPipeline: samples during training and class images.
+"""Render images with the model family's pipeline: samples during training and class images.
 
 The pipeline never encodes prompts itself. It is handed `prompt_embeds` from the engine's own encoder,
 so CLIP skip and textual-inversion tokens behave exactly as they do in training. (diffusers' own
@@ -27,7 +27,7 @@ class PromptEncoder:
     expansions: dict = field(default_factory=dict)  # textual-inversion token -> its multi-vector spelling
 
     @torch.no_grad()
-    def __call__(self, prompts: list[str]) -> torch.Tensor:
+    def __call__(self, prompts: list[str]) -> dict:
         texts = [expand_tokens(text, self.expansions) for text in prompts]
         ids = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids
@@ -37,8 +37,7 @@ class PromptEncoder:
 
 def render(pipeline, encoder: PromptEncoder, prompts: list[str], negative_prompts: list[str], **options) -> list:
     """The pipeline's images for prompts, with embeddings from the engine's encoder."""
-    return pipeline(prompt_embeds=encoder(prompts), negative_prompt_embeds=encoder(negative_prompts),
-                    **options).images
+    return encoder.family.render(pipeline, encoder(prompts), encoder(negative_prompts), **options)
 
 
 @torch.no_grad()
@@ -48,10 +47,11 @@ def generate_samples(config: Config, pipeline, encoder: PromptEncoder, out_dir: 
     out_dir.mkdir(parents=True, exist_ok=True)
     device = pipeline.device
     paths = []
-    models = (pipeline.unet, encoder.text_encoder)
-    was_training = [model.training for model in models]
-    for model in models:
-        model.eval()
+    # every submodule's own mode: a model may hold parts that train and parts that do not
+    was_training = {module: module.training for model in (pipeline.unet, encoder.text_encoder)
+                    for module in model.modules()}
+    for module in was_training:
+        module.eval()
     try:
         for concept_index, concept in enumerate(config.sampling.concepts):
             generator = torch.Generator("cpu").manual_seed(concept.seed if concept.seed is not None else concept_index)
@@ -71,6 +71,6 @@ def generate_samples(config: Config, pipeline, encoder: PromptEncoder, out_dir: 
                     image_index += 1
                 remaining -= count
     finally:
-        for model, training in zip(models, was_training):
-            model.train(training)
+        for module, training in was_training.items():
+            module.training = training
     return paths

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .config import Config
+from .models.family import text_encoder_parts
 from .models.sd import Components, enable_text_encoder_checkpointing, enable_xformers_if_usable
 from .plan import RunPlan
 
@@ -18,56 +19,73 @@ def cast_(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return module
 
 
-def prepare_models(components: Components, config: Config, plan: RunPlan, device: torch.device) -> str:
+def prepare_models(family, components: Components, config: Config, plan: RunPlan, device: torch.device) -> str:
     """Freeze what is not trained, switch on the memory features, move to the device, add the adapter of
     an adapter run. Returns the attention backend in use."""
     unet, text_encoder, vae = components.unet, components.text_encoder, components.vae
+    trained = trained_parts(components, plan)
     vae.requires_grad_(False)
-    text_encoder.requires_grad_(plan.train_text_encoder)
+    # The frozen VAE encodes one image at a time: a batch of 1024 px images at once holds GiBs of
+    # activations, and nothing is gained since no gradient flows through it.
+    vae.enable_slicing()
+    text_encoder.requires_grad_(False)
     unet.train()
-    text_encoder.train(plan.train_text_encoder)
+    text_encoder.eval()
     vae.eval()
+    for name, model in trained.items():
+        if name != "unet":
+            model.requires_grad_(True)
+            model.train()
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        if plan.train_text_encoder:
-            enable_text_encoder_checkpointing(text_encoder)
+        for name, model in trained.items():
+            if name != "unet":
+                enable_text_encoder_checkpointing(model)
     attention = enable_xformers_if_usable(unet, config.xformers)
     for model in (unet, text_encoder, vae):
         if next(model.parameters()).device != device:  # (fake tensors refuse even a move to where they are)
             model.to(device)
-    for model in trained_models(components, plan):
+    for model in trained.values():
         cast_(model, plan.weights)  # weights_dtype applies to the trained models; frozen ones stay fp32
     if plan.adapter != "full":
         from .models.adapters import add_adapter
 
-        for component, model in adapted_models(components, plan).items():
+        for component, model in trained.items():
             add_adapter(model, component, config.network, config.seed or 0)
-    if plan.frozen_text_layers:
-        # CLIP skip never runs the last layers: freezing them keeps DDP from waiting for their gradients
-        # and the optimizer from keeping state for them.
-        layers = getattr(text_encoder, "text_model", text_encoder).encoder.layers
-        for layer in layers[len(layers) - plan.frozen_text_layers:]:
-            layer.requires_grad_(False)
+    if plan.train_text_encoder:
+        # Layers CLIP skip never runs: freezing them keeps DDP from waiting for their gradients and the
+        # optimizer from keeping state for them.
+        for module in family.unused_text_modules(text_encoder, config.clip_stop_at_layer):
+            module.requires_grad_(False)
     return attention
 
 
-def adapted_models(components: Components, plan: RunPlan) -> dict[str, torch.nn.Module]:
-    """The models that train, by component name: what an adapter run adapts."""
-    return dict(zip(("unet", "text_encoder"), trained_models(components, plan)))
+def trained_parts(components: Components, plan: RunPlan) -> dict[str, torch.nn.Module]:
+    """The models that train, by component name (what an adapter run adapts): the UNet and the trained
+    text encoders."""
+    encoders = text_encoder_parts(components.text_encoder)
+    return {"unet": components.unet, **{name: model for name, model in encoders.items()
+                                        if name in plan.trained_text_encoders}}
 
 
 def trained_models(components: Components, plan: RunPlan) -> list[torch.nn.Module]:
-    return [components.unet] + ([components.text_encoder] if plan.train_text_encoder else [])
+    return list(trained_parts(components, plan).values())
+
+
+def frozen_models(components: Components, plan: RunPlan) -> list[torch.nn.Module]:
+    """The VAE and the text encoders that do not train."""
+    encoders = text_encoder_parts(components.text_encoder)
+    return [components.vae] + [model for name, model in encoders.items() if name not in plan.trained_text_encoders]
 
 
 def parameter_groups(components: Components, plan: RunPlan, config, lr: float) -> list[dict]:
     """The trained parameters as optimizer groups: the UNet's at lr, the text encoder's at
     network.text_encoder_lr (scaled as lr is) when set."""
     groups = []
-    for model in trained_models(components, plan):
+    for name, model in trained_parts(components, plan).items():
         params = [p for p in model.parameters() if p.requires_grad]
         group_lr = lr
-        if model is components.text_encoder and config is not None and config.network.text_encoder_lr:
+        if name != "unet" and config is not None and config.network.text_encoder_lr:
             group_lr = lr * config.network.text_encoder_lr / config.optimizer.params.lr
         groups.append({"params": params, "lr": group_lr})
     return groups

@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from .config import Config
-from .losses import dreambooth_loss, min_snr_weights, training_target
+from .losses import dreambooth_loss, mask_weights, min_snr_weights, training_target
 from .optim import PerParameterOptimizer
 
 
@@ -77,9 +77,10 @@ def timestep_range(config: Config, scheduler) -> tuple[int, int]:
 
 
 def compute_loss(config: Config, models: StepModels, batch: dict, device: torch.device,
-                 autocast_dtype: Optional[torch.dtype], text_cache=None) -> tuple[torch.Tensor, LossParts]:
+                 autocast_dtype: Optional[torch.dtype], text_cache=None,
+                 timesteps: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, LossParts]:
     """The loss of one micro-batch; latents and embeddings come from the caches when the batch or
-    text_cache (a cache.TextEmbeddingCache) provide them."""
+    text_cache (a cache.TextEmbeddingCache) provide them. `timesteps` (one per row) replace the drawn ones."""
     vae, scheduler = models.vae, models.noise_scheduler
     prediction_type = scheduler.config.prediction_type
     input_ids = batch["input_ids"].to(device)
@@ -92,25 +93,30 @@ def compute_loss(config: Config, models: StepModels, batch: dict, device: torch.
         else:
             distribution = vae.encode(batch["pixel_values"].to(device)).latent_dist
         latents = draws.sample_latents(distribution.mean, distribution.std) * vae.config.scaling_factor
-    noise, timesteps = draws.noise_and_timesteps(latents.shape, config.noise_offset)
-    noise, timesteps = noise.to(device), timesteps.to(device)
+    noise, drawn = draws.noise_and_timesteps(latents.shape, config.noise_offset)
+    noise, timesteps = noise.to(device), (drawn if timesteps is None else timesteps).to(device)
     noisy_latents = scheduler.add_noise(latents, noise, timesteps)
     with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
         if text_cache is not None:
-            encoder_hidden_states = text_cache.lookup(input_ids).to(device)
+            conditioning = {name: value.to(device) for name, value in text_cache.lookup(input_ids).items()}
         else:
-            with torch.set_grad_enabled(config.train_text_encoder):
-                encoder_hidden_states = models.family.encode_text(models.text_encoder, input_ids,
-                                                                  config.clip_stop_at_layer)
+            with torch.set_grad_enabled(config.trains_text_encoder):
+                conditioning = models.family.encode_text(models.text_encoder, input_ids, config.clip_stop_at_layer)
         if config.uncond.enabled and config.uncond.cond == "zeros":
-            dropped = torch.tensor([c == "" for c in batch["captions"]], device=device)
-            encoder_hidden_states = encoder_hidden_states * (~dropped).view(-1, 1, 1).to(encoder_hidden_states.dtype)
-        prediction = models.family.predict(models.unet, noisy_latents, timesteps, encoder_hidden_states)
+            kept = torch.tensor([c != "" for c in batch["captions"]], device=device)
+            conditioning = {name: value * kept.view(-1, *[1] * (value.dim() - 1)).to(value.dtype)
+                            for name, value in conditioning.items()}
+        prediction = models.family.predict(models.unet, noisy_latents, timesteps, conditioning,
+                                           batch.get("time_ids"))
     target = training_target(scheduler, latents, noise, timesteps, prediction_type)
     weights = (min_snr_weights(scheduler, timesteps, config.min_snr_gamma, prediction_type)
                if config.min_snr_gamma else None)
+    # With masked_loss on every row has a mask: all white for images without one and for class images.
+    pixel_weights = (mask_weights(batch["masks"].to(device), latents.shape[-2:], config.masked_loss.unmasked_weight)
+                     if "masks" in batch else None)
     loss, instance_loss, prior_loss = dreambooth_loss(prediction, target, batch["num_instance"],
-                                                      config.prior_preservation.prior_loss_weight, weights)
+                                                      config.prior_preservation.prior_loss_weight, weights,
+                                                      pixel_weights)
     pixels_per_latent = 2 ** (len(vae.config.block_out_channels) - 1)
     return loss, LossParts(instance_loss, prior_loss, latents.shape[-1] * pixels_per_latent,
                            latents.shape[-2] * pixels_per_latent)

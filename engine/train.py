@@ -28,14 +28,15 @@ from .errors import UserError
 from .job import Job, release_memory
 from .models.family import ModelFamily, family_for
 from .models.sd import Components, resolve_model_path
-from .optim import scaled_lr
+from .optim import eval_weights, scaled_lr, train_mode
 from .plan import RunPlan, make_plan
 from .run_dir import CONFIG_FILE, RunDir
 from .sampling import PromptEncoder, generate_samples
 from .models import kohya
 from .models.adapters import AdapterWeights, load_adapter_folder
-from .setup import adapted_models, build_optimizer, build_schedule, parameter_groups, prepare_models
+from .setup import build_optimizer, build_schedule, parameter_groups, prepare_models, trained_parts
 from .step import LossParts, StepModels, backward, compute_loss, optimizer_step, timestep_range
+from .validation import build_validation_set, validation_loss, validation_metrics
 
 
 def select_device(config: Config) -> torch.device:
@@ -51,7 +52,8 @@ def select_device(config: Config) -> torch.device:
 
 
 # Settings that decide which images each batch holds; the saved data position assumes them unchanged.
-DATA_POSITION_KEYS = ("batch_size", "seed", "trainer.accumulate_grad_batches", "data", "aspect_ratio_bucket")
+DATA_POSITION_KEYS = ("batch_size", "seed", "trainer.accumulate_grad_batches", "data", "aspect_ratio_bucket",
+                      "validation.split", "validation.seed")
 
 
 @dataclass
@@ -74,6 +76,7 @@ class StepContext:
     total_steps: int
     metrics: object = None       # the main process's MetricsLog and ExternalLoggers
     external: object = None
+    validation: object = None    # the main process's validation.ValidationSet; None with validation off
 
 
 def optimizer_steps(context: StepContext, state: checkpoints.TrainState, accumulate: int):
@@ -202,12 +205,15 @@ class Trainer(Job):
         components = family.load(config)
         expansions = {}
         if config.custom_embeddings.enabled:
+            if family.name == "sdxl":
+                raise UserError("config key 'custom_embeddings.enabled': textual-inversion embeddings are not "
+                                "supported for SDXL models; set it to false")
             from .models.embeddings import load_custom_embeddings
 
             expansions = load_custom_embeddings(paths.resolve(config.custom_embeddings.path),
                                                 components.tokenizer, components.text_encoder)
             self.log(f"loaded custom embeddings: {', '.join(expansions)}")
-        attention = prepare_models(components, config, plan, device)
+        attention = prepare_models(family, components, config, plan, device)
         return components, expansions, attention
 
     def _total_steps(self, batches_per_epoch: int) -> int:
@@ -239,7 +245,10 @@ class Trainer(Job):
 
         # The main process fills the caches; the other ranks then find them full.
         text_cache = distributed.main_first(
-            topology, lambda: attach_caches(config, plan, components, data.dataset, device, self.log))
+            topology, lambda: attach_caches(config, plan, family, components, data.dataset, device, self.log))
+        # Built on every rank, so that a mistake in its settings stops them all alike; the main one validates.
+        validation = build_validation_set(config, components.tokenizer, components.noise_scheduler, data.held_out,
+                                          data.bucket_sizes, expansions)
         self._log_buckets(data)
         batches_per_epoch = len(data.sampler)
         if batches_per_epoch == 0:
@@ -265,18 +274,22 @@ class Trainer(Job):
                                                    config.clip_stop_at_layer, expansions),
             batches_per_epoch=batches_per_epoch, total_steps=total_steps)
         self.state = self._restore(context, resume_from)
+        train_mode(optimizer)  # after the restore: checkpoints hold a schedule-free optimizer's evaluation point
         if topology.is_main:
             from .loggers import ExternalLoggers, MetricsLog
 
             context.metrics = MetricsLog(RunDir(self.run_dir).metrics,
                                          self.state.step if resume_from is not None else None)
             context.external = ExternalLoggers(config, self.run_dir, to_dict(config))
+            context.validation = validation
             # closed however the run ends, so W&B and TensorBoard keep what was logged
             cleanup.callback(context.metrics.close)
             cleanup.callback(context.external.close)
         self.emit(events.Started(run_dir=str(self.run_dir), total_steps=total_steps, start_step=self.state.step))
-        self.log(f"{len(data.dataset)} training images, {len(data.skipped)} skipped; {batches_per_epoch} batches "
-                 f"per epoch; {total_steps} steps; device {device}; attention {attention}")
+        repeated = f" ({len(data.dataset)} samples per epoch with repeats)" if len(data.dataset) != data.images else ""
+        held = f"; {len(validation)} validation images" if validation is not None else ""
+        self.log(f"{data.images} training images{repeated}, {len(data.skipped)} skipped{held}; {batches_per_epoch} "
+                 f"batches per epoch; {total_steps} steps; device {device}; attention {attention}")
         return context
 
     def _log_buckets(self, data: PreparedData) -> None:
@@ -293,7 +306,7 @@ class Trainer(Job):
 
         config, unet = self.config, context.components.unet
         if resume_from is not None:
-            for name, model in adapted_models(context.components, context.plan).items():
+            for name, model in trained_parts(context.components, context.plan).items():
                 if context.plan.adapter != "full":
                     load_adapter_folder(model, resume_from / name, "--resume")
                 else:
@@ -303,7 +316,7 @@ class Trainer(Job):
 
             # training goes on from an existing adapter file
             kohya.from_kohya(load_file(paths.resolve(config.network.init_from)),
-                             adapted_models(context.components, context.plan), config, "network.init_from")
+                             trained_parts(context.components, context.plan), config, "network.init_from")
         # Only the main process samples and saves, so only it keeps the average.
         if config.ema.enabled and context.topology.is_main:
             if resume_from is not None and (resume_from / EMA_FOLDER).is_dir():
@@ -356,18 +369,20 @@ class Trainer(Job):
             context.optimizer.zero_grad(set_to_none=True)
             epoch = state.epoch
             epoch_ended = state.advance(len(micro_batches), context.batches_per_epoch)
-            self._report_step(context, epoch, sum(losses) / len(losses), lr, parts, clock.tick())
+            it_per_s = clock.tick()
+            validation = self._validate(context)  # before the step's record, which carries its result
+            self._report_step(context, epoch, sum(losses) / len(losses), lr, parts, it_per_s, validation)
             stopped = distributed.any_rank(topology, self.stop_requested, device)
             last = stopped or state.step >= context.total_steps
             self._run_due(context, epoch_ended, last, stopped)
             clock.restart()  # sampling and saving are not training time
-        summary = {"steps": state.step, "images": len(context.data.dataset), "skipped": len(context.data.skipped),
+        summary = {"steps": state.step, "images": context.data.images, "skipped": len(context.data.skipped),
                    "skipped_reasons": [{"path": p, "reason": r} for p, r in context.data.skipped],
                    "failed_sample_rounds": self.failed_sample_rounds}
         return events.Finished(run_dir=str(self.run_dir), step=state.step, stopped=stopped, summary=summary)
 
     def _report_step(self, context: StepContext, epoch: int, loss: float, lr: float, parts: LossParts,
-                     it_per_s: float) -> None:
+                     it_per_s: float, validation: dict) -> None:
         state, total = self.state, context.total_steps
         record = {"step": state.step, "epoch": epoch,
                   "loss": distributed.mean_over_ranks(context.topology, loss, context.device),
@@ -376,13 +391,47 @@ class Trainer(Job):
             record["overflow_steps"] = state.overflow_steps
         if parts.prior_loss is not None:  # CPU–GPU sync
             record["instance_loss"], record["prior_loss"] = parts.instance_loss.item(), parts.prior_loss.item()
+        record.update(validation)
         if context.metrics is not None and (state.step % self.config.trainer.log_every_n_steps == 0
-                                            or state.step == total):
+                                            or state.step == total or validation):
             context.metrics.write(record)
             self._side_task("logging", context.external.log, record)
         self.emit(events.Step(step=state.step, epoch=record["epoch"], loss=record["loss"], lr=record["lr"],
                               it_per_s=it_per_s, total_steps=total,
                               eta_s=(total - state.step) / it_per_s if it_per_s else 0.0))
+
+    def _validate(self, context: StepContext) -> dict:
+        """val_loss and its per-timestep values when a validation round is due (on the main process), else
+        nothing. Like samples, validation is a side task: a failure is a warning and training goes on."""
+        step, every = self.state.step, self.config.validation.every_n_steps
+        if context.validation is None or not (step % every == 0 or step >= context.total_steps):
+            return {}
+        components = context.components
+        # With both caches on, the VAE and text encoder wait off the device: put them back afterwards.
+        resting = {model: next(model.parameters()).device for model in (components.vae, components.text_encoder)}
+        try:
+            for model in resting:
+                model.to(context.device)
+            # the plain modules: DDP wrappers would wait for the other ranks, which do not validate
+            models = StepModels(family=context.models.family, unet=components.unet,
+                                text_encoder=components.text_encoder, vae=components.vae,
+                                noise_scheduler=components.noise_scheduler)
+            with eval_weights(context.optimizer):
+                per_timestep = validation_loss(self.config, models, context.validation, context.device,
+                                               context.plan.autocast)
+        except Exception as error:  # any failure of the side task; training goes on
+            if isinstance(error, torch.OutOfMemoryError):
+                release_memory()
+            self.log(f"validation at step {step} failed and was skipped; training goes on: "
+                     f"{error.__class__.__name__}: {error}", "warning")
+            return {}
+        finally:
+            for model, home in resting.items():
+                model.to(home)
+        metrics = validation_metrics(per_timestep)
+        self.emit(events.Validation(step=step, loss=metrics["val_loss"],
+                                    per_timestep={str(t): value for t, value in per_timestep.items()}))
+        return metrics
 
     def _run_due(self, context: StepContext, epoch_ended: bool, last: bool, stopped: bool) -> None:
         """Sampling and checkpoints, periodic or at the end of the run (last), decided in one place."""
@@ -405,16 +454,20 @@ class Trainer(Job):
             self._save(context, "every_n_epochs")
 
     def _save(self, context: StepContext, reason: str) -> None:
-        from .ema import EMA_FOLDER
-
         latest = checkpoints.latest_checkpoint(self.run_dir)
         if latest is not None and checkpoints.read_meta(latest)["step"] == self.state.step:
             return  # already saved at this step
+        with eval_weights(context.optimizer):  # the weights (and optimizer state) a resume starts from
+            self._write_checkpoint(context, reason)
+
+    def _write_checkpoint(self, context: StepContext, reason: str) -> None:
+        from .ema import EMA_FOLDER
+
         components = context.components
         saved = {**self.state.to_dict(), "optimizer": context.optimizer.state_dict(),
                  "lr_scheduler": context.lr_scheduler.state_dict(), "scaler": context.scaler.state_dict(),
                  "rng": checkpoints.rng_states(context.device)}
-        trained = adapted_models(components, context.plan)
+        trained = trained_parts(components, context.plan)
         adapter = context.plan.adapter != "full"
         # an adapter run keeps only the adapter's weights, and writes the file the UIs load beside them
         models = {name: AdapterWeights(model) if adapter else model for name, model in trained.items()}
@@ -443,8 +496,8 @@ class Trainer(Job):
         try:
             pipeline = context.models.family.pipeline(components, components.unet, components.text_encoder,
                                                       context.device)
-            with SwapInEma(context.ema if config.ema.use_for_samples else None,
-                           averaged_parameters(components.unet)):
+            with eval_weights(context.optimizer), SwapInEma(context.ema if config.ema.use_for_samples else None,
+                                                            averaged_parameters(components.unet)):
                 sample_paths = generate_samples(config, pipeline, context.prompt_encoder,
                                                 RunDir(self.run_dir).samples(step), context.plan.autocast)
         except Exception as error:  # any failure of the side task; training goes on

@@ -10,7 +10,7 @@ The figures are the tensor bytes alive at the step's peak; the CUDA context and 
 come on top of them.
 
 The model's own unet/config.json is used when the config's model is a diffusers folder; otherwise the
-shipped SD1.5 or SD2.1 configs in engine/models/configs/pipelines/, picked by name or by `--arch`.
+shipped SD1.5, SD2.1 or SDXL configs in engine/models/configs/pipelines/, picked by name or by `--arch`.
 """
 from __future__ import annotations
 
@@ -29,14 +29,14 @@ import torch
 from . import paths
 from .config import Config
 from .errors import UserError
-from .models.family import family_for
+from .models.family import family_named, text_encoder_parts
 from .models.single_file import BUILTIN_CONFIGS
 from .plan import RunPlan, make_plan
-from .setup import build_optimizer, parameter_groups, prepare_models, trained_models
+from .setup import build_optimizer, frozen_models, parameter_groups, prepare_models, trained_models
 from .step import StepModels, backward, compute_loss, optimizer_step
 
 GIB = 2**30
-ARCHITECTURES = ("sd15", "sd21")
+ARCHITECTURES = ("sd15", "sd21", "sdxl")
 # bitsandbytes keeps fp32 states for parameters smaller than this (its min_8bit_size) and one fp32 absmax
 # per block of this many elements for the others (its blockwise quantization).
 BNB_MIN_8BIT_SIZE = 4096
@@ -117,6 +117,11 @@ class Architecture:
     text_encoder: dict
     vae: dict
     scheduler: dict  # the training noise schedule, which sets the prediction target
+    text_encoder_2: Optional[dict] = None  # SDXL's second text encoder
+
+    @property
+    def family(self) -> str:
+        return "sdxl" if self.text_encoder_2 is not None else "sd"
 
 
 def _read_json(path: Path) -> dict:
@@ -127,13 +132,16 @@ def _read_json(path: Path) -> dict:
 
 
 def guess_architecture(model: str) -> str:
-    """sd21 when the model's name says SD2.x ("stable-diffusion-2-1", "v2-1_768", "sd21"), else sd15."""
+    """sdxl when the model's name says so ("sd_xl_base_1.0", "sdxl"), sd21 when it says SD2.x
+    ("stable-diffusion-2-1", "v2-1_768", "sd21"), else sd15."""
     name = Path(model).name.lower() if model else ""
+    if re.search(r"xl", name):
+        return "sdxl"
     return "sd21" if re.search(r"(?<![0-9.])2[-._]?[01](?![0-9])|v2|sd2(?!x)", name) else "sd15"
 
 
 def resolve_architecture(config: Config, arch: Optional[str] = None) -> Architecture:
-    """The config's model folder's own configs when it has them, else the shipped SD1.5/SD2.1 ones."""
+    """The config's model folder's own configs when it has them, else the shipped SD1.5/SD2.1/SDXL ones."""
     if arch is not None and arch not in ARCHITECTURES:
         raise UserError(f"--arch: expected one of {', '.join(ARCHITECTURES)}, got {arch!r}")
     folder = Path(paths.resolve(config.model)) if config.model else None
@@ -148,7 +156,8 @@ def resolve_architecture(config: Config, arch: Optional[str] = None) -> Architec
     return Architecture(folder.name if folder.parent == BUILTIN_CONFIGS else str(folder),
                         _read_json(folder / "unet" / "config.json"),
                         _read_json(folder / "text_encoder" / "config.json"), _read_json(vae_dir / "config.json"),
-                        _read_json(scheduler) if scheduler.is_file() else {})
+                        _read_json(scheduler) if scheduler.is_file() else {},
+                        _read_json(second / "config.json") if (second := folder / "text_encoder_2").is_dir() else None)
 
 
 @dataclass(frozen=True)
@@ -173,9 +182,9 @@ def estimate_plan(config: Config) -> RunPlan:
 
 
 def describe(config: Config, plan: RunPlan, shape: StepShape) -> str:
-    from .optim import OPTIMIZER_ALIASES
+    from .config import optimizer_path
 
-    optimizer = OPTIMIZER_ALIASES.get(config.optimizer.name.lower(), config.optimizer.name)
+    optimizer = optimizer_path(config.optimizer.name)
     features = [f"{shape.rows} rows of {shape.width}x{shape.height}",
                 f"{str(plan.autocast).removeprefix('torch.')} autocast" if plan.autocast else "no autocast",
                 f"{str(plan.weights).removeprefix('torch.')} weights", optimizer.rpartition(".")[2]]
@@ -189,7 +198,8 @@ def describe(config: Config, plan: RunPlan, shape: StepShape) -> str:
                                        ("gradient accumulation", config.trainer.accumulate_grad_batches > 1),
                                        ("cached latents", plan.cache_latents),
                                        ("cached text embeddings", plan.cache_text),
-                                       ("VAE and text encoder off the device", plan.frozen_off_device),
+                                       ("VAE off the device", plan.vae_off_device),
+                                       ("text encoder off the device", plan.text_encoder_off_device),
                                        ("EMA", config.ema.enabled and not config.ema.on_cpu)) if on]
     return ", ".join(features)
 
@@ -241,10 +251,40 @@ class BitsandbytesLionState(BitsandbytesState):
     eight_bit, num_states = False, 1
 
 
-def _stand_in(optimizer: str) -> str:
-    """The class path of the stand-in for a bitsandbytes optimizer's class path."""
-    name = optimizer.rpartition(".")[2].lower()
-    if "lion" in name:
+class ProdigyState(torch.optim.Optimizer):
+    """Stand-in for Prodigy, whose step reads values (for its step-size estimate) that fake tensors do not
+    have: its state, allocated the way it allocates it. For each parameter, in the parameter's dtype: the
+    running sum `s` and the starting point `p0` (every element, at Prodigy's default slice_p of 1) and Adam's
+    two moments (the first only with beta1 > 0). For a parameter that starts at all zeros (a LoRA's up
+    matrices) Prodigy keeps a one-element `p0` instead, which fake tensors cannot tell: there the estimate
+    is high by that parameter's size. The step's temporaries, one parameter's size at a time, are not
+    counted."""
+
+    def __init__(self, params, betas=(0.9, 0.999), **hyperparameters):  # the others change no byte
+        super().__init__(params, {})
+        for group in self.param_groups:
+            for param in group["params"]:
+                state = self.state[param]
+                state["s"] = torch.zeros_like(param).flatten()
+                state["p0"] = param.detach().flatten().clone()
+                if betas[0] > 0:
+                    state["exp_avg"] = torch.zeros_like(param)
+                state["exp_avg_sq"] = torch.zeros_like(param)
+
+    def step(self, closure=None):
+        return None
+
+
+def _stand_in(optimizer: str) -> Optional[str]:
+    """The class path of the stand-in for an optimizer class path whose step cannot run on fake tensors;
+    None for one that can."""
+    module, _, name = optimizer.rpartition(".")
+    name = name.lower()
+    if name == "prodigy":
+        cls = ProdigyState
+    elif not module.startswith("bitsandbytes"):
+        return None
+    elif "lion" in name:
         cls = BitsandbytesLion8bitState if "8bit" in name else BitsandbytesLionState
     else:
         cls = BitsandbytesState if "8bit" in name else Bitsandbytes32bitState
@@ -255,12 +295,20 @@ def steady_state_optimizer(config: Config, plan: RunPlan, groups: list[dict]):
     """Training's optimizer over parameter groups with its state already there, as after the first step.
 
     Returns it and the torch optimizers inside it (one per parameter for the per-parameter one)."""
-    from .optim import OPTIMIZER_ALIASES
+    from .config import optimizer_path
+    from .optim import train_mode
 
-    name = OPTIMIZER_ALIASES.get(config.optimizer.name.lower(), config.optimizer.name)
-    if name.startswith("bitsandbytes."):
-        config = dataclasses.replace(config, optimizer=dataclasses.replace(config.optimizer, name=_stand_in(name)))
-    optimizer = build_optimizer(config, plan, groups)
+    options = config.optimizer
+    stand_in = _stand_in(optimizer_path(options.name))
+    if stand_in:
+        options = dataclasses.replace(options, name=stand_in)
+    elif options.params.relative_step:
+        # Adafactor's relative step size needs the weights' values, which fake tensors do not have; its
+        # fixed-rate mode keeps the same state and does the same work.
+        options = dataclasses.replace(options, params=dataclasses.replace(options.params, relative_step=False,
+                                                                          warmup_init=False))
+    optimizer = build_optimizer(dataclasses.replace(config, optimizer=options), plan, groups)
+    train_mode(optimizer)  # a schedule-free optimizer steps only in training mode
     params = [p for group in groups for p in group["params"]]
     inner = getattr(optimizer, "optimizers", [optimizer])
     for each in inner:
@@ -297,12 +345,14 @@ def estimate(config: Config, arch: Optional[str] = None) -> VramEstimate:
 
 
 class _FakeTextCache:
-    """Stands in for the text-embedding cache: the embeddings arrive with the batch."""
+    """Stands in for the text-embedding cache: the conditioning arrives with the batch."""
 
-    def __init__(self, embeddings: torch.Tensor):
-        self.embeddings = embeddings
+    def __init__(self, rows: int, tokens: int, unet, text_encoder):
+        self.embeddings = {"encoder_hidden_states": torch.randn(rows, tokens, unet.config.cross_attention_dim)}
+        if hasattr(text_encoder, "text_encoder_2"):  # SDXL's pooled embedding
+            self.embeddings["text_embeds"] = torch.randn(rows, text_encoder.text_encoder_2.config.projection_dim)
 
-    def lookup(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def lookup(self, input_ids: torch.Tensor) -> dict:
         return self.embeddings
 
 
@@ -321,34 +371,37 @@ def _trace_step(config: Config, architecture: Architecture, plan: RunPlan, shape
     from .ema import averaged_parameters, create_ema, ema_step
 
     device = torch.device("cpu")  # fake tensors: the device only names where the bytes are counted
-    family = family_for(config)
+    family = family_named(architecture.family)
     components = family.fake_components(config, architecture)
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     # peft moves each new adapter layer with Module.to(), which fake tensors refuse: the adapter is built of
     # real (small) tensors, then given fake ones of the same shapes
     with unset_fake_temporarily():
-        prepare_models(components, config, plan, device)
+        prepare_models(family, components, config, plan, device)
     for model in trained_models(components, plan):
         _fake_parameters(model)
     trained = trained_models(components, plan)
-    frozen = [components.vae] + ([] if plan.train_text_encoder else [components.text_encoder])
-    on_device = trained + ([] if plan.frozen_off_device else frozen)
+    frozen = frozen_models(components, plan)
+    resting = ([components.vae] if plan.vae_off_device else []) + \
+        (list(text_encoder_parts(components.text_encoder).values()) if plan.text_encoder_off_device else [])
+    on_device = trained + [model for model in frozen if not any(model is r for r in resting)]
     vae, unet, text_encoder = components.vae, components.unet, components.text_encoder
 
     # The batch as the data loader delivers it: cached latents come as the VAE's mean and log-variance.
     latent_scale = 2 ** (len(vae.config.block_out_channels) - 1)
     latent_size = (shape.height // latent_scale, shape.width // latent_scale)
-    tokens = text_encoder.config.max_position_embeddings
-    batch = {"input_ids": torch.randint(0, text_encoder.config.vocab_size, (shape.rows, tokens)),
+    first_encoder = next(iter(text_encoder_parts(text_encoder).values()))
+    tokens = first_encoder.config.max_position_embeddings
+    batch = {"input_ids": torch.randint(0, first_encoder.config.vocab_size, (shape.rows, tokens)),
              "captions": ["a caption"] * shape.rows, "sample_keys": list(range(shape.rows)),
+             "time_ids": torch.zeros(shape.rows, 6),
              "num_instance": config.batch_size if config.prior_preservation.enabled else shape.rows}
     if plan.cache_latents:
         batch["latent_params"] = torch.randn(shape.rows, 2 * vae.config.latent_channels, *latent_size)
     else:
         batch["pixel_values"] = torch.randn(shape.rows, 3, shape.height, shape.width)
-    text_cache = (_FakeTextCache(torch.randn(shape.rows, tokens, unet.config.cross_attention_dim))
-                  if plan.cache_text else None)
+    text_cache = _FakeTextCache(shape.rows, tokens, unet, text_encoder) if plan.cache_text else None
     groups = parameter_groups(components, plan, config, config.optimizer.params.lr)
     params = [p for group in groups for p in group["params"]]
     optimizer, inner = steady_state_optimizer(config, plan, groups)
@@ -360,7 +413,7 @@ def _trace_step(config: Config, architecture: Architecture, plan: RunPlan, shape
             param.grad = torch.zeros_like(param)
     tracker = memory_tracker()
     batch_tensors = [value for value in batch.values() if isinstance(value, torch.Tensor)]
-    tracker.track_external(*on_device, *inner, *batch_tensors, *([text_cache.embeddings] if text_cache else []),
+    tracker.track_external(*on_device, *inner, *batch_tensors, *(text_cache.embeddings.values() if text_cache else []),
                            *(ema.shadow_params if ema else ()))
     models = StepModels(family=family, unet=unet, text_encoder=text_encoder, vae=vae,
                         noise_scheduler=components.noise_scheduler)

@@ -41,6 +41,6 @@ def thumbnails(result: dict, label: str, out_dir: Path) -> list[tuple[str, str]]
     """(thumbnail path, caption) for the images of the bucket with that label, the crop drawn on each."""
     for bucket in result["buckets"]:
         if bucket_label(bucket) == label:
-            return [(str(draw_crop(image["path"], image["crop"], out_dir)), Path(image["path"]).name)
-                    for image in bucket["images"][:MAX_THUMBNAILS]]
+            return [(str(draw_crop(image["path"], image["crop"], out_dir, mask=image.get("mask"))),
+                     Path(image["path"]).name) for image in bucket["images"][:MAX_THUMBNAILS]]
     return []

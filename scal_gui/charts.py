@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import pandas as pd
 
@@ -27,14 +27,18 @@ def _thin(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([keep, frame.iloc[[-1]]]) if keep.index[-1] != frame.index[-1] else keep
 
 
-def loss_frame(points: list[dict]) -> Optional[pd.DataFrame]:
-    """Columns step, loss, series ('raw' and 'smoothed'); None (an empty plot) before the first step."""
+def loss_frame(points: list[dict], validation: Sequence[dict] = ()) -> Optional[pd.DataFrame]:
+    """Columns step, loss, series ('raw', 'smoothed' and, with validation rounds, 'validation'); None (an
+    empty plot) before the first step."""
     if not points:
         return None
     steps = [p["step"] for p in points]
     raw = [p["loss"] for p in points]
     frames = [_thin(pd.DataFrame({"step": steps, "loss": values, "series": name}))
               for name, values in (("raw", raw), ("smoothed", smooth(raw)))]
+    if validation:
+        frames.append(_thin(pd.DataFrame({"step": [v["step"] for v in validation],
+                                          "loss": [v["loss"] for v in validation], "series": "validation"})))
     return pd.concat(frames, ignore_index=True)
 
 

@@ -70,6 +70,8 @@ class Field:
     label: str
     info: str = ""
     form_kind: str = ""  # overrides the kind read from a schema type wider than what the form edits
+    # A choice among these names where the schema takes any string: other values stay allowed.
+    suggestions: tuple[str, ...] = ()
 
     @property
     def type(self) -> Any:
@@ -95,6 +97,8 @@ class Field:
 
     @property
     def choices(self) -> tuple[str, ...]:
+        if self.suggestions:
+            return self.suggestions
         tp = self.type
         if typing.get_origin(tp) is Literal:
             return tuple(str(a) for a in typing.get_args(tp))
@@ -121,7 +125,7 @@ class Field:
                 return False
             return True
         if kind == "choice":
-            return str(value) in self.choices
+            return str(value) in self.choices or (bool(self.suggestions) and isinstance(value, str))
         return isinstance(value, str)
 
     def to_form(self, value: Any) -> Any:
@@ -241,6 +245,10 @@ DATASET = (
     Field(f"{_CONCEPT}.instance_set.path", "Instance folder (or captioned fine-tune folder)",
           "a folder path or demo:sample-data/instance, demo:sample-data/finetune"),
     Field(f"{_CONCEPT}.instance_set.prompt", "Instance prompt", "{TXT_PROMPT} is replaced by each image's caption"),
+    Field(f"{_CONCEPT}.instance_set.repeats", "Repeats", "times each image is seen per epoch"),
+    Field("masked_loss.enabled", "Masked loss", "each image's mask (name.mask.png) weights its loss: white trains"),
+    Field("masked_loss.unmasked_weight", "Weight outside the mask", "0 = black mask pixels are ignored, 1 = trained"),
+    Field(f"{_CONCEPT}.instance_set.mask_path", "Mask folder", "masks named name.png; empty = name.mask.png beside"),
     Field(f"{_CONCEPT}.class_set.path", "Class folder", "regularization images for prior preservation"),
     Field("data.resolution", "Resolution", "pixels, a multiple of 8"),
     Field("data.center_crop", "Centre crop", "off = random crop position"),
@@ -273,7 +281,8 @@ TRAIN = (
     # The schema also takes Lightning's device lists and strings; the app runs a number of processes.
     Field("trainer.devices", "Devices", "processes (GPUs); 2 or more train through torchrun, -1 = every GPU",
           form_kind="int"),
-    Field("optimizer.name", "Optimizer", "torch.optim.AdamW, bitsandbytes.optim.AdamW8bit or a class path"),
+    Field("optimizer.name", "Optimizer", "a short name (README, Optimizers) or a class path such as torch.optim.AdamW",
+          suggestions=schema.OPTIMIZER_NAMES),
     Field("optimizer.params.lr", "Learning rate"),
     Field("optimizer.lr_scheduler.name", "LR schedule", "constant, linear, cosine, … or a class path"),
     Field("optimizer.lr_scheduler.warmup.enabled", "Warmup"),
@@ -284,6 +293,9 @@ TRAIN = (
     Field("prior_preservation.prior_loss_weight", "Prior loss weight"),
     Field("sampling.interval_steps", "Sample every N steps", "0 = never"),
     Field("sampling.concepts[0].prompt", "Sample prompt"),
+    Field("validation.every_n_steps", "Validation loss every N steps", "0 = never; needs a split or a folder"),
+    Field("validation.split", "Validation split", "fraction of the instance images held out, e.g. 0.1"),
+    Field("validation.path", "Validation folder", "held-out images instead of a split"),
     Field("checkpoint.every_n_train_steps", "Checkpoint every N steps", "empty = every N epochs"),
     Field("checkpoint.save_top_k", "Checkpoints kept", "-1 keeps all"),
 )
@@ -309,6 +321,8 @@ ADVANCED = (
     Field("cache.latents", "Cache latents", "needs centre crop and no augmentation"),
     Field("cache.text_embeddings", "Cache text embeddings", "text encoder frozen, captions not shuffled"),
     Field("optimizer.fused_backward", "Optimizer step in backward", "saves gradient memory; no clipping"),
+    Field("optimizer.params.relative_step", "Adafactor relative step", "its own step size; lr is not used"),
+    Field("optimizer.params.warmup_init", "Adafactor relative-step warmup", "with relative step: grows from 0"),
     Field("weights_dtype", "Weights dtype", "bf16 = less memory (RTX 30xx or newer)"),
     Field("xformers", "xformers attention", "used only when installed and on CUDA"),
 )

@@ -41,6 +41,7 @@ class History:
     done: int = 0            # progress of jobs counted in items (class images)
     total: int = 0
     points: list = field(default_factory=list)    # {"step", "loss", "lr"} per optimizer step
+    validation: list = field(default_factory=list)  # {"step", "loss"} per validation round
     samples: list = field(default_factory=list)   # (step, path)
     images: list = field(default_factory=list)    # paths made by class image generation
     checkpoints: list = field(default_factory=list)
@@ -131,7 +132,8 @@ class JobManager:
             history = self._histories.get(kind) if kind else self._current
             if history is None:
                 return None
-            return dataclasses.replace(history, points=list(history.points), samples=list(history.samples),
+            return dataclasses.replace(history, points=list(history.points), validation=list(history.validation),
+                                       samples=list(history.samples),
                                        images=list(history.images), checkpoints=list(history.checkpoints),
                                        logs=deque(history.logs, maxlen=LOG_LINES))
 
@@ -185,6 +187,8 @@ class JobManager:
             history.step, history.epoch, history.total_steps = event.step, event.epoch, event.total_steps
             history.it_per_s, history.eta_s = event.it_per_s, event.eta_s
             history.points.append({"step": event.step, "loss": event.loss, "lr": event.lr})
+        elif kind == "validation":
+            history.validation.append({"step": event.step, "loss": event.loss})
         elif kind == "progress":
             if history.state == "starting":
                 history.state = "running"

@@ -81,8 +81,8 @@ def _wire_live(ctx: PageContext, page: gr.Blocks, train, classgen) -> None:
         points = history.points if history else []
         serve_files([path for _, path in history.samples] if history else [])
         return [live.status_line(history, tab_train.IDLE), live.train_progress(history),
-                charts.loss_frame(points), charts.lr_frame(points), live.sample_gallery(history),
-                live.log_text(history)]
+                charts.loss_frame(points, history.validation if history else ()), charts.lr_frame(points),
+                live.sample_gallery(history), live.log_text(history)]
 
     def render_classgen(history):
         serve_files(history.images if history else [])

@@ -46,7 +46,8 @@ def build(ctx: PageContext) -> SimpleNamespace:
     ui.skipped = gr.Dataframe(headers=list(bucket_view.SKIPPED_COLUMNS), label="Skipped images", interactive=False,
                               elem_id="skipped-table")
     ui.bucket = gr.Dropdown([], label="Show the images of bucket", elem_id="bucket-choice")
-    ui.thumbnails = gr.Gallery(label="Crops used for training (outside the box is cut away)", columns=8,
+    ui.thumbnails = gr.Gallery(label="Crops used for training (outside the box is cut away; with masked loss, "
+                                     "red tints what the mask leaves out)", columns=8,
                                height=300, object_fit="contain", elem_id="bucket-thumbnails")
     ui.report = gr.State(None)
     return ui

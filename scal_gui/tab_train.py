@@ -54,10 +54,10 @@ def build(ctx: PageContext, preset_list: list[presets.Preset], selected: presets
         with gr.Column(scale=6):
             ui.status = gr.Markdown(IDLE, elem_id="train-status")
             ui.progress = gr.HTML(elem_id="train-progress")
-            ui.loss = gr.LinePlot(x="step", y="loss", color="series", label="Loss: raw (grey), smoothed (orange)",
-                                  elem_id="loss-plot",
-                                  color_map={"raw": "#94a3b8", "smoothed": "#ea580c"}, x_axis_format="d",
-                                  height=280)
+            ui.loss = gr.LinePlot(x="step", y="loss", color="series",
+                                  label="Loss: raw (grey), smoothed (orange), validation (blue)", elem_id="loss-plot",
+                                  color_map={"raw": "#94a3b8", "smoothed": "#ea580c", "validation": "#2563eb"},
+                                  x_axis_format="d", height=280)
             ui.lr = gr.LinePlot(x="step", y="lr", label="Learning rate", x_axis_format="d", y_axis_format=".1e",
                                 elem_id="lr-plot", height=160)
             ui.gallery = gr.Gallery(label="Samples", columns=6, height=200, object_fit="contain",

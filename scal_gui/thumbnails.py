@@ -3,26 +3,36 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 THUMB_SIDE = 192
 SHADE = 110  # alpha of the veil over the parts that the crop cuts away
+TINT = (230, 30, 60)  # blended over what a loss mask leaves out of the loss
 
 
-def draw_crop(source: str, box: Sequence[float], out_dir: Path, side: int = THUMB_SIDE) -> Path:
+def draw_crop(source: str, box: Sequence[float], out_dir: Path, side: int = THUMB_SIDE,
+              mask: Optional[str] = None) -> Path:
     """A thumbnail of source with the area outside box (left, top, right, bottom in source pixels) veiled
-    and the box outlined; written once per (file, box) and reused."""
+    and the box outlined, and tinted where its loss mask (a file, or None) is black; written once per
+    (file, box, mask) and reused. The source may be a shard member (see engine.data.shards)."""
     from PIL import Image, ImageDraw, ImageOps
 
-    path = Path(source)
-    key = hashlib.sha1(f"{path.resolve()}:{path.stat().st_mtime_ns}:{list(box)}:{side}".encode()).hexdigest()[:16]
+    from engine.data.shards import file_stamp, image_file
+
+    masked = f"{Path(mask).resolve()}:{Path(mask).stat().st_mtime_ns}" if mask else ""
+    key = hashlib.sha1(f"{file_stamp(source)}:{list(box)}:{side}:{masked}".encode()).hexdigest()[:16]
     target = out_dir / f"{key}.png"
     if target.is_file():
         return target
-    with Image.open(path) as image:
+    with Image.open(image_file(source)) as image:
         image = ImageOps.exif_transpose(image).convert("RGB")
     scale = side / max(image.size)
     thumb = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
+    if mask:
+        from engine.data.masks import load_mask
+
+        weights = load_mask(mask, source, image.size).resize(thumb.size)
+        thumb = Image.composite(thumb, Image.blend(thumb, Image.new("RGB", thumb.size, TINT), 0.6), weights)
     left, top, right, bottom = (round(v * scale) for v in box)
     veil = Image.new("L", thumb.size, SHADE)
     ImageDraw.Draw(veil).rectangle((left, top, right - 1, bottom - 1), fill=0)

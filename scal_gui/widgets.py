@@ -24,5 +24,6 @@ def component(field: Field, value: Any) -> gr.components.Component:
         # step="any" semantics: a learning rate of 1e-6 must not be rounded by the input's step.
         return gr.Number(value=value, info=info, step=1e-9, **common)
     if field.kind == "choice":
-        return gr.Dropdown(choices=list(field.choices), value=value, info=info, **common)
+        return gr.Dropdown(choices=list(field.choices), value=value, info=info,
+                           allow_custom_value=bool(field.suggestions), **common)
     return gr.Textbox(value=value, info=info, lines=1, max_lines=1, **common)

@@ -11,6 +11,7 @@ from typing import Callable, Iterable, Optional
 
 from engine import config as cfg
 from engine.testing import tiny_config
+from engine.vram import guess_architecture
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = sorted((ROOT / "presets").glob("*.yaml"))
@@ -196,7 +197,8 @@ def preset_to_tiny(preset: Path, output_dir: Path, class_root: Path, captioned_p
     """Load a shipped preset with engine.config and rewrite only what cannot run on a CPU in a test.
 
     Changed, and nothing else:
-    - model -> demo:tiny-sd; vae and tokenizer -> null (the tiny model's own);
+    - model -> demo:tiny-sd, or demo:tiny-sdxl for an SDXL preset; vae and tokenizer -> null (the tiny
+      model's own);
     - every concept's instance_set.path -> demo:sample-data/instance, or `captioned_path` (images with .txt
       captions) when its prompt is '{TXT_PROMPT}';
     - every class_set.path -> class_root/<concept index>, an empty folder, so class images are generated;
@@ -211,7 +213,8 @@ def preset_to_tiny(preset: Path, output_dir: Path, class_root: Path, captioned_p
     memory switches stay as the preset sets them: the engine falls back on a CPU as it does for users.
     """
     values = cfg.to_dict(cfg.load(preset))
-    values.update(model="demo:tiny-sd", vae=None, tokenizer=None, output_dir=str(output_dir), num_workers=0)
+    tiny = "demo:tiny-sdxl" if guess_architecture(values["model"]) == "sdxl" else "demo:tiny-sd"
+    values.update(model=tiny, vae=None, tokenizer=None, output_dir=str(output_dir), num_workers=0)
     values["data"]["resolution"] = 64
     for index, concept in enumerate(values["data"]["concepts"]):
         instance = concept["instance_set"]

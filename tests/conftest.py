@@ -30,6 +30,13 @@ def tiny_model(demo_cache):
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl(demo_cache):
+    from engine import paths
+
+    return paths.demo_model_dir("sdxl")
+
+
+@pytest.fixture(scope="session")
 def sample_data(demo_cache):
     from engine import paths
 
@@ -43,6 +50,18 @@ def class_images(sample_data, tiny_model):
 
     fill_class_folder(tiny_model, sample_data / "class", count=6)
     return sample_data / "class"
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Train on one CPU thread. The tiny model's ops are too small to split, and while other processes share
+    the cores, torch's spinning thread pool makes these runs several times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def run_cli(*args, cwd=ROOT, env=None, timeout=600):

@@ -64,12 +64,16 @@ def base_models(tiny_model):
 
 
 def adapted_models(run: Path, tiny_model):
+    return with_run_adapters(run, base_models(tiny_model))
+
+
+def with_run_adapters(run: Path, models: dict) -> dict:
+    """The base models with the adapters of the run's newest checkpoint loaded into them."""
     from engine.models.adapters import add_adapter, load_adapter_folder
     from engine.run_dir import RunDir
 
     network = cfg.load(RunDir(run).config).network
     checkpoint = checkpoints.latest_checkpoint(run)
-    models = base_models(tiny_model)
     for component, model in models.items():
         add_adapter(model, component, network, 0)
         load_adapter_folder(model, checkpoint / component, "test")

@@ -8,8 +8,11 @@ import torch
 
 from engine.data import cache
 from engine import config as cfg
+from engine.models.sd import StableDiffusion
 from engine.plan import make_plan
 from engine.testing import tiny_config
+
+SD = StableDiffusion()
 
 
 def test_shards_fill_stream_to_disk_and_reopen(tmp_path, monkeypatch):
@@ -37,15 +40,20 @@ def test_a_corrupt_shard_is_ignored(tmp_path):
     assert "good" in reopened and len(reopened) == 1
 
 
-def test_text_cache_equals_the_encoder_at_any_padding(tmp_path, tiny_model):
+@pytest.mark.parametrize("arch", ["sd", "sdxl"])
+def test_text_cache_equals_the_encoder_at_any_padding(arch, tmp_path, request):
+    from engine import config as cfg
     from engine.data.dataset import tokenize
-    from engine.models.sd import encode_prompt, load_components
+    from engine.models.family import family_for
 
-    components = load_components(str(tiny_model))
+    model = request.getfixturevalue("tiny_model" if arch == "sd" else "tiny_sdxl")
+    config = cfg.from_dict({"model": str(model), "prior_preservation": {"enabled": False}})
+    family = family_for(config)
+    components = family.load(config)
     tokenizer, encoder = components.tokenizer, components.text_encoder
     prompts = {"a sks toy", "a red circle on a white background", ""}
     logs = []
-    text_cache = cache.cache_text_embeddings(prompts, tokenizer, encoder, 2, torch.device("cpu"), None,
+    text_cache = cache.cache_text_embeddings(prompts, family, tokenizer, encoder, 2, torch.device("cpu"), None,
                                              tmp_path, logs.append)
     assert logs == [f"text-embedding cache {tmp_path}: 0 of 3 prompts cached, encoding 3"]
     rows = [tokenize(tokenizer, p) for p in sorted(prompts)]
@@ -54,12 +62,16 @@ def test_text_cache_equals_the_encoder_at_any_padding(tmp_path, tiny_model):
         for i, row in enumerate(rows):
             input_ids[i, :len(row)] = torch.tensor(row)
         with torch.no_grad():
-            expected = encode_prompt(encoder, input_ids, 2)
+            expected = family.encode_text(encoder, input_ids, 2)
         cached = text_cache.lookup(input_ids)
-        assert cached.shape == expected.shape == (3, length, 32)
-        assert torch.allclose(cached, expected, atol=1e-5)
+        assert sorted(cached) == sorted(expected) == sorted(family.conditioning_parts)
+        assert cached["encoder_hidden_states"].shape == (3, length, 32 if arch == "sd" else 96)
+        for part in cached:
+            assert cached[part].shape == expected[part].shape
+            assert torch.allclose(cached[part], expected[part], atol=1e-5)
     again = []
-    cache.cache_text_embeddings(prompts, tokenizer, encoder, 2, torch.device("cpu"), None, tmp_path, again.append)
+    cache.cache_text_embeddings(prompts, family, tokenizer, encoder, 2, torch.device("cpu"), None, tmp_path,
+                                again.append)
     assert again == [f"text-embedding cache {tmp_path}: 3 of 3 prompts cached"]
 
 
@@ -90,7 +102,7 @@ def test_latents_are_encoded_once_and_rebuilt_only_when_inputs_change(tmp_path, 
     config, components, data = prepared(tmp_path, **{"data.concepts": concept})
     calls = counting_encodes(components.vae)
     logs = []
-    cache.attach_caches(config, make_plan(config, "cpu"), components, data.dataset, torch.device("cpu"),
+    cache.attach_caches(config, make_plan(config, "cpu"), SD, components, data.dataset, torch.device("cpu"),
                         lambda m, *a: logs.append(m))
     assert sum(calls) == 10 and data.dataset.latents is not None
     batch = next(iter(data.loader))
@@ -99,18 +111,18 @@ def test_latents_are_encoded_once_and_rebuilt_only_when_inputs_change(tmp_path, 
     # The same run again: nothing to encode.
     calls.clear()
     _, _, data = prepared(tmp_path, **{"data.concepts": concept})
-    cache.attach_caches(config, make_plan(config, "cpu"), components, data.dataset, torch.device("cpu"),
+    cache.attach_caches(config, make_plan(config, "cpu"), SD, components, data.dataset, torch.device("cpu"),
                         lambda m, *a: None)
     assert calls == []
     # A changed image file is encoded again, alone.
     os.utime(data_dir / "toy_03.png", ns=(5_000_000_000, 5_000_000_000))
-    cache.attach_caches(config, make_plan(config, "cpu"), components, data.dataset, torch.device("cpu"),
+    cache.attach_caches(config, make_plan(config, "cpu"), SD, components, data.dataset, torch.device("cpu"),
                         lambda m, *a: None)
     assert sum(calls) == 1
     # Another resolution, crop or VAE is another cache.
     calls.clear()
     config2, _, data2 = prepared(tmp_path, **{"data.concepts": concept, "data.resolution": 32})
-    cache.attach_caches(config2, make_plan(config2, "cpu"), components, data2.dataset, torch.device("cpu"),
+    cache.attach_caches(config2, make_plan(config2, "cpu"), SD, components, data2.dataset, torch.device("cpu"),
                         lambda m, *a: None)
     assert sum(calls) == 10
     folders = sorted(p.name for p in (tmp_path / "cache").iterdir())
@@ -118,7 +130,7 @@ def test_latents_are_encoded_once_and_rebuilt_only_when_inputs_change(tmp_path, 
     with torch.no_grad():
         components.vae.decoder.conv_out.bias.add_(0.01)  # the decoder does not change latents, but it is the VAE
     calls.clear()
-    cache.attach_caches(config, make_plan(config, "cpu"), components, data.dataset, torch.device("cpu"),
+    cache.attach_caches(config, make_plan(config, "cpu"), SD, components, data.dataset, torch.device("cpu"),
                         lambda m, *a: None)
     assert sum(calls) == 10 and len(list((tmp_path / "cache").iterdir())) == 3
 
@@ -126,7 +138,7 @@ def test_latents_are_encoded_once_and_rebuilt_only_when_inputs_change(tmp_path, 
 def test_random_crops_turn_latent_caching_off_with_a_message(tmp_path, sample_data):
     config, components, data = prepared(tmp_path, **{"data.center_crop": False})
     logs = []
-    cache.attach_caches(config, make_plan(config, "cpu"), components, data.dataset, torch.device("cpu"),
+    cache.attach_caches(config, make_plan(config, "cpu"), SD, components, data.dataset, torch.device("cpu"),
                         lambda message, level="info": logs.append((level, message)))
     assert data.dataset.latents is None and not (tmp_path / "cache").exists()
     assert logs == [("warning", logs[0][1])] and "latents are not cached" in logs[0][1]

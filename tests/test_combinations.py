@@ -18,7 +18,8 @@ from engine import events
 PAIRWISE_SEED = 1
 MAX_ROWS = 14  # each row is a training run: more would outgrow the matrix's time budget
 CAPTIONED = "demo:sample-data/finetune"
-MODEL_FILES = {"unet": "unet/diffusion_pytorch_model.safetensors", "text_encoder": "text_encoder/model.safetensors"}
+MODEL_FILES = {"unet": "unet/diffusion_pytorch_model.safetensors", "text_encoder": "text_encoder/model.safetensors",
+               "text_encoder_2": "text_encoder_2/model.safetensors"}
 # Placeholder paths: the config loader checks that paths are given, not that they exist.
 _PROBE_PATHS = dict(output_dir=Path("out"), class_dir=Path("class"), existing_class_dir=Path("class-existing"),
                     embedding_file=Path(f"{EMBEDDING_TOKEN}.safetensors"), cache_dir=Path("cache"))
@@ -52,15 +53,7 @@ def assert_weights_moved(tiny_model, checkpoint, names):
         assert changed_elements(tiny_model / MODEL_FILES[name], checkpoint / MODEL_FILES[name]) > 0, name
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Run this module's training on one CPU thread. The tiny model's ops are too small to split, and
-    while other processes share the cores, torch's spinning thread pool made these runs several times
-    slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="session")
@@ -185,14 +178,18 @@ def test_the_preset_rewrite_changes_only_what_cannot_run_here(preset, tmp_path):
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
-def test_preset_trains_end_to_end_on_the_tiny_model(preset, tmp_path, tiny_model, sample_data):
+def test_preset_trains_end_to_end_on_the_tiny_model(preset, tmp_path, sample_data):
+    from engine import paths
+
     assert len(pngs(sample_data / "finetune")) == len(list((sample_data / "finetune").glob("*.txt"))) > 0
     config = preset_to_tiny(preset, tmp_path / "out", tmp_path / "class", CAPTIONED)
+    sdxl = config.model == "demo:tiny-sdxl"
     run_dir, _, checkpoint, _ = train(config, PRESET_STEPS)
     meta = checkpoints.read_meta(checkpoint)
-    expected_trained = ["text_encoder", "unet"] if config.train_text_encoder else ["unet"]
+    encoders = tuple(name for name in config.trained_text_encoders if sdxl or name == "text_encoder")
+    expected_trained = sorted(("unet",) + encoders)
     assert meta["trained"] == expected_trained
-    assert_weights_moved(tiny_model, checkpoint, expected_trained)
+    assert_weights_moved(paths.demo_model_dir("sdxl" if sdxl else "sd"), checkpoint, expected_trained)
     if "8bit" in config.optimizer.name:
         # bitsandbytes runs on the CPU: tensors of 4096 weights or more keep uint8 moments.
         dtypes = tensor_dtypes(checkpoints.load_state(checkpoint)["optimizer"])

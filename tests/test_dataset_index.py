@@ -1,14 +1,21 @@
-"""The dataset index: header-only scans, re-opening without reading images, skip reasons, captions."""
+"""The dataset index: header-only scans, re-opening without reading images, skip reasons, captions, the
+on-disk format, the lazy records, the pool of readers and vectorised bucket assignment."""
+import gc
 import json
 import os
+import pickle
 import sys
 import warnings
 
+import numpy as np
 import pytest
 from PIL import Image
 
+from engine import config as cfg
 from engine.data import index as dataset_index
-from engine.data.index import INDEX_NAME, DataWarning, scan_folder
+from engine.data import index_store
+from engine.data.buckets import MAX_UPSCALE, bucket_sizes, plan_buckets
+from engine.data.index import INDEX_NAME, DataWarning, ImageRecord, scan_folder
 
 
 def write_image(path, size, fmt=None, **save_args):
@@ -22,7 +29,7 @@ def count_opens(monkeypatch):
     real_open = Image.open
 
     def counting_open(fp, *args, **kwargs):
-        opened.append(os.path.basename(str(fp)))
+        opened.append(os.path.basename(str(getattr(fp, "name", fp))))
         return real_open(fp, *args, **kwargs)
 
     monkeypatch.setattr(Image, "open", counting_open)
@@ -41,6 +48,24 @@ def test_sizes_come_from_headers_in_every_format_and_names_are_sorted(tmp_path):
         ("a.jpg", 30, 50), ("b.png", 40, 20), ("c.jpeg", 24, 24), ("d.webp", 64, 16), ("e.bmp", 10, 70),
         ("f.PNG", 12, 12)]
     assert all(r.caption == "a photo" for r in result.records) and result.skipped == []
+
+
+def test_files_are_told_apart_by_extension_in_any_case(tmp_path):
+    names = ["Zebra.JPG", "apple.Png", "été.webp", "été.txt", "a.b.png", "x.jpeg.txt", "._mac.png", ".hidden.jpg",
+             "notes.md", "noext", "ü.bmp"]
+    for name in names:
+        if name.endswith(".txt") or name in ("notes.md", "noext"):
+            (tmp_path / name).write_text("caption", encoding="utf-8")
+        else:
+            write_image(tmp_path / name, (16, 16), "PNG")
+    (tmp_path / "folder.png").mkdir()
+    with pytest.warns(DataWarning) as caught:
+        result = scan_folder(str(tmp_path), "{TXT_PROMPT}")
+    images = ["Zebra.JPG", "a.b.png", "apple.Png", "été.webp", "ü.bmp"]
+    assert [os.path.basename(r.path) for r in result.records] == sorted(images)
+    assert [os.path.basename(p) for p, _ in result.skipped] == ["folder.png"]
+    assert {os.path.basename(r.path): r.caption for r in result.records}["été.webp"] == "caption"
+    assert sum("no caption file" in str(w.message) for w in caught) == 4
 
 
 def test_scanning_never_decodes_pixels(tmp_path, monkeypatch):
@@ -75,6 +100,11 @@ def test_reopening_an_unchanged_folder_reads_no_image_and_a_changed_file_is_rere
     assert count_opens == []
     assert again.records == first.records
 
+    write_image(tmp_path / "img0.png", (8, 8))  # changed in place: the same names, one new size
+    os.utime(tmp_path / "img0.png", ns=(3_000_000_000, 3_000_000_000))
+    assert (scan_folder(str(tmp_path), "p").records[0].width, count_opens) == (8, ["img0.png"])
+    count_opens.clear()
+
     changed = tmp_path / "img2.png"
     write_image(changed, (96, 48))
     os.utime(changed, ns=(1_000_000_000, 1_000_000_000))  # a different mtime whatever the clock resolution
@@ -83,7 +113,7 @@ def test_reopening_an_unchanged_folder_reads_no_image_and_a_changed_file_is_rere
     third = scan_folder(str(tmp_path), "p")
     assert sorted(count_opens) == ["img2.png", "new.png"]
     sizes = {os.path.basename(r.path): (r.width, r.height) for r in third.records}
-    assert sizes == {"img0.png": (32, 32), "img1.png": (40, 32), "img2.png": (96, 48), "img3.png": (56, 32),
+    assert sizes == {"img0.png": (8, 8), "img1.png": (40, 32), "img2.png": (96, 48), "img3.png": (56, 32),
                      "new.png": (16, 64)}
 
 
@@ -140,8 +170,18 @@ def test_captions_follow_the_txt_file_and_its_changes(tmp_path, count_opens):
     assert count_opens == []  # new captions, but no image re-read
     # A prompt without {TXT_PROMPT} does not need the captions and keeps them in the index.
     assert [r.caption for r in scan_folder(str(tmp_path), "plain").records] == ["plain", "plain"]
-    stored = json.loads((tmp_path / INDEX_NAME).read_text(encoding="utf-8"))
-    assert stored["captions"]["texts"] == ["a blue square", "green star"]
+    stored = index_store.load(tmp_path / INDEX_NAME)["captions"]
+    assert {stored["names"].name(i): stored["texts"][i] for i in range(2)} == {"a.txt": b"a blue square",
+                                                                             "b.txt": b"green star"}
+
+    # A deleted caption is missed, a new one found, without reading any image.
+    (tmp_path / "a.txt").unlink()
+    with pytest.warns(DataWarning, match="no caption file a.txt"):
+        result = scan_folder(str(tmp_path), "{TXT_PROMPT}")
+    assert [r.caption for r in result.records] == ["", "green star"]
+    (tmp_path / "a.txt").write_text("back again", encoding="utf-8")
+    assert [r.caption for r in scan_folder(str(tmp_path), "{TXT_PROMPT}").records] == ["back again", "green star"]
+    assert count_opens == []
 
 
 def test_a_latin1_caption_warns_and_is_read(tmp_path):
@@ -158,14 +198,14 @@ def test_the_index_falls_back_to_the_cache_folder_when_the_dataset_is_read_only(
     data.mkdir()
     write_image(data / "a.png", (32, 16))
     in_folder, in_cache = dataset_index.index_locations(data)
-    real_write = type(in_folder).write_bytes
+    real_save = index_store.save
 
-    def refuse_dataset_folder(self, content):
-        if self.parent == data:
+    def refuse_dataset_folder(path, tables):
+        if path.parent == data:
             raise PermissionError(13, "Permission denied")
-        return real_write(self, content)
+        return real_save(path, tables)
 
-    monkeypatch.setattr(type(in_folder), "write_bytes", refuse_dataset_folder)
+    monkeypatch.setattr(index_store, "save", refuse_dataset_folder)
     scan_folder(str(data), "p")
     assert not in_folder.exists() and in_cache.is_file()
     assert in_cache.parent.parent == dataset_index.paths.cache_dir()
@@ -176,21 +216,265 @@ def test_the_index_falls_back_to_the_cache_folder_when_the_dataset_is_read_only(
     assert opened == []
 
 
-def test_a_corrupt_index_is_ignored_and_rewritten(tmp_path):
-    write_image(tmp_path / "a.png", (24, 16))
-    (tmp_path / INDEX_NAME).write_text("{not json")
-    (record,) = scan_folder(str(tmp_path), "p").records
-    assert (record.width, record.height) == (24, 16)
-    assert json.loads((tmp_path / INDEX_NAME).read_text())["images"]["names"] == ["a.png"]
+def _damaged_index(path):
+    """Ways an index file goes bad: each must be read as no index."""
+    good = path.read_bytes()
+    tables = index_store.load(path)
+    yield "not an archive", b"{not json"
+    yield "cut short", good[:len(good) // 2]
+    yield "empty", b""
+    other_version = dict(np.load(path))
+    other_version["version"] = np.array(index_store.INDEX_VERSION + 1)
+    yield "another version", other_version
+    short = dict(np.load(path))
+    short["images.widths"] = short["images.widths"][:-1]
+    yield "columns of different lengths", short
+    offsets = dict(np.load(path))
+    offsets["images.names.offsets"] = offsets["images.names.offsets"] + 1
+    yield "offsets past the names", offsets
+    missing = dict(np.load(path))
+    del missing["images.errors.blob"]
+    yield "a column missing", missing
+    wrong_type = dict(np.load(path))
+    wrong_type["images.sizes"] = wrong_type["images.sizes"].astype(np.float64)
+    yield "a column of the wrong type", wrong_type
+    order = dict(np.load(path))
+    order["image_order.rows"] = np.zeros_like(order["image_order.rows"])
+    yield "an image order that is no permutation", order
+    assert tables is not None
 
 
-def test_scanning_imports_neither_torch_nor_numpy(tmp_path):
+@pytest.fixture
+def three_images(tmp_path):
+    for index in range(3):
+        write_image(tmp_path / f"{index}.png", (24 + 8 * index, 16))
+    return tmp_path
+
+
+def test_a_corrupt_index_is_ignored_and_rebuilt(three_images, count_opens):
+    index_file = three_images / INDEX_NAME
+    scan_folder(str(three_images), "p")
+    for what, content in list(_damaged_index(index_file)):
+        if isinstance(content, bytes):
+            index_file.write_bytes(content)
+        else:
+            with open(index_file, "wb") as handle:
+                np.savez(handle, **content)
+        assert index_store.load(index_file) is None, what
+        count_opens.clear()
+        records = scan_folder(str(three_images), "p").records
+        assert [(r.width, r.height) for r in records] == [(24, 16), (32, 16), (40, 16)], what
+        assert sorted(count_opens) == ["0.png", "1.png", "2.png"], what
+        names = index_store.load(index_file)["images"]["names"]
+        assert sorted(names.name(i) for i in range(3)) == ["0.png", "1.png", "2.png"], what
+
+
+def test_an_index_of_the_old_json_format_is_rebuilt_and_removed(three_images, count_opens):
+    legacy = {"version": 2, "images": {"names": ["0.png", "1.png", "2.png"], "sizes": [1, 2, 3],
+                                       "mtimes": [1, 2, 3], "widths": [1, 1, 1], "heights": [1, 1, 1],
+                                       "errors": [None, None, None]},
+              "captions": {"names": [], "sizes": [], "mtimes": [], "texts": [], "utf8": [], "errors": []}}
+    (three_images / ".scal-sdt-index.json").write_text(json.dumps(legacy))
+    (three_images / INDEX_NAME).write_text(json.dumps(legacy))  # the old format under the new name
+    records = scan_folder(str(three_images), "p").records
+    assert [(r.width, r.height) for r in records] == [(24, 16), (32, 16), (40, 16)]
+    assert sorted(count_opens) == ["0.png", "1.png", "2.png"]
+    assert not (three_images / ".scal-sdt-index.json").exists()
+    assert index_store.load(three_images / INDEX_NAME) is not None
+
+
+def test_the_index_is_written_atomically(three_images, monkeypatch):
+    scan_folder(str(three_images), "p")
+    before = (three_images / INDEX_NAME).read_bytes()
+    write_image(three_images / "3.png", (16, 16))
+
+    def fail_half_way(handle, **arrays):
+        handle.write(b"PK partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(index_store.np, "savez", fail_half_way)
+    with pytest.warns(DataWarning, match="cannot write the dataset index"):
+        assert len(scan_folder(str(three_images), "p").records) == 4
+    assert (three_images / INDEX_NAME).read_bytes() == before
+    assert [p.name for p in three_images.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_scanning_does_not_import_torch(tmp_path):
     import subprocess
 
     write_image(tmp_path / "a.png", (24, 16))
     code = ("import sys; from engine.data.index import scan_folder; scan_folder(sys.argv[1], 'p'); "
-            "print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))")
+            "print('torch' in sys.modules)")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     output = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=root, capture_output=True, text=True,
                             check=True).stdout
-    assert output.strip() == "[]"
+    assert output.strip() == "False"
+
+
+# -- the lazy records ---------------------------------------------------------------------------------------
+
+def test_records_are_built_on_demand_with_the_values_of_a_list(tmp_path):
+    sizes = {"a.png": (32, 16), "b.jpg": (20, 40), "c.webp": (48, 48), "d.png": (64, 8)}
+    for name, size in sizes.items():
+        write_image(tmp_path / name, size)
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    (tmp_path / "a.txt").write_text("first, ", encoding="utf-8")
+    (tmp_path / "c.txt").write_text("third", encoding="utf-8")
+    (tmp_path / "d.txt").write_text("fourth", encoding="utf-8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        records = scan_folder(str(tmp_path), "sks, {TXT_PROMPT}").records
+    prefix = os.path.join(str(tmp_path), "")
+    expected = [ImageRecord(prefix + "a.png", 32, 16, "sks, first"), ImageRecord(prefix + "b.jpg", 20, 40, "sks"),
+                ImageRecord(prefix + "c.webp", 48, 48, "sks, third"),
+                ImageRecord(prefix + "d.png", 64, 8, "sks, fourth")]
+    assert len(records) == 4 and list(records) == expected and records == expected
+    assert [records[i] for i in range(-4, 4)] == expected + expected
+    assert all(type(r.width) is int and type(r.height) is int and type(r.path) is str for r in records)
+    assert list(records[1:3]) == expected[1:3] and list(records[::-1]) == expected[::-1]
+    assert list(records.take([3, 0])) == [expected[3], expected[0]]
+    assert records.widths.tolist() == [32, 20, 48, 64] and records.heights.tolist() == [16, 40, 48, 8]
+    assert expected[2] in records and records.index(expected[2]) == 2
+    assert list(pickle.loads(pickle.dumps(records))) == expected
+    with pytest.raises(IndexError):
+        records[4]
+    training_list = []
+    training_list += records  # how the data preparation gathers the concepts' records
+    assert training_list == expected
+    assert [ImageRecord(prefix + "a.png", 32, 16, "sks")] != records
+    with pytest.warns(DataWarning, match="bad.png"):
+        assert scan_folder(str(tmp_path), "p").records != records  # the same images, other captions
+
+
+def test_a_scan_keeps_no_python_object_per_image(tmp_path):
+    def blocks_kept(count):
+        folder = tmp_path / str(count)
+        folder.mkdir()
+        for index in range(count):
+            write_image(folder / f"{index:04d}.png", (16 + index % 7, 16))
+        scan_folder(str(folder), "p")
+        gc.collect()
+        blocks = sys.getallocatedblocks()
+        result = scan_folder(str(folder), "p")
+        gc.collect()
+        assert len(result.records) == count
+        return sys.getallocatedblocks() - blocks
+
+    assert blocks_kept(1000) - blocks_kept(100) < 100  # what the result holds does not grow per image
+
+
+# -- the pool of readers ------------------------------------------------------------------------------------
+
+def _mixed_folder(folder):
+    folder.mkdir()
+    for index in range(40):
+        write_image(folder / f"img{index:02d}.png", (16 + index, 64 - index))
+        if index % 3:
+            (folder / f"img{index:02d}.txt").write_text(f"caption {index}", encoding="utf-8")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    write_image(folder / "rotated.jpg", (40, 20), "JPEG", exif=exif)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage")
+    data = (folder / "img00.png").read_bytes()
+    (folder / "truncated.png").write_bytes(data[:-12])
+    (folder / "latin1.png").write_bytes(data)
+    (folder / "latin1.txt").write_bytes("crème".encode("latin-1"))
+    return folder
+
+
+def test_a_scan_by_two_processes_equals_one_by_this_process(tmp_path, count_opens):
+    folder = _mixed_folder(tmp_path / "data")
+
+    def scan(processes):
+        for location in dataset_index.index_locations(folder):
+            location.unlink(missing_ok=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = scan_folder(str(folder), "x, {TXT_PROMPT}", processes=processes)
+        tables = index_store.load(folder / INDEX_NAME)
+        return list(result.records), result.skipped, sorted(str(w.message) for w in caught), tables
+
+    records, skipped, messages, tables = scan(1)
+    assert len(count_opens) == 44
+    count_opens.clear()
+    pooled = scan(2)
+    assert count_opens == []  # every header was read in the pool's processes
+    assert pooled[:3] == (records, skipped, messages)
+    for table, columns in tables.items():
+        for name, column in columns.items():
+            other = pooled[3][table][name]
+            assert other.equals(column) if hasattr(column, "equals") else np.array_equal(other, column), name
+    assert {os.path.basename(p) for p, _ in skipped} == {"broken.png", "truncated.png"}
+    assert (records[-1].width, records[-1].height) == (20, 40)  # rotated.jpg
+
+
+def test_worker_processes_start_from_any_folder_and_report_failures(tmp_path, monkeypatch):
+    from engine.data.worker_pool import WorkerPool
+
+    monkeypatch.chdir(tmp_path)  # the workers still find the engine
+    with WorkerPool(2) as pool:
+        calls = [(f"/data/{index}.png",) for index in range(20)]
+        assert pool.map(os.path.basename, calls) == [f"{index}.png" for index in range(20)]
+        with pytest.raises(RuntimeError, match="FileNotFoundError"):
+            pool.map(os.stat, [(str(tmp_path / "missing"),)])
+        assert pool.map(os.path.dirname, [("/a/b",)]) == ["/a"]  # a failed call leaves its worker serving
+
+
+# -- vectorised bucket assignment -------------------------------------------------------------------------
+
+def _per_image_plan(config, records, sizes):
+    """The rule applied image by image: nearest log aspect, the larger bucket on ties (then the earlier);
+    too small or too far images are skipped."""
+    bucket_logs = np.log([w / h for w, h in sizes])
+    smallest_side = min(min(s) for s in sizes)
+    max_error = config.aspect_ratio_bucket.max_aspect_error
+    kept, assignments, skipped = [], [], []
+    for index, record in enumerate(records):
+        image_log = np.log(np.array([record.width / record.height]))[0]
+        errors = [abs(image_log - bucket_log) for bucket_log in bucket_logs]
+        bucket = min(range(len(sizes)), key=lambda b: (errors[b], -sizes[b][0] * sizes[b][1], b))
+        if min(record.width, record.height) * MAX_UPSCALE < smallest_side:
+            skipped.append((record.path, "too small"))
+        elif errors[bucket] >= max_error:
+            skipped.append((record.path, f"of {errors[bucket]:.2f}"))
+        else:
+            kept.append(index)
+            assignments.append(bucket)
+    return kept, assignments, skipped
+
+
+@pytest.mark.parametrize("resolution, arb", [(512, {}), (64, {}), (512, {"max_aspect_error": 0.1}),
+                                             (64, {"manual": {"base_res": [64, 48], "max_size": 4096,
+                                                              "dim_range": [32, 96], "divisor": 8}})])
+def test_vectorised_buckets_equal_the_per_image_rule(resolution, arb):
+    config = cfg.load(base={"data": {"resolution": resolution}, "aspect_ratio_bucket": {"enabled": True, **arb}})
+    sizes = bucket_sizes(config)
+    rng = np.random.default_rng(resolution + len(arb))
+    sides = rng.integers(1, 3000, size=(3000, 2)).tolist()
+    # Exact aspects of buckets, squares and halfway cases, where ties are decided.
+    sides += [list(s) for s in sizes] + [[w * 3, h * 3] for w, h in sizes] + [[100, 100], [200, 100], [100, 200]]
+    records = [ImageRecord(f"/d/{i}.png", w, h, "p") for i, (w, h) in enumerate(sides)]
+    kept, assignments, skipped = _per_image_plan(config, records, sizes)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan = plan_buckets(config, records)
+    assert plan.indices == kept and plan.assignments == assignments
+    assert plan.kept == [records[i] for i in kept]
+    assert [path for path, _ in plan.skipped] == [path for path, _ in skipped]
+    for (_, reason), (_, expected) in zip(plan.skipped, skipped):
+        assert expected in reason
+    assert len(caught) == len(skipped)
+
+
+def test_buckets_of_lazy_records_equal_those_of_a_list(tmp_path):
+    for index, size in enumerate([(64, 64), (128, 64), (64, 130), (4, 64), (300, 20), (90, 60)]):
+        write_image(tmp_path / f"{index}.png", size)
+    config = cfg.load(base={"data": {"resolution": 64}, "aspect_ratio_bucket": {"enabled": True}})
+    records = scan_folder(str(tmp_path), "p").records
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lazy, eager = plan_buckets(config, records), plan_buckets(config, list(records))
+    assert type(lazy.kept) is not list and list(lazy.kept) == eager.kept
+    assert (lazy.indices, lazy.assignments, lazy.skipped) == (eager.indices, eager.assignments, eager.skipped)
+    assert len(lazy.skipped) == 2
+

@@ -50,6 +50,20 @@ def test_choices_come_from_the_schema():
     assert by_key["seed"].optional and by_key["seed"].kind == "int"
 
 
+def test_the_optimizer_is_picked_from_the_short_names_or_typed_as_a_class_path():
+    from scal_gui import widgets
+
+    (spec,) = [f for f in fields.TRAIN if f.key == "optimizer.name"]
+    assert spec.kind == "choice" and spec.choices == schema.OPTIMIZER_NAMES
+    assert spec.fits("prodigy") and spec.fits("bitsandbytes.optim.AdamW8bit") and not spec.fits(3)
+    raw = {"optimizer": {"name": "torch.optim.AdamW"}}
+    assert fields.apply_form(raw, [spec], ["came_pytorch.CAME"]) == {"optimizer": {"name": "came_pytorch.CAME"}}
+    dropdown = widgets.component(spec, "torch.optim.AdamW")
+    assert dropdown.allow_custom_value and [value for _, value in dropdown.choices] == list(schema.OPTIMIZER_NAMES)
+    accelerator = widgets.component(next(f for f in fields.TRAIN if f.key == "trainer.accelerator"), "auto")
+    assert not accelerator.allow_custom_value
+
+
 @pytest.mark.parametrize("preset", presets.list_presets(), ids=lambda p: p.name)
 def test_an_untouched_form_leaves_each_preset_as_it_is(preset):
     raw = presets.load_preset(preset)

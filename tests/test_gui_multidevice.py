@@ -147,6 +147,7 @@ def test_closing_the_app_stops_a_running_child(tmp_path):
 def test_events_survive_the_json_round_trip():
     made = [events.Started(run_dir="r", total_steps=4), events.Step(step=1, loss=0.5, lr=1e-4),
             events.Progress(done=1, total=2), events.Sample(step=2, paths=["a.png"]), events.Image(path="i.png"),
+            events.Validation(step=2, loss=0.25, per_timestep={"100": 0.3, "900": 0.2}),
             events.CheckpointSaved(step=2, path="c"), events.Log(level="warning", message="m"),
             events.Finished(run_dir="r", step=2, stopped=True, summary={"steps": 2}),
             events.Failed(error="e", user_error=True)]

@@ -211,6 +211,28 @@ def test_a_bf16_step_smaller_than_half_a_bf16_step_survives_on_average():
     assert values.mean().item() == pytest.approx(1.0 - 2 ** -10, abs=3e-5)
 
 
+def test_a_resume_on_bf16_weights_keeps_the_fp32_optimizer_state():
+    # torch casts a loaded optimizer state to its parameter's dtype; the state belongs to the fp32 copies
+    # that each step works on, and AdamW cannot step a bf16 state with an fp32 gradient.
+    options = cfg.from_dict(tiny_config("/tmp")).optimizer
+    weight = torch.nn.Parameter(torch.ones(16, dtype=torch.bfloat16))
+
+    def optimizer():
+        return PerParameterOptimizer(options, [{"params": [weight], "lr": 1e-3}], fused=False, bf16_weights=True)
+
+    first = optimizer()
+    weight.grad = torch.ones_like(weight)
+    first.step()
+    resumed = optimizer()
+    resumed.load_state_dict(first.state_dict())
+    saved, loaded = first.optimizers[0].state[weight], resumed.optimizers[0].state[weight]
+    assert loaded["exp_avg"].dtype == torch.float32 and torch.equal(loaded["exp_avg"], saved["exp_avg"])
+    assert weight.dtype == torch.bfloat16
+    weight.grad = torch.ones_like(weight)
+    resumed.step()
+    assert weight.dtype == torch.bfloat16 and weight.grad is None
+
+
 def test_bf16_weights_train_and_are_saved_in_bf16(tmp_path, class_images, tiny_model):
     weights, watch = train_and_read_unet(tmp_path, weights_dtype="bf16", **{"optimizer.fused_backward": True})
     # The UNet held bf16 weights while it trained, not only when it was saved.

@@ -247,7 +247,9 @@ class StepRecorder:
         from transformers import CLIPTextModel
 
         if isinstance(module, Encoder):
-            self.pending["pixels"] = args[0].detach().clone()
+            # the VAE encodes a batch one image at a time: the rows arrive one by one
+            rows = [self.pending["pixels"]] if "pixels" in self.pending else []
+            self.pending["pixels"] = torch.cat(rows + [args[0].detach().clone()])
         elif isinstance(module, CLIPTextModel):
             self.pending["input_ids"] = _argument(args, kwargs, 0, "input_ids").detach().clone()
             self.pending["text_encoder"] = module

@@ -52,25 +52,30 @@ def rotate_and_crop(image, degrees: float):
     return rotated.crop((left, top, left + w, top + h))
 
 
-def augment_before_crop(image, steps: Sequence[AugmentStep], rng: np.random.Generator):
-    """Geometric steps that change the framing run before the bucket crop."""
+def augment_before_crop(image, steps: Sequence[AugmentStep], rng: np.random.Generator, mask=None) -> tuple:
+    """(image, mask): geometric steps that change the framing run before the bucket crop. The image's loss
+    mask (or None) turns with it, by the same draw."""
     for step in steps:
         if step.name == "rotate" and rng.random() < step.p:
-            image = rotate_and_crop(image, float(rng.uniform(-step.degrees, step.degrees)))
-    return image
+            degrees = float(rng.uniform(-step.degrees, step.degrees))
+            image = rotate_and_crop(image, degrees)
+            mask = rotate_and_crop(mask, degrees) if mask is not None else None
+    return image, mask
 
 
-def augment_after_crop(image, steps: Sequence[AugmentStep], rng: np.random.Generator):
-    """Steps that keep the bucket size: flips and colour."""
+def augment_after_crop(image, steps: Sequence[AugmentStep], rng: np.random.Generator, mask=None) -> tuple:
+    """(image, mask): steps that keep the bucket size, flips and colour; the mask (or None) flips with the
+    image and keeps its values."""
     from PIL import ImageEnhance, ImageOps
 
     for step in steps:
         if step.name == "hflip" and rng.random() < step.p:
             image = ImageOps.mirror(image)
+            mask = ImageOps.mirror(mask) if mask is not None else None
         elif step.name == "color_jitter" and rng.random() < step.p:
             for enhancer, amount in ((ImageEnhance.Brightness, step.brightness),
                                      (ImageEnhance.Contrast, step.contrast),
                                      (ImageEnhance.Color, step.saturation)):
                 if amount > 0:
                     image = enhancer(image).enhance(float(rng.uniform(1 - amount, 1 + amount)))
-    return image
+    return image, mask

@@ -18,6 +18,7 @@ import numpy as np
 from .. import notices
 from ..config import Config, ConfigError
 from .index import DataWarning, ImageRecord
+from .records import ImageRecords
 
 LATENT_FACTOR = 8
 # An image this many times smaller than the smallest bucket side would be upscaled into mush.
@@ -38,7 +39,7 @@ class BucketPlan:
     sizes: list[tuple[int, int]]                 # (width, height) of each bucket
     assignments: list[int]                       # bucket index of each kept record
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
-    kept: list[ImageRecord] = field(default_factory=list)
+    kept: Sequence[ImageRecord] = field(default_factory=list)
     indices: list[int] = field(default_factory=list)  # position of each kept record in the input
 
 
@@ -123,37 +124,51 @@ def assign(sizes: Sequence[tuple[int, int]], widths, heights) -> tuple[np.ndarra
 
 def plan_buckets(config: Config, records: Sequence[ImageRecord],
                  sizes: Optional[Sequence[tuple[int, int]]] = None) -> BucketPlan:
-    """Each record's bucket; `sizes` reuses another plan's buckets (class images follow the instances')."""
+    """Each record's bucket; `sizes` reuses another plan's buckets (class images follow the instances').
+
+    The rule runs on whole width and height columns; only skipped images are looked at one by one.
+    Records from a scan (ImageRecords) stay lazy: plan.kept is then a lazy selection of them.
+    """
     sizes = list(sizes) if sizes is not None else bucket_sizes(config)
     plan = BucketPlan(sizes=sizes, assignments=[])
-    if not records:
+    if not len(records):
         return plan
+    widths, heights = _sides(records)
     if config.aspect_ratio_bucket.enabled:
-        buckets, errors = assign(sizes, [r.width for r in records], [r.height for r in records])
+        buckets, errors = assign(sizes, widths, heights)
     else:
         buckets, errors = np.zeros(len(records), dtype=np.int64), np.zeros(len(records))
     smallest_side = min(min(s) for s in sizes)
     max_error = config.aspect_ratio_bucket.max_aspect_error
-    for index, record in enumerate(records):
-        bucket = int(buckets[index])
-        reason = None
-        if min(record.width, record.height) * MAX_UPSCALE < smallest_side:
+    too_small = np.minimum(widths, heights) * MAX_UPSCALE < smallest_side
+    too_far = ~too_small & (errors >= max_error)
+    for index in np.flatnonzero(too_small | too_far).tolist():
+        record = records[index]
+        if too_small[index]:
             reason = (f"too small to train: {record.width}x{record.height} px; the shorter side must be at "
                       f"least {math.ceil(smallest_side / MAX_UPSCALE)} px (1/{MAX_UPSCALE} of the smallest "
                       f"bucket side, {smallest_side} px)")
-        elif errors[index] >= max_error:
-            width, height = sizes[bucket]
+        else:
+            width, height = sizes[buckets[index]]
             reason = (f"aspect ratio {record.width}x{record.height} is too far from every bucket: the nearest, "
                       f"{width}x{height}, has a log-aspect error of {errors[index]:.2f} "
                       f"(aspect_ratio_bucket.max_aspect_error is {max_error})")
-        if reason is not None:
-            notices.warn(f"skipping {record.path}: {reason}", DataWarning)
-            plan.skipped.append((record.path, reason))
-            continue
-        plan.kept.append(record)
-        plan.assignments.append(bucket)
-        plan.indices.append(index)
+        notices.warn(f"skipping {record.path}: {reason}", DataWarning)
+        plan.skipped.append((record.path, reason))
+    kept = np.flatnonzero(~(too_small | too_far))
+    plan.indices = kept.tolist()
+    plan.assignments = buckets[kept].tolist()
+    plan.kept = records.take(kept) if isinstance(records, ImageRecords) else [records[i] for i in plan.indices]
     return plan
+
+
+def _sides(records: Sequence[ImageRecord]) -> tuple[np.ndarray, np.ndarray]:
+    """The (widths, heights) columns of the records, as int64 so that no product overflows."""
+    if isinstance(records, ImageRecords):
+        return records.widths.astype(np.int64), records.heights.astype(np.int64)
+    count = len(records)
+    return (np.fromiter((r.width for r in records), dtype=np.int64, count=count),
+            np.fromiter((r.height for r in records), dtype=np.int64, count=count))
 
 
 def cover_resize(image_size: tuple[int, int], bucket: tuple[int, int]) -> tuple[float, int, int]:

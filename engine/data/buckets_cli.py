@@ -9,7 +9,8 @@ import json
 from .. import notices, paths
 from .buckets import crop_box, plan_buckets
 from ..config import Config
-from .index import scan_folder
+from .masks import concept_masks
+from .sources import scan_images
 
 
 def bucket_report(config: Config) -> dict:
@@ -17,15 +18,18 @@ def bucket_report(config: Config) -> dict:
 
     {"buckets": [{"width", "height", "count", "images": [{"path", "width", "height", "crop"}]}],
      "skipped": [{"path", "reason"}]}. Image sizes are upright (EXIF orientation applied); "crop" is the
-    centre crop [left, top, right, bottom] in those pixels. Skipped images are also reported as notices.
+    centre crop [left, top, right, bottom] in those pixels. With masked_loss on, each image also has its
+    "mask" file (or None). Skipped images are also reported as notices.
     """
-    records, skipped = [], []
+    records, skipped, masks = [], [], {}
     for index, concept in enumerate(config.data.concepts):
         # Captions do not affect buckets: an empty prompt keeps the scan from reading them.
-        found = scan_folder(paths.resolve(concept.instance_set.path), "",
+        found = scan_images(paths.resolve(concept.instance_set.path), "",
                             f"config key 'data.concepts[{index}].instance_set.path'")
         records += found.records
         skipped += found.skipped
+        if config.masked_loss.enabled:
+            masks.update(concept_masks(concept.instance_set, index, found.records))
     plan = plan_buckets(config, records)
     buckets = [{"width": w, "height": h, "count": 0, "images": []} for w, h in plan.sizes]
     for record, index in zip(plan.kept, plan.assignments):
@@ -34,6 +38,8 @@ def bucket_report(config: Config) -> dict:
         bucket["images"].append({"path": record.path, "width": record.width, "height": record.height,
                                  "crop": list(crop_box((record.width, record.height),
                                                        (bucket["width"], bucket["height"])))})
+        if config.masked_loss.enabled:
+            bucket["images"][-1]["mask"] = masks.get(record.path)
     return {"buckets": buckets,
             "skipped": [{"path": path, "reason": reason} for path, reason in skipped + plan.skipped]}
 

@@ -28,7 +28,8 @@ import torch
 from .. import paths
 from ..config import Config
 from .dataset import DreamBoothDataset, crop_to_size, load_image, to_tensor, tokenize
-from ..models.sd import Components, encode_prompt
+from .shards import file_stamp
+from ..models.sd import Components
 from ..plan import RunPlan
 
 SHARD_BYTES = 256 * 2**20
@@ -134,9 +135,8 @@ def cache_root(config: Config) -> Path:
 # -- latents ------------------------------------------------------------------------------------------------
 
 def latent_key(path: str, size: tuple[int, int]) -> str:
-    """One image file (by path, byte size and mtime) cropped to one size."""
-    stat = os.stat(path)
-    text = f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}|{size[0]}x{size[1]}"
+    """One image file or shard member (by path, byte size and mtime) cropped to one size."""
+    text = f"{file_stamp(path)}|{size[0]}x{size[1]}"
     return hashlib.sha1(text.encode("utf-8")).hexdigest()
 
 
@@ -188,30 +188,37 @@ def ids_key(ids: list[int], pad_token_id: int) -> str:
 
 
 class TextEmbeddingCache:
-    """Encoder hidden states for batches of token ids, read from the cache instead of the text encoder."""
+    """The conditioning of batches of token ids (see models.family), read from the cache instead of the
+    text encoder. Each part of a prompt's conditioning is a tensor named `<ids key>/<part>`."""
 
-    def __init__(self, store: ShardStore, pad_token_id: int):
+    def __init__(self, store: ShardStore, pad_token_id: int, parts: tuple[str, ...]):
         self.store = store
         self.pad_token_id = pad_token_id
+        self.parts = parts
 
-    def lookup(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """[batch, length, dim] for input_ids [batch, length]."""
-        rows = [self.store.get(ids_key(ids, self.pad_token_id)) for ids in input_ids.tolist()]
-        return torch.stack(rows)[:, :input_ids.shape[1]]
+    def lookup(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each part for input_ids [batch, length]: per-token parts cut to the batch's length."""
+        keys = [ids_key(ids, self.pad_token_id) for ids in input_ids.tolist()]
+        found = {}
+        for part in self.parts:
+            rows = torch.stack([self.store.get(f"{key}/{part}") for key in keys])
+            found[part] = rows[:, :input_ids.shape[1]] if rows.dim() == 3 else rows
+        return found
 
 
-def cache_text_embeddings(prompts: set[str], tokenizer, text_encoder, clip_stop_at_layer: int,
+def cache_text_embeddings(prompts: set[str], family, tokenizer, text_encoder, clip_stop_at_layer: int,
                           device: torch.device, autocast_dtype: Optional[torch.dtype], folder: Path,
                           log: Callable[[str], None]) -> TextEmbeddingCache:
     """Encode every prompt (tokenized as the dataset does) that the cache in `folder` lacks."""
     store = ShardStore(folder)
     length, pad = tokenizer.model_max_length, tokenizer.pad_token_id
     missing: dict[str, list[int]] = {}
+    parts = family.conditioning_parts
     for prompt in sorted(prompts):
         ids = tokenize(tokenizer, prompt)
         ids = ids + [pad] * (length - len(ids))
         key = ids_key(ids, pad)
-        if key not in store:
+        if any(f"{key}/{part}" not in store for part in parts):
             missing[key] = ids
     log(f"text-embedding cache {folder}: {len(prompts) - len(missing)} of {len(prompts)} prompts cached"
         + (f", encoding {len(missing)}" if missing else ""))
@@ -222,18 +229,19 @@ def cache_text_embeddings(prompts: set[str], tokenizer, text_encoder, clip_stop_
         for begin in range(0, len(items), TEXT_BATCH):
             chunk = items[begin:begin + TEXT_BATCH]
             input_ids = torch.tensor([ids for _, ids in chunk], dtype=torch.long, device=device)
-            hidden = encode_prompt(text_encoder, input_ids, clip_stop_at_layer)
-            for (key, _), row in zip(chunk, hidden):
-                writer.add(key, row)
-    return TextEmbeddingCache(store, pad)
+            conditioning = family.encode_text(text_encoder, input_ids, clip_stop_at_layer)
+            for part, values in conditioning.items():
+                for (key, _), row in zip(chunk, values):
+                    writer.add(f"{key}/{part}", row)
+    return TextEmbeddingCache(store, pad, parts)
 
 
 # -- wiring for a training run --------------------------------------------------------------------------------
 
-def attach_caches(config: Config, plan: RunPlan, components: Components, dataset: DreamBoothDataset,
+def attach_caches(config: Config, plan: RunPlan, family, components: Components, dataset: DreamBoothDataset,
                   device: torch.device, log: Callable[..., None]) -> Optional[TextEmbeddingCache]:
     """Build the caches the plan has; latents go to the dataset, the returned text cache (or None) to the
-    forward pass. With both, the VAE and text encoder leave the training device."""
+    forward pass. A model whose outputs are all cached leaves the training device."""
     root = cache_root(config)
     text_cache = None
     if config.cache.latents and not plan.cache_latents:
@@ -252,14 +260,19 @@ def attach_caches(config: Config, plan: RunPlan, components: Components, dataset
         encoder = components.text_encoder
         folder = root / "text-{}".format(fingerprint(
             text_encoder=weights_digest(encoder), clip_stop_at_layer=config.clip_stop_at_layer,
+            parts=family.conditioning_parts,
             autocast=str(plan.autocast)))
-        text_cache = cache_text_embeddings(dataset.prompts(), components.tokenizer, encoder,
+        text_cache = cache_text_embeddings(dataset.prompts(), family, components.tokenizer, encoder,
                                            config.clip_stop_at_layer, device, plan.autocast, folder, log)
-    if plan.frozen_off_device:
+    resting = [(name, model) for name, model, off in (("VAE", components.vae, plan.vae_off_device),
+                                                      ("text encoder", components.text_encoder,
+                                                       plan.text_encoder_off_device)) if off]
+    if resting:
         from ..job import release_memory
 
-        components.vae.to("cpu")
-        components.text_encoder.to("cpu")
+        for _, model in resting:
+            model.to("cpu")
         release_memory()
-        log("the VAE and text encoder left the training device: latents and text embeddings come from the cache")
+        log(f"the {' and '.join(name for name, _ in resting)} left the training device: their outputs come from "
+            "the cache")
     return text_cache

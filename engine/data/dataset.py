@@ -14,6 +14,8 @@ import torch
 
 from .. import notices
 from .index import DataWarning, ImageRecord
+from .masks import load_mask, mask_tensor
+from .shards import image_file
 from ..errors import UserError
 
 
@@ -22,10 +24,10 @@ def seeded_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 
 
 def load_image(path: str):
-    """Open an image upright (EXIF orientation applied) in RGB."""
+    """Open an image (a file, or a shard member: see shards) upright (EXIF orientation applied) in RGB."""
     from PIL import Image, ImageOps
 
-    with Image.open(path) as image:
+    with Image.open(image_file(path)) as image:
         image = ImageOps.exif_transpose(image)
         if image.mode in ("P", "LA", "RGBA", "PA"):  # transparent pixels become white, not black
             image = image.convert("RGBA")
@@ -38,21 +40,36 @@ def load_image(path: str):
         return image.convert("RGB")
 
 
-def crop_to_size(image, width: int, height: int, center: bool, rng: Optional[np.random.Generator]):
-    """Resize keeping the aspect so the image covers width x height, then crop to exactly that size."""
-    from PIL import Image
-
+def crop_box(image_size: tuple[int, int], width: int, height: int, center: bool,
+             rng: Optional[np.random.Generator]) -> tuple[int, int, int, int]:
+    """(resized width, resized height, left, top): the image resized keeping its aspect to cover
+    width x height, and where the crop of exactly that size starts in it."""
     from .buckets import cover_resize
 
-    _, resized_w, resized_h = cover_resize(image.size, (width, height))
-    image = image.resize((resized_w, resized_h), Image.Resampling.BICUBIC)
+    _, resized_w, resized_h = cover_resize(image_size, (width, height))
     extra_w, extra_h = resized_w - width, resized_h - height
     if center or rng is None:
-        left, top = extra_w // 2, extra_h // 2
-    else:
-        left = int(rng.integers(0, extra_w + 1))
-        top = int(rng.integers(0, extra_h + 1))
+        return resized_w, resized_h, extra_w // 2, extra_h // 2
+    return resized_w, resized_h, int(rng.integers(0, extra_w + 1)), int(rng.integers(0, extra_h + 1))
+
+
+def apply_crop(image, box: tuple[int, int, int, int], width: int, height: int):
+    from PIL import Image
+
+    resized_w, resized_h, left, top = box
+    image = image.resize((resized_w, resized_h), Image.Resampling.BICUBIC)
     return image.crop((left, top, left + width, top + height))
+
+
+def crop_to_size(image, width: int, height: int, center: bool, rng: Optional[np.random.Generator]):
+    """Resize keeping the aspect so the image covers width x height, then crop to exactly that size."""
+    return apply_crop(image, crop_box(image.size, width, height, center, rng), width, height)
+
+
+def time_ids(original: tuple[int, int], box: tuple[int, int, int, int], size: tuple[int, int]) -> list[int]:
+    """SDXL's micro-conditioning of one example: original (height, width), crop (top, left) in the resized
+    image, target (height, width)."""
+    return [original[1], original[0], box[3], box[2], size[1], size[0]]
 
 
 def to_tensor(image) -> torch.Tensor:
@@ -67,9 +84,12 @@ def tokenize(tokenizer, text: str) -> list[int]:
 class DreamBoothDataset(torch.utils.data.Dataset):
     """Instance examples, each paired with a class example of the same size when prior preservation is on.
 
-    Index i is the i-th instance image; its target size is `sizes[bucket_of_instance[i]]`. Groups are
+    Index i is the i-th instance sample (an image appears once per repeat of its concept, each copy with
+    its own random draws); its target size is `sizes[bucket_of_instance[i]]`. Groups are
     the concepts: an instance image is paired only with class images of its own concept. When `latents`
-    is set (a cache.LatentReader), examples carry the VAE's latent distribution instead of pixels.
+    is set (a cache.LatentReader), examples carry the VAE's latent distribution instead of pixels. `masks`
+    (image path -> mask file) turns masked training on: every example then carries a loss mask, all white
+    for an image without a mask file and for class images.
     """
 
     def __init__(self, instances: Sequence[ImageRecord], instance_buckets: Sequence[int],
@@ -77,7 +97,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
                  classes: Sequence[ImageRecord] = (), class_buckets: Sequence[int] = (),
                  uncond_p: float = 0.0, captions=None, augment: Sequence = (),
                  prompt_expansions: Optional[dict] = None, instance_groups: Sequence[int] = (),
-                 class_groups: Sequence[int] = ()):
+                 class_groups: Sequence[int] = (), masks: Optional[dict[str, str]] = None):
         self.instances = list(instances)
         self.instance_buckets = list(instance_buckets)
         self.sizes = list(sizes)
@@ -89,6 +109,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.captions = captions
         self.augment = list(augment)
         self.prompt_expansions = prompt_expansions or {}
+        self.masks = masks
         self.epoch = 0
         self.instance_groups = list(instance_groups) or [0] * len(self.instances)
         self.latents = None
@@ -145,17 +166,29 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         if self.latents is not None:
             # Cached only with a centre crop and no augmentation, which draw nothing from rng.
             values = {"latent_params": self.latents.get(record.path, size)}
+            original = (record.width, record.height)
+            box = crop_box(original, size[0], size[1], True, None)
+            # The mask is cropped as the cached latent's pixels were.
+            mask = self._mask(record, original)
+            mask = apply_crop(mask, box, size[0], size[1]) if mask is not None else None
         else:
             try:
                 image = load_image(record.path)
             except Exception as error:  # PIL raises many types for files it cannot decode
                 raise UnusableImage(f"skipping {record.path}: cannot decode it: {error}") from None
+            mask = self._mask(record, image.size)
             if self.augment:
-                image = augment_before_crop(image, self.augment, rng)
-            image = crop_to_size(image, size[0], size[1], self.center_crop, rng)
+                image, mask = augment_before_crop(image, self.augment, rng, mask)
+            original = image.size
+            box = crop_box(original, size[0], size[1], self.center_crop, rng)
+            image = apply_crop(image, box, size[0], size[1])
+            mask = apply_crop(mask, box, size[0], size[1]) if mask is not None else None
             if self.augment:
-                image = augment_after_crop(image, self.augment, rng)
+                image, mask = augment_after_crop(image, self.augment, rng, mask)
             values = {"pixel_values": to_tensor(image)}
+        if self.masks is not None:
+            values["mask"] = mask_tensor(mask, size)
+        values["time_ids"] = time_ids(original, box, size)
         caption = process_caption(record.caption, self.captions, rng)
         if self.uncond_p > 0 and rng.random() < self.uncond_p:
             caption = ""
@@ -164,6 +197,16 @@ class DreamBoothDataset(torch.utils.data.Dataset):
 
             caption = expand_tokens(caption, self.prompt_expansions)
         return {**values, "input_ids": tokenize(self.tokenizer, caption), "caption": caption}
+
+    def _mask(self, record: ImageRecord, upright: tuple[int, int]):
+        """The image's mask at its upright size, or None (masked training off, or no mask file)."""
+        path = self.masks.get(record.path) if self.masks else None
+        if path is None:
+            return None
+        try:
+            return load_mask(path, record.path, upright)
+        except Exception as error:  # PIL raises many types for files it cannot decode
+            raise UnusableImage(f"skipping {record.path}: cannot use its mask {path}: {error}") from None
 
     def _first_usable(self, records: Sequence[ImageRecord], pool: list[int], start: int, size: tuple[int, int],
                       rng: np.random.Generator) -> dict:
@@ -218,10 +261,14 @@ class Collate:
             ids = example["input_ids"][:length]
             input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
         images = "latent_params" if "latent_params" in examples[0] else "pixel_values"
-        return {
+        batch = {
             images: torch.stack([e[images] for e in examples]),
             "input_ids": input_ids,
             "captions": [e["caption"] for e in examples],
             "sample_keys": torch.tensor([e["sample_key"] for e in examples], dtype=torch.long),
+            "time_ids": torch.tensor([e["time_ids"] for e in examples], dtype=torch.float32),
             "num_instance": num_instance,
         }
+        if "mask" in examples[0]:
+            batch["masks"] = torch.stack([e["mask"] for e in examples])
+        return batch

@@ -1,311 +1,215 @@
 """Scanning dataset folders: image sizes from headers, captions, and the images that cannot be used.
 
-Scanning reads only image headers, never pixels. What it learns is kept in an index file per folder,
-keyed by each file's name, size and modification time, so re-opening an unchanged folder reads no image
-at all and a changed folder re-reads only the files that changed. The index lives in the folder as a
-hidden file when the folder is writable, else under the app's cache folder. It is JSON stored as
-columns (one list per field), which loads fastest and stays small for 100,000 images.
+Scanning reads only image headers, never pixels. What it learns is kept in an index file per folder
+(see index_store), keyed by each file's name, size and modification time, so re-opening an unchanged
+folder reads no image at all and a changed folder re-reads only the files that changed. The index lives
+in the folder as a hidden file when the folder is writable, else under the app's cache folder.
 
-This module imports neither torch nor numpy, so that listing a dataset stays light.
+Everything per file stays in NumPy columns, from the folder listing to the records handed out, so that
+a folder of a million images is scanned without a million Python objects being kept.
 """
 from __future__ import annotations
 
-import gc
 import hashlib
-import json
 import os
-import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Sequence
+
+import numpy as np
 
 from .. import notices, paths
 from ..errors import UserError
+from . import index_store
+from .columns import Packed, concat, take
+from .headers import Readers
+# IMAGE_EXTENSIONS, ImageRecord and TXT_PROMPT are part of this module's interface: callers import them
+# from here.
+from .listing import IMAGE_EXTENSIONS, list_folder  # noqa: F401
+from .records import TXT_PROMPT, ImageRecord, ImageRecords
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-TXT_PROMPT = "{TXT_PROMPT}"
-INDEX_NAME = ".scal-sdt-index.json"
-INDEX_VERSION = 2
-# Content decides, not the extension (a .jpg saved by a browser is often WebP); phones' MPO opens as JPEG.
-HEADER_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
-# Each table keeps, per file, its name, size and mtime (the key) and the values read from it.
-_KEY_COLUMNS = ("names", "sizes", "mtimes")
-_IMAGE_VALUES = ("widths", "heights", "errors")
-_CAPTION_VALUES = ("texts", "utf8", "errors")
-# Where PIL's getexif looks for an orientation; an image with none of these is upright.
-_ORIENTATION_SOURCES = frozenset(("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp"))
+INDEX_NAME = ".scal-sdt-index.npz"
+# The JSON index of earlier versions, removed once the new one is written beside it.
+LEGACY_SUFFIX = ".json"
 
 
 class DataWarning(UserWarning):
     pass
 
 
-@dataclass(slots=True)
-class ImageRecord:
-    path: str
-    width: int
-    height: int
-    caption: str = ""  # the resolved prompt for this image
-
-
 @dataclass
 class ScanResult:
-    records: list[ImageRecord] = field(default_factory=list)
+    records: Sequence[ImageRecord] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
-
-
-def read_header(path: str) -> tuple[int, int]:
-    """(width, height) of the upright image, from its header; EXIF orientations 5-8 swap the sides."""
-    from PIL import Image
-
-    with Image.open(path, formats=HEADER_FORMATS) as image:
-        width, height = image.size
-        _check_complete(image)
-        orientation = 1
-        if not _ORIENTATION_SOURCES.isdisjoint(image.info):
-            # The base getexif parses what the header gave; PNG's override would decode the pixels.
-            orientation = Image.Image.getexif(image).get(0x0112, 1)
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
-
-
-_END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}
-
-
-def _check_complete(image) -> None:
-    """A cut-off download or copy still has a readable header: look for the format's end marker instead.
-    It is searched in the last 4 KiB because some cameras append data after a JPEG's end."""
-    marker = _END_MARKERS.get(image.format)
-    if marker is None:
-        return
-    handle = image.fp
-    handle.seek(0, os.SEEK_END)
-    handle.seek(max(0, handle.tell() - 4096))
-    if marker not in handle.read():
-        raise ValueError(f"truncated {image.format} file: its end marker is missing")
-
-
-def decode_caption(raw: bytes) -> tuple[str, bool]:
-    """(text, was UTF-8); text that is not UTF-8 is read as latin-1, which never fails."""
-    try:
-        return raw.decode("utf-8-sig").strip(), True
-    except UnicodeDecodeError:
-        return raw.decode("latin-1").strip(), False
 
 
 def index_locations(folder: Path) -> tuple[Path, Path]:
     """(the hidden file in the folder, the fallback under the cache folder) for a folder's index."""
     digest = hashlib.sha256(str(folder.resolve()).encode("utf-8")).hexdigest()[:24]
-    return folder / INDEX_NAME, paths.cache_dir() / "dataset-index" / f"{digest}.json"
+    return folder / INDEX_NAME, paths.cache_dir() / "dataset-index" / f"{digest}.npz"
 
 
-def _read_index(folder: Path) -> dict:
+def _read_index(folder: Path) -> index_store.Tables:
     """The newer of the two possible index files; a missing, stale-format or corrupt one is ignored."""
     found = []
     for location in index_locations(folder):
         try:
-            data = json.loads(location.read_bytes())
             modified = location.stat().st_mtime_ns
-        except (OSError, ValueError):
+        except OSError:
             continue
-        if _valid(data):
-            found.append((modified, data))
+        tables = index_store.load(location)
+        if tables is not None:
+            found.append((modified, tables))
     return max(found, key=lambda pair: pair[0])[1] if found else {}
 
 
-def _valid(data) -> bool:
-    if not isinstance(data, dict) or data.get("version") != INDEX_VERSION:
-        return False
-    for table, value_columns in (("images", _IMAGE_VALUES), ("captions", _CAPTION_VALUES)):
-        columns = _KEY_COLUMNS + value_columns
-        values = data.get(table)
-        if not isinstance(values, dict) or not all(isinstance(values.get(c), list) for c in columns):
-            return False
-        if len({len(values[c]) for c in columns}) != 1:
-            return False
-    return True
-
-
-def _write_index(folder: Path, data: dict) -> None:
-    text = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+def _write_index(folder: Path, tables: index_store.Tables) -> None:
     for location in index_locations(folder):
-        temp = location.with_name(f"{location.name}.{os.getpid()}.tmp")
         try:
             location.parent.mkdir(parents=True, exist_ok=True)
-            temp.write_bytes(text)
-            os.replace(temp, location)
-            return
+            index_store.save(location, tables)
         except OSError:
-            try:
-                temp.unlink(missing_ok=True)
-            except OSError:
-                pass
+            continue
+        try:
+            location.with_suffix(LEGACY_SUFFIX).unlink(missing_ok=True)
+        except OSError:
+            pass  # a stale file that is never read again
+        return
     notices.warn(f"{folder}: cannot write the dataset index here or in {paths.cache_dir()}; the next scan "
                   "reads every image header again", DataWarning)
 
 
-def _empty(values: tuple[str, ...]) -> dict:
-    return {column: [] for column in _KEY_COLUMNS + values}
-
-
-def _list_folder(root: Path, wants_captions: bool) -> tuple[dict, dict]:
-    """The (names, sizes, mtimes) columns of the folder's images and caption files, in name order.
-
-    Only these values are kept, not the directory entries: each entry holds its whole stat result, which
-    for 100,000 files would be more memory than everything else of the scan together.
-    """
-    images, texts = [], []
-    with os.scandir(root) as listing:
-        for entry in listing:
-            name = entry.name
-            lower = name.lower()
-            if lower.endswith(IMAGE_EXTENSIONS):
-                found = images
-            elif wants_captions and lower.endswith(".txt"):
-                found = texts
-            else:
-                continue
-            if name.startswith("."):
-                continue
-            try:
-                stat = entry.stat() if entry.is_file() else None
-            except OSError:
-                stat = None
-            if stat is None:
-                # A dangling link or an unreadable entry with an image's name: listed so that reading it
-                # fails and it is reported as skipped, never passed over silently.
-                if found is images:
-                    found.append((name, -1, -1))
-                continue
-            found.append((name, stat.st_size, stat.st_mtime_ns))
-    tables = []
-    for found in (images, texts):
-        found.sort()
-        tables.append(dict(zip(_KEY_COLUMNS, map(list, zip(*found)))) if found else _empty(()))
-    return tables[0], tables[1]
-
-
-def _refresh(stored: Optional[dict], folder: str, listed: dict, values: tuple[str, ...],
-             read) -> tuple[dict, bool]:
-    """The table for the files now listed, re-reading only files whose size or mtime changed.
-
-    Returns (table, whether it differs from the stored one). The unchanged case is a few list
-    comparisons, which is what keeps re-opening 100,000 files fast.
-    """
-    names, sizes, mtimes = listed["names"], listed["sizes"], listed["mtimes"]
-    if stored is not None and stored["names"] == names and stored["sizes"] == sizes and stored["mtimes"] == mtimes:
+def _refresh(stored: Optional[dict], folder: str, listed: dict, read: Callable[[str, Packed], dict],
+             empty: dict) -> tuple[dict, bool]:
+    """The table for the files now listed, reading only the files that are new or whose size or mtime
+    changed. Returns (table, whether it differs from the stored one). An unchanged folder lists in the
+    same order again, so that case is three comparisons of whole columns."""
+    names = listed["names"]
+    stored = stored or empty
+    if "sizes" not in listed:  # nothing stored to compare with: every file is read, and stat-ed there
+        source = np.full(len(names), -1, dtype=np.int64)
+    elif (stored["names"].equals(names) and np.array_equal(stored["sizes"], listed["sizes"])
+          and np.array_equal(stored["mtimes"], listed["mtimes"])):
         return stored, False
-    stored = stored or _empty(values)
-    row = {name: i for i, name in enumerate(stored["names"])}
-    table = {"names": names, "sizes": sizes, "mtimes": mtimes, **{column: [] for column in values}}
-    for name, size, mtime in zip(names, sizes, mtimes):
-        i = row.get(name)
-        if i is not None and stored["sizes"][i] == size and stored["mtimes"][i] == mtime:
-            found = [stored[column][i] for column in values]
-        else:
-            found = read(os.path.join(folder, name))
-        for column, value in zip(values, found):
-            table[column].append(value)
-    return table, True
+    else:
+        source = np.arange(len(names)) if stored["names"].equals(names) else stored["names"].find(names)
+        known = source >= 0
+        known[known] = ((stored["sizes"][source[known]] == listed["sizes"][known])
+                        & (stored["mtimes"][source[known]] == listed["mtimes"][known]))
+        source[~known] = -1
+    fresh = np.flatnonzero(source < 0)
+    read_values = read(folder, names.take(fresh))
+    # Each row's columns come from its stored row, or from the files just read (after the stored rows).
+    source[fresh] = len(stored["names"]) + np.arange(len(fresh))
+    columns = [column for column in stored if column != "names"]
+    merged = take(concat([{column: stored[column] for column in columns}, read_values]), source)
+    return {"names": names, **merged}, True
 
 
-def _read_image(path: str) -> tuple[int, int, Optional[str]]:
-    from PIL import Image
-
-    try:
-        return (*read_header(path), None)
-    except Image.DecompressionBombError as error:  # over twice MAX_IMAGE_PIXELS: PIL refuses the header too
-        return 0, 0, f"image too large to decode safely: {error}"
-    except Exception as error:  # PIL raises many types for unreadable and corrupt files
-        return 0, 0, f"cannot read image: {error.__class__.__name__}: {error}"
+def _has_rows(table: Optional[dict]) -> bool:
+    return table is not None and len(table["names"]) > 0
 
 
-def _read_caption(path: str) -> tuple[str, bool, Optional[str]]:
-    try:
-        with open(path, "rb") as handle:
-            return (*decode_caption(handle.read()), None)
-    except OSError as error:
-        return "", True, f"cannot read the caption: {error.strerror}"
+def _caption_rows(images: Packed, captions: Packed) -> np.ndarray:
+    """For each image, the row of the caption file with its name's stem (a.png: a.txt), or -1; of two
+    captions for one stem (a.TXT, a.txt), the later in name order."""
+    by_name = captions.sorted_rows()
+    found = captions.take(by_name).stems().find(images.stems())
+    return np.where(found >= 0, by_name[found], -1).astype(np.int32)
 
 
-@contextmanager
-def _no_gc():
-    # Scanning allocates hundreds of thousands of small objects and no reference cycles; the cyclic
-    # collector's repeated passes over them would add about a quarter to re-opening a large folder.
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
-def scan_folder(folder: str, prompt_template: str, label: str = "folder") -> ScanResult:
+def scan_folder(folder: str, prompt_template: str, label: str = "folder",
+                processes: Optional[int] = None) -> ScanResult:
     """The usable images of a folder (not its subfolders), in name order, with their resolved prompts.
 
     Names starting with a dot are not dataset files (the index itself, macOS resource forks) and are
-    passed over.
+    passed over. Files are read by worker processes, one per core, when there are many; `processes`
+    sets the number instead.
     """
-    with _no_gc():
-        return _scan(folder, prompt_template, label)
-
-
-def _scan(folder: str, prompt_template: str, label: str) -> ScanResult:
-    from PIL import Image
-
     root = Path(folder)
     if not root.is_dir():
         raise UserError(f"{label}: folder not found: {folder}")
     wants_captions = TXT_PROMPT in prompt_template
-    listed_images, listed_texts = _list_folder(root, wants_captions)
     stored = _read_index(root)
-    # Oversized images are reported as skipped by the scan, not as PIL warnings.
-    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-    images, images_changed = _refresh(stored.get("images"), folder, listed_images, _IMAGE_VALUES, _read_image)
-    captions, captions_changed = stored.get("captions") or _empty(_CAPTION_VALUES), False
+    # Files are stat-ed while listing only where there are stored ones to compare them with.
+    kinds = {"images": _has_rows(stored.get("images"))}
     if wants_captions:
-        # A scan without {TXT_PROMPT} leaves the stored captions alone for the scans that need them.
-        captions, captions_changed = _refresh(stored.get("captions"), folder, listed_texts, _CAPTION_VALUES,
-                                              _read_caption)
+        kinds["captions"] = _has_rows(stored.get("captions"))
+    with Readers(processes) as readers:
+        # The workers start up while the folder is stat-ed, when the files that are not are many.
+        listed = list_folder(str(root), kinds, readers.expect)
+        images, images_changed = _refresh(stored.get("images"), folder, listed["images"], readers.images,
+                                          index_store.empty("images"))
+        captions, captions_changed = stored.get("captions") or index_store.empty("captions"), False
+        if wants_captions:
+            # A scan without {TXT_PROMPT} leaves the stored captions alone for the scans that need them.
+            captions, captions_changed = _refresh(stored.get("captions"), folder, listed["captions"],
+                                                  readers.captions, index_store.empty("captions"))
+    order = stored.get("image_order")
+    if images_changed:
+        order = {"rows": images["names"].sorted_rows()}
+    links = stored.get("caption_links") or index_store.empty("caption_links")
+    if wants_captions and (images_changed or captions_changed or len(links["rows"]) != len(images["names"])):
+        links = {"rows": _caption_rows(images["names"], captions["names"])}
+    elif images_changed:
+        links = index_store.empty("caption_links")
     if images_changed or captions_changed or not stored:
-        _write_index(root, {"version": INDEX_VERSION, "images": images, "captions": captions})
+        _write_index(root, {"images": images, "captions": captions, "image_order": order,
+                            "caption_links": links})
+    return _result(os.path.join(str(root), ""), prompt_template, images, order["rows"],
+                   captions if wants_captions else None, links["rows"])
 
-    by_stem = {}
-    if wants_captions:
-        by_stem = {name.rpartition(".")[0]: (name, text, utf8, error) for name, text, utf8, error in
-                   zip(captions["names"], captions["texts"], captions["utf8"], captions["errors"])}
-    result = ScanResult()
-    prefix = os.path.join(str(root), "")
+
+def _result(prefix: str, template: str, images: dict, order: np.ndarray, captions: Optional[dict],
+            caption_rows: np.ndarray) -> ScanResult:
+    """The usable image rows (in name order) as records, and the others reported as skipped."""
+    from PIL import Image
+
+    names, widths, heights, errors = images["names"], images["widths"], images["heights"], images["errors"]
+    failed = errors.lengths() > 0
     max_pixels = Image.MAX_IMAGE_PIXELS or float("inf")
-    for name, width, height, error in zip(images["names"], images["widths"], images["heights"], images["errors"]):
-        path = prefix + name
-        if error is None and width * height > max_pixels:
+    unusable = failed | (widths.astype(np.int64) * heights > max_pixels)
+    result = ScanResult()
+    for row in order[unusable[order]].tolist():
+        path = prefix + names.name(row)
+        if failed[row]:
+            error = errors[row].decode("utf-8")
+        else:
+            width, height = int(widths[row]), int(heights[row])
             error = (f"image too large to decode safely: {width}x{height} = {width * height} pixels, over "
                      f"PIL.Image.MAX_IMAGE_PIXELS ({max_pixels})")
-        if error is not None:
-            notices.warn(f"skipping {path}: {error}", DataWarning)
-            result.skipped.append((path, error))
-            continue
-        prompt = prompt_template
-        if wants_captions:
-            prompt = _with_caption(prompt_template, path, prefix, by_stem.get(name.rpartition(".")[0]))
-        result.records.append(ImageRecord(path, width, height, prompt))
+        notices.warn(f"skipping {path}: {error}", DataWarning)
+        result.skipped.append((path, error))
+    rows = order[~unusable[order]]
+    if captions is None:
+        result.records = ImageRecords(prefix, names, widths, heights, rows, template)
+    else:
+        _warn_about_captions(prefix, names, rows, captions, caption_rows)
+        result.records = ImageRecords(prefix, names, widths, heights, rows, template, captions["texts"],
+                                      caption_rows)
     return result
 
 
-def _with_caption(template: str, image_path: str, prefix: str, caption: Optional[tuple]) -> str:
-    if caption is None:
-        stem = os.path.basename(image_path).rpartition(".")[0]
-        notices.warn(f"{image_path}: no caption file {stem}.txt for {TXT_PROMPT}; using the prompt without it",
-                      DataWarning)
-        text = ""
-    else:
-        name, text, utf8, error = caption
-        if error is not None:
-            notices.warn(f"{prefix + name}: {error}; using the prompt without it", DataWarning)
-        elif not utf8:
-            notices.warn(f"{prefix + name}: caption is not UTF-8; read as latin-1", DataWarning)
-        elif not text:
-            notices.warn(f"{prefix + name}: the caption is empty", DataWarning)
-    return template.replace(TXT_PROMPT, text).strip(" ,")
+def _warn_about_captions(prefix: str, names: Packed, rows: np.ndarray, captions: dict,
+                         caption_rows: np.ndarray) -> None:
+    """One warning per usable image whose caption is missing, unreadable, not UTF-8 or empty."""
+    linked = caption_rows[rows]
+    has = linked >= 0
+    failed, empty = captions["errors"].lengths() > 0, captions["texts"].lengths() == 0
+    bad = np.zeros(len(rows), dtype=bool)
+    bad[has] = failed[linked[has]] | ~captions["utf8"][linked[has]] | empty[linked[has]]
+    for position in np.flatnonzero(~has | bad).tolist():
+        row, caption = int(rows[position]), int(linked[position])
+        if caption < 0:
+            name = names.name(row)
+            notices.warn(f"{prefix + name}: no caption file {name.rpartition('.')[0]}.txt for {TXT_PROMPT}; "
+                          "using the prompt without it", DataWarning)
+            continue
+        path = prefix + captions["names"].name(caption)
+        if failed[caption]:
+            notices.warn(f"{path}: {captions['errors'][caption].decode('utf-8')}; using the prompt without it",
+                          DataWarning)
+        elif not captions["utf8"][caption]:
+            notices.warn(f"{path}: caption is not UTF-8; read as latin-1", DataWarning)
+        else:
+            notices.warn(f"{path}: the caption is empty", DataWarning)

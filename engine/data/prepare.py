@@ -2,11 +2,13 @@
 batch sampler (sharded over ranks) and the data loader."""
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
 import torch
 
 from .. import notices, paths
@@ -14,8 +16,10 @@ from ..config import Config
 from ..errors import UserError
 from .buckets import plan_buckets
 from .dataset import Collate, DreamBoothDataset
-from .index import DataWarning, scan_folder
+from .index import DataWarning
+from .masks import check_masks, concept_masks
 from .sampler import BucketBatchSampler
+from .sources import scan_images
 
 
 @dataclass
@@ -25,6 +29,8 @@ class PreparedData:
     loader: torch.utils.data.DataLoader
     skipped: list = field(default_factory=list)
     bucket_sizes: list = field(default_factory=list)
+    images: int = 0  # distinct training images; the dataset holds each image once per repeat
+    held_out: list = field(default_factory=list)  # instance images kept out of training by validation.split
 
 
 def prepare_data(config: Config, tokenizer, seed: int, rank: int = 0, world_size: int = 1,
@@ -32,19 +38,26 @@ def prepare_data(config: Config, tokenizer, seed: int, rank: int = 0, world_size
     if not config.data.concepts:
         raise UserError("config key 'data.concepts': at least one concept with an instance_set is required")
     use_prior = config.prior_preservation.enabled
-    instances, classes, skipped = [], [], []
+    instances, classes, skipped, held_out = [], [], [], []
     instance_groups, class_groups = [], []
+    masks = {} if config.masked_loss.enabled else None
     for index, concept in enumerate(config.data.concepts):
-        found = scan_folder(paths.resolve(concept.instance_set.path), concept.instance_set.prompt,
+        found = scan_images(paths.resolve(concept.instance_set.path), concept.instance_set.prompt,
                             f"config key 'data.concepts[{index}].instance_set.path'")
         skipped += found.skipped
         if not found.records:
             raise UserError(f"config key 'data.concepts[{index}].instance_set.path': no usable images in "
                             f"{concept.instance_set.path} ({len(found.skipped)} skipped; formats: jpg, png, webp, bmp)")
-        instances += found.records
-        instance_groups += [index] * len(found.records)
+        if masks is not None:
+            masks.update(concept_masks(concept.instance_set, index, found.records))
+        kept = found.records
+        if config.validation.split > 0:
+            kept, held = hold_out(kept, config.validation.split, config.validation.seed, index)
+            held_out += held
+        instances += kept
+        instance_groups += [index] * len(kept)
         if use_prior and concept.class_set is not None:
-            found = scan_folder(paths.resolve(concept.class_set.path), concept.class_set.prompt,
+            found = scan_images(paths.resolve(concept.class_set.path), concept.class_set.prompt,
                                 f"config key 'data.concepts[{index}].class_set.path'")
             skipped += found.skipped
             if not found.records:
@@ -53,27 +66,36 @@ def prepare_data(config: Config, tokenizer, seed: int, rank: int = 0, world_size
                                 "or set prior_preservation.enabled: false")
             classes += found.records
             class_groups += [index] * len(found.records)
+    if config.validation.split > 0 and not held_out:
+        raise UserError(f"config key 'validation.split': {config.validation.split} of each concept's images "
+                        "rounds to no image at all; raise it, or name a folder in validation.path instead")
     instance_plan = plan_buckets(config, instances)
     class_plan = plan_buckets(config, classes, sizes=instance_plan.sizes) if classes else None
     skipped += instance_plan.skipped + (class_plan.skipped if class_plan else [])
     if not instance_plan.kept:
         raise UserError("no usable training images in the instance folders (all were skipped)")
+    if masks is not None:
+        check_masks(masks, instance_plan.kept)
     instance_groups = [instance_groups[i] for i in instance_plan.indices]
     class_groups = [class_groups[i] for i in class_plan.indices] if class_plan else []
     unpaired = sorted(set(instance_groups) - set(class_groups)) if class_plan else []
     if unpaired:
         raise UserError(f"config key 'data.concepts[{unpaired[0]}].class_set.path': every class image was "
                         "skipped (see the warnings); add usable class images or set prior_preservation.enabled: false")
+    # Each image is `repeats` samples of an epoch; the copies are separate indices of the dataset, so each
+    # draws its own crop, caption dropout, noise and class image.
+    repeats = [concept.instance_set.repeats for concept in config.data.concepts]
+    samples = [i for i, group in enumerate(instance_groups) for _ in range(repeats[group])]
+    sample_buckets = [instance_plan.assignments[i] for i in samples]
     dataset = DreamBoothDataset(
-        instance_plan.kept, instance_plan.assignments, instance_plan.sizes, tokenizer,
+        [instance_plan.kept[i] for i in samples], sample_buckets, instance_plan.sizes, tokenizer,
         center_crop=config.data.center_crop, seed=seed,
         classes=class_plan.kept if class_plan else (), class_buckets=class_plan.assignments if class_plan else (),
         uncond_p=config.uncond.p if config.uncond.enabled else 0.0, captions=config.captions,
-        augment=config.augment, prompt_expansions=prompt_expansions, instance_groups=instance_groups,
-        class_groups=class_groups)
-    sampler = BucketBatchSampler(instance_plan.assignments, config.batch_size, seed, rank=rank,
-                                 world_size=world_size)
-    stranded = sum(n for n in Counter(instance_plan.assignments).values() if n < world_size)
+        augment=config.augment, prompt_expansions=prompt_expansions,
+        instance_groups=[instance_groups[i] for i in samples], class_groups=class_groups, masks=masks)
+    sampler = BucketBatchSampler(sample_buckets, config.batch_size, seed, rank=rank, world_size=world_size)
+    stranded = sum(n for n in Counter(sample_buckets).values() if n < world_size)
     if stranded:
         notices.warn(f"{stranded} training images are in aspect-ratio buckets holding fewer images than the "
                       f"{world_size} processes and are never trained on; add images of similar shape or use "
@@ -83,4 +105,18 @@ def prepare_data(config: Config, tokenizer, seed: int, rank: int = 0, world_size
         dataset, batch_sampler=sampler, num_workers=workers,
         collate_fn=Collate(tokenizer.pad_token_id, tokenizer.model_max_length, config.pad_tokens),
         generator=torch.Generator().manual_seed(seed))
-    return PreparedData(dataset, sampler, loader, skipped, instance_plan.sizes)
+    return PreparedData(dataset, sampler, loader, skipped, instance_plan.sizes, images=len(instance_plan.kept),
+                        held_out=held_out)
+
+
+def hold_out(records: list, fraction: float, seed: int, concept: int) -> tuple[list, list]:
+    """(training, held-out) images of one concept: fraction x count of them (rounded) held out, chosen by
+    the validation seed alone, so that the same images stay out whatever the run's own seed."""
+    count = math.floor(fraction * len(records) + 0.5)
+    if count >= len(records):
+        raise UserError(f"config key 'validation.split': {fraction} of the {len(records)} images of "
+                        f"data.concepts[{concept}] leaves none to train on; lower it")
+    rng = np.random.default_rng([seed & 0xFFFFFFFF, concept, 0x5E1])
+    chosen = set(rng.choice(len(records), size=count, replace=False).tolist())
+    return ([r for i, r in enumerate(records) if i not in chosen],
+            [r for i, r in enumerate(records) if i in chosen])

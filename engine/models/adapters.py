@@ -7,8 +7,8 @@ kept in checkpoints; the file users load in their UIs uses the kohya/LyCORIS lay
 
 The modules adapted are those kohya's sd-scripts adapts, so files from either trainer line up: every
 Linear and 1x1 convolution inside the transformer blocks of the UNet, and the attention and MLP
-projections of the text encoder; with conv_rank > 0 (LoCon) also the ResNet blocks and the down- and
-up-samplers, their 3x3 convolutions at conv_rank and their Linear and 1x1 layers at rank.
+projections of the text encoder (of both, for SDXL); with conv_rank > 0 (LoCon) also the ResNet blocks and
+the down- and up-samplers, their 3x3 convolutions at conv_rank and their Linear and 1x1 layers at rank.
 """
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ from ..errors import UserError
 UNET_TRANSFORMER = re.compile(r"(^|\.)attentions\.\d+\.")
 UNET_CONV_BLOCKS = re.compile(r"(^|\.)(resnets\.\d+|downsamplers\.\d+|upsamplers\.\d+)\.")
 TEXT_PROJECTIONS = re.compile(r"(^|\.)layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])$")
+# SDXL's second encoder is adapted as its first (and as SD's one) is; its pooled output's projection is not.
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
 def _is_3x3(module: torch.nn.Module) -> bool:
@@ -49,7 +51,7 @@ def target_modules(model: torch.nn.Module, component: str, network: Network) -> 
     for name, module in _base_modules(model):
         if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
             continue
-        if component == "text_encoder":
+        if component in TEXT_ENCODERS:
             if TEXT_PROJECTIONS.search(name):
                 found[name] = False
         elif UNET_TRANSFORMER.search(name) and not _is_3x3(module):

@@ -1,9 +1,10 @@
-"""Convert a training checkpoint or a diffusers model folder to one original-layout Stable Diffusion file
-(.safetensors or .ckpt) that A1111, ComfyUI and diffusers' single-file loader read.
+"""Convert a training checkpoint or a diffusers model folder to one original-layout Stable Diffusion or
+SDXL file (.safetensors or .ckpt) that A1111, ComfyUI and diffusers' single-file loader read.
 
-A training checkpoint holds only what was trained (unet/, maybe text_encoder/ and ema_unet/); the other
-components come from the run's base model named in its meta.json, and the VAE from the run's `vae:` when
-it trained with a separate one.
+A training checkpoint holds only what was trained (unet/, maybe text_encoder/, SDXL's text_encoder_2/ and
+ema_unet/); the other components come from the run's base model named in its meta.json, and the VAE from
+the run's `vae:` when it trained with a separate one. SDXL's two text encoders go in and out together: the
+text-encoder options apply to both.
 
 An adapter run's checkpoint (meta.json network: lora, dora, loha or lokr) holds only the adapter's weights,
 under peft's names. It converts to one of three files (ADAPTER_OUTPUTS): the kohya/LyCORIS adapter file
@@ -27,13 +28,15 @@ from ..config import Config
 from ..ema import EMA_FOLDER
 from ..errors import UserError
 from .sd import is_diffusers_folder
+from . import keymap_sdxl
 from .keymap import KEY_MAPS, check_complete, to_original
 from ..run_dir import RunDir
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 FORMATS = {".safetensors": "safetensors", ".ckpt": "ckpt"}
 COMPONENTS = ("unet", "vae", "text_encoder")
-ADAPTED = ("unet", "text_encoder")  # the components an adapter run can train
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+ADAPTED = ("unet", "text_encoder", "text_encoder_2")  # the components an adapter run can train
 
 # What an adapter run's checkpoint converts to, and the command-line flag that asks for each.
 ADAPTER_OUTPUTS = {
@@ -58,7 +61,8 @@ def _config(model) -> Mapping:
 
 def build_key_maps(models: Mapping[str, torch.nn.Module]) -> dict:
     """Component -> {diffusers key: Target}; raises UserError for an architecture without an original layout."""
-    maps = {name: KEY_MAPS[name](_config(model), model.state_dict().keys()) for name, model in models.items()}
+    key_maps = keymap_sdxl.KEY_MAPS if keymap_sdxl.is_sdxl_models(models) else KEY_MAPS
+    maps = {name: key_maps[name](_config(model), model.state_dict().keys()) for name, model in models.items()}
     check_complete(maps)
     return maps
 
@@ -117,14 +121,15 @@ def _run_vae(run_dir: Path) -> Optional[Path]:
 
 def _load_model(name: str, folder: Path):
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     if not folder.is_dir():
         raise UserError(f"{folder}: not found (needed for the {name})")
     # fp32 whatever the files hold, as training loads them: an adapter is merged at full precision, and
     # every component is cast to its output dtype when written.
-    if name == "text_encoder":
-        return CLIPTextModel.from_pretrained(folder, dtype=torch.float32)
+    if name in TEXT_ENCODERS:
+        loader = CLIPTextModel if name == "text_encoder" else CLIPTextModelWithProjection
+        return loader.from_pretrained(folder, dtype=torch.float32)
     loader = {"unet": UNet2DConditionModel, "vae": AutoencoderKL}[name]
     return loader.from_pretrained(folder, torch_dtype=torch.float32)
 
@@ -137,6 +142,33 @@ def checkpoint_path(source: str | Path) -> Path:
     if not (path / checkpoints.META_FILE).is_file() and RunDir(path).checkpoints.is_dir():
         path = checkpoints.latest_checkpoint(path) or path
     return path
+
+
+def _base_model(path: Path) -> Optional[Path]:
+    """The model a checkpoint's weights go with (meta.json base_model), or the model folder itself."""
+    if (path / checkpoints.META_FILE).is_file():
+        base_name = checkpoints.read_meta(path).get("base_model")
+        return Path(paths.resolve(base_name)) if base_name else None
+    return path if is_diffusers_folder(path) else None
+
+
+def is_sdxl_source(source: str | Path) -> bool:
+    """Whether SOURCE (a checkpoint, run folder or model folder) is of an SDXL model."""
+    from .sdxl import is_sdxl_folder
+    from .single_file import detect_family, read_shapes
+
+    base = _base_model(checkpoint_path(source))
+    if base is None or not base.exists():
+        return False  # load_source says what is wrong with it
+    return is_sdxl_folder(base) if base.is_dir() else detect_family(read_shapes(base)) == "sdxl"
+
+
+def _with_text_encoders(components: tuple[str, ...], sdxl: bool) -> tuple[str, ...]:
+    """SDXL's second text encoder goes wherever the first one does."""
+    if not sdxl or "text_encoder" not in components:
+        return components
+    index = components.index("text_encoder") + 1
+    return components[:index] + ("text_encoder_2",) + components[index:]
 
 
 def checkpoint_name(checkpoint: Path) -> str:
@@ -211,8 +243,9 @@ def load_source(source: str | Path, wanted: tuple[str, ...], ema: bool = False,
         # An adapter run's trained components are the base model's, with the adapter added once loaded.
         if adapter is None:
             own["unet"] = path / (EMA_FOLDER if ema else "unet")
-            if (path / "text_encoder").is_dir():
-                own["text_encoder"] = path / "text_encoder"
+            for encoder in TEXT_ENCODERS:
+                if (path / encoder).is_dir():
+                    own[encoder] = path / encoder
         run_vae = _run_vae(path.parent.parent)
         if run_vae is not None:
             own["vae"] = run_vae
@@ -228,12 +261,14 @@ def load_source(source: str | Path, wanted: tuple[str, ...], ema: bool = False,
     result = Source(name=name, adapter=adapter)
     base_components = None
     if base.is_file():
+        from .family import text_encoder_parts
         from .single_file import config_folder, load_single_file_components, read_shapes
 
         result.prediction_type = _prediction_type(config_folder(base, read_shapes(base)))
         if any(component not in own for component in wanted):
             vae = str(own["vae"]) if "vae" in own else None
-            base_components = load_single_file_components(base, vae=vae, require_tokenizer=False)
+            loaded = load_single_file_components(base, vae=vae, require_tokenizer=False)
+            base_components = {"unet": loaded.unet, "vae": loaded.vae, **text_encoder_parts(loaded.text_encoder)}
     else:
         result.prediction_type = _prediction_type(base)
     result.prediction_type = trained_as or result.prediction_type  # the run may have trained it as another
@@ -241,7 +276,7 @@ def load_source(source: str | Path, wanted: tuple[str, ...], ema: bool = False,
         if component in own:
             result.models[component] = _load_model(component, own[component])
         elif base_components is not None:
-            result.models[component] = getattr(base_components, component)
+            result.models[component] = base_components[component]
         else:
             result.models[component] = _load_model(component, base / component)
         if adapter is not None and component in adapter.trained:
@@ -345,8 +380,9 @@ def _kohya_file(loaded: Source, dtypes: Mapping[str, torch.dtype]) -> tuple[dict
 
     adapter = loaded.adapter
     state = kohya.to_kohya(loaded.models, adapter.config)
+    prefixes = kohya.prefixes(loaded.models)
     for component in loaded.models:
-        prefix = kohya.PREFIXES[component]
+        prefix = prefixes[component]
         for key in [k for k in state if k.startswith(prefix)]:
             state[key] = state[key].to(dtypes[component])
     written = adapter.checkpoint / kohya.ADAPTER_EXPORT
@@ -373,7 +409,7 @@ def _diffusers_file(loaded: Source, dtypes: Mapping[str, torch.dtype]) -> tuple[
     configs: dict[str, object] = {}
     for component, model in loaded.models.items():
         for key, tensor in adapter_state(model).items():
-            if component == "text_encoder":
+            if component in TEXT_ENCODERS:
                 # The names as CLIPTextModel nested them before transformers 5: diffusers strips the
                 # text_model. prefix for a flat model, and older versions need it.
                 key = "text_model." + key.removeprefix("text_model.")
@@ -437,11 +473,12 @@ def convert_checkpoint(source: str | Path, out: str | Path, *, text_encoder: boo
     An adapter run's checkpoint is written as adapter_output says (ADAPTER_OUTPUTS): the kohya/LyCORIS
     adapter file, the merged model, or diffusers' LoRA layout (also asked for with fmt="diffusers"). The
     dtype options apply to the adapter's weights of each component; the text_encoder option leaves the text
-    encoder's adapter out.
+    encoder's adapter out. For SDXL the text-encoder options apply to both text encoders.
     """
     emit = on_event or (lambda event: None)
+    text_dtype = _dtype("--text-encoder-dtype", text_encoder_dtype)
     dtypes = {"unet": _dtype("--unet-dtype", unet_dtype), "vae": _dtype("--vae-dtype", vae_dtype),
-              "text_encoder": _dtype("--text-encoder-dtype", text_encoder_dtype)}
+              "text_encoder": text_dtype, "text_encoder_2": text_dtype}
     if fmt == "diffusers":
         if adapter_output == "merged":
             raise UserError("--merge: a merged model is an original-layout file; it cannot be written with "
@@ -450,10 +487,11 @@ def convert_checkpoint(source: str | Path, out: str | Path, *, text_encoder: boo
     adapter = find_adapter_run(source)
     _check_adapter_options(source, adapter, adapter_output, fmt, ema, vae_dtype)
     if adapter is not None and adapter_output != "merged":
-        wanted = tuple(c for c in adapter.trained if text_encoder or c != "text_encoder")
+        wanted = tuple(c for c in adapter.trained if text_encoder or c not in TEXT_ENCODERS)
         return _convert_adapter(adapter, out, adapter_output, wanted, dtypes, overwrite, ema, emit)
 
-    wanted = tuple(c for c, keep in zip(COMPONENTS, (True, vae, text_encoder)) if keep)
+    sdxl = is_sdxl_source(source)
+    wanted = _with_text_encoders(tuple(c for c, keep in zip(COMPONENTS, (True, vae, text_encoder)) if keep), sdxl)
     step = ProgressSteps(emit, total=2 * len(wanted) + 1)  # load and convert each component, then write
 
     # A named output file is checked before minutes of loading; a folder's file name needs the source.
@@ -482,9 +520,11 @@ def convert_checkpoint(source: str | Path, out: str | Path, *, text_encoder: boo
         del model
         step(f"converted the {component} to {str(dtypes[component]).removeprefix('torch.')}")
     if loaded.prediction_type == "v_prediction":
-        emit(events.Log(level="warning", message=(
-            "this is a v-prediction model and the file does not say so: A1111 needs a v-prediction config "
-            f"(v2-inference-v.yaml) saved beside it as {target.with_suffix('.yaml').name}")))
+        advice = ("load it with the UI's v-prediction setting" if sdxl else
+                  "A1111 needs a v-prediction config (v2-inference-v.yaml) saved beside it as "
+                  f"{target.with_suffix('.yaml').name}")
+        emit(events.Log(level="warning",
+                        message=f"this is a v-prediction model and the file does not say so: {advice}"))
     _write(state, target, fmt)
     step(f"wrote {target} ({format_size(target.stat().st_size)})")
     return target
@@ -522,13 +562,15 @@ def register(subparsers) -> None:
                     "file; with --format diffusers diffusers' own LoRA layout, a folder\n"
                     f"OUT/NAME-NETWORK-diffusers/ holding {DIFFUSERS_WEIGHTS} (or the .safetensors file OUT).\n"
                     "For an adapter file --unet-dtype and --text-encoder-dtype set the adapter's weight types and\n"
-                    "--no-text-encoder leaves the text encoder's adapter out.")
+                    "--no-text-encoder leaves the text encoder's adapter out. SDXL's two text encoders go in\n"
+                    "and out together; --text-encoder-dtype applies to both.")
     parser.add_argument("checkpoint", metavar="CKPT",
                         help="training checkpoint (run/checkpoints/step-N), run folder or diffusers folder")
     parser.add_argument("out", metavar="OUT",
                         help="output .safetensors/.ckpt file, or a folder for a file named after the checkpoint")
     parser.add_argument("--no-text-encoder", action="store_true",
-                        help="leave the text encoder out (of an adapter file: its text-encoder adapter)")
+                        help="leave the text encoder (SDXL: both) out (of an adapter file: its text-encoder "
+                             "adapter)")
     parser.add_argument("--no-vae", action="store_true", help="leave the VAE out")
     for component in ("unet", "vae", "text-encoder"):
         parser.add_argument(f"--{component}-dtype", choices=list(DTYPES), default="fp32",

@@ -4,12 +4,17 @@ kind of model, so that none of them knows which one it trains.
 A family loads its components (and builds them on fake tensors for the estimator), turns token ids into
 the UNet's conditioning (CLIP skip applied), runs the UNet's prediction and builds the pipeline that
 renders samples and class images. The noise schedule's prediction target is set here from the config for
-every family. A new family (SDXL, with two text encoders and micro-conditioning) is one more class with
-these methods, returned by `family_for`.
+every family.
+
+The conditioning is a dict of tensors with one row per sample: `encoder_hidden_states` for every family,
+plus what a family adds (SDXL: the pooled `text_embeds`). The caches store it and classifier-free
+dropout zeroes it without knowing its parts. A batch's `time_ids` (each sample's original size, crop
+top-left and target size) go to the families that condition on them.
 """
 from __future__ import annotations
 
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any, Optional, Protocol
 
 import torch
 
@@ -19,25 +24,57 @@ from .sd import Components
 
 class ModelFamily(Protocol):
     name: str
+    conditioning_parts: tuple[str, ...]
 
     def load(self, config: Config) -> Components: ...
 
     def fake_components(self, config: Config, architecture: Any) -> Components: ...
 
-    def encode_text(self, text_encoder, input_ids: torch.Tensor, clip_stop_at_layer: int) -> torch.Tensor: ...
+    def encode_text(self, text_encoder, input_ids: torch.Tensor, clip_stop_at_layer: int) -> dict: ...
 
-    def predict(self, unet, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
-                conditioning: torch.Tensor) -> torch.Tensor: ...
+    def unused_text_modules(self, text_encoder, clip_stop_at_layer: int) -> list[torch.nn.Module]: ...
+
+    def predict(self, unet, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: dict,
+                time_ids: Optional[torch.Tensor]) -> torch.Tensor: ...
 
     def pipeline(self, components: Components, unet, text_encoder, device: torch.device): ...
 
+    def render(self, pipeline, positive: dict, negative: dict, **options) -> list: ...
+
 
 def family_for(config: Config) -> ModelFamily:
-    """The family of the config's model. SD1.x and SD2.x share one; their difference (text encoder and
-    prediction type) is in the model's own configs."""
+    """The family of the config's model, recognised from its files. SD1.x and SD2.x share one; their
+    difference (text encoder and prediction type) is in the model's own configs."""
     from .sd import StableDiffusion
+    from .sdxl import StableDiffusionXL
 
-    return StableDiffusion()
+    return StableDiffusionXL() if is_sdxl(config.model) else StableDiffusion()
+
+
+def family_named(name: str) -> ModelFamily:
+    """The family an architecture name ('sd15', 'sd21', 'sdxl') belongs to."""
+    from .sd import StableDiffusion
+    from .sdxl import StableDiffusionXL
+
+    return StableDiffusionXL() if name == "sdxl" else StableDiffusion()
+
+
+def is_sdxl(model: str) -> bool:
+    from .sd import resolve_model_path
+    from .sdxl import is_sdxl_folder
+
+    path = Path(resolve_model_path(model))
+    if path.is_dir():
+        return is_sdxl_folder(path)
+    from .single_file import detect_family, read_shapes
+
+    return detect_family(read_shapes(path)) == "sdxl"
+
+
+def text_encoder_parts(text_encoder) -> dict[str, torch.nn.Module]:
+    """The text encoders by their diffusers names: SDXL's pair, or the one of SD1.x/SD2.x."""
+    module = getattr(text_encoder, "module", text_encoder)
+    return module.parts() if hasattr(module, "parts") else {"text_encoder": text_encoder}
 
 
 def configure_noise_schedule(components: Components, config: Config) -> None:

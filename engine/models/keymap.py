@@ -1,8 +1,9 @@
 """Names of diffusers weights in the original Stable Diffusion checkpoint layout (A1111, ComfyUI).
 
-Each map is built from the model's own config (block types and counts), so any SD1.x/SD2.x-shaped model
-converts, the tiny demo model included. Building a map checks that every source key gets exactly one
-place in the output: a model with parts this layout has no name for is refused instead of written wrong.
+Each map is built from the model's own config (block types and counts), so any SD1.x/SD2.x/SDXL-shaped
+model converts, the tiny demo models included (SDXL's text encoders: keymap_sdxl). Building a map checks
+that every source key gets exactly one place in the output: a model with parts this layout has no name for
+is refused instead of written wrong.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ class Target:
     part: int = 0
     parts: int = 1
     conv1x1: bool = False  # a linear weight stored as a 1x1 convolution
+    transpose: bool = False  # a linear weight stored as the matrix the input is multiplied by (x @ W)
 
 
 # Resnet parameter names: diffusers ResnetBlock2D -> LDM ResBlock (UNet) and ResnetBlock (VAE).
@@ -49,6 +51,9 @@ _SPATIAL_TRANSFORMER = re.compile(
 _UNET_DOWN = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}  # block type -> has attentions
 _UNET_UP = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
 _UNET_MID = ("UNetMidBlock2DCrossAttn", None)
+# SDXL's embedding of the pooled text embedding and the micro-conditioning; its original is `label_emb`.
+_ADDITION_EMBEDDING = (("add_embedding.linear_1.", "label_emb.0.0.", _SAME),
+                       ("add_embedding.linear_2.", "label_emb.0.2.", _SAME))
 
 
 def _per_block(value, count: int) -> list[int]:
@@ -96,7 +101,9 @@ def _modules_to_keys(component: str, keys: Iterable[str], modules: list[tuple[st
 
 
 def unet_key_map(config: Mapping, keys: Iterable[str]) -> dict[str, Target]:
-    """UNet2DConditionModel -> LDM UNetModel (input_blocks / middle_block / output_blocks)."""
+    """UNet2DConditionModel -> LDM UNetModel (input_blocks / middle_block / output_blocks), with SDXL's
+    text-time embedding; the transformer depth of each block (SDXL: transformer_layers_per_block) shows in
+    the keys alone."""
     down_types, up_types = list(config["down_block_types"]), list(config["up_block_types"])
     for kind, known in (*((t, _UNET_DOWN) for t in down_types), *((t, _UNET_UP) for t in up_types)):
         if kind not in known:
@@ -108,6 +115,8 @@ def unet_key_map(config: Mapping, keys: Iterable[str]) -> dict[str, Target]:
     modules = [("time_embedding.linear_1.", "time_embed.0.", _SAME),
                ("time_embedding.linear_2.", "time_embed.2.", _SAME), ("conv_in.", "input_blocks.0.0.", _SAME),
                ("conv_norm_out.", "out.0.", _SAME), ("conv_out.", "out.2.", _SAME)]
+    if config.get("addition_embed_type") == "text_time":
+        modules += _ADDITION_EMBEDDING
     index = 1
     for block, kind in enumerate(down_types):
         for layer in range(layers[block]):
@@ -180,17 +189,11 @@ _OPEN_CLIP_LAYER = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1"
 _QKV = ("q_proj", "k_proj", "v_proj")
 
 
-def text_encoder_key_map(config: Mapping, keys: Iterable[str]) -> dict[str, Target]:
-    """CLIPTextModel -> SD1 (OpenAI CLIP, transformers names) or SD2 (OpenCLIP, fused q/k/v) layout.
-
-    OpenAI's CLIP uses QuickGELU and OpenCLIP's ViT-H plain GELU, so the activation tells them apart.
-    Keys with or without transformers' older `text_model.` prefix are accepted.
-    """
-    activation = config.get("hidden_act")
-    if activation not in ("quick_gelu", "gelu"):
-        raise _refuse("text_encoder", f"a CLIP text model with activation {activation!r} is neither SD1.x "
-                                      "(quick_gelu) nor SD2.x (gelu)")
-    open_clip = activation == "gelu"
+def clip_key_map(component: str, config: Mapping, keys: Iterable[str], prefix: str, open_clip: bool,
+                 projection: bool = False) -> dict[str, Target]:
+    """CLIPTextModel (or, projection, CLIPTextModelWithProjection) -> transformers' own names behind prefix,
+    or OpenCLIP's layout (fused q/k/v, `text_projection` as the matrix OpenCLIP multiplies by).
+    Keys with or without transformers' older `text_model.` prefix are accepted."""
     names = {"embeddings.token_embedding.weight": "token_embedding.weight",
              "embeddings.position_embedding.weight": "positional_embedding",
              "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
@@ -207,13 +210,14 @@ def text_encoder_key_map(config: Mapping, keys: Iterable[str]) -> dict[str, Targ
                                      _QKV.index(module.rsplit(".", 1)[1]))
                 else:
                     names[source] = f"transformer.resblocks.{layer}.{_OPEN_CLIP_LAYER[module]}.{param}"
-    prefix = OPEN_CLIP_PREFIX if open_clip else CLIP_PREFIX
     result, unknown = {}, []
     for key in keys:
         name = names.get(key.removeprefix("text_model."))
         if open_clip and key.endswith("embeddings.position_ids"):
             continue  # a constant arange that older transformers saved; OpenCLIP has no such buffer
-        if name is None:
+        if projection and key == "text_projection.weight":
+            result[key] = Target(prefix + "text_projection", transpose=True)
+        elif name is None:
             unknown.append(key)
         elif isinstance(name, tuple):
             result[key] = Target(prefix + name[0], part=name[1], parts=3)
@@ -221,8 +225,21 @@ def text_encoder_key_map(config: Mapping, keys: Iterable[str]) -> dict[str, Targ
             result[key] = Target(prefix + name)
     if unknown:
         more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
-        raise _refuse("text_encoder", f"no original-layout name for '{unknown[0]}'{more}")
+        raise _refuse(component, f"no original-layout name for '{unknown[0]}'{more}")
     return result
+
+
+def text_encoder_key_map(config: Mapping, keys: Iterable[str]) -> dict[str, Target]:
+    """CLIPTextModel -> SD1 (OpenAI CLIP, transformers names) or SD2 (OpenCLIP, fused q/k/v) layout.
+
+    OpenAI's CLIP uses QuickGELU and OpenCLIP's ViT-H plain GELU, so the activation tells them apart.
+    """
+    activation = config.get("hidden_act")
+    if activation not in ("quick_gelu", "gelu"):
+        raise _refuse("text_encoder", f"a CLIP text model with activation {activation!r} is neither SD1.x "
+                                      "(quick_gelu) nor SD2.x (gelu)")
+    open_clip = activation == "gelu"
+    return clip_key_map("text_encoder", config, keys, OPEN_CLIP_PREFIX if open_clip else CLIP_PREFIX, open_clip)
 
 
 KEY_MAPS = {"unet": unet_key_map, "vae": vae_key_map, "text_encoder": text_encoder_key_map}
@@ -262,6 +279,8 @@ def to_original(state_dict: Mapping[str, torch.Tensor], mapping: Mapping[str, Ta
             continue
         if target.conv1x1 and tensor.ndim == 2:
             tensor = tensor.reshape(*tensor.shape, 1, 1)
+        if target.transpose:
+            tensor = tensor.T
         out[target.key] = tensor.contiguous()
     for key, parts in fused.items():
         out[key] = torch.cat([parts[i] for i in sorted(parts)])

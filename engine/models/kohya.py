@@ -2,10 +2,12 @@
 
 Each adapted module is named after its diffusers module path with dots as underscores, behind
 `lora_unet_` or `lora_te_text_model_` (the text encoder's names as the original CLIPTextModel nested them,
-which transformers 5 no longer does). Its tensors are `lora_down.weight`/`lora_up.weight` (LoRA, LoCon)
-plus `dora_scale` (DoRA), `hada_w1_a`… (LoHa) or `lokr_w1`… (LoKr), and a scalar `alpha`: the UIs scale
-the update by alpha / rank, as the trainer did. The `ss_*` metadata are kohya's, read by the UIs and
-model sites.
+which transformers 5 no longer does). SDXL's are named as kohya's SDXL trainer names them: the text
+encoders behind `lora_te1_`/`lora_te2_`, the UNet's modules by their original-layout paths
+(`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`), since that trainer adapts its own copy of
+the original UNet. Its tensors are `lora_down.weight`/`lora_up.weight` (LoRA, LoCon) plus `dora_scale`
+(DoRA), `hada_w1_a`… (LoHa) or `lokr_w1`… (LoKr), and a scalar `alpha`: the UIs scale the update by
+alpha / rank, as the trainer did. The `ss_*` metadata are kohya's, read by the UIs and model sites.
 """
 from __future__ import annotations
 
@@ -19,9 +21,12 @@ import torch
 from ..config import Config
 from ..errors import UserError
 from .adapters import adapter_state, load_adapter_state, target_modules
+from .keymap_sdxl import is_sdxl_models, unet_module_names
 
 ADAPTER_EXPORT = "adapter.safetensors"  # in each checkpoint of an adapter run
 PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+SDXL_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+SDXL_VERSION = "sdxl_base_v1-0"  # ss_base_model_version of kohya's SDXL files
 # peft's parameter names inside an adapted module -> kohya/LyCORIS names
 PARAMETERS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight",
               "lora_magnitude_vector": "dora_scale"}
@@ -29,10 +34,25 @@ NETWORK_MODULES = {"lora": "networks.lora", "dora": "networks.lora", "loha": "ly
                    "lokr": "lycoris.kohya"}
 
 
-def kohya_module_name(component: str, module: str) -> str:
-    if component == "text_encoder":
+def prefixes(models: Mapping[str, torch.nn.Module]) -> dict[str, str]:
+    """Each component's name prefix in the file of these models (SD's, or SDXL's)."""
+    return SDXL_PREFIXES if is_sdxl_models(models) else PREFIXES
+
+
+def kohya_module_name(component: str, module: str, prefix: str = "") -> str:
+    """A module's name from its diffusers path (prefix: the component's, SD's by default)."""
+    if component != "unet":
         module = "text_model." + module.removeprefix("text_model.")
-    return PREFIXES[component] + module.replace(".", "_")
+    return (prefix or PREFIXES[component]) + module.replace(".", "_")
+
+
+def module_names(models: Mapping[str, torch.nn.Module], component: str, modules) -> dict[str, str]:
+    """The file's name of each of models[component]'s adapted modules."""
+    prefix = prefixes(models)[component]
+    if component == "unet" and is_sdxl_models(models):
+        original = unet_module_names(models["unet"].config, modules)
+        return {module: prefix + original[module].replace(".", "_") for module in modules}
+    return {module: kohya_module_name(component, module, prefix) for module in modules}
 
 
 def _split(key: str, modules: Mapping[str, str]) -> tuple[str, str]:
@@ -66,15 +86,16 @@ def to_kohya(models: Mapping[str, torch.nn.Module], config: Config) -> dict[str,
     out: dict[str, torch.Tensor] = {}
     for component, model in models.items():
         targets = target_modules(model, component, network)
+        names = module_names(models, component, targets)
         for key, tensor in adapter_state(model).items():
             module, parameter = _split(key, targets)
-            name = kohya_module_name(component, module)
+            name = names[module]
             if parameter == "lora_magnitude_vector":
                 tensor = _dora_scale(tensor, model.get_submodule(module))
             out[f"{name}.{PARAMETERS.get(parameter, parameter)}"] = tensor.float().contiguous()
         for module, is_conv in targets.items():
             alpha = network.conv_alpha if is_conv else network.alpha
-            name = kohya_module_name(component, module)
+            name = names[module]
             out[f"{name}.alpha"] = torch.tensor(float(alpha))
             if network.type == "lokr":
                 _bake_lokr_scale(out, name, alpha / (network.conv_rank if is_conv else network.rank))
@@ -89,7 +110,8 @@ def from_kohya(state: Mapping[str, torch.Tensor], models: Mapping[str, torch.nn.
     state = dict(state)
     for component, model in models.items():
         targets = target_modules(model, component, network)
-        by_name = {kohya_module_name(component, module): module for module in targets}
+        by_name = {name: module for module, name in module_names(models, component, targets).items()}
+        prefix = prefixes(models)[component]
         shapes = {key: tensor.shape for key, tensor in adapter_state(model).items()}
         if network.type == "lokr":
             for name, module in by_name.items():
@@ -99,7 +121,7 @@ def from_kohya(state: Mapping[str, torch.Tensor], models: Mapping[str, torch.nn.
         own: dict[str, torch.Tensor] = {}
         for file_key, tensor in state.items():
             name, _, parameter = file_key.partition(".")
-            if not name.startswith(PREFIXES[component]) or parameter == "alpha":
+            if not name.startswith(prefix) or parameter == "alpha":
                 continue
             if name not in by_name:
                 raise UserError(f"config key '{key}': {file_key} names no module of this model (another "
@@ -117,6 +139,8 @@ def from_kohya(state: Mapping[str, torch.Tensor], models: Mapping[str, torch.nn.
 
 
 def base_model_version(config: Config, models: Mapping[str, torch.nn.Module]) -> str:
+    if is_sdxl_models(models):
+        return SDXL_VERSION
     width = models["unet"].config.cross_attention_dim
     return "sd_v2" if width == 1024 else "sd_v1"
 

@@ -103,6 +103,7 @@ def enable_xformers_if_usable(unet, wanted: bool) -> str:
 class StableDiffusion:
     """SD1.x and SD2.x: one CLIP text encoder whose hidden states (CLIP skip applied) condition the UNet."""
     name = "sd"
+    conditioning_parts = ("encoder_hidden_states",)
 
     def load(self, config) -> Components:
         from .family import configure_noise_schedule
@@ -126,12 +127,17 @@ class StableDiffusion:
         configure_noise_schedule(components, config)
         return components
 
-    def encode_text(self, text_encoder, input_ids: torch.Tensor, clip_stop_at_layer: int) -> torch.Tensor:
-        return encode_prompt(text_encoder, input_ids, clip_stop_at_layer)
+    def encode_text(self, text_encoder, input_ids: torch.Tensor, clip_stop_at_layer: int) -> dict:
+        return {"encoder_hidden_states": encode_prompt(text_encoder, input_ids, clip_stop_at_layer)}
 
-    def predict(self, unet, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
-                conditioning: torch.Tensor) -> torch.Tensor:
-        return unet(noisy_latents, timesteps, conditioning).sample
+    def unused_text_modules(self, text_encoder, clip_stop_at_layer: int) -> list[torch.nn.Module]:
+        # CLIP skip N never runs the last N - 1 layers
+        layers = getattr(text_encoder, "text_model", text_encoder).encoder.layers
+        return list(layers[len(layers) - clip_stop_at_layer + 1:]) if clip_stop_at_layer > 1 else []
+
+    def predict(self, unet, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: dict,
+                time_ids: Optional[torch.Tensor]) -> torch.Tensor:
+        return unet(noisy_latents, timesteps, conditioning["encoder_hidden_states"]).sample
 
     def pipeline(self, components: Components, unet, text_encoder, device: torch.device):
         """StableDiffusionPipeline over the given (trained) UNet and text encoder, sampling with DDIM."""
@@ -143,3 +149,7 @@ class StableDiffusion:
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         pipeline.set_progress_bar_config(disable=True)
         return pipeline.to(device)
+
+    def render(self, pipeline, positive: dict, negative: dict, **options) -> list:
+        return pipeline(prompt_embeds=positive["encoder_hidden_states"],
+                        negative_prompt_embeds=negative["encoder_hidden_states"], **options).images

@@ -4,8 +4,10 @@ diffusers' own single-file loader does the conversion; it needs a folder of diff
 this order:
 1. a diffusers model folder with the file's name beside it (`sd.safetensors` + `sd/`),
 2. the `tokenizer:` folder when it is a whole diffusers model folder,
-3. the built-in SD1.5 or SD2.1 (768, v-prediction) configs, chosen from the tensors.
-The tokenizer vocabulary is not built in: it comes from `tokenizer:` or from the folder of 1. or 2.
+3. the built-in SD1.5, SD2.1 (768, v-prediction) or SDXL base configs, chosen from the tensors.
+The tokenizer vocabulary is not built in: it comes from `tokenizer:` or from the folder of 1. or 2. SDXL's
+second tokenizer is that folder's tokenizer_2/, or else the first one padding with "!": both have one
+vocabulary and differ only in the padding token.
 """
 from __future__ import annotations
 
@@ -17,8 +19,10 @@ import torch
 
 from .. import notices, paths
 from ..errors import UserError
+from . import keymap_sdxl
 from .keymap import CLIP_PREFIX, OPEN_CLIP_PREFIX, TEXT_ENCODER_PREFIX, UNET_PREFIX, VAE_PREFIX
 from .sd import Components
+from .sdxl import TextEncoders, is_sdxl_folder
 
 SUFFIXES = (".safetensors", ".ckpt")
 BUILTIN_CONFIGS = Path(__file__).resolve().parent / "configs" / "pipelines"
@@ -44,8 +48,19 @@ def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     return {key: tuple(value.shape) for key, value in state.items() if isinstance(value, torch.Tensor)}
 
 
+# SDXL's UNet embeds its micro-conditioning and pooled text embedding; SD1.x/SD2.x have no label embedding.
+_SDXL_KEY = UNET_PREFIX + "label_emb.0.0.weight"
+# SDXL's text encoders in the file (the refiner, with only an OpenCLIP one at embedders.0, is another model).
+_SDXL_ENCODERS = {"text_encoder": keymap_sdxl.CONDITIONER_PREFIX + "0.transformer.",
+                  "text_encoder_2": keymap_sdxl.OPEN_CLIP_PREFIX}
+
+
 def detect_family(shapes: dict[str, tuple[int, ...]]) -> Optional[str]:
-    """'sd15' or 'sd21' when the tensors have that architecture's text width and text encoder, else None."""
+    """'sd15', 'sd21' or 'sdxl' when the tensors have that architecture's text width and text encoders,
+    else None."""
+    if _SDXL_KEY in shapes:
+        found = {key for key in shapes if key.startswith(keymap_sdxl.CONDITIONER_PREFIX)}
+        return "sdxl" if all(key.startswith(tuple(_SDXL_ENCODERS.values())) for key in found) else None
     context, conv_in = shapes.get(_CONTEXT_KEY), shapes.get(_CONV_IN_KEY)
     if context is None or conv_in is None or conv_in[1] != 4 or context[1] not in _FAMILIES:
         return None
@@ -55,62 +70,117 @@ def detect_family(shapes: dict[str, tuple[int, ...]]) -> Optional[str]:
 
 
 def empty_models(family: str) -> dict[str, torch.nn.Module]:
-    """The built-in architecture ('sd15' or 'sd21') on the meta device: every shape, no weights or memory."""
+    """The built-in architecture ('sd15', 'sd21' or 'sdxl') on the meta device: every shape, no weights or
+    memory."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     folder = BUILTIN_CONFIGS / family
     with torch.device("meta"):
-        return {"unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet")),
-                "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae")),
-                "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))}
+        models = {"unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet")),
+                  "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae")),
+                  "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))}
+        if family == "sdxl":
+            models["text_encoder_2"] = CLIPTextModelWithProjection(
+                CLIPTextConfig.from_pretrained(folder / "text_encoder_2"))
+    return models
 
 
 def _has_weights(folder: Path) -> bool:
     return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
 
 
+def _check_family(folder: Path, family: Optional[str], key: str, path: Path) -> None:
+    """A model folder whose configs are another family's than the file's tensors is refused, naming key."""
+    if family is None or is_sdxl_folder(folder) == (family == "sdxl"):
+        return
+    if family == "sdxl":
+        raise UserError(f"config key '{key}': {folder} is an SD1.x/SD2.x model, but {path.name} is SDXL; "
+                        f"point {key}: at an SDXL model's folder (with tokenizer_2/)")
+    raise UserError(f"config key '{key}': {folder} is an SDXL model, but {path.name} is SD1.x/SD2.x; "
+                    f"point {key}: at an SD1.x/SD2.x model's folder")
+
+
+def _model_folder(tokenizer: Optional[str]) -> Optional[Path]:
+    """The `tokenizer:` location when it is a whole diffusers model folder."""
+    location = Path(paths.resolve(tokenizer)) if tokenizer else None
+    return location if location is not None and (location / "model_index.json").is_file() else None
+
+
 def config_folder(path: Path, shapes: dict, tokenizer: Optional[str] = None) -> Path:
     companion = path.with_suffix("")
-    if (companion / "model_index.json").is_file():
-        return companion
-    if tokenizer and (Path(paths.resolve(tokenizer)) / "model_index.json").is_file():
-        return Path(paths.resolve(tokenizer))
     family = detect_family(shapes)
+    tokenizer_folder = _model_folder(tokenizer)
+    if tokenizer_folder is not None:
+        _check_family(tokenizer_folder, family, "tokenizer", path)
+    if (companion / "model_index.json").is_file():
+        _check_family(companion, family, "model", path)
+        return companion
+    if tokenizer_folder is not None:
+        return tokenizer_folder
     if family is None:
-        raise UserError(f"config key 'model': {path} is not an SD1.x or SD2.x checkpoint this app knows; put its "
-                        f"diffusers model folder beside it as {companion.name}/ (model_index.json and configs)")
+        raise UserError(f"config key 'model': {path} is not an SD1.x or SD2.x checkpoint, nor an SDXL one, that "
+                        f"this app knows; put its diffusers model folder beside it as {companion.name}/ "
+                        "(model_index.json and configs)")
     if family == "sd21":
         notices.warn(f"{path.name}: loaded as SD2.x 768 v-prediction; for an epsilon model such as SD2.1-base "
                       "set prediction_type: epsilon")
     return BUILTIN_CONFIGS / family
 
 
-def _load_tokenizer(path: Path, folder: Path, tokenizer: Optional[str], required: bool):
+def _load_tokenizers(path: Path, folder: Path, tokenizer: Optional[str], required: bool, sdxl: bool) -> dict:
+    """{"tokenizer": …} (SDXL: and "tokenizer_2"), each None when not required and not found."""
     from transformers import CLIPTokenizer
 
     if tokenizer:
-        location = Path(paths.resolve(tokenizer))
-        if (location / "model_index.json").is_file():
-            location = location / "tokenizer"
+        model_folder = _model_folder(tokenizer)
+        location = model_folder / "tokenizer" if model_folder is not None else Path(paths.resolve(tokenizer))
         if not location.is_dir():
             raise UserError(f"config key 'tokenizer': not a folder: {location}")
-        return CLIPTokenizer.from_pretrained(location)
-    if (folder / "tokenizer").is_dir():
-        return CLIPTokenizer.from_pretrained(folder / "tokenizer")
-    if not required:
-        return None
-    raise UserError(f"config key 'tokenizer': {path.name} is a single file and holds no tokenizer; set tokenizer: to "
-                    "a CLIP tokenizer folder (the tokenizer/ folder of a diffusers SD1.x or SD2.x model) or put a "
-                    f"diffusers model folder beside the file as {path.with_suffix('').name}/")
+    elif (folder / "tokenizer").is_dir():
+        location, model_folder = folder / "tokenizer", folder
+    elif not required:
+        return {"tokenizer": None, **({"tokenizer_2": None} if sdxl else {})}
+    else:
+        raise UserError(f"config key 'tokenizer': {path.name} is a single file and holds no tokenizer; set tokenizer: "
+                        "to a CLIP tokenizer folder (the tokenizer/ folder of a diffusers SD1.x, SD2.x or SDXL model) "
+                        f"or put a diffusers model folder beside the file as {path.with_suffix('').name}/")
+    loaded = {"tokenizer": CLIPTokenizer.from_pretrained(location)}
+    if sdxl:
+        second = model_folder / "tokenizer_2" if model_folder is not None else None
+        loaded["tokenizer_2"] = (CLIPTokenizer.from_pretrained(second) if second is not None and second.is_dir()
+                                 else CLIPTokenizer.from_pretrained(location, pad_token="!"))
+    return loaded
+
+
+def _missing_text_encoders(path: Path, shapes: dict, folder: Path, sdxl: bool) -> dict:
+    """The text encoders the file leaves out, from the config folder's weights."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    if sdxl:
+        wanted = {name: (prefix, CLIPTextModel if name == "text_encoder" else CLIPTextModelWithProjection)
+                  for name, prefix in _SDXL_ENCODERS.items()}
+    else:
+        wanted = {"text_encoder": (TEXT_ENCODER_PREFIX, CLIPTextModel)}
+    loaded = {}
+    for name, (prefix, loader) in wanted.items():
+        if any(key.startswith(prefix) for key in shapes):
+            continue
+        if not _has_weights(folder / name):
+            raise UserError(f"config key 'model': {path.name} holds no {name.replace('_', ' ')}; put a diffusers "
+                            f"model folder with one beside it as {path.with_suffix('').name}/")
+        loaded[name] = loader.from_pretrained(folder / name)
+    return loaded
 
 
 def load_single_file_components(path: str | Path, vae: Optional[str] = None, tokenizer: Optional[str] = None,
                                 require_tokenizer: bool = True) -> Components:
-    """Load an original-layout SD checkpoint in fp32 on the CPU; `vae:` replaces the file's VAE."""
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
+    """Load an original-layout SD or SDXL checkpoint in fp32 on the CPU; `vae:` replaces the file's VAE.
+
+    An SDXL model's text encoders come as one TextEncoders; without a tokenizer (not required) its second
+    encoder's padding token is unknown, and the components serve for conversion only."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.loaders.single_file_utils import SingleFileComponentError
-    from transformers import CLIPTextModel
 
     path = Path(path)
     if path.suffix not in SUFFIXES:
@@ -119,7 +189,8 @@ def load_single_file_components(path: str | Path, vae: Optional[str] = None, tok
     if not any(key.startswith(UNET_PREFIX) for key in shapes):
         raise UserError(f"config key 'model': {path} is not a Stable Diffusion checkpoint (no {UNET_PREFIX}* weights)")
     folder = config_folder(path, shapes, tokenizer)
-    passed = {"tokenizer": _load_tokenizer(path, folder, tokenizer, require_tokenizer)}
+    sdxl = is_sdxl_folder(folder)
+    passed = _load_tokenizers(path, folder, tokenizer, require_tokenizer, sdxl)
     if vae:
         location = paths.resolve(vae)
         if not Path(location).exists():
@@ -129,18 +200,19 @@ def load_single_file_components(path: str | Path, vae: Optional[str] = None, tok
         if not _has_weights(folder / "vae"):
             raise UserError(f"config key 'vae': {path.name} holds no VAE; set vae: to a diffusers VAE folder")
         passed["vae"] = AutoencoderKL.from_pretrained(folder / "vae")
-    if not any(key.startswith(TEXT_ENCODER_PREFIX) for key in shapes):
-        if not _has_weights(folder / "text_encoder"):
-            raise UserError(f"config key 'model': {path.name} holds no text encoder; put a diffusers model folder "
-                            f"with one beside it as {path.with_suffix('').name}/")
-        passed["text_encoder"] = CLIPTextModel.from_pretrained(folder / "text_encoder")
+    passed.update(_missing_text_encoders(path, shapes, folder, sdxl))
+    if not sdxl:
+        passed.update(safety_checker=None, feature_extractor=None)
     try:
-        pipeline = StableDiffusionPipeline.from_single_file(
-            str(path), config=str(folder), local_files_only=True, torch_dtype=torch.float32,
-            safety_checker=None, feature_extractor=None, **passed)
+        pipeline = (StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline).from_single_file(
+            str(path), config=str(folder), local_files_only=True, torch_dtype=torch.float32, **passed)
     except (ValueError, RuntimeError, OSError, SingleFileComponentError) as error:  # tensors that do not fit
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"config key 'model': {path.name} does not fit the configs in {folder}: {first_line}") from None
+    text_encoder = pipeline.text_encoder
+    if sdxl:
+        pad = pipeline.tokenizer_2.pad_token_id if pipeline.tokenizer_2 is not None else None
+        text_encoder = TextEncoders(pipeline.text_encoder, pipeline.text_encoder_2, pad)
     return Components(
-        tokenizer=pipeline.tokenizer, text_encoder=pipeline.text_encoder, vae=pipeline.vae, unet=pipeline.unet,
+        tokenizer=pipeline.tokenizer, text_encoder=text_encoder, vae=pipeline.vae, unet=pipeline.unet,
         noise_scheduler=DDPMScheduler.from_config(pipeline.scheduler.config), model_path=str(path))

@@ -1,7 +1,9 @@
-"""Offline demo assets: a tiny random Stable Diffusion pipeline and a synthetic dataset.
+"""Offline demo assets: tiny random Stable Diffusion pipelines and a synthetic dataset.
 
-Nothing here downloads anything. The tiny pipeline keeps SD1.x's structure (CLIP text encoder,
-cross-attention UNet with 4 latent channels, a VAE that downsamples 8x) at a size that trains on a CPU.
+Nothing here downloads anything. The tiny SD pipeline keeps SD1.x's structure (CLIP text encoder,
+cross-attention UNet with 4 latent channels, a VAE that downsamples 8x) at a size that trains on a CPU;
+the tiny SDXL one adds SDXL's second text encoder (with projection, for the pooled embedding) and the
+UNet's text-time conditioning.
 """
 from __future__ import annotations
 
@@ -58,42 +60,104 @@ def write_tokenizer(directory: Path) -> None:
     (directory / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def make_tiny_model(directory: str | Path, seed: int = 0) -> Path:
-    """Save a tiny random SD1.x-shaped pipeline in diffusers format; same bytes for the same seed."""
-    import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+ARCHITECTURES = ("sd", "sdxl")
 
+
+def _tiny_tokenizer(directory: Path, pad_token: str):
+    from transformers import CLIPTokenizer
+
+    write_tokenizer(directory)
+    return CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=77,
+                         pad_token=pad_token)
+
+
+def _tiny_text_config(tokenizer, pad_token_id: int, **sizes):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_token_id, **sizes)
+
+
+def _tiny_vae(scaling_factor: float):
+    from diffusers import AutoencoderKL
+
+    # Four blocks give three 2x downsamples: the same 8x image-to-latent geometry as SD's VAE.
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 16, 32, 32), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=8, sample_size=64, scaling_factor=scaling_factor)
+
+
+def _tiny_scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False, num_train_timesteps=1000, steps_offset=1, prediction_type="epsilon")
+
+
+def make_tiny_model(directory: str | Path, seed: int = 0, arch: str = "sd") -> Path:
+    """Save a tiny random pipeline of the architecture ('sd' or 'sdxl') in diffusers format; same bytes
+    for the same seed."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"arch must be one of {ARCHITECTURES}, got {arch!r}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tokenizer_dir = directory / "tokenizer"
-    write_tokenizer(tokenizer_dir)
-    tokenizer = CLIPTokenizer(str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"),
-                              model_max_length=77, pad_token="<|endoftext|>")
+    (_make_tiny_sdxl if arch == "sdxl" else _make_tiny_sd)(directory, seed)
+    return directory
 
+
+def _make_tiny_sd(directory: Path, seed: int) -> None:
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    tokenizer = _tiny_tokenizer(directory / "tokenizer", "<|endoftext|>")
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=TINY_TEXT_DIM, intermediate_size=64, num_hidden_layers=4,
-        num_attention_heads=4, max_position_embeddings=77, projection_dim=TINY_TEXT_DIM,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id))
+    text_encoder = CLIPTextModel(_tiny_text_config(
+        tokenizer, tokenizer.pad_token_id, hidden_size=TINY_TEXT_DIM, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=4, projection_dim=TINY_TEXT_DIM))
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=TINY_TEXT_DIM, attention_head_dim=8, norm_num_groups=16)
-    # Four blocks give three 2x downsamples: the same 8x image-to-latent geometry as SD's VAE.
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 16, 32, 32), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        norm_num_groups=8, sample_size=64, scaling_factor=0.18215)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, num_train_timesteps=1000,
-                              steps_offset=1, prediction_type="epsilon")
     pipeline = StableDiffusionPipeline(
-        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        unet=unet, vae=_tiny_vae(0.18215), text_encoder=text_encoder, tokenizer=tokenizer,
+        scheduler=_tiny_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipeline.save_pretrained(directory, safe_serialization=True)
-    return directory
+
+
+# SDXL's time ids: original size, crop top-left and target size, two numbers each.
+_TIME_IDS = 6
+
+
+def _make_tiny_sdxl(directory: Path, seed: int) -> None:
+    import torch
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    # As in SDXL, both encoders share one vocabulary; the second pads with "!" instead of the end token.
+    tokenizer = _tiny_tokenizer(directory / "tokenizer", "<|endoftext|>")
+    tokenizer_2 = _tiny_tokenizer(directory / "tokenizer_2", "!")
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_tiny_text_config(
+        tokenizer, tokenizer.pad_token_id, hidden_size=TINY_TEXT_DIM, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, projection_dim=TINY_TEXT_DIM))
+    text_encoder_2 = CLIPTextModelWithProjection(_tiny_text_config(
+        tokenizer_2, tokenizer_2.pad_token_id, hidden_size=2 * TINY_TEXT_DIM, intermediate_size=128,
+        num_hidden_layers=3, num_attention_heads=4, projection_dim=2 * TINY_TEXT_DIM, hidden_act="gelu"))
+    time_embed_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), use_linear_projection=True,
+        # the hidden states of both encoders side by side, as SDXL's 768 + 1280
+        cross_attention_dim=3 * TINY_TEXT_DIM, norm_num_groups=16, addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=_TIME_IDS * time_embed_dim + 2 * TINY_TEXT_DIM)
+    pipeline = StableDiffusionXLPipeline(
+        unet=unet, vae=_tiny_vae(0.13025), text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer, tokenizer_2=tokenizer_2, scheduler=_tiny_scheduler())
+    pipeline.save_pretrained(directory, safe_serialization=True)
 
 
 _COLOURS = {"red": (220, 40, 40), "blue": (40, 80, 220), "green": (40, 170, 70), "yellow": (235, 210, 40),

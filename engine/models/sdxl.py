@@ -1,0 +1,186 @@
+"""The SDXL model family: two text encoders, a UNet conditioned on their joint hidden states, the second
+encoder's pooled embedding and each image's micro-conditioning (original size, crop, target size).
+
+The two encoders travel through the trainer as one module (`TextEncoders`), so that freezing, the device,
+DDP and the caches treat them as the single text encoder of SD1.x; checkpoints, adapters and conversions
+see its two parts under their diffusers names. Both encoders share one vocabulary, so the dataset
+tokenizes once with the first tokenizer; the second encoder gets the same ids padded with its own token.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .. import notices, paths
+from ..errors import UserError
+from .sd import Components, resolve_model_path
+
+ENCODER_NAMES = ("text_encoder", "text_encoder_2")
+# Real SDXL trains at 1024 px; below half of it the model has seen almost nothing.
+SMALLEST_USEFUL_FRACTION = 0.5
+
+
+class TextEncoders(torch.nn.Module):
+    """SDXL's CLIP ViT-L (`text_encoder`) and OpenCLIP ViT-bigG with projection (`text_encoder_2`)."""
+
+    def __init__(self, text_encoder, text_encoder_2, pad_token_id_2: int):
+        super().__init__()
+        self.text_encoder = text_encoder
+        self.text_encoder_2 = text_encoder_2
+        self.pad_token_id_2 = pad_token_id_2
+
+    def parts(self) -> dict[str, torch.nn.Module]:
+        return {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
+
+    def ids_for_second(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The first tokenizer's ids with everything after the end token set to the second one's padding."""
+        eos = self.text_encoder_2.config.eos_token_id
+        after_end = (input_ids == eos).int().cumsum(dim=1) - (input_ids == eos).int() > 0
+        return input_ids.masked_fill(after_end, self.pad_token_id_2)
+
+    def forward(self, input_ids: torch.Tensor, clip_stop_at_layer: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden states of both encoders side by side, pooled projection of the second).
+
+        SDXL conditions on the penultimate layer without the final layer norm; CLIP skip N moves N - 1
+        layers further back, as diffusers' `clip_skip` does."""
+        index = -(clip_stop_at_layer + 1)
+        first = self.text_encoder(input_ids, output_hidden_states=True).hidden_states[index]
+        second = self.text_encoder_2(self.ids_for_second(input_ids), output_hidden_states=True)
+        return torch.cat([first, second.hidden_states[index]], dim=-1), second.text_embeds
+
+
+def is_sdxl_folder(root: Path) -> bool:
+    return (root / "text_encoder_2").is_dir() or (root / "tokenizer_2").is_dir()
+
+
+def load_components(config) -> Components:
+    """Tokenizer, both text encoders, VAE, UNet and the training noise schedule in fp32 on the CPU."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    model_path = resolve_model_path(config.model)
+    if Path(model_path).is_file():
+        from .single_file import load_single_file_components
+
+        return load_single_file_components(model_path, vae=config.vae, tokenizer=config.tokenizer)
+    root = Path(model_path)
+    tokenizer = CLIPTokenizer.from_pretrained(_tokenizer_folder(config, root))
+    tokenizer_2 = CLIPTokenizer.from_pretrained(root / "tokenizer_2")
+    vae_path = paths.resolve(config.vae) if config.vae else str(root / "vae")
+    if not Path(vae_path).exists():
+        raise UserError(f"config key 'vae': not found: {vae_path}")
+    encoders = TextEncoders(CLIPTextModel.from_pretrained(root / "text_encoder", dtype=torch.float32),
+                            CLIPTextModelWithProjection.from_pretrained(root / "text_encoder_2", dtype=torch.float32),
+                            tokenizer_2.pad_token_id)
+    return Components(
+        tokenizer=tokenizer, text_encoder=encoders,
+        vae=AutoencoderKL.from_pretrained(vae_path, torch_dtype=torch.float32),
+        unet=UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=torch.float32),
+        noise_scheduler=DDPMScheduler.from_pretrained(root / "scheduler"), model_path=model_path)
+
+
+def _tokenizer_folder(config, root: Path) -> Path:
+    if not config.tokenizer:
+        return root / "tokenizer"
+    location = Path(paths.resolve(config.tokenizer))
+    if (location / "model_index.json").is_file():
+        if not is_sdxl_folder(location):
+            raise UserError(f"config key 'tokenizer': {location} is an SD1.x/SD2.x model, but 'model' is SDXL; "
+                            "remove tokenizer: or point it at the SDXL model's folder")
+        location = location / "tokenizer"
+    if not location.is_dir():
+        raise UserError(f"config key 'tokenizer': not a folder: {location}")
+    return location
+
+
+def warn_of_low_resolution(config, unet) -> None:
+    """SDXL models learnt their subjects at their native size; far below it they render badly."""
+    native = unet.config.sample_size * 8
+    if config.data.resolution < native * SMALLEST_USEFUL_FRACTION:
+        notices.warn(f"config key 'data.resolution': {config.data.resolution} is far below this SDXL model's "
+                     f"native {native} px; train at {int(native * SMALLEST_USEFUL_FRACTION)} or more "
+                     f"(1024 is usual)")
+
+
+class StableDiffusionXL:
+    """SDXL and the models built on it (same architecture, epsilon or v-prediction)."""
+    name = "sdxl"
+    conditioning_parts = ("encoder_hidden_states", "text_embeds")
+
+    def load(self, config) -> Components:
+        from .family import configure_noise_schedule
+
+        components = load_components(config)
+        configure_noise_schedule(components, config)
+        warn_of_low_resolution(config, components.unet)
+        return components
+
+    def fake_components(self, config, architecture) -> Components:
+        """The architecture's models, built under the caller's FakeTensorMode: shapes, no weights."""
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+        from .family import configure_noise_schedule
+
+        encoders = TextEncoders(CLIPTextModel(CLIPTextConfig.from_dict(architecture.text_encoder)),
+                                CLIPTextModelWithProjection(CLIPTextConfig.from_dict(architecture.text_encoder_2)),
+                                pad_token_id_2=0)
+        components = Components(
+            tokenizer=None, text_encoder=encoders, vae=AutoencoderKL.from_config(architecture.vae),
+            unet=UNet2DConditionModel.from_config(architecture.unet),
+            noise_scheduler=DDPMScheduler.from_config(architecture.scheduler), model_path=architecture.source)
+        configure_noise_schedule(components, config)
+        return components
+
+    def encode_text(self, text_encoder, input_ids: torch.Tensor, clip_stop_at_layer: int) -> dict:
+        hidden, pooled = text_encoder(input_ids, clip_stop_at_layer)
+        return {"encoder_hidden_states": hidden, "text_embeds": pooled}
+
+    def unused_text_modules(self, text_encoder, clip_stop_at_layer: int) -> list[torch.nn.Module]:
+        # The first encoder's last layers and final norm never run for the hidden states it gives; the
+        # second's pooled embedding needs all of it.
+        first = getattr(text_encoder, "module", text_encoder).text_encoder
+        model = getattr(first, "text_model", first)
+        layers = model.encoder.layers
+        return list(layers[len(layers) - clip_stop_at_layer:]) + [model.final_layer_norm]
+
+    def predict(self, unet, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: dict,
+                time_ids: Optional[torch.Tensor]) -> torch.Tensor:
+        added = {"text_embeds": conditioning["text_embeds"], "time_ids": time_ids.to(noisy_latents.device)}
+        return unet(noisy_latents, timesteps, conditioning["encoder_hidden_states"], added_cond_kwargs=added).sample
+
+    def pipeline(self, components: Components, unet, text_encoder, device: torch.device):
+        """StableDiffusionXLPipeline over the given (trained) UNet and text encoders, sampling with Euler."""
+        from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+        pipeline = StableDiffusionXLPipeline(
+            unet=unet, vae=components.vae, text_encoder=text_encoder.text_encoder,
+            text_encoder_2=text_encoder.text_encoder_2, tokenizer=components.tokenizer, tokenizer_2=None,
+            scheduler=EulerDiscreteScheduler.from_config(components.noise_scheduler.config))
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline.to(device)
+
+    @torch.no_grad()
+    def render(self, pipeline, positive: dict, negative: dict, **options) -> list:
+        """Images from embeddings. The SDXL VAE overflows in fp16, so unless the VAE says it is safe there
+        (a fixed VAE's force_upcast: false) it decodes in fp32 outside any autocast."""
+        latents = pipeline(prompt_embeds=positive["encoder_hidden_states"],
+                           pooled_prompt_embeds=positive["text_embeds"],
+                           negative_prompt_embeds=negative["encoder_hidden_states"],
+                           negative_pooled_prompt_embeds=negative["text_embeds"], output_type="latent",
+                           **options).images
+        vae = pipeline.vae
+        upcast = getattr(vae.config, "force_upcast", True)
+        dtype = torch.float32 if upcast else vae.dtype
+        original = vae.dtype
+        with torch.autocast(latents.device.type, enabled=False) if upcast else contextlib.nullcontext():
+            vae.to(dtype)
+            try:
+                pixels = vae.decode(latents.to(dtype) / vae.config.scaling_factor).sample
+            finally:
+                vae.to(original)
+        return pipeline.image_processor.postprocess(pixels.float(), output_type="pil")
+
