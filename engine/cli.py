@@ -176,12 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0)
     sample.set_defaults(func=cmd_make_sample_data)
 
-    from .data import buckets_cli, make_shards
+    from .data import buckets_cli, cache_cli, make_shards
     from . import classgen, vram
     from .models import convert
 
     # Commands defined next to the code they drive; each module adds its own subcommand.
-    for module in (buckets_cli, classgen, convert, make_shards, vram):
+    for module in (buckets_cli, cache_cli, classgen, convert, make_shards, vram):
         module.register(commands)
     return parser
 

@@ -170,3 +170,25 @@ def test_cached_training_matches_uncached_training(tmp_path, class_images):
     again = run_steps(tmp_path, "again", 1, **{"cache.latents": True, "cache.text_embeddings": True})
     assert sorted((tmp_path / "cache").rglob("*.safetensors")) == shards
     assert again[0]["loss"] == pytest.approx(cached[0]["loss"], rel=1e-6)
+
+
+def test_the_cache_command_fills_what_training_then_reads(tmp_path, sample_data):
+    import yaml
+
+    from conftest import run_cli
+    from engine import events
+    from engine.train import Trainer
+
+    values = tiny_config(tmp_path / "out", **{"prior_preservation.enabled": False, "cache.dir": str(tmp_path / "c"),
+                                              "cache.latents": True, "cache.text_embeddings": True,
+                                              "trainer.max_steps": 1, "sampling.interval_steps": 0})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(values))
+    result = run_cli("cache", "--config", str(tmp_path / "c.yaml"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "encoding 10" in result.stdout and "encoding 2" in result.stdout
+    logged = []
+    trained = Trainer(cfg.from_dict(values), on_event=lambda e: logged.append(e.message)
+                      if isinstance(e, events.Log) else None).run()
+    assert isinstance(trained, events.Finished)
+    assert any(m.endswith("10 of 10 image crops cached") for m in logged), logged
+    assert any(m.endswith("2 of 2 prompts cached") for m in logged), logged
