@@ -149,6 +149,9 @@ class Cache:
     latents: bool = False
     text_embeddings: bool = False
     dir: Optional[str] = None  # null = the app's cache folder
+    # before_training: encode everything at the start, so the models leave the device from the first step;
+    # first_epoch: the first epoch's steps write what they encode anyway, so a large dataset starts at once
+    fill: Literal["before_training", "first_epoch"] = "before_training"
 
 
 @dataclass

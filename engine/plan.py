@@ -27,6 +27,7 @@ class RunPlan:
     fused_backward: bool               # parameters step inside backward
     cache_latents: bool
     cache_text: bool
+    fill_first_epoch: bool             # the caches are written by the first epoch's steps, read after it
 
     @property
     def train_text_encoder(self) -> bool:
@@ -89,4 +90,5 @@ def make_plan(config: Config, device_type: str, processes: int = 1) -> RunPlan:
         per_parameter=config.optimizer.fused_backward or rounded,
         fused_backward=config.optimizer.fused_backward,
         cache_latents=config.cache.latents and latents_cacheable(config),
-        cache_text=config.cache.text_embeddings and text_cacheable(config))
+        cache_text=config.cache.text_embeddings and text_cacheable(config),
+        fill_first_epoch=config.cache.fill == "first_epoch")

@@ -78,9 +78,10 @@ def timestep_range(config: Config, scheduler) -> tuple[int, int]:
 
 def compute_loss(config: Config, models: StepModels, batch: dict, device: torch.device,
                  autocast_dtype: Optional[torch.dtype], text_cache=None,
-                 timesteps: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, LossParts]:
+                 timesteps: Optional[torch.Tensor] = None, fill=None) -> tuple[torch.Tensor, LossParts]:
     """The loss of one micro-batch; latents and embeddings come from the caches when the batch or
-    text_cache (a cache.TextEmbeddingCache) provide them. `timesteps` (one per row) replace the drawn ones."""
+    text_cache (a cache.TextEmbeddingCache) provide them. `timesteps` (one per row) replace the drawn ones.
+    `fill` (a cache_fill.FirstEpochFill) records what the VAE and text encoder compute."""
     vae, scheduler = models.vae, models.noise_scheduler
     prediction_type = scheduler.config.prediction_type
     input_ids = batch["input_ids"].to(device)
@@ -92,6 +93,8 @@ def compute_loss(config: Config, models: StepModels, batch: dict, device: torch.
             distribution = DiagonalGaussianDistribution(batch["latent_params"].to(device))
         else:
             distribution = vae.encode(batch["pixel_values"].to(device)).latent_dist
+            if fill is not None:
+                fill.add_latents(batch, distribution.parameters)
         latents = draws.sample_latents(distribution.mean, distribution.std) * vae.config.scaling_factor
     noise, drawn = draws.noise_and_timesteps(latents.shape, config.noise_offset)
     noise, timesteps = noise.to(device), (drawn if timesteps is None else timesteps).to(device)
@@ -99,6 +102,11 @@ def compute_loss(config: Config, models: StepModels, batch: dict, device: torch.
     with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
         if text_cache is not None:
             conditioning = {name: value.to(device) for name, value in text_cache.lookup(input_ids).items()}
+        elif fill is not None and fill.records_text:
+            full = fill.full_padding(input_ids)
+            with torch.no_grad():  # text is cached only while the encoder is frozen
+                encoded = models.family.encode_text(models.text_encoder, full, config.clip_stop_at_layer)
+            conditioning = fill.add_text(full, encoded, input_ids.shape[1])
         else:
             with torch.set_grad_enabled(config.trains_text_encoder):
                 conditioning = models.family.encode_text(models.text_encoder, input_ids, config.clip_stop_at_layer)

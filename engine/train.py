@@ -69,7 +69,7 @@ class StepContext:
     optimizer: object
     lr_scheduler: object
     scaler: torch.amp.GradScaler
-    text_cache: object
+    text_cache: object           # cache.TextEmbeddingCache once the text cache is full, else None
     ema: object
     prompt_encoder: PromptEncoder
     batches_per_epoch: int
@@ -77,6 +77,7 @@ class StepContext:
     metrics: object = None       # the main process's MetricsLog and ExternalLoggers
     external: object = None
     validation: object = None    # the main process's validation.ValidationSet; None with validation off
+    fill: object = None          # cache_fill.FirstEpochFill while the first epoch writes the caches
 
 
 def optimizer_steps(context: StepContext, state: checkpoints.TrainState, accumulate: int):
@@ -241,11 +242,6 @@ class Trainer(Job):
         timestep_range(config, components.noise_scheduler)  # a range past the model's schedule fails here
         data = prepare_data(config, components.tokenizer, config.seed, topology.rank, topology.world_size,
                             expansions)
-        from .data.cache import attach_caches
-
-        # The main process fills the caches; the other ranks then find them full.
-        text_cache = distributed.main_first(
-            topology, lambda: attach_caches(config, plan, family, components, data.dataset, device, self.log))
         # Built on every rank, so that a mistake in its settings stops them all alike; the main one validates.
         validation = build_validation_set(config, components.tokenizer, components.noise_scheduler, data.held_out,
                                           data.bucket_sizes, expansions)
@@ -269,11 +265,12 @@ class Trainer(Job):
         context = StepContext(
             components=components, plan=plan, device=device, topology=topology, data=data, models=models,
             params=params, optimizer=optimizer, lr_scheduler=build_schedule(config, optimizer, total_steps),
-            scaler=torch.amp.GradScaler(device.type, enabled=plan.grad_scaler), text_cache=text_cache,
+            scaler=torch.amp.GradScaler(device.type, enabled=plan.grad_scaler), text_cache=None,
             ema=None, prompt_encoder=PromptEncoder(family, components.tokenizer, components.text_encoder,
                                                    config.clip_stop_at_layer, expansions),
             batches_per_epoch=batches_per_epoch, total_steps=total_steps)
         self.state = self._restore(context, resume_from)
+        self._start_caches(context)
         train_mode(optimizer)  # after the restore: checkpoints hold a schedule-free optimizer's evaluation point
         if topology.is_main:
             from .loggers import ExternalLoggers, MetricsLog
@@ -291,6 +288,39 @@ class Trainer(Job):
         self.log(f"{data.images} training images{repeated}, {len(data.skipped)} skipped{held}; {batches_per_epoch} "
                  f"batches per epoch; {total_steps} steps; device {device}; attention {attention}")
         return context
+
+    def _start_caches(self, context: StepContext) -> None:
+        """Build the caches now or, with cache.fill: first_epoch and the first epoch still to finish, let its
+        steps write them."""
+        from .data.cache import explain_uncached
+
+        plan = context.plan
+        if plan.fill_first_epoch and self.state.epoch == 0 and (plan.cache_latents or plan.cache_text):
+            from .data.cache_fill import FirstEpochFill
+
+            explain_uncached(self.config, plan, self.log)
+            context.fill = FirstEpochFill.for_run(self.config, plan, context.models.family, context.components,
+                                                  lambda message: self.log(message, "warning"))
+            self.log("the caches are written by the first epoch's steps and read from the second epoch on")
+        else:
+            self._attach_caches(context, explain=True)
+
+    def _attach_caches(self, context: StepContext, explain: bool) -> None:
+        from .data.cache import attach_caches
+
+        # The main process fills the caches; the other ranks then find them full.
+        context.text_cache = distributed.main_first(context.topology, lambda: attach_caches(
+            self.config, context.plan, context.models.family, context.components, context.data.dataset,
+            context.device, self.log, explain))
+
+    def _finish_fill(self, context: StepContext) -> None:
+        """After the first epoch: complete the caches it wrote and read them from now on."""
+        fill, context.fill = context.fill, None
+        fill.flush()
+        # Every rank's shards are on disk before the main process looks for what is missing.
+        if distributed.any_rank(context.topology, fill.failed, context.device):
+            return  # the warning is out; the run goes on uncached
+        self._attach_caches(context, explain=False)
 
     def _log_buckets(self, data: PreparedData) -> None:
         if self.config.aspect_ratio_bucket.debug:
@@ -349,7 +379,7 @@ class Trainer(Job):
             losses, parts = [], None
             for index, batch in enumerate(micro_batches):
                 loss, parts = compute_loss(config, context.models, batch, device, context.plan.autocast,
-                                           context.text_cache)
+                                           context.text_cache, fill=context.fill)
                 # CPU–GPU sync: every rank learns whether any loss is non-finite before stepping on it.
                 finite = bool(torch.isfinite(loss))
                 if distributed.any_rank(topology, not finite, device):
@@ -369,6 +399,8 @@ class Trainer(Job):
             context.optimizer.zero_grad(set_to_none=True)
             epoch = state.epoch
             epoch_ended = state.advance(len(micro_batches), context.batches_per_epoch)
+            if epoch_ended and context.fill is not None:
+                self._finish_fill(context)
             it_per_s = clock.tick()
             validation = self._validate(context)  # before the step's record, which carries its result
             self._report_step(context, epoch, sum(losses) / len(losses), lr, parts, it_per_s, validation)
@@ -376,6 +408,8 @@ class Trainer(Job):
             last = stopped or state.step >= context.total_steps
             self._run_due(context, epoch_ended, last, stopped)
             clock.restart()  # sampling and saving are not training time
+        if context.fill is not None:
+            context.fill.flush()  # a run stopped within its first epoch keeps what it encoded
         summary = {"steps": state.step, "images": context.data.images, "skipped": len(context.data.skipped),
                    "skipped_reasons": [{"path": p, "reason": r} for p, r in context.data.skipped],
                    "failed_sample_rounds": self.failed_sample_rounds}
@@ -436,22 +470,33 @@ class Trainer(Job):
     def _run_due(self, context: StepContext, epoch_ended: bool, last: bool, stopped: bool) -> None:
         """Sampling and checkpoints, periodic or at the end of the run (last), decided in one place."""
         config, step = self.config, self.state.step
+        reason = self._checkpoint_due(epoch_ended, last, stopped)
+        if reason and context.fill is not None:
+            # Every rank's cache holds what was encoded before the checkpoint, so a run resumed from it
+            # encodes again exactly the samples it replays.
+            context.fill.flush()
         if not context.topology.is_main:
             return
         sampling = config.sampling
         if sampling.concepts and sampling.interval_steps and not stopped and (
                 step % sampling.interval_steps == 0 or last):
             self._sample(context)
-        every = config.checkpoint.every_n_train_steps
+        if reason:
+            self._save(context, reason)
+
+    def _checkpoint_due(self, epoch_ended: bool, last: bool, stopped: bool) -> Optional[str]:
+        """Why a checkpoint is saved after this step, or None."""
+        checkpoint = self.config.checkpoint
+        every = checkpoint.every_n_train_steps
         # As in Lightning's ModelCheckpoint, every_n_train_steps replaces every_n_epochs when set.
-        every_epochs = None if every else config.checkpoint.every_n_epochs
+        every_epochs = None if every else checkpoint.every_n_epochs
         if last:
-            if not stopped or self._save_on_stop:
-                self._save(context, "stop" if stopped else "end")
-        elif every and step % every == 0:
-            self._save(context, "every_n_train_steps")
-        elif epoch_ended and every_epochs and self.state.epoch % every_epochs == 0:
-            self._save(context, "every_n_epochs")
+            return ("stop" if stopped else "end") if not stopped or self._save_on_stop else None
+        if every and self.state.step % every == 0:
+            return "every_n_train_steps"
+        if epoch_ended and every_epochs and self.state.epoch % every_epochs == 0:
+            return "every_n_epochs"
+        return None
 
     def _save(self, context: StepContext, reason: str) -> None:
         latest = checkpoints.latest_checkpoint(self.run_dir)

@@ -177,8 +177,12 @@ def step_shape(config: Config) -> StepShape:
 
 
 def estimate_plan(config: Config) -> RunPlan:
-    """The run plan of the estimated device: the GPU unless the config pins the CPU."""
-    return make_plan(config, "cpu" if config.trainer.accelerator == "cpu" else "cuda")
+    """The run plan of the estimated device (the GPU unless the config pins the CPU) in its heaviest epoch:
+    caches filled during the first epoch leave that epoch with the VAE and text encoder on the device."""
+    plan = make_plan(config, "cpu" if config.trainer.accelerator == "cpu" else "cuda")
+    if plan.fill_first_epoch:
+        plan = dataclasses.replace(plan, cache_latents=False, cache_text=False)
+    return plan
 
 
 def describe(config: Config, plan: RunPlan, shape: StepShape) -> str:

@@ -320,6 +320,8 @@ ADVANCED = (
     Field("custom_embeddings.path", "Embeddings file or folder"),
     Field("cache.latents", "Cache latents", "needs centre crop and no augmentation"),
     Field("cache.text_embeddings", "Cache text embeddings", "text encoder frozen, captions not shuffled"),
+    Field("cache.fill", "Fill the caches", "first_epoch: training starts at once, the VAE stays on the GPU "
+          "for that epoch"),
     Field("optimizer.fused_backward", "Optimizer step in backward", "saves gradient memory; no clipping"),
     Field("optimizer.params.relative_step", "Adafactor relative step", "its own step size; lr is not used"),
     Field("optimizer.params.warmup_init", "Adafactor relative-step warmup", "with relative step: grows from 0"),

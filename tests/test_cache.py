@@ -192,3 +192,66 @@ def test_the_cache_command_fills_what_training_then_reads(tmp_path, sample_data)
     assert isinstance(trained, events.Finished)
     assert any(m.endswith("10 of 10 image crops cached") for m in logged), logged
     assert any(m.endswith("2 of 2 prompts cached") for m in logged), logged
+
+
+def cache_tensors(folder):
+    """Every tensor of the cache folders under `folder`, by (kind, key)."""
+    found = {}
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        store = cache.ShardStore(sub)
+        found.update({(sub.name.split("-")[0], key): store.get(key) for key in store.location})
+    return found
+
+
+def test_the_first_epoch_writes_the_caches_that_later_epochs_read(tmp_path, class_images, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    from engine import events
+    from engine.train import Trainer
+
+    encoded = []
+    real_encode = AutoencoderKL.encode
+    monkeypatch.setattr(AutoencoderKL, "encode", lambda self, x, *a, **k: encoded.append(len(x))
+                        or real_encode(self, x, *a, **k))
+
+    def run(name, fill):
+        values = tiny_config(tmp_path / name, **{
+            "trainer.max_epochs": 2, "trainer.max_steps": None, "sampling.interval_steps": 0,
+            "checkpoint.every_n_train_steps": None, "cache.dir": str(tmp_path / f"cache-{name}"),
+            "cache.latents": True, "cache.text_embeddings": True, "cache.fill": fill,
+            "data.concepts[0].class_set.auto_generate.enabled": False})
+        steps, logs = [], []
+
+        def on_event(event):
+            if isinstance(event, events.Step):
+                shards = list((tmp_path / f"cache-{name}").rglob("*.safetensors"))
+                steps.append((event.epoch, sum(encoded), len(shards)))
+                encoded.clear()
+            elif isinstance(event, events.Log):
+                logs.append(event.message)
+
+        encoded.clear()
+        assert isinstance(Trainer(cfg.from_dict(values), on_event=on_event).run(), events.Finished)
+        return steps, logs
+
+    before, _ = run("before", "before_training")
+    filled, logs = run("filled", "first_epoch")
+    first = [s for s in filled if s[0] == 0]
+    assert len(first) >= 2 and len(filled) == len(before)
+    # The first step trains before any cache is on disk, and every step of the first epoch runs the VAE on
+    # its batch (instance and class rows); later epochs read the caches and never run it.
+    assert filled[0][2] == 0 and before[0][2] > 0
+    assert all(rows == 4 for _, rows, _ in first)
+    assert all(rows == 0 for epoch, rows, _ in filled if epoch > 0)
+    assert all(rows == 0 for _, rows, _ in before[1:])
+    # What the epoch wrote is all the cache lacked when it ended, but for the empty caption (kept for
+    # uncond.p), which this epoch never drew.
+    (latent_line,) = [m for m in logs if m.startswith("latent cache")]
+    (text_line,) = [m for m in logs if m.startswith("text-embedding cache")]
+    assert latent_line.endswith(": 16 of 16 image crops cached") and text_line.endswith(
+        ": 2 of 3 prompts cached, encoding 1"), logs
+    # The two ways give the same cache: the same keys, the same values.
+    ours, theirs = cache_tensors(tmp_path / "cache-filled"), cache_tensors(tmp_path / "cache-before")
+    assert sorted(ours) == sorted(theirs) and {kind for kind, _ in ours} == {"latents", "text"}
+    for key, tensor in ours.items():
+        assert torch.allclose(tensor, theirs[key], atol=1e-5), key

@@ -19,15 +19,19 @@ def newest_unet(output_dir):
 
 
 @pytest.mark.parametrize("model", [
-    {"model": "demo:tiny-sd"},
+    # each rank writes the caches during the first epoch (5 steps); after it every rank reads all of them
+    {"model": "demo:tiny-sd", "trainer.max_steps": 6, "sampling.interval_steps": 3,
+     "checkpoint.every_n_train_steps": 3, "cache.latents": True, "cache.text_embeddings": True,
+     "cache.fill": "first_epoch"},
     # both SDXL text encoders train too: DDP averages the gradients of the pair as one module
     {"model": "demo:tiny-sdxl", "train_text_encoder": True},
 ], ids=["sd", "sdxl"])
 def test_two_gloo_ranks_equal_one_process_with_the_same_global_batch(model, tmp_path, class_images):
     steps = {"trainer.max_steps": 4, "sampling.interval_steps": 2, "checkpoint.every_n_train_steps": 2,
              "gradient_checkpointing": True, **model}
-    single = tiny_config(tmp_path / "single", batch_size=2, **steps)
-    ranks = tiny_config(tmp_path / "ddp", batch_size=1, **steps)
+    last = f"step-{steps['trainer.max_steps']:08d}"
+    single = tiny_config(tmp_path / "single", batch_size=2, **steps, **{"cache.dir": str(tmp_path / "c1")})
+    ranks = tiny_config(tmp_path / "ddp", batch_size=1, **steps, **{"cache.dir": str(tmp_path / "c2")})
     (tmp_path / "single.yaml").write_text(yaml.safe_dump(single))
     (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(ranks))
 
@@ -42,7 +46,7 @@ def test_two_gloo_ranks_equal_one_process_with_the_same_global_batch(model, tmp_
     assert len(list((tmp_path / "ddp" / "tiny-demo").iterdir())) == 1
     expected, expected_ckpt = newest_unet(tmp_path / "single")
     actual, actual_ckpt = newest_unet(tmp_path / "ddp")
-    assert expected_ckpt.name == actual_ckpt.name == "step-00000004"
+    assert expected_ckpt.name == actual_ckpt.name == last
     worst = max((expected[k] - actual[k]).abs().max().item() for k in expected)
     assert worst <= 1e-5, worst
     if model.get("train_text_encoder"):
@@ -53,8 +57,16 @@ def test_two_gloo_ranks_equal_one_process_with_the_same_global_batch(model, tmp_
             # the encoders' gradients sum over 77 token positions: float rounding differs a little more
             assert worst <= 5e-5, (name, worst)
     (run_dir,) = (tmp_path / "ddp" / "tiny-demo").iterdir()
-    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 4
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == steps["trainer.max_steps"]
     assert len(list(run_dir.glob("samples/*"))) == 2
+    if model.get("cache.fill"):
+        from engine.data.cache import ShardStore
+
+        # the two ranks together cached what the one process did: 20 crops and 3 prompts (the empty one too)
+        for kind, count in (("latents", 20), ("text", 3)):
+            (one,), (two,) = ((tmp_path / c).glob(f"{kind}-*") for c in ("c1", "c2"))
+            assert sorted(ShardStore(one).location) == sorted(ShardStore(two).location)
+            assert len(ShardStore(one)) == count
 
 
 def test_fused_backward_is_refused_at_start_when_torchrun_starts_two_processes(tmp_path):

@@ -34,24 +34,40 @@ def metric_steps(run_dir):
     return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def resume_values(output_dir):
+def resume_values(output_dir, **overrides):
     return tiny_config(output_dir, **{"trainer.max_steps": 30, "checkpoint.every_n_train_steps": 5,
-                                      "checkpoint.save_top_k": 2, "sampling.interval_steps": 10})
+                                      "checkpoint.save_top_k": 2, "sampling.interval_steps": 10, **overrides})
 
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, class_images):
+    from engine.data.cache import ShardStore
+
+    def values(output_dir):
+        # The first epoch writes the caches (10 images x 3 repeats: 15 steps), so the kill at step 10 lands
+        # while they fill and the resumed run then switches to reading them, as the uninterrupted one does.
+        return resume_values(output_dir, **{
+            "data.concepts[0].instance_set.repeats": 3, "cache.latents": True, "cache.text_embeddings": True,
+            "cache.fill": "first_epoch", "cache.dir": str(output_dir / "cache")})
+
+    def latents(output_dir):
+        (folder,) = (output_dir / "cache").glob("latents-*")
+        return ShardStore(folder)
+
     reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
-    reference = run_cli("train", "--config", str(write_config(tmp_path / "a.yaml", resume_values(reference_dir))))
+    reference = run_cli("train", "--config", str(write_config(tmp_path / "a.yaml", values(reference_dir))))
     assert reference.returncode == 0, reference.stderr[-2000:]
 
-    kill_at_checkpoint(write_config(tmp_path / "b.yaml", resume_values(killed_dir)), "step-00000010")
+    kill_at_checkpoint(write_config(tmp_path / "b.yaml", values(killed_dir)), "step-00000010")
     run_dir = only_run(killed_dir)
     steps_before = metric_steps(run_dir)
-    assert 10 <= steps_before[-1] < 30, "the kill must land mid-run"
+    assert 10 <= steps_before[-1] < 15, "the kill must land within the first epoch"
+    # The checkpoints wrote out what the steps before them encoded (far less than a 256 MiB shard).
+    assert len(latents(killed_dir)) > 0 and len(latents(reference_dir)) == 20
 
     resumed = run_cli("train", "--resume", str(run_dir))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert metric_steps(run_dir) == list(range(1, 31))
+    assert sorted(latents(killed_dir).location) == sorted(latents(reference_dir).location)
     expected, expected_ckpt = final_unet(only_run(reference_dir))
     actual, actual_ckpt = final_unet(run_dir)
     assert expected_ckpt.name == actual_ckpt.name == "step-00000030"

@@ -177,6 +177,10 @@ def test_memory_features_change_the_estimate_as_modelled(tiny_model, tmp_path):
 
     cached = vram.estimate(tiny(tmp_path, **base, **{"cache.latents": True, "cache.text_embeddings": True}))
     assert (plain.parameters - cached.parameters) * GIB == model_bytes(components.vae, components.text_encoder)
+    # Caches written during the first epoch keep both models on the device, and running, for that epoch.
+    filling = vram.estimate(tiny(tmp_path, **base, **{"cache.latents": True, "cache.text_embeddings": True,
+                                                      "cache.fill": "first_epoch"}))
+    assert filling.parameters == plain.parameters and filling.peak == plain.peak
 
     # Without fusing, the peak comes at the end of backward with (nearly) every gradient alive.
     fused = vram.estimate(tiny(tmp_path, **base, **{"optimizer.fused_backward": True}))

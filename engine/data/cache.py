@@ -238,32 +238,43 @@ def cache_text_embeddings(prompts: set[str], family, tokenizer, text_encoder, cl
 
 # -- wiring for a training run --------------------------------------------------------------------------------
 
-def attach_caches(config: Config, plan: RunPlan, family, components: Components, dataset: DreamBoothDataset,
-                  device: torch.device, log: Callable[..., None]) -> Optional[TextEmbeddingCache]:
-    """Build the caches the plan has; latents go to the dataset, the returned text cache (or None) to the
-    forward pass. A model whose outputs are all cached leaves the training device."""
-    root = cache_root(config)
-    text_cache = None
+def latent_folder(config: Config, vae) -> Path:
+    return cache_root(config) / "latents-{}".format(fingerprint(
+        vae=weights_digest(vae), resolution=config.data.resolution, center_crop=True,
+        transform=LATENT_TRANSFORM_VERSION))
+
+
+def text_folder(config: Config, plan: RunPlan, family, text_encoder) -> Path:
+    return cache_root(config) / "text-{}".format(fingerprint(
+        text_encoder=weights_digest(text_encoder), clip_stop_at_layer=config.clip_stop_at_layer,
+        parts=family.conditioning_parts, autocast=str(plan.autocast)))
+
+
+def explain_uncached(config: Config, plan: RunPlan, log: Callable[..., None]) -> None:
+    """Say why a cache the config asks for does not apply."""
     if config.cache.latents and not plan.cache_latents:
         log("latents are not cached: with random crops (data.center_crop: false) or augment steps each "
             "epoch sees different pixels", "warning")
-    if plan.cache_latents:
-        vae = components.vae
-        folder = root / "latents-{}".format(fingerprint(
-            vae=weights_digest(vae), resolution=config.data.resolution, center_crop=True,
-            transform=LATENT_TRANSFORM_VERSION))
-        dataset.latents = cache_latents(dataset, vae, device, folder, log)
     if config.cache.text_embeddings and not plan.cache_text:
         log("text embeddings are not cached: the text encoder is trained or captions change every step "
             "(captions.shuffle_tags / captions.tag_dropout)", "warning")
+
+
+def attach_caches(config: Config, plan: RunPlan, family, components: Components, dataset: DreamBoothDataset,
+                  device: torch.device, log: Callable[..., None], explain: bool = True) -> Optional[TextEmbeddingCache]:
+    """Build the caches the plan has (encoding only what they lack); latents go to the dataset, the returned
+    text cache (or None) to the forward pass. A model whose outputs are all cached leaves the training device."""
+    if explain:
+        explain_uncached(config, plan, log)
+    text_cache = None
+    if plan.cache_latents:
+        vae = components.vae
+        dataset.latents = cache_latents(dataset, vae, device, latent_folder(config, vae), log)
     if plan.cache_text:
         encoder = components.text_encoder
-        folder = root / "text-{}".format(fingerprint(
-            text_encoder=weights_digest(encoder), clip_stop_at_layer=config.clip_stop_at_layer,
-            parts=family.conditioning_parts,
-            autocast=str(plan.autocast)))
         text_cache = cache_text_embeddings(dataset.prompts(), family, components.tokenizer, encoder,
-                                           config.clip_stop_at_layer, device, plan.autocast, folder, log)
+                                           config.clip_stop_at_layer, device, plan.autocast,
+                                           text_folder(config, plan, family, encoder), log)
     resting = [(name, model) for name, model, off in (("VAE", components.vae, plan.vae_off_device),
                                                       ("text encoder", components.text_encoder,
                                                        plan.text_encoder_off_device)) if off]

@@ -196,7 +196,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
             from ..models.embeddings import expand_tokens
 
             caption = expand_tokens(caption, self.prompt_expansions)
-        return {**values, "input_ids": tokenize(self.tokenizer, caption), "caption": caption}
+        return {**values, "input_ids": tokenize(self.tokenizer, caption), "caption": caption, "path": record.path}
 
     def _mask(self, record: ImageRecord, upright: tuple[int, int]):
         """The image's mask at its upright size, or None (masked training off, or no mask file)."""
@@ -265,6 +265,7 @@ class Collate:
             images: torch.stack([e[images] for e in examples]),
             "input_ids": input_ids,
             "captions": [e["caption"] for e in examples],
+            "paths": [e["path"] for e in examples],  # the files actually used, replacements included
             "sample_keys": torch.tensor([e["sample_key"] for e in examples], dtype=torch.long),
             "time_ids": torch.tensor([e["time_ids"] for e in examples], dtype=torch.float32),
             "num_instance": num_instance,
