@@ -53,32 +53,38 @@ def build(ctx: PageContext) -> SimpleNamespace:
     return ui
 
 
-def wire(ctx: PageContext, ui: SimpleNamespace) -> None:
-    def preview(yaml_text: str, *values):
-        empty = [None, None, None, gr.update(choices=[], value=None), [], None]
-        merged, message = configs.merge_form(yaml_text, list(values))
-        if merged is None or message.startswith("Error:"):
-            return [message, *empty]
-        config, _ = configs.load(configs.parse_yaml(merged))
-        try:
-            result = bucket_view.report(config)
-        except Exception as error:  # UserError (missing folder) or an engine fault: shown on the page
-            return [f"Error: {error}", *empty]
-        labels = [bucket_view.bucket_label(b) for b in result["buckets"]]
-        used = [bucket_view.bucket_label(b) for b in result["buckets"] if b["count"]]
-        first = used[0] if used else None
-        total = sum(b["count"] for b in result["buckets"])
-        summary = f"{total} images in {len(used)} of {len(labels)} buckets, {len(result['skipped'])} skipped."
-        if not config.data.center_crop:
-            summary += " The boxes show the centre crop; training crops at a random position of the same size."
-        # The chart keeps the buckets in aspect order rather than the default alphabetical one.
-        chart = gr.BarPlot(bucket_view.chart(result), sort=labels)
-        return [summary, bucket_view.table(result), chart, bucket_view.skipped(result),
-                gr.update(choices=used, value=first),
-                bucket_view.thumbnails(result, first, cleared_thumbnails_dir()) if first else [], result]
+def preview(yaml_text: str, *values) -> list:
+    """The preview button's outputs for the page's YAML and form values (fields.ALL order): message, bucket
+    table, chart, skipped table, bucket choice, the first used bucket's thumbnails, and the report."""
+    empty = [None, None, None, gr.update(choices=[], value=None), [], None]
+    merged, message = configs.merge_form(yaml_text, list(values))
+    if merged is None or message.startswith("Error:"):
+        return [message, *empty]
+    config, _ = configs.load(configs.parse_yaml(merged))
+    try:
+        result = bucket_view.report(config)
+    except Exception as error:  # UserError (missing folder) or an engine fault: shown on the page
+        return [f"Error: {error}", *empty]
+    labels = [bucket_view.bucket_label(b) for b in result["buckets"]]
+    used = [bucket_view.bucket_label(b) for b in result["buckets"] if b["count"]]
+    first = used[0] if used else None
+    summary = bucket_view.summary(result)
+    if not config.data.center_crop:
+        summary += " The boxes show the centre crop; training crops at a random position of the same size."
+    # The chart keeps the buckets in aspect order rather than the default alphabetical one.
+    chart = gr.BarPlot(bucket_view.chart(result), sort=labels)
+    return [summary, bucket_view.table(result), chart, bucket_view.skipped(result),
+            gr.update(choices=used, value=first),
+            bucket_view.thumbnails(result, first, cleared_thumbnails_dir()) if first else [], result]
 
+
+def show_bucket(result: dict, label: str) -> list[tuple[str, str]]:
+    """The thumbnails of another bucket of the last preview's report."""
+    return bucket_view.thumbnails(result, label, thumbnails_dir()) if result else []
+
+
+def wire(ctx: PageContext, ui: SimpleNamespace) -> None:
     ui.preview.click(preview, [ctx.yaml, *ctx.inputs],
                      [ui.message, ui.table, ui.chart, ui.skipped, ui.bucket, ui.thumbnails, ui.report],
                      api_visibility="private")
-    ui.bucket.input(lambda result, label: bucket_view.thumbnails(result, label, thumbnails_dir()) if result else [],
-                    [ui.report, ui.bucket], ui.thumbnails, api_visibility="private")
+    ui.bucket.input(show_bucket, [ui.report, ui.bucket], ui.thumbnails, api_visibility="private")

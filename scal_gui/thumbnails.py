@@ -14,12 +14,12 @@ def draw_crop(source: str, box: Sequence[float], out_dir: Path, side: int = THUM
               mask: Optional[str] = None) -> Path:
     """A thumbnail of source with the area outside box (left, top, right, bottom in source pixels) veiled
     and the box outlined, and tinted where its loss mask (a file, or None) is black; written once per
-    (file, box, mask) and reused. The source may be a shard member (see engine.data.shards)."""
+    (file, box, mask) and reused. The source and mask may be shard members (see engine.data.shards)."""
     from PIL import Image, ImageDraw, ImageOps
 
     from engine.data.shards import file_stamp, image_file
 
-    masked = f"{Path(mask).resolve()}:{Path(mask).stat().st_mtime_ns}" if mask else ""
+    masked = file_stamp(mask) if mask else ""
     key = hashlib.sha1(f"{file_stamp(source)}:{list(box)}:{side}:{masked}".encode()).hexdigest()[:16]
     target = out_dir / f"{key}.png"
     if target.is_file():

@@ -456,6 +456,126 @@ def test_thumbnail_veils_what_the_crop_cuts(tmp_path):
     assert thumb.getpixel((51, 50)) == (255, 255, 255) and thumb.getpixel((50, 50)) == (0, 0, 0)  # the outline
 
 
+# -- the Dataset tab on large datasets: counts of all images, a bounded sample of them ---------------------
+def mixed_folder(folder, count=300, tiny=30, broken=0):
+    """img_000... with every third 8 x 8 (bucket 64 x 64 at resolution 64) and the others 16 x 8 (bucket
+    104 x 56), tiny_00... at 2 x 2 (too small to train) and broken_00... that are no images. Returns the
+    paths going to each of the two buckets, in name order."""
+    from PIL import Image
+
+    folder.mkdir()
+    square, wide = Image.new("RGB", (8, 8), (200, 40, 40)), Image.new("RGB", (16, 8), (40, 40, 200))
+    by_bucket = {(64, 64): [], (104, 56): []}
+    for index in range(count):
+        path = folder / f"img_{index:03d}.png"
+        (square if index % 3 == 0 else wide).save(path)
+        by_bucket[(64, 64) if index % 3 == 0 else (104, 56)].append(str(path))
+    for index in range(tiny):
+        Image.new("RGB", (2, 2)).save(folder / f"tiny_{index:02d}.png")
+    for index in range(broken):
+        (folder / f"broken_{index:02d}.png").write_bytes(b"not a png")
+    return by_bucket
+
+
+def bucket_values(tmp_path, path, **overrides):
+    from engine.testing import tiny_config
+
+    return tiny_config(tmp_path, **{"aspect_ratio_bucket.enabled": True, "prior_preservation.enabled": False,
+                                    "data.concepts": [{"instance_set": {"path": str(path), "prompt": "x"}}],
+                                    **overrides})
+
+
+def test_the_bucket_report_counts_every_image_but_lists_an_even_spread_of_each_bucket(tmp_path):
+    from collections import Counter
+
+    from engine.data.buckets import plan_buckets
+    from engine.data.buckets_cli import bucket_report
+    from engine.data.index import scan_folder
+
+    folder = tmp_path / "images"
+    by_bucket = mixed_folder(folder, broken=20)
+    config = schema.from_dict(bucket_values(tmp_path, folder))
+    with notices.collect(lambda message: None):
+        report = bucket_report(config, sample=8, skipped_limit=10)
+        full = plan_buckets(config, scan_folder(str(folder), "x").records)
+    planned = Counter(full.assignments)
+    assert [b["count"] for b in report["buckets"]] == [planned[i] for i in range(len(full.sizes))]
+    filled = {(b["width"], b["height"]): b for b in report["buckets"] if b["count"]}
+    assert {size: b["count"] for size, b in filled.items()} == {(64, 64): 100, (104, 56): 200}
+    # Eight of each bucket, from its first image to its last, not its first eight.
+    spread = {(64, 64): [0, 14, 28, 42, 57, 71, 85, 99], (104, 56): [0, 28, 57, 85, 114, 142, 171, 199]}
+    for size, positions in spread.items():
+        assert [image["path"] for image in filled[size]["images"]] == [by_bucket[size][i] for i in positions]
+    assert all(not b["images"] for b in report["buckets"] if not b["count"])
+    assert filled[(104, 56)]["images"][0] == {"path": by_bucket[(104, 56)][0], "width": 16, "height": 8,
+                                               "crop": [1, 0, 15, 8]}
+    # 20 unreadable files (from the scan, listed first) and 30 too small ones (from the plan).
+    assert report["skipped_count"] == 50 and report["shards"] == 0
+    assert [item["path"] for item in report["skipped"]] == [str(folder / f"broken_{i:02d}.png") for i in range(10)]
+
+
+def test_the_bucket_report_looks_up_masks_for_the_listed_images_only(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from engine.data import buckets_cli
+
+    folder = tmp_path / "images"
+    mixed_folder(folder, tiny=0)
+    for index in range(0, 300, 2):
+        Image.new("L", (16, 8) if index % 3 else (8, 8), 255).save(folder / f"img_{index:03d}.mask.png")
+    looked_up = []
+
+    def concept_masks(instance_set, index, records):
+        looked_up.append(len(records))
+        return real(instance_set, index, records)
+
+    real = buckets_cli.concept_masks
+    monkeypatch.setattr(buckets_cli, "concept_masks", concept_masks)
+    config = schema.from_dict(bucket_values(tmp_path, folder, **{"masked_loss.enabled": True}))
+    report = buckets_cli.bucket_report(config, sample=8)
+    assert looked_up == [16]
+    listed = [image for b in report["buckets"] for image in b["images"]]
+    assert len(listed) == 16
+    for image in listed:
+        number = int(image["path"][-7:-4])
+        assert image["mask"] == (str(folder / f"img_{number:03d}.mask.png") if number % 2 == 0 else None)
+    assert sum(image["mask"] is not None for image in listed) == 8
+
+
+def test_the_dataset_preview_draws_at_most_the_thumbnail_cap_and_lists_the_first_skipped(tmp_path, monkeypatch):
+    from scal_gui import bucket_view
+
+    folder = tmp_path / "images"
+    mixed_folder(folder, broken=20)
+    monkeypatch.setattr(bucket_view, "MAX_SKIPPED_ROWS", 10)
+    raw = bucket_values(tmp_path, folder)
+    with notices.collect(lambda message: None):
+        message, table, _, skipped, choice, thumbnails, result = tab_dataset.preview(
+            configs.to_yaml(raw), *fields.form_values(raw, fields.ALL))
+    assert message.startswith("300 images in 2 of 19 buckets, 50 skipped (first 10 shown). A bucket of more "
+                              "than 48 images shows 48 of them")
+    assert table["images"].tolist()[table["bucket"].tolist().index("64×64")] == 100
+    assert skipped["image"].tolist() == [str(folder / f"broken_{i:02d}.png") for i in range(10)]
+    assert choice["choices"] == ["64×64", "104×56"] and choice["value"] == "64×64"
+    assert bucket_view.MAX_THUMBNAILS == 48 and len(thumbnails) == 48
+    names = [caption for _, caption in thumbnails]
+    assert names[0] == "img_000.png" and names[-1] == "img_297.png" and len(set(names)) == 48
+    wide = tab_dataset.show_bucket(result, "104×56")
+    assert [caption for _, caption in wide][::47] == ["img_001.png", "img_299.png"] and len(wide) == 48
+
+
+def test_the_dataset_preview_names_the_shards_it_read(tmp_path):
+    from engine.data.make_shards import make_shards
+
+    folder, shards = tmp_path / "images", tmp_path / "shards"
+    mixed_folder(folder, count=60, tiny=0)
+    assert len(make_shards(str(folder), str(shards), per_shard=25, say=lambda line: None)) == 3
+    raw = bucket_values(tmp_path, shards)
+    message, *_, thumbnails, result = tab_dataset.preview(configs.to_yaml(raw), *fields.form_values(raw, fields.ALL))
+    assert message == "60 images from 3 shards in 2 of 19 buckets, 0 skipped."
+    assert result["shards"] == 3 and len(thumbnails) == 20
+    assert thumbnails[0][1] == "000000.tar#img_000.png"
+
 # -- flags ----------------------------------------------------------------------------------------------
 def options(*argv, env=None):
     return server.launch_options(server.build_parser().parse_args(list(argv)), env or {})

@@ -278,3 +278,19 @@ def test_an_unmasked_weight_outside_0_to_1_is_refused(tmp_path, weight):
 
     with pytest.raises(cfg.ConfigError, match=r"^config key 'masked_loss\.unmasked_weight': must be within \[0, 1\]"):
         cfg.from_dict(tiny_config(tmp_path, **{"masked_loss.unmasked_weight": weight}))
+
+
+def test_masks_travel_in_shards_and_train_as_the_folder_does(data, half_run, tmp_path):
+    from engine.data.make_shards import make_shards
+    from engine.data.shards import shard_index
+
+    shards = make_shards(str(data / "images"), str(tmp_path / "shards"), per_shard=3, say=lambda message: None)
+    samples = [sample for shard in shards for sample in shard_index(shard)["samples"]]
+    assert [s["member"] for s in samples] == [f"img_{i}.png" for i in range(4)]
+    assert [s["mask"]["member"] for s in samples] == [f"img_{i}.mask.png" for i in range(4)]
+    run = train(tmp_path / "run", **options(data, **{
+        "data.concepts[0].instance_set.path": str(tmp_path / "shards")}))
+    # The same masked loss as from the folder: a shard without its masks would train unmasked.
+    assert run.losses == half_run.losses
+    weights, expected = run.unet_weights(), half_run.unet_weights()
+    assert all(torch.equal(weights[name], expected[name]) for name in expected)

@@ -1,7 +1,8 @@
 """`python -m engine make-shards SRC DST --per-shard N`: an image folder written as WebDataset shards.
 
 The images go in name order, the order a folder scan gives them, each with its caption file (the .txt of
-the same stem) when it has one, their bytes unchanged: the shards train exactly as the folder does.
+the same stem) and its loss mask (`<stem>.mask.png`) when it has them, their bytes unchanged: the shards
+train exactly as the folder does.
 Each shard's sidecar index (see shards) is written as soon as the shard is finished.
 """
 from __future__ import annotations
@@ -11,18 +12,20 @@ from typing import Callable
 
 from ..errors import UserError
 from .index import IMAGE_EXTENSIONS
-from .shards import SHARD_SUFFIX, SIDECAR_SUFFIX, shard_index
+from .masks import MASK_SUFFIX
+from .shards import MASK_EXTENSION, SHARD_SUFFIX, SIDECAR_SUFFIX, shard_index
 
 SHARD_PATTERN = "%06d" + SHARD_SUFFIX
 _MASKS = tuple(".mask" + extension for extension in IMAGE_EXTENSIONS)
 
 
-def folder_samples(source: str) -> list[tuple[str, str, str]]:
-    """(WebDataset key, image name, caption name or "") of each image of the folder, in name order. Loss
-    masks and hidden files are left out, as a folder scan leaves them."""
+def folder_samples(source: str) -> list[tuple[str, str, str, str]]:
+    """(WebDataset key, image name, caption name or "", mask name or "") of each image of the folder, in
+    name order. Loss masks go with their images; hidden files are left out, as a folder scan leaves them."""
     names = sorted(name for name in os.listdir(source)
                    if not name.startswith(".") and os.path.isfile(os.path.join(source, name)))
     captions = {name.rpartition(".")[0]: name for name in names if name.lower().endswith(".txt")}
+    masks = {name[:-len(MASK_SUFFIX)]: name for name in names if name.lower().endswith(MASK_SUFFIX)}
     samples, keys = [], set()
     for name in names:
         lower = name.lower()
@@ -36,15 +39,17 @@ def folder_samples(source: str) -> list[tuple[str, str, str]]:
             copies += 1
             key = f"{base}_{copies}"
         keys.add(key)
-        samples.append((key, name, captions.get(stem, "")))
+        samples.append((key, name, captions.get(stem, ""), masks.get(stem, "")))
     return samples
 
 
-def _sample(folder: str, key: str, image: str, caption: str) -> dict:
+def _sample(folder: str, key: str, image: str, caption: str, mask: str) -> dict:
     """One sample as ShardWriter takes it: member extension -> bytes, read only when it is written."""
     sample = {"__key__": key, image.rpartition(".")[2].lower(): _read(folder, image)}
     if caption:
         sample["txt"] = _read(folder, caption)
+    if mask:
+        sample[MASK_EXTENSION] = _read(folder, mask)
     return sample
 
 

@@ -1,7 +1,8 @@
 """Loss masks: a grayscale image per training image, white where the loss counts and black where it does not.
 
-A mask is `<stem>.mask.png` beside its image, or `<stem>.png` in the concept's instance_set.mask_path
-(RGB(A) masks are read as their luminance; alpha is ignored). It goes through its image's geometry, the
+A mask is `<stem>.mask.png` beside its image (in a WebDataset shard: the member `<key>.mask.png` of its
+sample), or `<stem>.png` in the concept's instance_set.mask_path (RGB(A) masks are read as their
+luminance; alpha is ignored). It goes through its image's geometry, the
 same EXIF orientation, rotation, bucket resize and crop, and flip, and is averaged down to the latent size
 in the loss (losses.mask_weights). Folder scans never take mask files for training images.
 """
@@ -16,6 +17,7 @@ import torch
 from .. import notices, paths
 from ..errors import UserError
 from .index import DataWarning
+from .shards import image_file, names_shards, shard_masks, shard_paths
 
 MASK_SUFFIX = ".mask.png"
 _ORIENTATION = 0x0112
@@ -24,8 +26,10 @@ _ORIENTATION = 0x0112
 def concept_masks(instance_set, index: int, records: Iterable) -> dict[str, str]:
     """Image path -> mask path for the images (records) of data.concepts[index].instance_set."""
     mask_folder = paths.resolve(instance_set.mask_path) if instance_set.mask_path else ""
-    return find_masks(records, paths.resolve(instance_set.path), mask_folder,
-                      f"config key 'data.concepts[{index}].instance_set.mask_path'")
+    images = paths.resolve(instance_set.path)
+    if names_shards(images) and not mask_folder:
+        return shard_masks(shard_paths(images, f"config key 'data.concepts[{index}].instance_set.path'"))
+    return find_masks(records, images, mask_folder, f"config key 'data.concepts[{index}].instance_set.mask_path'")
 
 
 def check_masks(masks: dict[str, str], records: Sequence) -> None:
@@ -41,8 +45,9 @@ def check_masks(masks: dict[str, str], records: Sequence) -> None:
 
 def find_masks(records: Iterable, image_folder: str, mask_folder: str = "",
                label: str = "mask_path") -> dict[str, str]:
-    """Image path -> mask path, for each of the records (images of image_folder) that has a mask. One
-    listing of the folder, so that a large dataset costs no file check per image."""
+    """Image path -> mask path, for each of the records (images of image_folder, or shard members when
+    mask_folder is given) that has a mask. One listing of the folder, so that a large dataset costs no
+    file check per image."""
     folder, suffix = (mask_folder, ".png") if mask_folder else (image_folder, MASK_SUFFIX)
     if not os.path.isdir(folder):
         raise UserError(f"{label}: folder not found: {folder}")
@@ -64,7 +69,7 @@ def _image_transpose(image_path: str) -> Optional["Image.Transpose"]:
     methods = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
                5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
                8: Image.Transpose.ROTATE_90}
-    with Image.open(image_path) as image:
+    with Image.open(image_file(image_path)) as image:
         return methods.get(image.getexif().get(_ORIENTATION, 1))
 
 
@@ -77,7 +82,7 @@ def load_mask(path: str, image_path: str, size: tuple[int, int]):
     """
     from PIL import Image, ImageOps
 
-    with Image.open(path) as mask:
+    with Image.open(image_file(path)) as mask:
         own_orientation = mask.getexif().get(_ORIENTATION, 1) != 1
         mask = ImageOps.exif_transpose(mask)
         if mask.mode.startswith("I"):  # 16-bit PNGs: scale into 8 bits as images are

@@ -2,7 +2,8 @@
 
 A shard is an uncompressed tar whose members sharing a key (the member name up to the first dot of its
 base name, the WebDataset convention) form one sample: here an image (.jpg, .jpeg, .png, .webp, .bmp)
-and optionally its caption, a .txt file or a .json object with a "caption" or "text" field.
+and optionally its caption, a .txt file or a .json object with a "caption" or "text" field, and its loss
+mask, a `<key>.mask.png` member (see masks).
 
 Training reads samples by random access rather than as a stream. Aspect-ratio buckets need every image's
 size before the first batch, and the rank split and exact resume come from BucketBatchSampler, which
@@ -43,7 +44,8 @@ from .records import TXT_PROMPT, ImageRecords
 
 SHARD_SUFFIX = ".tar"
 SIDECAR_SUFFIX = ".idx.json"
-SIDECAR_VERSION = 1
+SIDECAR_VERSION = 2
+MASK_EXTENSION = "mask.png"  # a member <key>.mask.png: the loss mask of sample <key>
 MEMBER_SEPARATOR = "#"
 CAPTION_FIELDS = ("caption", "text")
 PATTERN_EXAMPLE = "shards/{000000..000009}.tar"
@@ -120,8 +122,8 @@ def shard_index(shard: str) -> dict:
 
     {"version", "size", "mtime_ns", "problem": why the shard is cut short or unreadable, or "",
      "samples": [{"key", "member", "offset", "size", "width", "height", "error", "caption",
-                  "caption_problem"}]}; a sample with an error (no image, an unreadable header) has no
-    usable image.
+                  "caption_problem", "mask"}]}; a sample with an error (no image, an unreadable header) has no
+    usable image. "mask" is its mask member as {"member", "offset", "size"}, or null.
     """
     index = _fresh_sidecar(shard)
     if index is None:
@@ -227,6 +229,8 @@ def _sample(tar, key: str, parts: dict[str, object]) -> dict:
     sample = {"key": key, "member": image.name if image else "", "offset": image.offset_data if image else 0,
               "size": image.size if image else 0, "width": 0, "height": 0, "error": "", "caption": "",
               "caption_problem": ""}
+    mask = parts.get(MASK_EXTENSION)
+    sample["mask"] = {"member": mask.name, "offset": mask.offset_data, "size": mask.size} if mask else None
     if image is None:
         sample["error"] = "the sample has no image (" + ", ".join(f".{e}" for e in parts) + ")"
         return sample
@@ -336,7 +340,24 @@ def scan_shards(shards: list[str], template: str) -> ScanResult:
     return result
 
 
+def shard_masks(shards: list[str]) -> dict[str, str]:
+    """Image member path -> mask member path, for the samples of the shards that have a mask member."""
+    return {member_path(shard, sample["member"]): member_path(shard, sample["mask"]["member"])
+            for shard in shards for sample in shard_index(shard)["samples"]
+            if sample["member"] and sample.get("mask")}
+
+
 # -- reading members -----------------------------------------------------------------------------------------
+
+def member_table(index: dict) -> dict[str, tuple[int, int]]:
+    """Member name -> (offset, size) of the images and masks a shard's index lists."""
+    table = {}
+    for sample in index["samples"]:
+        for part in (sample, sample["mask"]):
+            if part and part["member"]:
+                table[part["member"]] = (part["offset"], part["size"])
+    return table
+
 
 def split_member(path: str) -> Optional[tuple[str, str]]:
     """(shard, member) when a record's path names a member of a shard, else None."""
@@ -363,8 +384,7 @@ class _OpenShards:
 
     def read(self, shard: str, member: str) -> bytes:
         with self.lock:
-            table = self._get(self.tables, shard, lambda: {s["member"]: (s["offset"], s["size"])
-                                                           for s in shard_index(shard)["samples"] if s["member"]})
+            table = self._get(self.tables, shard, lambda: member_table(shard_index(shard)))
             if member not in table:
                 raise FileNotFoundError(f"{shard} has no member {member}")
             offset, size = table[member]
