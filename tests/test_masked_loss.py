@@ -294,3 +294,8 @@ def test_masks_travel_in_shards_and_train_as_the_folder_does(data, half_run, tmp
     assert run.losses == half_run.losses
     weights, expected = run.unet_weights(), half_run.unet_weights()
     assert all(torch.equal(weights[name], expected[name]) for name in expected)
+    # A mask folder names masks by the members' image names.
+    zero = train(tmp_path / "zeros", **options(data, prior=False, **{
+        "data.concepts[0].instance_set.path": str(tmp_path / "shards"),
+        "data.concepts[0].instance_set.mask_path": str(data / "zeros")}))
+    assert zero.losses[0] == 0.0

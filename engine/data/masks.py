@@ -17,7 +17,7 @@ import torch
 from .. import notices, paths
 from ..errors import UserError
 from .index import DataWarning
-from .shards import image_file, names_shards, shard_masks, shard_paths
+from .shards import MEMBER_SEPARATOR, image_file, names_shards, shard_masks, shard_paths
 
 MASK_SUFFIX = ".mask.png"
 _ORIENTATION = 0x0112
@@ -27,9 +27,11 @@ def concept_masks(instance_set, index: int, records: Iterable) -> dict[str, str]
     """Image path -> mask path for the images (records) of data.concepts[index].instance_set."""
     mask_folder = paths.resolve(instance_set.mask_path) if instance_set.mask_path else ""
     images = paths.resolve(instance_set.path)
-    if names_shards(images) and not mask_folder:
+    in_shards = names_shards(images)
+    if in_shards and not mask_folder:
         return shard_masks(shard_paths(images, f"config key 'data.concepts[{index}].instance_set.path'"))
-    return find_masks(records, images, mask_folder, f"config key 'data.concepts[{index}].instance_set.mask_path'")
+    return find_masks(records, images, mask_folder, f"config key 'data.concepts[{index}].instance_set.mask_path'",
+                      members=in_shards)
 
 
 def check_masks(masks: dict[str, str], records: Sequence) -> None:
@@ -44,10 +46,10 @@ def check_masks(masks: dict[str, str], records: Sequence) -> None:
 
 
 def find_masks(records: Iterable, image_folder: str, mask_folder: str = "",
-               label: str = "mask_path") -> dict[str, str]:
-    """Image path -> mask path, for each of the records (images of image_folder, or shard members when
-    mask_folder is given) that has a mask. One listing of the folder, so that a large dataset costs no
-    file check per image."""
+               label: str = "mask_path", members: bool = False) -> dict[str, str]:
+    """Image path -> mask path, for each of the records (images of image_folder, or with `members` shard
+    members, matched by member name in mask_folder) that has a mask. One listing of the folder, so that a
+    large dataset costs no file check per image."""
     folder, suffix = (mask_folder, ".png") if mask_folder else (image_folder, MASK_SUFFIX)
     if not os.path.isdir(folder):
         raise UserError(f"{label}: folder not found: {folder}")
@@ -56,7 +58,8 @@ def find_masks(records: Iterable, image_folder: str, mask_folder: str = "",
                    if entry.name.lower().endswith(suffix) and not entry.name.startswith(".")}
     found = {}
     for record in records:
-        mask = by_stem.get(os.path.basename(record.path).rpartition(".")[0])
+        name = record.path.rpartition(MEMBER_SEPARATOR)[2] if members else os.path.basename(record.path)
+        mask = by_stem.get(name.rpartition(".")[0])
         if mask is not None:
             found[record.path] = mask
     return found
