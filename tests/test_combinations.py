@@ -171,8 +171,8 @@ def test_the_preset_rewrite_changes_only_what_cannot_run_here(preset, tmp_path):
     changed = {key for key in before if before[key] != after[key]}
     assert changed <= REWRITTEN_KEYS, changed - REWRITTEN_KEYS
     for key in ("trainer.precision", "trainer.accelerator", "optimizer.name", "optimizer.fused_backward",
-                "cache.latents", "cache.text_embeddings", "weights_dtype", "clip_stop_at_layer", "batch_size",
-                "data.concepts[].class_set.auto_generate.enabled"):
+                "cache.latents", "cache.text_embeddings", "cache.fill", "weights_dtype", "clip_stop_at_layer",
+                "batch_size", "data.concepts[].class_set.auto_generate.enabled"):
         if key in before:
             assert after[key] == before[key], key
 
