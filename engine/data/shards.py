@@ -21,17 +21,19 @@ indexed up to its last complete member; one with nothing readable is skipped, ea
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import multiprocessing
 import os
+import re
 import threading
 import uuid
 import warnings
 from collections import OrderedDict
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -172,6 +174,7 @@ def build_index(shard: str) -> dict:
     import tarfile
 
     stat = os.stat(shard)
+    # These three keys first: _looks_fresh reads them from the start of the saved file.
     index = {"version": SIDECAR_VERSION, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "problem": "",
              "samples": []}
     with open(shard, "rb") as handle:
@@ -272,22 +275,42 @@ def _caption(tar, parts: dict[str, object]) -> tuple[str, str]:
     return text, problem or ("" if text else "the caption is empty")
 
 
-def index_shards(shards: list[str]) -> list[dict]:
-    """Each shard's sidecar index; those missing or stale are built (and saved) by a pool of processes
-    when there is much to read."""
-    found = [_fresh_sidecar(shard) for shard in shards]
-    stale = [i for i, index in enumerate(found) if index is None]
-    work = sum(os.path.getsize(shards[i]) for i in stale)
+def index_shards(shards: list[str]) -> Iterator[dict]:
+    """Each shard's sidecar index, in order and one at a time, so that a million samples are never all in
+    memory as dicts. Those missing or stale are built (and saved) first-come by a pool of processes when
+    there is much to read."""
+    stale = [shard for shard in shards if not _looks_fresh(shard)]
+    work = sum(os.path.getsize(shard) for shard in stale)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if len(stale) > 1 and cores > 1 and work >= POOL_MIN_BYTES:
-        # Not forked: the app scans from one of its threads, and a forked child inherits held locks.
-        with multiprocessing.get_context("spawn").Pool(min(cores, len(stale))) as pool:
-            built = pool.map(shard_index, [shards[i] for i in stale], chunksize=1)
-    else:
-        built = [shard_index(shards[i]) for i in stale]
-    for i, index in zip(stale, built):
-        found[i] = index
-    return found
+    with contextlib.ExitStack() as stack:
+        if len(stale) > 1 and cores > 1 and work >= POOL_MIN_BYTES:
+            # Not forked: the app scans from one of its threads, and a forked child inherits held locks.
+            pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(min(cores, len(stale))))
+            built = pool.imap(shard_index, stale, chunksize=1)
+        else:
+            built = map(shard_index, stale)
+        pending = set(stale)
+        for shard in shards:
+            # shard_index checks the sidecar in full, and rebuilds one that only looked fresh.
+            yield next(built) if shard in pending else shard_index(shard)
+
+
+_SIDECAR_HEAD = re.compile(rb'^\{"version": (\d+), "size": (\d+), "mtime_ns": (\d+),')
+
+
+def _looks_fresh(shard: str) -> bool:
+    """Whether a sidecar of the shard as it is now exists, from its first bytes (written first, see
+    build_index), without parsing the whole file."""
+    stat = os.stat(shard)
+    for location in sidecar_locations(shard, stat):
+        try:
+            with open(location, "rb") as handle:
+                head = _SIDECAR_HEAD.match(handle.read(128))
+        except OSError:
+            continue
+        if head and tuple(map(int, head.groups())) == (SIDECAR_VERSION, stat.st_size, stat.st_mtime_ns):
+            return True
+    return False
 
 
 # -- scanning into records -----------------------------------------------------------------------------------
@@ -298,7 +321,8 @@ def member_path(shard: str, member: str) -> str:
 
 def scan_shards(shards: list[str], template: str) -> ScanResult:
     """The usable samples of the shards, in shard then tar order, as image records with resolved prompts;
-    the others are reported as skipped, naming shard and member."""
+    the others are reported as skipped, naming shard and member. Each shard's samples become columns as
+    soon as its index is read."""
     from PIL import Image
 
     max_pixels = Image.MAX_IMAGE_PIXELS or float("inf")
@@ -316,6 +340,7 @@ def scan_shards(shards: list[str], template: str) -> ScanResult:
         if index["problem"]:
             notices.warn(f"{shard}: {index['problem']}; using the {len(index['samples'])} samples up to it",
                           DataWarning)
+        usable = []
         for sample in index["samples"]:
             path = member_path(shard, sample["member"] or sample["key"])
             if sample["error"]:
@@ -328,14 +353,18 @@ def scan_shards(shards: list[str], template: str) -> ScanResult:
                     # As a folder scan says it: a caption read as latin-1 is still used.
                     fallback = "" if sample["caption"] else "; using the prompt without it"
                     notices.warn(f"{path}: {sample['caption_problem']}{fallback}", DataWarning)
-                names.append(path)
-                widths.append(sample["width"])
-                heights.append(sample["height"])
-                captions.append(sample["caption"].encode("utf-8"))
-    rows = np.arange(len(names), dtype=np.int64)
-    texts = Packed.from_bytes(captions) if wants_captions else None
-    result.records = ImageRecords("", Packed.from_names(names), np.array(widths, dtype=np.int32),
-                                  np.array(heights, dtype=np.int32), rows, template, texts,
+                usable.append(sample)
+        names.append(Packed.from_names([member_path(shard, sample["member"]) for sample in usable]))
+        widths.append(np.array([sample["width"] for sample in usable], dtype=np.int32))
+        heights.append(np.array([sample["height"] for sample in usable], dtype=np.int32))
+        if wants_captions:
+            captions.append(Packed.from_bytes([sample["caption"].encode("utf-8") for sample in usable]))
+    count = sum(len(column) for column in names)
+    rows = np.arange(count, dtype=np.int64)
+    texts = Packed.join(captions) if wants_captions else None
+    result.records = ImageRecords("", Packed.join(names),
+                                  np.concatenate(widths or [np.zeros(0, np.int32)]),
+                                  np.concatenate(heights or [np.zeros(0, np.int32)]), rows, template, texts,
                                   rows.astype(np.int32) if wants_captions else None)
     return result
 
