@@ -320,7 +320,12 @@ class Trainer(Job):
         # Every rank's shards are on disk before the main process looks for what is missing.
         if distributed.any_rank(context.topology, fill.failed, context.device):
             return  # the warning is out; the run goes on uncached
-        self._attach_caches(context, explain=False)
+        try:
+            self._attach_caches(context, explain=False)
+        except Exception as error:  # a full disk, say: the caches only save time, the run goes on without them
+            context.data.dataset.latents, context.text_cache = None, None
+            self.log(f"the caches could not be completed ({error.__class__.__name__}: {error}); training goes on "
+                     "without them", "warning")
 
     def _log_buckets(self, data: PreparedData) -> None:
         if self.config.aspect_ratio_bucket.debug:

@@ -255,3 +255,32 @@ def test_the_first_epoch_writes_the_caches_that_later_epochs_read(tmp_path, clas
     assert sorted(ours) == sorted(theirs) and {kind for kind, _ in ours} == {"latents", "text"}
     for key, tensor in ours.items():
         assert torch.allclose(tensor, theirs[key], atol=1e-5), key
+
+
+def test_a_cache_that_cannot_be_written_leaves_the_run_uncached(tmp_path, class_images, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    from engine import events
+    from engine.train import Trainer
+
+    def full_disk(self):
+        if self.pending:
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cache.ShardWriter, "flush", full_disk)
+    encoded = []
+    real_encode = AutoencoderKL.encode
+    monkeypatch.setattr(AutoencoderKL, "encode", lambda self, x, *a, **k: encoded.append(len(x))
+                        or real_encode(self, x, *a, **k))
+    values = tiny_config(tmp_path / "run", **{
+        "trainer.max_epochs": 2, "trainer.max_steps": None, "sampling.interval_steps": 0,
+        "checkpoint.every_n_train_steps": None, "cache.dir": str(tmp_path / "cache"), "cache.latents": True,
+        "cache.fill": "first_epoch", "data.concepts[0].class_set.auto_generate.enabled": False})
+    warnings = []
+    result = Trainer(cfg.from_dict(values), on_event=lambda e: warnings.append(e.message)
+                     if isinstance(e, events.Log) and e.level == "warning" else None).run()
+    assert isinstance(result, events.Finished) and result.step == 10
+    assert warnings == ["the cache cannot be written ([Errno 28] No space left on device); training goes on "
+                        "without it"]
+    # Both epochs encoded their batches: nothing was read from a cache.
+    assert sum(encoded) == 10 * 4
