@@ -31,6 +31,25 @@ def test_shards_fill_stream_to_disk_and_reopen(tmp_path, monkeypatch):
         assert torch.equal(reopened.get(key), tensor)
 
 
+def test_the_store_index_is_columns_and_keys_that_share_a_hash_are_still_told_apart(tmp_path, monkeypatch):
+    store = cache.ShardStore(tmp_path / "many")
+    with store.writer() as writer:
+        for index in range(20_000):
+            writer.add(f"{index:040x}", torch.zeros(1))
+    # What each data-loader worker receives: 12 bytes per key, no string per key.
+    assert len(pickle.dumps(cache.ShardStore(tmp_path / "many"))) < 20_000 * 12 + 2_000
+
+    monkeypatch.setattr(cache, "key_hash", lambda key: 7)  # every key shares one hash
+    store = cache.ShardStore(tmp_path / "same")
+    for index in range(3):
+        with store.writer() as writer:  # three shards, one key each
+            writer.add(f"k{index}", torch.full((2,), float(index)))
+    reopened = cache.ShardStore(tmp_path / "same")
+    assert [reopened.get(f"k{i}").tolist() for i in range(3)] == [[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]]
+    with pytest.raises(KeyError):
+        reopened.get("k9")
+
+
 def test_a_corrupt_shard_is_ignored(tmp_path):
     store = cache.ShardStore(tmp_path)
     with store.writer() as writer:
@@ -199,7 +218,7 @@ def cache_tensors(folder):
     found = {}
     for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
         store = cache.ShardStore(sub)
-        found.update({(sub.name.split("-")[0], key): store.get(key) for key in store.location})
+        found.update({(sub.name.split("-")[0], key): store.get(key) for key in store.keys()})
     return found
 
 

@@ -65,7 +65,7 @@ def test_two_gloo_ranks_equal_one_process_with_the_same_global_batch(model, tmp_
         # the two ranks together cached what the one process did: 20 crops and 3 prompts (the empty one too)
         for kind, count in (("latents", 20), ("text", 3)):
             (one,), (two,) = ((tmp_path / c).glob(f"{kind}-*") for c in ("c1", "c2"))
-            assert sorted(ShardStore(one).location) == sorted(ShardStore(two).location)
+            assert set(ShardStore(one).keys()) == set(ShardStore(two).keys())  # ranks may write a key twice
             assert len(ShardStore(one)) == count
 
 

@@ -23,6 +23,7 @@ import uuid
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 from .. import paths
@@ -52,37 +53,83 @@ def fingerprint(**parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
 
+def key_hash(key: str) -> int:
+    """A 64-bit hash of a cache key, what the store's index holds instead of the key's string."""
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
+
+
 class ShardStore:
-    """Tensors by name in the safetensors shards of one folder. Pickles without its open files."""
+    """Tensors by name in the safetensors shards of one folder. Pickles without its open files.
+
+    The index is two NumPy columns, each key's 64-bit hash (sorted) and its shard's number, so that a
+    cache of a million tensors costs 12 MB in each data-loader worker rather than a dict of a million
+    strings. Two keys that share a hash (about one chance in 10^7 at a million keys) are both found by
+    asking their shards."""
 
     def __init__(self, folder: Path):
         from safetensors import safe_open
 
         self.folder = Path(folder)
-        self.location: dict[str, str] = {}
+        self.shards: list[str] = []
+        self._hashes = np.zeros(0, dtype=np.uint64)
+        self._owners = np.zeros(0, dtype=np.int32)
         self._handles: dict[str, object] = {}
         for shard in sorted(self.folder.glob("*.safetensors")) if self.folder.is_dir() else ():
             try:
                 with safe_open(shard, framework="pt") as handle:
-                    for key in handle.keys():
-                        self.location.setdefault(key, shard.name)
+                    keys = list(handle.keys())
             except Exception:  # an unreadable shard (disk error, foreign file) is rebuilt, not fatal
                 continue
+            self._add(shard.name, keys)
+
+    def _add(self, shard: str, keys) -> None:
+        hashes = np.fromiter((key_hash(key) for key in keys), dtype=np.uint64, count=len(keys))
+        owners = np.full(len(keys), len(self.shards), dtype=np.int32)
+        self.shards.append(shard)
+        hashes, owners = np.concatenate([self._hashes, hashes]), np.concatenate([self._owners, owners])
+        order = np.argsort(hashes, kind="stable")
+        self._hashes, self._owners = hashes[order], owners[order]
+
+    def _candidates(self, key: str) -> np.ndarray:
+        """The numbers of the shards that may hold key."""
+        wanted = np.uint64(key_hash(key))
+        first = np.searchsorted(self._hashes, wanted, side="left")
+        end = np.searchsorted(self._hashes, wanted, side="right")
+        return self._owners[first:end]
 
     def __contains__(self, key: str) -> bool:
-        return key in self.location
+        return len(self._candidates(key)) > 0
 
     def __len__(self) -> int:
-        return len(self.location)
+        return len(self._hashes)
 
-    def get(self, key: str) -> torch.Tensor:
+    def keys(self) -> list[str]:
+        """Every key, read from the shards' headers."""
         from safetensors import safe_open
 
-        shard = self.location[key]
+        found = []
+        for shard in self.shards:
+            with safe_open(self.folder / shard, framework="pt") as handle:
+                found += handle.keys()
+        return found
+
+    def get(self, key: str) -> torch.Tensor:
+        owners = self._candidates(key).tolist()
+        if len(owners) == 1:
+            return self._handle(self.shards[owners[0]]).get_tensor(key)
+        for owner in owners:  # a shared hash: ask each shard whether it has the key itself
+            handle = self._handle(self.shards[owner])
+            if key in handle.keys():
+                return handle.get_tensor(key)
+        raise KeyError(key)
+
+    def _handle(self, shard: str):
+        from safetensors import safe_open
+
         handle = self._handles.get(shard)
         if handle is None:
             handle = self._handles[shard] = safe_open(self.folder / shard, framework="pt")
-        return handle.get_tensor(key)
+        return handle
 
     def writer(self) -> "ShardWriter":
         return ShardWriter(self)
@@ -117,8 +164,7 @@ class ShardWriter:
         temp = folder / f".{name}.tmp"
         save_file(self.pending, str(temp))
         os.replace(temp, folder / name)
-        for key in self.pending:
-            self.store.location[key] = name
+        self.store._add(name, list(self.pending))
         self.pending, self.size = {}, 0
 
     def __enter__(self) -> "ShardWriter":
@@ -143,23 +189,21 @@ def latent_key(path: str, size: tuple[int, int]) -> str:
 class LatentReader:
     """The cached latent distribution of an image at a size; goes to data-loader workers by pickling."""
 
-    def __init__(self, store: ShardStore, keys: dict[tuple[str, int, int], str]):
+    def __init__(self, store: ShardStore):
         self.store = store
-        self.keys = keys
 
     def get(self, path: str, size: tuple[int, int]) -> torch.Tensor:
-        return self.store.get(self.keys[path, size[0], size[1]])
+        return self.store.get(latent_key(path, size))
 
 
 def cache_latents(dataset: DreamBoothDataset, vae, device: torch.device, folder: Path,
                   log: Callable[[str], None]) -> LatentReader:
     """Encode every (image, size) of the dataset that the cache in `folder` does not have yet."""
     crops = sorted(dataset.crops())
-    keys = {(path, w, h): latent_key(path, (w, h)) for path, (w, h) in crops}
     store = ShardStore(folder)
     missing: dict[tuple[int, int], list[str]] = {}
     for path, size in crops:
-        if keys[path, size[0], size[1]] not in store:
+        if latent_key(path, size) not in store:
             missing.setdefault(size, []).append(path)
     count = sum(len(group) for group in missing.values())
     log(f"latent cache {folder}: {len(crops) - count} of {len(crops)} image crops cached"
@@ -173,8 +217,8 @@ def cache_latents(dataset: DreamBoothDataset, vae, device: torch.device, folder:
                                       for p in chunk])
                 moments = vae.encode(pixels.to(device=device, dtype=dtype)).latent_dist.parameters
                 for path, row in zip(chunk, moments):
-                    writer.add(keys[path, size[0], size[1]], row)
-    return LatentReader(store, keys)
+                    writer.add(latent_key(path, size), row)
+    return LatentReader(store)
 
 
 # -- text embeddings ------------------------------------------------------------------------------------------
