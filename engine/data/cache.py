@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import uuid
+from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -34,6 +35,7 @@ from ..models.sd import Components
 from ..plan import RunPlan
 
 SHARD_BYTES = 256 * 2**20
+MAX_OPEN_SHARDS = 64  # per process
 # Bump when the pixels a latent is computed from change (resize filter, crop arithmetic).
 LATENT_TRANSFORM_VERSION = 1
 LATENT_BATCH = 8
@@ -71,24 +73,29 @@ class ShardStore:
 
         self.folder = Path(folder)
         self.shards: list[str] = []
-        self._hashes = np.zeros(0, dtype=np.uint64)
-        self._owners = np.zeros(0, dtype=np.int32)
-        self._handles: dict[str, object] = {}
+        self._handles: OrderedDict[str, object] = OrderedDict()
+        hashes, owners = [], []
         for shard in sorted(self.folder.glob("*.safetensors")) if self.folder.is_dir() else ():
             try:
                 with safe_open(shard, framework="pt") as handle:
-                    keys = list(handle.keys())
+                    keys = handle.keys()
             except Exception:  # an unreadable shard (disk error, foreign file) is rebuilt, not fatal
                 continue
-            self._add(shard.name, keys)
+            hashes.append(np.fromiter(map(key_hash, keys), dtype=np.uint64, count=len(keys)))
+            owners.append(np.full(len(keys), len(self.shards), dtype=np.int32))
+            self.shards.append(shard.name)
+        self._index(hashes, owners)
 
-    def _add(self, shard: str, keys) -> None:
-        hashes = np.fromiter((key_hash(key) for key in keys), dtype=np.uint64, count=len(keys))
-        owners = np.full(len(keys), len(self.shards), dtype=np.int32)
-        self.shards.append(shard)
-        hashes, owners = np.concatenate([self._hashes, hashes]), np.concatenate([self._owners, owners])
+    def _index(self, hashes: list[np.ndarray], owners: list[np.ndarray]) -> None:
+        hashes, owners = np.concatenate(hashes or [np.zeros(0, np.uint64)]), np.concatenate(owners or [np.zeros(0, np.int32)])
         order = np.argsort(hashes, kind="stable")
         self._hashes, self._owners = hashes[order], owners[order]
+
+    def _add(self, shard: str, keys: list[str]) -> None:
+        """A shard just written, with its keys."""
+        self.shards.append(shard)
+        self._index([self._hashes, np.fromiter(map(key_hash, keys), dtype=np.uint64, count=len(keys))],
+                    [self._owners, np.full(len(keys), len(self.shards) - 1, dtype=np.int32)])
 
     def _candidates(self, key: str) -> np.ndarray:
         """The numbers of the shards that may hold key."""
@@ -124,18 +131,23 @@ class ShardStore:
         raise KeyError(key)
 
     def _handle(self, shard: str):
+        """An open shard; the most recent MAX_OPEN_SHARDS stay open, since each holds its header's table."""
         from safetensors import safe_open
 
         handle = self._handles.get(shard)
         if handle is None:
             handle = self._handles[shard] = safe_open(self.folder / shard, framework="pt")
+            if len(self._handles) > MAX_OPEN_SHARDS:
+                self._handles.popitem(last=False)
+        else:
+            self._handles.move_to_end(shard)
         return handle
 
     def writer(self) -> "ShardWriter":
         return ShardWriter(self)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_handles": {}}
+        return {**self.__dict__, "_handles": OrderedDict()}
 
 
 class ShardWriter:
