@@ -1,4 +1,5 @@
-"""Benchmark of the dataset index: first index, re-open of an unchanged folder, bucket assignment, memory.
+"""Benchmark of the dataset index: first index, re-open, refresh after a change, bucket assignment, data
+preparation, memory.
 
     python bench/dataset_index.py                      # 100k, 300k and 1M images
     python bench/dataset_index.py --counts 10000 --captions
@@ -10,7 +11,13 @@ its own process, so that its peak RSS is its own:
 
 - the floors, measured in the same run: a single-process loop reading each header with PIL and nothing
   else, and a bare os.scandir + stat loop (what any re-open must do to see changed files);
-- the first index (no index file yet), the re-open, and plan_buckets over the re-opened records.
+- the first index (no index file yet), the re-open, and plan_buckets over the re-opened records;
+- the refresh: a re-open after one image was added and another rewritten with other sides (so a new
+  size and mtime), which reads those two headers and writes the index again; the two files are put
+  back as they were afterwards;
+- prepare_data for a training config of the folder (one concept, bucketing on, with the tiny demo
+  model's CLIP tokenizer): its scan (a re-open), bucket plan and dataset. Its process imports torch and
+  transformers, so its RSS before the call is printed beside its peak.
 
 The files are in the OS page cache after writing, so these are warm-cache figures. Wall and CPU time are
 both printed: on a shared machine the wall time also counts waiting for a core. The first index's own
@@ -33,8 +40,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 FORMATS = (("png", "PNG"), ("jpg", "JPEG"), ("webp", "WEBP"), ("bmp", "BMP"))
-# Targets: first index against the bare PIL loop, re-open against the scandir + stat loop.
-FIRST_RATIO, REOPEN_RATIO, PEAK_RSS_MB, BUCKET_SECONDS = 0.7, 1.5, 300, 1.0
+# Targets: first index against the bare PIL loop, re-open against the scandir + stat loop, the refresh
+# after a change against the re-open.
+FIRST_RATIO, REOPEN_RATIO, REFRESH_RATIO, PEAK_RSS_MB, BUCKET_SECONDS = 0.7, 1.5, 1.5, 300, 1.0
+# The image the refresh measurement rewrites (the first one written: a PNG) and the one it adds.
+CHANGED_IMAGE, ADDED_IMAGE = "img_0000000.png", "added.png"
 
 
 def _variants(count: int, seed: int) -> list[tuple[str, bytes]]:
@@ -80,13 +90,46 @@ def make_images(folder: Path, start: int, stop: int, captions: bool) -> None:
         pool.map(partial(_write_range, folder, captions), ranges, chunksize=1)
 
 
+def change_two_files(folder: Path) -> bytes:
+    """Add one image and rewrite another with other sides; returns the rewritten file's bytes."""
+    from PIL import Image
+
+    original = (folder / CHANGED_IMAGE).read_bytes()
+    Image.new("RGB", (40, 24), (10, 200, 30)).save(folder / ADDED_IMAGE)
+    Image.new("RGB", (100, 20), (200, 10, 30)).save(folder / CHANGED_IMAGE)
+    return original
+
+
+def restore_two_files(folder: Path, original: bytes) -> None:
+    (folder / ADDED_IMAGE).unlink()
+    (folder / CHANGED_IMAGE).write_bytes(original)
+
+
 def _peak_rss_mb() -> float:
     # ru_maxrss is in KiB on Linux and bytes on macOS.
     scale = 1 if sys.platform == "darwin" else 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
-def measure(folder: str, mode: str, template: str) -> dict:
+def _rss_mb() -> float:
+    """The RSS now (Linux only: elsewhere the peak so far)."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return _peak_rss_mb()
+
+
+def _prepare_config(folder: str, template: str):
+    from engine import config as cfg
+
+    return cfg.load(base={"data": {"resolution": 64, "concepts": [{"instance_set": {"path": folder,
+                                                                                    "prompt": template}}]},
+                          "aspect_ratio_bucket": {"enabled": True}, "prior_preservation": {"enabled": False},
+                          "num_workers": 0})
+
+
+def measure(folder: str, mode: str, template: str, tokenizer_dir: str = "") -> dict:
     """Runs inside the child process: time one scan (or a floor loop) after the imports."""
     sys.path.insert(0, str(ROOT))
     import warnings
@@ -103,6 +146,14 @@ def measure(folder: str, mode: str, template: str) -> dict:
             warnings.simplefilter("ignore")
             records = scan_folder(folder, template).records
         config = cfg.load(base={"data": {"resolution": 64}, "aspect_ratio_bucket": {"enabled": True}})
+    if mode == "prepare":
+        from transformers import CLIPTokenizer
+
+        from engine.data.prepare import prepare_data
+
+        tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+        config = _prepare_config(folder, template)
+        figures["rss_before_mb"] = _rss_mb()
     blocks = sys.getallocatedblocks()
     start, cpu_start = time.perf_counter(), time.process_time()
     if mode == "pil":
@@ -120,6 +171,11 @@ def measure(folder: str, mode: str, template: str) -> dict:
             plan = plan_buckets(config, records)
         count = len(plan.kept) + len(plan.skipped)
         figures["bucket_skipped"] = len(plan.skipped)
+    elif mode == "prepare":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            data = prepare_data(config, tokenizer, seed=0)
+        count = len(data.dataset)
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -137,10 +193,13 @@ def measure(folder: str, mode: str, template: str) -> dict:
     return figures
 
 
-def _child(folder: Path, mode: str, template: str) -> dict:
-    output = subprocess.run([sys.executable, __file__, "--child", str(folder), mode, template],
+def _child(folder: Path, mode: str, template: str, tokenizer_dir: Path) -> dict:
+    output = subprocess.run([sys.executable, __file__, "--child", str(folder), mode, template, str(tokenizer_dir)],
                             check=True, capture_output=True, text=True).stdout
     return json.loads(output)
+
+
+MEASUREMENTS = ("pil", "stat", "first", "reopen", "refresh", "buckets", "prepare")
 
 
 def run(counts: list[int], captions: bool, base: Path, repeat: int) -> list[dict]:
@@ -148,6 +207,10 @@ def run(counts: list[int], captions: bool, base: Path, repeat: int) -> list[dict
 
     template = "photo, {TXT_PROMPT}" if captions else "photo"
     folder = base / "images"
+    # In a process of its own, as the measurements are: it imports torch and diffusers.
+    subprocess.run([sys.executable, "-m", "engine", "make-tiny-model", str(base / "tiny-model")], cwd=ROOT,
+                   check=True, capture_output=True)
+    tokenizer_dir = base / "tiny-model" / "tokenizer"
     rows, written = [], 0
     for count in sorted(counts):
         started = time.perf_counter()
@@ -160,10 +223,14 @@ def run(counts: list[int], captions: bool, base: Path, repeat: int) -> list[dict
         for _ in range(repeat):
             for location in index_locations(folder):
                 location.unlink(missing_ok=True)
-            for key in ("pil", "stat", "first", "reopen", "buckets"):
-                found = _child(folder, key if key in ("pil", "stat", "buckets") else "scan", template)
-                if found["images"] != count:
-                    raise SystemExit(f"expected {count} images, got {found}")
+            for key in MEASUREMENTS:
+                original = change_two_files(folder) if key == "refresh" else None
+                found = _child(folder, key if key in ("pil", "stat", "buckets", "prepare") else "scan", template,
+                               tokenizer_dir)
+                if original is not None:
+                    restore_two_files(folder, original)
+                if found["images"] != count + (key == "refresh"):
+                    raise SystemExit(f"{key}: expected {count} images, got {found}")
                 if key not in row or found["seconds"] < row[key]["seconds"]:
                     row[key] = found
         row["load_after"] = os.getloadavg()[0]
@@ -177,19 +244,23 @@ def _line(row: dict) -> str:
                         f"workers' CPU {row[key]['worker_cpu_seconds']:.3f} s, peak RSS {row[key]['peak_rss_mb']:.0f} MB)"
                         for key, label in (("pil", "bare PIL loop"), ("stat", "scandir+stat loop"),
                                            ("first", "first index"), ("reopen", "re-open"),
-                                           ("buckets", "bucket assignment")))
+                                           ("refresh", "re-open after 1 added + 1 changed"),
+                                           ("buckets", "bucket assignment"), ("prepare", "prepare_data")))
     return (f"{row['images']:>7} images{' + captions' if row['captions'] else ''}, load average "
             f"{row['load_average']:.1f}-{row['load_after']:.1f}: {figures}; objects kept by re-open "
-            f"{row['reopen']['blocks_kept']}")
+            f"{row['reopen']['blocks_kept']}, by prepare_data {row['prepare']['blocks_kept']}; prepare_data's RSS "
+            f"before the call {row['prepare']['rss_before_mb']:.0f} MB")
 
 
 def table(rows: list[dict]) -> str:
     lines = ["| images | load avg (before–after) | bare PIL loop (CPU) | scandir+stat loop | first index (ratio to PIL loop) | "
              "first index CPU (this process + workers) | re-open (ratio to scandir+stat) | re-open per image | "
-             "bucket assignment | peak RSS (first / re-open) | objects kept by re-open |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "re-open after 1 added + 1 changed (ratio to scandir+stat / to re-open) | "
+             "bucket assignment | peak RSS (first / re-open / refresh) | objects kept by re-open | "
+             "prepare_data (peak RSS; RSS before the call) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        first, reopen = row["first"]["seconds"], row["reopen"]["seconds"]
+        first, reopen, refresh = row["first"]["seconds"], row["reopen"]["seconds"], row["refresh"]["seconds"]
         lines.append(
             f"| {row['images']:,}{' + captions' if row['captions'] else ''} | "
             f"{row['load_average']:.1f}–{row['load_after']:.1f} | "
@@ -197,9 +268,12 @@ def table(rows: list[dict]) -> str:
             f"{first:.2f} s ({first / row['pil']['seconds']:.2f}x) | "
             f"{row['first']['cpu_seconds']:.2f} + {row['first']['worker_cpu_seconds']:.2f} s | "
             f"{reopen:.2f} s ({reopen / row['stat']['seconds']:.2f}x) | {reopen / row['images'] * 1e6:.2f} µs | "
+            f"{refresh:.2f} s ({refresh / row['stat']['seconds']:.2f}x / {refresh / reopen:.2f}x) | "
             f"{row['buckets']['seconds']:.3f} s | "
-            f"{row['first']['peak_rss_mb']:.0f} / {row['reopen']['peak_rss_mb']:.0f} MB | "
-            f"{row['reopen']['blocks_kept']} |")
+            f"{row['first']['peak_rss_mb']:.0f} / {row['reopen']['peak_rss_mb']:.0f} / "
+            f"{row['refresh']['peak_rss_mb']:.0f} MB | {row['reopen']['blocks_kept']} | "
+            f"{row['prepare']['seconds']:.2f} s ({row['prepare']['peak_rss_mb']:.0f} MB; "
+            f"{row['prepare']['rss_before_mb']:.0f} MB) |")
     return "\n".join(lines)
 
 
@@ -209,9 +283,11 @@ def verdicts(rows: list[dict]) -> list[str]:
     for row in rows:
         first_ratio = row["first"]["seconds"] / row["pil"]["seconds"]
         reopen_ratio = row["reopen"]["seconds"] / row["stat"]["seconds"]
-        peak = max(row[key]["peak_rss_mb"] for key in ("first", "reopen", "buckets"))
+        refresh_ratio = row["refresh"]["seconds"] / row["reopen"]["seconds"]
+        peak = max(row[key]["peak_rss_mb"] for key in ("first", "reopen", "refresh", "buckets"))
         found.append(f"{row['images']:,}: first index {first_ratio:.2f}x the PIL loop (target <= {FIRST_RATIO}), "
                      f"re-open {reopen_ratio:.2f}x the scandir+stat loop (<= {REOPEN_RATIO}), "
+                     f"refresh after a change {refresh_ratio:.2f}x the re-open (<= {REFRESH_RATIO}), "
                      f"peak RSS {peak:.0f} MB (<= {PEAK_RSS_MB})")
     found.append(f"bucket assignment at {largest['images']:,}: {largest['buckets']['seconds']:.3f} s "
                  f"(<= {BUCKET_SECONDS} s; {largest['buckets']['bucket_skipped']} images skipped by the rule)")
@@ -220,7 +296,7 @@ def verdicts(rows: list[dict]) -> list[str]:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        print(json.dumps(measure(*sys.argv[2:5])))
+        print(json.dumps(measure(*sys.argv[2:6])))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--counts", type=int, nargs="+", default=[100_000, 300_000, 1_000_000])

@@ -1,5 +1,6 @@
 """The dataset index: header-only scans, re-opening without reading images, skip reasons, captions, the
-on-disk format, the lazy records, the pool of readers and vectorised bucket assignment."""
+on-disk format, packed string columns, the lazy records (also through data preparation), the pool of
+readers and vectorised bucket assignment."""
 import gc
 import json
 import os
@@ -115,6 +116,18 @@ def test_reopening_an_unchanged_folder_reads_no_image_and_a_changed_file_is_rere
     sizes = {os.path.basename(r.path): (r.width, r.height) for r in third.records}
     assert sizes == {"img0.png": (8, 8), "img1.png": (40, 32), "img2.png": (96, 48), "img3.png": (56, 32),
                      "new.png": (16, 64)}
+    # The refreshed index holds each file's new size and mtime, and the name order rebuilt from the
+    # stored one equals a sort of the names.
+    images = index_store.load(tmp_path / INDEX_NAME)["images"]
+    rows = {images["names"].name(row): row for row in range(len(images["names"]))}
+    assert sorted(rows) == ["img0.png", "img1.png", "img2.png", "img3.png", "new.png"]
+    for name in ("new.png", "img2.png", "img0.png"):
+        found = os.stat(tmp_path / name)
+        assert (images["sizes"][rows[name]], images["mtimes"][rows[name]]) == (found.st_size, found.st_mtime_ns)
+    assert (images["widths"][rows["img2.png"]], images["heights"][rows["img2.png"]]) == (96, 48)
+    order = index_store.load(tmp_path / INDEX_NAME)["image_order"]["rows"]
+    assert order.tolist() == images["names"].sorted_rows().tolist()
+    assert [images["names"].name(row) for row in order] == sorted(rows)
 
 
 def test_corrupt_and_unreadable_files_are_skipped_with_a_named_reason(tmp_path):
@@ -182,6 +195,18 @@ def test_captions_follow_the_txt_file_and_its_changes(tmp_path, count_opens):
     (tmp_path / "a.txt").write_text("back again", encoding="utf-8")
     assert [r.caption for r in scan_folder(str(tmp_path), "{TXT_PROMPT}").records] == ["back again", "green star"]
     assert count_opens == []
+
+
+def test_of_two_captions_for_one_image_the_later_in_name_order_is_used(tmp_path):
+    captions = {"a.TXT": "upper", "a.txt": "lower", "b.TXT": "upper", "b.Txt": "mixed", "c.txt": "only"}
+    for name, text in captions.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    if len(os.listdir(tmp_path)) < len(captions):
+        pytest.skip("the file system does not tell names apart by case")
+    for stem in "abc":
+        write_image(tmp_path / f"{stem}.png", (16, 16))
+    records = scan_folder(str(tmp_path), "{TXT_PROMPT}").records
+    assert [record.caption for record in records] == ["lower", "mixed", "only"]  # a.txt, b.Txt, c.txt
 
 
 def test_a_latin1_caption_warns_and_is_read(tmp_path):
@@ -311,6 +336,82 @@ def test_scanning_does_not_import_torch(tmp_path):
     assert output.strip() == "False"
 
 
+# -- packed string columns ---------------------------------------------------------------------------------
+
+def _strings(rng, count):
+    """Names that share prefixes, differ only in a late byte, are empty or non-ASCII, or longer than
+    several 8-byte digits."""
+    stems = ["", "a", "img_", "img_0000", "été", "x" * 23, "img_00000000"]
+    return [rng.choice(stems) + "".join(rng.choice("0a.Zé") for _ in range(rng.randrange(4))) for _ in range(count)]
+
+
+def test_find_equals_a_dictionary_lookup_with_and_without_hash_collisions(monkeypatch):
+    import random
+
+    from engine.data import columns
+    from engine.data.columns import Packed
+
+    rng = random.Random(5)
+    for count in (0, 1, 40, 2000):
+        mine, queries = _strings(rng, count), _strings(rng, count + 7)
+        last_row = {name: row for row, name in enumerate(mine)}  # the last of equal strings
+        expected = [last_row.get(name, -1) for name in queries]
+        unique = list(dict.fromkeys(mine))
+        unique_rows = {name: row for row, name in enumerate(unique)}
+        assert Packed.from_names(mine).find(Packed.from_names(queries)).tolist() == expected
+        assert (Packed.from_names(unique).find(Packed.from_names(queries)).tolist()
+                == [unique_rows.get(name, -1) for name in queries])
+    # Every string hashed alike: matches still need equal bytes.
+    unique, queries = ["a", "b", "cc", "été"], ["cc", "x", "a", "", "été"]
+    monkeypatch.setattr(columns, "_hashes", lambda digits: np.zeros(len(digits.lengths), dtype=np.uint64))
+    assert Packed.from_names(unique).find(Packed.from_names(queries)).tolist() == [2, -1, 0, -1, 3]
+    monkeypatch.setattr(Packed, "_find_by_sorting", lambda self, q: pytest.fail("sorted for unique hashes"))
+    # Unique hashes (each string's row), so that "z" shares the hash of "b" though the strings differ.
+    monkeypatch.setattr(columns, "_hashes", lambda digits: np.arange(len(digits.lengths), dtype=np.uint64))
+    assert Packed.from_names(["a", "b", "c"]).find(Packed.from_names(["a", "z", "c", "b"])).tolist() == [0, -1, 2, -1]
+
+
+def test_searchsorted_places_strings_as_bisect_does():
+    import bisect
+    import random
+
+    from engine.data.columns import Packed
+
+    rng = random.Random(11)
+    for count in (0, 1, 3, 500):
+        names = _strings(rng, count)
+        column = Packed.from_names(names)
+        order = column.sorted_rows()
+        in_order = [os.fsencode(names[row]) for row in order]
+        assert in_order == sorted(in_order)
+        queries = _strings(rng, 300) + names[:5]
+        assert (column.searchsorted(order, Packed.from_names(queries)).tolist()
+                == [bisect.bisect_left(in_order, os.fsencode(query)) for query in queries])
+
+
+def test_the_name_order_of_a_refreshed_table_equals_a_sort_of_its_names():
+    import random
+
+    from engine.data.columns import Packed
+
+    rng = random.Random(3)
+    stored = list(dict.fromkeys(_strings(rng, 3000)))
+    stored_order = Packed.from_names(stored).sorted_rows()
+    # Some names gone, some new, the rest listed in another order.
+    kept = [name for name in stored if rng.random() < 0.9]
+    listed = kept + [f"new{index}{rng.choice(stored)}" for index in range(60)]
+    listed = list(dict.fromkeys(listed))
+    rng.shuffle(listed)
+    stored_row = {name: row for row, name in enumerate(stored)}
+    stored_rows = np.array([stored_row.get(name, -1) for name in listed], dtype=np.int64)
+    names = Packed.from_names(listed)
+    assert (dataset_index._name_order(names, stored_rows, stored_order).tolist()
+            == names.sorted_rows().tolist())
+    nothing_stored = np.full(len(listed), -1, dtype=np.int64)
+    assert (dataset_index._name_order(names, nothing_stored, np.zeros(0, dtype=np.int64)).tolist()
+            == names.sorted_rows().tolist())
+
+
 # -- the lazy records ---------------------------------------------------------------------------------------
 
 def test_records_are_built_on_demand_with_the_values_of_a_list(tmp_path):
@@ -361,6 +462,65 @@ def test_a_scan_keeps_no_python_object_per_image(tmp_path):
         return sys.getallocatedblocks() - blocks
 
     assert blocks_kept(1000) - blocks_kept(100) < 100  # what the result holds does not grow per image
+
+
+class _Tokenizer:
+    pad_token_id = 0
+    model_max_length = 77
+
+    def __call__(self, text, truncation=True, max_length=77):
+        return type("Tokens", (), {"input_ids": [1, len(text), 2]})()
+
+
+def test_prepared_data_keeps_the_records_lazy_with_the_values_of_lists(tmp_path):
+    from engine.data.prepare import prepare_data
+    from engine.data.records import LazyRecords
+    from engine.testing import tiny_config
+
+    small, large = tmp_path / "small", tmp_path / "large"
+    for folder, sizes in ((small, [(64, 64), (64, 32)]), (large, [(32, 64), (4, 64), (64, 64), (96, 64)])):
+        folder.mkdir()
+        for index, size in enumerate(sizes):
+            write_image(folder / f"{index}.png", size)
+    (large / "2.txt").write_text("a caption", encoding="utf-8")
+    concepts = [{"instance_set": {"path": str(small), "prompt": "sks", "repeats": 2}},
+                {"instance_set": {"path": str(large), "prompt": "toy, {TXT_PROMPT}"}}]
+
+    def prepared(**overrides):
+        config = cfg.from_dict(tiny_config(tmp_path / "run", **{
+            "prior_preservation.enabled": False, "aspect_ratio_bucket.enabled": True, "data.concepts": concepts,
+            **overrides}))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return config, prepare_data(config, _Tokenizer(), seed=0)
+
+    config, data = prepared()
+    # What the records would be as lists: both scans one after the other, bucketed (1.png of `large` is
+    # too small), each kept image `repeats` times in a row.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        eager = list(scan_folder(str(small), "sks").records) + list(scan_folder(str(large), "toy, {TXT_PROMPT}").records)
+        plan = plan_buckets(config, eager)
+    repeats = [2, 2, 1, 1, 1, 1]
+    expected = [eager[i] for i in plan.indices for _ in range(repeats[i])]
+    buckets = [bucket for i, bucket in zip(plan.indices, plan.assignments) for _ in range(repeats[i])]
+    instances = data.dataset.instances
+    assert isinstance(instances, LazyRecords) and not isinstance(instances, list)
+    assert len(instances) == len(expected) == 7 and data.images == 5
+    assert [instances[i] for i in range(-7, 7)] == expected + expected and list(instances) == expected
+    assert expected[6] == ImageRecord(str(large / "3.png"), 96, 64, "toy")
+    assert expected[5] == ImageRecord(str(large / "2.png"), 64, 64, "toy, a caption")
+    assert data.dataset.instance_buckets == buckets and data.dataset.instance_groups == [0, 0, 0, 0, 1, 1, 1]
+    width, height = data.bucket_sizes[buckets[6]]
+    assert tuple(data.dataset[6]["instance"]["pixel_values"].shape) == (3, height, width)
+
+    # Held out by validation.split: lazy too; with the training and the skipped images, all of them.
+    _, split = prepared(**{"validation.split": 0.5, "validation.every_n_steps": 5})
+    assert isinstance(split.held_out, LazyRecords) and len(split.held_out) == 3  # 1 of 2 and 2 of 4 images
+    trained = {record.path for record in split.dataset.instances}
+    held = {record.path for record in split.held_out}
+    assert trained.isdisjoint(held) and len(held) == 3
+    assert trained | held | {path for path, _ in split.skipped} == {record.path for record in eager}
 
 
 # -- the pool of readers ------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import numpy as np
 from .. import notices
 from ..config import Config, ConfigError
 from .index import DataWarning, ImageRecord
-from .records import ImageRecords
+from .records import LazyRecords
 
 LATENT_FACTOR = 8
 # An image this many times smaller than the smallest bucket side would be upscaled into mush.
@@ -127,7 +127,7 @@ def plan_buckets(config: Config, records: Sequence[ImageRecord],
     """Each record's bucket; `sizes` reuses another plan's buckets (class images follow the instances').
 
     The rule runs on whole width and height columns; only skipped images are looked at one by one.
-    Records from a scan (ImageRecords) stay lazy: plan.kept is then a lazy selection of them.
+    Lazy records (a scan's, see records) stay lazy: plan.kept is then a lazy selection of them.
     """
     sizes = list(sizes) if sizes is not None else bucket_sizes(config)
     plan = BucketPlan(sizes=sizes, assignments=[])
@@ -158,13 +158,13 @@ def plan_buckets(config: Config, records: Sequence[ImageRecord],
     kept = np.flatnonzero(~(too_small | too_far))
     plan.indices = kept.tolist()
     plan.assignments = buckets[kept].tolist()
-    plan.kept = records.take(kept) if isinstance(records, ImageRecords) else [records[i] for i in plan.indices]
+    plan.kept = records.take(kept) if isinstance(records, LazyRecords) else [records[i] for i in plan.indices]
     return plan
 
 
 def _sides(records: Sequence[ImageRecord]) -> tuple[np.ndarray, np.ndarray]:
     """The (widths, heights) columns of the records, as int64 so that no product overflows."""
-    if isinstance(records, ImageRecords):
+    if isinstance(records, LazyRecords):
         return records.widths.astype(np.int64), records.heights.astype(np.int64)
     count = len(records)
     return (np.fromiter((r.width for r in records), dtype=np.int64, count=count),

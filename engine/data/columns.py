@@ -74,6 +74,8 @@ class Packed:
         rows = np.asarray(rows, dtype=np.int64)
         if len(rows) == 0:
             return Packed.empty()
+        if len(rows) == len(self) and np.array_equal(rows, np.arange(len(self))):
+            return self  # all of them in order: the column is immutable, so no copy is needed
         starts, ends = self.offsets[rows], self.offsets[rows + 1]
         # Rows that follow each other in the buffer (an unchanged stretch of a refreshed index) are
         # copied as one slice, so the cost is per stretch, not per string.
@@ -89,13 +91,39 @@ class Packed:
         passes for file names, and no Python object per string."""
         rows = np.arange(len(self), dtype=np.int64)
         if len(rows):
-            digits = self._digits()
-            for digit in range((int(self.lengths().max()) - 1) // 8 * 8, -1, -8):
+            digits = _Digits(self)
+            for digit in range((int(digits.lengths.max()) - 1) // 8 * 8, -1, -8):
                 rows = rows[np.argsort(digits(rows, digit), kind="stable")]
         return rows
 
     def find(self, queries: "Packed") -> np.ndarray:
-        """For each string of `queries`, the row of the equal string here (the last of several), or -1."""
+        """For each string of `queries`, the row of the equal string here (the last of several), or -1.
+
+        The strings are matched by 64-bit hashes, each column's sorted (a sort of integers, far cheaper
+        than one of strings), and each match is confirmed byte for byte. Where two strings here share a
+        hash (equal strings, or a collision), the strings themselves are sorted instead."""
+        mine, theirs = _Digits(self), _Digits(queries)
+        hashes = _hashes(mine)
+        by_hash = np.argsort(hashes)
+        hashes = hashes[by_hash]
+        if np.any(hashes[1:] == hashes[:-1]):
+            return self._find_by_sorting(queries)
+        rows = np.full(len(queries), -1, dtype=np.int64)
+        if not len(self):
+            return rows
+        wanted = _hashes(theirs)
+        query_order = np.argsort(wanted)
+        wanted = wanted[query_order]
+        # Sorted queries make the binary searches one sweep through memory.
+        at = np.minimum(np.searchsorted(hashes, wanted), len(self) - 1)
+        hit = np.flatnonzero(hashes[at] == wanted)
+        rows[query_order[hit]] = by_hash[at[hit]]
+        # Confirmed in query order: a listing in nearly the stored order then reads both columns in turn.
+        candidates = np.flatnonzero(rows >= 0)
+        rows[candidates[~_equal(mine, rows[candidates], theirs, candidates)]] = -1
+        return rows
+
+    def _find_by_sorting(self, queries: "Packed") -> np.ndarray:
         order, new_run = Packed.join([self, queries])._sorted_runs()
         rows = np.full(len(queries), -1, dtype=np.int64)
         if not len(order):
@@ -114,8 +142,25 @@ class Packed:
         """(the sorted rows, whether each starts a run of equal strings in that order)."""
         order = self.sorted_rows()
         new_run = np.ones(len(order), dtype=bool)
-        new_run[1:] = ~self._equal(order[:-1], order[1:])
+        digits = _Digits(self)
+        new_run[1:] = ~_equal(digits, order[:-1], digits, order[1:])
         return order, new_run
+
+    def searchsorted(self, order: np.ndarray, queries: "Packed") -> np.ndarray:
+        """For each string of `queries`, how many of the strings of rows `order` (in sorted order, see
+        sorted_rows) sort before it: where it goes among them. A binary search of all queries at once,
+        each halving one pass over the queries still searching."""
+        low = np.zeros(len(queries), dtype=np.int64)
+        high = np.full(len(queries), len(order), dtype=np.int64)
+        mine, theirs = _Digits(self), _Digits(queries)
+        active = np.flatnonzero(low < high)
+        while len(active):
+            middle = (low[active] + high[active]) // 2
+            before = _less(mine, order[middle], theirs, active)
+            low[active[before]] = middle[before] + 1
+            high[active[~before]] = middle[~before]
+            active = active[low[active] < high[active]]
+        return low
 
     def stems(self) -> "Packed":
         """Each string up to its last dot (the file name without its extension); one without a dot whole."""
@@ -131,36 +176,78 @@ class Packed:
         keep = np.cumsum(edges[:-1], dtype=np.int8) > 0
         return Packed(blob[keep].tobytes(), _offsets(cut - starts))
 
-    def _digits(self):
-        """digits(rows, digit): bytes digit to digit + 7 of each row's string as one big-endian number,
-        zeros past its end, so that numbers compare as the bytes do. Computed a slice of rows at a time
-        to keep the temporary arrays small."""
-        windows = np.lib.stride_tricks.sliding_window_view(np.frombuffer(self.blob + bytes(8), dtype=np.uint8), 8)
-        starts, lengths = self.offsets[:-1], self.lengths()
 
-        def digits(rows: np.ndarray, digit: int) -> np.ndarray:
-            found = np.empty(len(rows), dtype=np.uint64)
-            for begin in range(0, len(rows), _SLICE):
-                part = rows[begin:begin + _SLICE]
-                values = windows[np.minimum(starts[part] + digit, len(self.blob))].view(">u8").ravel()
-                # Clear the bytes past the end; a shift by 64 is undefined, hence two shifts each way.
-                half = (np.uint64(4) * (8 - np.clip(lengths[part] - digit, 0, 8))).astype(np.uint64)
-                found[begin:begin + len(part)] = values >> half >> half << half << half
-            return found
+# An odd constant with well-spread bits (2^64 over the golden ratio): multiplying by it mixes each digit
+# into all the higher bits of the hash.
+_HASH_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
 
-        return digits
 
-    def _equal(self, first: np.ndarray, second: np.ndarray) -> np.ndarray:
-        """Whether the strings of rows first[i] and second[i] are equal."""
-        lengths = self.lengths()
-        equal = lengths[first] == lengths[second]
-        digits = self._digits()
-        for digit in range(0, int(lengths.max()) if len(lengths) else 0, 8):
-            candidates = np.flatnonzero(equal)
-            for begin in range(0, len(candidates), _SLICE):
-                pairs = candidates[begin:begin + _SLICE]
-                equal[pairs] = digits(first[pairs], digit) == digits(second[pairs], digit)
-        return equal
+class _Digits:
+    """digits(rows, digit): bytes digit to digit + 7 of each row's string as one big-endian number,
+    zeros past its end, so that numbers compare as the bytes do. Computed a slice of rows at a time
+    to keep the temporary arrays small."""
+
+    def __init__(self, column: Packed):
+        # The 8 bytes from each place of the buffer as one number: overlapping items one byte apart, read
+        # in place (only a buffer shorter than one number is copied, padded).
+        blob = column.blob if len(column.blob) >= 8 else column.blob + bytes(8 - len(column.blob))
+        self._last = len(blob) - 8
+        self._numbers = np.ndarray(shape=(self._last + 1,), dtype=">u8", buffer=blob, strides=(1,))
+        self._starts, self.lengths = column.offsets[:-1], column.lengths()
+
+    def __call__(self, rows: np.ndarray, digit: int) -> np.ndarray:
+        found = np.empty(len(rows), dtype=np.uint64)
+        for begin in range(0, len(rows), _SLICE):
+            part = rows[begin:begin + _SLICE]
+            places = self._starts[part] + digit
+            read = np.minimum(places, self._last)
+            # A shift by 64 is undefined, hence each shift done in two halves. Within 8 bytes of the end,
+            # the number was read from earlier: shift the wanted bytes up to the top.
+            early = (np.uint64(4) * np.minimum(places - read, 8)).astype(np.uint64)
+            values = self._numbers[read].astype(np.uint64) << early << early
+            # Clear the bytes past the end.
+            half = (np.uint64(4) * (8 - np.clip(self.lengths[part] - digit, 0, 8))).astype(np.uint64)
+            found[begin:begin + len(part)] = values >> half >> half << half << half
+        return found
+
+
+def _hashes(digits: _Digits) -> np.ndarray:
+    """A 64-bit hash of each string: its length, then its 8-byte digits multiplied in, each digit over
+    the strings that reach it."""
+    hashes = digits.lengths.astype(np.uint64) * _HASH_MULTIPLIER
+    for digit in range(0, int(digits.lengths.max()) if len(digits.lengths) else 0, 8):
+        rows = np.flatnonzero(digits.lengths > digit)
+        # uint64 products wrap around, as a hash wants.
+        hashes[rows] = (hashes[rows] ^ digits(rows, digit)) * _HASH_MULTIPLIER
+    return hashes
+
+
+def _equal(first: _Digits, first_rows: np.ndarray, second: _Digits, second_rows: np.ndarray) -> np.ndarray:
+    """Whether the string of row first_rows[i] of one column equals that of row second_rows[i] of
+    another (or the same); each digit is compared only where both strings reach it."""
+    lengths = first.lengths[first_rows]
+    equal = lengths == second.lengths[second_rows]
+    for digit in range(0, int(lengths.max()) if len(lengths) else 0, 8):
+        candidates = np.flatnonzero(equal & (lengths > digit))
+        for begin in range(0, len(candidates), _SLICE):
+            pairs = candidates[begin:begin + _SLICE]
+            equal[pairs] = first(first_rows[pairs], digit) == second(second_rows[pairs], digit)
+    return equal
+
+
+def _less(first: _Digits, first_rows: np.ndarray, second: _Digits, second_rows: np.ndarray) -> np.ndarray:
+    """Whether the string of row first_rows[i] of one column sorts before that of row second_rows[i] of
+    another: decided by the first digit where they differ, looked at only for the pairs still tied."""
+    less = np.zeros(len(first_rows), dtype=bool)
+    tied = np.arange(len(first_rows))
+    reach = np.maximum(first.lengths[first_rows], second.lengths[second_rows])
+    digit = 0
+    while len(tied):
+        mine, theirs = first(first_rows[tied], digit), second(second_rows[tied], digit)
+        less[tied] = mine < theirs
+        digit += 8
+        tied = tied[(mine == theirs) & (reach[tied] > digit)]
+    return less
 
 
 def _offsets(lengths: np.ndarray) -> np.ndarray:

@@ -6,7 +6,7 @@ so that a resumed run sees exactly the batches the uninterrupted run would have 
 """
 from __future__ import annotations
 
-import bisect
+import itertools
 from typing import Optional, Sequence
 
 import numpy as np
@@ -15,6 +15,7 @@ import torch
 from .. import notices
 from .index import DataWarning, ImageRecord
 from .masks import load_mask, mask_tensor
+from .records import LazyRecords
 from .shards import image_file
 from ..errors import UserError
 
@@ -98,13 +99,14 @@ class DreamBoothDataset(torch.utils.data.Dataset):
                  uncond_p: float = 0.0, captions=None, augment: Sequence = (),
                  prompt_expansions: Optional[dict] = None, instance_groups: Sequence[int] = (),
                  class_groups: Sequence[int] = (), masks: Optional[dict[str, str]] = None):
-        self.instances = list(instances)
+        # Lazy records (see records) stay lazy: a record is built only for the example being made.
+        self.instances = instances if isinstance(instances, LazyRecords) else list(instances)
         self.instance_buckets = list(instance_buckets)
         self.sizes = list(sizes)
         self.tokenizer = tokenizer
         self.center_crop = center_crop
         self.seed = seed
-        self.classes = list(classes)
+        self.classes = classes if isinstance(classes, LazyRecords) else list(classes)
         self.uncond_p = uncond_p
         self.captions = captions
         self.augment = list(augment)
@@ -115,9 +117,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.latents = None
         self.class_pool = self._class_pools(class_buckets, list(class_groups) or [0] * len(self.classes)) \
             if self.classes else {}
-        self.instance_pool: dict[tuple[int, int], list[int]] = {}
-        for index, key in enumerate(zip(self.instance_groups, self.instance_buckets)):
-            self.instance_pool.setdefault(key, []).append(index)
+        self.instance_pool = index_pools(self.instance_groups, self.instance_buckets)
 
     def _class_pools(self, class_buckets: Sequence[int],
                      class_groups: Sequence[int]) -> dict[tuple[int, int], list[int]]:
@@ -147,7 +147,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
 
     def prompts(self) -> set[str]:
         """Every caption an example can carry while captions are neither shuffled nor dropped per step."""
-        texts = {record.caption for record in self.instances + self.classes} | {""}
+        texts = {record.caption for record in itertools.chain(self.instances, self.classes)} | {""}
         if not self.prompt_expansions:
             return texts
         from ..models.embeddings import expand_tokens
@@ -225,7 +225,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         size = self.sizes[bucket]
         # Replacements for an image that cannot be decoded come after it, from its own concept and bucket.
         same_bucket = self.instance_pool[self.instance_groups[index], bucket]
-        start = bisect.bisect_left(same_bucket, index)
+        start = int(np.searchsorted(same_bucket, index))
         item = {"instance": self._first_usable(self.instances, same_bucket, start, size, rng)}
         # keys for the training noise of each row (see train.RowNoise), drawn from the same per-sample stream
         item["instance"]["sample_key"] = int(rng.integers(2**62))
@@ -237,6 +237,18 @@ class DreamBoothDataset(torch.utils.data.Dataset):
             item["class"] = self._first_usable(self.classes, pool, start, size, rng)
             item["class"]["sample_key"] = int(rng.integers(2**62))
         return item
+
+
+def index_pools(groups: Sequence[int], buckets: Sequence[int]) -> dict[tuple[int, int], np.ndarray]:
+    """The dataset indices of each (concept, bucket), ascending: arrays, so that a million samples are not a
+    million Python ints."""
+    groups, buckets = np.asarray(groups, dtype=np.int64), np.asarray(buckets, dtype=np.int64)
+    keys = groups * (int(buckets.max()) + 1 if len(buckets) else 1) + buckets
+    order = np.argsort(keys, kind="stable")
+    _, starts = np.unique(keys[order], return_index=True)
+    ends = np.append(starts[1:], len(order))
+    return {(int(groups[order[start]]), int(buckets[order[start]])): order[start:end]
+            for start, end in zip(starts.tolist(), ends.tolist())}
 
 
 class UnusableImage(Exception):

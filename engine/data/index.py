@@ -80,30 +80,49 @@ def _write_index(folder: Path, tables: index_store.Tables) -> None:
 
 
 def _refresh(stored: Optional[dict], folder: str, listed: dict, read: Callable[[str, Packed], dict],
-             empty: dict) -> tuple[dict, bool]:
+             empty: dict) -> tuple[dict, bool, Optional[np.ndarray]]:
     """The table for the files now listed, reading only the files that are new or whose size or mtime
-    changed. Returns (table, whether it differs from the stored one). An unchanged folder lists in the
-    same order again, so that case is three comparisons of whole columns."""
+    changed. Returns (table, whether it differs from the stored one, and if it does, the stored row of
+    each file's name or -1 for a new name). An unchanged folder lists in the same order again, so that
+    case is three comparisons of whole columns."""
     names = listed["names"]
     stored = stored or empty
     if "sizes" not in listed:  # nothing stored to compare with: every file is read, and stat-ed there
-        source = np.full(len(names), -1, dtype=np.int64)
+        named = np.full(len(names), -1, dtype=np.int64)
+        source = named.copy()
     elif (stored["names"].equals(names) and np.array_equal(stored["sizes"], listed["sizes"])
           and np.array_equal(stored["mtimes"], listed["mtimes"])):
-        return stored, False
+        return stored, False, None
     else:
-        source = np.arange(len(names)) if stored["names"].equals(names) else stored["names"].find(names)
-        known = source >= 0
-        known[known] = ((stored["sizes"][source[known]] == listed["sizes"][known])
-                        & (stored["mtimes"][source[known]] == listed["mtimes"][known]))
-        source[~known] = -1
+        named = np.arange(len(names)) if stored["names"].equals(names) else stored["names"].find(names)
+        known = named >= 0
+        known[known] = ((stored["sizes"][named[known]] == listed["sizes"][known])
+                        & (stored["mtimes"][named[known]] == listed["mtimes"][known]))
+        source = np.where(known, named, -1)
     fresh = np.flatnonzero(source < 0)
     read_values = read(folder, names.take(fresh))
     # Each row's columns come from its stored row, or from the files just read (after the stored rows).
     source[fresh] = len(stored["names"]) + np.arange(len(fresh))
     columns = [column for column in stored if column != "names"]
     merged = take(concat([{column: stored[column] for column in columns}, read_values]), source)
-    return {"names": names, **merged}, True
+    return {"names": names, **merged}, True, named
+
+
+def _name_order(names: Packed, stored_rows: np.ndarray, stored_order: np.ndarray) -> np.ndarray:
+    """The rows of `names` in name order (what names.sorted_rows() gives), from the row each name had in
+    the stored table (-1 for a new one) and that table's name order: the names kept are in order
+    already, so only the new ones are sorted, then put in their places among them."""
+    new_row = np.full(len(stored_order), -1, dtype=np.int64)
+    known = np.flatnonzero(stored_rows >= 0)
+    new_row[stored_rows[known]] = known
+    kept = new_row[stored_order]
+    kept = kept[kept >= 0]
+    added = np.flatnonzero(stored_rows < 0)
+    added_names = names.take(added)
+    places = names.searchsorted(kept, added_names)
+    by_name = added_names.sorted_rows()
+    # np.insert puts the values for one place in the order given: the added names' sorted order.
+    return np.insert(kept, places[by_name], added[by_name])
 
 
 def _has_rows(table: Optional[dict]) -> bool:
@@ -113,9 +132,17 @@ def _has_rows(table: Optional[dict]) -> bool:
 def _caption_rows(images: Packed, captions: Packed) -> np.ndarray:
     """For each image, the row of the caption file with its name's stem (a.png: a.txt), or -1; of two
     captions for one stem (a.TXT, a.txt), the later in name order."""
-    by_name = captions.sorted_rows()
-    found = captions.take(by_name).stems().find(images.stems())
-    return np.where(found >= 0, by_name[found], -1).astype(np.int32)
+    # A caption's name is its stem and ".txt" in some case, so of the captions of one stem the later in
+    # name order has the greater extension bytes. Ordered by them (stably, so that captions all named
+    # .txt keep their rows and the reordering is one copy), it is the last of its stem, which find takes.
+    blob = np.frombuffer(captions.blob, dtype=np.uint8)
+    ends = captions.offsets[1:]
+    extensions = np.zeros(len(captions), dtype=np.uint32)
+    for back in range(4, 0, -1):
+        extensions = extensions << np.uint32(8) | blob[ends - back]
+    by_extension = np.argsort(extensions, kind="stable")
+    found = captions.take(by_extension).stems().find(images.stems())
+    return np.where(found >= 0, by_extension[found], -1).astype(np.int32)
 
 
 def scan_folder(folder: str, prompt_template: str, label: str = "folder",
@@ -138,16 +165,16 @@ def scan_folder(folder: str, prompt_template: str, label: str = "folder",
     with Readers(processes) as readers:
         # The workers start up while the folder is stat-ed, when the files that are not are many.
         listed = list_folder(str(root), kinds, readers.expect)
-        images, images_changed = _refresh(stored.get("images"), folder, listed["images"], readers.images,
-                                          index_store.empty("images"))
+        images, images_changed, image_rows = _refresh(stored.get("images"), folder, listed["images"],
+                                                      readers.images, index_store.empty("images"))
         captions, captions_changed = stored.get("captions") or index_store.empty("captions"), False
         if wants_captions:
             # A scan without {TXT_PROMPT} leaves the stored captions alone for the scans that need them.
-            captions, captions_changed = _refresh(stored.get("captions"), folder, listed["captions"],
-                                                  readers.captions, index_store.empty("captions"))
-    order = stored.get("image_order")
+            captions, captions_changed, _ = _refresh(stored.get("captions"), folder, listed["captions"],
+                                                     readers.captions, index_store.empty("captions"))
+    order = stored.get("image_order") or index_store.empty("image_order")
     if images_changed:
-        order = {"rows": images["names"].sorted_rows()}
+        order = {"rows": _name_order(images["names"], image_rows, order["rows"])}
     links = stored.get("caption_links") or index_store.empty("caption_links")
     if wants_captions and (images_changed or captions_changed or len(links["rows"]) != len(images["names"])):
         links = {"rows": _caption_rows(images["names"], captions["names"])}
