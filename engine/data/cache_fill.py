@@ -21,10 +21,10 @@ from .cache import ShardStore, ids_key, latent_folder, latent_key, text_folder
 
 class FirstEpochFill:
     def __init__(self, latents: Optional[ShardStore], text: Optional[ShardStore], pad_token_id: int,
-                 max_length: int, parts: tuple[str, ...], warn: Callable[[str], None]):
+                 max_length: int, warn: Callable[[str], None]):
         self.latents = latents.writer() if latents is not None else None
         self.text = text.writer() if text is not None else None
-        self.pad_token_id, self.max_length, self.parts = pad_token_id, max_length, parts
+        self.pad_token_id, self.max_length = pad_token_id, max_length
         self.warn = warn
         self.failed = False  # a write failed: the run goes on uncached
 
@@ -32,8 +32,7 @@ class FirstEpochFill:
     def for_run(cls, config, plan, family, components, warn: Callable[[str], None]) -> "FirstEpochFill":
         return cls(ShardStore(latent_folder(config, components.vae)) if plan.cache_latents else None,
                    ShardStore(text_folder(config, plan, family, components.text_encoder)) if plan.cache_text
-                   else None, components.tokenizer.pad_token_id, components.tokenizer.model_max_length,
-                   family.conditioning_parts, warn)
+                   else None, components.tokenizer.pad_token_id, components.tokenizer.model_max_length, warn)
 
     @property
     def records_text(self) -> bool:
@@ -58,7 +57,7 @@ class FirstEpochFill:
     def add_text(self, full_ids: torch.Tensor, conditioning: dict, length: int) -> dict:
         """Record the conditioning of full-padding ids; return it cut to `length` tokens, as the cache reads it."""
         store = self.text.store
-        for ids, row in zip(full_ids.tolist(), range(full_ids.shape[0])):
+        for row, ids in enumerate(full_ids.tolist()):
             key = ids_key(ids, self.pad_token_id)
             for part, values in conditioning.items():
                 name = f"{key}/{part}"
