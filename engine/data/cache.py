@@ -87,7 +87,8 @@ class ShardStore:
         self._index(hashes, owners)
 
     def _index(self, hashes: list[np.ndarray], owners: list[np.ndarray]) -> None:
-        hashes, owners = np.concatenate(hashes or [np.zeros(0, np.uint64)]), np.concatenate(owners or [np.zeros(0, np.int32)])
+        hashes = np.concatenate(hashes or [np.zeros(0, np.uint64)])
+        owners = np.concatenate(owners or [np.zeros(0, np.int32)])
         order = np.argsort(hashes, kind="stable")
         self._hashes, self._owners = hashes[order], owners[order]
 
