@@ -22,7 +22,7 @@ import torch
 
 from . import events, paths
 from .data.buckets import plan_buckets
-from .config import Config, load
+from .config import Config, add_overrides_argument, load
 from .data.index import scan_folder
 from .data.shards import names_shards
 from .data.sources import scan_images
@@ -246,5 +246,5 @@ def cmd_gen_class(args) -> int:
 def register(commands) -> None:
     parser = commands.add_parser("gen-class", help="generate the missing class (regularization) images")
     parser.add_argument("--config", required=True, help="YAML config file")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    add_overrides_argument(parser)
     parser.set_defaults(func=cmd_gen_class)

@@ -152,14 +152,15 @@ def cmd_make_sample_data(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import add_overrides_argument
+
     parser = argparse.ArgumentParser(prog="python -m engine", description="SCAL-SDT training engine")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train from a config")
     source = train.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", help="YAML config file")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config key, e.g. --set trainer.max_steps=10 (repeatable)")
+    add_overrides_argument(train, "trainer.max_steps=10")
     source.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest checkpoint")
     train.add_argument("--json-events", action="store_true",
                        help="print each event as one JSON object per line instead of a progress bar")

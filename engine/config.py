@@ -553,6 +553,13 @@ def parse_yaml(text: str, where: str = "") -> dict:
     return values
 
 
+def add_overrides_argument(parser, example: str = "") -> None:
+    """The `--set KEY=VALUE` option of a command that loads a config: the overrides `load` applies."""
+    shown = f", e.g. --set {example}" if example else ""
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override a config key{shown} (repeatable)")
+
+
 def load(path: str | Path | None = None, overrides: list[str] | None = None,
          base: dict | None = None) -> Config:
     """Load a YAML config (or a dict), apply `--set` overrides, validate; raises ConfigError."""

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from . import paths
-from .config import Config
+from .config import Config, add_overrides_argument
 from .errors import UserError
 from .models.family import family_named, text_encoder_parts
 from .models.single_file import BUILTIN_CONFIGS
@@ -456,8 +456,7 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "estimate-vram", help="estimate the peak GPU memory of a config's training step (no GPU needed)")
     parser.add_argument("--config", required=True, help="YAML config file")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set batch_size=2 (repeatable)")
+    add_overrides_argument(parser, "batch_size=2")
     parser.add_argument("--arch", choices=ARCHITECTURES,
                         help="architecture when the model is not a diffusers folder (default: from the model's "
                              "name, else sd15)")

@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import notices, paths
 from .buckets import bucket_sizes, crop_box, plan_buckets
-from ..config import Config
+from ..config import Config, add_overrides_argument
 from .masks import concept_masks
 from .shards import shard_paths
 from .sources import scan_images
@@ -118,7 +118,6 @@ def cmd_buckets(args) -> int:
 def register(subparsers) -> None:
     parser = subparsers.add_parser("buckets", help="show the aspect-ratio buckets of a config's images")
     parser.add_argument("--config", required=True, help="YAML config file")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set aspect_ratio_bucket.enabled=true (repeatable)")
+    add_overrides_argument(parser, "aspect_ratio_bucket.enabled=true")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.set_defaults(func=cmd_buckets)

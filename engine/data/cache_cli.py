@@ -51,8 +51,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
+    from ..config import add_overrides_argument
+
     parser = subparsers.add_parser("cache", help="fill a config's latent and text-embedding caches before training")
     parser.add_argument("--config", required=True, help="YAML config file")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key (repeatable)")
+    add_overrides_argument(parser)
     parser.set_defaults(func=cmd_cache)
