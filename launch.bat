@@ -35,13 +35,13 @@ if defined SCAL_TORCH_INDEX (
 rem Reinstall only when the requirements or the torch choice changed; the same hash as launch.sh.
 rem The torch spec goes to python through the environment: on a command line its comparison signs redirect.
 set WANT=
-"%PY%" -c "import hashlib, os; data = open('requirements.txt', 'rb').read() + (os.environ['SCAL_TORCH'] + ' ' + os.environ.get('SCAL_TORCH_INDEX', '') + '\n').encode(); print(hashlib.sha256(data).hexdigest())" > "%VENV%\.scal-sdt-want" || exit /b 1
+"%PY%" -c "import hashlib, os; data = open('requirements.txt', 'rb').read() + open('requirements-nodeps.txt', 'rb').read() + (os.environ['SCAL_TORCH'] + ' ' + os.environ.get('SCAL_TORCH_INDEX', '') + '\n').encode(); print(hashlib.sha256(data).hexdigest())" > "%VENV%\.scal-sdt-want" || exit /b 1
 set /p WANT=<"%VENV%\.scal-sdt-want"
 set HAVE=
 if exist "%VENV%\.scal-sdt-installed" set /p HAVE=<"%VENV%\.scal-sdt-installed"
 if not "%HAVE%"=="%WANT%" (
   echo !TORCH_WHY!
-  echo installing !SCAL_TORCH!, then requirements.txt ^(first run only^)
+  echo installing !SCAL_TORCH!, then requirements.txt and requirements-nodeps.txt ^(first run only^)
   "%PY%" -m pip install --quiet --upgrade pip || exit /b 1
   if defined SCAL_TORCH_INDEX (
     "%PY%" -m pip install --quiet "!SCAL_TORCH!" --extra-index-url "!SCAL_TORCH_INDEX!" || exit /b 1
@@ -49,6 +49,7 @@ if not "%HAVE%"=="%WANT%" (
     "%PY%" -m pip install --quiet "!SCAL_TORCH!" || exit /b 1
   )
   "%PY%" -m pip install --quiet -r requirements.txt || exit /b 1
+  "%PY%" -m pip install --quiet --no-deps -r requirements-nodeps.txt || exit /b 1
   >"%VENV%\.scal-sdt-installed" echo %WANT%
 )
 

@@ -37,12 +37,12 @@ fi
 
 # Reinstall only when what is asked for changed: the stamp holds a hash of the requirements and torch choice.
 # Hashed by the venv's python because sha256sum is missing on macOS; launch.bat runs the same code.
-hash_code="import hashlib, os; data = open('requirements.txt', 'rb').read() + (os.environ['SCAL_TORCH'] + ' ' + os.environ.get('SCAL_TORCH_INDEX', '') + '\n').encode(); print(hashlib.sha256(data).hexdigest())"
+hash_code="import hashlib, os; data = open('requirements.txt', 'rb').read() + open('requirements-nodeps.txt', 'rb').read() + (os.environ['SCAL_TORCH'] + ' ' + os.environ.get('SCAL_TORCH_INDEX', '') + '\n').encode(); print(hashlib.sha256(data).hexdigest())"
 want=$(SCAL_TORCH="$torch_spec" SCAL_TORCH_INDEX="$torch_index" "$py" -c "$hash_code")
 stamp="$venv/.scal-sdt-installed"
 if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
   echo "$torch_why"
-  echo "installing $torch_spec, then requirements.txt (first run only)"
+  echo "installing $torch_spec, then requirements.txt and requirements-nodeps.txt (first run only)"
   "$py" -m pip install --quiet --upgrade pip
   # torch first: a bare torch pulled in by another package would be a multi-GB default build.
   if [[ -n "$torch_index" ]]; then
@@ -51,6 +51,7 @@ if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
     "$py" -m pip install --quiet "$torch_spec"
   fi
   "$py" -m pip install --quiet -r requirements.txt
+  "$py" -m pip install --quiet --no-deps -r requirements-nodeps.txt
   echo "$want" > "$stamp"
 fi
 

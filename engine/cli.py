@@ -169,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = commands.add_parser("make-tiny-model", help="write the tiny offline demo pipeline")
     tiny.add_argument("dir")
     tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument("--arch", choices=("sd", "sdxl"), default="sd", help="SD1.x-shaped (default) or SDXL-shaped")
+    tiny.add_argument("--arch", choices=("sd", "sd21", "sdxl"), default="sd",
+                      help="shrunk SD1.5 (default), SD2.1 768 v-prediction or SDXL")
     tiny.set_defaults(func=cmd_make_tiny_model)
 
     sample = commands.add_parser("make-sample-data", help="write the synthetic demo dataset")

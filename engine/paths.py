@@ -19,7 +19,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SCAL_SDT_CACHE", Path.home() / ".cache" / "scal-sdt"))
 
 
-def _build_once(target: Path, build: Callable[[Path], object]) -> Path:
+def build_once(target: Path, build: Callable[[Path], object]) -> Path:
     """Build target unless it exists; the folder only ever appears complete.
 
     Several processes (torchrun ranks, the app beside a CLI run) may build at once, and a build may be killed
@@ -49,26 +49,26 @@ def _build_once(target: Path, build: Callable[[Path], object]) -> Path:
 
 
 def demo_model_dir(arch: str = "sd") -> Path:
-    """The tiny demo pipeline of an architecture ('sd' or 'sdxl'), built on first use."""
+    """The tiny demo pipeline of an architecture ('sd', 'sd21' or 'sdxl'), built on first use."""
     from .models.tiny import make_tiny_model
 
-    return _build_once(cache_dir() / f"tiny-{arch}", lambda folder: make_tiny_model(folder, arch=arch))
+    return build_once(cache_dir() / f"tiny-{arch}", lambda folder: make_tiny_model(folder, arch=arch))
 
 
 def demo_data_dir() -> Path:
     """The synthetic sample dataset, written on first use."""
     from .models.tiny import make_sample_data
 
-    return _build_once(cache_dir() / "sample-data", make_sample_data)
+    return build_once(cache_dir() / "sample-data", make_sample_data)
 
 
 def resolve(path: str) -> str:
-    """Map `demo:tiny-sd`, `demo:tiny-sdxl` and `demo:sample-data/...` to the cache folder; other paths are
-    returned as given."""
+    """Map `demo:tiny-sd`, `demo:tiny-sd21`, `demo:tiny-sdxl` and `demo:sample-data/...` to the cache folder;
+    other paths are returned as given."""
     if not path.startswith(DEMO_PREFIX):
         return os.path.expanduser(path)
     name = path[len(DEMO_PREFIX):].strip("/")
-    if name in ("tiny-sd", "tiny-sdxl"):
+    if name in ("tiny-sd", "tiny-sd21", "tiny-sdxl"):
         return str(demo_model_dir(name[len("tiny-"):]))
     if name == "sample-data" or name.startswith("sample-data/"):
         return str(demo_data_dir() / name[len("sample-data"):].strip("/"))

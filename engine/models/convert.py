@@ -30,6 +30,7 @@ from ..errors import UserError
 from .sd import is_diffusers_folder
 from . import keymap_sdxl
 from .keymap import KEY_MAPS, check_complete, to_original
+from .single_file import CONFIGS_KEY, model_configs
 from ..run_dir import RunDir
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -102,6 +103,7 @@ class Source:
     name: str = "model"
     prediction_type: str = "epsilon"
     adapter: Optional[AdapterRun] = None
+    config_folder: Optional[Path] = None  # the diffusers configs of the base model
 
 
 def _prediction_type(base: Path) -> str:
@@ -264,14 +266,14 @@ def load_source(source: str | Path, wanted: tuple[str, ...], ema: bool = False,
         from .family import text_encoder_parts
         from .single_file import config_folder, load_single_file_components, read_shapes
 
-        result.prediction_type = _prediction_type(config_folder(base, read_shapes(base)))
+        result.config_folder = config_folder(base, read_shapes(base))
         if any(component not in own for component in wanted):
             vae = str(own["vae"]) if "vae" in own else None
-            loaded = load_single_file_components(base, vae=vae, require_tokenizer=False)
+            loaded = load_single_file_components(base, vae=vae)
             base_components = {"unet": loaded.unet, "vae": loaded.vae, **text_encoder_parts(loaded.text_encoder)}
     else:
-        result.prediction_type = _prediction_type(base)
-    result.prediction_type = trained_as or result.prediction_type  # the run may have trained it as another
+        result.config_folder = base
+    result.prediction_type = trained_as or _prediction_type(result.config_folder)  # the run may have trained it as another
     for component in wanted:
         if component in own:
             result.models[component] = _load_model(component, own[component])
@@ -395,6 +397,8 @@ def _kohya_file(loaded: Source, dtypes: Mapping[str, torch.dtype]) -> tuple[dict
         meta = adapter.meta
         metadata = kohya.metadata(adapter.config, loaded.models, meta.get("step", 0), meta.get("epoch", 0), 0)
         metadata.pop("ss_num_train_images")  # not recorded in the checkpoint: better absent than wrong
+    # what this file is, whichever version of the trainer wrote the checkpoint's copy
+    metadata["ss_training_comment"] = kohya.training_comment(adapter.network.type)
     return state, metadata
 
 
@@ -460,6 +464,10 @@ def _convert_adapter(adapter: AdapterRun, out, kind: str, wanted: tuple[str, ...
                         f"{format_size(free)} free")
     _write(state, target, "safetensors", metadata)
     step(f"wrote {target} ({format_size(target.stat().st_size)})")
+    if kind == "kohya" and adapter.network.type == "dora":
+        from .kohya import DORA_NOTE
+
+        emit(events.Log(level="warning", message=DORA_NOTE))
     return target
 
 
@@ -524,8 +532,9 @@ def convert_checkpoint(source: str | Path, out: str | Path, *, text_encoder: boo
                   "A1111 needs a v-prediction config (v2-inference-v.yaml) saved beside it as "
                   f"{target.with_suffix('.yaml').name}")
         emit(events.Log(level="warning",
-                        message=f"this is a v-prediction model and the file does not say so: {advice}"))
-    _write(state, target, fmt)
+                        message=f"this is a v-prediction model and only this app reads that from the file: {advice}"))
+    _write(state, target, fmt, {"format": "pt", CONFIGS_KEY: json.dumps(
+        model_configs(loaded.config_folder, loaded.prediction_type), sort_keys=True)})
     step(f"wrote {target} ({format_size(target.stat().st_size)})")
     return target
 

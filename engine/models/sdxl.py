@@ -5,6 +5,7 @@ The two encoders travel through the trainer as one module (`TextEncoders`), so t
 DDP and the caches treat them as the single text encoder of SD1.x; checkpoints, adapters and conversions
 see its two parts under their diffusers names. Both encoders share one vocabulary, so the dataset
 tokenizes once with the first tokenizer; the second encoder gets the same ids padded with its own token.
+The special tokens come from the tokenizer: the encoders' configs say `eos_token_id: 2`, which is "#".
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 
 from .. import notices, paths
 from ..errors import UserError
+from . import clip_vocab
 from .sd import Components, resolve_model_path
 
 ENCODER_NAMES = ("text_encoder", "text_encoder_2")
@@ -24,22 +26,54 @@ SMALLEST_USEFUL_FRACTION = 0.5
 
 
 class TextEncoders(torch.nn.Module):
-    """SDXL's CLIP ViT-L (`text_encoder`) and OpenCLIP ViT-bigG with projection (`text_encoder_2`)."""
+    """SDXL's CLIP ViT-L (`text_encoder`) and OpenCLIP ViT-bigG with projection (`text_encoder_2`).
 
-    def __init__(self, text_encoder, text_encoder_2, pad_token_id_2: int):
+    The second tokenizer differs from the first in more than padding: its padding token "!" is a special
+    token, so every "!" in a caption becomes a token of its own (id 0) where the first tokenizer merges
+    it with its neighbours ("!!" is one token). `ids_for_second` rebuilds the second tokenizer's ids from
+    the first's: words are the same except those holding a "!", which it tokenizes again."""
+
+    def __init__(self, text_encoder, text_encoder_2, tokenizer_2):
         super().__init__()
         self.text_encoder = text_encoder
         self.text_encoder_2 = text_encoder_2
-        self.pad_token_id_2 = pad_token_id_2
+        self.tokenizer_2 = tokenizer_2
+        tokens = tokenizer_2.convert_ids_to_tokens(list(range(len(tokenizer_2))))
+        # not saved: they follow from the vocabulary, and move with the module to its device
+        self.register_buffer("has_bang", torch.tensor(["!" in t for t in tokens]), persistent=False)
+        self.word_ends = [t.endswith("</w>") for t in tokens]
+
+    @property
+    def pad_token_id_2(self) -> int:
+        return self.tokenizer_2.pad_token_id
 
     def parts(self) -> dict[str, torch.nn.Module]:
         return {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
 
     def ids_for_second(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The first tokenizer's ids with everything after the end token set to the second one's padding."""
-        eos = self.text_encoder_2.config.eos_token_id
-        after_end = (input_ids == eos).int().cumsum(dim=1) - (input_ids == eos).int() > 0
-        return input_ids.masked_fill(after_end, self.pad_token_id_2)
+        """The ids the second tokenizer gives the captions the first tokenizer gave input_ids for, as long
+        as input_ids: padded with the second one's padding, cut (end token last) where they are longer."""
+        end = (input_ids == self.tokenizer_2.eos_token_id).int()
+        after_end = end.cumsum(dim=1) - end > 0
+        ids = input_ids.masked_fill(after_end, self.pad_token_id_2)
+        for row in (self.has_bang[input_ids] & ~after_end).any(dim=1).nonzero().flatten().tolist():
+            ids[row] = torch.tensor(self._tokenized_again(input_ids[row].tolist(), ids.shape[1]))
+        return ids
+
+    def _tokenized_again(self, row: list[int], length: int) -> list[int]:
+        bos, eos = self.tokenizer_2.bos_token_id, self.tokenizer_2.eos_token_id
+        content = row[1:row.index(eos)] if eos in row else row[1:]
+        ids, word = [], []
+        for position, token in enumerate(content):
+            word.append(token)
+            if not (self.word_ends[token] or position == len(content) - 1):
+                continue
+            if any(self.has_bang[t] for t in word):
+                word = self.tokenizer_2(self.tokenizer_2.decode(word), add_special_tokens=False).input_ids
+            ids += word
+            word = []
+        ids = [bos] + ids[:length - 2] + [eos]
+        return ids + [self.pad_token_id_2] * (length - len(ids))
 
     def forward(self, input_ids: torch.Tensor, clip_stop_at_layer: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden states of both encoders side by side, pooled projection of the second).
@@ -74,7 +108,7 @@ def load_components(config) -> Components:
         raise UserError(f"config key 'vae': not found: {vae_path}")
     encoders = TextEncoders(CLIPTextModel.from_pretrained(root / "text_encoder", dtype=torch.float32),
                             CLIPTextModelWithProjection.from_pretrained(root / "text_encoder_2", dtype=torch.float32),
-                            tokenizer_2.pad_token_id)
+                            tokenizer_2)
     return Components(
         tokenizer=tokenizer, text_encoder=encoders,
         vae=AutoencoderKL.from_pretrained(vae_path, torch_dtype=torch.float32),
@@ -127,7 +161,7 @@ class StableDiffusionXL:
 
         encoders = TextEncoders(CLIPTextModel(CLIPTextConfig.from_dict(architecture.text_encoder)),
                                 CLIPTextModelWithProjection(CLIPTextConfig.from_dict(architecture.text_encoder_2)),
-                                pad_token_id_2=0)
+                                clip_vocab.clip_tokenizer(clip_vocab.PAD_TOKENS["sdxl"]["tokenizer_2"]))
         components = Components(
             tokenizer=None, text_encoder=encoders, vae=AutoencoderKL.from_config(architecture.vae),
             unet=UNet2DConditionModel.from_config(architecture.unet),

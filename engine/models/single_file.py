@@ -4,13 +4,17 @@ diffusers' own single-file loader does the conversion; it needs a folder of diff
 this order:
 1. a diffusers model folder with the file's name beside it (`sd.safetensors` + `sd/`),
 2. the `tokenizer:` folder when it is a whole diffusers model folder,
-3. the built-in SD1.5, SD2.1 (768, v-prediction) or SDXL base configs, chosen from the tensors.
-The tokenizer vocabulary is not built in: it comes from `tokenizer:` or from the folder of 1. or 2. SDXL's
-second tokenizer is that folder's tokenizer_2/, or else the first one padding with "!": both have one
-vocabulary and differ only in the padding token.
+3. the configs this project's conversion recorded in the file's metadata (CONFIGS_KEY),
+4. the built-in SD1.5, SD2.1 (768, v-prediction) or SDXL base configs, chosen from the tensors.
+The tokenizers come from `tokenizer:`, else from the folder's tokenizer folders, else from the CLIP
+vocabulary with the family's padding tokens (`clip_vocab`). SDXL's second tokenizer is the folder's
+tokenizer_2/, or else the first one padding with "!": both have one vocabulary and differ only in the
+padding token.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import zipfile
 from pathlib import Path
 from typing import Optional
@@ -19,13 +23,15 @@ import torch
 
 from .. import notices, paths
 from ..errors import UserError
-from . import keymap_sdxl
+from . import clip_vocab, keymap_sdxl
 from .keymap import CLIP_PREFIX, OPEN_CLIP_PREFIX, TEXT_ENCODER_PREFIX, UNET_PREFIX, VAE_PREFIX
 from .sd import Components
 from .sdxl import TextEncoders, is_sdxl_folder
 
 SUFFIXES = (".safetensors", ".ckpt")
 BUILTIN_CONFIGS = Path(__file__).resolve().parent / "configs" / "pipelines"
+# safetensors metadata: the diffusers configs of the model a file holds, as `model_configs` gives them
+CONFIGS_KEY = "scal_sdt.diffusers_configs"
 # Cross-attention width of the UNet: 768 for OpenAI CLIP ViT-L (SD1.x), 1024 for OpenCLIP ViT-H (SD2.x).
 _FAMILIES = {768: ("sd15", CLIP_PREFIX), 1024: ("sd21", OPEN_CLIP_PREFIX)}
 _CONTEXT_KEY = UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
@@ -107,6 +113,54 @@ def _model_folder(tokenizer: Optional[str]) -> Optional[Path]:
     return location if location is not None and (location / "model_index.json").is_file() else None
 
 
+def _tokenizer_names(folder: Path) -> list[str]:
+    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    return [name for name in ("tokenizer", "tokenizer_2") if name in index]
+
+
+def model_configs(folder: Path, prediction_type: str) -> dict:
+    """A model folder's configs without weights, for CONFIGS_KEY: every config file (the noise schedule's
+    prediction type set to prediction_type) and the padding token of each tokenizer."""
+    from transformers import CLIPTokenizer
+
+    files = {"model_index.json": folder / "model_index.json", "scheduler/scheduler_config.json":
+             folder / "scheduler" / "scheduler_config.json"}
+    files.update({f"{c.name}/config.json": c / "config.json" for c in sorted(folder.iterdir())
+                  if (c / "config.json").is_file()})
+    configs = {name: json.loads(file.read_text(encoding="utf-8")) for name, file in files.items() if file.is_file()}
+    configs["scheduler/scheduler_config.json"]["prediction_type"] = prediction_type
+    builtin = clip_vocab.PAD_TOKENS.get(folder.name, {}) if folder.parent == BUILTIN_CONFIGS else {}
+    pad_tokens = {name: (CLIPTokenizer.from_pretrained(folder / name).pad_token if (folder / name).is_dir()
+                         else builtin.get(name)) for name in _tokenizer_names(folder)}
+    return {"files": configs, "pad_tokens": {name: pad for name, pad in pad_tokens.items() if pad is not None}}
+
+
+def recorded_configs(path: Path) -> Optional[dict]:
+    """The configs this project's conversion recorded in a .safetensors file (CONFIGS_KEY), if any."""
+    if path.suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        text = (handle.metadata() or {}).get(CONFIGS_KEY)
+    return json.loads(text) if text else None
+
+
+def _recorded_folder(configs: dict) -> Path:
+    """The recorded configs as a diffusers folder without weights, one cached folder per distinct configs."""
+    text = json.dumps(configs, sort_keys=True)
+    target = paths.cache_dir() / "single-file-configs" / hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def write(folder: Path) -> None:
+        for name, values in configs["files"].items():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(json.dumps(values, indent=1), encoding="utf-8")
+        for name, pad_token in configs["pad_tokens"].items():
+            clip_vocab.clip_tokenizer(pad_token).save_pretrained(folder / name)
+
+    return paths.build_once(target, write)
+
+
 def config_folder(path: Path, shapes: dict, tokenizer: Optional[str] = None) -> Path:
     companion = path.with_suffix("")
     family = detect_family(shapes)
@@ -118,6 +172,9 @@ def config_folder(path: Path, shapes: dict, tokenizer: Optional[str] = None) -> 
         return companion
     if tokenizer_folder is not None:
         return tokenizer_folder
+    recorded = recorded_configs(path)
+    if recorded is not None:
+        return _recorded_folder(recorded)
     if family is None:
         raise UserError(f"config key 'model': {path} is not an SD1.x or SD2.x checkpoint, nor an SDXL one, that "
                         f"this app knows; put its diffusers model folder beside it as {companion.name}/ "
@@ -128,8 +185,8 @@ def config_folder(path: Path, shapes: dict, tokenizer: Optional[str] = None) -> 
     return BUILTIN_CONFIGS / family
 
 
-def _load_tokenizers(path: Path, folder: Path, tokenizer: Optional[str], required: bool, sdxl: bool) -> dict:
-    """{"tokenizer": …} (SDXL: and "tokenizer_2"), each None when not required and not found."""
+def _load_tokenizers(path: Path, folder: Path, tokenizer: Optional[str], sdxl: bool) -> dict:
+    """{"tokenizer": …} (SDXL: and "tokenizer_2")."""
     from transformers import CLIPTokenizer
 
     if tokenizer:
@@ -139,12 +196,12 @@ def _load_tokenizers(path: Path, folder: Path, tokenizer: Optional[str], require
             raise UserError(f"config key 'tokenizer': not a folder: {location}")
     elif (folder / "tokenizer").is_dir():
         location, model_folder = folder / "tokenizer", folder
-    elif not required:
-        return {"tokenizer": None, **({"tokenizer_2": None} if sdxl else {})}
+    elif folder.parent == BUILTIN_CONFIGS:
+        return {name: clip_vocab.clip_tokenizer(pad) for name, pad in clip_vocab.PAD_TOKENS[folder.name].items()}
     else:
-        raise UserError(f"config key 'tokenizer': {path.name} is a single file and holds no tokenizer; set tokenizer: "
+        raise UserError(f"config key 'tokenizer': {folder} has no tokenizer/ folder for {path.name}; set tokenizer: "
                         "to a CLIP tokenizer folder (the tokenizer/ folder of a diffusers SD1.x, SD2.x or SDXL model) "
-                        f"or put a diffusers model folder beside the file as {path.with_suffix('').name}/")
+                        "or add one to that folder")
     loaded = {"tokenizer": CLIPTokenizer.from_pretrained(location)}
     if sdxl:
         second = model_folder / "tokenizer_2" if model_folder is not None else None
@@ -173,12 +230,10 @@ def _missing_text_encoders(path: Path, shapes: dict, folder: Path, sdxl: bool) -
     return loaded
 
 
-def load_single_file_components(path: str | Path, vae: Optional[str] = None, tokenizer: Optional[str] = None,
-                                require_tokenizer: bool = True) -> Components:
+def load_single_file_components(path: str | Path, vae: Optional[str] = None,
+                                tokenizer: Optional[str] = None) -> Components:
     """Load an original-layout SD or SDXL checkpoint in fp32 on the CPU; `vae:` replaces the file's VAE.
-
-    An SDXL model's text encoders come as one TextEncoders; without a tokenizer (not required) its second
-    encoder's padding token is unknown, and the components serve for conversion only."""
+    An SDXL model's text encoders come as one TextEncoders."""
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.loaders.single_file_utils import SingleFileComponentError
 
@@ -190,7 +245,7 @@ def load_single_file_components(path: str | Path, vae: Optional[str] = None, tok
         raise UserError(f"config key 'model': {path} is not a Stable Diffusion checkpoint (no {UNET_PREFIX}* weights)")
     folder = config_folder(path, shapes, tokenizer)
     sdxl = is_sdxl_folder(folder)
-    passed = _load_tokenizers(path, folder, tokenizer, require_tokenizer, sdxl)
+    passed = _load_tokenizers(path, folder, tokenizer, sdxl)
     if vae:
         location = paths.resolve(vae)
         if not Path(location).exists():
@@ -211,8 +266,7 @@ def load_single_file_components(path: str | Path, vae: Optional[str] = None, tok
         raise UserError(f"config key 'model': {path.name} does not fit the configs in {folder}: {first_line}") from None
     text_encoder = pipeline.text_encoder
     if sdxl:
-        pad = pipeline.tokenizer_2.pad_token_id if pipeline.tokenizer_2 is not None else None
-        text_encoder = TextEncoders(pipeline.text_encoder, pipeline.text_encoder_2, pad)
+        text_encoder = TextEncoders(pipeline.text_encoder, pipeline.text_encoder_2, pipeline.tokenizer_2)
     return Components(
         tokenizer=pipeline.tokenizer, text_encoder=text_encoder, vae=pipeline.vae, unet=pipeline.unet,
         noise_scheduler=DDPMScheduler.from_config(pipeline.scheduler.config), model_path=str(path))
