@@ -197,6 +197,27 @@ def test_captions_follow_the_txt_file_and_its_changes(tmp_path, count_opens):
     assert count_opens == []
 
 
+def test_a_folder_without_any_caption_gives_each_image_the_prompt_without_one(tmp_path):
+    # What an image without a caption file gets beside captioned ones (see the test above), with no .txt
+    # in the folder at all.
+    for name in ("a.png", "b.png"):
+        write_image(tmp_path / name, (32, 32))
+    for _ in range(2):  # scanned, then read from the index
+        with pytest.warns(DataWarning) as caught:
+            result = scan_folder(str(tmp_path), "sks, {TXT_PROMPT}")
+        assert [r.caption for r in result.records] == ["sks", "sks"]
+        assert sorted(str(w.message).split(": ", 1)[1] for w in caught) == [
+            "no caption file a.txt for {TXT_PROMPT}; using the prompt without it",
+            "no caption file b.txt for {TXT_PROMPT}; using the prompt without it"]
+    with pytest.warns(DataWarning, match="no caption file"):
+        assert [r.caption for r in scan_folder(str(tmp_path), "{TXT_PROMPT}").records] == ["", ""]
+    # The caption links of two images and no caption: -1 for each.
+    from engine.data.columns import Packed
+
+    names = Packed.from_names(["a.png", "b.png"])
+    assert dataset_index._caption_rows(names, Packed.empty()).tolist() == [-1, -1]
+
+
 def test_of_two_captions_for_one_image_the_later_in_name_order_is_used(tmp_path):
     captions = {"a.TXT": "upper", "a.txt": "lower", "b.TXT": "upper", "b.Txt": "mixed", "c.txt": "only"}
     for name, text in captions.items():

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
+from PIL import Image, ImageOps
 from safetensors.torch import load_file
 
 from conftest import kill_at_checkpoint, run_cli
 from engine import checkpoints
 from engine import config as cfg
+from engine.data.index import ImageRecord
 from engine.errors import UserError
 from engine.testing import tiny_config
 
@@ -111,6 +112,67 @@ def test_micro_conditioning_is_each_images_real_size_crop_and_target(tmp_path, t
             compute_loss(config, models, batch, torch.device("cpu"), None)
         assert torch.equal(seen[-1], batch["time_ids"])
     assert cropped_somewhere, "random crops of the sample images should start past the corner at least once"
+
+
+class _Tokenizer:
+    model_max_length = 77
+
+    def __call__(self, text, truncation=True, max_length=77):
+        return type("Tokens", (), {"input_ids": [1, 2]})()
+
+
+def _noise_image(path, size):
+    """An image with no symmetry, so that a mirrored crop never equals an unmirrored one."""
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return ImageRecord(str(path), *size)
+
+
+def _examples(records, augment, center_crop):
+    from engine.data.dataset import DreamBoothDataset
+
+    steps = cfg.from_dict({"prior_preservation": {"enabled": False}, "augment": augment}).augment
+    dataset = DreamBoothDataset(records, [0] * len(records), [(48, 48)], _Tokenizer(), center_crop=center_crop,
+                                seed=5, augment=steps)
+    return [dataset[index]["instance"] for index in range(len(records))]
+
+
+def test_a_flipped_samples_crop_left_is_mirrored_in_the_resized_image(tmp_path):
+    from engine.data.dataset import to_tensor
+
+    # 101x60 covers 48x48 resized to 81x48: the centre crop starts at 16 of the 33 spare columns, 17 from
+    # the right.
+    record = _noise_image(tmp_path / "wide.png", (101, 60))
+    (plain,) = _examples([record], [], True)
+    (unflipped,) = _examples([record], [{"name": "hflip", "p": 0.0}], True)
+    (flipped,) = _examples([record], [{"name": "hflip", "p": 1.0}], True)
+    assert plain["time_ids"] == unflipped["time_ids"] == [60, 101, 0, 16, 48, 48]
+    assert flipped["time_ids"] == [60, 101, 0, 17, 48, 48]
+    # Each example's pixels are the crop its time_ids name, of the resized image or of its mirror image.
+    with Image.open(record.path) as image:
+        resized = image.convert("RGB").resize((81, 48), Image.Resampling.BICUBIC)
+    assert torch.equal(unflipped["pixel_values"], to_tensor(resized.crop((16, 0, 64, 48))))
+    assert torch.equal(flipped["pixel_values"], to_tensor(ImageOps.mirror(resized).crop((17, 0, 65, 48))))
+
+
+def test_random_flips_mirror_the_crop_left_of_exactly_the_flipped_rows(tmp_path):
+    # 160x60 covers 48x48 resized to 128x48: random crops start anywhere in the 80 spare columns.
+    record = _noise_image(tmp_path / "wide.png", (160, 60))
+    records = [record] * 24
+    # hflip draws its number whatever p is, so both datasets draw the same crops.
+    never = _examples(records, [{"name": "hflip", "p": 0.0}], False)
+    random = _examples(records, [{"name": "hflip", "p": 0.5}], False)
+    flipped = []
+    for row, (plain, example) in enumerate(zip(never, random)):
+        mirrored = torch.equal(example["pixel_values"], plain["pixel_values"].flip(-1))
+        assert mirrored or torch.equal(example["pixel_values"], plain["pixel_values"]), row
+        original_h, original_w, top, left, target_h, target_w = plain["time_ids"]
+        assert (original_h, original_w, target_h, target_w) == (60, 160, 48, 48) and top == 0
+        expected_left = 80 - left if mirrored else left
+        assert example["time_ids"] == [60, 160, 0, expected_left, 48, 48], row
+        flipped.append(mirrored)
+    assert 0 < sum(flipped) < len(flipped)
+    assert any(f and plain["time_ids"][3] != 40 for f, plain in zip(flipped, never))  # not all central
 
 
 def test_sdxl_conditioning_is_both_encoders_penultimate_layers_and_the_pooled_projection(tiny_sdxl):

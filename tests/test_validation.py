@@ -1,5 +1,6 @@
 """Validation loss: fixed noise and timesteps, plain MSE, no effect on training, seeded splits."""
 import json
+import math
 import shutil
 
 import pytest
@@ -144,6 +145,35 @@ def test_a_failing_validation_round_is_a_warning_and_the_run_goes_on(tmp_path, s
     warnings = [e.message for e in seen if isinstance(e, events.Log) and e.level == "warning"]
     assert warnings == [f"validation at step {s} failed and was skipped; training goes on: RuntimeError: no room"
                         for s in (1, 2)]
+
+
+def test_a_validation_folder_without_captions_is_scored_with_the_prompt_left_empty(tmp_path, sample_data):
+    from engine.train import Trainer
+
+    held_out = tmp_path / "uncaptioned"
+    held_out.mkdir()
+    for image in sorted((sample_data / "finetune").glob("*.png"))[:2]:
+        shutil.copy(image, held_out)
+
+    def run(name, **validation):
+        values = finetune_values(tmp_path / name, **{
+            "trainer.max_steps": 1, "validation": {"every_n_steps": 1, "path": str(held_out), **validation}})
+        seen = []
+        result = Trainer(cfg.from_dict(values), on_event=seen.append).run()
+        assert isinstance(result, events.Finished) and result.step == 1
+        about_captions = [e.message for e in seen
+                          if isinstance(e, events.Log) and e.level == "warning" and "caption" in e.message]
+        (validation,) = [e for e in seen if isinstance(e, events.Validation)]
+        return about_captions, validation
+
+    warnings, scored = run("default")  # validation.prompt: {TXT_PROMPT}, the default
+    assert warnings == [f"{held_out / name}.png: no caption file {name}.txt for {{TXT_PROMPT}}; using the prompt "
+                        "without it" for name in ("shapes_000", "shapes_001")]
+    assert scored.step == 1 and math.isfinite(scored.loss) and scored.loss > 0
+    assert scored.per_timestep.keys() == {"100", "300", "500", "700", "900"}
+    # Each image was scored with the empty prompt.
+    _, empty = run("empty", prompt="")
+    assert empty.loss == scored.loss and empty.per_timestep == scored.per_timestep
 
 
 class Tokenizer:

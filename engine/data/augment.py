@@ -64,18 +64,20 @@ def augment_before_crop(image, steps: Sequence[AugmentStep], rng: np.random.Gene
 
 
 def augment_after_crop(image, steps: Sequence[AugmentStep], rng: np.random.Generator, mask=None) -> tuple:
-    """(image, mask): steps that keep the bucket size, flips and colour; the mask (or None) flips with the
-    image and keeps its values."""
+    """(image, mask, mirrored): steps that keep the bucket size, flips and colour; the mask (or None) flips
+    with the image and keeps its values. mirrored: whether the image ends up mirrored left to right."""
     from PIL import ImageEnhance, ImageOps
 
+    mirrored = False
     for step in steps:
         if step.name == "hflip" and rng.random() < step.p:
             image = ImageOps.mirror(image)
             mask = ImageOps.mirror(mask) if mask is not None else None
+            mirrored = not mirrored
         elif step.name == "color_jitter" and rng.random() < step.p:
             for enhancer, amount in ((ImageEnhance.Brightness, step.brightness),
                                      (ImageEnhance.Contrast, step.contrast),
                                      (ImageEnhance.Color, step.saturation)):
                 if amount > 0:
                     image = enhancer(image).enhance(float(rng.uniform(1 - amount, 1 + amount)))
-    return image, mask
+    return image, mask, mirrored

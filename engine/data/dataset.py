@@ -67,6 +67,14 @@ def crop_to_size(image, width: int, height: int, center: bool, rng: Optional[np.
     return apply_crop(image, crop_box(image.size, width, height, center, rng), width, height)
 
 
+def mirrored_box(box: tuple[int, int, int, int], width: int) -> tuple[int, int, int, int]:
+    """`box` (see crop_box) of a crop `width` wide for the crop mirrored left to right: that is the crop of
+    the mirrored resized image whose left edge is where the crop's right edge was, counted from the
+    resized image's right edge. The top does not change."""
+    resized_w, resized_h, left, top = box
+    return resized_w, resized_h, resized_w - (left + width), top
+
+
 def time_ids(original: tuple[int, int], box: tuple[int, int, int, int], size: tuple[int, int]) -> list[int]:
     """SDXL's micro-conditioning of one example: original (height, width), crop (top, left) in the resized
     image, target (height, width)."""
@@ -184,7 +192,11 @@ class DreamBoothDataset(torch.utils.data.Dataset):
             image = apply_crop(image, box, size[0], size[1])
             mask = apply_crop(mask, box, size[0], size[1]) if mask is not None else None
             if self.augment:
-                image, mask = augment_after_crop(image, self.augment, rng, mask)
+                image, mask, mirrored = augment_after_crop(image, self.augment, rng, mask)
+                if mirrored:
+                    # time_ids name the crop the pixels show, which for mirrored pixels is the mirrored
+                    # crop (as kohya's sd-scripts conditions flipped samples).
+                    box = mirrored_box(box, size[0])
             values = {"pixel_values": to_tensor(image)}
         if self.masks is not None:
             values["mask"] = mask_tensor(mask, size)

@@ -142,7 +142,11 @@ def _caption_rows(images: Packed, captions: Packed) -> np.ndarray:
         extensions = extensions << np.uint32(8) | blob[ends - back]
     by_extension = np.argsort(extensions, kind="stable")
     found = captions.take(by_extension).stems().find(images.stems())
-    return np.where(found >= 0, by_extension[found], -1).astype(np.int32)
+    # Only the found rows are looked up: with no caption in the folder there is nothing to look them up in.
+    rows = np.full(len(found), -1, dtype=np.int32)
+    hit = found >= 0
+    rows[hit] = by_extension[found[hit]]
+    return rows
 
 
 def scan_folder(folder: str, prompt_template: str, label: str = "folder",
