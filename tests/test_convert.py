@@ -251,20 +251,65 @@ def write_fake_checkpoint(path, context_width, with_vae=False):
     return path
 
 
-def test_single_file_needs_a_tokenizer_and_known_shapes(tmp_path, tiny_model, tiny_file):
+def without_metadata(path, target):
+    """The file's tensors alone, as a file from elsewhere holds them."""
+    from safetensors.torch import save_file
+
+    save_file(file_tensors(path), str(target))
+    return target
+
+
+def test_single_file_needs_known_shapes_or_recorded_configs(tmp_path, tiny_model, tiny_file):
     sd15 = write_fake_checkpoint(tmp_path / "sd15.safetensors", 768)
-    with pytest.raises(UserError, match="config key 'tokenizer'.*sd15/"):
-        load_single_file_components(sd15)
     with pytest.raises(UserError, match="config key 'vae'"):
-        load_single_file_components(sd15, tokenizer=str(tiny_model / "tokenizer"))
+        load_single_file_components(sd15)
     sd21 = write_fake_checkpoint(tmp_path / "sd21.safetensors", 1024, with_vae=True)
     with pytest.warns(UserWarning, match="v-prediction"), pytest.raises(UserError, match="text encoder"):
         load_single_file_components(sd21, tokenizer=str(tiny_model / "tokenizer"))
     # A whole diffusers folder as tokenizer: supplies the configs, which these tensors do not fit.
     with pytest.raises(UserError, match="does not fit the configs in .*tiny-sd"):
         load_single_file_components(sd21, tokenizer=str(tiny_model))
+    # Without the configs its conversion recorded, the tiny model's tensors fit no architecture known.
+    bare = without_metadata(tiny_file, tmp_path / "tiny.safetensors")
     with pytest.raises(UserError, match="not an SD1.x or SD2.x checkpoint.*tiny/"):
-        load_single_file_components(tiny_file)
+        load_single_file_components(bare)
+
+
+@pytest.mark.parametrize("arch", ["sd", "sd21", "sdxl"])
+def test_a_converted_file_trains_samples_and_converts_with_nothing_beside_it(arch, tmp_path, demo_cache):
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTokenizer
+
+    from engine import checkpoints, paths
+    from engine.models.family import family_for
+    from engine.train import Trainer
+
+    source = paths.demo_model_dir(arch)
+    model = convert_checkpoint(source, tmp_path / "alone" / "model.safetensors")
+    assert [p.name for p in model.parent.iterdir()] == ["model.safetensors"]
+    config = cfg.from_dict(tiny_config(tmp_path / "out", **{
+        "model": str(model), "trainer.max_steps": 2, "sampling.interval_steps": 2,
+        "checkpoint.every_n_train_steps": 2, "prior_preservation.enabled": False, "optimizer.params.lr": 1e-2,
+        "data.concepts[0].class_set.auto_generate.enabled": False}))
+    components = family_for(config).load(config)
+    # the source's prediction type (SD2.1 768: v_prediction) and tokenizers, padding included
+    scheduler = json.loads((source / "scheduler" / "scheduler_config.json").read_text())
+    assert components.noise_scheduler.config.prediction_type == scheduler["prediction_type"]
+    tokenizers = {"tokenizer": components.tokenizer}
+    if arch == "sdxl":
+        tokenizers["tokenizer_2"] = components.text_encoder.tokenizer_2
+    for name, tokenizer in tokenizers.items():
+        expected = CLIPTokenizer.from_pretrained(source / name)
+        assert tokenizer.get_vocab() == expected.get_vocab()
+        assert tokenizer.pad_token == expected.pad_token
+    result = Trainer(config).run()
+    assert isinstance(result, events.Finished), getattr(result, "error", result)
+    run_dir = next((tmp_path / "out" / "tiny-demo").iterdir())
+    assert list(run_dir.glob("samples/*"))
+    checkpoint = checkpoints.latest_checkpoint(run_dir)
+    written = convert_checkpoint(checkpoint, tmp_path / "trained.safetensors")
+    assert_same_weights(UNet2DConditionModel.from_pretrained(checkpoint / "unet"),
+                        load_single_file_components(written).unet)
 
 
 def test_single_file_model_trains_two_steps_and_its_checkpoint_converts(tmp_path, tiny_model, tiny_file,

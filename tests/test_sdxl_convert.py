@@ -275,8 +275,13 @@ def test_wrong_tokenizer_folder_and_unknown_files_are_refused_naming_the_key(tin
                                         r"checkpoint, nor an SDXL one") as error:
         load_single_file_components(unknown, tokenizer=str(tiny_sdxl / "tokenizer"))
     assert "\n" not in str(error.value)
-    # The tiny SDXL file without its companion: the built-in SDXL configs, which its tensors do not fit.
-    alone = Path(shutil.copy(tiny_sdxl_file, tmp_path / "alone.safetensors"))
+    # The tiny SDXL file's tensors alone, without its companion or recorded configs: the built-in SDXL
+    # configs, which they do not fit.
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_sdxl_file), "pt") as handle:
+        save_file({key: handle.get_tensor(key) for key in handle.keys()}, str(tmp_path / "alone.safetensors"))
+    alone = tmp_path / "alone.safetensors"
     with pytest.raises(UserError, match=r"^config key 'model': alone.safetensors does not fit the configs in .*sdxl"):
         load_single_file_components(alone, tokenizer=str(tiny_sdxl / "tokenizer"))
 
