@@ -19,6 +19,21 @@ LABELS = {"text_encoder": "Include the text encoder", "vae": "Include the VAE", 
 INFO = {"adapter_output": "a full fine-tune's is always one model file"}
 
 
+def convert_and_report(actions, source: str, out: str, values: list, progress) -> str:
+    """Convert as the form says, reporting progress; the result, then each warning of the converter (what a
+    DoRA file's readers cannot apply, a v-prediction model's config) as its own paragraph."""
+    warnings: list[str] = []
+
+    def on_event(event):
+        if event.kind == "progress" and event.total:
+            progress((event.done, event.total), desc="converting")
+        elif event.kind == "log" and event.level == "warning":
+            warnings.append(event.message)
+
+    result = actions.convert(source, out, convert_options.to_kwargs(values), on_event)
+    return "\n\n".join([result, *warnings])
+
+
 def checkpoint_choices(output_dir: str) -> list[tuple[str, str]]:
     try:
         return runs.checkpoints(runs.list_runs(output_dir))
@@ -69,10 +84,6 @@ def wire(ctx: PageContext, ui: SimpleNamespace, page: gr.Blocks) -> None:
     ui.checkpoint.input(pick, ui.checkpoint, [ui.source, ui.out], api_visibility="private")
 
     def run(source: str, out: str, *values, progress=gr.Progress()):
-        def on_event(event):
-            if event.kind == "progress" and event.total:
-                progress((event.done, event.total), desc="converting")
-
-        return ctx.actions.convert(source, out, convert_options.to_kwargs(list(values)), on_event)
+        return convert_and_report(ctx.actions, source, out, list(values), progress)
 
     ui.convert.click(run, [ui.source, ui.out, *ui.options], ui.result, api_name="convert")

@@ -1,5 +1,6 @@
-"""LoRA-family adapters: the kohya file against diffusers' loader, the network types against the formulas
-the UIs apply, exact resume (after SIGKILL and in two gloo processes), init_from, and refusals."""
+"""LoRA-family adapters: the kohya file against diffusers' loader and against ComfyUI's formulas as its source
+has them (tests/client_formulas.py), exact resume (after SIGKILL and in two gloo processes), init_from, and
+refusals."""
 import io
 import logging
 import os
@@ -12,6 +13,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from client_formulas import comfyui_weight
 from conftest import ROOT, kill_at_checkpoint, run_cli
 from engine import checkpoints, events
 from engine import config as cfg
@@ -45,13 +47,19 @@ def locon_run(tmp_path_factory, class_images):
     return cfg.load(run_dir / "config.yaml"), checkpoint
 
 
-def adapted_models(tiny_model, config, checkpoint):
-    """The trained models rebuilt by the engine: base weights, adapter layers, the checkpoint's weights."""
-    from engine.models.adapters import add_adapter, load_adapter_folder
+def base_models(tiny_model, checkpoint):
+    """The tiny model's components that the checkpoint holds an adapter for."""
     from engine.models.sd import load_components
 
     components = load_components(str(tiny_model))
-    models = {"unet": components.unet, "text_encoder": components.text_encoder}
+    return {name: getattr(components, name) for name in ("unet", "text_encoder") if (checkpoint / name).is_dir()}
+
+
+def adapted_models(tiny_model, config, checkpoint):
+    """The trained models rebuilt by the engine: base weights, adapter layers, the checkpoint's weights."""
+    from engine.models.adapters import add_adapter, load_adapter_folder
+
+    models = base_models(tiny_model, checkpoint)
     for name, model in models.items():
         add_adapter(model, name, config.network, 0)
         load_adapter_folder(model, checkpoint / name, "test")
@@ -125,66 +133,121 @@ def test_an_adapter_checkpoint_holds_only_the_adapter(locon_run):
     assert checkpoints.read_meta(checkpoint)["network"] == "lora"
 
 
-def delta_from_file(state, module):
-    """The weight update ComfyUI computes from a LyCORIS module (comfy/weight_adapter loha.py, lokr.py):
-    LoHa scales by alpha / rank; LoKr by alpha / rank when a factor is decomposed, else not at all."""
-    alpha = state[f"{module}.alpha"].item()
-    if f"{module}.hada_w1_a" in state:
-        w1b = state[f"{module}.hada_w1_b"]
-        return (state[f"{module}.hada_w1_a"] @ w1b) * (state[f"{module}.hada_w2_a"] @ state[f"{module}.hada_w2_b"]) \
-            * alpha / w1b.shape[0]
-    factors, rank = [], None
-    for factor in ("lokr_w1", "lokr_w2"):
-        if f"{module}.{factor}" in state:
-            factors.append(state[f"{module}.{factor}"])
-        else:
-            low = state[f"{module}.{factor}_b"]
-            factors.append(state[f"{module}.{factor}_a"] @ low)
-            rank = low.shape[0]
-    return torch.kron(*factors) * (alpha / rank if rank else 1.0)
+# ComfyUI's weight and the trained one agree to this fraction of the module's largest weight: the same fp32
+# arithmetic in another order.
+FORMULA_TOLERANCE = 1e-5
 
 
-@pytest.mark.parametrize("network", ["dora", "loha", "lokr"])
-def test_each_network_type_trains_and_its_file_holds_what_the_uis_compute(tiny_model, class_images, tmp_path,
-                                                                         network):
-    from engine.models.adapters import add_adapter, load_adapter_folder
-    from engine.models.kohya import kohya_module_name
-    from engine.models.sd import load_components
+def base_and_trained_weights(models, network):
+    """{file module name: (base weight, trained weight)} of every adapted module, the trained one as peft merges
+    the adapter into it (the models' adapters are merged)."""
+    from engine.models.adapters import target_modules
+    from engine.models.kohya import module_names
 
+    weights = {}
+    for component, model in models.items():
+        targets = target_modules(model, component, network)
+        for module, name in module_names(models, component, targets).items():
+            layer = model.get_submodule(module)
+            base = layer.get_base_layer().weight.detach().clone()
+            layer.merge()
+            weights[name] = (base, layer.get_base_layer().weight.detach().clone())
+    return weights
+
+
+def assert_comfyui_gives_the_trained_weights(path, models, network):
+    """ComfyUI's formulas, over the base weights with the file's tensors, give every module its trained weight,
+    read every tensor of the file, and the adapter moved the weights well beyond the tolerance."""
+    state = load_file(path)
+    weights = base_and_trained_weights(models, network)
+    read, moved = set(), 0.0
+    for name, (base, trained) in weights.items():
+        patched, keys = comfyui_weight(state, name, base)
+        read |= keys
+        scale = trained.abs().max().item()
+        assert (patched - trained).abs().max().item() <= FORMULA_TOLERANCE * scale, name
+        moved = max(moved, (trained - base).abs().max().item() / scale)
+    assert read == set(state)
+    assert moved > 100 * FORMULA_TOLERANCE
+
+
+def assert_reads_back_as_trained(state, checkpoint, tiny_model, values):
+    """The file read back as network.init_from reads it gives the adapter of the checkpoint."""
+    from engine.models.adapters import adapter_state, add_adapter
+    from engine.models.kohya import from_kohya
+
+    config = cfg.from_dict(values)
+    models = base_models(tiny_model, checkpoint)
+    for name, model in models.items():
+        add_adapter(model, name, config.network, 1)  # other initial weights than the run's
+    from_kohya(state, models, config, "network.init_from")
+    for name, model in models.items():
+        trained, read = load_file(checkpoint / name / "adapter_model.safetensors"), adapter_state(model)
+        assert read.keys() == trained.keys()
+        for key in trained:
+            # a DoRA magnitude comes back through a ratio of norms and its inverse: fp32 rounding of its size
+            assert (read[key] - trained[key]).abs().max().item() <= 1e-6 * max(1.0, trained[key].abs().max().item())
+
+
+def test_a_locon_file_gives_comfyui_the_trained_weights(tiny_model, locon_run):
+    config, checkpoint = locon_run
+    assert_comfyui_gives_the_trained_weights(checkpoint / "adapter.safetensors",
+                                             adapted_models(tiny_model, config, checkpoint), config.network)
+
+
+@pytest.mark.parametrize("network", ["loha", "lokr"])
+def test_loha_and_lokr_files_give_comfyui_the_trained_weights_and_read_back(tiny_model, class_images, tmp_path,
+                                                                           network):
     values = adapter_values(tmp_path, **{"network.type": network, "network.conv_rank": 0,
                                          "train_text_encoder": False, "trainer.max_steps": 3,
                                          "checkpoint.every_n_train_steps": 3})
-    _, checkpoint = train(values)
-    network_config = cfg.from_dict(values).network
-    state = load_file(checkpoint / "adapter.safetensors")
-    unet = load_components(str(tiny_model)).unet
-    add_adapter(unet, "unet", network_config, 0)
-    load_adapter_folder(unet, checkpoint / "unet", "test")
-    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
-    layer, module = unet.get_submodule(name), kohya_module_name("unet", name)
-    base = layer.get_base_layer().weight.detach().clone()
-    if network == "dora":
-        # LyCORIS's decomposition on the output axis: W' = scale * (W + s·up@down) / ‖W + s·up@down‖ per row
-        scale = state[f"{module}.dora_scale"]
-        assert scale.shape == (base.shape[0], 1)
-        s = state[f"{module}.alpha"].item() / state[f"{module}.lora_down.weight"].shape[0]
-        updated = base + s * state[f"{module}.lora_up.weight"] @ state[f"{module}.lora_down.weight"]
-        expected = scale * updated / updated.norm(dim=1, keepdim=True)
-    else:
-        expected = base + delta_from_file(state, module)
-    layer.merge()  # peft's own arithmetic of the trained adapter
-    assert (layer.get_base_layer().weight.detach() - expected).abs().max().item() <= 1e-5
-    assert (expected - base).abs().max().item() > 1e-4
+    run_dir, checkpoint = train(values)
+    config = cfg.load(run_dir / "config.yaml")
+    path = checkpoint / "adapter.safetensors"
+    assert_comfyui_gives_the_trained_weights(path, adapted_models(tiny_model, config, checkpoint), config.network)
+    assert_reads_back_as_trained(load_file(path), checkpoint, tiny_model, values)
 
-    # read back (as network.init_from does), the file gives the trained adapter again
-    from engine.models.adapters import adapter_state
-    from engine.models.kohya import from_kohya
 
-    again = load_components(str(tiny_model)).unet
-    add_adapter(again, "unet", network_config, 1)
-    from_kohya(state, {"unet": again}, cfg.from_dict(values), "network.init_from")
-    trained = load_file(checkpoint / "unet" / "adapter_model.safetensors")
-    assert max((adapter_state(again)[k] - trained[k]).abs().max().item() for k in trained) <= 1e-6
+def test_a_dora_file_gives_comfyui_the_trained_weights_says_where_not_and_reads_back(tiny_model, class_images,
+                                                                                    tmp_path):
+    from engine.models.convert import convert_checkpoint
+    from engine.models.kohya import DORA_NOTE
+    from scal_gui import convert_options
+    from scal_gui.actions import Actions
+    from scal_gui.jobs import JobManager
+    from scal_gui.tab_convert import convert_and_report
+
+    # DoRA over 3x3 convolutions (LoCon), 1x1 ones and Linear layers of the UNet and the text encoder
+    values = adapter_values(tmp_path, **{"network.type": "dora", "trainer.max_steps": 3,
+                                         "checkpoint.every_n_train_steps": 3})
+    run_dir, checkpoint = train(values)
+    config = cfg.load(run_dir / "config.yaml")
+    path = checkpoint / "adapter.safetensors"
+    state = load_file(path)
+    # one scale per output channel, laid out as kohya/LyCORIS do: ComfyUI tells the axis from the first one
+    assert state["lora_unet_down_blocks_0_resnets_0_conv1.dora_scale"].shape == (32, 1, 1, 1)
+    assert state["lora_unet_down_blocks_0_attentions_0_proj_in.dora_scale"].shape == (32, 1, 1, 1)
+    assert state["lora_te_text_model_encoder_layers_0_mlp_fc1.dora_scale"].shape[1:] == (1,)
+    assert_comfyui_gives_the_trained_weights(path, adapted_models(tiny_model, config, checkpoint), config.network)
+    _, metadata = file_modules(path)
+    assert metadata["ss_training_comment"] == f"SCAL-SDT. {DORA_NOTE}"
+    assert_reads_back_as_trained(state, checkpoint, tiny_model, values)
+
+    # The converter writes the same file and warns, on the command line and in the Convert tab.
+    warnings = []
+
+    def collect(event):
+        if event.kind == "log" and event.level == "warning":
+            warnings.append(event.message)
+
+    written = convert_checkpoint(checkpoint, tmp_path / "dora.safetensors", on_event=collect)
+    converted, converted_metadata = load_file(written), file_modules(written)[1]
+    assert converted.keys() == state.keys() and all(torch.equal(converted[k], state[k]) for k in state)
+    assert converted_metadata == metadata and warnings == [DORA_NOTE]
+    form = [value for value, _ in convert_options.defaults().values()]
+    report = convert_and_report(Actions(JobManager()), str(checkpoint), str(tmp_path / "tab.safetensors"), form,
+                                progress=lambda *args, **kwargs: None)
+    assert report.startswith("Wrote `") and report.endswith("\n\n" + DORA_NOTE)
 
 
 def test_resume_after_sigkill_equals_an_uninterrupted_adapter_run(tmp_path, class_images):

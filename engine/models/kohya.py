@@ -8,6 +8,13 @@ encoders behind `lora_te1_`/`lora_te2_`, the UNet's modules by their original-la
 the original UNet. Its tensors are `lora_down.weight`/`lora_up.weight` (LoRA, LoCon) plus `dora_scale`
 (DoRA), `hada_w1_a`… (LoHa) or `lokr_w1`… (LoKr), and a scalar `alpha`: the UIs scale the update by
 alpha / rank, as the trainer did. The `ss_*` metadata are kohya's, read by the UIs and model sites.
+
+A DoRA layer's weight is m / ‖W + ΔW‖ · (W + ΔW): W the base weight, ΔW the low-rank update, m the trained
+magnitude and ‖·‖ the norm of each output channel. ComfyUI (and Forge) apply a `dora_scale` d laid out on the
+output axis as d / (‖W‖ + ε) · (W + ΔW) instead, dividing by the norm of the base weight plus the machine
+epsilon of the dtype they patch in. The file holds d = m · (‖W‖ + ε) / ‖W + ΔW‖ with fp32's ε, so that they
+compute the trained weight; reading a file back undoes it. AUTOMATIC1111 normalises DoRA per input channel of
+W + ΔW, which no per-output-channel scale can match (DORA_NOTE).
 """
 from __future__ import annotations
 
@@ -32,6 +39,12 @@ PARAMETERS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.wei
               "lora_magnitude_vector": "dora_scale"}
 NETWORK_MODULES = {"lora": "networks.lora", "dora": "networks.lora", "loha": "lycoris.kohya",
                    "lokr": "lycoris.kohya"}
+ADAPTER = "default"  # the name peft gives the one adapter of each layer
+NORM_EPS = torch.finfo(torch.float32).eps  # what ComfyUI adds to a norm it divides by, computing in fp32
+# Where a DoRA file does not give the trained weights: in its metadata, the converter's warnings and the README.
+DORA_NOTE = ("AUTOMATIC1111 (and ComfyUI or Forge versions without output-axis DoRA) rescales DoRA per input "
+             "channel and cannot give this file's trained weights: there, load the merged model that "
+             "`python -m engine convert --merge` writes.")
 
 
 def prefixes(models: Mapping[str, torch.nn.Module]) -> dict[str, str]:
@@ -63,10 +76,32 @@ def _split(key: str, modules: Mapping[str, str]) -> tuple[str, str]:
     raise UserError(f"adapter weight {key} belongs to no adapted module")
 
 
-def _dora_scale(magnitude: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
-    # peft keeps one magnitude per output channel; kohya/LyCORIS store it shaped to broadcast over the weight
-    weight = module.get_base_layer().weight
-    return magnitude.reshape(weight.shape[0], *([1] * (weight.dim() - 1)))
+def _channel_norms(weight: torch.Tensor) -> torch.Tensor:
+    """The norm of each output channel (over all the other axes), shaped (out, 1, …) to broadcast over it."""
+    return weight.flatten(1).norm(dim=1).reshape(weight.shape[0], *([1] * (weight.dim() - 1)))
+
+
+@torch.no_grad()
+def _dora_file_ratio(layer: torch.nn.Module) -> torch.Tensor:
+    """(‖W‖ + ε) / ‖W + ΔW‖ per output channel of a DoRA layer: its file's dora_scale over its magnitude."""
+    base = layer.get_base_layer().weight.float()
+    updated = base + layer.get_delta_weight(ADAPTER).float().to(base.device)
+    return (_channel_norms(base) + NORM_EPS) / _channel_norms(updated)
+
+
+def _dora_scale(magnitude: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
+    """The file's dora_scale of a DoRA layer's trained magnitude: shaped to broadcast over the weight, as
+    kohya/LyCORIS store it, and times _dora_file_ratio."""
+    ratio = _dora_file_ratio(layer).to(magnitude.device)
+    return magnitude.reshape(ratio.shape) * ratio
+
+
+def _magnitude_from_file(layer: torch.nn.Module) -> None:
+    """Turn the dora_scale loaded into a DoRA layer back into peft's magnitude (the inverse of _dora_scale)."""
+    magnitude = layer.lora_magnitude_vector[ADAPTER].weight
+    ratio = _dora_file_ratio(layer).to(magnitude.device)
+    with torch.no_grad():
+        magnitude.copy_((magnitude.reshape(ratio.shape) / ratio).reshape(magnitude.shape))
 
 
 def _bake_lokr_scale(state: dict, name: str, trained_scale: float, inverse: bool = False) -> None:
@@ -104,7 +139,8 @@ def to_kohya(models: Mapping[str, torch.nn.Module], config: Config) -> dict[str,
 
 def from_kohya(state: Mapping[str, torch.Tensor], models: Mapping[str, torch.nn.Module], config: Config,
                key: str) -> None:
-    """Load a kohya/LyCORIS file's adapter weights into the models' adapters (training goes on from them)."""
+    """Load a kohya/LyCORIS file's adapter weights into the models' adapters (training goes on from them): the
+    adapter that gives the weights ComfyUI computes from the file."""
     network = config.network
     renamed = {kohya: peft for peft, kohya in PARAMETERS.items()}
     state = dict(state)
@@ -136,6 +172,9 @@ def from_kohya(state: Mapping[str, torch.Tensor], models: Mapping[str, torch.nn.
                 raise UserError(f"config key '{key}': {name} was trained with alpha {float(alpha):g}, this "
                                 f"network has {wanted:g} (network.alpha / network.conv_alpha)")
         load_adapter_state(model, own, key)
+        if network.type == "dora":
+            for module in targets:  # the norms need the file's update, now in the layers
+                _magnitude_from_file(model.get_submodule(module))
 
 
 def base_model_version(config: Config, models: Mapping[str, torch.nn.Module]) -> str:
@@ -143,6 +182,11 @@ def base_model_version(config: Config, models: Mapping[str, torch.nn.Module]) ->
         return SDXL_VERSION
     width = models["unet"].config.cross_attention_dim
     return "sd_v2" if width == 1024 else "sd_v1"
+
+
+def training_comment(network_type: str) -> str:
+    """ss_training_comment, the comment the UIs and model sites show: the trainer, and for DoRA DORA_NOTE."""
+    return f"SCAL-SDT. {DORA_NOTE}" if network_type == "dora" else "SCAL-SDT"
 
 
 def metadata(config: Config, models: Mapping[str, torch.nn.Module], step: int, epoch: int,
@@ -169,7 +213,7 @@ def metadata(config: Config, models: Mapping[str, torch.nn.Module], step: int, e
         "ss_steps": str(step), "ss_epoch": str(epoch), "ss_num_train_images": str(images),
         "ss_tag_frequency": json.dumps(trigger_words), "ss_clip_skip": str(config.clip_stop_at_layer),
         "ss_text_encoder_lr": str(network.text_encoder_lr or config.optimizer.params.lr),
-        "ss_unet_lr": str(config.optimizer.params.lr), "ss_training_comment": "SCAL-SDT",
+        "ss_unet_lr": str(config.optimizer.params.lr), "ss_training_comment": training_comment(network.type),
     }
 
 

@@ -1,0 +1,109 @@
+"""The weights UIs compute from a kohya/LyCORIS adapter file, transcribed from their source: only the arithmetic
+and the tensor names each reads, without the plumbing (device casts, the `function` hook, padding, Tucker
+factors), at strength 1 and in fp32. Tests judge the engine's files by these, never by the engine's own
+statement of the formulas.
+
+Each function names the file, function and commit it was read from, in comfyanonymous/ComfyUI. A function
+returns the patched weight and the file's keys it read for the module; ComfyUI logs any other key of the file as
+"lora key not loaded" and ignores it.
+"""
+import torch
+
+
+def comfyui_weight_decompose(dora_scale, weight, lora_diff, alpha):
+    """comfy/weight_adapter/base.py, weight_decompose, at 9c0cf36cd7964978850fd40f8cf76ac2cf9f9e15: a
+    dora_scale whose first axis has the weight's output size is read as a per-output-channel magnitude and
+    divided by the norm of the base weight, not of the updated one; otherwise per input channel of the updated
+    weight. lllyasviel/stable-diffusion-webui-forge has the same arithmetic (backend/patcher/lora.py,
+    weight_decompose, read at dfdcbab685e57677014f05a3309b48cc87383167, since 0ced1d0c)."""
+    lora_diff = lora_diff * alpha
+    weight_calc = weight + lora_diff
+    wd_on_output_axis = dora_scale.shape[0] == weight_calc.shape[0]
+    if wd_on_output_axis:
+        weight_norm = (weight.reshape(weight.shape[0], -1).norm(dim=1, keepdim=True)
+                       .reshape(weight.shape[0], *[1] * (weight.dim() - 1)))
+    else:
+        weight_norm = (weight_calc.transpose(0, 1).reshape(weight_calc.shape[1], -1).norm(dim=1, keepdim=True)
+                       .reshape(weight_calc.shape[1], *[1] * (weight_calc.dim() - 1)).transpose(0, 1))
+    weight_norm = weight_norm + torch.finfo(weight.dtype).eps
+    return weight_calc * (dora_scale / weight_norm)
+
+
+def _common(lora, x):
+    """comfy/lora.py, load_lora, at 41444b5236c613ee5ff7d09aa620f94b702f30eb: `{x}.alpha` as a number and
+    `{x}.dora_scale`, read for every module before its adapter."""
+    loaded = set()
+    alpha = dora_scale = None
+    if f"{x}.alpha" in lora:
+        alpha = lora[f"{x}.alpha"].item()
+        loaded.add(f"{x}.alpha")
+    if f"{x}.dora_scale" in lora:
+        dora_scale = lora[f"{x}.dora_scale"].float()
+        loaded.add(f"{x}.dora_scale")
+    return alpha, dora_scale, loaded
+
+
+def _apply(weight, lora_diff, alpha, dora_scale):
+    # each adapter's calculate_weight ends so: weight_decompose with a dora_scale, else weight + alpha · diff
+    if dora_scale is not None:
+        return comfyui_weight_decompose(dora_scale, weight, lora_diff, alpha)
+    return weight + alpha * lora_diff
+
+
+def comfyui_lora(lora, x, weight):
+    """comfy/weight_adapter/lora.py, LoRAAdapter.load and calculate_weight, at
+    6fd406fb14ca663225b88c6f75d7a7f2b997e5a0: up and down flattened to matrices, their product reshaped to the
+    weight's shape (a convolution's too), scaled by alpha over down's rank, or by 1 without alpha."""
+    alpha, dora_scale, loaded = _common(lora, x)
+    mat1, mat2 = lora[f"{x}.lora_up.weight"].float(), lora[f"{x}.lora_down.weight"].float()
+    loaded |= {f"{x}.lora_up.weight", f"{x}.lora_down.weight"}
+    alpha = alpha / mat2.shape[0] if alpha is not None else 1.0
+    lora_diff = torch.mm(mat1.flatten(start_dim=1), mat2.flatten(start_dim=1)).reshape(weight.shape)
+    return _apply(weight, lora_diff, alpha, dora_scale), loaded
+
+
+def comfyui_loha(lora, x, weight):
+    """comfy/weight_adapter/loha.py, LoHaAdapter.load and calculate_weight, at
+    183b377588102d00131247aec399f8b34e1122b4: the Hadamard product of two low-rank products, scaled by alpha
+    over the rank of the first (hada_w1_b's rows)."""
+    alpha, dora_scale, loaded = _common(lora, x)
+    w1a, w1b, w2a, w2b = (lora[f"{x}.hada_{name}"].float() for name in ("w1_a", "w1_b", "w2_a", "w2_b"))
+    loaded |= {f"{x}.hada_{name}" for name in ("w1_a", "w1_b", "w2_a", "w2_b")}
+    alpha = alpha / w1b.shape[0] if alpha is not None else 1.0
+    lora_diff = (torch.mm(w1a, w1b) * torch.mm(w2a, w2b)).reshape(weight.shape)
+    return _apply(weight, lora_diff, alpha, dora_scale), loaded
+
+
+def comfyui_lokr(lora, x, weight):
+    """comfy/weight_adapter/lokr.py, LoKrAdapter.load and calculate_weight, at
+    e8f3bc5ab766ba0149ac8ba8f67c328f8bb3da7d: the Kronecker product of two factors, each stored whole
+    (lokr_w1) or as a low-rank product (lokr_w1_a @ lokr_w1_b); scaled by alpha over the rank of the last
+    low-rank factor, and not at all when both are whole."""
+    alpha, dora_scale, loaded = _common(lora, x)
+    names = ("w1", "w2", "w1_a", "w1_b", "w2_a", "w2_b")
+    v = {name: lora[f"{x}.lokr_{name}"].float() if f"{x}.lokr_{name}" in lora else None for name in names}
+    loaded |= {f"{x}.lokr_{name}" for name in names if v[name] is not None}
+    dim = None
+    w1, w2 = v["w1"], v["w2"]
+    if w1 is None:
+        dim = v["w1_b"].shape[0]
+        w1 = torch.mm(v["w1_a"], v["w1_b"])
+    if w2 is None:
+        dim = v["w2_b"].shape[0]
+        w2 = torch.mm(v["w2_a"], v["w2_b"])
+    if len(w2.shape) == 4:
+        w1 = w1.unsqueeze(2).unsqueeze(2)
+    alpha = alpha / dim if alpha is not None and dim is not None else 1.0
+    lora_diff = torch.kron(w1, w2).reshape(weight.shape)
+    return _apply(weight, lora_diff, alpha, dora_scale), loaded
+
+
+def comfyui_weight(lora, x, weight):
+    """The module's weight as ComfyUI patches it, by the first adapter whose keys the file has, in the order
+    of the adapters list in comfy/weight_adapter/__init__.py at dc05edb5b27f0abbec88cd3994c2be8838a82059
+    (LoRA, LoHa, LoKr first)."""
+    if f"{x}.lora_up.weight" in lora:
+        return comfyui_lora(lora, x, weight)
+    if f"{x}.hada_w1_a" in lora:
+        return comfyui_loha(lora, x, weight)
+    return comfyui_lokr(lora, x, weight)
