@@ -101,7 +101,7 @@ FACTORS: dict[str, list[str]] = {
     "gradclip": ["off", "on"],             # trainer.gradient_clip_val
     "uncond": ["off", "on"],               # uncond.enabled
     "minsnr": ["off", "on"],               # min_snr_gamma
-    "vpred": ["off", "on"],                # prediction_type: v_prediction
+    "vpred": ["off", "on"],                # the SD2.1 768 v-prediction stand-in (demo:tiny-sd21)
     "noiseoffset": ["off", "on"],          # noise_offset
     "augment": ["off", "on"],              # hflip, rotate and colour jitter
     "ti": ["off", "on"],                   # custom_embeddings (a textual-inversion file)
@@ -133,6 +133,7 @@ def row_values(row: dict[str, str], output_dir: Path, class_dir: Path, existing_
     on = {name: level == "on" for name, level in row.items()}
     prompt = f"sks toy {EMBEDDING_TOKEN}" if on["ti"] else "sks toy"
     values = tiny_config(output_dir, **{
+        "model": "demo:tiny-sd21" if on["vpred"] else "demo:tiny-sd",
         "trainer.max_steps": ROW_STEPS, "trainer.max_epochs": None,
         "sampling.interval_steps": ROW_STEPS, "sampling.batch_size": 1,
         "sampling.concepts": [{"prompt": prompt, "negative_prompt": "", "steps": 2, "cfg_scale": 3.0,
@@ -154,7 +155,6 @@ def row_values(row: dict[str, str], output_dir: Path, class_dir: Path, existing_
         "trainer.gradient_clip_val": 1.0 if on["gradclip"] else None,
         "uncond": {"enabled": on["uncond"], "p": 0.5},
         "min_snr_gamma": 5.0 if on["minsnr"] else None,
-        "prediction_type": "v_prediction" if on["vpred"] else None,
         "noise_offset": 0.05 if on["noiseoffset"] else 0.0,
         "augment": copy.deepcopy(AUGMENT) if on["augment"] else [],
         "custom_embeddings": {"enabled": on["ti"], "path": str(embedding_file)},

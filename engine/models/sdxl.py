@@ -17,7 +17,6 @@ import torch
 
 from .. import notices, paths
 from ..errors import UserError
-from . import clip_vocab
 from .sd import Components, resolve_model_path
 
 ENCODER_NAMES = ("text_encoder", "text_encoder_2")
@@ -33,15 +32,18 @@ class TextEncoders(torch.nn.Module):
     it with its neighbours ("!!" is one token). `ids_for_second` rebuilds the second tokenizer's ids from
     the first's: words are the same except those holding a "!", which it tokenizes again."""
 
-    def __init__(self, text_encoder, text_encoder_2, tokenizer_2):
+    def __init__(self, text_encoder, text_encoder_2, tokenizer_2: Optional = None):
+        """tokenizer_2 is None for encoders built on fake tensors, whose ids have no values to tokenize again:
+        the second encoder then gets the first one's ids, of the same shape."""
         super().__init__()
         self.text_encoder = text_encoder
         self.text_encoder_2 = text_encoder_2
         self.tokenizer_2 = tokenizer_2
-        tokens = tokenizer_2.convert_ids_to_tokens(list(range(len(tokenizer_2))))
-        # not saved: they follow from the vocabulary, and move with the module to its device
-        self.register_buffer("has_bang", torch.tensor(["!" in t for t in tokens]), persistent=False)
-        self.word_ends = [t.endswith("</w>") for t in tokens]
+        if tokenizer_2 is not None:
+            tokens = tokenizer_2.convert_ids_to_tokens(list(range(len(tokenizer_2))))
+            # not saved: they follow from the vocabulary, and move with the module to its device
+            self.register_buffer("has_bang", torch.tensor(["!" in t for t in tokens]), persistent=False)
+            self.word_ends = [t.endswith("</w>") for t in tokens]
 
     @property
     def pad_token_id_2(self) -> int:
@@ -53,6 +55,8 @@ class TextEncoders(torch.nn.Module):
     def ids_for_second(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The ids the second tokenizer gives the captions the first tokenizer gave input_ids for, as long
         as input_ids: padded with the second one's padding, cut (end token last) where they are longer."""
+        if self.tokenizer_2 is None:
+            return input_ids
         end = (input_ids == self.tokenizer_2.eos_token_id).int()
         after_end = end.cumsum(dim=1) - end > 0
         ids = input_ids.masked_fill(after_end, self.pad_token_id_2)
@@ -160,8 +164,7 @@ class StableDiffusionXL:
         from .family import configure_noise_schedule
 
         encoders = TextEncoders(CLIPTextModel(CLIPTextConfig.from_dict(architecture.text_encoder)),
-                                CLIPTextModelWithProjection(CLIPTextConfig.from_dict(architecture.text_encoder_2)),
-                                clip_vocab.clip_tokenizer(clip_vocab.PAD_TOKENS["sdxl"]["tokenizer_2"]))
+                                CLIPTextModelWithProjection(CLIPTextConfig.from_dict(architecture.text_encoder_2)))
         components = Components(
             tokenizer=None, text_encoder=encoders, vae=AutoencoderKL.from_config(architecture.vae),
             unet=UNet2DConditionModel.from_config(architecture.unet),
