@@ -76,7 +76,9 @@ def build_optimizer(config: OptimizerConfig, params, lr: float) -> torch.optim.O
 
 
 def build_scheduler(config: OptimizerConfig, optimizer: torch.optim.Optimizer, total_steps: int):
-    """Diffusers' named schedules take warmup directly; torch scheduler classes get a warmup prepended.
+    """The schedule named by optimizer.lr_scheduler (one of diffusers' named schedules or a torch scheduler
+    class), after the configured warmup when there is one: warmup.steps from warmup.init_lr, held there
+    (strategy constant) or rising linearly to the rate (linear), then the schedule over the remaining steps.
 
     Schedules advance once per optimizer step, so step counts in scheduler params are optimizer steps.
     """
@@ -84,18 +86,32 @@ def build_scheduler(config: OptimizerConfig, optimizer: torch.optim.Optimizer, t
     # a schedule-free optimizer warms up by itself (_hyperparameters)
     schedule_free = "ScheduleFree" in optimizer_path(config.name)
     warmup_steps = sched.warmup.steps if sched.warmup.enabled and not schedule_free else 0
+    main = _main_schedule(sched, optimizer, max(1, total_steps - warmup_steps))
+    if not warmup_steps:
+        return main
+    start = sched.warmup.init_lr / optimizer.param_groups[0]["initial_lr"]
+    if sched.warmup.strategy == "constant":
+        def factor(step: int) -> float:
+            return start
+    else:
+        def factor(step: int) -> float:
+            return start + (1 - start) * step / warmup_steps
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, main], milestones=[warmup_steps])
+
+
+def _main_schedule(sched, optimizer: torch.optim.Optimizer, steps: int):
+    """The schedule itself, without warmup, over `steps` optimizer steps."""
     name = sched.name
     if name in DIFFUSERS_SCHEDULES:
         from diffusers.optimization import get_scheduler
 
-        if warmup_steps and name == "constant":
-            name = "constant_with_warmup"
         kwargs = dict(sched.params)
         if name == "cosine_with_restarts" and "num_cycles" in kwargs:
             kwargs["num_cycles"] = int(kwargs["num_cycles"])
         try:
-            return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps,
-                                 num_training_steps=total_steps, **kwargs)
+            # the configured warmup comes before (build_scheduler): constant_with_warmup is constant here
+            return get_scheduler(name, optimizer, num_warmup_steps=0, num_training_steps=steps, **kwargs)
         except TypeError as error:
             raise UserError(f"config key 'optimizer.lr_scheduler.params': {error}") from None
     if "." not in name:
@@ -105,24 +121,14 @@ def build_scheduler(config: OptimizerConfig, optimizer: torch.optim.Optimizer, t
     params = dict(sched.params)
     params.pop("last_epoch", None)  # earlier templates carried it; resuming restores the state instead
     if cls is torch.optim.lr_scheduler.CosineAnnealingLR:
-        params.setdefault("T_max", max(1, total_steps - warmup_steps))
+        params.setdefault("T_max", steps)
     for key in ("eta_min", "gamma", "start_factor", "end_factor", "factor"):
         if isinstance(params.get(key), str):
             params[key] = float(params[key])
     try:
-        main = cls(optimizer, **params)
+        return cls(optimizer, **params)
     except TypeError as error:
         raise UserError(f"config key 'optimizer.lr_scheduler.params': {error}") from None
-    if not warmup_steps:
-        return main
-    base_lr = optimizer.param_groups[0]["initial_lr"]
-    start_factor = max(sched.warmup.init_lr / base_lr, 1e-12)
-    if sched.warmup.strategy == "constant":
-        warmup = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=start_factor, total_iters=warmup_steps)
-    else:
-        warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=start_factor, end_factor=1.0,
-                                                   total_iters=warmup_steps)
-    return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, main], milestones=[warmup_steps])
 
 
 def stochastic_round_to_bf16(values: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -143,8 +149,10 @@ class PerParameterOptimizer:
     usual, and `step()` has nothing left to do. Global-norm clipping needs every gradient at once and is
     not available in this mode; otherwise `step()` clips to clip_norm first.
 
-    bf16_weights=True keeps the weights in bf16: each step runs on an fp32 copy of one parameter (so the
-    optimizer state is fp32 or 8-bit) and writes back with stochastic rounding.
+    bf16_weights=True keeps the weights in bf16: each step runs on an fp32 copy of one parameter, which
+    stands in for it in its optimizer (so the optimizer state is fp32 or 8-bit), and writes the result back
+    into the parameter with stochastic rounding. The parameter itself stays the same bf16 tensor, so autograd
+    and DDP keep the gradient accumulator they hooked.
 
     The learning rate lives on `proxy`, a placeholder optimizer that the usual LR schedulers drive.
     """
@@ -176,16 +184,31 @@ class PerParameterOptimizer:
     def param_groups(self) -> list:
         return self.proxy.param_groups
 
+    @staticmethod
+    @contextlib.contextmanager
+    def _standing_in(param: torch.Tensor, optimizer, stand_in: torch.Tensor) -> Iterator[None]:
+        """stand_in takes param's place in its optimizer, with param's state, for the block."""
+        optimizer.param_groups[0]["params"][0] = stand_in
+        if param in optimizer.state:
+            optimizer.state[stand_in] = optimizer.state.pop(param)
+        try:
+            yield
+        finally:
+            # read again: loading a state dict replaces the groups and the state
+            optimizer.param_groups[0]["params"][0] = param
+            if stand_in in optimizer.state:
+                optimizer.state[param] = optimizer.state.pop(stand_in)
+
     @torch.no_grad()
     def _step_one(self, param: torch.Tensor, optimizer, ratio: float) -> None:
         optimizer.param_groups[0]["lr"] = self.proxy.param_groups[0]["lr"] * ratio
         if self.bf16_weights:
-            weights, gradient = param.data, param.grad
-            param.data = weights.float()
-            param.grad = gradient.float()
-            optimizer.step()
+            working = param.detach().float()
+            working.grad = param.grad.float()
+            with self._standing_in(param, optimizer, working):
+                optimizer.step()
             rounding = self.rounding if param.device.type == "cpu" else None
-            param.data = stochastic_round_to_bf16(param.data, rounding)
+            param.copy_(stochastic_round_to_bf16(working, rounding))
         else:
             optimizer.step()
         param.grad = None
@@ -218,11 +241,11 @@ class PerParameterOptimizer:
             if not self.bf16_weights:
                 getattr(optimizer, mode)()
                 continue
-            # The optimizer's state is fp32, as in a step. Rounded to nearest: a move smaller than half a
-            # bf16 step there and back leaves the weight as it was.
-            param.data = param.data.float()
-            getattr(optimizer, mode)()
-            param.data = param.data.to(torch.bfloat16)
+            # The optimizer's state is fp32, as in a step; the move is rounded to nearest.
+            working = param.detach().float()
+            with self._standing_in(param, optimizer, working):
+                getattr(optimizer, mode)()
+            param.copy_(working)
 
     def state_dict(self) -> dict:
         return {"proxy": self.proxy.state_dict(), "parameters": [o.state_dict() for o in self.optimizers],
@@ -232,13 +255,13 @@ class PerParameterOptimizer:
         self.proxy.load_state_dict(state["proxy"])
         self.rounding.set_state(state["rounding"])
         for param, optimizer, saved in zip(self.params, self.optimizers, state["parameters"]):
-            weights = param.data
-            if self.bf16_weights:
-                # torch casts a loaded state to its parameter's dtype, which must be that of the fp32 copy
-                # each step works on
-                param.data = weights.float()
-            optimizer.load_state_dict(saved)
-            param.data = weights
+            if not self.bf16_weights:
+                optimizer.load_state_dict(saved)
+                continue
+            # torch and bitsandbytes cast a loaded state to its parameter's dtype: an fp32 tensor stands in
+            # while loading, so that the state stays that of the fp32 copies each step works on
+            with self._standing_in(param, optimizer, torch.empty_like(param, dtype=torch.float32)):
+                optimizer.load_state_dict(saved)
 
 
 def has_train_mode(optimizer) -> bool:
@@ -255,10 +278,39 @@ def train_mode(optimizer) -> None:
         optimizer.train()
 
 
+def _trained_params(optimizer) -> list:
+    if isinstance(optimizer, PerParameterOptimizer):
+        return optimizer.params
+    return [param for group in optimizer.param_groups for param in group["params"]]
+
+
 @contextlib.contextmanager
 def eval_weights(optimizer) -> Iterator[None]:
-    """The optimizer's evaluation weights for the block (what samples show and checkpoints hold), then its
-    training point again."""
+    """The optimizer's evaluation weights for the block (what samples show and validation scores), then
+    exactly the training weights again. A move there and back in floating point does not always land where it
+    started (in bf16, a few weights in a hundred end a bf16 step away), so the training weights wait on the
+    CPU, where they take no device memory while samples render, and are copied back."""
+    if not has_train_mode(optimizer):
+        yield
+        return
+    params = _trained_params(optimizer)
+    training = [param.detach().to("cpu", copy=True) for param in params]
+    optimizer.eval()
+    try:
+        yield
+    finally:
+        optimizer.train()
+        with torch.no_grad():
+            for param, weights in zip(params, training):
+                param.copy_(weights)
+
+
+@contextlib.contextmanager
+def checkpoint_weights(optimizer) -> Iterator[None]:
+    """The optimizer's evaluation weights for the block (what a checkpoint holds), then the training point
+    computed back from them, as a resume from that checkpoint computes it: the run goes on from the weights
+    its resume would start from. The move back is deterministic, so every process of a run makes it at each
+    checkpoint and the processes stay equal."""
     if not has_train_mode(optimizer):
         yield
         return

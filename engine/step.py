@@ -6,9 +6,8 @@ back to the CPU (no `.item()`): the loop decides where it waits for the device.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
@@ -130,16 +129,15 @@ def compute_loss(config: Config, models: StepModels, batch: dict, device: torch.
                            latents.shape[-2] * pixels_per_latent)
 
 
-def backward(loss: torch.Tensor, scaler, optimizer, group_size: int, last_of_group: bool,
-             no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> None:
+def backward(loss: torch.Tensor, scaler, optimizer, group_size: int, last_of_group: bool) -> None:
     """Backpropagate one micro-batch's share of its accumulation group's loss.
 
-    Ranks exchange gradients, and an optimizer fused into backward steps, only on the micro-batch that
-    completes the group."""
+    An optimizer fused into backward steps only on the micro-batch that completes the group. Under DDP the
+    caller runs the forward and backward passes of the group's other micro-batches in the wrappers' no_sync,
+    so that ranks exchange gradients once per group."""
     if isinstance(optimizer, PerParameterOptimizer):
         optimizer.armed = last_of_group
-    with contextlib.nullcontext() if last_of_group else no_sync():
-        scaler.scale(loss / group_size).backward()
+    scaler.scale(loss / group_size).backward()
 
 
 def optimizer_step(optimizer, scaler, params, clip_norm: Optional[float]) -> bool:

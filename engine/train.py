@@ -28,7 +28,7 @@ from .errors import UserError
 from .job import Job, release_memory
 from .models.family import ModelFamily, family_for
 from .models.sd import Components, resolve_model_path
-from .optim import eval_weights, scaled_lr, train_mode
+from .optim import checkpoint_weights, eval_weights, scaled_lr, train_mode
 from .plan import RunPlan, make_plan
 from .run_dir import CONFIG_FILE, RunDir
 from .sampling import PromptEncoder, generate_samples
@@ -383,16 +383,19 @@ class Trainer(Job):
             micro_batches = next(steps)
             losses, parts = [], None
             for index, batch in enumerate(micro_batches):
-                loss, parts = compute_loss(config, context.models, batch, device, context.plan.autocast,
-                                           context.text_cache, fill=context.fill)
-                # CPU–GPU sync: every rank learns whether any loss is non-finite before stepping on it.
-                finite = bool(torch.isfinite(loss))
-                if distributed.any_rank(topology, not finite, device):
-                    value = "non-finite on another process" if finite else loss.item()
-                    raise UserError(f"the loss became {value} at step {state.step + 1}; stopping. Lower "
-                                    "optimizer.params.lr or use bf16/fp32 precision")
-                backward(loss, context.scaler, context.optimizer, len(micro_batches),
-                         last_of_group=index == len(micro_batches) - 1, no_sync=self._no_sync)
+                last_of_group = index == len(micro_batches) - 1
+                # Ranks exchange gradients once per group, on the micro-batch that completes it. DDP decides
+                # at the forward pass whether the backward pass exchanges, so both run in no_sync before it.
+                with contextlib.nullcontext() if last_of_group else self._no_sync():
+                    loss, parts = compute_loss(config, context.models, batch, device, context.plan.autocast,
+                                               context.text_cache, fill=context.fill)
+                    # CPU–GPU sync: every rank learns whether any loss is non-finite before stepping on it.
+                    finite = bool(torch.isfinite(loss))
+                    if distributed.any_rank(topology, not finite, device):
+                        value = "non-finite on another process" if finite else loss.item()
+                        raise UserError(f"the loss became {value} at step {state.step + 1}; stopping. Lower "
+                                        "optimizer.params.lr or use bf16/fp32 precision")
+                    backward(loss, context.scaler, context.optimizer, len(micro_batches), last_of_group)
                 losses.append(loss.item())  # CPU–GPU sync
             if not optimizer_step(context.optimizer, context.scaler, context.params,
                                   config.trainer.gradient_clip_val):
@@ -480,14 +483,16 @@ class Trainer(Job):
             # Every rank's cache holds what was encoded before the checkpoint, so a run resumed from it
             # encodes again exactly the samples it replays.
             context.fill.flush()
-        if not context.topology.is_main:
-            return
         sampling = config.sampling
-        if sampling.concepts and sampling.interval_steps and not stopped and (
+        if context.topology.is_main and sampling.concepts and sampling.interval_steps and not stopped and (
                 step % sampling.interval_steps == 0 or last):
             self._sample(context)
         if reason:
-            self._save(context, reason)
+            # Every rank moves to the weights the checkpoint holds and back, as a resume from it would, so that
+            # a schedule-free optimizer's ranks go on from the same weights.
+            with checkpoint_weights(context.optimizer):
+                if context.topology.is_main:
+                    self._save(context, reason)
 
     def _checkpoint_due(self, epoch_ended: bool, last: bool, stopped: bool) -> Optional[str]:
         """Why a checkpoint is saved after this step, or None."""
@@ -504,11 +509,12 @@ class Trainer(Job):
         return None
 
     def _save(self, context: StepContext, reason: str) -> None:
+        """This step's checkpoint, unless one was saved at this step already; called at the weights that
+        checkpoint_weights puts in place."""
         latest = checkpoints.latest_checkpoint(self.run_dir)
         if latest is not None and checkpoints.read_meta(latest)["step"] == self.state.step:
             return  # already saved at this step
-        with eval_weights(context.optimizer):  # the weights (and optimizer state) a resume starts from
-            self._write_checkpoint(context, reason)
+        self._write_checkpoint(context, reason)
 
     def _write_checkpoint(self, context: StepContext, reason: str) -> None:
         from .ema import EMA_FOLDER

@@ -5,8 +5,9 @@ listed timestep and in every round, so val_loss moves only with the weights: rou
 that share their validation images and seed, compare directly. The loss is the MSE against the training
 target (epsilon or v) without min-SNR weights or noise offset, over centre crops in the run's bucket sizes
 with no augmentation or caption dropout. Nothing here draws from the global RNGs or from the training
-data's streams, and the models go back to their own train/eval modes, so a run trains to the same weights
-with validation on or off.
+data's streams, the models go back to their own train/eval modes, and the trainer scores a schedule-free
+optimizer's evaluation weights inside optim.eval_weights, which restores the training weights exactly, so a
+run trains to the same weights with validation on or off.
 """
 from __future__ import annotations
 

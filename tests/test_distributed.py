@@ -82,3 +82,106 @@ def test_fused_backward_is_refused_at_start_when_torchrun_starts_two_processes(t
     assert refusals[0].startswith("error: config key 'optimizer.fused_backward': works in one training process "
                                   "only (2 were started)")
     assert not (tmp_path / "out").exists()  # refused before a run folder was made
+
+
+# -- every optimizer mode: two gloo ranks at batch 1 against one process at batch 2 ------------------------------
+MODE_STEPS = 3
+FP32_TOLERANCE = 1e-5
+SCHEDULE_FREE_SIDE_TASKS = {"optimizer.name": "adamw_schedulefree", "checkpoint.every_n_train_steps": 2,
+                            "sampling.interval_steps": 2, "sampling.concepts[0].num_samples": 1,
+                            "validation.every_n_steps": 1, "validation.split": 0.2, "validation.timesteps": [500]}
+# mode: (overrides, the largest difference from one process allowed, or None for bf16 weights)
+MODES = {
+    "adamw": ({}, FP32_TOLERANCE),
+    # stochastic rounding draws the same noise on every rank
+    "bf16": ({"weights_dtype": "bf16"}, None),
+    # The 8-bit state is quantized per block: a gradient that differs in its last bits can move a state value
+    # to the neighbouring code, and the step by a few percent of lr (1e-3).
+    "adamw8bit": ({"optimizer.name": "adamw8bit"}, 2.5e-4),
+    "adafactor": ({"optimizer.name": "adafactor"}, FP32_TOLERANCE),
+    # rank 0 alone validates, samples and saves, at the evaluation weights, in the middle of the run
+    "schedulefree": (SCHEDULE_FREE_SIDE_TASKS, FP32_TOLERANCE),
+    "schedulefree-bf16": ({**SCHEDULE_FREE_SIDE_TASKS, "weights_dtype": "bf16"}, None),
+    # Prodigy's own step size starts at 1e-6 and grows over far more steps than these: lr multiplies it, so
+    # that the weights travel as far as the others'.
+    "prodigy": ({"optimizer.name": "prodigy", "optimizer.params.lr": 100.0}, FP32_TOLERANCE),
+    "lora": ({"network.type": "lora", "network.rank": 4, "network.alpha": 4, "optimizer.params.lr": 1e-2},
+             FP32_TOLERANCE),
+    "accumulate": ({"trainer.accumulate_grad_batches": 3}, FP32_TOLERANCE),
+}
+
+
+@pytest.fixture(scope="module")
+def mode_runs(tmp_path_factory, sample_data, tiny_model):
+    """Each mode trained by two gloo ranks at batch 1 and by one process at batch 2, every mode in one torchrun
+    launch and one plain process (tests/ddp_probe.py): {mode: (rank 0, rank 1, one process)} as the probe
+    records them, and the tiny model's untrained UNet."""
+    from safetensors.torch import load_file
+
+    root = tmp_path_factory.mktemp("modes")
+    files = {"ddp": [], "one": []}
+    for kind, batch_size in (("ddp", 1), ("one", 2)):
+        for mode, (overrides, _) in MODES.items():
+            values = tiny_config(root / "runs" / kind / mode, batch_size=batch_size, **{
+                "prior_preservation.enabled": False,
+                "data.concepts": [{"instance_set": {"path": "demo:sample-data/instance", "prompt": "sks toy"}}],
+                "trainer.max_steps": MODE_STEPS, "sampling.interval_steps": 0,
+                "checkpoint.every_n_train_steps": 1000, "optimizer.lr_scheduler.warmup.enabled": False,
+                # Adam divides by the root of its second moment: at eps 1e-8 a weight whose gradient is near 0
+                # moves by up to lr on rounding alone. At 1e-4 the comparison sees the exchange, not that noise.
+                "optimizer.params.eps": 1e-4, **overrides})
+            path = root / kind / f"{mode}.yaml"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(yaml.safe_dump(values))
+            files[kind].append(str(path))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    probe = str(ROOT / "tests" / "ddp_probe.py")
+    launches = {"ddp": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        probe, str(root / "ddp"), *files["ddp"]],
+                "one": [sys.executable, probe, str(root / "one"), *files["one"]]}
+    for kind, command in launches.items():
+        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+        assert result.returncode == 0, result.stderr[-3000:]
+    import torch
+
+    def recorded(kind, mode, rank):
+        return torch.load(root / kind / f"{mode}-rank{rank}.pt")
+
+    runs = {mode: (recorded("ddp", mode, 0), recorded("ddp", mode, 1), recorded("one", mode, 0)) for mode in MODES}
+    return runs, load_file(tiny_model / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_every_optimizer_mode_trains_alike_on_two_gloo_ranks_and_one_process(mode, mode_runs):
+    import torch
+
+    runs, untrained = mode_runs
+    rank0, rank1, one = runs[mode]
+    _, tolerance = MODES[mode]
+    assert rank0["weights"].keys() == rank1["weights"].keys() == one["weights"].keys()
+    # the ranks hold the very same weights
+    assert all(torch.equal(rank0["weights"][k], rank1["weights"][k]) for k in rank0["weights"])
+    # one gradient exchange per optimizer step, after the step's last forward pass
+    for record in (rank0, rank1):
+        (exchanges,), (forwards,) = record["exchanges"], record["forwards"]
+        assert len(exchanges) == MODE_STEPS and exchanges[-1] == forwards, (exchanges, forwards)
+        if mode == "accumulate":
+            assert forwards >= 2 * MODE_STEPS  # (an epoch's last group may hold fewer than 3)
+        else:
+            assert exchanges == list(range(1, MODE_STEPS + 1))
+    assert one["exchanges"] == []
+    difference = {k: (rank0["weights"][k].float() - one["weights"][k].float()).abs() for k in rank0["weights"]}
+    full = [k for k in difference if k.startswith("unet.") and k[len("unet."):] in untrained]
+    if full:  # the runs moved the weights, on average by many times the fp32 tolerance
+        start = {k: untrained[k[len("unet."):]].to(one["weights"][k].dtype) for k in full}
+        moved = torch.cat([(one["weights"][k] - start[k]).float().abs().flatten() for k in full])
+        assert moved.mean() > 20 * FP32_TOLERANCE, moved.mean()
+    if tolerance is not None:
+        worst = max(d.max().item() for d in difference.values())
+        assert worst <= tolerance, worst
+    else:
+        # bf16 compute rounds a batch of 2 and two of 1 differently, and stochastic rounding turns that into a
+        # bf16 step for some weights (2**-7 of the weight); on average they differ far less than they moved
+        mean = torch.cat([d.flatten() for d in difference.values()]).mean()
+        assert mean < 0.05 * moved.mean(), (mean, moved.mean())
+        assert rank0["weights"][full[0]].dtype == torch.bfloat16
