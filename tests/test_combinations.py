@@ -1,5 +1,6 @@
 """The combination matrix: every shipped preset end to end on the tiny model, and a pairwise-covering set
 of option combinations, each trained for a few steps with one sampling round and one checkpoint."""
+import json
 import math
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from safetensors.torch import load_file
 from combinations import (EMBEDDING_TOKEN, FACTORS, INELIGIBLE, PRESET_CLASS_IMAGES, PRESET_STEPS, PRESETS,
                           ROW_CLASS_IMAGES, ROW_STEPS, all_pairs, changed_elements, messages, pairs_of, pairwise_rows,
                           preset_to_tiny, read_metrics, refused_pairs, row_id, row_values, tensor_dtypes)
-from engine import checkpoints
+from engine import checkpoints, paths
 from engine import config as cfg
 from engine import events
 
@@ -223,7 +224,10 @@ def test_option_row_trains_samples_and_saves(row, tmp_path, tiny_model, class_im
     assert (checkpoint / "ema_unet").is_dir() == on["ema"]
     # The warmup starts at lr 0, so only the last step moves the weights: the optimizer (fused into
     # backward, after accumulation, onto bf16 weights) must have reached them.
-    assert_weights_moved(tiny_model, checkpoint, ["unet"] + (["text_encoder"] if on["te"] else []))
+    base = paths.demo_model_dir("sd21") if on["vpred"] else tiny_model
+    assert_weights_moved(base, checkpoint, ["unet"] + (["text_encoder"] if on["te"] else []))
+    scheduler = json.loads((base / "scheduler" / "scheduler_config.json").read_text())
+    assert checkpoints.read_meta(checkpoint)["prediction_type"] == scheduler["prediction_type"]
 
     generated = pngs(tmp_path / "class")
     assert len(generated) == (ROW_CLASS_IMAGES if row["prior"] == "gen" else 0)
