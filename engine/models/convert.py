@@ -273,7 +273,8 @@ def load_source(source: str | Path, wanted: tuple[str, ...], ema: bool = False,
             base_components = {"unet": loaded.unet, "vae": loaded.vae, **text_encoder_parts(loaded.text_encoder)}
     else:
         result.config_folder = base
-    result.prediction_type = trained_as or _prediction_type(result.config_folder)  # the run may have trained it as another
+    # the run may have trained it as another
+    result.prediction_type = trained_as or _prediction_type(result.config_folder)
     for component in wanted:
         if component in own:
             result.models[component] = _load_model(component, own[component])
