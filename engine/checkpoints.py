@@ -2,10 +2,13 @@
 half-written checkpoint where a valid one is expected."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import shutil
+import struct
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -18,8 +21,11 @@ from .run_dir import RunDir
 
 CHECKPOINT_PREFIX = "step-"
 TEMP_PREFIX = ".tmp-"
+DAMAGED_PREFIX = "damaged-"
 META_FILE = "meta.json"
 STATE_FILE = "training_state.pt"
+# A full disk, or a full quota (which Windows does not have)
+DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 def checkpoint_name(step: int) -> str:
@@ -54,6 +60,72 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     return found[-1] if found else None
 
 
+def damage(checkpoint: Path) -> Optional[str]:
+    """What is wrong with a checkpoint's files, or None when it verifies. Cheap: the files it must hold are
+    there, meta.json parses, the training state is a whole zip archive, and each safetensors file is as long
+    as its header says. A disk that failed or filled up after the rename can leave any of these broken."""
+    checkpoint = Path(checkpoint)
+    try:
+        meta = json.loads((checkpoint / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        return f"{META_FILE} is unreadable ({error.__class__.__name__})"
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+        return f"{META_FILE} names no step"
+    if not (checkpoint / STATE_FILE).is_file():
+        return f"{STATE_FILE} is missing"
+    if not zipfile.is_zipfile(checkpoint / STATE_FILE):
+        return f"{STATE_FILE} is cut short"
+    for name in meta.get("trained", []):
+        if not (checkpoint / name).is_dir():
+            return f"the weights of {name} are missing"
+    for file in sorted(checkpoint.rglob("*.safetensors")):
+        problem = _safetensors_damage(file)
+        if problem:
+            return f"{file.relative_to(checkpoint)} {problem}"
+    return None
+
+
+def _safetensors_damage(file: Path) -> Optional[str]:
+    """A safetensors file is an 8-byte header length, a JSON header of tensor offsets, then the data."""
+    size = file.stat().st_size
+    with open(file, "rb") as handle:
+        start = handle.read(8)
+        if len(start) < 8:
+            return "is cut short"
+        (header_size,) = struct.unpack("<Q", start)
+        if 8 + header_size > size:
+            return "is cut short"
+        try:
+            header = json.loads(handle.read(header_size))
+            ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+        except (ValueError, AttributeError, KeyError, IndexError, TypeError):  # not JSON, or not offsets
+            return "has an unreadable header"
+    if 8 + header_size + max(ends, default=0) != size:
+        return f"is {size} bytes where its header describes {8 + header_size + max(ends, default=0)}"
+    return None
+
+
+def newest_intact(run_dir: Path) -> Optional[Path]:
+    """The newest checkpoint that verifies."""
+    return next((c for c in reversed(list_checkpoints(run_dir)) if damage(c) is None), None)
+
+
+def set_aside_damaged(run_dir: Path) -> list[tuple[Path, str]]:
+    """Rename the checkpoints newer than the newest intact one to damaged-step-N, out of the checkpoints a
+    resume, the step loop and save_top_k see, but kept for whoever wants to look into them; returns each
+    with what is wrong with it."""
+    moved = []
+    for checkpoint in reversed(list_checkpoints(run_dir)):
+        problem = damage(checkpoint)
+        if problem is None:
+            break
+        target = checkpoint.with_name(DAMAGED_PREFIX + checkpoint.name)
+        shutil.rmtree(target, ignore_errors=True)  # one set aside at this step before
+        checkpoint.rename(target)
+        moved.append((checkpoint, problem))
+    return moved
+
+
 def save_checkpoint(run_dir: Path, step: int, models: dict, state: dict, meta: dict, keep: int,
                     extra: Optional[Callable[[Path], None]] = None) -> Path:
     """Write models (name -> an object with save_pretrained), the training state and what `extra` writes
@@ -68,13 +140,25 @@ def save_checkpoint(run_dir: Path, step: int, models: dict, state: dict, meta: d
     temp = folder / f"{TEMP_PREFIX}{final.name}"
     if temp.exists():
         shutil.rmtree(temp)
-    temp.mkdir()
-    for name, model in models.items():
-        model.save_pretrained(temp / name)  # diffusers and EMAModel default to safetensors
-    torch.save(state, temp / STATE_FILE)
-    if extra is not None:
-        extra(temp)
-    (temp / META_FILE).write_text(json.dumps({**meta, "step": step}, indent=1), encoding="utf-8")
+    previous = latest_checkpoint(run_dir)
+    try:
+        temp.mkdir()
+        for name, model in models.items():
+            model.save_pretrained(temp / name)  # diffusers and EMAModel default to safetensors
+        torch.save(state, temp / STATE_FILE)
+        if extra is not None:
+            extra(temp)
+        (temp / META_FILE).write_text(json.dumps({**meta, "step": step}, indent=1), encoding="utf-8")
+    except BaseException as error:
+        # The partial files would only take space that the next try needs.
+        shutil.rmtree(temp, ignore_errors=True)
+        if isinstance(error, OSError) and error.errno in DISK_FULL:
+            need = _folder_bytes(previous) if previous is not None else _tensor_bytes([models, state])
+            raise UserError(f"the disk is full: checkpoint {final.name} could not be written to {folder} (it "
+                            f"needs about {_size(need)}, {_size(shutil.disk_usage(folder).free)} are free; older "
+                            f"checkpoints are removed only after a new one is written, so free that much space)"
+                            ) from None
+        raise
     if final.exists():
         shutil.rmtree(final)
     os.replace(temp, final)
@@ -83,6 +167,28 @@ def save_checkpoint(run_dir: Path, step: int, models: dict, state: dict, meta: d
         for old in list_checkpoints(run_dir)[:-max(keep, 1)]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(file.stat().st_size for file in folder.rglob("*") if file.is_file())
+
+
+def _tensor_bytes(value) -> int:
+    """The bytes of the tensors in value (nested in dicts, lists and objects with a state_dict): about what a
+    first checkpoint writes."""
+    if isinstance(value, torch.Tensor):
+        return value.nbytes
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    if callable(getattr(value, "state_dict", None)):
+        return _tensor_bytes(value.state_dict())
+    return 0
+
+
+def _size(count: int) -> str:
+    return f"{count / 2**20:.1f} MiB" if count < 2**30 else f"{count / 2**30:.2f} GiB"
 
 
 def read_meta(checkpoint: Path) -> dict:

@@ -1,6 +1,7 @@
 """The layout of a run folder, output_dir/project/run_id/:
 
-    config.yaml          the resolved config the run started with (its seed included)
+    config.yaml          the resolved config (its seed included), with the changes a resume made
+    .lock                locked by the process training the run (it names that process)
     metrics.jsonl        one line per logged step
     samples/<step>/      the sampling rounds' images
     checkpoints/step-N/  complete checkpoints (each with meta.json); .tmp-step-N while being written
@@ -10,14 +11,20 @@ The engine and the app find these names here and nowhere else.
 """
 from __future__ import annotations
 
+import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from .errors import UserError
 from .paths import writable_folder
 
 CONFIG_FILE = "config.yaml"
+LOCK_FILE = ".lock"
+# Windows locks are mandatory: the byte locked lies past the holder's name, which others must read.
+WINDOWS_LOCK_OFFSET = 4096
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,15 @@ class RunDir:
     def samples(self, step: int) -> Path:
         return self.path / "samples" / f"{step:06d}"
 
+    def update_config(self, text: str) -> None:
+        """Replace config.yaml (after a resume changed it) atomically, keeping its time: find_runs orders runs
+        by when they began."""
+        times = self.config.stat()
+        temp = self.path / f".{CONFIG_FILE}.tmp"
+        temp.write_text(text, encoding="utf-8")
+        os.utime(temp, ns=(times.st_atime_ns, times.st_mtime_ns))
+        os.replace(temp, self.config)
+
     @staticmethod
     def is_run(path: Path) -> bool:
         return (Path(path) / CONFIG_FILE).is_file()
@@ -62,8 +78,58 @@ class RunDir:
         raise UserError(f"cannot create a new run folder under {parent}")
 
 
+class RunLock:
+    """The OS lock on a run folder's .lock file, held by the one process training it: two processes
+    training one folder would write over each other's checkpoints and metrics. The OS releases it when the
+    process ends, however it ends, so a killed run never leaves its folder locked."""
+
+    def __init__(self, file: IO[bytes]):
+        self._file = file
+
+    @classmethod
+    def acquire(cls, run_dir: Path) -> "RunLock":
+        """Lock run_dir, or raise UserError naming the process that holds it."""
+        # "a+b" creates the file without emptying it: the holder's name stays readable until it is locked.
+        file = open(Path(run_dir) / LOCK_FILE, "a+b")
+        try:
+            _lock(file)
+        except OSError:
+            file.seek(0)
+            holder = file.read().decode("utf-8", errors="replace").strip() or "another process"
+            file.close()
+            raise UserError(f"{run_dir} is in use by {holder}: a run folder is trained by one process at a "
+                            "time; wait for that one to end or stop it") from None
+        file.seek(0)
+        file.truncate()
+        file.write(f"process {os.getpid()} on {socket.gethostname()}\n".encode("utf-8"))
+        file.flush()
+        return cls(file)
+
+    def release(self) -> None:
+        if os.name == "nt":
+            import msvcrt
+
+            self._file.seek(WINDOWS_LOCK_OFFSET)
+            msvcrt.locking(self._file.fileno(), msvcrt.LK_UNLCK, 1)
+        self._file.close()  # on POSIX, closing the file releases its flock
+
+
+def _lock(file: IO[bytes]) -> None:
+    """Lock file without waiting; OSError when another process holds it."""
+    if os.name == "nt":
+        import msvcrt
+
+        file.seek(WINDOWS_LOCK_OFFSET)
+        msvcrt.locking(file.fileno(), msvcrt.LK_NBLCK, 1)
+    else:
+        import fcntl
+
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 def find_runs(output_dir: Path) -> list[RunDir]:
     """The run folders under output_dir (output_dir/project/run_id), newest first."""
-    # config.yaml is written once when a run begins, so its time orders runs by start.
+    # config.yaml is written when a run begins (a resume that changes it keeps its time): its time orders runs
+    # by start.
     configs = sorted(Path(output_dir).glob(f"*/*/{CONFIG_FILE}"), key=lambda c: c.stat().st_mtime, reverse=True)
     return [RunDir(config.parent) for config in configs]

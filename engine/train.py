@@ -12,6 +12,7 @@ import math
 import os
 import queue
 import random
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from . import checkpoints, distributed, events, notices, paths
-from .config import Config, dump_yaml, load, to_dict
+from .config import Config, ConfigError, dump_yaml, load, to_dict
 from .data.prepare import PreparedData, prepare_data
 from .ema import averaged_parameters, ema_step
 from .errors import UserError
@@ -30,7 +31,7 @@ from .models.family import ModelFamily, family_for
 from .models.sd import Components, resolve_model_path
 from .optim import checkpoint_weights, eval_weights, scaled_lr, train_mode
 from .plan import RunPlan, make_plan
-from .run_dir import CONFIG_FILE, RunDir
+from .run_dir import CONFIG_FILE, RunDir, RunLock
 from .sampling import PromptEncoder, generate_samples
 from .models import kohya
 from .models.adapters import AdapterWeights, load_adapter_folder
@@ -54,6 +55,40 @@ def select_device(config: Config) -> torch.device:
 # Settings that decide which images each batch holds; the saved data position assumes them unchanged.
 DATA_POSITION_KEYS = ("batch_size", "seed", "trainer.accumulate_grad_batches", "data", "aspect_ratio_bucket",
                       "validation.split", "validation.seed")
+
+# The keys a resume may change (with their sub-keys). The others decide what the checkpoint's state is (the
+# model, what trains and its adapter's shape, the optimizer and its state's layout, precision, the loss), so a
+# change there is a new run.
+RESUME_KEYS = (
+    # how long the run trains
+    "trainer.max_steps", "trainer.max_epochs",
+    # the learning rate and its schedule: the new schedule takes over at the resumed step
+    "optimizer.params.lr", "network.text_encoder_lr", "optimizer.lr_scheduler",
+    # which images each batch holds: allowed with a warning, the saved data position counts the old batches
+    "batch_size", "seed", "trainer.accumulate_grad_batches", "data.concepts", "data.center_crop",
+    "aspect_ratio_bucket", "validation",
+    # what the run writes along the way, and how it uses the machine
+    "checkpoint", "sampling", "loggers", "trainer.log_every_n_steps", "description", "num_workers", "cache",
+    "gradient_checkpointing", "xformers", "trainer.devices",
+)
+
+
+def changed_keys(before, after, prefix: str = "") -> list[str]:
+    """The key paths (`a.b[0].c`) whose values differ between two config dicts; a list that changed length
+    is one key."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        keys = list(before) + [key for key in after if key not in before]
+        return [changed for key in keys
+                for changed in changed_keys(before.get(key), after.get(key), f"{prefix}.{key}" if prefix else key)]
+    if isinstance(before, list) and isinstance(after, list) and len(before) == len(after):
+        return [changed for index, (b, a) in enumerate(zip(before, after))
+                for changed in changed_keys(b, a, f"{prefix}[{index}]")]
+    return [] if before == after else [prefix]
+
+
+def may_change_on_resume(key: str) -> bool:
+    generic = re.sub(r"\[\d+\]", "", key)
+    return any(generic == allowed or generic.startswith(allowed + ".") for allowed in RESUME_KEYS)
 
 
 @dataclass
@@ -100,10 +135,14 @@ class Trainer(Job):
     thread_name = "scal-sdt-train"
 
     def __init__(self, config: Config, event_queue: Optional[queue.Queue] = None,
-                 resume_dir: Optional[str] = None, on_event: Optional[Callable] = None):
+                 resume_dir: Optional[str] = None, on_event: Optional[Callable] = None,
+                 saved_config: Optional[Config] = None):
         super().__init__(event_queue, on_event)
         self.config = config
         self.resume_dir = Path(resume_dir) if resume_dir else None
+        # the resumed run's config as saved, and what the resume's --set changed in it
+        self.saved_config = saved_config or config
+        self.resume_changes = changed_keys(to_dict(self.saved_config), to_dict(config))
         self.run_dir: Optional[Path] = None
         self.state = checkpoints.TrainState()
         self._models: Optional[StepModels] = None
@@ -113,7 +152,17 @@ class Trainer(Job):
     def for_resume(cls, run_dir: str, event_queue=None, overrides: Optional[list[str]] = None, **kwargs):
         if not RunDir.is_run(Path(run_dir)):
             raise UserError(f"--resume: {run_dir} is not a run folder (no {CONFIG_FILE})")
-        return cls(load(RunDir(Path(run_dir)).config, overrides), event_queue, resume_dir=run_dir, **kwargs)
+        path = RunDir(Path(run_dir)).config
+        with notices.collect(lambda message: None):  # the config's notices come once, from the load below
+            saved = load(path)
+        config = load(path, overrides)
+        refused = [key for key in changed_keys(to_dict(saved), to_dict(config)) if not may_change_on_resume(key)]
+        if refused:
+            raise ConfigError(f"--resume: config key{'s' if len(refused) > 1 else ''} "
+                              f"{', '.join(repr(key) for key in refused)} cannot change on resume: the checkpoint "
+                              "was trained with the run's own setting; start a new run to change it (see README, "
+                              "Never losing a run)")
+        return cls(config, event_queue, resume_dir=run_dir, saved_config=saved, **kwargs)
 
     def failure_context(self) -> str:
         return str(self.run_dir or "")
@@ -122,9 +171,9 @@ class Trainer(Job):
         """A run that ends in an error says what is left of it."""
         if self.run_dir is None:
             return message
-        latest = checkpoints.latest_checkpoint(self.run_dir)
+        latest = checkpoints.newest_intact(self.run_dir)
         if latest is None:
-            return f"{message} (no checkpoint was saved yet)"
+            return f"{message} (no intact checkpoint was saved yet)"
         return f"{message} (last good checkpoint: {latest}; continue with --resume {self.run_dir})"
 
     def _run(self) -> events.Event:
@@ -161,19 +210,27 @@ class Trainer(Job):
             self._models = None
             distributed.shutdown(topology)
 
-    def _open_run_dir(self, topology: distributed.Topology) -> Optional[Path]:
+    def _open_run_dir(self, topology: distributed.Topology, cleanup: contextlib.ExitStack) -> Optional[Path]:
         """Set self.run_dir: the resumed run's folder, or a new one with the resolved config (and its seed)
-        written by the main process. Returns the checkpoint to resume from, if resuming."""
+        written by the main process, which locks it until the run ends. Returns the checkpoint to resume from,
+        if resuming."""
         config = self.config
         if self.resume_dir is not None:
-            self.run_dir = self.resume_dir
             if topology.is_main:
-                for removed in checkpoints.clean_partial(self.run_dir):
+                # the lock comes first: the clean-up below must not touch the files of a run still training
+                cleanup.callback(RunLock.acquire(self.resume_dir).release)
+                for removed in checkpoints.clean_partial(self.resume_dir):
                     self.log(f"removed an incomplete checkpoint: {removed.name}", "warning")
+                for damaged, problem in checkpoints.set_aside_damaged(self.resume_dir):
+                    self.log(f"checkpoint {damaged.name} is damaged ({problem}): resuming from an older one; it "
+                             f"is kept as {checkpoints.DAMAGED_PREFIX}{damaged.name}", "warning")
+                if self.resume_changes:
+                    RunDir(self.resume_dir).update_config(dump_yaml(config))
+            self.run_dir = self.resume_dir
             distributed.barrier(topology)
             resume_from = checkpoints.latest_checkpoint(self.run_dir)
             if resume_from is None:
-                raise UserError(f"--resume: {self.run_dir} has no complete checkpoint to resume from")
+                raise UserError(f"--resume: {self.run_dir} has no intact checkpoint to resume from")
             self._warn_of_moved_data_position()
             return resume_from
         if config.seed is None:
@@ -182,6 +239,7 @@ class Trainer(Job):
         run_dir = None
         if topology.is_main:
             run_dir = RunDir.create(paths.resolve(config.output_dir), config.project)
+            cleanup.callback(RunLock.acquire(run_dir.path).release)
             run_dir.config.write_text(dump_yaml(config), encoding="utf-8")
         self.run_dir = Path(distributed.broadcast_from_main(topology, str(run_dir.path) if run_dir else None))
         return None
@@ -189,7 +247,7 @@ class Trainer(Job):
     def _warn_of_moved_data_position(self) -> None:
         """The checkpoint's data position counts batches of the run's own settings: a resume that changes
         them does not continue exactly where the run stopped."""
-        saved, now = to_dict(load(RunDir(self.run_dir).config)), to_dict(self.config)
+        saved, now = to_dict(self.saved_config), to_dict(self.config)
         for key in DATA_POSITION_KEYS:
             before, after = saved, now
             for part in key.split("."):
@@ -229,7 +287,7 @@ class Trainer(Job):
         order. None when a stop request came during class image generation."""
         config = self.config
         resolve_model_path(config.model)  # fail before creating a run folder
-        resume_from = self._open_run_dir(topology)
+        resume_from = self._open_run_dir(topology, cleanup)
         random.seed(config.seed)
         np.random.seed(config.seed % 2**32)
         torch.manual_seed(config.seed)
@@ -347,10 +405,8 @@ class Trainer(Job):
                 else:
                     checkpoints.load_model_weights(model, resume_from, name)
         elif config.network.init_from:
-            from safetensors.torch import load_file
-
             # training goes on from an existing adapter file
-            kohya.from_kohya(load_file(paths.resolve(config.network.init_from)),
+            kohya.from_kohya(kohya.read_file(config.network.init_from, "network.init_from"),
                              trained_parts(context.components, context.plan), config, "network.init_from")
         # Only the main process samples and saves, so only it keeps the average.
         if config.ema.enabled and context.topology.is_main:
@@ -364,8 +420,18 @@ class Trainer(Job):
         if resume_from is None:
             return checkpoints.TrainState()
         saved = checkpoints.load_state(resume_from)
+        # The rates the config sets, which loading the saved state replaces with the saved ones
+        target = getattr(context.optimizer, "proxy", context.optimizer)
+        rates = [group["initial_lr"] for group in target.param_groups]
         context.optimizer.load_state_dict(saved["optimizer"])
-        context.lr_scheduler.load_state_dict(saved["lr_scheduler"])
+        if self.resume_changes:
+            # A resume that changed the config: the rate, schedule and step count it sets apply from here.
+            for group, rate in zip(target.param_groups, rates):
+                group["lr"] = group["initial_lr"] = rate
+            context.lr_scheduler = schedule_at(config, context.optimizer, context.total_steps,
+                                               checkpoints.TrainState.from_dict(saved).step)
+        else:
+            context.lr_scheduler.load_state_dict(saved["lr_scheduler"])
         context.scaler.load_state_dict(saved["scaler"])
         checkpoints.restore_rng_states(saved["rng"], context.device)
         state = checkpoints.TrainState.from_dict(saved)
@@ -582,6 +648,24 @@ class Trainer(Job):
             if hasattr(model, "no_sync"):
                 stack.enter_context(model.no_sync())
         return stack
+
+
+def schedule_at(config: Config, optimizer, total_steps: int, step: int):
+    """config's schedule for optimizer, advanced to `step` as if it had run from the start at its rates."""
+    target = getattr(optimizer, "proxy", optimizer)
+    # Replayed on a stand-in optimizer with the same rates: torch objects to a schedule that steps before its
+    # optimizer has, and stepping the real one would move its state. Nothing has gradients, so nothing moves.
+    stand_in = torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)], "lr": group["lr"]}
+                                for group in target.param_groups])
+    replay = build_schedule(config, stand_in, total_steps)
+    for _ in range(step):
+        stand_in.step()
+        replay.step()
+    schedule = build_schedule(config, optimizer, total_steps)
+    schedule.load_state_dict(replay.state_dict())
+    for group, replayed in zip(target.param_groups, stand_in.param_groups):
+        group["lr"] = replayed["lr"]
+    return schedule
 
 
 class StepClock:

@@ -22,10 +22,21 @@ class LaunchError(Exception):
     """A flag combination the app refuses to start with."""
 
 
+def port_number(text: str) -> int:
+    """--port's type: argparse prints the refusal as one error line instead of a socket error's traceback."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number from 1 to 65535, got {port}")
+    return port
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python app.py", description="SCAL-SDT web app")
     parser.add_argument("--listen", action="store_true", help="bind 0.0.0.0 (the local network) instead of 127.0.0.1")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+    parser.add_argument("--port", type=port_number, default=DEFAULT_PORT,
                         help=f"port to serve on (default {DEFAULT_PORT}; the next free one when taken)")
     parser.add_argument("--share", action="store_true",
                         help=f"open a public Gradio link; needs --auth or the {AUTH_ENV} environment variable")

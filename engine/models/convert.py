@@ -338,8 +338,28 @@ def _write(state: dict, path: Path, fmt: str, metadata: Optional[dict[str, str]]
         else:
             torch.save({"state_dict": state}, temp)
         os.replace(temp, path)
+    except OSError as error:  # a folder made read-only or removed since the checks, a full disk
+        raise UserError(f"{path}: cannot be written: {error.strerror or error}") from None
     finally:
         temp.unlink(missing_ok=True)
+
+
+def _check_output_folder(target: Path) -> None:
+    """Refuse, before the minutes of loading, an output that could not be written: a path that runs through a
+    file, or a folder this user cannot write to (os.access also sees a read-only mount)."""
+    folder = target.parent
+    existing = next(p for p in (folder, *folder.parents) if p.exists())  # the folder, or what would hold it
+    if not existing.is_dir():
+        raise UserError(f"{target}: cannot be written: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{target}: cannot be written: {existing} is not writable (choose another output path)")
+
+
+def _make_output_folder(target: Path) -> None:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # changed since _check_output_folder
+        raise UserError(f"{target}: cannot create its folder: {error.strerror or error}") from None
 
 
 def _refuse_existing(target: Path, overwrite: bool) -> None:
@@ -449,6 +469,7 @@ def _convert_adapter(adapter: AdapterRun, out, kind: str, wanted: tuple[str, ...
     """Write an adapter checkpoint's adapter as a kohya/LyCORIS or diffusers LoRA file."""
     # The target is known from the checkpoint's name: an existing file is refused before any loading.
     target = adapter_output_path(out, checkpoint_name(adapter.checkpoint), kind, adapter.network.type)
+    _check_output_folder(target)
     _refuse_existing(target, overwrite)
     step = ProgressSteps(emit, total=len(wanted) + 2)  # load each adapted component, convert, write
 
@@ -457,7 +478,7 @@ def _convert_adapter(adapter: AdapterRun, out, kind: str, wanted: tuple[str, ...
     state, metadata = (_diffusers_file if kind == "diffusers" else _kohya_file)(loaded, dtypes)
     loaded.models.clear()
     step(f"converted the adapter to the {'diffusers LoRA' if kind == 'diffusers' else 'kohya/LyCORIS'} layout")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _make_output_folder(target)
     expected = sum(t.numel() * t.element_size() for t in state.values())
     free = shutil.disk_usage(target.parent).free
     if free < expected:
@@ -505,6 +526,7 @@ def convert_checkpoint(source: str | Path, out: str | Path, *, text_encoder: boo
 
     # A named output file is checked before minutes of loading; a folder's file name needs the source.
     target, _ = output_path(out, "", fmt)
+    _check_output_folder(target)
     if target == Path(out).expanduser():
         _refuse_existing(target, overwrite)
     def loaded_one(component: str) -> None:
@@ -514,7 +536,7 @@ def convert_checkpoint(source: str | Path, out: str | Path, *, text_encoder: boo
     loaded = load_source(source, wanted, ema=ema, on_loaded=loaded_one)
     target, fmt = output_path(out, loaded.name, fmt)
     _refuse_existing(target, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _make_output_folder(target)
 
     expected = estimate_output_bytes(loaded.models, dtypes)
     free = shutil.disk_usage(target.parent).free

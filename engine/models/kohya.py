@@ -25,6 +25,7 @@ from typing import Mapping
 
 import torch
 
+from .. import paths
 from ..config import Config
 from ..errors import UserError
 from .adapters import adapter_state, load_adapter_state, target_modules
@@ -135,6 +136,21 @@ def to_kohya(models: Mapping[str, torch.nn.Module], config: Config) -> dict[str,
             if network.type == "lokr":
                 _bake_lokr_scale(out, name, alpha / (network.conv_rank if is_conv else network.rank))
     return out
+
+
+def read_file(location: str, key: str) -> dict[str, torch.Tensor]:
+    """The tensors of the adapter file config key `key` names. A path that is no .safetensors file (a folder,
+    a .ckpt, a file cut short) is refused naming the key, not left to fail inside safetensors."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(paths.resolve(location))
+    if not path.is_file():
+        raise UserError(f"config key '{key}': not a file: {path}")
+    try:
+        return load_file(str(path))
+    except SafetensorError as error:
+        raise UserError(f"config key '{key}': {path} is not a .safetensors adapter file ({error})") from None
 
 
 def from_kohya(state: Mapping[str, torch.Tensor], models: Mapping[str, torch.nn.Module], config: Config,

@@ -38,10 +38,26 @@ def resolve_model_path(model: str) -> str:
     return resolved
 
 
+# The files a CLIP tokenizer is read from: either set is enough.
+TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
+
+
+def load_tokenizer(location, key: str):
+    """The CLIP tokenizer in a folder. From a folder without its files transformers builds a tokenizer that
+    knows two tokens and raises nothing, so the files are checked first; key is the config key to name."""
+    from transformers import CLIPTokenizer
+
+    folder = Path(location)
+    if not any(all((folder / name).is_file() for name in files) for files in TOKENIZER_FILES):
+        raise UserError(f"config key '{key}': {folder} holds no CLIP tokenizer (tokenizer.json, or vocab.json and "
+                        "merges.txt); point it at a model's tokenizer folder")
+    return CLIPTokenizer.from_pretrained(str(folder))
+
+
 def load_components(model: str, vae: Optional[str] = None, tokenizer: Optional[str] = None) -> Components:
     """Load tokenizer, text encoder, VAE, UNet and the training noise schedule in fp32 on the CPU."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel
 
     model_path = resolve_model_path(model)
     if Path(model_path).is_file():
@@ -55,7 +71,7 @@ def load_components(model: str, vae: Optional[str] = None, tokenizer: Optional[s
             raise UserError(f"config key '{label if location != str(root / label) else 'model'}': "
                             f"not found: {location}")
     return Components(
-        tokenizer=CLIPTokenizer.from_pretrained(tokenizer_path),
+        tokenizer=load_tokenizer(tokenizer_path, "tokenizer" if tokenizer else "model"),
         # fp32 whatever the files hold: many published models store fp16 weights, and training
         # keeps fp32 master weights (mixed precision comes from autocast or weights_dtype).
         text_encoder=CLIPTextModel.from_pretrained(root / "text_encoder", dtype=torch.float32),

@@ -17,7 +17,7 @@ import torch
 
 from .. import notices, paths
 from ..errors import UserError
-from .sd import Components, resolve_model_path
+from .sd import Components, load_tokenizer, resolve_model_path
 
 ENCODER_NAMES = ("text_encoder", "text_encoder_2")
 # Real SDXL trains at 1024 px; below half of it the model has seen almost nothing.
@@ -97,7 +97,7 @@ def is_sdxl_folder(root: Path) -> bool:
 def load_components(config) -> Components:
     """Tokenizer, both text encoders, VAE, UNet and the training noise schedule in fp32 on the CPU."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     model_path = resolve_model_path(config.model)
     if Path(model_path).is_file():
@@ -105,8 +105,8 @@ def load_components(config) -> Components:
 
         return load_single_file_components(model_path, vae=config.vae, tokenizer=config.tokenizer)
     root = Path(model_path)
-    tokenizer = CLIPTokenizer.from_pretrained(_tokenizer_folder(config, root))
-    tokenizer_2 = CLIPTokenizer.from_pretrained(root / "tokenizer_2")
+    tokenizer = load_tokenizer(_tokenizer_folder(config, root), "tokenizer" if config.tokenizer else "model")
+    tokenizer_2 = load_tokenizer(root / "tokenizer_2", "model")
     vae_path = paths.resolve(config.vae) if config.vae else str(root / "vae")
     if not Path(vae_path).exists():
         raise UserError(f"config key 'vae': not found: {vae_path}")
