@@ -10,7 +10,8 @@ import yaml
 
 from conftest import ROOT, run_cli
 from engine import config as cfg
-from engine import events
+from engine import events, paths
+from engine.errors import UserError
 from engine.testing import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -136,3 +137,13 @@ def test_an_out_of_range_port_is_refused_by_the_flag_parser():
     assert "Traceback" not in result.stderr, result.stderr
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
     assert errors == ["python app.py: error: argument --port: expected a port number from 1 to 65535, got -1"]
+
+
+def test_a_single_file_with_an_empty_tokenizer_folder_is_one_line_naming_the_key(tmp_path):
+    from engine.models.convert import convert_checkpoint
+    from engine.models.single_file import load_single_file_components
+
+    model = convert_checkpoint(paths.demo_model_dir(), tmp_path / "model.safetensors")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"^config key 'tokenizer': .*empty holds no CLIP tokenizer"):
+        load_single_file_components(model, tokenizer=str(tmp_path / "empty"))

@@ -25,7 +25,7 @@ from .. import notices, paths
 from ..errors import UserError
 from . import clip_vocab, keymap_sdxl
 from .keymap import CLIP_PREFIX, OPEN_CLIP_PREFIX, TEXT_ENCODER_PREFIX, UNET_PREFIX, VAE_PREFIX
-from .sd import Components
+from .sd import Components, load_tokenizer
 from .sdxl import TextEncoders, is_sdxl_folder
 
 SUFFIXES = (".safetensors", ".ckpt")
@@ -202,7 +202,8 @@ def _load_tokenizers(path: Path, folder: Path, tokenizer: Optional[str], sdxl: b
         raise UserError(f"config key 'tokenizer': {folder} has no tokenizer/ folder for {path.name}; set tokenizer: "
                         "to a CLIP tokenizer folder (the tokenizer/ folder of a diffusers SD1.x, SD2.x or SDXL model) "
                         "or add one to that folder")
-    loaded = {"tokenizer": CLIPTokenizer.from_pretrained(location)}
+    # the folder's files checked, naming the key that chose it
+    loaded = {"tokenizer": load_tokenizer(location, "tokenizer" if tokenizer else "model")}
     if sdxl:
         second = model_folder / "tokenizer_2" if model_folder is not None else None
         loaded["tokenizer_2"] = (CLIPTokenizer.from_pretrained(second) if second is not None and second.is_dir()
