@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 
@@ -24,21 +25,75 @@ class ConfigError(UserError, ValueError):
     """A config that cannot run; the message names the key path and what was expected."""
 
 
+def _number(x: float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric key takes, written on its field as `Annotated[int, Range(1)]`: loading refuses any
+    other (and NaN and infinity) naming the key, and the README's config table shows it.
+
+    A bound of None is open-ended; `say` replaces the generated words where a value has a meaning of its own.
+    """
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+    say: str = ""
+
+    def __contains__(self, value: float) -> bool:
+        # ints are exact (and may exceed a float's range); NaN and infinity are never a setting
+        return ((isinstance(value, int) or math.isfinite(value))
+                and (self.low is None or (value > self.low if self.low_open else value >= self.low))
+                and (self.high is None or (value < self.high if self.high_open else value <= self.high)))
+
+    def __str__(self) -> str:
+        if self.say:
+            return self.say
+        if self.low is not None and self.high is not None:
+            return (f"within {'(' if self.low_open else '['}{_number(self.low)}, {_number(self.high)}"
+                    f"{')' if self.high_open else ']'}")
+        if self.low is None:
+            return f"{'below' if self.high_open else 'at most'} {_number(self.high)}"
+        if self.low == 0 and self.low_open:
+            return "positive"
+        return f"{'above' if self.low_open else 'at least'} {_number(self.low)}"
+
+    def check(self, value: Any, path: str) -> None:
+        # Only numbers: a key that also takes a list (`base_res`) bounds its number alone.
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value not in self:
+            raise ConfigError(f"config key '{path}': must be {self}, got {value!r}")
+
+
+# Seeds: what numpy and Lightning's seed_everything take (unsigned 32 bits); a null seed is replaced by one.
+SEED = Range(0, 2**32 - 1)
+UNIT = Range(0, 1)  # probabilities, and weights from none to full
+FRACTION = Range(0, 1, high_open=True)  # Adam's betas, dropout, a held-out share: at 1 nothing would be left
+NOT_NEGATIVE = Range(0)
+AT_LEAST_1 = Range(1)
+POSITIVE = Range(0, low_open=True)
+WHOLE_AT_LEAST_1 = Range(1, say="a whole number of at least 1")
+# Image sides in pixels: far beyond any model's training size, short of sizes that cannot fit any memory.
+SIDE = Range(8, 16384)
+
+
 @dataclass
 class AutoGenerate:
     enabled: bool = False
     negative_prompt: str = ""
-    steps: int = 28
-    cfg_scale: float = 7.5
-    num_target: int = 100
-    batch_size: int = 1
+    steps: Annotated[int, AT_LEAST_1] = 28
+    cfg_scale: Annotated[float, NOT_NEGATIVE] = 7.5
+    num_target: Annotated[int, NOT_NEGATIVE] = 100
+    batch_size: Annotated[int, AT_LEAST_1] = 1
 
 
 @dataclass
 class InstanceSet:
     path: str = ""
     prompt: str = ""
-    repeats: int = 1  # each image is this many samples of an epoch, so a small concept is not outweighed
+    # each image is this many samples of an epoch, so a small concept is not outweighed
+    repeats: Annotated[int, WHOLE_AT_LEAST_1] = 1
     mask_path: str = ""  # a folder of loss masks named <image stem>.png; empty = <stem>.mask.png beside each image
 
 
@@ -57,7 +112,7 @@ class Concept:
 
 @dataclass
 class Data:
-    resolution: int = 512
+    resolution: Annotated[int, SIDE] = 512
     center_crop: bool = False
     concepts: list[Concept] = field(default_factory=list)
 
@@ -66,80 +121,82 @@ class Data:
 class SamplePrompt:
     prompt: str = ""
     negative_prompt: str = ""
-    steps: int = 28
-    cfg_scale: float = 7.5
-    num_samples: int = 1
-    seed: Optional[int] = None
-    width: Optional[int] = None
-    height: Optional[int] = None
+    steps: Annotated[int, AT_LEAST_1] = 28
+    cfg_scale: Annotated[float, NOT_NEGATIVE] = 7.5
+    num_samples: Annotated[int, NOT_NEGATIVE] = 1
+    seed: Annotated[Optional[int], SEED] = None
+    width: Annotated[Optional[int], SIDE] = None
+    height: Annotated[Optional[int], SIDE] = None
 
 
 @dataclass
 class Sampling:
-    interval_steps: int = 0  # 0 = no sampling during training
-    batch_size: int = 1
+    interval_steps: Annotated[int, NOT_NEGATIVE] = 0  # 0 = no sampling during training
+    batch_size: Annotated[int, AT_LEAST_1] = 1
     concepts: list[SamplePrompt] = field(default_factory=list)
 
 
 @dataclass
 class Validation:
     """The loss on held-out images at fixed timesteps with fixed noise, comparable across steps and runs."""
-    every_n_steps: int = 0  # 0 = off
+    every_n_steps: Annotated[int, Range(0, say="0 (off) or more")] = 0
     path: str = ""  # a folder of held-out images, scanned like an instance set
     prompt: str = "{TXT_PROMPT}"  # the caption of each image of path
-    split: float = 0.0  # or: this fraction of each concept's instance images, held out of training
-    timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])
-    seed: int = 0  # picks the split's images and the noise of every image
+    split: Annotated[float, FRACTION] = 0.0  # or: this fraction of each concept's instance images, held out of training
+    timesteps: list[Annotated[int, NOT_NEGATIVE]] = field(default_factory=lambda: [100, 300, 500, 700, 900])
+    seed: Annotated[int, SEED] = 0  # picks the split's images and the noise of every image
 
 
 @dataclass
 class Checkpoint:
-    every_n_epochs: Optional[int] = 1
-    every_n_train_steps: Optional[int] = None
-    save_top_k: int = 3  # keep the k newest; -1 keeps all
+    every_n_epochs: Annotated[Optional[int], AT_LEAST_1] = 1
+    every_n_train_steps: Annotated[Optional[int], AT_LEAST_1] = None
+    save_top_k: Annotated[int, Range(-1, say="-1 (keep all) or more")] = 3  # keep the k newest
 
 
 @dataclass
 class Trainer:
     # Lightning spellings are accepted: 32, 16, "16-mixed", "bf16", "bf16-mixed".
     precision: Union[int, str] = 32
-    max_epochs: Optional[int] = 100
-    max_steps: Optional[int] = None
+    max_epochs: Annotated[Optional[int], AT_LEAST_1] = 100
+    max_steps: Annotated[Optional[int], AT_LEAST_1] = None
     accelerator: Literal["auto", "gpu", "cuda", "cpu"] = "auto"
     devices: Union[int, str, list] = 1
-    log_every_n_steps: int = 1
-    accumulate_grad_batches: int = 1
-    gradient_clip_val: Optional[float] = None
+    log_every_n_steps: Annotated[int, AT_LEAST_1] = 1
+    accumulate_grad_batches: Annotated[int, AT_LEAST_1] = 1
+    # 0 or null: no clipping, as in Lightning; a negative norm would not clip but flip the step
+    gradient_clip_val: Annotated[Optional[float], NOT_NEGATIVE] = None
 
 
 @dataclass
 class PriorPreservation:
     enabled: bool = True
-    prior_loss_weight: float = 1.0
+    prior_loss_weight: Annotated[float, NOT_NEGATIVE] = 1.0
 
 
 @dataclass
 class MaskedLoss:
     """Weights each latent pixel's loss by the image's mask (see data.masks): white trains, black does not."""
     enabled: bool = False
-    unmasked_weight: float = 0.0  # the weight of black mask pixels: 0 = ignored, 1 = trained fully
+    unmasked_weight: Annotated[float, UNIT] = 0.0  # the weight of black mask pixels: 0 = ignored, 1 = trained fully
 
 
 @dataclass
 class ManualBuckets:
-    base_res: Union[int, list] = 512  # a side, or [width, height] as earlier configs wrote it
-    max_size: int = 393216  # largest bucket area in pixels (768 x 512)
+    base_res: Annotated[Union[int, list], SIDE] = 512  # a side, or [width, height] as earlier configs wrote it
+    # largest bucket area in pixels (768 x 512); at least one 8 x 8 block, a latent pixel
+    max_size: Annotated[int, Range(64)] = 393216
     dim_range: list = field(default_factory=lambda: [256, 1024])
-    divisor: int = 64
+    divisor: Annotated[int, SIDE] = 64
 
 
 @dataclass
 class AspectRatioBucket:
     enabled: bool = False
-    c_size: float = 1.5
-    c_dim: float = 2.0
-    c_div: int = 8
-    max_aspect_error: float = 0.5
+    c_size: Annotated[float, POSITIVE] = 1.5
+    c_dim: Annotated[float, Range(1)] = 2.0  # sides within [resolution / c_dim, resolution * c_dim]
+    c_div: Annotated[int, AT_LEAST_1] = 8
+    max_aspect_error: Annotated[float, POSITIVE] = 0.5
     debug: bool = False
     manual: Optional[ManualBuckets] = None
 
@@ -162,11 +219,11 @@ class Loggers:
 
 @dataclass
 class OptimizerParams:
-    lr: float = 1e-6
-    beta1: float = 0.9
-    beta2: float = 0.999
-    weight_decay: float = 1e-2
-    eps: float = 1e-8
+    lr: Annotated[float, POSITIVE] = 1e-6
+    beta1: Annotated[float, FRACTION] = 0.9
+    beta2: Annotated[float, FRACTION] = 0.999
+    weight_decay: Annotated[float, NOT_NEGATIVE] = 1e-2
+    eps: Annotated[float, NOT_NEGATIVE] = 1e-8
     # Adafactor only: its own step size from the step count and each weight's scale, instead of lr
     relative_step: bool = False
     warmup_init: bool = False  # with relative_step: that step size grows from 0 over the first steps
@@ -181,8 +238,8 @@ class LrScale:
 @dataclass
 class Warmup:
     enabled: bool = False
-    init_lr: float = 0.0
-    steps: int = 0
+    init_lr: Annotated[float, NOT_NEGATIVE] = 0.0
+    steps: Annotated[int, NOT_NEGATIVE] = 0
     strategy: Literal["linear", "constant"] = "linear"
 
 
@@ -232,7 +289,7 @@ def optimizer_path(name: str) -> str:
 @dataclass
 class Ema:
     enabled: bool = False
-    decay: float = 0.9999
+    decay: Annotated[float, UNIT] = 0.9999
     on_cpu: bool = False
     use_for_samples: bool = False
 
@@ -240,7 +297,7 @@ class Ema:
 @dataclass
 class Uncond:
     enabled: bool = False
-    p: float = 0.1
+    p: Annotated[float, UNIT] = 0.1
     cond: Literal["zeros", "bos", "eos"] = "zeros"
 
 
@@ -248,18 +305,19 @@ class Uncond:
 class Captions:
     """For comma-separated tag captions (booru style)."""
     shuffle_tags: bool = False
-    keep_tokens: int = 0  # the first N tags stay in place when shuffling
-    tag_dropout: float = 0.0  # probability of dropping each tag (never the kept ones)
+    keep_tokens: Annotated[int, NOT_NEGATIVE] = 0  # the first N tags stay in place when shuffling
+    tag_dropout: Annotated[float, UNIT] = 0.0  # probability of dropping each tag (never the kept ones)
 
 
 @dataclass
 class AugmentStep:
     name: Literal["hflip", "rotate", "color_jitter"] = "hflip"
-    p: float = 0.5  # probability the step is applied to an image
-    degrees: float = 5.0  # rotate: largest angle either way
-    brightness: float = 0.1  # color_jitter: largest relative change of each
-    contrast: float = 0.1
-    saturation: float = 0.1
+    p: Annotated[float, UNIT] = 0.5  # probability the step is applied to an image
+    degrees: Annotated[float, Range(0, 180)] = 5.0  # rotate: largest angle either way
+    # color_jitter: largest relative change of each; beyond 1 the factor could turn negative
+    brightness: Annotated[float, UNIT] = 0.1
+    contrast: Annotated[float, UNIT] = 0.1
+    saturation: Annotated[float, UNIT] = 0.1
 
 
 @dataclass
@@ -275,13 +333,13 @@ NETWORK_TYPES = ("full", "lora", "dora", "loha", "lokr")
 class Network:
     """What trains: the full weights, or a LoRA-family adapter over frozen base weights."""
     type: Literal["full", "lora", "dora", "loha", "lokr"] = "full"
-    rank: int = 16
-    alpha: float = 16.0  # the adapter's output is scaled by alpha / rank
-    conv_rank: int = 0  # > 0 also adapts the 3x3 convolutions (LoCon)
-    conv_alpha: float = 0.0
-    dropout: float = 0.0
+    rank: Annotated[int, WHOLE_AT_LEAST_1] = 16
+    alpha: Annotated[float, POSITIVE] = 16.0  # the adapter's output is scaled by alpha / rank
+    conv_rank: Annotated[int, Range(0, say="0 (no LoCon) or more")] = 0  # > 0 also adapts the 3x3 convolutions
+    conv_alpha: Annotated[float, NOT_NEGATIVE] = 0.0
+    dropout: Annotated[float, FRACTION] = 0.0
     init_from: Optional[str] = None  # an adapter .safetensors to continue training from
-    text_encoder_lr: Optional[float] = None  # null = optimizer.params.lr
+    text_encoder_lr: Annotated[Optional[float], POSITIVE] = None  # null = optimizer.params.lr
 
     @property
     def adapter(self) -> bool:
@@ -296,15 +354,16 @@ class Config:
     output_dir: str = "output"
     project: str = "SCAL-SDT"
     description: str = ""  # one line shown by the GUI next to a preset
-    batch_size: int = 1
-    seed: Optional[int] = None
-    num_workers: Optional[int] = 0
+    batch_size: Annotated[int, AT_LEAST_1] = 1
+    seed: Annotated[Optional[int], SEED] = None
+    num_workers: Annotated[Optional[int], NOT_NEGATIVE] = 0
     train_text_encoder: bool = False
     # SDXL's second text encoder; null = as train_text_encoder (false with true trains only the first)
     train_text_encoder_2: Optional[bool] = None
     gradient_checkpointing: bool = False
     xformers: bool = False
-    clip_stop_at_layer: int = 1
+    # 1 = the last layer; at most the depth of the shallowest text encoder (CLIP ViT-L: SD1.x, SDXL's first)
+    clip_stop_at_layer: Annotated[int, Range(1, 12)] = 1
     pad_tokens: bool = True
     # bf16 stores trained weights (and so their gradients) in bf16, updated with stochastic rounding.
     weights_dtype: Literal["fp32", "bf16"] = "fp32"
@@ -325,10 +384,12 @@ class Config:
     augment: list[AugmentStep] = field(default_factory=list)
     custom_embeddings: CustomEmbeddings = field(default_factory=CustomEmbeddings)
     network: Network = field(default_factory=Network)
-    noise_offset: float = 0.0
-    min_timestep: int = 0  # train only timesteps in [min_timestep, max_timestep) of the noise schedule
-    max_timestep: Optional[int] = None  # null = the schedule's length
-    min_snr_gamma: Optional[float] = None
+    noise_offset: Annotated[float, UNIT] = 0.0  # usual values are 0.05 to 0.1; 1 is already as large as the noise
+    # train only timesteps in [min_timestep, max_timestep) of the noise schedule
+    min_timestep: Annotated[int, NOT_NEGATIVE] = 0
+    max_timestep: Annotated[Optional[int], AT_LEAST_1] = None  # null = the schedule's length
+    # 0 or null: off; a negative gamma would turn the loss weights negative (gradient ascent)
+    min_snr_gamma: Annotated[Optional[float], NOT_NEGATIVE] = None
     prediction_type: Optional[Literal["epsilon", "v_prediction"]] = None  # null = the model's scheduler config
     zero_terminal_snr: bool = False
 
@@ -378,10 +439,20 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
+    if origin is Annotated:
+        inner, *marks = typing.get_args(tp)
+        value = _convert(value, inner, path)
+        for mark in marks:
+            if isinstance(mark, Range):
+                mark.check(value, path)
+        return value
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        given = [arg for arg in args if arg is not type(None)]
+        if len(given) == 1 and dataclasses.is_dataclass(given[0]):
+            return _convert(value, given[0], path)  # an optional section: its message names the key inside it
         for arg in args:
             if arg is type(None):
                 continue
@@ -441,7 +512,7 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
 
 
 def _build(cls: type, values: dict, prefix: str) -> Any:
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     kwargs = {}
     for key, value in values.items():
         path = f"{prefix}.{key}" if prefix else str(key)
@@ -481,11 +552,12 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"--set expects key.path=value, got {text!r}")
     key, raw = text.split("=", 1)
+    key = key.strip()
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = _load_yaml(raw, key=key) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
-    return key.strip(), value
+    return key, value
 
 
 _KEY_PART = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)((?:\[\d+\])*)")
@@ -537,15 +609,71 @@ def read_yaml(path: str | Path) -> dict:
     return parse_yaml(text, f"{path}: ")
 
 
+# A config is a few levels deep; this bound stops a crafted text long before Python's recursion limit.
+MAX_YAML_DEPTH = 64
+# Far more digits than any setting has; Python refuses to read an integer of thousands of digits (ValueError).
+MAX_INT_DIGITS = 100
+
+
+def _at(mark: Any) -> str:
+    return f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing as each node is reached, before anything is built from it:
+
+    - aliases: an alias shares its anchor's value, so a few nested ones stand for billions of values as soon
+      as anything walks the tree (a deep copy, the run's config.yaml), and a config has no use for them;
+    - nesting deeper than MAX_YAML_DEPTH: the composer recurses once per level, so a text nested thousands
+      deep would end in RecursionError;
+    - integers longer than MAX_INT_DIGITS, which Python refuses to read from some thousands of digits on.
+    """
+
+    def __init__(self, text: str, where: str, key: str):
+        super().__init__(text)
+        self.where = where
+        self.path: list = [key] if key else []  # the key path of the node being composed
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        # index: the key node of a mapping's value, a sequence item's position, None for keys and the document
+        self.path.append(index.value if isinstance(index, yaml.ScalarNode) else index)
+        try:
+            event = self.peek_event()
+            if isinstance(event, yaml.AliasEvent):
+                raise ConfigError(f"config key '{self._key()}': YAML aliases (*{event.anchor}) are not "
+                                  f"accepted in a config{_at(event.start_mark)}; write the value out")
+            if len(self.path) > MAX_YAML_DEPTH:
+                raise ConfigError(f"{self.where}YAML nested more than {MAX_YAML_DEPTH} levels deep"
+                                  f"{_at(event.start_mark)}; a config is a few levels deep")
+            node = super().compose_node(parent, index)
+            if node.tag == "tag:yaml.org,2002:int" and len(node.value) > MAX_INT_DIGITS:
+                raise ConfigError(f"config key '{self._key()}': an integer of more than "
+                                  f"{MAX_INT_DIGITS} digits{_at(node.start_mark)}")
+            return node
+        finally:
+            self.path.pop()
+
+    def _key(self) -> str:
+        return format_key([part for part in self.path if part is not None])
+
+
+def _load_yaml(text: str, where: str = "", key: str = "") -> Any:
+    """The value of a YAML text that holds config values under the key path `key`; raises ConfigError for what
+    _ConfigLoader refuses, yaml.YAMLError for syntax."""
+    loader = _ConfigLoader(text, where, key)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def parse_yaml(text: str, where: str = "") -> dict:
     """The raw values of a YAML text (a file's, or the app's editor's); `where` prefixes error messages."""
     try:
-        values = yaml.safe_load(text)
+        values = _load_yaml(text, where)
     except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        position = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(error, "problem", None) or "invalid YAML"
-        raise ConfigError(f"{where}YAML syntax error{position}: {problem}") from None
+        raise ConfigError(f"{where}YAML syntax error{_at(getattr(error, 'problem_mark', None))}: {problem}") from None
     if values is None:
         return {}
     if not isinstance(values, dict):
@@ -576,36 +704,15 @@ def _require(condition: bool, message: str) -> None:
 
 
 def validate(config: Config) -> None:
-    """Value checks that types alone cannot express; each message names its key."""
-    _require(config.batch_size >= 1, f"config key 'batch_size': must be at least 1, got {config.batch_size}")
-    _require(config.data.resolution >= 8 and config.data.resolution % 8 == 0,
+    """Value checks that types and ranges (checked as the config is built) cannot express; each message names
+    its key."""
+    _require(config.data.resolution % 8 == 0,
              f"config key 'data.resolution': must be a positive multiple of 8, got {config.data.resolution}")
-    _require(config.clip_stop_at_layer >= 1,
-             f"config key 'clip_stop_at_layer': must be 1 (no skip) or more, got {config.clip_stop_at_layer}")
-    lr = config.optimizer.params.lr
-    _require(lr > 0, f"config key 'optimizer.params.lr': must be positive, got {lr}")
-    _require(config.trainer.accumulate_grad_batches >= 1,
-             "config key 'trainer.accumulate_grad_batches': must be at least 1")
     _require(config.trainer.max_epochs is not None or config.trainer.max_steps is not None,
              "config keys 'trainer.max_epochs' and 'trainer.max_steps': set at least one")
     precision = str(config.trainer.precision)
     _require(precision in PRECISIONS,
              f"config key 'trainer.precision': expected one of {', '.join(PRECISIONS)}, got {precision!r}")
-    _require(0.0 <= config.uncond.p <= 1.0, f"config key 'uncond.p': must be within [0, 1], got {config.uncond.p}")
-    _require(config.prior_preservation.prior_loss_weight >= 0,
-             "config key 'prior_preservation.prior_loss_weight': must not be negative")
-    unmasked = config.masked_loss.unmasked_weight
-    _require(0.0 <= unmasked <= 1.0, f"config key 'masked_loss.unmasked_weight': must be within [0, 1] (the loss "
-                                     f"weight of black mask pixels), got {unmasked}")
-    _require(config.sampling.interval_steps >= 0, "config key 'sampling.interval_steps': must not be negative")
-    _require(config.sampling.batch_size >= 1, "config key 'sampling.batch_size': must be at least 1")
-    _require(config.trainer.log_every_n_steps >= 1, "config key 'trainer.log_every_n_steps': must be at least 1")
-    for key, limit in (("max_epochs", config.trainer.max_epochs), ("max_steps", config.trainer.max_steps)):
-        _require(limit is None or limit >= 1, f"config key 'trainer.{key}': must be at least 1 (or null)")
-    for key, every in (("every_n_epochs", config.checkpoint.every_n_epochs),
-                       ("every_n_train_steps", config.checkpoint.every_n_train_steps)):
-        _require(every is None or every >= 1, f"config key 'checkpoint.{key}': must be at least 1 (or null)")
-    _require(config.checkpoint.save_top_k >= -1, "config key 'checkpoint.save_top_k': -1 (keep all) or more")
     if config.optimizer.fused_backward:
         _require(not config.trainer.gradient_clip_val,
                  "config key 'optimizer.fused_backward': cannot be combined with 'trainer.gradient_clip_val' "
@@ -614,45 +721,23 @@ def validate(config: Config) -> None:
         _require(PRECISIONS[str(config.trainer.precision)] != "float16",
                  "config key 'trainer.precision': fp16 with a grad scaler cannot be combined with "
                  "'optimizer.fused_backward' or 'weights_dtype: bf16'; use precision bf16")
-    _require(config.min_timestep >= 0 and (config.max_timestep is None or config.max_timestep > config.min_timestep),
+    _require(config.max_timestep is None or config.max_timestep > config.min_timestep,
              f"config keys 'min_timestep' and 'max_timestep': need 0 <= min_timestep < max_timestep, got "
              f"{config.min_timestep} and {config.max_timestep}")
     _validate_validation(config.validation)
     _validate_optimizer(config)
-    network = config.network
-    if network.adapter:
-        _require(network.rank >= 1, f"config key 'network.rank': must be a whole number of at least 1, got "
-                                    f"{network.rank}")
-        _require(network.alpha > 0, f"config key 'network.alpha': must be positive, got {network.alpha}")
-        _require(network.conv_rank >= 0, "config key 'network.conv_rank': must be 0 (no LoCon) or more")
-        _require(network.conv_rank == 0 or network.conv_alpha > 0,
-                 "config key 'network.conv_alpha': must be positive when network.conv_rank is set")
-        _require(0.0 <= network.dropout < 1.0, f"config key 'network.dropout': must be within [0, 1), got "
-                                               f"{network.dropout}")
-        _require(network.text_encoder_lr is None or network.text_encoder_lr > 0,
-                 "config key 'network.text_encoder_lr': must be positive (or null for optimizer.params.lr)")
+    _require(not config.network.adapter or config.network.conv_rank == 0 or config.network.conv_alpha > 0,
+             "config key 'network.conv_alpha': must be positive when network.conv_rank is set")
     for i, sample in enumerate(config.sampling.concepts):
-        key = f"sampling.concepts[{i}]"
         for name in ("width", "height"):
             size = getattr(sample, name)
             # the pipeline needs whole latents: the VAE halves the size three times
-            _require(size is None or (size >= 8 and size % 8 == 0),
-                     f"config key '{key}.{name}': must be a positive multiple of 8 (or null for data.resolution), "
-                     f"got {size}")
-        _require(sample.steps >= 1, f"config key '{key}.steps': must be at least 1, got {sample.steps}")
-        _require(sample.num_samples >= 0, f"config key '{key}.num_samples': must not be negative")
+            _require(size is None or size % 8 == 0,
+                     f"config key 'sampling.concepts[{i}].{name}': must be a positive multiple of 8 (or null for "
+                     f"data.resolution), got {size}")
     for i, concept in enumerate(config.data.concepts):
-        if concept.class_set is not None:
-            generation, key = concept.class_set.auto_generate, f"data.concepts[{i}].class_set.auto_generate"
-            _require(generation.steps >= 1, f"config key '{key}.steps': must be at least 1, got {generation.steps}")
-            _require(generation.batch_size >= 1,
-                     f"config key '{key}.batch_size': must be at least 1, got {generation.batch_size}")
-            _require(generation.num_target >= 0, f"config key '{key}.num_target': must not be negative")
         _require(bool(concept.instance_set.path),
                  f"config key 'data.concepts[{i}].instance_set.path': a folder of training images is required")
-        _require(concept.instance_set.repeats >= 1,
-                 f"config key 'data.concepts[{i}].instance_set.repeats': must be a whole number of at least 1 "
-                 f"(samples per image and epoch), got {concept.instance_set.repeats}")
         if config.prior_preservation.enabled:
             _require(concept.class_set is not None and bool(concept.class_set.path),
                      f"config key 'data.concepts[{i}].class_set.path': required while "
@@ -660,11 +745,6 @@ def validate(config: Config) -> None:
 
 
 def _validate_validation(validation: Validation) -> None:
-    _require(validation.every_n_steps >= 0,
-             f"config key 'validation.every_n_steps': must be 0 (off) or more, got {validation.every_n_steps}")
-    _require(0.0 <= validation.split < 1.0,
-             f"config key 'validation.split': must be within [0, 1) (a fraction of each concept's instance "
-             f"images), got {validation.split}")
     _require(not (validation.path and validation.split > 0),
              "config keys 'validation.path' and 'validation.split': set one of them (a folder of held-out images, "
              "or a fraction of the instance images to hold out), not both")
@@ -675,9 +755,9 @@ def _validate_validation(validation: Validation) -> None:
              "config key 'validation.every_n_steps': validation needs images; set 'validation.path' (a folder) "
              "or 'validation.split' (a fraction of the instance images to hold out)")
     timesteps = validation.timesteps
-    _require(bool(timesteps) and min(timesteps) >= 0 and len(set(timesteps)) == len(timesteps),
-             f"config key 'validation.timesteps': expected a list of distinct timesteps of the noise schedule "
-             f"(0 or more), got {timesteps}")
+    _require(bool(timesteps) and len(set(timesteps)) == len(timesteps),
+             f"config key 'validation.timesteps': expected a list of distinct timesteps of the noise schedule, "
+             f"got {timesteps}")
 
 
 def _validate_optimizer(config: Config) -> None:
@@ -730,19 +810,37 @@ def dump_yaml(config: Config) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True)
 
 
-def iter_keys(cls: type = Config, prefix: str = "") -> list[str]:
-    """Every documented key path of the schema, for the README and the GUI."""
-    keys = []
+def _leaves(cls: type = Config, prefix: str = "") -> list[tuple[str, Any]]:
+    """(key path, annotation with its Range) of every value the schema holds, sections and lists opened."""
+    leaves = []
+    hints = typing.get_type_hints(cls, include_extras=True)
     for f in dataclasses.fields(cls):
         path = f"{prefix}.{f.name}" if prefix else f.name
-        tp = typing.get_type_hints(cls)[f.name]
-        inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
-        if typing.get_origin(tp) is list and inner:
-            keys += iter_keys(inner[0], path + "[]")
-        elif dataclasses.is_dataclass(tp):
-            keys += iter_keys(tp, path)
+        tp = hints[f.name]
+        bare = typing.get_args(tp)[0] if typing.get_origin(tp) is Annotated else tp
+        inner = [a for a in typing.get_args(bare) if dataclasses.is_dataclass(a)]
+        if typing.get_origin(bare) is list and inner:
+            leaves += _leaves(inner[0], path + "[]")
+        elif dataclasses.is_dataclass(bare):
+            leaves += _leaves(bare, path)
         elif inner:
-            keys += iter_keys(inner[0], path)
+            leaves += _leaves(inner[0], path)
         else:
-            keys.append(path)
-    return keys
+            leaves.append((path, tp))
+    return leaves
+
+
+def iter_keys() -> list[str]:
+    """Every documented key path of the schema, for the README and the GUI."""
+    return [path for path, _ in _leaves()]
+
+
+def ranges() -> dict[str, Range]:
+    """The Range of every numeric key path (of each item, for a list of numbers), as the README shows it."""
+    found = {}
+    for path, tp in _leaves():
+        if typing.get_origin(tp) is list:
+            (tp,) = typing.get_args(tp)
+        if typing.get_origin(tp) is Annotated:
+            found.update((path, mark) for mark in typing.get_args(tp)[1:] if isinstance(mark, Range))
+    return found
