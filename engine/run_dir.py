@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,37 +82,61 @@ class RunDir:
 class RunLock:
     """The OS lock on a run folder's .lock file, held by the one process training it: two processes
     training one folder would write over each other's checkpoints and metrics. The OS releases it when the
-    process ends, however it ends, so a killed run never leaves its folder locked."""
+    process ends, however it ends, so a killed run never leaves its folder locked.
 
-    def __init__(self, file: IO[bytes]):
+    On POSIX it is a record lock (lockf), which forked children such as data-loader workers do not inherit:
+    a worker that outlives its killed trainer for a moment must not keep the folder locked. Record locks do
+    not exclude the process that holds them, and closing any handle on the file releases them, so this
+    process's own locks are also kept in `_held` and checked before the file is opened."""
+
+    _held: set[Path] = set()
+    _guard = threading.Lock()
+
+    def __init__(self, file: IO[bytes], folder: Path):
         self._file = file
+        self._folder = folder
 
     @classmethod
     def acquire(cls, run_dir: Path) -> "RunLock":
         """Lock run_dir, or raise UserError naming the process that holds it."""
-        # "a+b" creates the file without emptying it: the holder's name stays readable until it is locked.
-        file = open(Path(run_dir) / LOCK_FILE, "a+b")
-        try:
-            _lock(file)
-        except OSError:
-            file.seek(0)
-            holder = file.read().decode("utf-8", errors="replace").strip() or "another process"
-            file.close()
-            raise UserError(f"{run_dir} is in use by {holder}: a run folder is trained by one process at a "
-                            "time; wait for that one to end or stop it") from None
+        folder = Path(run_dir).resolve()
+        with cls._guard:
+            if folder in cls._held:
+                raise _in_use(run_dir, _holder())
+            # "a+b" creates the file without emptying it: the holder's name stays readable until it is locked.
+            file = open(folder / LOCK_FILE, "a+b")
+            try:
+                _lock(file)
+            except OSError:
+                file.seek(0)
+                holder = file.read().decode("utf-8", errors="replace").strip() or "another process"
+                file.close()
+                raise _in_use(run_dir, holder) from None
+            cls._held.add(folder)
         file.seek(0)
         file.truncate()
-        file.write(f"process {os.getpid()} on {socket.gethostname()}\n".encode("utf-8"))
+        file.write(f"{_holder()}\n".encode("utf-8"))
         file.flush()
-        return cls(file)
+        return cls(file, folder)
 
     def release(self) -> None:
-        if os.name == "nt":
-            import msvcrt
+        with self._guard:
+            if os.name == "nt":
+                import msvcrt
 
-            self._file.seek(WINDOWS_LOCK_OFFSET)
-            msvcrt.locking(self._file.fileno(), msvcrt.LK_UNLCK, 1)
-        self._file.close()  # on POSIX, closing the file releases its flock
+                self._file.seek(WINDOWS_LOCK_OFFSET)
+                msvcrt.locking(self._file.fileno(), msvcrt.LK_UNLCK, 1)
+            self._file.close()  # on POSIX, closing the file releases its lock
+            self._held.discard(self._folder)
+
+
+def _holder() -> str:
+    return f"process {os.getpid()} on {socket.gethostname()}"
+
+
+def _in_use(run_dir: Path, holder: str) -> UserError:
+    return UserError(f"{run_dir} is in use by {holder}: a run folder is trained by one process at a time; wait "
+                     "for that one to end or stop it")
 
 
 def _lock(file: IO[bytes]) -> None:
@@ -124,7 +149,7 @@ def _lock(file: IO[bytes]) -> None:
     else:
         import fcntl
 
-        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def find_runs(output_dir: Path) -> list[RunDir]:
