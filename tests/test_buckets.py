@@ -65,10 +65,12 @@ def test_manual_parameters_override_the_derived_ones():
         bucket_grid(arb_config(512, manual={**manual, "divisor": 60}))
 
 
-def test_bucketing_off_keeps_one_square_bucket():
+def test_bucketing_off_keeps_one_square_bucket_and_the_aspect_limit_bucketing_has():
     config = cfg.load(base={"data": {"resolution": 64}})
-    plan = plan_buckets(config, records((200, 100), (50, 1000)))
-    assert plan.sizes == [(64, 64)] and plan.assignments == [0, 0] and plan.skipped == []
+    with pytest.warns(DataWarning, match="img1.png: aspect ratio 50x1000 is beyond the limit bucketing has"):
+        plan = plan_buckets(config, records((200, 100), (50, 1000)))
+    assert plan.sizes == [(64, 64)] and plan.assignments == [0]
+    assert [path for path, _ in plan.skipped] == ["/data/img1.png"]
 
 
 # -- assignment -------------------------------------------------------------------------------------------
@@ -334,8 +336,9 @@ def test_buckets_command_prints_every_bucket_and_the_skipped_images(tmp_path):
     table = run_cli("buckets", "--config", str(config_file), "--set", "aspect_ratio_bucket.enabled=false")
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
-    assert lines[1].split() == ["64x64", "1.00", "14"]  # the strip is kept without buckets: it is cropped
-    assert "1 buckets, 14 images, 1 skipped" in table.stdout and f"skipped {folder / 'broken.png'}" in table.stdout
+    # without buckets the strip is skipped all the same: a square crop would be a sliver of it
+    assert lines[1].split() == ["64x64", "1.00", "13"]
+    assert "1 buckets, 13 images, 2 skipped" in table.stdout and f"skipped {folder / 'strip.png'}" in table.stdout
 
     missing = run_cli("buckets", "--config", str(config_file), "--set", "data.concepts[0].instance_set.path=/nope")
     assert missing.returncode == 2 and "data.concepts[0].instance_set.path" in missing.stderr

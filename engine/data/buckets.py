@@ -4,8 +4,10 @@ With bucketing off there is one size, resolution x resolution. With it on, the s
 scheme: sides on a grid from min_side to max_side in steps of `step`; for each width the tallest height
 whose area stays within max_area, then the same with the axes swapped; the base size is always present.
 An image goes to the bucket whose aspect ratio is nearest in log space (so 2:1 and 1:2 are equally far
-from 1:1) and is skipped when even that one is max_aspect_error or more away. Every size is a multiple
-of 8, the VAE's downsampling factor, so each bucket has a whole latent size.
+from 1:1) and is skipped when even that one is max_aspect_error or more away. With bucketing off the
+same limit applies, from the buckets the grid would have: an image bucketing would skip is not cropped
+to one square instead (a 64x80000 strip would be decoded whole for a sliver of it). Every size is a
+multiple of 8, the VAE's downsampling factor, so each bucket has a whole latent size.
 """
 from __future__ import annotations
 
@@ -72,16 +74,8 @@ def bucket_grid(config: Config) -> BucketGrid:
                               f"got {manual.dim_range}")
         _require_multiple_of_8(f"{prefix}.dim_range", manual.dim_range)
         _require_multiple_of_8(f"{prefix}.divisor", [manual.divisor])
-        if manual.max_size <= 0:
-            raise ConfigError(f"config key '{prefix}.max_size': expected the largest bucket area in pixels, "
-                              f"got {manual.max_size}")
         return BucketGrid(base, manual.max_size, manual.dim_range[0], manual.dim_range[1], manual.divisor)
-    if arb.c_size <= 0:
-        raise ConfigError(f"config key 'aspect_ratio_bucket.c_size': must be positive, got {arb.c_size}")
-    if arb.c_dim < 1:
-        raise ConfigError(f"config key 'aspect_ratio_bucket.c_dim': must be at least 1, got {arb.c_dim}")
-    if arb.c_div < 1:
-        raise ConfigError(f"config key 'aspect_ratio_bucket.c_div': must be at least 1, got {arb.c_div}")
+    # c_size, c_dim, c_div and manual.max_size are in range: the config's schema checked them at load
     resolution = config.data.resolution
     return BucketGrid(base=(resolution, resolution), max_area=int(resolution * resolution * arb.c_size),
                       min_side=_ceil8(resolution / arb.c_dim), max_side=_floor8(resolution * arb.c_dim),
@@ -134,25 +128,34 @@ def plan_buckets(config: Config, records: Sequence[ImageRecord],
     if not len(records):
         return plan
     widths, heights = _sides(records)
+    max_error = config.aspect_ratio_bucket.max_aspect_error
     if config.aspect_ratio_bucket.enabled:
         buckets, errors = assign(sizes, widths, heights)
+        too_far = errors >= max_error
     else:
         buckets, errors = np.zeros(len(records), dtype=np.int64), np.zeros(len(records))
+        grid = generate_buckets(bucket_grid(config))
+        widest = max(abs(math.log(w / h)) for w, h in grid)
+        too_far = np.abs(np.log(widths / heights)) >= widest + max_error
     smallest_side = min(min(s) for s in sizes)
-    max_error = config.aspect_ratio_bucket.max_aspect_error
     too_small = np.minimum(widths, heights) * MAX_UPSCALE < smallest_side
-    too_far = ~too_small & (errors >= max_error)
+    too_far &= ~too_small
     for index in np.flatnonzero(too_small | too_far).tolist():
         record = records[index]
         if too_small[index]:
             reason = (f"too small to train: {record.width}x{record.height} px; the shorter side must be at "
                       f"least {math.ceil(smallest_side / MAX_UPSCALE)} px (1/{MAX_UPSCALE} of the smallest "
                       f"bucket side, {smallest_side} px)")
-        else:
+        elif config.aspect_ratio_bucket.enabled:
             width, height = sizes[buckets[index]]
             reason = (f"aspect ratio {record.width}x{record.height} is too far from every bucket: the nearest, "
                       f"{width}x{height}, has a log-aspect error of {errors[index]:.2f} "
                       f"(aspect_ratio_bucket.max_aspect_error is {max_error})")
+        else:
+            reason = (f"aspect ratio {record.width}x{record.height} is beyond the limit bucketing has: a log-aspect "
+                      f"of {abs(math.log(record.width / record.height)):.2f}, at least the "
+                      f"{widest:.2f} of its most elongated bucket plus aspect_ratio_bucket.max_aspect_error "
+                      f"({max_error})")
         notices.warn(f"skipping {record.path}: {reason}", DataWarning)
         plan.skipped.append((record.path, reason))
     kept = np.flatnonzero(~(too_small | too_far))

@@ -196,7 +196,8 @@ def cache_root(config: Config) -> Path:
 def latent_key(path: str, size: tuple[int, int]) -> str:
     """One image file or shard member (by path, byte size and mtime) cropped to one size."""
     text = f"{file_stamp(path)}|{size[0]}x{size[1]}"
-    return hashlib.sha1(text.encode("utf-8")).hexdigest()
+    # A file name that is not UTF-8 holds surrogates: its own bytes are hashed.
+    return hashlib.sha1(os.fsencode(text)).hexdigest()
 
 
 class LatentReader:
@@ -324,14 +325,19 @@ def attach_caches(config: Config, plan: RunPlan, family, components: Components,
     if explain:
         explain_uncached(config, plan, log)
     text_cache = None
-    if plan.cache_latents:
-        vae = components.vae
-        dataset.latents = cache_latents(dataset, vae, device, latent_folder(config, vae), log)
-    if plan.cache_text:
-        encoder = components.text_encoder
-        text_cache = cache_text_embeddings(dataset.prompts(), family, components.tokenizer, encoder,
-                                           config.clip_stop_at_layer, device, plan.autocast,
-                                           text_folder(config, plan, family, encoder), log)
+    try:
+        if plan.cache_latents:
+            vae = components.vae
+            dataset.latents = cache_latents(dataset, vae, device, latent_folder(config, vae), log)
+        if plan.cache_text:
+            encoder = components.text_encoder
+            text_cache = cache_text_embeddings(dataset.prompts(), family, components.tokenizer, encoder,
+                                               config.clip_stop_at_layer, device, plan.autocast,
+                                               text_folder(config, plan, family, encoder), log)
+    except OSError as error:  # a read-only or full disk: the caches only save time, the run goes on
+        dataset.latents = None
+        log(f"the cache cannot be written ({error}); training goes on without it", "warning")
+        return None
     resting = [(name, model) for name, model, off in (("VAE", components.vae, plan.vae_off_device),
                                                       ("text encoder", components.text_encoder,
                                                        plan.text_encoder_off_device)) if off]

@@ -6,7 +6,9 @@ cost more than it saves.
 """
 from __future__ import annotations
 
+import codecs
 import os
+import stat
 import warnings
 from typing import Callable, Optional
 
@@ -56,12 +58,34 @@ def _check_complete(image, size: Optional[int]) -> None:
         raise ValueError(f"truncated {image.format} file: its end marker is missing")
 
 
-def decode_caption(raw: bytes) -> tuple[str, bool]:
-    """(text, was UTF-8); text that is not UTF-8 is read as latin-1, which never fails."""
-    try:
-        return raw.decode("utf-8-sig").strip(), True
-    except UnicodeDecodeError:
-        return raw.decode("latin-1").strip(), False
+# Captions are read up to this many bytes: a caption linked to a device or a huge text file must not
+# fill the memory. Longer captions are cut there, with a warning.
+MAX_CAPTION_BYTES = 64 * 2**10
+# A byte-order mark decides the encoding (Notepad's "Unicode" is UTF-16 LE with one); UTF-32's marks
+# come first because UTF-32 LE's begins with UTF-16 LE's.
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+NOT_UTF8 = "caption is not UTF-8; read as latin-1"
+
+
+def decode_caption(raw: bytes, cut: bool = False) -> tuple[str, str]:
+    """(text, what is worth a warning about it or ""): decoded in the encoding its byte-order mark names,
+    else UTF-8, else latin-1, which never fails. cut: raw is the first MAX_CAPTION_BYTES of a longer
+    caption, whose last character may be split; up to three bytes of it are dropped."""
+    encoding = next((name for mark, name in _BOMS if raw.startswith(mark)), "utf-8")
+    for dropped in range(min(4, len(raw) + 1) if cut else 1):
+        try:
+            text = raw[:len(raw) - dropped].decode(encoding)
+        except UnicodeDecodeError:
+            continue
+        return text.strip(), f"caption longer than {MAX_CAPTION_BYTES} bytes; cut there" if cut else ""
+    return raw.decode("latin-1").strip(), NOT_UTF8
+
+
+def read_caption_bytes(handle) -> tuple[bytes, bool]:
+    """(the first MAX_CAPTION_BYTES of an open caption, whether there is more)."""
+    raw = handle.read(MAX_CAPTION_BYTES + 1)
+    return raw[:MAX_CAPTION_BYTES], len(raw) > MAX_CAPTION_BYTES
 
 
 # Each file's size and mtime (see listing.file_key) are taken from it once open and before it is read:
@@ -72,8 +96,8 @@ def _read_image(path: str) -> tuple[int, int, int, int, str]:
     from PIL import Image
 
     try:
-        handle = open(path, "rb")
-    except OSError as error:  # a dangling link, a folder, a file that may not be read
+        handle = open_regular(path)
+    except OSError as error:  # a dangling link, a folder, a named pipe, a file that may not be read
         return -1, -1, 0, 0, f"cannot read image: {error.__class__.__name__}: {error}"
     with handle:
         size, mtime = file_key(os.fstat(handle.fileno()))
@@ -87,13 +111,32 @@ def _read_image(path: str) -> tuple[int, int, int, int, str]:
             return size, mtime, 0, 0, f"cannot read image: {error.__class__.__name__}: {error}"
 
 
-def _read_caption(path: str) -> tuple[int, int, str, bool, str]:
-    """(size, mtime, text, was UTF-8, why it cannot be read or "") of a caption file."""
+def _read_caption(path: str) -> tuple[int, int, str, str, str]:
+    """(size, mtime, text, what is worth a warning about it or "", why it cannot be read or "") of a
+    caption file."""
     try:
-        with open(path, "rb") as handle:
-            return (*file_key(os.fstat(handle.fileno())), *decode_caption(handle.read()), "")
+        with open_regular(path) as handle:
+            size, mtime = file_key(os.fstat(handle.fileno()))
+            return (size, mtime, *decode_caption(*read_caption_bytes(handle)), "")
     except OSError as error:
-        return -1, -1, "", True, f"cannot read the caption: {error.strerror}"
+        return -1, -1, "", "", f"cannot read the caption: {error.strerror or error}"
+
+
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def open_regular(path: str):
+    """The file opened for reading in binary, or OSError when it is not a regular file. It is opened
+    without blocking, since opening a named pipe would wait for a writer forever; that flag changes
+    nothing for a regular file."""
+    handle = open(path, "rb", opener=lambda name, flags: os.open(name, flags | getattr(os, "O_NONBLOCK", 0)))
+    mode = os.fstat(handle.fileno()).st_mode
+    if not stat.S_ISREG(mode):
+        handle.close()
+        kind = next((name for test, name in _KINDS if test(mode)), "a special file")
+        raise OSError(f"not a regular file but {kind}")
+    return handle
 
 
 def _ignore_bomb_warnings() -> None:
@@ -126,7 +169,7 @@ def _caption_chunk(folder: str, names: Packed) -> dict:
     return {"sizes": np.array([f[0] for f in found], dtype=np.int64),
             "mtimes": np.array([f[1] for f in found], dtype=np.int64),
             "texts": Packed.from_bytes([f[2].encode("utf-8") for f in found]),
-            "utf8": np.array([f[3] for f in found], dtype=bool),
+            "notes": Packed.from_bytes([f[3].encode("utf-8") for f in found]),
             "errors": Packed.from_bytes([f[4].encode("utf-8") for f in found])}
 
 
@@ -159,8 +202,8 @@ class Readers:
         return self._read(_image_chunk, folder, names, Image.MAX_IMAGE_PIXELS)
 
     def captions(self, folder: str, names: Packed) -> dict:
-        """The caption table of these files: sizes, mtimes, texts (as UTF-8), utf8 (whether the file
-        was) and errors."""
+        """The caption table of these files: sizes, mtimes, texts (as UTF-8), notes (what is worth a
+        warning about each: read as latin-1, cut short) and errors."""
         return self._read(_caption_chunk, folder, names)
 
     def _processes_for(self, count: int) -> int:

@@ -45,7 +45,7 @@ class ScanResult:
 
 def index_locations(folder: Path) -> tuple[Path, Path]:
     """(the hidden file in the folder, the fallback under the cache folder) for a folder's index."""
-    digest = hashlib.sha256(str(folder.resolve()).encode("utf-8")).hexdigest()[:24]
+    digest = hashlib.sha256(os.fsencode(folder.resolve())).hexdigest()[:24]
     return folder / INDEX_NAME, paths.cache_dir() / "dataset-index" / f"{digest}.npz"
 
 
@@ -223,12 +223,13 @@ def _result(prefix: str, template: str, images: dict, order: np.ndarray, caption
 
 def _warn_about_captions(prefix: str, names: Packed, rows: np.ndarray, captions: dict,
                          caption_rows: np.ndarray) -> None:
-    """One warning per usable image whose caption is missing, unreadable, not UTF-8 or empty."""
+    """One warning per usable image whose caption is missing, unreadable, not UTF-8, cut short or empty."""
     linked = caption_rows[rows]
     has = linked >= 0
     failed, empty = captions["errors"].lengths() > 0, captions["texts"].lengths() == 0
+    noted = captions["notes"].lengths() > 0
     bad = np.zeros(len(rows), dtype=bool)
-    bad[has] = failed[linked[has]] | ~captions["utf8"][linked[has]] | empty[linked[has]]
+    bad[has] = failed[linked[has]] | noted[linked[has]] | empty[linked[has]]
     for position in np.flatnonzero(~has | bad).tolist():
         row, caption = int(rows[position]), int(linked[position])
         if caption < 0:
@@ -240,7 +241,7 @@ def _warn_about_captions(prefix: str, names: Packed, rows: np.ndarray, captions:
         if failed[caption]:
             notices.warn(f"{path}: {captions['errors'][caption].decode('utf-8')}; using the prompt without it",
                           DataWarning)
-        elif not captions["utf8"][caption]:
-            notices.warn(f"{path}: caption is not UTF-8; read as latin-1", DataWarning)
+        elif noted[caption]:
+            notices.warn(f"{path}: {captions['notes'][caption].decode('utf-8')}", DataWarning)
         else:
             notices.warn(f"{path}: the caption is empty", DataWarning)

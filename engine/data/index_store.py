@@ -15,7 +15,7 @@ import numpy as np
 
 from .columns import Column, Packed
 
-INDEX_VERSION = 3
+INDEX_VERSION = 4
 PACKED = "packed"
 # The tables and the type of each column. The images and captions are in the order the folder listing
 # gave them, so that an unchanged folder is recognised without sorting its names; "image_order" holds the
@@ -24,7 +24,7 @@ PACKED = "packed"
 SCHEMA: dict[str, dict[str, object]] = {
     "images": {"names": PACKED, "sizes": np.int64, "mtimes": np.int64, "widths": np.int32,
                "heights": np.int32, "errors": PACKED},
-    "captions": {"names": PACKED, "sizes": np.int64, "mtimes": np.int64, "texts": PACKED, "utf8": np.bool_,
+    "captions": {"names": PACKED, "sizes": np.int64, "mtimes": np.int64, "texts": PACKED, "notes": PACKED,
                  "errors": PACKED},
     "image_order": {"rows": np.int64},
     "caption_links": {"rows": np.int32},

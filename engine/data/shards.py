@@ -16,8 +16,11 @@ keyed by path and prior-preservation pairing treat it like a file.
 
 The sidecar `<shard>.idx.json` sits beside its shard, or, when the shard's folder cannot be written,
 under the app's cache folder keyed by the shard's path, size and modification time. It records the
-shard's size and mtime and is rebuilt when they change. A shard cut short (a copy that ended early) is
-indexed up to its last complete member; one with nothing readable is skipped, each with a warning.
+shard's size and mtime and is rebuilt when they change. Reading a member checks its tar header (name,
+size, where its data starts) against the sidecar, so a sidecar edited or copied from another shard is
+rebuilt rather than trusted. A shard cut short (a copy that ended early) is indexed up to its last
+complete member; one with nothing readable is skipped, each with a warning. A sample with two images
+(a.jpg beside a.png, or a member name repeated) keeps its first; the others are reported as skipped.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ import json
 import multiprocessing
 import os
 import re
+import string
 import threading
 import uuid
 import warnings
@@ -40,13 +44,13 @@ import numpy as np
 from .. import notices, paths
 from ..errors import UserError
 from .columns import Packed
-from .headers import decode_caption, read_header
+from .headers import MAX_CAPTION_BYTES, decode_caption, read_caption_bytes, read_header
 from .index import IMAGE_EXTENSIONS, DataWarning, ScanResult
 from .records import TXT_PROMPT, ImageRecords
 
 SHARD_SUFFIX = ".tar"
 SIDECAR_SUFFIX = ".idx.json"
-SIDECAR_VERSION = 2
+SIDECAR_VERSION = 3
 MASK_EXTENSION = "mask.png"  # a member <key>.mask.png: the loss mask of sample <key>
 MEMBER_SEPARATOR = "#"
 CAPTION_FIELDS = ("caption", "text")
@@ -56,6 +60,9 @@ _TAR_BLOCK = 512
 POOL_MIN_BYTES = 256 * 2**20
 # Open shard files and loaded member tables kept per process; a dataset of more shards reopens some.
 MAX_OPEN_SHARDS = 64
+# A pattern naming more shards than this is refused before it is expanded: a slip such as
+# {000000..999999999} would otherwise hold a billion paths in memory.
+MAX_PATTERN_SHARDS = 100_000
 
 
 # -- which shards a dataset path names -------------------------------------------------------------------
@@ -71,6 +78,10 @@ def shard_paths(path: str, label: str) -> Optional[list[str]]:
     if "{" in path:
         from braceexpand import UnbalancedBracesError, braceexpand
 
+        count = _expansion_count(path)
+        if count > MAX_PATTERN_SHARDS:
+            raise UserError(f"{label}: the shard pattern {path} names {count} shards, more than the "
+                            f"{MAX_PATTERN_SHARDS} a pattern may name")
         try:
             expanded = list(braceexpand(path))
         except UnbalancedBracesError:
@@ -85,6 +96,57 @@ def shard_paths(path: str, label: str) -> Optional[list[str]]:
     found = "is a file" if os.path.exists(path) else "not found"
     raise UserError(f"{label}: {path} {found}; expected a folder of images, a folder of .tar shards or a shard "
                     f"pattern such as {PATTERN_EXAMPLE}")
+
+
+_INT_RANGE = re.compile(r"(-?\d+)\.\.(-?\d+)(?:\.\.-?(\d+))?")
+_CHAR_RANGE = re.compile(r"([A-Za-z])\.\.([A-Za-z])(?:\.\.-?(\d+))?")
+_LETTERS = string.ascii_uppercase + string.ascii_lowercase
+
+
+def _expansion_count(pattern: str) -> int:
+    """How many names braceexpand makes of a pattern, counted without making them (it builds every
+    range in memory before the first name). Follows its grammar: a group is an integer or letter range,
+    a comma list, or else literal braces around a pattern; a backslash escapes the next character."""
+    count, depth, start, position = 1, 0, 0, 0
+    while position < len(pattern):
+        character = pattern[position]
+        if character == "\\":
+            position += 2
+            continue
+        if character == "{":
+            start = position if depth == 0 else start
+            depth += 1
+        elif character == "}" and depth:
+            depth -= 1
+            if depth == 0:
+                count *= _group_count(pattern[start + 1:position])
+        position += 1
+    return count
+
+
+def _group_count(group: str) -> int:
+    found = _INT_RANGE.fullmatch(group) or _CHAR_RANGE.fullmatch(group)
+    if found:
+        first, last, step = found.groups()
+        if first.lstrip("-").isdigit():
+            first, last = int(first), int(last)
+        else:  # braceexpand's letters run A-Z then a-z
+            first, last = _LETTERS.index(first), _LETTERS.index(last)
+        return abs(last - first) // (int(step or 1) or 1) + 1
+    parts, depth, start, position = [], 0, 0, 0
+    while position < len(group):
+        character = group[position]
+        if character == "\\":
+            position += 2
+            continue
+        depth += {"{": 1, "}": -1}.get(character, 0)
+        if character == "," and depth == 0:
+            parts.append(group[start:position])
+            start = position + 1
+        position += 1
+    if not parts:
+        return _expansion_count(group)
+    return sum(_expansion_count(part) for part in parts + [group[start:]])
 
 
 def names_shards(path: str) -> bool:
@@ -106,7 +168,12 @@ def _folder_shards(folder: str) -> Optional[list[str]]:
             if name.endswith(IMAGE_EXTENSIONS):
                 return None
             if name.endswith(SHARD_SUFFIX):
-                shards.append(entry.name)
+                # Opening a named pipe would wait forever for a writer.
+                if entry.is_file():
+                    shards.append(entry.name)
+                else:
+                    notices.warn(f"skipping {os.path.join(folder, entry.name)!r}: not a regular file",
+                                 DataWarning)
     return [os.path.join(folder, name) for name in sorted(shards)] or None
 
 
@@ -115,7 +182,7 @@ def _folder_shards(folder: str) -> Optional[list[str]]:
 def sidecar_locations(shard: str, stat: os.stat_result) -> tuple[Path, Path]:
     """(beside the shard, the fallback under the cache folder) for a shard's sidecar index."""
     identity = f"{os.path.abspath(shard)}|{stat.st_size}|{stat.st_mtime_ns}"
-    digest = hashlib.sha256(identity.encode("utf-8")).hexdigest()[:24]
+    digest = hashlib.sha256(os.fsencode(identity)).hexdigest()[:24]
     return Path(shard + SIDECAR_SUFFIX), paths.cache_dir() / "shard-index" / f"{digest}.json"
 
 
@@ -123,9 +190,11 @@ def shard_index(shard: str) -> dict:
     """The shard's sidecar index, built and saved first when it is missing or the shard has changed.
 
     {"version", "size", "mtime_ns", "problem": why the shard is cut short or unreadable, or "",
-     "samples": [{"key", "member", "offset", "size", "width", "height", "error", "caption",
-                  "caption_problem", "mask"}]}; a sample with an error (no image, an unreadable header) has no
-    usable image. "mask" is its mask member as {"member", "offset", "size"}, or null.
+     "samples": [{"key", "member", "header", "offset", "size", "width", "height", "error", "caption",
+                  "caption_problem", "mask", "dropped"}]}; a sample with an error (no image, an unreadable
+    header) has no usable image. "header" is where the member's tar header starts, "offset" where its data
+    does. "mask" is its mask member as {"member", "header", "offset", "size"}, or null; "dropped" lists
+    [member, why] of the sample's members that are not used (a second image).
     """
     index = _fresh_sidecar(shard)
     if index is None:
@@ -154,17 +223,21 @@ def _load_sidecar(location: Path) -> Optional[dict]:
 
 
 def _save_sidecar(shard: str, index: dict, locations: tuple[Path, Path]) -> None:
-    text = json.dumps(index, ensure_ascii=False)
+    # ASCII with escapes: a member name that is not UTF-8 holds surrogates, which UTF-8 cannot write.
+    text = json.dumps(index)
     for location in locations:
         # Written under a temporary name and renamed, so that ranks indexing at once never read half a file.
         temp = location.with_name(f".{location.name}.{uuid.uuid4().hex}.tmp")
         try:
             location.parent.mkdir(parents=True, exist_ok=True)
-            temp.write_text(text, encoding="utf-8")
+            temp.write_text(text, encoding="ascii")
             os.replace(temp, location)
             return
         except OSError:
             temp.unlink(missing_ok=True)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
     notices.warn(f"{shard}: cannot write its index beside it or in {paths.cache_dir()}; the next scan reads "
                   "the shard again", DataWarning)
 
@@ -215,25 +288,35 @@ def _complete_members(tar, handle, file_size: int) -> tuple[list, str]:
     return members, ""
 
 
-def _group(members: list) -> dict[str, dict[str, object]]:
-    """Members by sample key, then by extension (lower case), in the order keys first appear."""
+def _group(members: list) -> dict[str, dict[str, list]]:
+    """Members by sample key, then by extension (lower case), in the order keys first appear; a
+    repeated member name is a second member of its extension."""
     from webdataset.tariterators import base_plus_ext
 
-    samples: dict[str, dict[str, object]] = {}
+    samples: dict[str, dict[str, list]] = {}
     for info in members:
         key, extension = base_plus_ext(info.name)
         if key is not None:
-            samples.setdefault(key, {}).setdefault(extension.lower(), info)
+            samples.setdefault(key, {}).setdefault(extension.lower(), []).append(info)
     return samples
 
 
-def _sample(tar, key: str, parts: dict[str, object]) -> dict:
-    image = next((parts[e] for e in parts if "." + e in IMAGE_EXTENSIONS), None)
-    sample = {"key": key, "member": image.name if image else "", "offset": image.offset_data if image else 0,
-              "size": image.size if image else 0, "width": 0, "height": 0, "error": "", "caption": "",
-              "caption_problem": ""}
+def _sample(tar, key: str, grouped: dict[str, list]) -> dict:
+    images = [info for e, found in grouped.items() if "." + e in IMAGE_EXTENSIONS for info in found]
+    image = images[0] if images else None
+    # Of each extension the first member is used: a sample is one image with one caption and one mask.
+    parts = {extension: found[0] for extension, found in grouped.items()}
+    dropped = [info for e, found in grouped.items() if "." + e not in IMAGE_EXTENSIONS for info in found[1:]]
+    sample = {"key": key, "member": image.name if image else "", "header": image.offset if image else 0,
+              "offset": image.offset_data if image else 0, "size": image.size if image else 0, "width": 0,
+              "height": 0, "error": "", "caption": "", "caption_problem": "",
+              "dropped": [[info.name, f"a second image of sample {key!r}, which uses {image.name}"]
+                          for info in images[1:]]
+              + [[info.name, f"a second member named {info.name} in sample {key!r}; the first is used"]
+                 for info in dropped]}
     mask = parts.get(MASK_EXTENSION)
-    sample["mask"] = {"member": mask.name, "offset": mask.offset_data, "size": mask.size} if mask else None
+    sample["mask"] = ({"member": mask.name, "header": mask.offset, "offset": mask.offset_data, "size": mask.size}
+                      if mask else None)
     if image is None:
         sample["error"] = "the sample has no image (" + ", ".join(f".{e}" for e in parts) + ")"
         return sample
@@ -259,11 +342,13 @@ def _read_size(handle) -> tuple[int, int, str]:
 def _caption(tar, parts: dict[str, object]) -> tuple[str, str]:
     """(caption, what is wrong with it, or "") from the sample's .txt, else its .json."""
     if "txt" in parts:
-        text, utf8 = decode_caption(tar.extractfile(parts["txt"]).read())
-        problem = "" if utf8 else "caption is not UTF-8; read as latin-1"
+        text, problem = decode_caption(*read_caption_bytes(tar.extractfile(parts["txt"])))
     elif "json" in parts:
+        raw, longer = read_caption_bytes(tar.extractfile(parts["json"]))
+        if longer:
+            return "", f"the caption JSON is longer than {MAX_CAPTION_BYTES} bytes"
         try:
-            fields = json.loads(tar.extractfile(parts["json"]).read())
+            fields = json.loads(raw)
         except ValueError as error:
             return "", f"the caption JSON cannot be read: {error}"
         found = [fields[f] for f in CAPTION_FIELDS if isinstance(fields, dict) and isinstance(fields.get(f), str)]
@@ -342,6 +427,8 @@ def scan_shards(shards: list[str], template: str) -> ScanResult:
                           DataWarning)
         usable = []
         for sample in index["samples"]:
+            for member, reason in sample["dropped"]:
+                skip(member_path(shard, member), reason)
             path = member_path(shard, sample["member"] or sample["key"])
             if sample["error"]:
                 skip(path, sample["error"])
@@ -378,14 +465,26 @@ def shard_masks(shards: list[str]) -> dict[str, str]:
 
 # -- reading members -----------------------------------------------------------------------------------------
 
-def member_table(index: dict) -> dict[str, tuple[int, int]]:
-    """Member name -> (offset, size) of the images and masks a shard's index lists."""
+def member_table(index: dict) -> dict[str, tuple[int, int, int]]:
+    """Member name -> (header offset, data offset, size) of the images and masks a shard's index lists."""
     table = {}
     for sample in index["samples"]:
         for part in (sample, sample["mask"]):
             if part and part["member"]:
-                table[part["member"]] = (part["offset"], part["size"])
+                table[part["member"]] = (part["header"], part["offset"], part["size"])
     return table
+
+
+def _header_at(tar, header: int):
+    """The member whose tar header starts at `header`, as tarfile reads it (long and non-ASCII names
+    come from the extended headers before the one next to the data), or None if none starts there."""
+    import tarfile
+
+    tar.fileobj.seek(header)
+    try:
+        return tarfile.TarInfo.fromtarfile(tar)
+    except (tarfile.TarError, EOFError):
+        return None
 
 
 def split_member(path: str) -> Optional[tuple[str, str]]:
@@ -399,9 +498,10 @@ def split_member(path: str) -> Optional[tuple[str, str]]:
 
 
 class _OpenShards:
-    """This process's open shard files and member tables (member -> offset, size), the most recent
-    MAX_OPEN_SHARDS of each. A forked data-loader worker starts with none of its own: the inherited
-    files share their read position with the parent's, and the lock may have been held at the fork."""
+    """This process's open shards (as tarfile objects, for reading headers) and member tables (member ->
+    header offset, data offset, size), the most recent MAX_OPEN_SHARDS of each. A forked data-loader
+    worker starts with none of its own: the inherited files share their read position with the parent's,
+    and the lock may have been held at the fork."""
 
     def __init__(self):
         self.reset()
@@ -409,20 +509,44 @@ class _OpenShards:
     def reset(self) -> None:
         self.lock = threading.Lock()
         self.files: OrderedDict[str, object] = OrderedDict()
-        self.tables: OrderedDict[str, dict[str, tuple[int, int]]] = OrderedDict()
+        self.tables: OrderedDict[str, dict[str, tuple[int, int, int]]] = OrderedDict()
 
     def read(self, shard: str, member: str) -> bytes:
+        import tarfile
+
         with self.lock:
             table = self._get(self.tables, shard, lambda: member_table(shard_index(shard)))
-            if member not in table:
-                raise FileNotFoundError(f"{shard} has no member {member}")
-            offset, size = table[member]
-            handle = self._get(self.files, shard, lambda: open(shard, "rb"))
-            handle.seek(offset)
-            data = handle.read(size)
+            tar = self._get(self.files, shard, lambda: tarfile.open(shard, mode="r:"))
+            mismatch = self._mismatch(tar, table, member)
+            if mismatch:
+                # The sidecar matched the shard's size and mtime but not its content: edited, or copied
+                # from another shard. It is rebuilt from the shard rather than trusted.
+                notices.warn(f"{shard}: its index does not match the shard ({mismatch}); indexing it again",
+                             DataWarning)
+                index = build_index(shard)
+                _save_sidecar(shard, index, sidecar_locations(shard, os.stat(shard)))
+                table = self.tables[shard] = member_table(index)
+                mismatch = self._mismatch(tar, table, member)
+                if mismatch:
+                    raise OSError(f"{shard}: {mismatch}")
+            _, offset, size = table[member]
+            tar.fileobj.seek(offset)
+            data = tar.fileobj.read(size)
         if len(data) != size:
             raise OSError(f"{shard}: member {member} is cut short")
         return data
+
+    @staticmethod
+    def _mismatch(tar, table: dict, member: str) -> str:
+        """What is wrong with the table's entry of member, read against the shard's tar header, or ""."""
+        if member not in table:
+            return f"it has no member {member!r}"
+        header, offset, size = table[member]
+        found = _header_at(tar, header)
+        if found is None or (found.name, found.offset_data, found.size) != (member, offset, size):
+            what = f"{found.name!r} of {found.size} bytes" if found is not None else "no member"
+            return f"{what} at the place of {member!r} ({size} bytes)"
+        return ""
 
     @staticmethod
     def _get(cache: OrderedDict, shard: str, make):
