@@ -708,6 +708,10 @@ def validate(config: Config) -> None:
     its key."""
     _require(config.data.resolution % 8 == 0,
              f"config key 'data.resolution': must be a positive multiple of 8, got {config.data.resolution}")
+    # the run folder is output_dir/project/run_id: a path here would put it elsewhere
+    _require(config.project not in ("", ".", "..") and not any(sep in config.project for sep in "/\\"),
+             f"config key 'project': a name for the runs' folder, without / or \\ and not . or .., "
+             f"got {config.project!r}")
     _require(config.trainer.max_epochs is not None or config.trainer.max_steps is not None,
              "config keys 'trainer.max_epochs' and 'trainer.max_steps': set at least one")
     precision = str(config.trainer.precision)

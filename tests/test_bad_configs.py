@@ -57,6 +57,8 @@ CASES = [
     ("a brightness change beyond 1 can make the factor negative",
      "augment:\n  - {name: color_jitter, brightness: 3}\n", "augment[0].brightness"),
     ("a noise offset five times the noise", "noise_offset: 5\n", "noise_offset"),
+    ("a project that climbs out of output_dir puts the run elsewhere", "project: ../../x\n", "project"),
+    ("a project that is an absolute path", "project: /tmp/elsewhere\n", "project"),
     ("a negative text encoder learning rate, whatever network.type",
      "network:\n  text_encoder_lr: -1e-5\n", "network.text_encoder_lr"),
     ("a negative alpha flips the adapter's update, whatever network.type", "network:\n  alpha: -1\n",
@@ -218,4 +220,4 @@ def test_the_app_reads_its_editor_text_through_the_same_loader():
 
 
 def test_the_corpus_size():
-    assert len(CASES) >= 38
+    assert len(CASES) >= 40
