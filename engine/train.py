@@ -445,6 +445,9 @@ class Trainer(Job):
         clock = StepClock()
         stopped = False
         last = state.step >= context.total_steps  # resumed from the final checkpoint: nothing left to do
+        if last:
+            self.log(f"the run has already trained its {context.total_steps} steps: nothing to train; raise "
+                     f"trainer.max_steps (--set trainer.max_steps=N) to train it further")
         while not last:
             micro_batches = next(steps)
             losses, parts = [], None

@@ -79,6 +79,18 @@ def test_a_resume_applies_a_new_rate_and_step_count_from_the_resumed_step(run):
     assert (run / "config.yaml").stat().st_mtime_ns == config_time  # still orders runs by their start
 
 
+def test_resuming_a_finished_run_says_there_is_nothing_to_train(run):
+    from engine.train import Trainer
+
+    log = []
+    result = Trainer.for_resume(str(run), on_event=log.append).run()
+    assert isinstance(result, events.Finished) and result.step == 6
+    said = [e.message for e in log if isinstance(e, events.Log) and "nothing to train" in e.message]
+    assert said == ["the run has already trained its 6 steps: nothing to train; raise trainer.max_steps "
+                    "(--set trainer.max_steps=N) to train it further"]
+    assert [record["step"] for record in metrics(run)] == list(range(1, 7))
+
+
 def test_a_resume_refuses_in_one_line_a_key_that_cannot_change(run):
     before = (run / "config.yaml").read_text()
     result = run_cli("train", "--resume", str(run), "--set", "optimizer.name=sgd")
