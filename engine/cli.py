@@ -76,17 +76,25 @@ def _exit_code(event) -> int:
 
 
 def _show_progress(trainer) -> int:
-    """A progress bar with the loss (and the newest val_loss), and one line per checkpoint, sample batch and
-    log message."""
+    """A progress bar of the class images generated first, if any; then one with the loss (and the newest
+    val_loss), and one line per checkpoint, sample batch and log message."""
     from tqdm import tqdm
 
     from . import events
 
     bar = None
+    generating = None  # the class images a run generates before it trains
     say = print
     shown = {}  # the newest val_loss stays on the bar between validation rounds
     for event in _events_until_done(trainer):
-        if isinstance(event, events.Started):
+        if isinstance(event, events.Progress):
+            if generating is None:
+                generating = tqdm(total=event.total, unit="image", desc="class images", dynamic_ncols=True)
+                say = tqdm.write
+            generating.update(event.done - generating.n)
+        elif isinstance(event, events.Started):
+            if generating is not None:
+                generating.close()
             bar = tqdm(total=event.total_steps, initial=event.start_step, unit="step", dynamic_ncols=True)
             say = tqdm.write
             say(f"run folder: {event.run_dir}")

@@ -148,3 +148,21 @@ def test_generated_class_images_train(tmp_path, sample_data, tiny_model):
         "sampling.interval_steps": 0})
     result = Trainer(cfg.from_dict(values)).run()
     assert isinstance(result, events.Finished) and result.step == 3
+
+
+def test_the_cli_shows_the_class_images_a_run_generates_before_it_trains(tmp_path, sample_data):
+    import yaml
+
+    from engine.testing import tiny_config
+
+    values = tiny_config(tmp_path / "runs", **{
+        "data.concepts[0].class_set.path": str(tmp_path / "class"), "trainer.max_steps": 1,
+        "sampling.interval_steps": 0, "data.concepts[0].class_set.auto_generate.num_target": 3,
+        "data.concepts[0].class_set.auto_generate.steps": 2})
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(values))
+    result = run_cli("train", "--config", str(tmp_path / "run.yaml"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(class_pngs(tmp_path)) == 3
+    # tqdm redraws its bar with carriage returns; the final state says all three are done
+    bars = [part for part in result.stderr.replace("\r", "\n").splitlines() if part.startswith("class images")]
+    assert bars and "3/3" in bars[-1]
