@@ -328,3 +328,38 @@ def test_an_extreme_aspect_ratio_in_a_folder_is_skipped_before_its_pixels_are_re
         data = prepare_data(config, load_components(config.model).tokenizer, seed=0)
     assert data.images == 1 and [os.path.basename(p) for p, _ in data.skipped] == ["strip.png"]
     assert np.isfinite(data.dataset[0]["instance"]["pixel_values"].numpy()).all()
+
+
+def test_make_shards_names_a_special_file_it_leaves_out(tmp_path):
+    source = tmp_path / "src"
+    source.mkdir()
+    for index in range(2):
+        Image.new("RGB", (16, 16)).save(source / f"img{index}.png")
+    os.mkfifo(source / "pipe.png")
+    said = []
+    written = make_shards(str(source), str(tmp_path / "dst"), per_shard=10, say=said.append)
+    assert len(written) == 1 and "skipping pipe.png: not a regular file" in said
+
+
+def test_a_make_shards_run_that_fails_removes_its_shards_so_a_rerun_starts_clean(tmp_path, monkeypatch):
+    import errno
+
+    from engine.data import make_shards as module
+
+    source = tmp_path / "src"
+    source.mkdir()
+    for index in range(5):
+        Image.new("RGB", (16, 16)).save(source / f"img{index}.png")
+    read = module._read
+
+    def fails_at_the_fourth(folder, name):
+        if name == "img3.png":
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "dst" / "000001.tar"))
+        return read(folder, name)
+
+    monkeypatch.setattr(module, "_read", fails_at_the_fourth)
+    with pytest.raises(UserError, match=r"^make-shards: No space left on device .*the shards written so far were"):
+        make_shards(str(source), str(tmp_path / "dst"), per_shard=2, say=lambda message: None)
+    assert os.listdir(tmp_path / "dst") == []
+    monkeypatch.setattr(module, "_read", read)
+    assert len(make_shards(str(source), str(tmp_path / "dst"), per_shard=2, say=lambda message: None)) == 3

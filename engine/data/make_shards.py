@@ -68,6 +68,10 @@ def make_shards(source: str, target: str, per_shard: int, say: Callable[[str], N
     if not os.path.isdir(source):
         raise UserError(f"make-shards SRC: folder not found: {source}")
     samples = folder_samples(source)
+    for name in sorted(os.listdir(source)):
+        path = os.path.join(source, name)
+        if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.exists(path) and not os.path.isfile(path):
+            say(f"skipping {name}: not a regular file")
     if not samples:
         raise UserError(f"make-shards SRC: no images in {source} (formats: jpg, png, webp, bmp)")
     os.makedirs(target, exist_ok=True)
@@ -81,11 +85,20 @@ def make_shards(source: str, target: str, per_shard: int, say: Callable[[str], N
         written.append(shard)
         say(f"{shard}: {len(index['samples'])} samples, {os.path.getsize(shard)} bytes")
 
-    # A fixed member mtime makes the same folder give byte-identical shards.
-    with ShardWriter(os.path.join(target, SHARD_PATTERN), maxcount=per_shard, post=finished, verbose=0,
-                     encoder=False, mtime=0) as writer:
-        for sample in samples:
-            writer.write(_sample(source, *sample))
+    try:
+        # A fixed member mtime makes the same folder give byte-identical shards.
+        with ShardWriter(os.path.join(target, SHARD_PATTERN), maxcount=per_shard, post=finished, verbose=0,
+                         encoder=False, mtime=0) as writer:
+            for sample in samples:
+                writer.write(_sample(source, *sample))
+    except OSError as error:
+        # The folder held no shards before: what is there now is this run's, and a partial set would make
+        # the next run refuse the folder.
+        for name in os.listdir(target):
+            if name.endswith((SHARD_SUFFIX, SHARD_SUFFIX + SIDECAR_SUFFIX)):
+                os.remove(os.path.join(target, name))
+        raise UserError(f"make-shards: {error.strerror or error} ({error.filename or target}); the shards "
+                        "written so far were removed") from None
     say(f"wrote {len(samples)} samples to {len(written)} shards in {target}, each with its index "
         f"<shard>{SIDECAR_SUFFIX}")
     return written
