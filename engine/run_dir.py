@@ -64,6 +64,17 @@ class RunDir:
     def is_run(path: Path) -> bool:
         return (Path(path) / CONFIG_FILE).is_file()
 
+    def holds_nothing_trained(self) -> bool:
+        """Whether the folder holds only what a run writes before it trains: its config, its lock and an
+        empty metrics log."""
+        for entry in self.path.iterdir():
+            if entry.name in (CONFIG_FILE, LOCK_FILE):
+                continue
+            if entry == self.metrics and entry.stat().st_size == 0:
+                continue
+            return False
+        return True
+
     @classmethod
     def create(cls, output_dir: str, project: str) -> "RunDir":
         """A fresh run folder output_dir/project/run_id; an existing folder is never reused."""

@@ -12,6 +12,7 @@ import math
 import os
 import queue
 import random
+import shutil
 import re
 import time
 from dataclasses import dataclass
@@ -199,9 +200,14 @@ class Trainer(Job):
         # run folder exists.
         plan = make_plan(self.config, device.type, distributed.world_size_from_environment())
         topology = distributed.init_from_environment(use_cuda=device.type == "cuda")
+        refused = False
         try:
             with contextlib.ExitStack() as cleanup:
-                context = self._setup(plan, topology, device, cleanup)
+                try:
+                    context = self._setup(plan, topology, device, cleanup)
+                except UserError:
+                    refused = True
+                    raise
                 if context is None:
                     return events.Finished(run_dir=str(self.run_dir), step=0, stopped=True)
                 return self._train_loop(context)
@@ -209,6 +215,15 @@ class Trainer(Job):
             # the finished job must not keep the models alive (the app holds on to its last job)
             self._models = None
             distributed.shutdown(topology)
+            if refused and topology.is_main:
+                self._discard_untrained_run_dir()
+
+    def _discard_untrained_run_dir(self) -> None:
+        """A new run refused while it set up (a folder or file its config names is missing, say) leaves no
+        folder behind: the run list would fill with empty runs. Called once the folder's lock is released."""
+        if self.resume_dir is None and self.run_dir is not None and RunDir(self.run_dir).holds_nothing_trained():
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            self.run_dir = None
 
     def _open_run_dir(self, topology: distributed.Topology, cleanup: contextlib.ExitStack) -> Optional[Path]:
         """Set self.run_dir: the resumed run's folder, or a new one with the resolved config (and its seed)

@@ -147,3 +147,16 @@ def test_a_single_file_with_an_empty_tokenizer_folder_is_one_line_naming_the_key
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match=r"^config key 'tokenizer': .*empty holds no CLIP tokenizer"):
         load_single_file_components(model, tokenizer=str(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize("mistake", [{"data.concepts[0].instance_set.path": "/nowhere/images"},
+                                     {"vae": "/nowhere/vae"}], ids=["instance-folder", "vae"])
+def test_a_start_refused_for_a_missing_path_leaves_no_run_folder(mistake, tmp_path):
+    from engine.train import Trainer
+
+    values = tiny_config(tmp_path / "out", **{"trainer.max_steps": 1, **mistake})
+    result = Trainer(cfg.from_dict(values)).run()
+    assert isinstance(result, events.Failed) and result.user_error
+    (key,) = mistake
+    assert result.error.startswith(f"config key '{key}'") and "\n" not in result.error
+    assert not [path for path in (tmp_path / "out").rglob("*") if path.is_file()]
