@@ -96,6 +96,13 @@ class Field:
         return {bool: "bool", int: "int", float: "float"}.get(tp, "text")
 
     @property
+    def typed_as_text(self) -> bool:
+        """An optional number is edited in a text box, where empty means None: gradio's number input shows
+        an empty value as 0 and sends that 0 back, which would switch an option such as Min-SNR on (or make
+        the config invalid) as soon as the field is drawn."""
+        return self.optional and self.kind in ("int", "float")
+
+    @property
     def choices(self) -> tuple[str, ...]:
         if self.suggestions:
             return self.suggestions
@@ -130,12 +137,12 @@ class Field:
 
     def to_form(self, value: Any) -> Any:
         if value is None:
-            return "" if self.kind == "text" else None
+            return "" if self.kind == "text" or self.typed_as_text else None
         if self.kind == "choice":
             return str(value)
         if self.kind == "float":
-            return float(value)
-        return value
+            value = float(value)
+        return str(value) if self.typed_as_text else value
 
     def from_form(self, value: Any) -> Any:
         """The config value for a form value; raises FormError naming the key."""

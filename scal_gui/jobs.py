@@ -95,7 +95,10 @@ class JobManager:
             # Cleared where the job is installed: between two locked blocks another start would pass the
             # busy check.
             self._building = None
-            history = History(kind=kind, label=label)
+            # Versions go on from the previous job's: a page compares them to tell a new history from the one it
+            # drew, and a job that fails at once would otherwise repeat the versions of the last one.
+            previous = self._histories.get(kind)
+            history = History(kind=kind, label=label, version=previous.version + 1 if previous else 0)
             history.logs.append(f"{_stamp()} starting {label or JOB_NAMES[kind]}")
             self._job, self._current = job, history
             self._histories[kind] = history
@@ -138,7 +141,7 @@ class JobManager:
                                        logs=deque(history.logs, maxlen=LOG_LINES))
 
     def version(self, kind: str) -> int:
-        """Grows with every change to the history of that kind; -1 before its first job."""
+        """Grows with every change to the history of that kind, across its jobs; -1 before its first job."""
         with self._lock:
             history = self._histories.get(kind)
             return -1 if history is None else history.version
@@ -147,6 +150,12 @@ class JobManager:
         with self._lock:
             history = self._histories.get(kind)
             return None if history is None else history.state
+
+    def active_run_dir(self) -> Optional[str]:
+        """The folder of the training run in progress, once it has one: the run lists mark it running."""
+        with self._lock:
+            history = self._histories.get(TRAIN)
+            return history.run_dir if history is not None and history.active and history.run_dir else None
 
     # -- events ---------------------------------------------------------------------------------------
     def _drain(self, job: Any, events: queue.Queue, history: History) -> None:

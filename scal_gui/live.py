@@ -1,4 +1,5 @@
-"""What the page shows of a job's history: status line, progress bar, curves, images and log."""
+"""What the page shows of a job's history: status line, progress bar, curves, images, log, and the message
+that says how the job ended."""
 from __future__ import annotations
 
 import html
@@ -21,6 +22,27 @@ def status_line(history: Optional[History], idle: str) -> str:
         first = history.error.strip().splitlines()[0] if history.error.strip() else "unknown error"
         line += f"\n\nError: {first}"
     return line
+
+
+def outcome(history: History) -> str:
+    """The message that replaces "Started …" or "Stopping …" once the job has ended."""
+    where = f" at step {history.step}" if history.kind == "train" else ""
+    if history.state == "failed":
+        first = history.error.strip().splitlines()[0] if history.error.strip() else "unknown error"
+        return f"**Failed** {history.label}{where}: {first}"
+    return f"**{STATE_WORDS[history.state]}** {history.label}{where}."
+
+
+# How the actions' messages begin while the job they name has not ended yet.
+PENDING_PREFIXES = ("Started", "Stopping")
+
+
+def settled_message(message: str, history: Optional[History]) -> Optional[str]:
+    """The outcome where message still says a job was started or is stopping but that job has ended, else
+    None (the message stands: a refusal, an estimate, or a job still going)."""
+    if history is None or history.active or not (message or "").startswith(PENDING_PREFIXES):
+        return None
+    return outcome(history)
 
 
 def _bar(fraction: float, text: str, state: str) -> str:
@@ -66,9 +88,14 @@ def log_text(history: Optional[History]) -> str:
     return text
 
 
+# The live view (#live-view) stays in sight while the Train tab's long settings column scrolls: sticky,
+# and no taller than the window. The page container clips rather than hides its overflow, because an
+# element with overflow: hidden becomes the scroll box of the sticky column, and it never scrolls.
 CSS = """
 .scal-progress-track { height: 14px; border-radius: 7px; background: var(--neutral-200); overflow: hidden; }
 .scal-progress-fill { height: 100%; background: var(--color-accent); transition: width 0.4s; }
 .scal-progress[data-state="failed"] .scal-progress-fill { background: var(--error-text-color); }
 .scal-progress-text { margin-top: 4px; font-variant-numeric: tabular-nums; }
+.gradio-container { overflow: clip !important; }
+#live-view { position: sticky; top: 0; align-self: flex-start; max-height: 100vh; overflow-y: auto; }
 """

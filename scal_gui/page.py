@@ -89,32 +89,38 @@ def _wire_live(ctx: PageContext, page: gr.Blocks, train, classgen) -> None:
         return [live.status_line(history, ""), live.classgen_progress(history),
                 list(history.images) if history else [], live.log_text(history)]
 
-    def refresh(seen: Optional[dict], output_dir: str):
+    def refresh(seen: Optional[dict], output_dir: str, train_message: str, class_message: str):
         # seen: what this browser tab last rendered, so an unchanged job sends nothing.
         seen = dict(seen or {})
-        updates = []
-        for kind, render, count in ((TRAIN, render_train, len(train_outputs)),
-                                    (CLASSGEN, render_classgen, len(class_outputs))):
+        updates, messages = [], []
+        for kind, render, count, message in ((TRAIN, render_train, len(train_outputs), train_message),
+                                             (CLASSGEN, render_classgen, len(class_outputs), class_message)):
             version = manager.version(kind)
             if kind in seen and seen[kind] == version:
                 updates += [gr.skip()] * count
-                continue
-            history = manager.snapshot(kind)
-            updates += render(history)
-            seen[kind] = history.version if history else -1
-        runs_for = [manager.state(TRAIN), output_dir]
+                history = manager.snapshot(kind) if (message or "").startswith(live.PENDING_PREFIXES) else None
+            else:
+                history = manager.snapshot(kind)
+                updates += render(history)
+                seen[kind] = history.version if history else -1
+            # Checked on every poll rather than when the history changes: the "Started" of a job that failed
+            # at once can reach the page after the poll that drew the failure.
+            settled = live.settled_message(message, history)
+            messages.append(gr.skip() if settled is None else settled)
+        active = manager.active_run_dir()
+        runs_for = [manager.state(TRAIN), active, output_dir]
         if seen.get("runs_for") != runs_for:
-            # A run that ended (or another output folder) changes what can be resumed.
+            # A run that started or ended (or another output folder) changes what can be resumed.
             seen["runs_for"] = runs_for
-            choices = tab_train.resume_choices(output_dir)
+            choices = tab_train.resume_choices(output_dir, active)
             updates.append(gr.update(choices=choices, value=choices[0][1] if choices else None))
         else:
             updates.append(gr.skip())
-        return [*updates, seen]
+        return [*updates, *messages, seen]
 
     seen = gr.State(None)
-    outputs = [*train_outputs, *class_outputs, train.resume_run, seen]
-    inputs = [seen, ctx.form["output_dir"]]
+    outputs = [*train_outputs, *class_outputs, train.resume_run, train.message, classgen.message, seen]
+    inputs = [seen, ctx.form["output_dir"], train.message, classgen.message]
     page.load(refresh, inputs, outputs, api_visibility="private", show_progress="hidden")
     timer = gr.Timer(POLL_SECONDS)
     timer.tick(refresh, inputs, outputs, api_visibility="private", show_progress="hidden")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Optional
 
 import gradio as gr
 
@@ -17,6 +18,8 @@ LABELS = {"text_encoder": "Include the text encoder", "vae": "Include the VAE", 
           "text_encoder_dtype": "Text encoder weights", "fmt": "Format",
           "adapter_output": "An adapter run's checkpoint becomes"}
 INFO = {"adapter_output": "a full fine-tune's is always one model file"}
+# The converter's messages name its command-line flags; the page names its own checkbox instead.
+FLAG_WORDS = {"pass --overwrite": f'tick "{LABELS["overwrite"]}"'}
 
 
 def convert_and_report(actions, source: str, out: str, values: list, progress) -> str:
@@ -31,12 +34,14 @@ def convert_and_report(actions, source: str, out: str, values: list, progress) -
             warnings.append(event.message)
 
     result = actions.convert(source, out, convert_options.to_kwargs(values), on_event)
+    for flag, words in FLAG_WORDS.items():
+        result = result.replace(flag, words)
     return "\n\n".join([result, *warnings])
 
 
-def checkpoint_choices(output_dir: str) -> list[tuple[str, str]]:
+def checkpoint_choices(output_dir: str, active: Optional[str] = None) -> list[tuple[str, str]]:
     try:
-        return runs.checkpoints(runs.list_runs(output_dir))
+        return runs.checkpoints(runs.list_runs(output_dir, active))
     except OSError:
         return []
 
@@ -72,7 +77,7 @@ def wire(ctx: PageContext, ui: SimpleNamespace, page: gr.Blocks) -> None:
     page.load(option_updates, None, ui.options, api_visibility="private")
 
     def refresh(output_dir: str):
-        return gr.update(choices=checkpoint_choices(output_dir))
+        return gr.update(choices=checkpoint_choices(output_dir, ctx.manager.active_run_dir()))
 
     page.load(refresh, ctx.form["output_dir"], ui.checkpoint, api_visibility="private")
     ui.refresh.click(refresh, ctx.form["output_dir"], ui.checkpoint, api_visibility="private")

@@ -71,11 +71,17 @@ def preview(yaml_text: str, *values) -> list:
     summary = bucket_view.summary(result)
     if not config.data.center_crop:
         summary += " The boxes show the centre crop; training crops at a random position of the same size."
-    # The chart keeps the buckets in aspect order rather than the default alphabetical one.
-    chart = gr.BarPlot(bucket_view.chart(result), sort=labels)
+    # The chart keeps the buckets in aspect order rather than the default alphabetical one. Only the order
+    # goes here, its data follows in chart_data: the plot redraws a new order with the data it already has.
+    chart = gr.update(sort=labels)
     return [summary, bucket_view.table(result), chart, bucket_view.skipped(result),
             gr.update(choices=used, value=first),
             bucket_view.thumbnails(result, first, cleared_thumbnails_dir()) if first else [], result]
+
+
+def chart_data(result: dict):
+    """The chart's data for the last preview's report (None clears it): sent after the preview set the order."""
+    return bucket_view.chart(result) if result else None
 
 
 def show_bucket(result: dict, label: str) -> list[tuple[str, str]]:
@@ -84,7 +90,8 @@ def show_bucket(result: dict, label: str) -> list[tuple[str, str]]:
 
 
 def wire(ctx: PageContext, ui: SimpleNamespace) -> None:
-    ui.preview.click(preview, [ctx.yaml, *ctx.inputs],
-                     [ui.message, ui.table, ui.chart, ui.skipped, ui.bucket, ui.thumbnails, ui.report],
-                     api_visibility="private")
+    (ui.preview.click(preview, [ctx.yaml, *ctx.inputs],
+                      [ui.message, ui.table, ui.chart, ui.skipped, ui.bucket, ui.thumbnails, ui.report],
+                      api_visibility="private")
+     .then(chart_data, ui.report, ui.chart, api_visibility="private"))
     ui.bucket.input(show_bucket, [ui.report, ui.bucket], ui.thumbnails, api_visibility="private")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Optional
 
 import gradio as gr
 
@@ -11,12 +12,32 @@ from .context import PageContext, sync_form
 IDLE = "No run yet: pick a preset, check the settings and press Start."
 
 
-def resume_choices(output_dir: str) -> list[tuple[str, str]]:
+def resume_choices(output_dir: str, active: Optional[str] = None) -> list[tuple[str, str]]:
     try:
-        found = runs.resumable(runs.list_runs(output_dir))
+        found = runs.resumable(runs.list_runs(output_dir, active))
     except OSError:
         return []
     return [(run.label, str(run.path)) for run in found]
+
+
+# What the user brings rather than how to train: a preset leaves these as the user typed them.
+USER_KEYS = ("model", "output_dir", "data.concepts[0].instance_set.path", "data.concepts[0].instance_set.prompt",
+             "data.concepts[0].instance_set.mask_path", "data.concepts[0].class_set.path",
+             "data.concepts[0].class_set.prompt", "data.concepts[0].class_set.auto_generate.negative_prompt",
+             "validation.path", "sampling.concepts[0].prompt")
+PRESET_INFO = "sets the training settings; a model, folder or prompt you typed is kept"
+
+
+def preset_config(preset: presets.Preset, previous: presets.Preset, values: list,
+                  output_dir: Optional[str]) -> dict:
+    """The raw config of a newly picked preset, with the form's USER_KEYS values that the user changed from
+    the previous preset's (values in fields.ALL order); the others take the new preset's."""
+    raw = presets.load_preset(preset, output_dir)
+    before = fields.form_values(presets.load_preset(previous, output_dir), fields.ALL)
+    for index, spec in enumerate(fields.ALL):
+        if spec.key in USER_KEYS and values[index] != before[index]:
+            fields.set_value(raw, spec.key, spec.from_form(values[index]))
+    return raw
 
 
 def build(ctx: PageContext, preset_list: list[presets.Preset], selected: presets.Preset) -> SimpleNamespace:
@@ -25,7 +46,8 @@ def build(ctx: PageContext, preset_list: list[presets.Preset], selected: presets
         with gr.Column(scale=5):
             with gr.Row(equal_height=True):
                 ui.preset = gr.Dropdown([p.name for p in preset_list], value=selected.name, label="Preset",
-                                        elem_id="preset", scale=1)
+                                        info=PRESET_INFO, elem_id="preset", scale=1)
+                ui.previous_preset = gr.State(selected.name)
                 ui.description = gr.Markdown(selected.description, elem_id="preset-description")
             with gr.Accordion("Settings", open=True):
                 ctx.add_fields(fields.TRAIN, per_row=3)
@@ -51,7 +73,8 @@ def build(ctx: PageContext, preset_list: list[presets.Preset], selected: presets
                                             allow_custom_value=True)
                 ui.refresh = gr.Button("↻", elem_id="refresh-runs", scale=0, min_width=50)
                 ui.resume = gr.Button("Resume", elem_id="resume-button", scale=1)
-        with gr.Column(scale=6):
+        # Start is far down the settings column: the live view stays in sight as it scrolls (live.CSS).
+        with gr.Column(scale=6, elem_id="live-view"):
             ui.status = gr.Markdown(IDLE, elem_id="train-status")
             ui.progress = gr.HTML(elem_id="train-progress")
             ui.loss = gr.LinePlot(x="step", y="loss", color="series",
@@ -71,20 +94,23 @@ def wire(ctx: PageContext, ui: SimpleNamespace, preset_list: list[presets.Preset
     by_name = {p.name: p for p in preset_list}
     actions = ctx.actions
 
-    def choose_preset(name: str):
+    def choose_preset(name: str, previous: str, *values):
         preset = by_name[name]
-        raw = presets.load_preset(preset, ctx.output_dir)
-        return [preset.description, configs.to_yaml(raw), configs.check_message(raw),
+        raw = preset_config(preset, by_name[previous], list(values), ctx.output_dir)
+        return [name, preset.description, configs.to_yaml(raw), configs.check_message(raw),
                 *fields.form_values(raw, fields.ALL)]
 
-    ui.preset.input(choose_preset, ui.preset, [ui.description, ctx.yaml, ctx.check, *ctx.inputs],
-                    api_visibility="private")
+    ui.preset.input(choose_preset, [ui.preset, ui.previous_preset, *ctx.inputs],
+                    [ui.previous_preset, ui.description, ctx.yaml, ctx.check, *ctx.inputs], api_visibility="private")
 
     (ui.start.click(sync_form, [ctx.yaml, *ctx.inputs], [ctx.yaml, ctx.check], api_visibility="private")
      .success(actions.start_training, ctx.yaml, ui.message, api_name="start_training"))
     ui.stop.click(actions.stop, None, ui.message, api_name="stop_job")
     ui.resume.click(actions.resume_training, ui.resume_run, ui.message, api_name="resume_training")
-    ui.refresh.click(lambda output_dir: gr.update(choices=resume_choices(output_dir)),
-                     ctx.form["output_dir"], ui.resume_run, api_visibility="private")
+
+    def refresh_runs(output_dir: str):
+        return gr.update(choices=resume_choices(output_dir, ctx.manager.active_run_dir()))
+
+    ui.refresh.click(refresh_runs, ctx.form["output_dir"], ui.resume_run, api_visibility="private")
     (ui.vram.click(sync_form, [ctx.yaml, *ctx.inputs], [ctx.yaml, ctx.check], api_visibility="private")
      .success(actions.estimate_vram, ctx.yaml, ui.message, api_visibility="private"))

@@ -18,6 +18,8 @@ def component(field: Field, value: Any) -> gr.components.Component:
     info = field.info or None
     if field.kind == "bool":
         return gr.Checkbox(value=value, info=info, **common)
+    if field.typed_as_text:
+        return gr.Textbox(value=value, info=info, lines=1, max_lines=1, placeholder="empty", **common)
     if field.kind == "int":
         return gr.Number(value=value, info=info, precision=0, **common)
     if field.kind == "float":

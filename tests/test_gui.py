@@ -79,7 +79,7 @@ def test_form_and_yaml_round_trip():
     values = fields.form_values(raw, fields.ALL)
     index = {f.key: i for i, f in enumerate(fields.ALL)}
     values[index["batch_size"]] = 3
-    values[index["seed"]] = None
+    values[index["seed"]] = ""  # what the page sends for an emptied optional number
     values[index["trainer.precision"]] = "bf16"
     merged, message = configs.merge_form(configs.to_yaml(raw), values)
     written = configs.parse_yaml(merged)
@@ -140,6 +140,24 @@ def test_the_form_is_not_written_over_a_value_that_holds_no_keys():
     assert merged is None and message.startswith("Error: Fix the YAML first: config key 'data'")
 
 
+def test_empty_optional_numbers_stay_empty_from_the_form_to_the_config():
+    from scal_gui import widgets
+
+    raw = presets.load_preset(next(p for p in presets.list_presets() if p.name == "tiny-demo-cpu"))
+    optional = [f for f in fields.ALL if f.optional and f.kind in ("int", "float")]
+    assert {"min_snr_gamma", "max_timestep", "network.text_encoder_lr"} <= {f.key for f in optional}
+    for spec in optional:
+        # A number input would show None as 0 and send the 0 back; a text box keeps it empty.
+        box = widgets.component(spec, spec.to_form(None))
+        assert isinstance(box, widgets.gr.Textbox) and box.value == "", spec.key
+        assert spec.from_form("") is None and spec.from_form(spec.to_form(5)) == 5
+    merged, message = configs.merge_form(configs.to_yaml(raw), fields.form_values(raw, fields.ALL))
+    written = configs.parse_yaml(merged)
+    assert message == "The config is valid."
+    assert "min_snr_gamma" not in written and "max_timestep" not in written
+    assert "text_encoder_lr" not in written.get("network", {})
+
+
 def test_an_empty_required_number_is_named():
     spec = next(f for f in fields.TRAIN if f.key == "batch_size")
     with pytest.raises(fields.FormError, match="batch_size"):
@@ -161,6 +179,30 @@ def test_default_preset_depends_on_the_gpu(monkeypatch):
 def test_the_app_output_folder_replaces_the_presets():
     preset = presets.list_presets()[0]
     assert presets.load_preset(preset, "/tmp/elsewhere")["output_dir"] == "/tmp/elsewhere"
+
+
+def preset_named(name):
+    return next(p for p in presets.list_presets() if p.name == name)
+
+
+def test_a_preset_keeps_the_model_folders_and_prompts_the_user_typed():
+    from scal_gui import tab_train
+
+    before, after = preset_named("tiny-demo-cpu"), preset_named("dreambooth-10gb")
+    values = fields.form_values(presets.load_preset(before, "/out"), fields.ALL)
+    keys = [f.key for f in fields.ALL]
+    values[keys.index("model")] = "/models/mine.safetensors"
+    values[keys.index("data.concepts[0].instance_set.prompt")] = "a photo of ohwx person"
+    values[keys.index("batch_size")] = 7  # a training setting: the preset's replaces it
+    raw = tab_train.preset_config(after, before, values, "/out")
+    wanted = presets.load_preset(after, "/out")
+    assert raw["model"] == "/models/mine.safetensors"
+    assert fields.get_value(raw, "data.concepts[0].instance_set.prompt") == "a photo of ohwx person"
+    # fields the user left as the previous preset had them take the new preset's
+    for key in ("data.concepts[0].instance_set.path", "sampling.concepts[0].prompt", "batch_size",
+                "optimizer.params.lr"):
+        assert fields.get_value(raw, key) == fields.get_value(wanted, key), key
+    assert "kept" in tab_train.PRESET_INFO
 
 
 # -- the job manager ----------------------------------------------------------------------------------
@@ -312,6 +354,34 @@ def test_a_failure_is_recorded_and_frees_the_manager():
     assert manager.stop() == "No job is running."
 
 
+def test_each_start_of_a_job_that_fails_at_once_shows_its_own_error():
+    manager = JobManager()
+    seen = []
+    for error in ("first model is missing", "second model is missing"):
+        manager.start(TRAIN, lambda q, error=error: FakeJob(q, [events.Failed(error=error, user_error=True)]),
+                      "demo")
+        assert wait_until_ended(manager)
+        seen.append(manager.version(TRAIN))
+        # the page's message still says Started: the poll replaces it with this job's outcome
+        settled = live.settled_message("Started training (demo).", manager.snapshot(TRAIN))
+        assert settled.startswith("**Failed**") and error in settled
+    assert seen[1] > seen[0]  # the page redraws a history whose version it has not drawn
+
+
+def test_started_and_stopping_give_way_to_the_outcome():
+    manager = JobManager()
+    hold = threading.Event()
+    manager.start(TRAIN, lambda q: FakeJob(q, RUN, hold), "demo")
+    assert live.settled_message("Started training (demo).", manager.snapshot(TRAIN)) is None  # still going
+    stopping = manager.stop()
+    assert wait_until_ended(manager)
+    history = manager.snapshot(TRAIN)
+    assert live.settled_message(stopping, history) == "**Stopped** demo at step 2."
+    # messages that are not about a job in progress stand
+    for message in ("Not started: config key 'batch_size'", "Refused: busy", "Estimated peak GPU memory", None):
+        assert live.settled_message(message, history) is None
+
+
 def test_a_job_that_dies_silently_is_failed():
     manager = JobManager()
     manager.start(TRAIN, lambda q: FakeJob(q, [events.Started(run_dir="r")]))
@@ -401,6 +471,51 @@ def test_conversion_through_the_actions(tiny_model, tmp_path):
     assert message.startswith("Wrote") and (tmp_path / "tiny.safetensors").is_file() and "MB)" in message
     again = actions.convert(str(tiny_model), str(tmp_path / "tiny.safetensors"), kwargs)
     assert again.startswith("Error:") and "already exists" in again
+
+
+def test_the_convert_tab_names_its_checkbox_not_the_command_line_flag(tiny_model, tmp_path):
+    from scal_gui import convert_options, tab_convert
+
+    values = [value for value, _ in convert_options.defaults().values()]
+    out = tmp_path / "taken.safetensors"
+    out.write_bytes(b"")
+    message = tab_convert.convert_and_report(Actions(JobManager()), str(tiny_model), str(out), values,
+                                             lambda *args, **kwargs: None)
+    assert message.startswith("Error:") and "already exists" in message
+    assert "--overwrite" not in message and f'"{tab_convert.LABELS["overwrite"]}"' in message
+
+
+def write_run(root, name, max_steps, checkpoints):
+    """A run folder as the trainer leaves it: config.yaml and checkpoints/step-N/meta.json (step, reason)."""
+    import json
+
+    from engine.checkpoints import META_FILE, checkpoint_name
+
+    run = root / "proj" / name
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(configs.to_yaml({"trainer": {"max_steps": max_steps}}))
+    for step, reason in checkpoints:
+        folder = run / "checkpoints" / checkpoint_name(step)
+        folder.mkdir(parents=True)
+        (folder / META_FILE).write_text(json.dumps({"step": step, "epoch": 0, "reason": reason}))
+    return run
+
+
+def test_the_run_lists_say_how_each_run_ended(tmp_path):
+    from scal_gui import runs, tab_convert, tab_train
+
+    write_run(tmp_path, "ended", 100, [(50, "every_n_train_steps"), (100, "end")])
+    # the end of the run fell on a periodic checkpoint, which the end does not save again
+    write_run(tmp_path, "ended-on-periodic", 40, [(20, "every_n_train_steps"), (40, "every_n_train_steps")])
+    write_run(tmp_path, "stopped", 100, [(30, "stop")])
+    write_run(tmp_path, "killed", 100, [(20, "every_n_train_steps")])
+    running = write_run(tmp_path, "running", 100, [(20, "every_n_train_steps")])
+    labels = dict((path.split("/")[-1], label) for label, path in tab_train.resume_choices(str(tmp_path), str(running)))
+    assert labels["ended"].endswith(f"{runs.FINISHED})") and labels["ended-on-periodic"].endswith(f"{runs.FINISHED})")
+    assert labels["stopped"].endswith(f"{runs.STOPPED})") and labels["killed"].endswith(f"{runs.ENDED_EARLY})")
+    assert labels["running"].endswith(f"{runs.RUNNING})")
+    assert all(label.endswith(f"({runs.STOPPED})") for label, path in tab_convert.checkpoint_choices(str(tmp_path))
+               if "/stopped/" in path)
 
 
 def test_gpu_memory_estimate_of_the_demo():
