@@ -12,8 +12,9 @@ from scal_gui.actions import Actions
 from scal_gui.jobs import JobManager
 from test_adapter_convert import file_tensors, train_adapter_run
 
+# as the page sends them: an optional number is a text box, empty for None
 NETWORK_VALUES = {"network.type": "lokr", "network.rank": 8, "network.alpha": 4.0, "network.conv_rank": 2,
-                  "network.conv_alpha": 1.5, "network.dropout": 0.1, "network.text_encoder_lr": 5e-5,
+                  "network.conv_alpha": 1.5, "network.dropout": 0.1, "network.text_encoder_lr": "5e-05",
                   "network.init_from": "/adapters/start.safetensors"}
 
 
@@ -36,13 +37,14 @@ def test_the_form_writes_the_network_into_the_yaml_and_reads_it_back():
     assert "network" not in raw
     values = fields.form_values(raw, fields.ALL)
     index = {f.key: i for i, f in enumerate(fields.ALL)}
-    assert values[index["network.type"]] == "full" and values[index["network.text_encoder_lr"]] is None
+    assert values[index["network.type"]] == "full" and values[index["network.text_encoder_lr"]] == ""
     for key, value in NETWORK_VALUES.items():
         values[index[key]] = value
     merged, message = configs.merge_form(configs.to_yaml(raw), values)
     assert message == "The config is valid.", message
     written = configs.parse_yaml(merged)
-    assert written["network"] == {key.removeprefix("network."): value for key, value in NETWORK_VALUES.items()}
+    assert written["network"] == {key.removeprefix("network."): value for key, value in
+                                  {**NETWORK_VALUES, "network.text_encoder_lr": 5e-5}.items()}
     assert written["sampling"] == raw["sampling"]  # keys the form does not show are kept
     network = schema.from_dict(written).network
     assert (network.type, network.rank, network.alpha, network.conv_rank, network.conv_alpha,
@@ -52,7 +54,7 @@ def test_the_form_writes_the_network_into_the_yaml_and_reads_it_back():
 
     # Back to the defaults: the YAML says so (the keys stay, with the default values).
     values[index["network.type"]] = "full"
-    values[index["network.text_encoder_lr"]] = None
+    values[index["network.text_encoder_lr"]] = ""
     again = configs.parse_yaml(configs.merge_form(merged, values)[0])
     assert again["network"]["type"] == "full" and again["network"]["text_encoder_lr"] is None
 
@@ -75,7 +77,7 @@ def test_a_preset_fills_the_network_section(tmp_path):
     # what the Train tab's preset menu fills the form with
     shown = dict(zip([f.key for f in fields.ALL], fields.form_values(raw, fields.ALL)))
     assert [shown[k] for k in ("network.type", "network.rank", "network.alpha", "network.conv_rank",
-                               "network.conv_alpha", "network.text_encoder_lr")] == ["dora", 32, 16.0, 4, 2.0, 1e-5]
+                               "network.conv_alpha", "network.text_encoder_lr")] == ["dora", 32, 16.0, 4, 2.0, "1e-05"]
     assert fields.apply_form(raw, fields.ALL, list(shown.values())) == raw  # untouched, the preset is unchanged
 
 

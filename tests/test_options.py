@@ -581,9 +581,11 @@ def test_a_timestep_range_trains_only_that_part_of_the_schedule(baseline, alphas
     assert run.losses[0] == pytest.approx(dreambooth_mse(run.first.prediction, run.first.noise), rel=1e-5)
 
 
-@pytest.mark.parametrize("values", [{"min_timestep": 500, "max_timestep": 500}, {"min_timestep": -1}])
-def test_an_empty_timestep_range_is_refused(tmp_path, values):
-    with pytest.raises(cfg.ConfigError, match="config keys 'min_timestep' and 'max_timestep'"):
+@pytest.mark.parametrize("values, message", [
+    ({"min_timestep": 500, "max_timestep": 500}, "config keys 'min_timestep' and 'max_timestep'"),
+    ({"min_timestep": -1}, "config key 'min_timestep': must be at least 0, got -1")])
+def test_an_empty_timestep_range_is_refused(tmp_path, values, message):
+    with pytest.raises(cfg.ConfigError, match=message):
         cfg.from_dict(tiny_config(tmp_path, **values))
 
 
