@@ -7,7 +7,7 @@ import shutil
 import threading
 import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from .errors import UserError
 
@@ -84,3 +84,22 @@ def writable_folder(folder: Path, key: str) -> Path:
     if not os.access(folder, os.W_OK):
         raise UserError(f"config key '{key}': {folder} is not writable")
     return folder
+
+
+def missing_path(config) -> Optional[str]:
+    """The one-line error a start would give for the first file or folder the config names that does not
+    exist, or None. `demo:` paths are built on first use, and shard patterns are expanded by the data
+    source, so neither is looked at here."""
+    named = [("model", config.model), ("vae", config.vae), ("tokenizer", config.tokenizer),
+             ("validation.path", config.validation.path)]
+    for index, concept in enumerate(config.data.concepts):
+        named.append((f"data.concepts[{index}].instance_set.path", concept.instance_set.path))
+        if config.prior_preservation.enabled and not concept.class_set.auto_generate.enabled:
+            named.append((f"data.concepts[{index}].class_set.path", concept.class_set.path))
+    for key, value in named:
+        if not value or value.startswith(DEMO_PREFIX) or "{" in value or Path(os.path.expanduser(value)).exists():
+            continue
+        hint = "; models are read from disk, never downloaded" if key == "model" else ""
+        return f"config key '{key}': not found: {value}{hint}"
+    return None
+

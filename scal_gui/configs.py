@@ -7,7 +7,7 @@ from typing import Optional
 import yaml
 
 from engine import config as schema
-from engine import notices
+from engine import notices, paths
 
 from . import fields
 
@@ -33,9 +33,12 @@ def load(raw: dict) -> tuple[schema.Config, list[str]]:
 def check_message(raw: dict) -> str:
     """One Markdown line: the config is ready, or what is wrong with it."""
     try:
-        _, notes = load(raw)
+        config, notes = load(raw)
     except schema.ConfigError as error:
         return f"Error: {error}"
+    missing = paths.missing_path(config)
+    if missing:
+        return f"Error: {missing}"
     return "The config is valid." + "".join(f"  \nNote: {note}" for note in notes)
 
 

@@ -160,3 +160,18 @@ def test_a_start_refused_for_a_missing_path_leaves_no_run_folder(mistake, tmp_pa
     (key,) = mistake
     assert result.error.startswith(f"config key '{key}'") and "\n" not in result.error
     assert not [path for path in (tmp_path / "out").rglob("*") if path.is_file()]
+
+
+def test_the_pages_check_names_a_missing_model_or_folder_before_start(tmp_path):
+    from scal_gui import configs
+
+    raw = yaml.safe_load((ROOT / "presets" / "lora-4gb.yaml").read_text())
+    assert configs.check_message(raw) == ("Error: config key 'model': not found: runwayml/stable-diffusion-v1-5; "
+                                          "models are read from disk, never downloaded")
+    raw["model"] = "demo:tiny-sd"
+    assert configs.check_message(raw).startswith("Error: config key 'data.concepts[0].instance_set.path': not "
+                                                 "found: data/instance")
+    raw["data"]["concepts"][0]["instance_set"]["path"] = "demo:sample-data/instance"
+    assert configs.check_message(raw).startswith("The config is valid.")  # the class folder is generated
+    raw["data"]["concepts"][0]["class_set"]["auto_generate"]["enabled"] = False
+    assert configs.check_message(raw).startswith("Error: config key 'data.concepts[0].class_set.path'")
