@@ -222,7 +222,8 @@ def misfits(raw: dict, fields: typing.Sequence[Field]) -> list[str]:
 
 
 def form_values(raw: dict, fields: typing.Sequence[Field]) -> list:
-    return [f.to_form(get_value(raw, f.key)) for f in fields]
+    # An absent key shows the field's default, which for the sample table is a row to type into.
+    return [f.to_form(f.default if _lookup(raw, f.key) is _MISSING else get_value(raw, f.key)) for f in fields]
 
 
 def apply_form(raw: dict, fields: typing.Sequence[Field], values: typing.Sequence) -> dict:
@@ -231,17 +232,86 @@ def apply_form(raw: dict, fields: typing.Sequence[Field], values: typing.Sequenc
     Only changes are written: a value the key already holds keeps its spelling (`lr: 1e-6` stays a
     string), and a schema default is not added where the key is absent, so a field the user left alone
     adds nothing (for instance no class set to a native fine-tuning config).
+    Changes are judged against raw, not the copy being written: two fields may show the same key (the
+    first sample prompt is also the sample table's first row), and only the one the user edited writes it.
     """
     result = copy.deepcopy(raw)
     for f, value in zip(fields, values, strict=True):
         converted = f.from_form(value)
-        existing = _lookup(result, f.key)
+        existing = _lookup(raw, f.key)
         if existing is _MISSING:
-            if converted != f.default:
+            # The default as the form shows and returns it: the sample table reads an absent list as one row.
+            if converted != f.from_form(f.to_form(f.default)):
                 set_value(result, f.key, converted)
         elif not (f.fits(existing) and f.from_form(f.to_form(existing)) == converted):
             set_value(result, f.key, converted)
     return result
+
+
+def blank(cell: Any) -> bool:
+    """An empty table cell: the page sends "" or null, and NaN where a number cell was cleared."""
+    return cell is None or (isinstance(cell, str) and not cell.strip()) or (isinstance(cell, float) and cell != cell)
+
+
+@dataclass(frozen=True)
+class SampleTable(Field):
+    """The whole list `sampling.concepts` as a table, one row per sample prompt, a column per key.
+
+    Each cell is converted by the Field of its own key (`sampling.concepts[1].steps`), so an error names the
+    row and the column. A blank cell leaves its key out (the schema default); a row left wholly blank, as a
+    newly added one is, is no prompt.
+    """
+    form_kind: str = "table"
+
+    COLUMNS = tuple(f.name for f in dataclasses.fields(schema.SamplePrompt))
+
+    @staticmethod
+    def column(index: int, name: str) -> Field:
+        return Field(f"sampling.concepts[{index}].{name}", name)
+
+    @property
+    def default(self) -> Any:
+        # An absent list shows one row of defaults, to type a first prompt into.
+        return [dataclasses.asdict(schema.SamplePrompt())]
+
+    def fits(self, value: Any) -> bool:
+        return isinstance(value, list) and all(
+            isinstance(item, dict) and set(item) <= set(self.COLUMNS)
+            and all(self.column(0, name).fits(cell) for name, cell in item.items()) for item in value)
+
+    def to_form(self, value: Any) -> list:
+        rows = []
+        for item in value:
+            row = []
+            for name in self.COLUMNS:
+                cell = item.get(name, self.column(0, name).default)
+                # Optional numbers show empty for None; the others as their column shows them.
+                row.append("" if cell is None else self.column(0, name).to_form(cell))
+            rows.append(row)
+        return rows
+
+    def from_form(self, value: Any) -> list:
+        items: list[dict] = []
+        for row in value or []:
+            cells = list(row)[:len(self.COLUMNS)]
+            cells += [None] * (len(self.COLUMNS) - len(cells))
+            if all(blank(cell) for cell in cells):
+                continue
+            item: dict = {"prompt": "" if blank(cells[0]) else str(cells[0])}
+            for name, cell in zip(self.COLUMNS[1:], cells[1:]):
+                if blank(cell):
+                    continue
+                column = self.column(len(items), name)
+                converted = column.from_form(cell)
+                if converted != column.default:
+                    item[name] = converted
+            items.append(item)
+        return items
+
+
+SAMPLES = (SampleTable("sampling.concepts", "Sample prompts",
+                       "one row per prompt; blank cells take the defaults, seed and size blank = random and "
+                       "the training resolution; the first prompt is also the Sample prompt above"),)
 
 _CONCEPT = "data.concepts[0]"
 _AUTO = f"{_CONCEPT}.class_set.auto_generate"
@@ -348,4 +418,6 @@ NETWORK = (
     Field("network.init_from", "Continue from adapter file", "a kohya/LyCORIS .safetensors; empty = a new adapter"),
 )
 
-ALL = DATASET + CLASS_IMAGES + TRAIN + ADVANCED + NETWORK
+# The sample table comes before the Sample prompt box: while the user types in the box, the table's first row
+# is redrawn a moment later, and the box, written last, wins over a table still showing the previous text.
+ALL = DATASET + CLASS_IMAGES + SAMPLES + TRAIN + ADVANCED + NETWORK

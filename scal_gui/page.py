@@ -29,8 +29,8 @@ def build_page(manager: Optional[JobManager] = None, output_dir: Optional[str] =
                warning: Optional[str] = None) -> gr.Blocks:
     """The app's page; a warning, when given, shows above the tabs."""
     manager = manager or JobManager()
-    preset_list = presets.list_presets()
-    selected = presets.default_preset(preset_list, presets.has_cuda_gpu())
+    preset_list = presets.all_presets()
+    selected = presets.default_preset(presets.list_presets(), presets.has_cuda_gpu())
     ctx = PageContext(manager=manager, actions=Actions(manager), output_dir=output_dir,
                       raw=presets.load_preset(selected, output_dir))
     with gr.Blocks(title=TITLE) as page:
@@ -49,7 +49,7 @@ def build_page(manager: Optional[JobManager] = None, output_dir: Optional[str] =
         _wire_config(ctx)
         tab_dataset.wire(ctx, dataset)
         tab_classgen.wire(ctx, classgen)
-        tab_train.wire(ctx, train, preset_list)
+        tab_train.wire(ctx, train)
         tab_convert.wire(ctx, convert, page)
         _wire_live(ctx, page, train, classgen)
     return page

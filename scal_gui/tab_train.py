@@ -1,10 +1,13 @@
 """The Train tab: preset, settings, YAML, Start/Stop/Resume, and the live view of the run."""
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional
 
 import gradio as gr
+
+from engine import config as schema
 
 from . import configs, fields, presets, runs
 from .context import PageContext, sync_form
@@ -24,7 +27,7 @@ def resume_choices(output_dir: str, active: Optional[str] = None) -> list[tuple[
 USER_KEYS = ("model", "output_dir", "data.concepts[0].instance_set.path", "data.concepts[0].instance_set.prompt",
              "data.concepts[0].instance_set.mask_path", "data.concepts[0].class_set.path",
              "data.concepts[0].class_set.prompt", "data.concepts[0].class_set.auto_generate.negative_prompt",
-             "validation.path", "sampling.concepts[0].prompt")
+             "validation.path", "sampling.concepts[0].prompt", "sampling.concepts")
 PRESET_INFO = "sets the training settings; a model, folder or prompt you typed is kept"
 
 
@@ -35,9 +38,86 @@ def preset_config(preset: presets.Preset, previous: presets.Preset, values: list
     raw = presets.load_preset(preset, output_dir)
     before = fields.form_values(presets.load_preset(previous, output_dir), fields.ALL)
     for index, spec in enumerate(fields.ALL):
-        if spec.key in USER_KEYS and values[index] != before[index]:
+        # Compared as config values: the page sends a table's numbers back in its own types (4.0 for 4).
+        if spec.key in USER_KEYS and spec.from_form(values[index]) != spec.from_form(before[index]):
             fields.set_value(raw, spec.key, spec.from_form(values[index]))
     return raw
+
+
+DEMO_NOTE = ("The demo model is a tiny random network: its samples stay noise however long it trains. "
+             "The falling loss is what shows that training works.")
+
+
+def sample_note(model: str) -> str:
+    """The line above the samples: why a demo model's samples are noise, else nothing."""
+    return DEMO_NOTE if str(model or "").startswith("demo:") else ""
+
+
+def preset_choices(preset_list: list[presets.Preset]) -> list[tuple[str, str]]:
+    return [(p.label, p.name) for p in preset_list]
+
+
+def save_preset(name: str, yaml_text: str, *values) -> list:
+    """[message, preset dropdown, previous preset, description] after saving the form as the user's preset."""
+    unchanged = [gr.skip()] * 3
+    merged, message = configs.merge_form(yaml_text, list(values))
+    if merged is None:
+        return [f"Not saved: {message.removeprefix('Error: ')}", *unchanged]
+    raw = configs.parse_yaml(merged)
+    try:
+        # Refused only for what the schema refuses: a folder missing on this machine is no reason not to save.
+        configs.load(raw)
+        preset = presets.save_user_preset(name, raw)
+    except (schema.ConfigError, presets.PresetError, OSError) as error:
+        return [f"Not saved: {error}", *unchanged]
+    return [f"Saved the preset **{preset.name}** as `{preset.path}`.",
+            gr.update(choices=preset_choices(presets.all_presets()), value=preset.name), preset.name,
+            preset.description]
+
+
+def load_config_file(path: Optional[str]) -> list:
+    """[message, YAML, check, *form values] for an uploaded config file; a file that does not load as a valid
+    config changes nothing but the message."""
+    unchanged = [gr.skip()] * (2 + len(fields.ALL))
+    if not path:
+        return [gr.skip(), *unchanged]
+    name = Path(path).name
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        return [f"Not loaded: {name}: the file is not UTF-8 text", *unchanged]
+    except OSError as error:
+        return [f"Not loaded: {name}: {error.strerror or error}", *unchanged]
+    values, check = configs.form_from_yaml(text)
+    problem = check if values is None else ""
+    if values is not None:
+        try:
+            # What the schema refuses; a folder missing on this machine only shows in the check line.
+            configs.load(configs.parse_yaml(text))
+        except schema.ConfigError as error:
+            problem = str(error)
+    if problem:
+        first = problem.removeprefix("Error: ").strip().splitlines()[0]
+        return [f"Not loaded: {name}: {first}", *unchanged]
+    # The file's own text goes into the editor: its comments and order are the user's.
+    return [f"Loaded `{name}`.", text, check, *values]
+
+
+def first_prompt_to_table(prompt: str, rows: Optional[list]) -> list:
+    """The sample table with its first prompt set to the Sample prompt box's text."""
+    rows = [list(row) for row in rows or [] if row]
+    if not rows:
+        return fields.SAMPLES[0].to_form([{"prompt": prompt}])
+    rows[0][0] = prompt
+    return rows
+
+
+def table_to_first_prompt(rows: Optional[list]) -> str:
+    """The Sample prompt box's text for the sample table: its first row that is not blank."""
+    for row in rows or []:
+        if row and not all(fields.blank(cell) for cell in row):
+            return "" if fields.blank(row[0]) else str(row[0])
+    return ""
 
 
 def build(ctx: PageContext, preset_list: list[presets.Preset], selected: presets.Preset) -> SimpleNamespace:
@@ -45,12 +125,26 @@ def build(ctx: PageContext, preset_list: list[presets.Preset], selected: presets
     with gr.Row():
         with gr.Column(scale=5):
             with gr.Row(equal_height=True):
-                ui.preset = gr.Dropdown([p.name for p in preset_list], value=selected.name, label="Preset",
+                ui.preset = gr.Dropdown(preset_choices(preset_list), value=selected.name, label="Preset",
                                         info=PRESET_INFO, elem_id="preset", scale=1)
                 ui.previous_preset = gr.State(selected.name)
                 ui.description = gr.Markdown(selected.description, elem_id="preset-description")
+            with gr.Accordion("Save the form as a preset, or load a config file", open=False,
+                              elem_id="own-presets"):
+                with gr.Row(equal_height=True):
+                    ui.preset_name = gr.Textbox(label="Preset name", placeholder="my-settings", max_lines=1,
+                                                info=f"saved in {presets.USER_PRESETS_DIR}", elem_id="preset-name",
+                                                scale=3)
+                    ui.save_preset = gr.Button("Save as preset", elem_id="save-preset", scale=1)
+                    ui.upload = gr.File(label="Load a config file", file_types=[".yaml", ".yml"], type="filepath",
+                                        elem_id="config-upload", height=110, scale=3)
+                ui.preset_message = gr.Markdown(elem_id="preset-message")
             with gr.Accordion("Settings", open=True):
                 ctx.add_fields(fields.TRAIN, per_row=3)
+            with gr.Accordion("Sample prompts: negative prompt, steps, CFG, seed, size, several prompts",
+                              open=False, elem_id="sample-prompts"):
+                gr.Markdown(fields.SAMPLES[0].info)
+                ctx.add_fields(fields.SAMPLES, per_row=1)
             # Open when the page's config trains an adapter, so that its settings are in sight.
             adapter = fields.get_value(ctx.raw, "network.type") != "full"
             with gr.Accordion("Network: full fine-tuning or a LoRA-family adapter", open=adapter,
@@ -83,6 +177,8 @@ def build(ctx: PageContext, preset_list: list[presets.Preset], selected: presets
                                   x_axis_format="d", height=280)
             ui.lr = gr.LinePlot(x="step", y="lr", label="Learning rate", x_axis_format="d", y_axis_format=".1e",
                                 elem_id="lr-plot", height=160)
+            note = sample_note(fields.get_value(ctx.raw, "model"))
+            ui.sample_note = gr.Markdown(note, visible=bool(note), elem_id="sample-note")
             ui.gallery = gr.Gallery(label="Samples", columns=6, height=200, object_fit="contain",
                                     elem_id="sample-gallery")
             ui.log = gr.Textbox(label="Log", lines=7, max_lines=7, autoscroll=True, interactive=False,
@@ -90,18 +186,35 @@ def build(ctx: PageContext, preset_list: list[presets.Preset], selected: presets
     return ui
 
 
-def wire(ctx: PageContext, ui: SimpleNamespace, preset_list: list[presets.Preset]) -> None:
-    by_name = {p.name: p for p in preset_list}
+def wire(ctx: PageContext, ui: SimpleNamespace) -> None:
     actions = ctx.actions
 
     def choose_preset(name: str, previous: str, *values):
+        # Listed again: a preset saved since the page was built is offered too.
+        by_name = {p.name: p for p in presets.all_presets()}
         preset = by_name[name]
-        raw = preset_config(preset, by_name[previous], list(values), ctx.output_dir)
+        raw = preset_config(preset, by_name.get(previous, preset), list(values), ctx.output_dir)
         return [name, preset.description, configs.to_yaml(raw), configs.check_message(raw),
                 *fields.form_values(raw, fields.ALL)]
 
     ui.preset.input(choose_preset, [ui.preset, ui.previous_preset, *ctx.inputs],
                     [ui.previous_preset, ui.description, ctx.yaml, ctx.check, *ctx.inputs], api_visibility="private")
+
+    ui.save_preset.click(save_preset, [ui.preset_name, ctx.yaml, *ctx.inputs],
+                         [ui.preset_message, ui.preset, ui.previous_preset, ui.description], api_visibility="private")
+    ui.upload.upload(load_config_file, ui.upload, [ui.preset_message, ctx.yaml, ctx.check, *ctx.inputs],
+                     api_visibility="private")
+
+    # The Sample prompt box and the sample table's first row are one key: an edit of either redraws the other.
+    prompt, table = ctx.form["sampling.concepts[0].prompt"], ctx.form[fields.SAMPLES[0].key]
+    prompt.input(first_prompt_to_table, [prompt, table], table, api_visibility="private")
+    table.input(table_to_first_prompt, table, prompt, api_visibility="private")
+
+    def show_note(model: str):
+        note = sample_note(model)
+        return gr.update(value=note, visible=bool(note))
+
+    ctx.form["model"].change(show_note, ctx.form["model"], ui.sample_note, api_visibility="private")
 
     (ui.start.click(sync_form, [ctx.yaml, *ctx.inputs], [ctx.yaml, ctx.check], api_visibility="private")
      .success(actions.start_training, ctx.yaml, ui.message, api_name="start_training"))

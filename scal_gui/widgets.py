@@ -6,7 +6,7 @@ from typing import Any
 
 import gradio as gr
 
-from .fields import Field
+from .fields import Field, SampleTable
 
 
 def elem_id(key: str) -> str:
@@ -16,6 +16,13 @@ def elem_id(key: str) -> str:
 def component(field: Field, value: Any) -> gr.components.Component:
     common = {"label": field.label, "elem_id": elem_id(field.key)}
     info = field.info or None
+    if isinstance(field, SampleTable):
+        columns = [field.column(0, name) for name in field.COLUMNS]
+        # Optional numbers are text cells, as in the form's text boxes: empty means None, not 0.
+        types = ["number" if c.kind in ("int", "float") and not c.typed_as_text else "str" for c in columns]
+        return gr.Dataframe(value=value, headers=list(field.COLUMNS), datatype=types, type="array",
+                            row_count=len(value), interactive=True, label=field.label, show_label=True,
+                            elem_id=common["elem_id"], wrap=True)
     if field.kind == "bool":
         return gr.Checkbox(value=value, info=info, **common)
     if field.typed_as_text:
