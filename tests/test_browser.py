@@ -98,6 +98,11 @@ def test_train_tab_runs_shows_progress_and_stops(app, browser):
     page = open_page(browser, app, "Train")
     expect(page.locator("#preset input")).to_have_value("tiny-demo-cpu")
     expect(page.locator("#preset-description")).to_contain_text("Tiny offline demo")
+    # more steps than the preset's 40, which a quiet machine trains before the test reaches Stop
+    steps = page.locator("#field-trainer-max-steps input")
+    steps.fill("400")
+    steps.press("Tab")
+    expect(page.locator("#config-check")).to_contain_text("The config is valid")
     page.click("#start-button")
     expect(page.locator("#job-message")).to_contain_text("Started", timeout=60_000)
     page.wait_for_function(f"({LOSS_POINTS_JS})() >= 2", timeout=120_000)
@@ -109,7 +114,7 @@ def test_train_tab_runs_shows_progress_and_stops(app, browser):
     expect(page.locator("#train-status")).to_contain_text("Running")
     page.wait_for_function(f"({LOSS_POINTS_JS})() > {seen}", timeout=60_000)
     expect(page.locator("#sample-gallery img").first).to_be_visible(timeout=120_000)
-    expect(page.locator("#train-progress")).to_contain_text(re.compile(r"step \d+ / 40 · epoch \d+ · [\d.]+ it/s"))
+    expect(page.locator("#train-progress")).to_contain_text(re.compile(r"step \d+ / 400 · epoch \d+ · [\d.]+ it/s"))
     screenshot = shoot(page, "train-running.png")
     if os.environ.get("SCAL_DOCS_SCREENSHOT") == "1":
         save_docs_screenshot(screenshot)
