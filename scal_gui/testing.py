@@ -77,3 +77,31 @@ def app_server(*args: str, env: Optional[dict] = None, timeout: float = 60) -> I
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's: Playwright's own browser downloads are not used
+# headless without the sandbox (the tests may run as root), the GPU or background traffic
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+
+@contextmanager
+def chromium() -> Iterator:
+    """Debian's Chromium driven by Playwright, for the block."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def open_tab(browser, url: str, tab: str, viewport: dict):
+    """A new page of the app at url, on its tab named tab."""
+    page = browser.new_page(viewport=viewport)
+    page.set_default_timeout(30_000)
+    page.goto(url)
+    page.get_by_role("tab", name=tab).click()
+    return page
+

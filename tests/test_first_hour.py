@@ -12,9 +12,8 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import ROOT
-from scal_gui.testing import app_server
+from scal_gui.testing import CHROMIUM, app_server, chromium, open_tab
 
-CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = ROOT / "test-artifacts"
 
 WINDOW = {"width": 1440, "height": 900}
@@ -35,21 +34,12 @@ def app(class_images, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
-            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-        yield chromium
-        chromium.close()
+    with chromium() as launched:
+        yield launched
 
 
 def open_page(browser, app, tab):
-    page = browser.new_page(viewport=WINDOW)
-    page.set_default_timeout(30_000)
-    page.goto(app.url)
-    page.get_by_role("tab", name=tab).click()
-    return page
+    return open_tab(browser, app.url, tab, WINDOW)
 
 
 def type_into(page, field, text):

@@ -9,6 +9,7 @@ from engine import config as schema
 from scal_gui import configs, fields, page, presets, tab_train
 from scal_gui.actions import Actions
 from scal_gui.jobs import JobManager
+from scal_gui.testing import CHROMIUM
 
 KEYS = [f.key for f in fields.ALL]
 TABLE = KEYS.index("sampling.concepts")
@@ -213,33 +214,24 @@ def test_the_page_opens_with_the_note_only_for_a_demo_model(monkeypatch, user_pr
 
 
 # -- in a browser --------------------------------------------------------------------------------------------
-CHROMIUM = "/usr/bin/chromium"
 
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is not installed")
 def test_a_preset_saved_on_the_page_joins_the_dropdown(tmp_path):
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    from scal_gui.testing import app_server
+    from scal_gui.testing import app_server, chromium, open_tab
 
     config_home = tmp_path / "config"
     with app_server("--output-dir", str(tmp_path / "out"), env={"XDG_CONFIG_HOME": str(config_home),
                                                                  "CUDA_VISIBLE_DEVICES": ""}) as url:
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(
-                executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-            try:
-                tab = browser.new_page(viewport={"width": 1280, "height": 1000})
-                tab.set_default_timeout(30_000)
-                tab.goto(url)
-                tab.get_by_role("tab", name="Train").click()
-                expect(tab.locator("#sample-note")).to_contain_text("samples stay noise")
-                tab.locator("#own-presets").get_by_text("Save the form as a preset").click()
-                tab.locator("#preset-name textarea, #preset-name input").first.fill("page preset")
-                tab.locator("#save-preset").click()
-                expect(tab.locator("#preset-message")).to_contain_text("Saved the preset page preset")
-                tab.locator("#preset input").click()
-                expect(tab.get_by_role("option", name="page preset (yours)")).to_be_visible()
-            finally:
-                browser.close()
+        with chromium() as browser:
+            tab = open_tab(browser, url, "Train", {"width": 1280, "height": 1000})
+            expect(tab.locator("#sample-note")).to_contain_text("samples stay noise")
+            tab.locator("#own-presets").get_by_text("Save the form as a preset").click()
+            tab.locator("#preset-name textarea, #preset-name input").first.fill("page preset")
+            tab.locator("#save-preset").click()
+            expect(tab.locator("#preset-message")).to_contain_text("Saved the preset page preset")
+            tab.locator("#preset input").click()
+            expect(tab.get_by_role("option", name="page preset (yours)")).to_be_visible()
     assert (config_home / "scal-sdt" / "presets" / "page preset.yaml").is_file()
