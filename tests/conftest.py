@@ -85,3 +85,13 @@ def kill_at_checkpoint(config_path, checkpoint_name: str) -> None:
             break
     process.wait(timeout=60)
     assert process.returncode == -signal.SIGKILL
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's Chromium for the browser tests of a module."""
+    from scal_gui.testing import chromium
+
+    with chromium() as launched:
+        yield launched
+

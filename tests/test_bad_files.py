@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 import warnings
 
 import numpy as np
@@ -15,6 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT
+from test_shards import write_shard
 from engine import config as cfg
 from engine.data import shards as shard_source
 from engine.data.buckets import plan_buckets
@@ -38,15 +38,6 @@ def png_bytes(size=(16, 16), color=RED) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", size, color).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def write_tar(path, members):
-    """A shard of (name, bytes) members, in order; a name may repeat."""
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
 
 
 def isolated(code: str, timeout: float = 60) -> dict:
@@ -83,7 +74,7 @@ def test_a_caption_with_a_byte_order_mark_is_read_in_its_encoding(tmp_path, enco
     folder.mkdir()
     png(folder / "a.png")
     (folder / "a.txt").write_bytes(bom_encoded(CAPTION + "\r\n", encoding))
-    write_tar(tmp_path / "shard.tar", [("a.png", png_bytes()), ("a.txt", (folder / "a.txt").read_bytes())])
+    write_shard(tmp_path / "shard.tar", [("a.png", png_bytes()), ("a.txt", (folder / "a.txt").read_bytes())])
     with warnings.catch_warnings():
         warnings.simplefilter("error", DataWarning)  # correctly decoded: nothing to warn about
         (record,) = scan_folder(str(folder), "{TXT_PROMPT}").records
@@ -97,7 +88,7 @@ def test_a_caption_over_the_limit_is_cut_there_with_one_warning(tmp_path):
     png(folder / "long.png")
     words = ("é word " * (3 * MAX_CAPTION_BYTES // 8)).encode("utf-8")
     (folder / "long.txt").write_bytes(words)
-    write_tar(tmp_path / "shard.tar", [("long.png", png_bytes()), ("long.txt", words)])
+    write_shard(tmp_path / "shard.tar", [("long.png", png_bytes()), ("long.txt", words)])
     with pytest.warns(DataWarning) as caught:
         (record,) = scan_folder(str(folder), "{TXT_PROMPT}").records
         (member,) = shard_source.scan_shards([str(tmp_path / "shard.tar")], "{TXT_PROMPT}").records
@@ -136,7 +127,7 @@ print(json.dumps({{"records": [[os.path.basename(r.path), r.caption] for r in re
 
 
 def test_a_named_pipe_among_shards_is_skipped(tmp_path):
-    write_tar(tmp_path / "000000.tar", [("a.png", png_bytes()), ("a.txt", b"one")])
+    write_shard(tmp_path / "000000.tar", [("a.png", png_bytes()), ("a.txt", b"one")])
     os.mkfifo(tmp_path / "000001.tar")
     found = isolated(f"""
 from engine.data.sources import scan_images
@@ -176,7 +167,7 @@ def test_an_edited_sidecar_never_gives_one_sample_another_samples_pixels(tmp_pat
 
 def test_a_second_image_of_a_sample_is_reported_as_skipped(tmp_path):
     shard = str(tmp_path / "hand-made.tar")
-    write_tar(shard, [("dup.png", png_bytes(color=RED)), ("dup.png", png_bytes(color=BLUE)), ("dup.txt", b"dup"),
+    write_shard(shard, [("dup.png", png_bytes(color=RED)), ("dup.png", png_bytes(color=BLUE)), ("dup.txt", b"dup"),
                       ("pair.jpg", png_bytes(color=RED)), ("pair.png", png_bytes(color=BLUE)), ("pair.txt", b"pair"),
                       ("pair.txt", b"other")])
     shard_source._open_shards.reset()
@@ -209,7 +200,7 @@ except UserError as error:
 
 def test_a_shard_pattern_within_the_limit_expands_as_before(tmp_path):
     for number in range(3):
-        write_tar(tmp_path / f"{number:06d}.tar", [("a.png", png_bytes())])
+        write_shard(tmp_path / f"{number:06d}.tar", [("a.png", png_bytes())])
     assert shard_source.shard_paths(str(tmp_path / "{000000..000002}.tar"), KEY) == [
         str(tmp_path / f"{number:06d}.tar") for number in range(3)]
     with pytest.raises(UserError, match="3 of the 4 shards"):

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import ROOT
 from scal_gui import configs
-from scal_gui.testing import CHROMIUM, app_server, chromium, open_tab
+from scal_gui.testing import CHROMIUM, app_server, open_tab
 
 ARTIFACTS = ROOT / "test-artifacts"
 DOCS_SCREENSHOT = ROOT / "docs" / "train-tab.png"
@@ -33,12 +33,6 @@ def app(class_images, tmp_path_factory):
     output = tmp_path_factory.mktemp("app-output")
     with app_server("--output-dir", str(output)) as url:
         yield SimpleNamespace(url=url, output=output)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with chromium() as launched:
-        yield launched
 
 
 def open_page(browser, app, tab):

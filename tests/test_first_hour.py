@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import ROOT
-from scal_gui.testing import CHROMIUM, app_server, chromium, open_tab
+from scal_gui.testing import CHROMIUM, app_server, open_tab
 
 ARTIFACTS = ROOT / "test-artifacts"
 
@@ -30,12 +30,6 @@ def app(class_images, tmp_path_factory):
     output = tmp_path_factory.mktemp("first-hour-output")
     with app_server("--output-dir", str(output)) as url:
         yield SimpleNamespace(url=url, output=output)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with chromium() as launched:
-        yield launched
 
 
 def open_page(browser, app, tab):
