@@ -439,17 +439,16 @@ class Trainer(Job):
         target = getattr(context.optimizer, "proxy", context.optimizer)
         rates = [group["initial_lr"] for group in target.param_groups]
         context.optimizer.load_state_dict(saved["optimizer"])
+        state = checkpoints.TrainState.from_dict(saved)
         if self.resume_changes:
             # A resume that changed the config: the rate, schedule and step count it sets apply from here.
             for group, rate in zip(target.param_groups, rates):
                 group["lr"] = group["initial_lr"] = rate
-            context.lr_scheduler = schedule_at(config, context.optimizer, context.total_steps,
-                                               checkpoints.TrainState.from_dict(saved).step)
+            context.lr_scheduler = schedule_at(config, context.optimizer, context.total_steps, state.step)
         else:
             context.lr_scheduler.load_state_dict(saved["lr_scheduler"])
         context.scaler.load_state_dict(saved["scaler"])
         checkpoints.restore_rng_states(saved["rng"], context.device)
-        state = checkpoints.TrainState.from_dict(saved)
         self.log(f"resuming {self.run_dir} from {resume_from.name} (step {state.step})")
         return state
 
