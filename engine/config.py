@@ -347,10 +347,32 @@ class Network:
 
 
 @dataclass
+class Flow:
+    """Rectified-flow training, for the flow-matching transformers (Flux.1); DDPM models (SD1.x, SD2.x, SDXL)
+    refuse a changed value. Timesteps are sigma x 1000, so min_timestep, max_timestep and
+    validation.timesteps keep their meaning of a share of the way from the image to pure noise."""
+    # how sigma is drawn before the shift: uniform in [0, 1], sigmoid(N(logit_mean, logit_std)), or
+    # sigmoid(sigmoid_scale x N(0, 1))
+    timestep_sampling: Literal["uniform", "logit_normal", "sigmoid"] = "logit_normal"
+    logit_mean: Annotated[float, Range(-10, 10)] = 0.0
+    logit_std: Annotated[float, Range(0, 10, low_open=True)] = 1.0
+    sigmoid_scale: Annotated[float, Range(0, 10, low_open=True)] = 1.0
+    # sigma -> shift x sigma / (1 + (shift - 1) x sigma); null = the model's own (Flux.1-dev's depends on
+    # the image's size, schnell's is 1)
+    shift: Annotated[Optional[float], Range(0, 100, low_open=True)] = None
+    weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"  # each sample's loss weight by its sigma
+    # the guidance embedding's input while training (Flux.1-dev); null = 1.0 where the model has one
+    guidance: Annotated[Optional[float], Range(0, 100)] = None
+
+
+@dataclass
 class Config:
     model: str = ""
     vae: Optional[str] = None
     tokenizer: Optional[str] = None
+    # separate text-encoder files for single-file models (Flux.1: CLIP-L and T5-XXL); null = the model's own
+    text_encoder: Optional[str] = None
+    text_encoder_2: Optional[str] = None
     output_dir: str = "output"
     project: str = "SCAL-SDT"
     description: str = ""  # one line shown by the GUI next to a preset
@@ -392,6 +414,7 @@ class Config:
     min_snr_gamma: Annotated[Optional[float], NOT_NEGATIVE] = None
     prediction_type: Optional[Literal["epsilon", "v_prediction"]] = None  # null = the model's scheduler config
     zero_terminal_snr: bool = False
+    flow: Flow = field(default_factory=Flow)
 
     @property
     def trained_text_encoders(self) -> tuple[str, ...]:

@@ -12,7 +12,8 @@ from typing import Any, Optional
 import torch
 
 from .config import Config
-from .losses import dreambooth_loss, mask_weights, min_snr_weights, training_target
+from .losses import dreambooth_loss, mask_weights
+from .objectives import Objective
 from .optim import PerParameterOptimizer
 
 
@@ -24,9 +25,9 @@ class RowNoise:
     see exactly the draws of an uninterrupted single-process run.
     """
 
-    def __init__(self, keys, timesteps: tuple[int, int]):
+    def __init__(self, keys, objective: Objective):
         self.generators = [torch.Generator().manual_seed(int(k)) for k in keys]
-        self.timesteps = timesteps  # drawn from [first, end)
+        self.objective = objective  # draws each row's timestep
 
     def _per_row(self, shape, draw) -> torch.Tensor:
         return torch.stack([draw(shape, g) for g in self.generators])
@@ -37,8 +38,7 @@ class RowNoise:
 
     def noise_and_timesteps(self, shape, offset: float) -> tuple[torch.Tensor, torch.Tensor]:
         noise = self._per_row(shape[1:], lambda s, g: torch.randn(s, generator=g))
-        first, end = self.timesteps
-        timesteps = self._per_row((), lambda s, g: torch.randint(first, end, (), generator=g))
+        timesteps = self._per_row(shape[1:], lambda s, g: self.objective.draw_timestep(g, s))
         if offset > 0:
             # a per-channel constant teaches the model to shift overall brightness
             shift = self._per_row((shape[1], 1, 1), lambda s, g: torch.randn(s, generator=g))
@@ -48,12 +48,13 @@ class RowNoise:
 
 @dataclass
 class StepModels:
-    """What a step runs. unet and text_encoder are the DDP wrappers when several processes train."""
+    """What a step runs. unet (the denoising model: a UNet or a transformer) and text_encoder are the DDP
+    wrappers when several processes train."""
     family: Any  # models.family.ModelFamily
     unet: Any
     text_encoder: Any
     vae: Any
-    noise_scheduler: Any
+    objective: Objective
 
 
 @dataclass
@@ -64,15 +65,11 @@ class LossParts:
     height: int
 
 
-def timestep_range(config: Config, scheduler) -> tuple[int, int]:
-    """[min_timestep, max_timestep) of the noise schedule, the part of it that trains."""
-    steps = scheduler.config.num_train_timesteps
-    end = steps if config.max_timestep is None else config.max_timestep
-    if end > steps:
-        from .errors import UserError
-
-        raise UserError(f"config key 'max_timestep': the model's noise schedule has {steps} timesteps, got {end}")
-    return config.min_timestep, end
+def scaled_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """The autoencoder's latents in the range the denoising model works in: shifted (where the autoencoder
+    has a shift factor, as Flux.1's has) and scaled."""
+    shift = vae.config.get("shift_factor")
+    return (latents - shift if shift else latents) * vae.config.scaling_factor
 
 
 def compute_loss(config: Config, models: StepModels, batch: dict, device: torch.device,
@@ -81,10 +78,9 @@ def compute_loss(config: Config, models: StepModels, batch: dict, device: torch.
     """The loss of one micro-batch; latents and embeddings come from the caches when the batch or
     text_cache (a cache.TextEmbeddingCache) provide them. `timesteps` (one per row) replace the drawn ones.
     `fill` (a cache_fill.FirstEpochFill) records what the VAE and text encoder compute."""
-    vae, scheduler = models.vae, models.noise_scheduler
-    prediction_type = scheduler.config.prediction_type
+    vae, objective = models.vae, models.objective
     input_ids = batch["input_ids"].to(device)
-    draws = RowNoise(batch["sample_keys"], timestep_range(config, scheduler))
+    draws = RowNoise(batch["sample_keys"], objective)
     with torch.no_grad():
         if "latent_params" in batch:
             from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
@@ -94,10 +90,10 @@ def compute_loss(config: Config, models: StepModels, batch: dict, device: torch.
             distribution = vae.encode(batch["pixel_values"].to(device)).latent_dist
             if fill is not None:
                 fill.add_latents(batch, distribution.parameters)
-        latents = draws.sample_latents(distribution.mean, distribution.std) * vae.config.scaling_factor
+        latents = scaled_latents(vae, draws.sample_latents(distribution.mean, distribution.std))
     noise, drawn = draws.noise_and_timesteps(latents.shape, config.noise_offset)
     noise, timesteps = noise.to(device), (drawn if timesteps is None else timesteps).to(device)
-    noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+    noisy_latents = objective.noisy(latents, noise, timesteps)
     with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
         if text_cache is not None:
             conditioning = {name: value.to(device) for name, value in text_cache.lookup(input_ids).items()}
@@ -115,9 +111,8 @@ def compute_loss(config: Config, models: StepModels, batch: dict, device: torch.
                             for name, value in conditioning.items()}
         prediction = models.family.predict(models.unet, noisy_latents, timesteps, conditioning,
                                            batch.get("time_ids"))
-    target = training_target(scheduler, latents, noise, timesteps, prediction_type)
-    weights = (min_snr_weights(scheduler, timesteps, config.min_snr_gamma, prediction_type)
-               if config.min_snr_gamma else None)
+    target = objective.target(latents, noise, timesteps)
+    weights = objective.weights(timesteps)
     # With masked_loss on every row has a mask: all white for images without one and for class images.
     pixel_weights = (mask_weights(batch["masks"].to(device), latents.shape[-2:], config.masked_loss.unmasked_weight)
                      if "masks" in batch else None)

@@ -37,7 +37,7 @@ from .sampling import PromptEncoder, generate_samples
 from .models import kohya
 from .models.adapters import AdapterWeights, load_adapter_folder
 from .setup import build_optimizer, build_schedule, parameter_groups, prepare_models, trained_parts
-from .step import LossParts, StepModels, backward, compute_loss, optimizer_step, timestep_range
+from .step import LossParts, StepModels, backward, compute_loss, optimizer_step
 from .validation import build_validation_set, validation_loss, validation_metrics
 
 
@@ -279,9 +279,9 @@ class Trainer(Job):
         components = family.load(config)
         expansions = {}
         if config.custom_embeddings.enabled:
-            if family.name == "sdxl":
+            if not family.supports_custom_embeddings:
                 raise UserError("config key 'custom_embeddings.enabled': textual-inversion embeddings are not "
-                                "supported for SDXL models; set it to false")
+                                f"supported for {family.name} models; set it to false")
             from .models.embeddings import load_custom_embeddings
 
             expansions = load_custom_embeddings(paths.resolve(config.custom_embeddings.path),
@@ -312,7 +312,7 @@ class Trainer(Job):
                 return None
         family = family_for(config)
         components, expansions, attention = self._load_models(family, plan, device)
-        timestep_range(config, components.noise_scheduler)  # a range past the model's schedule fails here
+        objective = family.objective(config, components.noise_scheduler)  # a range past the schedule fails here
         data = prepare_data(config, components.tokenizer, config.seed, topology.rank, topology.world_size,
                             expansions)
         # Built on every rank, so that a mistake in its settings stops them all alike; the main one validates.
@@ -333,7 +333,7 @@ class Trainer(Job):
             family=family, unet=distributed.wrap(components.unet, topology, device),
             text_encoder=(distributed.wrap(components.text_encoder, topology, device) if plan.train_text_encoder
                           else components.text_encoder),
-            vae=components.vae, noise_scheduler=components.noise_scheduler)
+            vae=components.vae, objective=objective)
         self._models = models
         context = StepContext(
             components=components, plan=plan, device=device, topology=topology, data=data, models=models,
@@ -540,7 +540,7 @@ class Trainer(Job):
             # the plain modules: DDP wrappers would wait for the other ranks, which do not validate
             models = StepModels(family=context.models.family, unet=components.unet,
                                 text_encoder=components.text_encoder, vae=components.vae,
-                                noise_scheduler=components.noise_scheduler)
+                                objective=context.models.objective)
             with eval_weights(context.optimizer):
                 per_timestep = validation_loss(self.config, models, context.validation, context.device,
                                                context.plan.autocast)
@@ -613,7 +613,7 @@ class Trainer(Job):
         if context.ema is not None:
             models[EMA_FOLDER] = context.ema
         meta = {"epoch": self.state.epoch, "base_model": components.model_path, "reason": reason,
-                "trained": sorted(models), "prediction_type": components.noise_scheduler.config.prediction_type,
+                "trained": sorted(models), "prediction_type": components.noise_scheduler.config.get("prediction_type"),
                 "network": context.plan.adapter}
         step, epoch, images = self.state.step, self.state.epoch, len(context.data.dataset)
 

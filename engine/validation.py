@@ -3,7 +3,7 @@
 Each image's noise comes from a generator keyed by (validation.seed, image index) and is the same at every
 listed timestep and in every round, so val_loss moves only with the weights: rounds of one run, and runs
 that share their validation images and seed, compare directly. The loss is the MSE against the training
-target (epsilon or v) without min-SNR weights or noise offset, over centre crops in the run's bucket sizes
+target (the objective's: epsilon, v or the flow) without loss weights or noise offset, over centre crops in the run's bucket sizes
 with no augmentation or caption dropout. Nothing here draws from the global RNGs or from the training
 data's streams, the models go back to their own train/eval modes, and the trainer scores a schedule-free
 optimizer's evaluation weights inside optim.eval_weights, which restores the training weights exactly, so a
@@ -99,7 +99,8 @@ def validation_loss(config: Config, models: StepModels, validation: ValidationSe
                     autocast_dtype: Optional[torch.dtype]) -> dict[int, float]:
     """The mean loss over every validation image at each timestep. `models` are the plain modules, not the
     DDP wrappers: only the main process validates."""
-    plain = dataclasses.replace(config, noise_offset=0.0, min_snr_gamma=None)
+    plain = dataclasses.replace(config, noise_offset=0.0)
+    models = dataclasses.replace(models, objective=models.objective.unweighted())
     totals = dict.fromkeys(validation.timesteps, 0.0)
     with torch.no_grad(), evaluating(models.unet, models.text_encoder):
         for indices in validation.batches:

@@ -420,7 +420,7 @@ def _trace_step(config: Config, architecture: Architecture, plan: RunPlan, shape
     tracker.track_external(*on_device, *inner, *batch_tensors, *(text_cache.embeddings.values() if text_cache else []),
                            *(ema.shadow_params if ema else ()))
     models = StepModels(family=family, unet=unet, text_encoder=text_encoder, vae=vae,
-                        noise_scheduler=components.noise_scheduler)
+                        objective=family.objective(config, components.noise_scheduler))
     with tracker:
         # The traced micro-batch is the last of its accumulation group, so the fused optimizer steps.
         loss, _ = compute_loss(config, models, batch, device, plan.autocast, text_cache)

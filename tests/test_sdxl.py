@@ -90,7 +90,8 @@ def test_micro_conditioning_is_each_images_real_size_crop_and_target(tmp_path, t
 
     components.unet.forward = recording
     models = StepModels(family=family, unet=components.unet, text_encoder=components.text_encoder,
-                        vae=components.vae, noise_scheduler=components.noise_scheduler)
+                        vae=components.vae,
+                        objective=family.objective(config, components.noise_scheduler))
     cropped_somewhere = False
     for index in range(6):
         record = dataset.instances[index]

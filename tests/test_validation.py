@@ -53,7 +53,8 @@ def test_val_loss_of_an_untrained_model_is_the_plain_loss_computed_by_hand(tmp_p
     assert scheduler.config.prediction_type == prediction_type
     validation = build_validation_set(config, tokenizer, scheduler, [], [(64, 64)])
     assert len(validation) == 3 and validation.batches == [[0, 1], [2]]  # batch_size 2
-    models = StepModels(family=family, unet=unet, text_encoder=encoder, vae=vae, noise_scheduler=scheduler)
+    models = StepModels(family=family, unet=unet, text_encoder=encoder, vae=vae,
+                        objective=family.objective(config, scheduler))
     per_timestep = validation_loss(config, models, validation, torch.device("cpu"), None)
 
     hand = {t: [] for t in timesteps}

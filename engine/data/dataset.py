@@ -239,7 +239,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         same_bucket = self.instance_pool[self.instance_groups[index], bucket]
         start = int(np.searchsorted(same_bucket, index))
         item = {"instance": self._first_usable(self.instances, same_bucket, start, size, rng)}
-        # keys for the training noise of each row (see train.RowNoise), drawn from the same per-sample stream
+        # keys for the training noise of each row (see step.RowNoise), drawn from the same per-sample stream
         item["instance"]["sample_key"] = int(rng.integers(2**62))
         if self.classes:
             pool = self.class_pool[self.instance_groups[index], bucket]

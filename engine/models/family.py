@@ -1,10 +1,11 @@
 """The model-family interface: what the trainer, the sampler, the caches and the VRAM estimator ask of a
 kind of model, so that none of them knows which one it trains.
 
-A family loads its components (and builds them on fake tensors for the estimator), turns token ids into
-the UNet's conditioning (CLIP skip applied), runs the UNet's prediction and builds the pipeline that
-renders samples and class images. The noise schedule's prediction target is set here from the config for
-every family.
+A family loads its components (and builds them on fake tensors for the estimator), returns the objective
+it trains with (`objectives`: how inputs, targets, timesteps and loss weights are made), turns token ids
+into the denoising model's conditioning (CLIP skip applied), runs the model's prediction and builds the
+pipeline that renders samples and class images. For the DDPM families the noise schedule's prediction
+target is set here from the config.
 
 The conditioning is a dict of tensors with one row per sample: `encoder_hidden_states` for every family,
 plus what a family adds (SDXL: the pooled `text_embeds`). The caches store it and classifier-free
@@ -19,6 +20,7 @@ from typing import Any, Optional, Protocol
 import torch
 
 from ..config import Config
+from ..objectives import Objective
 from .sd import Components
 
 
@@ -26,7 +28,11 @@ class ModelFamily(Protocol):
     name: str
     conditioning_parts: tuple[str, ...]
 
+    supports_custom_embeddings: bool
+
     def load(self, config: Config) -> Components: ...
+
+    def objective(self, config: Config, scheduler) -> Objective: ...
 
     def fake_components(self, config: Config, architecture: Any) -> Components: ...
 

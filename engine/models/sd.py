@@ -120,6 +120,7 @@ class StableDiffusion:
     """SD1.x and SD2.x: one CLIP text encoder whose hidden states (CLIP skip applied) condition the UNet."""
     name = "sd"
     conditioning_parts = ("encoder_hidden_states",)
+    supports_custom_embeddings = True
 
     def load(self, config) -> Components:
         from .family import configure_noise_schedule
@@ -127,6 +128,11 @@ class StableDiffusion:
         components = load_components(config.model, config.vae, config.tokenizer)
         configure_noise_schedule(components, config)
         return components
+
+    def objective(self, config, scheduler):
+        from ..objectives import Diffusion
+
+        return Diffusion(config, scheduler)
 
     def fake_components(self, config, architecture) -> Components:
         """The architecture's models, built under the caller's FakeTensorMode: shapes, no weights."""

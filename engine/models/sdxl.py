@@ -147,6 +147,7 @@ class StableDiffusionXL:
     """SDXL and the models built on it (same architecture, epsilon or v-prediction)."""
     name = "sdxl"
     conditioning_parts = ("encoder_hidden_states", "text_embeds")
+    supports_custom_embeddings = False
 
     def load(self, config) -> Components:
         from .family import configure_noise_schedule
@@ -155,6 +156,11 @@ class StableDiffusionXL:
         configure_noise_schedule(components, config)
         warn_of_low_resolution(config, components.unet)
         return components
+
+    def objective(self, config, scheduler):
+        from ..objectives import Diffusion
+
+        return Diffusion(config, scheduler)
 
     def fake_components(self, config, architecture) -> Components:
         """The architecture's models, built under the caller's FakeTensorMode: shapes, no weights."""
