@@ -389,6 +389,10 @@ class Config:
     pad_tokens: bool = True
     # bf16 stores trained weights (and so their gradients) in bf16, updated with stochastic rounding.
     weights_dtype: Literal["fp32", "bf16"] = "fp32"
+    # How the weights that do not train are stored: an adapter run's base and the frozen text encoders (the
+    # VAE stays fp32). fp8 is float8_e4m3fn with a scale per output channel; each layer computes in the
+    # step's precision. Trained weights and adapters keep weights_dtype.
+    base_dtype: Literal["fp32", "bf16", "fp8"] = "fp32"
     data: Data = field(default_factory=Data)
     sampling: Sampling = field(default_factory=Sampling)
     validation: Validation = field(default_factory=Validation)
@@ -753,6 +757,9 @@ def validate(config: Config) -> None:
              f"{config.min_timestep} and {config.max_timestep}")
     _validate_validation(config.validation)
     _validate_optimizer(config)
+    _require(not (config.base_dtype == "fp8" and config.network.type == "dora"),
+             "config key 'base_dtype': DoRA rescales by the norm of the base weight, which fp8 storage does not "
+             "give it; use bf16 or fp32 with network.type dora")
     _require(not config.network.adapter or config.network.conv_rank == 0 or config.network.conv_alpha > 0,
              "config key 'network.conv_alpha': must be positive when network.conv_rank is set")
     for i, sample in enumerate(config.sampling.concepts):

@@ -52,6 +52,13 @@ def prepare_models(family, components: Components, config: Config, plan: RunPlan
 
         for component, model in trained.items():
             add_adapter(model, component, config.network, config.seed or 0)
+    if config.base_dtype != "fp32":
+        from .base_weights import STORAGE, store_frozen
+
+        # an adapter's base and the frozen text encoders; a fully trained model and the VAE keep theirs
+        based = [model for model in trained.values() if plan.adapter != "full"]
+        for model in based + [m for name, m in text_encoder_parts(text_encoder).items() if name not in trained]:
+            store_frozen(model, STORAGE[config.base_dtype])
     if plan.train_text_encoder:
         # Layers CLIP skip never runs: freezing them keeps DDP from waiting for their gradients and the
         # optimizer from keeping state for them.

@@ -32,6 +32,7 @@ from .errors import UserError
 from .models.family import family_named, text_encoder_parts
 from .models.single_file import BUILTIN_CONFIGS
 from .plan import RunPlan, make_plan
+from .ram import RamEstimate, loading_gib, training_gib
 from .setup import build_optimizer, frozen_models, parameter_groups, prepare_models, trained_models
 from .step import StepModels, backward, compute_loss, optimizer_step
 
@@ -52,10 +53,11 @@ class VramEstimate:
     activations: float  # forward activations, their gradients and other temporaries of the step
     other: float        # buffers, the batch and the EMA weights
     peak: float
+    ram: Optional[RamEstimate] = None  # the run's system memory (engine.ram)
 
     def lines(self) -> list[str]:
         names = ("parameters", "gradients", "optimizer_state", "activations", "other", "peak")
-        return [f"{name}_gib: {getattr(self, name):.3f}" for name in names]
+        return [f"{name}_gib: {getattr(self, name):.3f}" for name in names] + (self.ram.lines() if self.ram else [])
 
 
 def memory_tracker():
@@ -377,6 +379,8 @@ def _trace_step(config: Config, architecture: Architecture, plan: RunPlan, shape
     device = torch.device("cpu")  # fake tensors: the device only names where the bytes are counted
     family = family_named(architecture.family)
     components = family.fake_components(config, architecture)
+    loaded = {"unet": components.unet, **text_encoder_parts(components.text_encoder), "vae": components.vae}
+    loading = loading_gib(config, loaded)
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     # peft moves each new adapter layer with Module.to(), which fake tensors refuse: the adapter is built of
@@ -434,8 +438,10 @@ def _trace_step(config: Config, architecture: Architecture, plan: RunPlan, shape
     # A step on bf16 weights gives each parameter new storage, which the tracker books as a temporary;
     # the parameters' own size does not change, so count them directly.
     parameters = sum(p.numel() * p.element_size() for model in on_device for p in model.parameters()) / GIB
+    prepared = {"unet": unet, **text_encoder_parts(text_encoder), "vae": vae}
+    ram = RamEstimate(loading=loading, training=training_gib(config, plan, prepared, result.peak))
     return dataclasses.replace(result, parameters=parameters,
-                               activations=result.activations + result.parameters - parameters)
+                               activations=result.activations + result.parameters - parameters, ram=ram)
 
 
 def format_report(architecture: Architecture, description: str, result: VramEstimate) -> str:

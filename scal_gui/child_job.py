@@ -54,6 +54,7 @@ class ChildTraining(Job):
         self._step = 0
         self._checkpoints: set[str] = set()
         self._interrupted = threading.Lock()  # the child is interrupted once, by stop() or on its start
+        self._killed = False  # kill() was called: a child started after it is killed as it starts
 
     def failure_context(self) -> str:
         return self._run_dir
@@ -63,6 +64,23 @@ class ChildTraining(Job):
         running after the grace period is terminated, and after another one killed."""
         super().stop(save_checkpoint)
         self._interrupt_child()
+
+    def kill(self) -> None:
+        """Kill the child and every process of its group (torchrun's workers) at once, with SIGKILL: for a
+        child that a stop did not end. Its run then reports as stopped, with what it had saved."""
+        self._killed = True
+        self._stop.set()
+        process = self.process
+        if process is None:
+            return  # not started yet: it is killed as it starts
+        try:
+            if os.name == "nt":
+                process.kill()
+            else:
+                # The group even when its leader has exited: a worker left holding the output keeps the job going.
+                os.killpg(process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):  # the whole group has ended
+            pass
 
     def _interrupt_child(self) -> None:
         process = self.process
@@ -92,7 +110,9 @@ class ChildTraining(Job):
                                             encoding="utf-8", errors="replace", **_OWN_GROUP)
             # Its own process group keeps the app's Ctrl+C from reaching it, so closing the app stops it here.
             atexit.register(self.stop)
-            if self.stop_requested:
+            if self._killed:
+                self.kill()
+            elif self.stop_requested:
                 self._interrupt_child()
             return self._relay()
         finally:

@@ -20,6 +20,11 @@ CLASSGEN = "classgen"
 JOB_NAMES = {TRAIN: "a training run", CLASSGEN: "class image generation"}
 ACTIVE_STATES = ("starting", "running", "stopping")
 LOG_LINES = 500
+# How long a stopped job may take to end before the app gives up on it: a thread is abandoned (it cannot be
+# killed), a child process is killed. A child's own stop grace (its checkpoint) comes before this.
+STOP_BOUND_S = 60.0
+# How long a killed child's job may take to report its end before it is abandoned too.
+KILL_WAIT_S = 5.0
 
 
 class JobBusy(RuntimeError):
@@ -30,7 +35,7 @@ class JobBusy(RuntimeError):
 class History:
     kind: str
     label: str = ""
-    state: str = "starting"  # starting, running, stopping, finished, stopped, failed
+    state: str = "starting"  # starting, running, stopping, finished, stopped, failed, abandoned
     run_dir: str = ""
     step: int = 0
     start_step: int = 0
@@ -51,6 +56,8 @@ class History:
     summary: Optional[dict] = None
     started_at: float = field(default_factory=time.time)
     version: int = 0
+    stop_deadline: float = 0.0  # time.monotonic() past which a job asked to stop is killed or abandoned
+    killed: bool = False        # its processes were killed at the deadline
 
     @property
     def active(self) -> bool:
@@ -62,7 +69,9 @@ def _stamp() -> str:
 
 
 class JobManager:
-    def __init__(self) -> None:
+    def __init__(self, stop_bound_s: float = STOP_BOUND_S) -> None:
+        # How long after Stop a job that has not ended is killed or abandoned (see STOP_BOUND_S); tests shorten it.
+        self.stop_bound_s = stop_bound_s
         self._lock = threading.Lock()
         self._job: Any = None  # the active job; None once it has ended, so that its model can be freed
         self._current: Optional[History] = None
@@ -113,6 +122,7 @@ class JobManager:
             return history
 
     def stop(self) -> str:
+        job = None
         with self._lock:
             history = self._current
             if history is None or not history.active:
@@ -121,7 +131,13 @@ class JobManager:
                 history.state = "stopping"
                 history.logs.append(f"{_stamp()} stop requested: ending after the current step")
                 history.version += 1
-                self._job.stop()
+                job = self._job
+                # The job's own stop grace (a child's time to save its checkpoint) comes before the bound.
+                grace = getattr(job, "stop_grace_s", 0.0) or 0.0
+                history.stop_deadline = time.monotonic() + grace + self.stop_bound_s
+        if job is not None:
+            # Outside the lock: a job whose stop() never returned would otherwise hang every page poll.
+            job.stop()
         return f"Stopping {JOB_NAMES[history.kind]}…"
 
     # -- reading --------------------------------------------------------------------------------------
@@ -163,19 +179,63 @@ class JobManager:
             try:
                 event = events.get(timeout=0.2)
             except queue.Empty:
-                thread = getattr(job, "thread", None)
-                if thread is not None and not thread.is_alive() and events.empty():
-                    with self._lock:
+                event = None
+            with self._lock:
+                if history.state == "abandoned":
+                    # Final: what the job still reports is dropped (it is another history's turn now), until
+                    # its thread ends at last, if ever.
+                    thread = getattr(job, "thread", None)
+                    if (event is not None and event.kind in ("finished", "failed")) or thread is None or (
+                            event is None and not thread.is_alive() and events.empty()):
+                        return
+                    continue
+                if event is None:
+                    thread = getattr(job, "thread", None)
+                    if thread is not None and not thread.is_alive() and events.empty():
                         self._fail(history, "the job ended without reporting a result", user_error=False)
                         self._release(job)
-                    return
-                continue
-            with self._lock:
+                        return
+                    self._enforce_stop(job, history)
+                    continue
                 self._apply(history, event)
                 history.version += 1
                 if event.kind in ("finished", "failed"):
                     self._release(job)
                     return
+                self._enforce_stop(job, history)
+
+    def _enforce_stop(self, job: Any, history: History) -> None:
+        """Past the deadline of a Stop, kill the job's processes (a child job, once), or abandon the job (a
+        thread, which cannot be killed, or a killed child that still does not end). Called locked."""
+        if history.state != "stopping" or not history.stop_deadline or time.monotonic() < history.stop_deadline:
+            return
+        waited = self.stop_bound_s + (getattr(job, "stop_grace_s", 0.0) or 0.0)
+        kill = getattr(job, "kill", None)
+        if kill is not None and not history.killed:
+            history.killed = True
+            history.stop_deadline = time.monotonic() + min(KILL_WAIT_S, self.stop_bound_s)
+            history.logs.append(f"{_stamp()} the job did not stop within {waited:g} s of Stop: its processes "
+                                "were killed (SIGKILL); what they had not saved is lost")
+            history.version += 1
+            try:
+                kill()
+            except Exception as error:  # it is abandoned at the next deadline
+                history.logs.append(f"{_stamp()} killing it failed: {error.__class__.__name__}: {error}")
+            return
+        if history.killed:
+            message = (f"the job's processes were killed {waited:g} s after Stop but it did not end within "
+                       f"{min(KILL_WAIT_S, self.stop_bound_s):g} s more; it was abandoned and new jobs can start")
+        else:
+            message = (f"the job did not stop within {waited:g} s of Stop and was abandoned: a thread cannot be "
+                       "killed, so it may keep its memory (GPU memory too) and CPU until the app restarts; "
+                       "new jobs can start")
+        history.state = "abandoned"
+        history.error = message
+        history.user_error = False
+        history.eta_s = 0.0
+        history.logs.append(f"{_stamp()} abandoned: {message}")
+        history.version += 1
+        self._release(job)
 
     def _release(self, job: Any) -> None:
         """Forget an ended job: it holds the model, which an idle app should not keep in memory."""

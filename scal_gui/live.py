@@ -9,7 +9,9 @@ from . import charts
 from .jobs import History
 
 STATE_WORDS = {"starting": "Starting", "running": "Running", "stopping": "Stopping", "finished": "Finished",
-               "stopped": "Stopped", "failed": "Failed"}
+               "stopped": "Stopped", "failed": "Failed", "abandoned": "Abandoned"}
+# The final states whose error line says why (an abandoned job did not stop within jobs.STOP_BOUND_S).
+EXPLAINED = ("failed", "abandoned")
 
 
 def status_line(history: Optional[History], idle: str) -> str:
@@ -18,7 +20,7 @@ def status_line(history: Optional[History], idle: str) -> str:
     line = f"**{STATE_WORDS[history.state]}** {history.label}"
     if history.run_dir:
         line += f" — `{history.run_dir}`"
-    if history.state == "failed":
+    if history.state in EXPLAINED:
         first = history.error.strip().splitlines()[0] if history.error.strip() else "unknown error"
         line += f"\n\nError: {first}"
     return line
@@ -27,9 +29,9 @@ def status_line(history: Optional[History], idle: str) -> str:
 def outcome(history: History) -> str:
     """The message that replaces "Started …" or "Stopping …" once the job has ended."""
     where = f" at step {history.step}" if history.kind == "train" else ""
-    if history.state == "failed":
+    if history.state in EXPLAINED:
         first = history.error.strip().splitlines()[0] if history.error.strip() else "unknown error"
-        return f"**Failed** {history.label}{where}: {first}"
+        return f"**{STATE_WORDS[history.state]}** {history.label}{where}: {first}"
     return f"**{STATE_WORDS[history.state]}** {history.label}{where}."
 
 

@@ -106,6 +106,7 @@ FACTORS: dict[str, list[str]] = {
     "augment": ["off", "on"],              # hflip, rotate and colour jitter
     "ti": ["off", "on"],                   # custom_embeddings (a textual-inversion file)
     "locon": ["off", "on"],                # network: a LoRA adapter over the UNet's 3x3 convolutions too
+    "base": ["fp32", "bf16", "fp8"],       # base_dtype: the frozen text encoder (and an adapter's base) stored
 }
 
 # Pairs whose meaning is "this cache is off", which the engine says with a warning (cache.attach_caches):
@@ -151,6 +152,7 @@ def row_values(row: dict[str, str], output_dir: Path, class_dir: Path, existing_
         "optimizer.fused_backward": on["fused"],
         "trainer.accumulate_grad_batches": int(row["accum"]),
         "weights_dtype": "bf16" if on["bf16w"] else "fp32",
+        "base_dtype": row["base"],
         "trainer.precision": row["precision"] if row["precision"] == "bf16" else int(row["precision"]),
         "trainer.gradient_clip_val": 1.0 if on["gradclip"] else None,
         "uncond": {"enabled": on["uncond"], "p": 0.5},

@@ -19,10 +19,11 @@ def newest_unet(output_dir):
 
 
 @pytest.mark.parametrize("model", [
-    # each rank writes the caches during the first epoch (5 steps); after it every rank reads all of them
+    # each rank writes the caches during the first epoch (5 steps); after it every rank reads all of them,
+    # encoded by the frozen text encoder stored in fp8
     {"model": "demo:tiny-sd", "trainer.max_steps": 6, "sampling.interval_steps": 3,
      "checkpoint.every_n_train_steps": 3, "cache.latents": True, "cache.text_embeddings": True,
-     "cache.fill": "first_epoch"},
+     "cache.fill": "first_epoch", "base_dtype": "fp8"},
     # both SDXL text encoders train too: DDP averages the gradients of the pair as one module
     {"model": "demo:tiny-sdxl", "train_text_encoder": True},
 ], ids=["sd", "sdxl"])

@@ -45,8 +45,10 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, class_images)
     def values(output_dir):
         # The first epoch writes the caches (10 images x 3 repeats: 15 steps), so the kill at step 10 lands
         # while they fill and the resumed run then switches to reading them, as the uninterrupted one does.
+        # The frozen text encoder is stored in fp8.
         return resume_values(output_dir, **{
             "data.concepts[0].instance_set.repeats": 3, "cache.latents": True, "cache.text_embeddings": True,
+            "base_dtype": "fp8",
             "cache.fill": "first_epoch", "cache.dir": str(output_dir / "cache")})
 
     def latents(output_dir):

@@ -54,8 +54,10 @@ def load_tokenizer(location, key: str):
     return CLIPTokenizer.from_pretrained(str(folder))
 
 
-def load_components(model: str, vae: Optional[str] = None, tokenizer: Optional[str] = None) -> Components:
-    """Load tokenizer, text encoder, VAE, UNet and the training noise schedule in fp32 on the CPU."""
+def load_components(model: str, vae: Optional[str] = None, tokenizer: Optional[str] = None,
+                    dtypes: Optional[dict] = None) -> Components:
+    """Load tokenizer, text encoder, VAE, UNet and the training noise schedule on the CPU, each model in its
+    dtype in `dtypes` (by component name; fp32 where not given)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -70,13 +72,14 @@ def load_components(model: str, vae: Optional[str] = None, tokenizer: Optional[s
         if not Path(location).exists():
             raise UserError(f"config key '{label if location != str(root / label) else 'model'}': "
                             f"not found: {location}")
+    # fp32 whatever the files hold, unless the run stores a model in less: many published models store fp16
+    # weights, and training keeps fp32 master weights (mixed precision comes from autocast or weights_dtype).
+    dtype = {name: torch.float32 for name in ("unet", "text_encoder", "vae")} | (dtypes or {})
     return Components(
         tokenizer=load_tokenizer(tokenizer_path, "tokenizer" if tokenizer else "model"),
-        # fp32 whatever the files hold: many published models store fp16 weights, and training
-        # keeps fp32 master weights (mixed precision comes from autocast or weights_dtype).
-        text_encoder=CLIPTextModel.from_pretrained(root / "text_encoder", dtype=torch.float32),
-        vae=AutoencoderKL.from_pretrained(vae_path, torch_dtype=torch.float32),
-        unet=UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=torch.float32),
+        text_encoder=CLIPTextModel.from_pretrained(root / "text_encoder", dtype=dtype["text_encoder"]),
+        vae=AutoencoderKL.from_pretrained(vae_path, torch_dtype=dtype["vae"]),
+        unet=UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=dtype["unet"]),
         noise_scheduler=DDPMScheduler.from_pretrained(root / "scheduler"),
         model_path=model_path,
     )
@@ -125,7 +128,10 @@ class StableDiffusion:
     def load(self, config) -> Components:
         from .family import configure_noise_schedule
 
-        components = load_components(config.model, config.vae, config.tokenizer)
+        from ..ram import load_dtype
+
+        components = load_components(config.model, config.vae, config.tokenizer,
+                                     {name: load_dtype(config, name) for name in ("unet", "text_encoder", "vae")})
         configure_noise_schedule(components, config)
         return components
 

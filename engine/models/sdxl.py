@@ -95,9 +95,12 @@ def is_sdxl_folder(root: Path) -> bool:
 
 
 def load_components(config) -> Components:
-    """Tokenizer, both text encoders, VAE, UNet and the training noise schedule in fp32 on the CPU."""
+    """Tokenizer, both text encoders, VAE, UNet and the training noise schedule on the CPU, each model in
+    the dtype the run reads it in (ram.load_dtype)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from ..ram import load_dtype
 
     model_path = resolve_model_path(config.model)
     if Path(model_path).is_file():
@@ -110,13 +113,14 @@ def load_components(config) -> Components:
     vae_path = paths.resolve(config.vae) if config.vae else str(root / "vae")
     if not Path(vae_path).exists():
         raise UserError(f"config key 'vae': not found: {vae_path}")
-    encoders = TextEncoders(CLIPTextModel.from_pretrained(root / "text_encoder", dtype=torch.float32),
-                            CLIPTextModelWithProjection.from_pretrained(root / "text_encoder_2", dtype=torch.float32),
-                            tokenizer_2)
+    encoders = TextEncoders(
+        CLIPTextModel.from_pretrained(root / "text_encoder", dtype=load_dtype(config, "text_encoder")),
+        CLIPTextModelWithProjection.from_pretrained(root / "text_encoder_2", dtype=load_dtype(config, "text_encoder_2")),
+        tokenizer_2)
     return Components(
         tokenizer=tokenizer, text_encoder=encoders,
         vae=AutoencoderKL.from_pretrained(vae_path, torch_dtype=torch.float32),
-        unet=UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=torch.float32),
+        unet=UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=load_dtype(config, "unet")),
         noise_scheduler=DDPMScheduler.from_pretrained(root / "scheduler"), model_path=model_path)
 
 

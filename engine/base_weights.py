@@ -1,0 +1,139 @@
+"""Frozen weights stored in fewer bytes: an adapter run's base and the frozen text encoders in bf16 or
+float8_e4m3fn (`base_dtype`), computed in the step's own precision.
+
+A stored layer keeps its weight as a frozen parameter of the storage dtype (fp8 with one fp32 scale per
+output channel, so each row uses fp8's full range) and upcasts it inside its own autograd function: the
+upcast copy lives only while the layer computes, and backward upcasts again instead of keeping it. Layers
+are replaced by stored ones explicitly, module by module (adapter layers keep their base layer object's
+place: the stored layer becomes their `base_layer`); the adapters' own weights are never touched.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+STORAGE = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
+# the names peft gives an adapter's own layers (LoRA, DoRA, LoHa, LoKr): never stored
+ADAPTER_PARTS = ("lora_", "hada_", "lokr_")
+
+
+class _StoredOp(torch.autograd.Function):
+    """op(x, weight upcast to x's dtype, bias). No gradient reaches the stored weight."""
+
+    @staticmethod
+    def forward(ctx, x, stored, scale, bias, op: Callable, options: dict):
+        ctx.save_for_backward(stored, scale)
+        ctx.op, ctx.options, ctx.input_shape, ctx.input_dtype = op, options, x.shape, x.dtype
+        return op(x, upcast(stored, scale, x.dtype), bias, **options)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        stored, scale = ctx.saved_tensors
+        weight = upcast(stored, scale, grad_output.dtype)
+        if ctx.op is F.linear:
+            grad_input = grad_output @ weight
+        else:
+            grad_input = torch.nn.grad.conv2d_input(ctx.input_shape, weight, grad_output, **ctx.options)
+        return grad_input.to(ctx.input_dtype), None, None, None, None, None
+
+
+def upcast(stored: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    weight = stored.to(dtype)
+    return weight if scale.numel() == 0 else weight * scale.to(dtype).view(-1, *[1] * (stored.dim() - 1))
+
+
+def quantize(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(stored weight, per-output-channel scale; empty where the dtype needs none)."""
+    if dtype != torch.float8_e4m3fn:
+        return weight.to(dtype), torch.empty(0)
+    largest = weight.detach().abs().flatten(1).amax(dim=1).float()
+    scale = torch.where(largest > 0, largest / torch.finfo(dtype).max, torch.ones_like(largest))
+    return (weight.float() / scale.view(-1, *[1] * (weight.dim() - 1))).to(dtype), scale
+
+
+class StoredLinear(torch.nn.Linear):
+    """A frozen Linear whose weight is stored in `dtype`. A Linear still, so adapters wrap it as one."""
+
+    def __init__(self, layer: torch.nn.Linear, dtype: torch.dtype):
+        torch.nn.Module.__init__(self)
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        stored, scale = quantize(layer.weight.data, dtype)
+        self.weight = torch.nn.Parameter(stored, requires_grad=False)
+        self.register_buffer("scale", scale.to(stored.device))
+        self.bias = None if layer.bias is None else torch.nn.Parameter(layer.bias.data, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return _StoredOp.apply(x, self.weight, self.scale, bias, F.linear, {})
+
+    def dequantized(self) -> torch.Tensor:
+        return upcast(self.weight, self.scale, torch.float32)
+
+
+class StoredConv2d(torch.nn.Conv2d):
+    """A frozen Conv2d whose weight is stored in `dtype`."""
+
+    def __init__(self, layer: torch.nn.Conv2d, dtype: torch.dtype):
+        torch.nn.Module.__init__(self)
+        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                     "padding_mode", "transposed", "output_padding", "_reversed_padding_repeated_twice"):
+            setattr(self, name, getattr(layer, name))
+        stored, scale = quantize(layer.weight.data, dtype)
+        self.weight = torch.nn.Parameter(stored, requires_grad=False)
+        self.register_buffer("scale", scale.to(stored.device))
+        self.bias = None if layer.bias is None else torch.nn.Parameter(layer.bias.data, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding_mode != "zeros" or isinstance(self.padding, str):
+            # not met in the supported models; refused where the layer would otherwise compute differently
+            raise NotImplementedError("stored Conv2d supports zero padding given as numbers")
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        options = {"stride": self.stride, "padding": self.padding, "dilation": self.dilation, "groups": self.groups}
+        return _StoredOp.apply(x, self.weight, self.scale, bias, F.conv2d, options)
+
+    def dequantized(self) -> torch.Tensor:
+        return upcast(self.weight, self.scale, torch.float32)
+
+
+def _stored(layer: torch.nn.Module, dtype: torch.dtype):
+    if type(layer) is torch.nn.Linear:
+        return StoredLinear(layer, dtype)
+    if type(layer) is torch.nn.Conv2d and layer.padding_mode == "zeros" and not isinstance(layer.padding, str):
+        return StoredConv2d(layer, dtype)
+    return None
+
+
+def _adapter_part(name: str) -> bool:
+    return any(part in name for part in ADAPTER_PARTS)
+
+
+def _frozen(layer: torch.nn.Module) -> bool:
+    return isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)) and not layer.weight.requires_grad
+
+
+def store_frozen(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Replace every frozen Linear and Conv2d of model (an adapter's base layers included, its own layers
+    not) by a stored one, and put the frozen tensors left (norms, embeddings, biases: small) in fp32, as a
+    model read from disk in bf16 would otherwise compute them in bf16. Returns how many layers were
+    replaced."""
+    replaced = 0
+    for parent_name, parent in list(model.named_modules()):
+        if _adapter_part(parent_name):
+            continue
+        for name, child in list(parent.named_children()):
+            if _adapter_part(name) or not _frozen(child):
+                continue
+            stored = _stored(child, dtype)
+            if stored is not None:
+                setattr(parent, name, stored)
+                replaced += 1
+    for name, module in model.named_modules():
+        if _adapter_part(name):
+            continue
+        for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+            if tensor is not getattr(module, "weight", None) or not isinstance(module, (StoredLinear, StoredConv2d)):
+                if tensor.is_floating_point() and not tensor.requires_grad and tensor.dtype != torch.float32:
+                    tensor.data = tensor.data.float()
+    return replaced
