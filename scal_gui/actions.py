@@ -122,8 +122,11 @@ class Actions:
         except UserError as error:
             return f"Error: {error}"
         parts = [f"{name.replace('_', ' ')} {value:.2f}" for name, value in dataclasses.asdict(estimate).items()
-                 if name != "peak"]
-        return f"Estimated peak GPU memory: **{estimate.peak:.2f} GiB** ({', '.join(parts)} GiB). Step: {step}"
+                 if name not in ("peak", "ram")]
+        ram = estimate.ram
+        return (f"Estimated peak GPU memory: **{estimate.peak:.2f} GiB** ({', '.join(parts)} GiB); system RAM: "
+                f"**{ram.peak:.2f} GiB** at its peak ({ram.loading:.2f} GiB while loading the model, "
+                f"{ram.training:.2f} GiB while training). Step: {step}")
 
     def convert(self, source: str, out: str, options: dict,
                 on_event: Optional[Callable] = None) -> str:

@@ -346,6 +346,9 @@ CLASS_IMAGES = (
 
 TRAIN = (
     Field("model", "Base model", "diffusers folder, .safetensors/.ckpt file or demo:tiny-sd"),
+    Field("vae", "VAE", "a separate VAE (Flux.1 single files: ae.safetensors); empty = the model's own"),
+    Field("text_encoder", "Text encoder file", "Flux.1 single files: clip_l.safetensors; empty = the model's own"),
+    Field("text_encoder_2", "Second text encoder file", "Flux.1 single files: t5xxl_fp16.safetensors"),
     Field("output_dir", "Output folder"),
     Field("project", "Project"),
     Field("seed", "Seed", "empty = random, recorded in the run"),
@@ -403,6 +406,15 @@ ADVANCED = (
     Field("optimizer.params.relative_step", "Adafactor relative step", "its own step size; lr is not used"),
     Field("optimizer.params.warmup_init", "Adafactor relative-step warmup", "with relative step: grows from 0"),
     Field("weights_dtype", "Weights dtype", "bf16 = less memory (RTX 30xx or newer)"),
+    Field("base_dtype", "Frozen weights stored as", "an adapter's base and frozen text encoders; bf16 or fp8 = "
+          "less memory"),
+    Field("flow.timestep_sampling", "Timestep sampling", "flow-matching models (Flux.1): how σ is drawn"),
+    Field("flow.logit_mean", "Logit-normal mean"),
+    Field("flow.logit_std", "Logit-normal std"),
+    Field("flow.sigmoid_scale", "Sigmoid scale"),
+    Field("flow.shift", "Timestep shift", "empty = the model's own (Flux.1-dev: by image size)"),
+    Field("flow.weighting", "Loss weighting by σ"),
+    Field("flow.guidance", "Guidance while training", "Flux.1-dev's guidance input; empty = 1.0"),
     Field("xformers", "xformers attention", "used only when installed and on CUDA"),
 )
 

@@ -49,7 +49,7 @@ def build_page(manager: Optional[JobManager] = None, output_dir: Optional[str] =
         _wire_config(ctx)
         tab_dataset.wire(ctx, dataset)
         tab_classgen.wire(ctx, classgen)
-        tab_train.wire(ctx, train)
+        tab_train.wire(ctx, train, page)
         tab_convert.wire(ctx, convert, page)
         _wire_live(ctx, page, train, classgen)
     return page

@@ -103,6 +103,23 @@ def load_config_file(path: Optional[str]) -> list:
     return [f"Loaded `{name}`.", text, check, *values]
 
 
+def running_config(manager) -> Optional[list]:
+    """[message, YAML text, check line, form values…] of the training run in progress, for a page opened
+    while it runs, so that the form shows what trains rather than the default preset; None when no run
+    with a config is in progress."""
+    run_dir = manager.active_run_dir()
+    if not run_dir:
+        return None
+    try:
+        text = (Path(run_dir) / "config.yaml").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    values, check = configs.form_from_yaml(text)
+    if values is None:
+        return None
+    return [f"Showing the config of the run in progress (`{run_dir}`).", text, check, *values]
+
+
 def first_prompt_to_table(prompt: str, rows: Optional[list]) -> list:
     """The sample table with its first prompt set to the Sample prompt box's text."""
     rows = [list(row) for row in rows or [] if row]
@@ -186,7 +203,7 @@ def build(ctx: PageContext, preset_list: list[presets.Preset], selected: presets
     return ui
 
 
-def wire(ctx: PageContext, ui: SimpleNamespace) -> None:
+def wire(ctx: PageContext, ui: SimpleNamespace, page: gr.Blocks) -> None:
     actions = ctx.actions
 
     def choose_preset(name: str, previous: str, *values):
@@ -204,6 +221,13 @@ def wire(ctx: PageContext, ui: SimpleNamespace) -> None:
                          [ui.preset_message, ui.preset, ui.previous_preset, ui.description], api_visibility="private")
     ui.upload.upload(load_config_file, ui.upload, [ui.preset_message, ctx.yaml, ctx.check, *ctx.inputs],
                      api_visibility="private")
+
+    def show_running_config():
+        shown = running_config(ctx.manager)
+        return shown if shown is not None else [gr.skip()] * (3 + len(ctx.inputs))
+
+    page.load(show_running_config, None, [ui.preset_message, ctx.yaml, ctx.check, *ctx.inputs],
+              api_visibility="private")
 
     # The Sample prompt box and the sample table's first row are one key: an edit of either redraws the other.
     prompt, table = ctx.form["sampling.concepts[0].prompt"], ctx.form[fields.SAMPLES[0].key]

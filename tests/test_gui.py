@@ -526,6 +526,10 @@ def test_gpu_memory_estimate_of_the_demo():
     raw = presets.load_preset(next(p for p in presets.list_presets() if p.name == "tiny-demo-cpu"))
     message = Actions(JobManager()).estimate_vram(configs.to_yaml(raw))
     assert re.match(r"Estimated peak GPU memory: \*\*\d+\.\d\d GiB\*\* \(parameters ", message), message
+    # the demo trains on the CPU: while training, system RAM holds the step's peak as well
+    ram = re.search(r"system RAM: \*\*(\d+\.\d\d) GiB\*\* at its peak \((\d+\.\d\d) GiB while loading the model, "
+                    r"(\d+\.\d\d) GiB while training\)", message)
+    assert ram and float(ram[1]) == max(float(ram[2]), float(ram[3])) > 0.4, message
     # the step the estimate traced, as the trainer's run plan has it
     assert message.endswith("Step: 4 rows of 64x64, no autocast, float32 weights, AdamW"), message
 
