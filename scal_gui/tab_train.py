@@ -226,7 +226,8 @@ def wire(ctx: PageContext, ui: SimpleNamespace, page: gr.Blocks) -> None:
         shown = running_config(ctx.manager)
         return shown if shown is not None else [gr.skip()] * (3 + len(ctx.inputs))
 
-    page.load(show_running_config, None, [ui.preset_message, ctx.yaml, ctx.check, *ctx.inputs],
+    # in place of the preset's description, which no longer describes the form
+    page.load(show_running_config, None, [ui.description, ctx.yaml, ctx.check, *ctx.inputs],
               api_visibility="private")
 
     # The Sample prompt box and the sample table's first row are one key: an edit of either redraws the other.

@@ -96,6 +96,9 @@ def test_train_tab_runs_shows_progress_and_stops(app, browser):
     page.close()
     page = open_page(browser, app, "Train")
     expect(page.locator("#train-status")).to_contain_text("Running")
+    # and its form shows the run's config (400 steps), not the preset's 40
+    expect(page.locator("#preset-description")).to_contain_text("Showing the config of the run in progress")
+    expect(page.locator("#field-trainer-max-steps input")).to_have_value("400")
     page.wait_for_function(f"({LOSS_POINTS_JS})() > {seen}", timeout=60_000)
     expect(page.locator("#sample-gallery img").first).to_be_visible(timeout=120_000)
     expect(page.locator("#train-progress")).to_contain_text(re.compile(r"step \d+ / 400 · epoch \d+ · [\d.]+ it/s"))
