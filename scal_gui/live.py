@@ -57,6 +57,12 @@ def _bar(fraction: float, text: str, state: str) -> str:
 def train_progress(history: Optional[History]) -> str:
     if history is None:
         return _bar(0, "no run yet", "idle")
+    if history.active and history.step == 0 and history.total and history.done < history.total:
+        # a DreamBooth run first generates its missing class images
+        parts = [f"class images {history.done} / {history.total}"]
+        if history.eta_s:
+            parts.append(f"ETA {charts.duration(history.eta_s)}")
+        return _bar(history.done / history.total, " · ".join(parts), history.state)
     total = history.total_steps or 0
     parts = [f"step {history.step}" + (f" / {total}" if total else ""), f"epoch {history.epoch}"]
     if history.it_per_s:

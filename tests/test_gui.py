@@ -558,6 +558,23 @@ def test_progress_line():
     wait_until_ended(manager)
 
 
+def test_a_run_generating_its_class_images_shows_their_progress_then_its_steps():
+    manager = JobManager()
+    hold = threading.Event()
+    script = [events.Started(run_dir="run", total_steps=4), events.Progress(done=2, total=6, eta_s=3.0),
+              events.Finished(run_dir="run", step=0)]
+    manager.start(TRAIN, lambda q: FakeJob(q, script, hold))
+    deadline = time.monotonic() + 10
+    while manager.snapshot(TRAIN).done < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    text = live.train_progress(manager.snapshot(TRAIN))
+    assert "class images 2 / 6 · ETA 0:03" in text and "width:33.3%" in text
+    manager.stop()
+    wait_until_ended(manager)
+    # once steps run (or the run ended) the bar counts steps again
+    assert "step 0 / 4" in live.train_progress(manager.snapshot(TRAIN))
+
+
 def test_each_bucket_preview_empties_the_one_thumbnails_folder():
     first = tab_dataset.cleared_thumbnails_dir()
     (first / "earlier-preview.png").write_bytes(b"")
