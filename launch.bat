@@ -35,7 +35,7 @@ if defined SCAL_TORCH_INDEX (
 rem Reinstall only when the requirements or the torch choice changed; the same hash as launch.sh.
 rem The torch spec goes to python through the environment: on a command line its comparison signs redirect.
 set WANT=
-"%PY%" -c "import hashlib, os; data = open('requirements.txt', 'rb').read() + open('requirements-nodeps.txt', 'rb').read() + (os.environ['SCAL_TORCH'] + ' ' + os.environ.get('SCAL_TORCH_INDEX', '') + '\n').encode(); print(hashlib.sha256(data).hexdigest())" > "%VENV%\.scal-sdt-want" || exit /b 1
+"%PY%" -c "import hashlib, os, re; data = open('requirements.txt', 'rb').read() + open('requirements-nodeps.txt', 'rb').read() + re.search('PACKAGE = .*', open('engine/models/t5_vocab.py').read()).group(0).encode() + (os.environ['SCAL_TORCH'] + ' ' + os.environ.get('SCAL_TORCH_INDEX', '') + '\n').encode(); print(hashlib.sha256(data).hexdigest())" > "%VENV%\.scal-sdt-want" || exit /b 1
 set /p WANT=<"%VENV%\.scal-sdt-want"
 set HAVE=
 if exist "%VENV%\.scal-sdt-installed" set /p HAVE=<"%VENV%\.scal-sdt-installed"
@@ -50,6 +50,8 @@ if not "%HAVE%"=="%WANT%" (
   )
   "%PY%" -m pip install --quiet -r requirements.txt || exit /b 1
   "%PY%" -m pip install --quiet --no-deps -r requirements-nodeps.txt || exit /b 1
+  rem T5's vocabulary for Flux.1, from the pinned sdist that embeds it (engine\models\t5_vocab.py)
+  "%PY%" -m engine.models.t5_vocab || exit /b 1
   >"%VENV%\.scal-sdt-installed" echo %WANT%
 )
 

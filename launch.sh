@@ -35,9 +35,10 @@ else
   torch_why=$(cat "$venv/.scal-sdt-torch-why")
 fi
 
-# Reinstall only when what is asked for changed: the stamp holds a hash of the requirements and torch choice.
+# Reinstall only when what is asked for changed: the stamp holds a hash of the requirements, the pinned
+# package T5's vocabulary comes from and the torch choice.
 # Hashed by the venv's python because sha256sum is missing on macOS; launch.bat runs the same code.
-hash_code="import hashlib, os; data = open('requirements.txt', 'rb').read() + open('requirements-nodeps.txt', 'rb').read() + (os.environ['SCAL_TORCH'] + ' ' + os.environ.get('SCAL_TORCH_INDEX', '') + '\n').encode(); print(hashlib.sha256(data).hexdigest())"
+hash_code="import hashlib, os, re; data = open('requirements.txt', 'rb').read() + open('requirements-nodeps.txt', 'rb').read() + re.search('PACKAGE = .*', open('engine/models/t5_vocab.py').read()).group(0).encode() + (os.environ['SCAL_TORCH'] + ' ' + os.environ.get('SCAL_TORCH_INDEX', '') + '\n').encode(); print(hashlib.sha256(data).hexdigest())"
 want=$(SCAL_TORCH="$torch_spec" SCAL_TORCH_INDEX="$torch_index" "$py" -c "$hash_code")
 stamp="$venv/.scal-sdt-installed"
 if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
@@ -52,6 +53,8 @@ if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
   fi
   "$py" -m pip install --quiet -r requirements.txt
   "$py" -m pip install --quiet --no-deps -r requirements-nodeps.txt
+  # T5's vocabulary for Flux.1, from the pinned sdist that embeds it (engine/models/t5_vocab.py)
+  "$py" -m engine.models.t5_vocab
   echo "$want" > "$stamp"
 fi
 

@@ -118,6 +118,9 @@ def store_frozen(model: torch.nn.Module, dtype: torch.dtype) -> int:
     not) by a stored one, and put the frozen tensors left (norms, embeddings, biases: small) in fp32, as a
     model read from disk in bf16 would otherwise compute them in bf16. Returns how many layers were
     replaced."""
+    # transformers names the layers its code feeds inputs cast to their weight's dtype (T5's `wo`): in fp8
+    # those inputs would be rounded to fp8 too, so they are stored in bf16 at most
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
     replaced = 0
     for parent_name, parent in list(model.named_modules()):
         if _adapter_part(parent_name):
@@ -125,7 +128,7 @@ def store_frozen(model: torch.nn.Module, dtype: torch.dtype) -> int:
         for name, child in list(parent.named_children()):
             if _adapter_part(name) or not _frozen(child):
                 continue
-            stored = _stored(child, dtype)
+            stored = _stored(child, torch.bfloat16 if name in keep and dtype.itemsize < 2 else dtype)
             if stored is not None:
                 setattr(parent, name, stored)
                 replaced += 1

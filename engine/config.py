@@ -380,7 +380,8 @@ class Config:
     seed: Annotated[Optional[int], SEED] = None
     num_workers: Annotated[Optional[int], NOT_NEGATIVE] = 0
     train_text_encoder: bool = False
-    # SDXL's second text encoder; null = as train_text_encoder (false with true trains only the first)
+    # SDXL's second text encoder; null = as train_text_encoder (false with true trains only the first).
+    # Flux.1's second (T5-XXL) never trains: true is refused.
     train_text_encoder_2: Optional[bool] = None
     gradient_checkpointing: bool = False
     xformers: bool = False

@@ -1,4 +1,5 @@
-"""Exponential moving average of the UNet weights, kept with diffusers' EMAModel."""
+"""Exponential moving average of the denoising model's weights (a UNet or Flux.1's transformer, still named
+`unet` as the trainer's components name it), kept with diffusers' EMAModel."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,7 +35,6 @@ def _adapter_ema_class():
 
 
 def create_ema(unet, options: Ema):
-    from diffusers import UNet2DConditionModel
     from diffusers.training_utils import EMAModel
 
     from .models.adapters import has_adapter
@@ -42,15 +42,14 @@ def create_ema(unet, options: Ema):
     if has_adapter(unet):
         ema = _adapter_ema_class()(averaged_parameters(unet), decay=options.decay)
     else:
-        ema = EMAModel(unet.parameters(), decay=options.decay, model_cls=UNet2DConditionModel,
-                       model_config=unet.config)
+        ema = EMAModel(unet.parameters(), decay=options.decay, model_cls=type(unet), model_config=unet.config)
     # The average moves by (1 - decay) of each update: far below bf16's resolution with bf16 weights.
     ema.to("cpu" if options.on_cpu else None, dtype=torch.float32)
     return ema
 
 
-def load_ema(checkpoint: Path, options: Ema, device, unet=None):
-    from diffusers import UNet2DConditionModel
+def load_ema(checkpoint: Path, options: Ema, device, unet):
+    """The average saved in a checkpoint, for the model `unet` it follows."""
     from diffusers.training_utils import EMAModel
 
     folder = Path(checkpoint) / EMA_FOLDER
@@ -58,7 +57,7 @@ def load_ema(checkpoint: Path, options: Ema, device, unet=None):
         ema = _adapter_ema_class()(averaged_parameters(unet), decay=options.decay)
         ema.load_state_dict(torch.load(folder / ADAPTER_EMA_FILE, map_location="cpu", weights_only=False))
     else:
-        ema = EMAModel.from_pretrained(str(folder), UNet2DConditionModel)
+        ema = EMAModel.from_pretrained(str(folder), type(unet))
     ema.decay = options.decay
     ema.to("cpu" if options.on_cpu else device, dtype=torch.float32)
     return ema

@@ -49,7 +49,7 @@ def build_once(target: Path, build: Callable[[Path], object]) -> Path:
 
 
 def demo_model_dir(arch: str = "sd") -> Path:
-    """The tiny demo pipeline of an architecture ('sd', 'sd21' or 'sdxl'), built on first use."""
+    """The tiny demo pipeline of an architecture (a key of models.tiny.ARCHITECTURES), built on first use."""
     from .models.tiny import make_tiny_model
 
     return build_once(cache_dir() / f"tiny-{arch}", lambda folder: make_tiny_model(folder, arch=arch))
@@ -63,12 +63,12 @@ def demo_data_dir() -> Path:
 
 
 def resolve(path: str) -> str:
-    """Map `demo:tiny-sd`, `demo:tiny-sd21`, `demo:tiny-sdxl` and `demo:sample-data/...` to the cache folder;
-    other paths are returned as given."""
+    """Map `demo:tiny-<arch>` (tiny-sd, tiny-sd21, tiny-sdxl, tiny-flux, tiny-flux-schnell) and
+    `demo:sample-data/...` to the cache folder; other paths are returned as given."""
     if not path.startswith(DEMO_PREFIX):
         return os.path.expanduser(path)
     name = path[len(DEMO_PREFIX):].strip("/")
-    if name in ("tiny-sd", "tiny-sd21", "tiny-sdxl"):
+    if name in ("tiny-sd", "tiny-sd21", "tiny-sdxl", "tiny-flux", "tiny-flux-schnell"):
         return str(demo_model_dir(name[len("tiny-"):]))
     if name == "sample-data" or name.startswith("sample-data/"):
         return str(demo_data_dir() / name[len("sample-data"):].strip("/"))

@@ -39,13 +39,14 @@ class RamEstimate:
 
 
 def load_dtype(config: Config, component: str) -> torch.dtype:
-    """The dtype a component is read from disk in. Weights stored in bf16 or fp8 for the whole run (the
-    frozen text encoders, an adapter's base, under base_dtype) are read in bf16 and never exist in fp32;
-    everything else is read in fp32, as training keeps it (or, for weights_dtype: bf16, casts it later)."""
-    if component == "vae" or config.base_dtype == "fp32":
+    """The dtype a component is read from disk in: bf16 for weights the run keeps in bf16 or fp8 (trained
+    models under weights_dtype: bf16, an adapter's base and the frozen text encoders under base_dtype), which
+    so never exist in fp32; fp32 for the rest (the VAE always)."""
+    if component == "vae":
         return torch.float32
     trained = component == "unet" or component in config.trained_text_encoders
-    return torch.float32 if trained and not config.network.adapter else torch.bfloat16
+    stored = config.base_dtype != "fp32" and (not trained or config.network.adapter)
+    return torch.bfloat16 if stored or (trained and config.weights_dtype == "bf16") else torch.float32
 
 
 def loading_gib(config: Config, components: dict[str, torch.nn.Module]) -> float:

@@ -48,7 +48,8 @@ def generate_samples(config: Config, pipeline, encoder: PromptEncoder, out_dir: 
     device = pipeline.device
     paths = []
     # every submodule's own mode: a model may hold parts that train and parts that do not
-    was_training = {module: module.training for model in (pipeline.unet, encoder.text_encoder)
+    denoiser = pipeline.unet if hasattr(pipeline, "unet") else pipeline.transformer  # SD's UNet, Flux's transformer
+    was_training = {module: module.training for model in (denoiser, encoder.text_encoder)
                     for module in model.modules()}
     for module in was_training:
         module.eval()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .config import Config
-from .models.family import text_encoder_parts
+from .models.family import never_trained_parts, text_encoder_parts
 from .models.sd import Components, enable_text_encoder_checkpointing, enable_xformers_if_usable
 from .plan import RunPlan
 
@@ -68,11 +68,12 @@ def prepare_models(family, components: Components, config: Config, plan: RunPlan
 
 
 def trained_parts(components: Components, plan: RunPlan) -> dict[str, torch.nn.Module]:
-    """The models that train, by component name (what an adapter run adapts): the UNet and the trained
-    text encoders."""
+    """The models that train, by component name (what an adapter run adapts): the UNet (or transformer) and
+    the trained text encoders, less those the family never trains."""
     encoders = text_encoder_parts(components.text_encoder)
+    never = never_trained_parts(components.text_encoder)
     return {"unet": components.unet, **{name: model for name, model in encoders.items()
-                                        if name in plan.trained_text_encoders}}
+                                        if name in plan.trained_text_encoders and name not in never}}
 
 
 def trained_models(components: Components, plan: RunPlan) -> list[torch.nn.Module]:
@@ -81,8 +82,9 @@ def trained_models(components: Components, plan: RunPlan) -> list[torch.nn.Modul
 
 def frozen_models(components: Components, plan: RunPlan) -> list[torch.nn.Module]:
     """The VAE and the text encoders that do not train."""
-    encoders = text_encoder_parts(components.text_encoder)
-    return [components.vae] + [model for name, model in encoders.items() if name not in plan.trained_text_encoders]
+    trained = trained_parts(components, plan)
+    return [components.vae] + [model for name, model in text_encoder_parts(components.text_encoder).items()
+                               if name not in trained]
 
 
 def parameter_groups(components: Components, plan: RunPlan, config, lr: float) -> list[dict]:

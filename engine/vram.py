@@ -37,7 +37,7 @@ from .setup import build_optimizer, frozen_models, parameter_groups, prepare_mod
 from .step import StepModels, backward, compute_loss, optimizer_step
 
 GIB = 2**30
-ARCHITECTURES = ("sd15", "sd21", "sdxl")
+ARCHITECTURES = ("sd15", "sd21", "sdxl", "flux1-dev", "flux1-schnell")
 # bitsandbytes keeps fp32 states for parameters smaller than this (its min_8bit_size) and one fp32 absmax
 # per block of this many elements for the others (its blockwise quantization).
 BNB_MIN_8BIT_SIZE = 4096
@@ -119,10 +119,12 @@ class Architecture:
     text_encoder: dict
     vae: dict
     scheduler: dict  # the training noise schedule, which sets the prediction target
-    text_encoder_2: Optional[dict] = None  # SDXL's second text encoder
+    text_encoder_2: Optional[dict] = None  # SDXL's second text encoder, Flux.1's T5
 
     @property
     def family(self) -> str:
+        if self.unet.get("_class_name") == "FluxTransformer2DModel":  # `unet` holds the denoising model's config
+            return "flux1"
         return "sdxl" if self.text_encoder_2 is not None else "sd"
 
 
@@ -137,18 +139,25 @@ def guess_architecture(model: str) -> str:
     """sdxl when the model's name says so ("sd_xl_base_1.0", "sdxl"), sd21 when it says SD2.x
     ("stable-diffusion-2-1", "v2-1_768", "sd21"), else sd15."""
     name = Path(model).name.lower() if model else ""
+    if "flux" in name:
+        return "flux1-schnell" if "schnell" in name else "flux1-dev"
     if re.search(r"xl", name):
         return "sdxl"
     return "sd21" if re.search(r"(?<![0-9.])2[-._]?[01](?![0-9])|v2|sd2(?!x)", name) else "sd15"
 
 
+def _denoiser_config(folder: Path) -> Optional[Path]:
+    """The denoising model's config in a diffusers folder: SD's UNet or Flux.1's transformer."""
+    return next((path for name in ("unet", "transformer") if (path := folder / name / "config.json").is_file()), None)
+
+
 def resolve_architecture(config: Config, arch: Optional[str] = None) -> Architecture:
-    """The config's model folder's own configs when it has them, else the shipped SD1.5/SD2.1/SDXL ones."""
+    """The config's model folder's own configs when it has them, else the shipped SD1.5/SD2.1/SDXL/Flux.1 ones."""
     if arch is not None and arch not in ARCHITECTURES:
         raise UserError(f"--arch: expected one of {', '.join(ARCHITECTURES)}, got {arch!r}")
     folder = Path(paths.resolve(config.model)) if config.model else None
     vae_dir = None
-    if folder is None or not (folder / "unet" / "config.json").is_file():
+    if folder is None or _denoiser_config(folder) is None:
         # A single file or a hub name: the same shipped configs the single-file loader uses.
         folder = BUILTIN_CONFIGS / (arch or guess_architecture(config.model))
     elif config.vae and (Path(paths.resolve(config.vae)) / "config.json").is_file():
@@ -156,7 +165,7 @@ def resolve_architecture(config: Config, arch: Optional[str] = None) -> Architec
     vae_dir = vae_dir or folder / "vae"
     scheduler = folder / "scheduler" / "scheduler_config.json"
     return Architecture(folder.name if folder.parent == BUILTIN_CONFIGS else str(folder),
-                        _read_json(folder / "unet" / "config.json"),
+                        _read_json(_denoiser_config(folder)),
                         _read_json(folder / "text_encoder" / "config.json"), _read_json(vae_dir / "config.json"),
                         _read_json(scheduler) if scheduler.is_file() else {},
                         _read_json(second / "config.json") if (second := folder / "text_encoder_2").is_dir() else None)
@@ -351,12 +360,12 @@ def estimate(config: Config, arch: Optional[str] = None) -> VramEstimate:
 
 
 class _FakeTextCache:
-    """Stands in for the text-embedding cache: the conditioning arrives with the batch."""
+    """Stands in for the text-embedding cache: the conditioning arrives with the batch, shaped as the family's
+    encoder gives it (run on fake tensors, it costs nothing)."""
 
-    def __init__(self, rows: int, tokens: int, unet, text_encoder):
-        self.embeddings = {"encoder_hidden_states": torch.randn(rows, tokens, unet.config.cross_attention_dim)}
-        if hasattr(text_encoder, "text_encoder_2"):  # SDXL's pooled embedding
-            self.embeddings["text_embeds"] = torch.randn(rows, text_encoder.text_encoder_2.config.projection_dim)
+    def __init__(self, family, text_encoder, input_ids: torch.Tensor, clip_stop_at_layer: int):
+        with torch.no_grad():
+            self.embeddings = family.encode_text(text_encoder, input_ids, clip_stop_at_layer)
 
     def lookup(self, input_ids: torch.Tensor) -> dict:
         return self.embeddings
@@ -400,7 +409,8 @@ def _trace_step(config: Config, architecture: Architecture, plan: RunPlan, shape
     latent_scale = 2 ** (len(vae.config.block_out_channels) - 1)
     latent_size = (shape.height // latent_scale, shape.width // latent_scale)
     first_encoder = next(iter(text_encoder_parts(text_encoder).values()))
-    tokens = first_encoder.config.max_position_embeddings
+    # the family's own prompt length where its tokenizer has one (Flux.1: CLIP's 77 then T5's)
+    tokens = getattr(components.tokenizer, "model_max_length", None) or first_encoder.config.max_position_embeddings
     batch = {"input_ids": torch.randint(0, first_encoder.config.vocab_size, (shape.rows, tokens)),
              "captions": ["a caption"] * shape.rows, "sample_keys": list(range(shape.rows)),
              "time_ids": torch.zeros(shape.rows, 6),
@@ -409,7 +419,8 @@ def _trace_step(config: Config, architecture: Architecture, plan: RunPlan, shape
         batch["latent_params"] = torch.randn(shape.rows, 2 * vae.config.latent_channels, *latent_size)
     else:
         batch["pixel_values"] = torch.randn(shape.rows, 3, shape.height, shape.width)
-    text_cache = _FakeTextCache(shape.rows, tokens, unet, text_encoder) if plan.cache_text else None
+    text_cache = (_FakeTextCache(family, text_encoder, batch["input_ids"], config.clip_stop_at_layer)
+                  if plan.cache_text else None)
     groups = parameter_groups(components, plan, config, config.optimizer.params.lr)
     params = [p for group in groups for p in group["params"]]
     optimizer, inner = steady_state_optimizer(config, plan, groups)

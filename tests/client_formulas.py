@@ -107,3 +107,65 @@ def comfyui_weight(lora, x, weight):
     if f"{x}.hada_w1_a" in lora:
         return comfyui_loha(lora, x, weight)
     return comfyui_lokr(lora, x, weight)
+
+
+def comfyui_flux_lora_keys(original_keys, depth, depth_single_blocks, hidden_size):
+    """The adapter-file module names ComfyUI maps for a Flux model whose original-layout state dict (without
+    `diffusion_model.`) has original_keys, each to its target: a weight key of the model, or (key, (axis,
+    offset, size)) for a slice of a fused weight, or (key, None, fn) for one stored transformed.
+
+    comfy/lora.py, model_lora_keys_unet, at 41444b5236c613ee5ff7d09aa620f94b702f30eb: `lora_unet_` plus every
+    `.weight` key's module path with dots as underscores; for Flux, each diffusers `.weight` key of
+    flux_to_diffusers as `transformer.<path>`, `lycoris_<path_>` and `lora_transformer_<path_>`.
+    comfy/utils.py, flux_to_diffusers, in Comfy-Org/ComfyUI at b3be02d6e766a8d3743dcf99cc967118f3ec8e3e (the
+    weight keys only): q, k, v of a double block's image and text attention are slices of `img_attn.qkv` and
+    `txt_attn.qkv`, hidden_size rows each; a single block's q, k, v and proj_mlp slices of `linear1` (the MLP
+    4 x hidden_size rows); `norm_out.linear` is `final_layer.adaLN_modulation.1` with its halves swapped.
+    lllyasviel/stable-diffusion-webui-forge builds the same Flux map (packages_3rdparty/comfyui_lora_collection/
+    lora.py, model_lora_keys_unet, at 5e1dcd35a8535564884a4116f6bbb37dbb8dfc46) and patches a slice as ComfyUI
+    does (backend/patcher/lora.py, merge_lora_to_weight, at cea9f37fa5fd5b4c372b95bd46635f4241f60d26)."""
+    key_map = {}
+    for key in original_keys:
+        if key.endswith(".weight"):
+            key_map["lora_unet_" + key[:-len(".weight")].replace(".", "_")] = "diffusion_model." + key
+
+    def swap_scale_shift(weight):
+        shift, scale = weight.chunk(2, dim=0)
+        return torch.cat([scale, shift], dim=0)
+
+    out = "diffusion_model."
+    diffusers = {}
+    for i in range(depth):
+        source, target = f"transformer_blocks.{i}.", f"{out}double_blocks.{i}."
+        for stream, names in (("img", ("to_q", "to_k", "to_v")), ("txt", ("add_q_proj", "add_k_proj", "add_v_proj"))):
+            for n, name in enumerate(names):
+                diffusers[f"{source}attn.{name}.weight"] = (f"{target}{stream}_attn.qkv.weight",
+                                                           (0, n * hidden_size, hidden_size))
+        for name, original in (("attn.to_out.0", "img_attn.proj"), ("norm1.linear", "img_mod.lin"),
+                               ("norm1_context.linear", "txt_mod.lin"), ("attn.to_add_out", "txt_attn.proj"),
+                               ("ff.net.0.proj", "img_mlp.0"), ("ff.net.2", "img_mlp.2"),
+                               ("ff_context.net.0.proj", "txt_mlp.0"), ("ff_context.net.2", "txt_mlp.2")):
+            diffusers[f"{source}{name}.weight"] = f"{target}{original}.weight"
+    for i in range(depth_single_blocks):
+        source, target = f"single_transformer_blocks.{i}.", f"{out}single_blocks.{i}."
+        for n, name in enumerate(("attn.to_q", "attn.to_k", "attn.to_v")):
+            diffusers[f"{source}{name}.weight"] = (f"{target}linear1.weight", (0, n * hidden_size, hidden_size))
+        diffusers[f"{source}proj_mlp.weight"] = (f"{target}linear1.weight", (0, 3 * hidden_size, 4 * hidden_size))
+        for name, original in (("norm.linear", "modulation.lin"), ("proj_out", "linear2")):
+            diffusers[f"{source}{name}.weight"] = f"{target}{original}.weight"
+    for name, original in (("proj_out", "final_layer.linear"), ("x_embedder", "img_in"),
+                           ("context_embedder", "txt_in"),
+                           ("time_text_embed.timestep_embedder.linear_1", "time_in.in_layer"),
+                           ("time_text_embed.timestep_embedder.linear_2", "time_in.out_layer"),
+                           ("time_text_embed.text_embedder.linear_1", "vector_in.in_layer"),
+                           ("time_text_embed.text_embedder.linear_2", "vector_in.out_layer"),
+                           ("time_text_embed.guidance_embedder.linear_1", "guidance_in.in_layer"),
+                           ("time_text_embed.guidance_embedder.linear_2", "guidance_in.out_layer")):
+        diffusers[f"{name}.weight"] = f"{out}{original}.weight"
+    diffusers["norm_out.linear.weight"] = (f"{out}final_layer.adaLN_modulation.1.weight", None, swap_scale_shift)
+    for key, target in diffusers.items():
+        path = key[:-len(".weight")]
+        key_map["transformer." + path] = target
+        key_map["lycoris_" + path.replace(".", "_")] = target
+        key_map["lora_transformer_" + path.replace(".", "_")] = target
+    return key_map

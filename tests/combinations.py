@@ -101,7 +101,7 @@ FACTORS: dict[str, list[str]] = {
     "gradclip": ["off", "on"],             # trainer.gradient_clip_val
     "uncond": ["off", "on"],               # uncond.enabled
     "minsnr": ["off", "on"],               # min_snr_gamma
-    "vpred": ["off", "on"],                # the SD2.1 768 v-prediction stand-in (demo:tiny-sd21)
+    "model": ["sd", "sd21", "flux"],       # the stand-in trained: SD1.5, SD2.1 768 v-prediction, Flux.1-dev
     "noiseoffset": ["off", "on"],          # noise_offset
     "augment": ["off", "on"],              # hflip, rotate and colour jitter
     "ti": ["off", "on"],                   # custom_embeddings (a textual-inversion file)
@@ -113,6 +113,17 @@ FACTORS: dict[str, list[str]] = {
 # latents are cached only with a centre crop and no augmentation, text embeddings only while the text
 # encoder is frozen. Rows avoid them so that every "on" row really trains from the cache; one separate
 # test checks the warnings.
+# What the Flux.1 family refuses at start, naming the key (it has no CLIP skip, textual inversion, DDPM
+# loss weights or convolutions): rows avoid these pairs, and one test checks each refusal.
+FAMILY_REFUSED: dict[Pair, str] = {
+    (("clip", "2"), ("model", "flux")): "clip_stop_at_layer",
+    (("minsnr", "on"), ("model", "flux")): "min_snr_gamma",
+    (("model", "flux"), ("ti", "on")): "custom_embeddings.enabled",
+    (("model", "flux"), ("locon", "on")): "network.conv_rank",
+}
+# the stand-in of each model level
+ROW_MODELS = {"sd": "demo:tiny-sd", "sd21": "demo:tiny-sd21", "flux": "demo:tiny-flux"}
+
 INELIGIBLE: set[Pair] = {
     (("latents", "on"), ("centercrop", "off")),
     (("latents", "on"), ("augment", "on")),
@@ -134,7 +145,7 @@ def row_values(row: dict[str, str], output_dir: Path, class_dir: Path, existing_
     on = {name: level == "on" for name, level in row.items()}
     prompt = f"sks toy {EMBEDDING_TOKEN}" if on["ti"] else "sks toy"
     values = tiny_config(output_dir, **{
-        "model": "demo:tiny-sd21" if on["vpred"] else "demo:tiny-sd",
+        "model": ROW_MODELS[row["model"]],
         "trainer.max_steps": ROW_STEPS, "trainer.max_epochs": None,
         "sampling.interval_steps": ROW_STEPS, "sampling.batch_size": 1,
         "sampling.concepts": [{"prompt": prompt, "negative_prompt": "", "steps": 2, "cfg_scale": 3.0,
@@ -147,6 +158,8 @@ def row_values(row: dict[str, str], output_dir: Path, class_dir: Path, existing_
         "cache": {"latents": on["latents"], "text_embeddings": on["textcache"], "dir": str(cache_dir)},
         "data.center_crop": on["centercrop"],
         "aspect_ratio_bucket.enabled": on["buckets"],
+        # Flux.1's sides are multiples of 16: a step of 64 / 4
+        "aspect_ratio_bucket.c_div": 4 if row["model"] == "flux" else 8,
         "ema": {"enabled": on["ema"], "use_for_samples": on["ema"]},
         "train_text_encoder": on["te"],
         "optimizer.fused_backward": on["fused"],
@@ -195,12 +208,16 @@ PRESET_CLASS_IMAGES = 4
 PRESET_MAX_SAMPLES = 2
 
 
+# the stand-in of each shipped architecture a preset names (SD1.x and SD2.x presets train demo:tiny-sd)
+TINY_MODELS = {"sdxl": "demo:tiny-sdxl", "flux1-dev": "demo:tiny-flux", "flux1-schnell": "demo:tiny-flux-schnell"}
+
+
 def preset_to_tiny(preset: Path, output_dir: Path, class_root: Path, captioned_path: str) -> cfg.Config:
     """Load a shipped preset with engine.config and rewrite only what cannot run on a CPU in a test.
 
     Changed, and nothing else:
-    - model -> demo:tiny-sd, or demo:tiny-sdxl for an SDXL preset; vae and tokenizer -> null (the tiny
-      model's own);
+    - model -> demo:tiny-sd, or demo:tiny-sdxl for an SDXL preset, demo:tiny-flux for a Flux.1 one; vae,
+      tokenizer and the text-encoder files -> null (the tiny model's own);
     - every concept's instance_set.path -> demo:sample-data/instance, or `captioned_path` (images with .txt
       captions) when its prompt is '{TXT_PROMPT}';
     - every class_set.path -> class_root/<concept index>, an empty folder, so class images are generated;
@@ -215,8 +232,9 @@ def preset_to_tiny(preset: Path, output_dir: Path, class_root: Path, captioned_p
     memory switches stay as the preset sets them: the engine falls back on a CPU as it does for users.
     """
     values = cfg.to_dict(cfg.load(preset))
-    tiny = "demo:tiny-sdxl" if guess_architecture(values["model"]) == "sdxl" else "demo:tiny-sd"
-    values.update(model=tiny, vae=None, tokenizer=None, output_dir=str(output_dir), num_workers=0)
+    tiny = TINY_MODELS.get(guess_architecture(values["model"]), "demo:tiny-sd")
+    values.update(model=tiny, vae=None, tokenizer=None, text_encoder=None, text_encoder_2=None,
+                  output_dir=str(output_dir), num_workers=0)
     values["data"]["resolution"] = 64
     for index, concept in enumerate(values["data"]["concepts"]):
         instance = concept["instance_set"]

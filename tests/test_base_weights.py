@@ -83,3 +83,24 @@ def test_autocast_computes_a_stored_layer_in_bf16():
         out = layer(x)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), F.linear(x, layer.dequantized(), layer.bias), rtol=2e-2, atol=2e-2)
+
+
+def test_t5_keeps_the_layers_transformers_feeds_in_their_weights_dtype_out_of_fp8():
+    """T5's feed-forward casts its input to `wo`'s weight dtype (transformers' _keep_in_fp32_modules): stored
+    in fp8, the activations themselves would be rounded to fp8. `wo` is stored in bf16 instead."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=64, d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2,
+                      feed_forward_proj="gated-gelu", dropout_rate=0.0)
+    reference = T5EncoderModel(config).eval().requires_grad_(False)
+    stored = T5EncoderModel(config).eval().requires_grad_(False)
+    stored.load_state_dict(reference.state_dict())
+    store_frozen(stored, torch.float8_e4m3fn)
+    dtypes = {name: layer.weight.dtype for name, layer in stored.named_modules() if isinstance(layer, StoredLinear)}
+    assert {d for n, d in dtypes.items() if n.endswith(".wo")} == {torch.bfloat16}
+    assert {d for n, d in dtypes.items() if not n.endswith(".wo")} == {torch.float8_e4m3fn}
+    ids = torch.randint(0, 64, (2, 7))
+    out, expected = stored(ids).last_hidden_state, reference(ids).last_hidden_state
+    assert out.dtype == torch.float32
+    assert (out - expected).abs().max() < 0.1 * expected.abs().max()

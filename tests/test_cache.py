@@ -177,16 +177,17 @@ def run_steps(tmp_path, name, steps, **overrides):
     return [json.loads(line) for line in lines]
 
 
-def test_cached_training_matches_uncached_training(tmp_path, class_images):
-    plain = run_steps(tmp_path, "plain", 2)
-    cached = run_steps(tmp_path, "cached", 2, **{"cache.latents": True, "cache.text_embeddings": True})
+@pytest.mark.parametrize("model", ["demo:tiny-sd", "demo:tiny-flux"])
+def test_cached_training_matches_uncached_training(model, tmp_path, class_images):
+    plain = run_steps(tmp_path, "plain", 2, model=model)
+    cached = run_steps(tmp_path, "cached", 2, model=model, **{"cache.latents": True, "cache.text_embeddings": True})
     shards = sorted((tmp_path / "cache").rglob("*.safetensors"))
     assert {p.parent.name.split("-")[0] for p in shards} == {"latents", "text"}
     for a, b in zip(plain, cached):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["prior_loss"] == pytest.approx(b["prior_loss"], rel=1e-5)
     # A second cached run reads the same shards and writes none.
-    again = run_steps(tmp_path, "again", 1, **{"cache.latents": True, "cache.text_embeddings": True})
+    again = run_steps(tmp_path, "again", 1, model=model, **{"cache.latents": True, "cache.text_embeddings": True})
     assert sorted((tmp_path / "cache").rglob("*.safetensors")) == shards
     assert again[0]["loss"] == pytest.approx(cached[0]["loss"], rel=1e-6)
 

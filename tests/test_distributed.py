@@ -26,7 +26,9 @@ def newest_unet(output_dir):
      "cache.fill": "first_epoch", "base_dtype": "fp8"},
     # both SDXL text encoders train too: DDP averages the gradients of the pair as one module
     {"model": "demo:tiny-sdxl", "train_text_encoder": True},
-], ids=["sd", "sdxl"])
+    # the rectified-flow objective with dev's guidance and BFL's resolution-dependent shift, T5 stored in fp8
+    {"model": "demo:tiny-flux", "base_dtype": "fp8", "flow.weighting": "cosmap"},
+], ids=["sd", "sdxl", "flux"])
 def test_two_gloo_ranks_equal_one_process_with_the_same_global_batch(model, tmp_path, class_images):
     steps = {"trainer.max_steps": 4, "sampling.interval_steps": 2, "checkpoint.every_n_train_steps": 2,
              "gradient_checkpointing": True, **model}

@@ -20,14 +20,17 @@ def components_by_name(components) -> dict:
     return {"unet": components.unet, **text_encoder_parts(components.text_encoder), "vae": components.vae}
 
 
-@pytest.mark.parametrize("base_dtype, network, stored", [
-    ("fp32", "lora", {}),
-    ("bf16", "lora", {"unet", "text_encoder"}),
-    ("fp8", "loha", {"unet", "text_encoder"}),
-    ("bf16", "full", {"text_encoder"}),  # a full fine-tune reads the model it trains in fp32
+@pytest.mark.parametrize("base_dtype, network, weights_dtype, stored", [
+    ("fp32", "lora", "fp32", {}),
+    ("bf16", "lora", "fp32", {"unet", "text_encoder"}),
+    ("fp8", "loha", "fp32", {"unet", "text_encoder"}),
+    ("bf16", "full", "fp32", {"text_encoder"}),  # a full fine-tune reads the model it trains in fp32…
+    ("fp32", "full", "bf16", {"unet"}),  # …unless it trains it in bf16
+    ("fp32", "lora", "bf16", {"unet"}),  # an adapter's base under weights_dtype: bf16
 ])
-def test_models_are_read_in_the_dtype_the_run_keeps_them_in(tiny_model, base_dtype, network, stored):
-    config = cfg.from_dict(values(tiny_model, base_dtype=base_dtype, network={"type": network}))
+def test_models_are_read_in_the_dtype_the_run_keeps_them_in(tiny_model, base_dtype, network, weights_dtype, stored):
+    config = cfg.from_dict(values(tiny_model, base_dtype=base_dtype, network={"type": network},
+                                  weights_dtype=weights_dtype))
     components = components_by_name(family_for(config).load(config))
     for name, module in components.items():
         expected = torch.bfloat16 if name in stored else torch.float32

@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 
+import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -39,7 +40,8 @@ def resume_values(output_dir, **overrides):
                                       "checkpoint.save_top_k": 2, "sampling.interval_steps": 10, **overrides})
 
 
-def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, class_images):
+@pytest.mark.parametrize("model", ["demo:tiny-sd", "demo:tiny-flux"])
+def test_sigkill_then_resume_equals_an_uninterrupted_run(model, tmp_path, class_images):
     from engine.data.cache import ShardStore
 
     def values(output_dir):
@@ -48,7 +50,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, class_images)
         # The frozen text encoder is stored in fp8.
         return resume_values(output_dir, **{
             "data.concepts[0].instance_set.repeats": 3, "cache.latents": True, "cache.text_embeddings": True,
-            "base_dtype": "fp8",
+            "base_dtype": "fp8", "model": model,
             "cache.fill": "first_epoch", "cache.dir": str(output_dir / "cache")})
 
     def latents(output_dir):

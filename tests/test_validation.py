@@ -80,6 +80,50 @@ def test_val_loss_of_an_untrained_model_is_the_plain_loss_computed_by_hand(tmp_p
     assert expected[50] != pytest.approx(expected[950], rel=1e-3)  # the timesteps were used, not drawn
 
 
+def test_a_flow_models_val_loss_is_the_unweighted_flow_loss_at_fixed_sigmas(tmp_path, sample_data):
+    """Flux.1: validation timesteps are σ × 1000; the loss weighting and the noise offset stay out of it."""
+    from engine.data.dataset import crop_to_size, load_image, to_tensor
+    from engine.models.family import family_for
+    from engine.step import StepModels
+    from engine.validation import build_validation_set, noise_key, validation_loss
+
+    folder = copy_images(sample_data / "finetune", tmp_path / "held-out", 2)
+    timesteps = [100, 900]
+    config = cfg.from_dict(finetune_values(tmp_path, **{
+        "model": "demo:tiny-flux", "noise_offset": 0.1, "flow.weighting": "cosmap",
+        "validation": {"every_n_steps": 10, "path": str(folder), "timesteps": timesteps, "seed": 3}}))
+    family = family_for(config)
+    components = family.load(config)
+    transformer, vae, encoder = components.unet, components.vae, components.text_encoder
+    scheduler, tokenizer = components.noise_scheduler, components.tokenizer
+    validation = build_validation_set(config, tokenizer, scheduler, [], [(64, 64)])
+    models = StepModels(family=family, unet=transformer, text_encoder=encoder, vae=vae,
+                        objective=family.objective(config, scheduler))
+    per_timestep = validation_loss(config, models, validation, torch.device("cpu"), None)
+
+    hand = {t: [] for t in timesteps}
+    with torch.no_grad():
+        for index, image in enumerate(sorted(folder.glob("*.png"))):
+            pixels = to_tensor(crop_to_size(load_image(str(image)), 64, 64, True, None))[None]
+            distribution = vae.encode(pixels).latent_dist
+            generator = torch.Generator().manual_seed(noise_key(3, index))
+            eps = torch.randn(distribution.mean.shape[1:], generator=generator)
+            sample = distribution.mean + distribution.std * eps
+            latents = (sample - vae.config.shift_factor) * vae.config.scaling_factor
+            noise = torch.randn(latents.shape[1:], generator=generator)[None]
+            ids = tokenizer(image.with_suffix(".txt").read_text(), padding="max_length",
+                            max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+            conditioning = family.encode_text(encoder, ids, 1)
+            for t in timesteps:
+                sigma = t / 1000
+                noisy = (1 - sigma) * latents + sigma * noise
+                prediction = family.predict(transformer, noisy, torch.tensor([float(t)]), conditioning, None)
+                hand[t].append(((prediction - (noise - latents)) ** 2).mean().item())
+    expected = {t: sum(values) / len(values) for t, values in hand.items()}
+    assert per_timestep == pytest.approx(expected, rel=1e-5)
+    assert expected[100] != pytest.approx(expected[900], rel=1e-3)
+
+
 def final_tensors(run_dir):
     newest = checkpoints.latest_checkpoint(run_dir)
     tensors = {}

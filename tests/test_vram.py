@@ -266,7 +266,8 @@ def test_cli_prints_the_breakdown_and_ends_with_the_peak(tiny_model, tmp_path):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     expected = vram.estimate(cfg.load(preset, ["batch_size=1"]))
-    assert lines[-1] == f"peak_gib: {expected.peak:.3f}"
+    assert f"peak_gib: {expected.peak:.3f}" in lines
+    assert lines[-1] == f"system_ram_peak_gib: {expected.ram.peak:.3f}"
     assert f"parameters_gib: {expected.parameters:.3f}" in lines
     assert "2 rows of 64x64" in result.stdout
 

@@ -25,6 +25,11 @@ UNET_CONV_BLOCKS = re.compile(r"(^|\.)(resnets\.\d+|downsamplers\.\d+|upsamplers
 TEXT_PROJECTIONS = re.compile(r"(^|\.)layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])$")
 # SDXL's second encoder is adapted as its first (and as SD's one) is; its pooled output's projection is not.
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+# Flux.1's transformer, as kohya's sd-scripts adapts it: the attention and MLP projections of the double-stream
+# blocks (image and text streams) and of the single-stream blocks; the modulation layers are not adapted.
+FLUX_DOUBLE = re.compile(r"^transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|"
+                         r"add_v_proj|to_add_out)|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2))$")
+FLUX_SINGLE = re.compile(r"^single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out)$")
 
 
 def _is_3x3(module: torch.nn.Module) -> bool:
@@ -55,6 +60,8 @@ def target_modules(model: torch.nn.Module, component: str, network: Network) -> 
             if TEXT_PROJECTIONS.search(name):
                 found[name] = False
         elif UNET_TRANSFORMER.search(name) and not _is_3x3(module):
+            found[name] = False
+        elif FLUX_DOUBLE.search(name) or FLUX_SINGLE.search(name):
             found[name] = False
         elif network.conv_rank and UNET_CONV_BLOCKS.search(name):
             found[name] = _is_3x3(module)

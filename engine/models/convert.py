@@ -11,6 +11,11 @@ under peft's names. It converts to one of three files (ADAPTER_OUTPUTS): the koh
 (the default), the base model with the adapter merged in as one original-layout file (--merge), or
 diffusers' own LoRA layout (--format diffusers). The adapter's layers are rebuilt from the run's
 config.yaml (its network settings) over the base model, and its weights loaded into them.
+
+A FLUX.1 run (its base model recognised as `family.family_for` recognises it) converts to its transformer
+alone in Black Forest Labs' layout (`keymap_flux`), the file ComfyUI's diffusion_models/ folder and Forge
+load beside the CLIP-L, T5-XXL and autoencoder files users already have; the trainer keeps the transformer
+in the checkpoint's unet/ folder.
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ from ..config import Config
 from ..ema import EMA_FOLDER
 from ..errors import UserError
 from .sd import is_diffusers_folder
-from . import keymap_sdxl
+from . import keymap_flux, keymap_sdxl
 from .keymap import KEY_MAPS, check_complete, to_original
 from .single_file import CONFIGS_KEY, model_configs
 from ..run_dir import RunDir
@@ -129,11 +134,28 @@ def _load_model(name: str, folder: Path):
         raise UserError(f"{folder}: not found (needed for the {name})")
     # fp32 whatever the files hold, as training loads them: an adapter is merged at full precision, and
     # every component is cast to its output dtype when written.
+    if name == "unet" and _is_flux_transformer(folder):
+        from diffusers import FluxTransformer2DModel
+
+        return FluxTransformer2DModel.from_pretrained(folder, torch_dtype=torch.float32)
     if name in TEXT_ENCODERS:
         loader = CLIPTextModel if name == "text_encoder" else CLIPTextModelWithProjection
         return loader.from_pretrained(folder, dtype=torch.float32)
     loader = {"unet": UNet2DConditionModel, "vae": AutoencoderKL}[name]
     return loader.from_pretrained(folder, torch_dtype=torch.float32)
+
+
+def _is_flux_transformer(folder: Path) -> bool:
+    config = folder / "config.json"
+    return config.is_file() and json.loads(config.read_text(encoding="utf-8")).get("_class_name") == \
+        "FluxTransformer2DModel"
+
+
+def _component_folder(base: Path, component: str) -> Path:
+    """A component's folder in a diffusers model folder: a FLUX.1 folder's denoiser is transformer/."""
+    if component == "unet" and _is_flux_transformer(base / "transformer"):
+        return base / "transformer"
+    return base / component
 
 
 def checkpoint_path(source: str | Path) -> Path:
@@ -163,6 +185,14 @@ def is_sdxl_source(source: str | Path) -> bool:
     if base is None or not base.exists():
         return False  # load_source says what is wrong with it
     return is_sdxl_folder(base) if base.is_dir() else detect_family(read_shapes(base)) == "sdxl"
+
+
+def is_flux_source(source: str | Path) -> bool:
+    """Whether SOURCE (a checkpoint, run folder or model folder) is of a FLUX.1 model."""
+    from .flux import is_flux
+
+    base = _base_model(checkpoint_path(source))
+    return base is not None and base.exists() and is_flux(str(base))
 
 
 def _with_text_encoders(components: tuple[str, ...], sdxl: bool) -> tuple[str, ...]:
@@ -262,7 +292,15 @@ def load_source(source: str | Path, wanted: tuple[str, ...], ema: bool = False,
 
     result = Source(name=name, adapter=adapter)
     base_components = None
-    if base.is_file():
+    from .flux import is_flux
+
+    if base.is_file() and is_flux(str(base)):
+        from .single_file import flux_config_folder, load_flux_transformer
+
+        result.config_folder = flux_config_folder(base)
+        if "unet" in wanted and "unet" not in own:
+            base_components = {"unet": load_flux_transformer(base)}
+    elif base.is_file():
         from .family import text_encoder_parts
         from .single_file import config_folder, load_single_file_components, read_shapes
 
@@ -281,7 +319,7 @@ def load_source(source: str | Path, wanted: tuple[str, ...], ema: bool = False,
         elif base_components is not None:
             result.models[component] = base_components[component]
         else:
-            result.models[component] = _load_model(component, base / component)
+            result.models[component] = _load_model(component, _component_folder(base, component))
         if adapter is not None and component in adapter.trained:
             result.models[component] = _adapt(result.models[component], component, adapter, merge_adapters, ema)
         if on_loaded:
@@ -403,9 +441,8 @@ def _kohya_file(loaded: Source, dtypes: Mapping[str, torch.dtype]) -> tuple[dict
 
     adapter = loaded.adapter
     state = kohya.to_kohya(loaded.models, adapter.config)
-    prefixes = kohya.prefixes(loaded.models)
     for component in loaded.models:
-        prefix = prefixes[component]
+        prefix = kohya.component_prefixes(loaded.models, component)
         for key in [k for k in state if k.startswith(prefix)]:
             state[key] = state[key].to(dtypes[component])
     written = adapter.checkpoint / kohya.ADAPTER_EXPORT
@@ -428,11 +465,14 @@ def _diffusers_file(loaded: Source, dtypes: Mapping[str, torch.dtype]) -> tuple[
     save_lora_weights writes them, with each component's LoraConfig under lora_adapter_metadata (without
     it the loader would take alpha = rank, and not the network's scale alpha / rank)."""
     from .adapters import adapter_state, peft_config
+    from .kohya import is_flux
 
     network = loaded.adapter.network
     state: dict[str, torch.Tensor] = {}
     configs: dict[str, object] = {}
     for component, model in loaded.models.items():
+        # diffusers' Flux pipelines name their denoiser transformer; the trainer keeps it as the unet
+        name_in_file = "transformer" if is_flux(model) else component
         for key, tensor in adapter_state(model).items():
             if component in TEXT_ENCODERS:
                 # The names as CLIPTextModel nested them before transformers 5: diffusers strips the
@@ -442,12 +482,12 @@ def _diffusers_file(loaded: Source, dtypes: Mapping[str, torch.dtype]) -> tuple[
                     # transformers 5 loads a text encoder's adapter by parameter name, and DoRA's magnitude
                     # is the .weight of a module; peft's own loader (UNet, older transformers) reads both.
                     key += ".weight"
-            state[f"{component}.{key}"] = tensor.to(dtypes[component]).contiguous()
+            state[f"{name_in_file}.{key}"] = tensor.to(dtypes[component]).contiguous()
         # Target modules match by name suffix, so the text encoder's flat names fit either nesting.
         config = peft_config(model, component, network).to_dict()
         for name in DIFFUSERS_CONFIG_FIELDS:
             value = config[name]
-            configs[f"{component}.{name}"] = sorted(value) if isinstance(value, (set, list, tuple)) else value
+            configs[f"{name_in_file}.{name}"] = sorted(value) if isinstance(value, (set, list, tuple)) else value
     return state, {"format": "pt", "lora_adapter_metadata": json.dumps(configs, indent=2, sort_keys=True)}
 
 
@@ -520,8 +560,10 @@ def convert_checkpoint(source: str | Path, out: str | Path, *, text_encoder: boo
         wanted = tuple(c for c in adapter.trained if text_encoder or c not in TEXT_ENCODERS)
         return _convert_adapter(adapter, out, adapter_output, wanted, dtypes, overwrite, ema, emit)
 
-    sdxl = is_sdxl_source(source)
-    wanted = _with_text_encoders(tuple(c for c, keep in zip(COMPONENTS, (True, vae, text_encoder)) if keep), sdxl)
+    flux = is_flux_source(source)
+    sdxl = not flux and is_sdxl_source(source)
+    wanted = ("unet",) if flux else _with_text_encoders(
+        tuple(c for c, keep in zip(COMPONENTS, (True, vae, text_encoder)) if keep), sdxl)
     step = ProgressSteps(emit, total=2 * len(wanted) + 1)  # load and convert each component, then write
 
     # A named output file is checked before minutes of loading; a folder's file name needs the source.
@@ -537,6 +579,8 @@ def convert_checkpoint(source: str | Path, out: str | Path, *, text_encoder: boo
     target, fmt = output_path(out, loaded.name, fmt)
     _refuse_existing(target, overwrite)
     _make_output_folder(target)
+    if flux:
+        return _write_flux(loaded, target, fmt, dtypes["unet"], step, emit)
 
     expected = estimate_output_bytes(loaded.models, dtypes)
     free = shutil.disk_usage(target.parent).free
@@ -559,6 +603,25 @@ def convert_checkpoint(source: str | Path, out: str | Path, *, text_encoder: boo
     _write(state, target, fmt, {"format": "pt", CONFIGS_KEY: json.dumps(
         model_configs(loaded.config_folder, loaded.prediction_type), sort_keys=True)})
     step(f"wrote {target} ({format_size(target.stat().st_size)})")
+    return target
+
+
+def _write_flux(loaded: Source, target: Path, fmt: str, dtype: torch.dtype, step: "ProgressSteps",
+                emit: Callable[[events.Event], None]) -> Path:
+    """A FLUX.1 transformer as one original-layout file, without prefix: what ComfyUI's diffusion_models/
+    folder loads (its text encoders and autoencoder are separate files there)."""
+    state = {key: tensor.to(dtype) if tensor.is_floating_point() else tensor
+             for key, tensor in keymap_flux.to_original(loaded.models.pop("unet").state_dict()).items()}
+    expected = sum(t.numel() * t.element_size() for t in state.values())
+    free = shutil.disk_usage(target.parent).free
+    if free < expected:
+        raise UserError(f"not enough free space in {target.parent}: the file needs about {format_size(expected)}, "
+                        f"{format_size(free)} free")
+    step(f"converted the transformer to {str(dtype).removeprefix('torch.')}")
+    _write(state, target, fmt)
+    step(f"wrote {target} ({format_size(target.stat().st_size)})")
+    emit(events.Log(message="FLUX.1: the file holds the transformer only (ComfyUI's diffusion_models/ folder); "
+                            "load CLIP-L, T5-XXL and the autoencoder (ae.safetensors) beside it"))
     return target
 
 

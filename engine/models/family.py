@@ -8,9 +8,9 @@ pipeline that renders samples and class images. For the DDPM families the noise 
 target is set here from the config.
 
 The conditioning is a dict of tensors with one row per sample: `encoder_hidden_states` for every family,
-plus what a family adds (SDXL: the pooled `text_embeds`). The caches store it and classifier-free
-dropout zeroes it without knowing its parts. A batch's `time_ids` (each sample's original size, crop
-top-left and target size) go to the families that condition on them.
+plus what a family adds (SDXL: the pooled `text_embeds`; Flux.1: CLIP's pooled `pooled_projections`). The
+caches store it and classifier-free dropout zeroes it without knowing its parts. A batch's `time_ids` (each
+sample's original size, crop top-left and target size) go to the families that condition on them.
 """
 from __future__ import annotations
 
@@ -51,17 +51,24 @@ class ModelFamily(Protocol):
 def family_for(config: Config) -> ModelFamily:
     """The family of the config's model, recognised from its files. SD1.x and SD2.x share one; their
     difference (text encoder and prediction type) is in the model's own configs."""
+    from .flux import Flux1, is_flux
     from .sd import StableDiffusion
     from .sdxl import StableDiffusionXL
 
+    if is_flux(config.model):
+        return Flux1()
     return StableDiffusionXL() if is_sdxl(config.model) else StableDiffusion()
 
 
 def family_named(name: str) -> ModelFamily:
-    """The family an architecture name ('sd15', 'sd21', 'sdxl') belongs to."""
+    """The family an architecture name ('sd15', 'sd21', 'sdxl', 'flux1-dev', 'flux1-schnell') or a family's
+    own name belongs to."""
+    from .flux import Flux1
     from .sd import StableDiffusion
     from .sdxl import StableDiffusionXL
 
+    if name.startswith("flux1"):
+        return Flux1()
     return StableDiffusionXL() if name == "sdxl" else StableDiffusion()
 
 
@@ -78,9 +85,14 @@ def is_sdxl(model: str) -> bool:
 
 
 def text_encoder_parts(text_encoder) -> dict[str, torch.nn.Module]:
-    """The text encoders by their diffusers names: SDXL's pair, or the one of SD1.x/SD2.x."""
+    """The text encoders by their diffusers names: SDXL's or Flux.1's pair, or the one of SD1.x/SD2.x."""
     module = getattr(text_encoder, "module", text_encoder)
     return module.parts() if hasattr(module, "parts") else {"text_encoder": text_encoder}
+
+
+def never_trained_parts(text_encoder) -> tuple[str, ...]:
+    """The text encoders a family never trains whatever the config says (Flux.1's T5-XXL)."""
+    return getattr(getattr(text_encoder, "module", text_encoder), "never_trained", ())
 
 
 def configure_noise_schedule(components: Components, config: Config) -> None:

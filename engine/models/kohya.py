@@ -5,7 +5,12 @@ Each adapted module is named after its diffusers module path with dots as unders
 which transformers 5 no longer does). SDXL's are named as kohya's SDXL trainer names them: the text
 encoders behind `lora_te1_`/`lora_te2_`, the UNet's modules by their original-layout paths
 (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`), since that trainer adapts its own copy of
-the original UNet. Its tensors are `lora_down.weight`/`lora_up.weight` (LoRA, LoCon) plus `dora_scale`
+the original UNet. Flux.1's transformer is named as kohya's Flux trainer names it, by Black Forest Labs'
+original modules (`lora_unet_double_blocks_0_img_attn_qkv`, `lora_unet_single_blocks_0_linear1`), the
+diffusers modules that the original fuses (q/k/v; a single block's q/k/v and MLP input) fused exactly
+(FLUX_FUSED); a type that cannot be fused (LoKr) keeps those modules apart, each under its diffusers path
+behind `lora_transformer_` (OneTrainer's names), which ComfyUI maps to its slice of the fused weight.
+Its tensors are `lora_down.weight`/`lora_up.weight` (LoRA, LoCon) plus `dora_scale`
 (DoRA), `hada_w1_a`… (LoHa) or `lokr_w1`… (LoKr), and a scalar `alpha`: the UIs scale the update by
 alpha / rank, as the trainer did. The `ss_*` metadata are kohya's, read by the UIs and model sites.
 
@@ -29,12 +34,24 @@ from .. import paths
 from ..config import Config
 from ..errors import UserError
 from .adapters import adapter_state, load_adapter_state, target_modules
+from .keymap_flux import module_map as flux_module_map
 from .keymap_sdxl import is_sdxl_models, unet_module_names
 
 ADAPTER_EXPORT = "adapter.safetensors"  # in each checkpoint of an adapter run
 PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 SDXL_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 SDXL_VERSION = "sdxl_base_v1-0"  # ss_base_model_version of kohya's SDXL files
+# ss_base_model_version of kohya's Flux.1 files (sd-scripts, library/flux_utils.py MODEL_VERSION_FLUX_V1)
+FLUX_VERSION = "flux1"
+FLUX_PREFIXES = {"text_encoder": "lora_te1_"}  # a Flux run's CLIP-L adapter, as kohya's Flux trainer names it
+FLUX_PREFIX = "lora_unet_"  # an original-layout module of the transformer
+FLUX_PART_PREFIX = "lora_transformer_"  # a diffusers module that the original layout fuses with others
+# Adapter types whose update of fused modules is one adapter of the same type: the fused module's (rank, in)
+# factors stacked, its (out, rank) factors block-diagonal, its alpha times the number of parts (alpha / rank
+# unchanged), and DoRA's per-output-row scale concatenated. LoKr's Kronecker product has no such form.
+FLUX_FUSED = ("lora", "dora", "loha")
+_BLOCK_DIAGONAL = ("lora_B.weight", "hada_w1_a", "hada_w2_a")  # the (out, rank) factors; the others stack
+_OUTPUT_ROWS = ("lora_magnitude_vector",)  # (out,) in peft, (out, 1) in the file
 # peft's parameter names inside an adapted module -> kohya/LyCORIS names
 PARAMETERS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight",
               "lora_magnitude_vector": "dora_scale"}
@@ -48,9 +65,25 @@ DORA_NOTE = ("AUTOMATIC1111 (and ComfyUI or Forge versions without output-axis D
              "`python -m engine convert --merge` writes.")
 
 
+def is_flux(model: torch.nn.Module) -> bool:
+    from diffusers import FluxTransformer2DModel
+
+    return isinstance(model, FluxTransformer2DModel)
+
+
 def prefixes(models: Mapping[str, torch.nn.Module]) -> dict[str, str]:
-    """Each component's name prefix in the file of these models (SD's, or SDXL's)."""
+    """Each component's name prefix in the file of these models (SD's, SDXL's or, for the text encoder, a
+    Flux run's)."""
+    if any(is_flux(model) for model in models.values()):
+        return FLUX_PREFIXES
     return SDXL_PREFIXES if is_sdxl_models(models) else PREFIXES
+
+
+def component_prefixes(models: Mapping[str, torch.nn.Module], component: str) -> tuple[str, ...]:
+    """The name prefixes of models[component]'s modules in the file (a Flux transformer's are two)."""
+    if is_flux(models[component]):
+        return FLUX_PREFIX, FLUX_PART_PREFIX
+    return (prefixes(models)[component],)
 
 
 def kohya_module_name(component: str, module: str, prefix: str = "") -> str:
@@ -116,11 +149,110 @@ def _bake_lokr_scale(state: dict, name: str, trained_scale: float, inverse: bool
     state[factor] = state[factor] / ratio if inverse else state[factor] * ratio
 
 
+def _adapted(model: torch.nn.Module) -> list[str]:
+    """The names of the model's adapted modules (its peft layers)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+
+
+def flux_layout(model: torch.nn.Module, network_type: str) -> dict[str, tuple[str, ...]]:
+    """The file's module names of an adapted Flux transformer, each with the diffusers modules it holds
+    (several when fused)."""
+    adapted = _adapted(model)
+    places = flux_module_map(model.state_dict().keys())
+    layout: dict[str, tuple[str, ...]] = {}
+    for module in adapted:
+        if module not in places:
+            raise UserError(f"the adapted module {module} has no place in Flux's original layout")
+        original, group = places[module]
+        if len(group) == 1:
+            layout[FLUX_PREFIX + original.replace(".", "_")] = group
+        elif network_type in FLUX_FUSED and set(group) <= set(adapted):
+            layout[FLUX_PREFIX + original.replace(".", "_")] = group
+        else:
+            layout[FLUX_PART_PREFIX + module.replace(".", "_")] = (module,)
+    return layout
+
+
+def _flux_to_kohya(model: torch.nn.Module, network) -> dict[str, torch.Tensor]:
+    """An adapted Flux transformer's tensors in the file's layout (flux_layout)."""
+    modules = {name: None for name in _adapted(model)}
+    per_module: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in adapter_state(model).items():
+        module, parameter = _split(key, modules)
+        if parameter == "lora_magnitude_vector":
+            tensor = _dora_scale(tensor, model.get_submodule(module))
+        per_module.setdefault(module, {})[parameter] = tensor.float()
+    out: dict[str, torch.Tensor] = {}
+    for name, group in flux_layout(model, network.type).items():
+        for parameter in per_module[group[0]]:
+            parts = [per_module[module][parameter] for module in group]
+            tensor = torch.block_diag(*parts) if parameter in _BLOCK_DIAGONAL else torch.cat(parts, dim=0)
+            out[f"{name}.{PARAMETERS.get(parameter, parameter)}"] = tensor.contiguous()
+        out[f"{name}.alpha"] = torch.tensor(float(network.alpha * len(group)))
+        if network.type == "lokr":
+            _bake_lokr_scale(out, name, network.alpha / network.rank)
+    return out
+
+
+def _flux_from_kohya(state: Mapping[str, torch.Tensor], model: torch.nn.Module, network,
+                     key: str) -> dict[str, torch.Tensor]:
+    """The peft weights of a Flux transformer's adapter from the file's (the inverse of _flux_to_kohya). A
+    fused module whose update is not block-diagonal (trained fused, as kohya's trainer does) is refused:
+    it has no exact split into this network's modules."""
+    renamed = {kohya: peft for peft, kohya in PARAMETERS.items()}
+    shapes = {k: v.shape for k, v in adapter_state(model).items()}
+    layout = flux_layout(model, network.type)
+    if network.type == "lokr":
+        state = dict(state)
+        for name in layout:
+            if f"{name}.alpha" in state:
+                _bake_lokr_scale(state, name, float(state[f"{name}.alpha"]) / network.rank, inverse=True)
+    own: dict[str, torch.Tensor] = {}
+    for file_key, tensor in state.items():
+        name, _, parameter = file_key.partition(".")
+        if not name.startswith((FLUX_PREFIX, FLUX_PART_PREFIX)) or parameter == "alpha":
+            continue
+        if name not in layout:
+            raise UserError(f"config key '{key}': {file_key} names no module of this model (another "
+                            "architecture, or modules this network does not adapt)")
+        group = layout[name]
+        alpha, wanted = state.get(f"{name}.alpha"), network.alpha * len(group)
+        if alpha is not None and float(alpha) != float(wanted):
+            fused = f" times its {len(group)} fused parts" if len(group) > 1 else ""
+            raise UserError(f"config key '{key}': {name} was trained with alpha {float(alpha):g}, this network "
+                            f"has {wanted:g} (network.alpha{fused})")
+        parameter = renamed.get(parameter, parameter)
+        own_shapes = [shapes.get(f"{module}.{parameter}") for module in group]
+        if None in own_shapes:  # not a weight of this network: load_adapter_state names it
+            own[f"{group[0]}.{parameter}"] = tensor
+            continue
+        rows = [shape[0] for shape in own_shapes]
+        if sum(rows) != tensor.shape[0]:
+            raise UserError(f"config key '{key}': {file_key} has {tensor.shape[0]} rows, this network's "
+                            f"{len(group)} fused parts {sum(rows)} (another rank or architecture)")
+        pieces = list(tensor.split(rows, dim=0))
+        if parameter in _BLOCK_DIAGONAL:
+            ranks = [shape[1] for shape in own_shapes]
+            blocks = [piece.split(ranks, dim=1) for piece in pieces]
+            if any(blocks[i][j].any() for i in range(len(group)) for j in range(len(group)) if i != j):
+                raise UserError(f"config key '{key}': {name} was trained as one fused module and cannot be "
+                                "split into this network's separate modules")
+            pieces = [blocks[i][i] for i in range(len(group))]
+        for module, piece, shape in zip(group, pieces, own_shapes):
+            own[f"{module}.{parameter}"] = piece.reshape(shape) if parameter in _OUTPUT_ROWS else piece
+    return own
+
+
 def to_kohya(models: Mapping[str, torch.nn.Module], config: Config) -> dict[str, torch.Tensor]:
     """The adapters of models ({"unet": …, "text_encoder": …}) in the kohya/LyCORIS layout."""
     network = config.network
     out: dict[str, torch.Tensor] = {}
     for component, model in models.items():
+        if is_flux(model):
+            out.update(_flux_to_kohya(model, network))
+            continue
         targets = target_modules(model, component, network)
         names = module_names(models, component, targets)
         for key, tensor in adapter_state(model).items():
@@ -161,6 +293,12 @@ def from_kohya(state: Mapping[str, torch.Tensor], models: Mapping[str, torch.nn.
     renamed = {kohya: peft for peft, kohya in PARAMETERS.items()}
     state = dict(state)
     for component, model in models.items():
+        if is_flux(model):
+            load_adapter_state(model, _flux_from_kohya(state, model, network, key), key)
+            if network.type == "dora":
+                for module in _adapted(model):
+                    _magnitude_from_file(model.get_submodule(module))
+            continue
         targets = target_modules(model, component, network)
         by_name = {name: module for module, name in module_names(models, component, targets).items()}
         prefix = prefixes(models)[component]
@@ -194,6 +332,8 @@ def from_kohya(state: Mapping[str, torch.Tensor], models: Mapping[str, torch.nn.
 
 
 def base_model_version(config: Config, models: Mapping[str, torch.nn.Module]) -> str:
+    if any(is_flux(model) for model in models.values()):
+        return FLUX_VERSION
     if is_sdxl_models(models):
         return SDXL_VERSION
     width = models["unet"].config.cross_attention_dim

@@ -10,6 +10,11 @@ The tokenizers come from `tokenizer:`, else from the folder's tokenizer folders,
 vocabulary with the family's padding tokens (`clip_vocab`). SDXL's second tokenizer is the folder's
 tokenizer_2/, or else the first one padding with "!": both have one vocabulary and differ only in the
 padding token.
+
+Flux.1 comes as ComfyUI keeps it (`load_flux_files`): Black Forest Labs' transformer file (flux1-dev.safetensors,
+for ComfyUI's diffusion_models/ folder) with CLIP-L (clip_l.safetensors), T5-XXL (t5xxl_fp16.safetensors) and
+BFL's autoencoder (ae.safetensors) as separate files, or one checkpoint holding all four under ComfyUI's
+prefixes (FLUX_PARTS). Each model's architecture is the shipped FLUX.1 config with the sizes its tensors show.
 """
 from __future__ import annotations
 
@@ -17,13 +22,14 @@ import hashlib
 import json
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
 
 from .. import notices, paths
 from ..errors import UserError
-from . import clip_vocab, keymap_sdxl
+from . import clip_vocab, keymap_flux, keymap_sdxl
 from .keymap import CLIP_PREFIX, OPEN_CLIP_PREFIX, TEXT_ENCODER_PREFIX, UNET_PREFIX, VAE_PREFIX
 from .sd import Components, load_tokenizer
 from .sdxl import TextEncoders, is_sdxl_folder
@@ -61,9 +67,29 @@ _SDXL_ENCODERS = {"text_encoder": keymap_sdxl.CONDITIONER_PREFIX + "0.transforme
                   "text_encoder_2": keymap_sdxl.OPEN_CLIP_PREFIX}
 
 
+# What only Flux.1's transformer has, in BFL's layout.
+_FLUX_KEYS = ("double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight")
+# Where a ComfyUI checkpoint of Flux.1 keeps each part (comfy/supported_models.py, Flux: vae_key_prefix
+# "vae.", text_encoder_key_prefix "text_encoders.", its clip_l and t5xxl; the model under model.diffusion_model.)
+FLUX_PARTS = {"transformer": keymap_flux.PREFIX, "text_encoder": "text_encoders.clip_l.transformer.",
+              "text_encoder_2": "text_encoders.t5xxl.transformer.", "vae": "vae."}
+FLUX_FILES = {"text_encoder": "CLIP ViT-L (clip_l.safetensors)", "text_encoder_2": "T5-XXL (t5xxl_fp16.safetensors)",
+              "vae": "the FLUX.1 autoencoder (ae.safetensors)"}
+
+
+def _flux_prefix(shapes) -> Optional[str]:
+    """The prefix of a Flux.1 transformer's keys in these tensors ('' for a bare one), or None."""
+    for prefix in (keymap_flux.PREFIX, ""):
+        if all(prefix + key in shapes for key in _FLUX_KEYS):
+            return prefix
+    return None
+
+
 def detect_family(shapes: dict[str, tuple[int, ...]]) -> Optional[str]:
-    """'sd15', 'sd21' or 'sdxl' when the tensors have that architecture's text width and text encoders,
-    else None."""
+    """'sd15', 'sd21', 'sdxl' or 'flux1' when the tensors have that architecture's text width and text
+    encoders (Flux.1: its transformer's blocks), else None."""
+    if _flux_prefix(shapes) is not None:
+        return "flux1"
     if _SDXL_KEY in shapes:
         found = {key for key in shapes if key.startswith(keymap_sdxl.CONDITIONER_PREFIX)}
         return "sdxl" if all(key.startswith(tuple(_SDXL_ENCODERS.values())) for key in found) else None
@@ -271,3 +297,205 @@ def load_single_file_components(path: str | Path, vae: Optional[str] = None,
     return Components(
         tokenizer=pipeline.tokenizer, text_encoder=text_encoder, vae=pipeline.vae, unet=pipeline.unet,
         noise_scheduler=DDPMScheduler.from_config(pipeline.scheduler.config), model_path=str(path))
+
+
+def _read_tensors(path: Path, prefix: str, key: str) -> dict[str, torch.Tensor]:
+    """The tensors under prefix in a .safetensors file, without it; only those are read."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as handle:
+            return {name[len(prefix):]: handle.get_tensor(name) for name in handle.keys() if name.startswith(prefix)}
+    except (SafetensorError, OSError) as error:
+        raise UserError(f"config key '{key}': cannot read {path} as a .safetensors file: {error}") from None
+
+
+def _count(keys, prefix: str) -> int:
+    """How many numbered blocks prefix.N. the keys have."""
+    return len({key[len(prefix):].split(".", 1)[0] for key in keys if key.startswith(prefix)})
+
+
+def _load_weights(model: torch.nn.Module, state: dict, key: str, source: str,
+                  dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Put state (cast to dtype) into a model built without weights; any missing or extra tensor is refused."""
+    try:
+        result = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
+    except RuntimeError as error:  # a tensor of another shape
+        raise UserError(f"config key '{key}': {source} does not fit its architecture: "
+                        f"{str(error).strip().splitlines()[-1].strip()}") from None
+    if result.missing_keys or result.unexpected_keys:
+        detail = (f"{len(result.missing_keys)} missing, {len(result.unexpected_keys)} unexpected, e.g. "
+                  f"{(result.missing_keys or result.unexpected_keys)[0]}")
+        raise UserError(f"config key '{key}': {source} does not fit its architecture: {detail}")
+    return model.eval()
+
+
+def _flux_transformer_config(shapes: dict, prefix: str) -> dict:
+    """The shipped FLUX.1-dev config (schnell's without the guidance embedding) with the sizes the tensors
+    show; the rotary axes are no tensor's shape and stay FLUX.1's."""
+    from diffusers import FluxTransformer2DModel
+
+    guidance = prefix + "guidance_in.in_layer.weight" in shapes
+    config = dict(FluxTransformer2DModel.load_config(BUILTIN_CONFIGS / ("flux1-dev" if guidance else "flux1-schnell")
+                                                     / "transformer"))
+    width, in_channels = shapes[prefix + "img_in.weight"]
+    head_width = shapes[prefix + "double_blocks.0.img_attn.norm.query_norm.scale"][0]
+    config.update(in_channels=in_channels, num_layers=_count(shapes, prefix + "double_blocks."),
+                  num_single_layers=_count(shapes, prefix + "single_blocks."), attention_head_dim=head_width,
+                  num_attention_heads=width // head_width, joint_attention_dim=shapes[prefix + "txt_in.weight"][1],
+                  pooled_projection_dim=shapes[prefix + "vector_in.in_layer.weight"][1], guidance_embeds=guidance)
+    return config
+
+
+def _flux_transformer(path: Path, config: dict, prefix: str, dtype: torch.dtype = torch.float32):
+    from accelerate import init_empty_weights
+    from diffusers import FluxTransformer2DModel
+
+    try:
+        state = keymap_flux.from_original(_read_tensors(path, prefix, "model"))
+    except (RuntimeError, KeyError, IndexError) as error:  # diffusers' converter on other shapes
+        raise UserError(f"config key 'model': {path.name} is not a FLUX.1 transformer diffusers can read "
+                        f"({type(error).__name__}: {error})") from None
+    with init_empty_weights():
+        model = FluxTransformer2DModel.from_config(config)
+    return _load_weights(model, state, "model", path.name, dtype)
+
+
+def _flux_clip(state: dict, transformer_config, source: str, dtype: torch.dtype):
+    """CLIP-L as ComfyUI keeps it (transformers' names under text_model.; a projection, which Flux does not
+    use, ignored). Its width must be the transformer's pooled input."""
+    from accelerate import init_empty_weights
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    state = {k.removeprefix("text_model."): v for k, v in state.items()
+             if k not in ("text_projection.weight", "logit_scale") and not k.endswith("position_ids")}
+    embedding = state.get("embeddings.token_embedding.weight")
+    if embedding is None:
+        raise UserError(f"config key 'text_encoder': {source} is not a CLIP text encoder (no "
+                        "text_model.embeddings.token_embedding.weight); set it to CLIP ViT-L, clip_l.safetensors")
+    wanted = transformer_config.pooled_projection_dim
+    if embedding.shape[1] != wanted:
+        raise UserError(f"config key 'text_encoder': {source} is a CLIP text encoder {embedding.shape[1]} wide; this "
+                        f"FLUX.1 transformer takes CLIP ViT-L's pooled output, {wanted} wide (clip_l.safetensors)")
+    # The head count is no tensor's shape: CLIP ViT-L's is kept.
+    config = CLIPTextConfig.from_pretrained(BUILTIN_CONFIGS / "flux1-dev" / "text_encoder")
+    for name, value in dict(vocab_size=embedding.shape[0], hidden_size=embedding.shape[1],
+                            intermediate_size=state["encoder.layers.0.mlp.fc1.weight"].shape[0],
+                            num_hidden_layers=_count(state, "encoder.layers."),
+                            max_position_embeddings=state["embeddings.position_embedding.weight"].shape[0]).items():
+        setattr(config, name, value)
+    with init_empty_weights():
+        model = CLIPTextModel(config)
+    return _load_weights(model, state, "text_encoder", source, dtype)
+
+
+def _flux_t5(state: dict, transformer_config, source: str, dtype: torch.dtype):
+    """T5's encoder as ComfyUI keeps it (transformers' T5EncoderModel names). Its width must be the
+    transformer's text input."""
+    from accelerate import init_empty_weights
+    from transformers import T5Config, T5EncoderModel
+
+    shared = state.get("shared.weight", state.get("encoder.embed_tokens.weight"))
+    bias = state.get("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
+    if shared is None or bias is None:
+        raise UserError(f"config key 'text_encoder_2': {source} is not a T5 encoder (no shared.weight and "
+                        "encoder.block.0 attention); set it to T5-XXL, t5xxl_fp16.safetensors")
+    wanted = transformer_config.joint_attention_dim
+    if shared.shape[1] != wanted:
+        raise UserError(f"config key 'text_encoder_2': {source} is a T5 encoder {shared.shape[1]} wide; this FLUX.1 "
+                        f"transformer takes T5-XXL's hidden states, {wanted} wide (t5xxl_fp16.safetensors)")
+    heads = bias.shape[1]
+    config = T5Config.from_pretrained(BUILTIN_CONFIGS / "flux1-dev" / "text_encoder_2")
+    for name, value in dict(vocab_size=shared.shape[0], d_model=shared.shape[1], num_heads=heads,
+                            d_kv=state["encoder.block.0.layer.0.SelfAttention.q.weight"].shape[0] // heads,
+                            d_ff=state["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"].shape[0],
+                            num_layers=_count(state, "encoder.block.")).items():
+        setattr(config, name, value)
+    # the input embedding is the shared one; files hold it under either name or both
+    state = {**state, "shared.weight": shared, "encoder.embed_tokens.weight": shared}
+    with init_empty_weights():
+        model = T5EncoderModel(config)
+    model = _load_weights(model, state, "text_encoder_2", source, dtype)
+    model.encoder.embed_tokens = model.shared
+    return model
+
+
+def _flux_vae(state: dict, transformer_config, source: str, dtype: torch.dtype):
+    """BFL's autoencoder (the LDM layout, without quant convolutions), by diffusers' converter."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    if "decoder.conv_in.weight" not in state or "encoder.down.0.block.0.conv1.weight" not in state:
+        raise UserError(f"config key 'vae': {source} is not an autoencoder in the original layout (no "
+                        "encoder.down / decoder weights); set it to ae.safetensors")
+    latent = state["decoder.conv_in.weight"].shape[1]
+    wanted = transformer_config.in_channels // 4  # the transformer packs 2x2 latent pixels into a token
+    if latent != wanted:
+        raise UserError(f"config key 'vae': {source} has {latent} latent channels; this FLUX.1 transformer takes "
+                        f"{wanted} (ae.safetensors)")
+    config = dict(AutoencoderKL.load_config(BUILTIN_CONFIGS / "flux1-dev" / "vae"))
+    levels = _count(state, "encoder.down.")
+    # The group-norm count is no tensor's shape: FLUX.1's is kept.
+    config.update(block_out_channels=[state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(levels)],
+                  layers_per_block=_count(state, "encoder.down.0.block."), latent_channels=latent,
+                  down_block_types=["DownEncoderBlock2D"] * levels, up_block_types=["UpDecoderBlock2D"] * levels)
+    with init_empty_weights():
+        model = AutoencoderKL.from_config(config)
+    return _load_weights(model, convert_ldm_vae_checkpoint(state, config), "vae", source, dtype)
+
+
+_FLUX_LOADERS = {"text_encoder": _flux_clip, "text_encoder_2": _flux_t5, "vae": _flux_vae}
+
+
+def _flux_file(transformer_file) -> tuple[Path, dict, str]:
+    """A FLUX.1 model file's path, tensor shapes and transformer prefix; anything else refused naming `model`."""
+    path = Path(paths.resolve(str(transformer_file)))
+    shapes = read_shapes(path)
+    prefix = _flux_prefix(shapes)
+    if prefix is None:
+        family = detect_family(shapes)
+        found = f"an {family.upper()} checkpoint" if family else "not a FLUX.1 transformer"
+        raise UserError(f"config key 'model': {path.name} is {found}; a FLUX.1 model file holds its transformer "
+                        "in Black Forest Labs' layout (double_blocks.*, single_blocks.*), as flux1-dev.safetensors")
+    return path, shapes, prefix
+
+
+def flux_config_folder(transformer_file) -> Path:
+    """The shipped configs of a FLUX.1 file's variant: dev's with a guidance embedding, else schnell's."""
+    _, shapes, prefix = _flux_file(transformer_file)
+    return BUILTIN_CONFIGS / ("flux1-dev" if prefix + "guidance_in.in_layer.weight" in shapes else "flux1-schnell")
+
+
+def load_flux_transformer(transformer_file):
+    """Only the transformer of a FLUX.1 file (a bare one or a ComfyUI checkpoint), fp32 on the CPU."""
+    path, shapes, prefix = _flux_file(transformer_file)
+    return _flux_transformer(path, _flux_transformer_config(shapes, prefix), prefix)
+
+
+def load_flux_files(transformer_file, text_encoder=None, text_encoder_2=None, vae=None,
+                    dtypes: Optional[dict] = None) -> dict:
+    """FLUX.1 from ComfyUI-style files on the CPU: {"transformer", "text_encoder" (CLIP-L), "text_encoder_2"
+    (T5-XXL), "vae"}, each in its dtype in `dtypes` (by those names; fp32 where not given), cast from the
+    file's as it is read. A part given as its own file replaces the checkpoint's; a part neither given nor in
+    the checkpoint is refused naming its config key."""
+    dtype = {name: torch.float32 for name in ("transformer", "text_encoder", "text_encoder_2", "vae")} | (dtypes or {})
+    path, shapes, prefix = _flux_file(transformer_file)
+    config = _flux_transformer_config(shapes, prefix)
+    sizes = SimpleNamespace(**config)  # what the other parts must fit, checked before the transformer is read
+    loaded = {}
+    given = {"text_encoder": text_encoder, "text_encoder_2": text_encoder_2, "vae": vae}
+    for name, loader in _FLUX_LOADERS.items():
+        if given[name]:
+            source = Path(paths.resolve(str(given[name])))
+            if not source.is_file():
+                raise UserError(f"config key '{name}': not a file: {source}")
+            # a ComfyUI checkpoint given for one part: that part of it
+            state = _read_tensors(source, FLUX_PARTS[name], name) or _read_tensors(source, "", name)
+        elif any(key.startswith(FLUX_PARTS[name]) for key in shapes):
+            source, state = path, _read_tensors(path, FLUX_PARTS[name], name)
+        else:
+            raise UserError(f"config key '{name}': {path.name} holds no {name.replace('_', ' ')}; set {name}: to "
+                            f"{FLUX_FILES[name]}")
+        loaded[name] = loader(state, sizes, source.name, dtype[name])
+    return {"transformer": _flux_transformer(path, config, prefix, dtype["transformer"]), **loaded}

@@ -3,7 +3,8 @@
 Nothing here downloads anything. Each tiny pipeline is a real architecture's shipped configs
 (`configs/pipelines/`) with only widths and depths shrunk, so it keeps every quirk of the real model:
 special-token ids, padding tokens, activations, scaling factors, prediction type, `force_upcast`, the
-noise schedule. It tokenizes with the real CLIP vocabulary and its real padding token.
+noise schedule. It tokenizes with the real CLIP vocabulary and its real padding token (and Flux.1's second
+tokenizer with T5's real vocabulary, `t5_vocab`).
 """
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ import json
 import random
 from pathlib import Path
 
-from . import clip_vocab
+from . import clip_vocab, t5_vocab
 
 REAL_CONFIGS = Path(__file__).resolve().parent / "configs" / "pipelines"
 # demo architecture name: the shipped real configs it shrinks
-ARCHITECTURES = {"sd": "sd15", "sd21": "sd21", "sdxl": "sdxl"}
+ARCHITECTURES = {"sd": "sd15", "sd21": "sd21", "sdxl": "sdxl", "flux": "flux1-dev", "flux-schnell": "flux1-schnell"}
 TINY_TEXT_DIM = 32
 
 
@@ -33,6 +34,19 @@ _SD_UNET = {"sample_size": 8, "layers_per_block": 1, "block_out_channels": [32, 
 _TIME_EMBED_DIM = 8
 # SDXL's time ids: original size, crop top-left and target size, two numbers each.
 _TIME_IDS = 6
+# Flux.1: one double-stream and one single-stream block, two heads whose 16 channels split over the rotary
+# axes (index, height, width) as the real 128 do (16, 56, 56). The text streams are the tiny encoders':
+# T5's hidden states and CLIP's pooled output (its hidden size, which the pooler keeps).
+_T5 = {"d_model": TINY_TEXT_DIM, "d_ff": 2 * TINY_TEXT_DIM, "d_kv": 8, "num_heads": 4, "num_layers": 2,
+       "num_decoder_layers": 2}
+_FLUX = {
+    "text_encoder": _text(2), "text_encoder_2": _T5,
+    "transformer": {"num_layers": 1, "num_single_layers": 1, "num_attention_heads": 2, "attention_head_dim": 16,
+                    "axes_dims_rope": [4, 6, 6], "joint_attention_dim": TINY_TEXT_DIM,
+                    "pooled_projection_dim": TINY_TEXT_DIM},
+    # Four blocks (8x geometry) with the real 16 latent channels and the real 32 norm groups (no tensor shows
+    # the group count, so a loader rebuilding the VAE from its tensors assumes the real one): 32 wide
+    "vae": {"block_out_channels": [32, 32, 32, 32], "layers_per_block": 1, "sample_size": 64}}
 
 # The size of every component: only these keys differ from the real configs.
 SIZES = {
@@ -47,7 +61,10 @@ SIZES = {
                  # the hidden states of both encoders side by side, as SDXL's 768 + 1280
                  "cross_attention_dim": 3 * TINY_TEXT_DIM, "addition_time_embed_dim": _TIME_EMBED_DIM,
                  "projection_class_embeddings_input_dim": _TIME_IDS * _TIME_EMBED_DIM + 2 * TINY_TEXT_DIM}},
+    "flux": _FLUX, "flux-schnell": _FLUX,
 }
+# The length of FLUX.1's T5 tokenizer (its tokenizer_2/ folder says 512 for dev and schnell alike).
+T5_MAX_LENGTH = 512
 
 
 def real_config(arch: str, component: str) -> dict:
@@ -60,11 +77,12 @@ def _text_encoder(config: dict):
     import transformers
 
     (class_name,) = config["architectures"]
-    return getattr(transformers, class_name)(transformers.CLIPTextConfig.from_dict(config))
+    model_class = getattr(transformers, class_name)
+    return model_class(model_class.config_class.from_dict(config))
 
 
 def make_tiny_model(directory: str | Path, seed: int = 0, arch: str = "sd") -> Path:
-    """Save a tiny random pipeline of the architecture ('sd', 'sd21' or 'sdxl') in diffusers format; same
+    """Save a tiny random pipeline of the architecture (a key of ARCHITECTURES) in diffusers format; same
     bytes for the same seed."""
     import diffusers
     import torch
@@ -77,15 +95,22 @@ def make_tiny_model(directory: str | Path, seed: int = 0, arch: str = "sd") -> P
     configs = {name: {**real_config(arch, name), **size} for name, size in SIZES[arch].items()}
     torch.manual_seed(seed)
     parts = {name: _text_encoder(configs[name]) for name in ("text_encoder", "text_encoder_2") if name in configs}
-    for name, pad_token in clip_vocab.PAD_TOKENS[ARCHITECTURES[arch]].items():
+    for name, pad_token in clip_vocab.PAD_TOKENS.get(ARCHITECTURES[arch], {}).items():
         parts[name] = clip_vocab.clip_tokenizer(pad_token)
-    parts["unet"] = diffusers.UNet2DConditionModel.from_config(configs["unet"])
+    if "transformer" in configs:
+        parts["tokenizer"] = clip_vocab.clip_tokenizer(clip_vocab.END)  # as FLUX.1's tokenizer/: CLIP ViT-L's
+        parts["tokenizer_2"] = t5_vocab.t5_tokenizer(T5_MAX_LENGTH)
+        parts["transformer"] = diffusers.FluxTransformer2DModel.from_config(configs["transformer"])
+    else:
+        parts["unet"] = diffusers.UNet2DConditionModel.from_config(configs["unet"])
     parts["vae"] = diffusers.AutoencoderKL.from_config(configs["vae"])
     scheduler = real_config(arch, "scheduler")
     parts["scheduler"] = getattr(diffusers, scheduler["_class_name"]).from_config(scheduler)
     pipeline_class = getattr(diffusers, index["_class_name"])
     if arch == "sdxl":
         pipeline = pipeline_class(**parts, force_zeros_for_empty_prompt=index["force_zeros_for_empty_prompt"])
+    elif "transformer" in parts:
+        pipeline = pipeline_class(**parts)
     else:
         pipeline = pipeline_class(**parts, safety_checker=None, feature_extractor=None,
                                   requires_safety_checker=index["requires_safety_checker"])
