@@ -229,12 +229,7 @@ class JobManager:
             message = (f"the job did not stop within {waited:g} s of Stop and was abandoned: a thread cannot be "
                        "killed, so it may keep its memory (GPU memory too) and CPU until the app restarts; "
                        "new jobs can start")
-        history.state = "abandoned"
-        history.error = message
-        history.user_error = False
-        history.eta_s = 0.0
-        history.logs.append(f"{_stamp()} abandoned: {message}")
-        history.version += 1
+        self._end(history, "abandoned", message, False)
         self._release(job)
 
     def _release(self, job: Any) -> None:
@@ -287,10 +282,15 @@ class JobManager:
             self._fail(history, event.error, event.user_error)
 
     @staticmethod
-    def _fail(history: History, error: str, user_error: bool) -> None:
-        history.state = "failed"
+    def _end(history: History, state: str, error: str, user_error: bool) -> None:
+        """A final state with its reason (failed: the error; abandoned: why the job was given up)."""
+        history.state = state
         history.error = error
         history.user_error = user_error
         history.eta_s = 0.0
-        history.logs.append(f"{_stamp()} error: {error}")
+        history.logs.append(f"{_stamp()} {'error' if state == 'failed' else state}: {error}")
         history.version += 1
+
+    @classmethod
+    def _fail(cls, history: History, error: str, user_error: bool) -> None:
+        cls._end(history, "failed", error, user_error)

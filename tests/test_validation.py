@@ -33,12 +33,26 @@ def finetune_values(tmp_path, **overrides):
                                     **overrides})
 
 
+def drawn_samples(vae, folder, seed: int):
+    """(image, latent sample, noise) of each held-out image in folder, drawn as validation draws them: from
+    the image's own generator, the sample first (step.RowNoise's order)."""
+    from engine.data.dataset import crop_to_size, load_image, to_tensor
+    from engine.validation import noise_key
+
+    for index, image in enumerate(sorted(folder.glob("*.png"))):
+        pixels = to_tensor(crop_to_size(load_image(str(image)), 64, 64, True, None))[None]
+        distribution = vae.encode(pixels).latent_dist
+        generator = torch.Generator().manual_seed(noise_key(seed, index))
+        eps = torch.randn(distribution.mean.shape[1:], generator=generator)
+        sample = distribution.mean + distribution.std * eps
+        yield image, sample, torch.randn(sample.shape[1:], generator=generator)[None]
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_val_loss_of_an_untrained_model_is_the_plain_loss_computed_by_hand(tmp_path, sample_data, prediction_type):
-    from engine.data.dataset import crop_to_size, load_image, to_tensor
     from engine.models.family import family_for
     from engine.step import StepModels
-    from engine.validation import build_validation_set, noise_key, validation_loss
+    from engine.validation import build_validation_set, validation_loss
 
     folder = copy_images(sample_data / "finetune", tmp_path / "held-out", 3)
     timesteps = [50, 950]
@@ -59,13 +73,8 @@ def test_val_loss_of_an_untrained_model_is_the_plain_loss_computed_by_hand(tmp_p
 
     hand = {t: [] for t in timesteps}
     with torch.no_grad():
-        for index, image in enumerate(sorted(folder.glob("*.png"))):
-            pixels = to_tensor(crop_to_size(load_image(str(image)), 64, 64, True, None))[None]
-            distribution = vae.encode(pixels).latent_dist
-            generator = torch.Generator().manual_seed(noise_key(3, index))
-            eps = torch.randn(distribution.mean.shape[1:], generator=generator)
-            latents = (distribution.mean + distribution.std * eps) * vae.config.scaling_factor
-            noise = torch.randn(latents.shape[1:], generator=generator)[None]
+        for image, sample, noise in drawn_samples(vae, folder, 3):
+            latents = sample * vae.config.scaling_factor
             caption = image.with_suffix(".txt").read_text()
             ids = tokenizer(caption, padding="max_length", max_length=77, truncation=True,
                             return_tensors="pt").input_ids
@@ -82,10 +91,9 @@ def test_val_loss_of_an_untrained_model_is_the_plain_loss_computed_by_hand(tmp_p
 
 def test_a_flow_models_val_loss_is_the_unweighted_flow_loss_at_fixed_sigmas(tmp_path, sample_data):
     """Flux.1: validation timesteps are σ × 1000; the loss weighting and the noise offset stay out of it."""
-    from engine.data.dataset import crop_to_size, load_image, to_tensor
     from engine.models.family import family_for
     from engine.step import StepModels
-    from engine.validation import build_validation_set, noise_key, validation_loss
+    from engine.validation import build_validation_set, validation_loss
 
     folder = copy_images(sample_data / "finetune", tmp_path / "held-out", 2)
     timesteps = [100, 900]
@@ -103,14 +111,8 @@ def test_a_flow_models_val_loss_is_the_unweighted_flow_loss_at_fixed_sigmas(tmp_
 
     hand = {t: [] for t in timesteps}
     with torch.no_grad():
-        for index, image in enumerate(sorted(folder.glob("*.png"))):
-            pixels = to_tensor(crop_to_size(load_image(str(image)), 64, 64, True, None))[None]
-            distribution = vae.encode(pixels).latent_dist
-            generator = torch.Generator().manual_seed(noise_key(3, index))
-            eps = torch.randn(distribution.mean.shape[1:], generator=generator)
-            sample = distribution.mean + distribution.std * eps
+        for image, sample, noise in drawn_samples(vae, folder, 3):
             latents = (sample - vae.config.shift_factor) * vae.config.scaling_factor
-            noise = torch.randn(latents.shape[1:], generator=generator)[None]
             ids = tokenizer(image.with_suffix(".txt").read_text(), padding="max_length",
                             max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
             conditioning = family.encode_text(encoder, ids, 1)
