@@ -34,7 +34,7 @@ def build_page(manager: Optional[JobManager] = None, output_dir: Optional[str] =
     ctx = PageContext(manager=manager, actions=Actions(manager), output_dir=output_dir,
                       raw=presets.load_preset(selected, output_dir))
     with gr.Blocks(title=TITLE) as page:
-        gr.Markdown(f"## {TITLE} — Stable Diffusion fine-tuning")
+        gr.Markdown(f"## {TITLE} — Stable Diffusion and Flux.1 fine-tuning")
         if warning:
             gr.Markdown(f"**Warning:** {warning}", elem_id="page-warning")
         with gr.Tabs(selected="train"):
