@@ -338,6 +338,9 @@ class Network:
     conv_rank: Annotated[int, Range(0, say="0 (no LoCon) or more")] = 0  # > 0 also adapts the 3x3 convolutions
     conv_alpha: Annotated[float, NOT_NEGATIVE] = 0.0
     dropout: Annotated[float, FRACTION] = 0.0
+    # Flux.1: also adapt each block's modulation layer (the double blocks' img_mod/txt_mod, the single blocks'
+    # modulation), as kohya's sd-scripts adapts every Linear of a block
+    modulation: bool = False
     init_from: Optional[str] = None  # an adapter .safetensors to continue training from
     text_encoder_lr: Annotated[Optional[float], POSITIVE] = None  # null = optimizer.params.lr
 
@@ -368,6 +371,8 @@ class Flow:
 @dataclass
 class Config:
     model: str = ""
+    # the SHA-256 (64 hex digits) a single-file model (a URL, a Hub file, a local file) must have; null = unchecked
+    model_sha256: Optional[str] = None
     vae: Optional[str] = None
     tokenizer: Optional[str] = None
     # separate text-encoder files for single-file models (Flux.1: CLIP-L and T5-XXL); null = the model's own
@@ -758,6 +763,9 @@ def validate(config: Config) -> None:
              f"{config.min_timestep} and {config.max_timestep}")
     _validate_validation(config.validation)
     _validate_optimizer(config)
+    _require(config.network.adapter or not config.network.modulation,
+             "config key 'network.modulation': chooses what an adapter adapts; a full fine-tune (network.type: "
+             "full) trains the modulation layers already, so set it to false")
     _require(not (config.base_dtype == "fp8" and config.network.type == "dora"),
              "config key 'base_dtype': DoRA rescales by the norm of the base weight, which fp8 storage does not "
              "give it; use bf16 or fp32 with network.type dora")

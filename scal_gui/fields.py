@@ -425,6 +425,7 @@ NETWORK = (
     Field("network.conv_rank", "Conv rank", "> 0 also adapts the 3×3 convolutions (LoCon); 0 = off"),
     Field("network.conv_alpha", "Conv alpha", "scale of the convolutions' adapter: conv alpha ÷ conv rank"),
     Field("network.dropout", "Adapter dropout"),
+    Field("network.modulation", "Adapt modulation layers", "Flux.1: also each block's modulation (as kohya's)"),
     Field("network.text_encoder_lr", "Text encoder learning rate",
           "empty = the learning rate; with Train the text encoder"),
     Field("network.init_from", "Continue from adapter file", "a kohya/LyCORIS .safetensors; empty = a new adapter"),

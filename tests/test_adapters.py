@@ -313,11 +313,13 @@ def test_init_from_continues_from_the_file_and_refuses_another_rank(tmp_path, cl
     ("network.type", "lorax", "config key 'network.type': expected one of 'full', 'lora'"),
     ("network.dropout", 1.0, "config key 'network.dropout': must be within [0, 1)"),
     ("network.conv_alpha", 0.0, "config key 'network.conv_alpha': must be positive"),
+    ("network.type", "full", None),  # with the modulation option below
 ])
 def test_network_mistakes_are_refused_with_the_key(tmp_path, key, value, message):
+    extra = {} if message else {"network.modulation": True}
     with pytest.raises(cfg.ConfigError) as error:
-        cfg.from_dict(adapter_values(tmp_path, **{key: value}))
-    assert str(error.value).startswith(message)
+        cfg.from_dict(adapter_values(tmp_path, **{key: value, **extra}))
+    assert str(error.value).startswith(message or "config key 'network.modulation': chooses what an adapter")
 
 
 def test_the_ema_of_an_adapter_follows_its_weights_and_resumes(tmp_path, class_images):

@@ -76,6 +76,14 @@ def test_a_lora_over_an_fp8_base_trains_in_full_precision_and_equals_it_over_the
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
 
 
+def test_dora_over_an_fp8_base_is_refused_naming_the_key():
+    from engine import config as cfg
+
+    with pytest.raises(cfg.ConfigError, match="config key 'base_dtype': DoRA"):
+        cfg.from_dict({"model": "x", "base_dtype": "fp8", "network": {"type": "dora"}})
+    cfg.from_dict({"model": "x", "base_dtype": "bf16", "network": {"type": "dora"}})
+
+
 def test_autocast_computes_a_stored_layer_in_bf16():
     layer = StoredLinear(torch.nn.Linear(16, 8).requires_grad_(False), torch.float8_e4m3fn)
     x = torch.randn(2, 16)

@@ -198,6 +198,54 @@ def test_a_lora_on_the_transformer_lowers_the_loss_and_adapts_kohyas_modules(tmp
             "attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out"))}
 
 
+# Each block's modulation layer (BFL's img_mod, txt_mod and a single block's modulation) in diffusers' names,
+# and in the kohya file's
+MODULATION = {"transformer_blocks.0.norm1.linear": "lora_unet_double_blocks_0_img_mod_lin",
+              "transformer_blocks.0.norm1_context.linear": "lora_unet_double_blocks_0_txt_mod_lin",
+              "single_transformer_blocks.0.norm.linear": "lora_unet_single_blocks_0_modulation_lin"}
+
+
+@pytest.mark.parametrize("modulation", [False, True], ids=["default", "modulation"])
+def test_network_modulation_also_trains_each_blocks_modulation_layer(tmp_path, sample_data, modulation):
+    """With network.modulation the modulation layers get adapters that train (their lora_B leaves zero) and
+    reach the kohya file under kohya's names; without it they have none."""
+    from safetensors.torch import load_file
+
+    from engine import checkpoints
+
+    run_dir, _ = _train(tmp_path, **{
+        "network.type": "lora", "network.rank": 4, "network.alpha": 4.0, "network.modulation": modulation,
+        "optimizer.params.lr": 1e-2, "trainer.max_steps": 2, "checkpoint.every_n_train_steps": 2,
+        "validation.every_n_steps": 2})
+    checkpoint = checkpoints.latest_checkpoint(run_dir)
+    weights = load_file(checkpoint / "unet" / "adapter_model.safetensors")
+    kohya = load_file(checkpoint / "adapter.safetensors")
+    adapted = {key.split(".lora_")[0] for key in weights}
+    assert "transformer_blocks.0.attn.to_q" in adapted and "single_transformer_blocks.0.proj_out" in adapted
+    if not modulation:
+        assert not set(MODULATION) & adapted
+        assert not any(key.startswith(tuple(MODULATION.values())) for key in kohya)
+        return
+    assert set(MODULATION) <= adapted
+    for module, name in MODULATION.items():
+        assert weights[f"{module}.lora_B.weight"].abs().max() > 0, module  # peft starts lora_B at zero
+        assert torch.equal(kohya[f"{name}.lora_up.weight"], weights[f"{module}.lora_B.weight"]), name
+        assert torch.equal(kohya[f"{name}.lora_down.weight"], weights[f"{module}.lora_A.weight"]), name
+
+
+def test_network_modulation_is_refused_for_sd_which_has_no_modulation_layers(tmp_path, tiny_model):
+    from engine.train import Trainer
+
+    values = tiny_config(tmp_path, **{
+        "model": str(tiny_model), "network.type": "lora", "network.modulation": True,
+        "prior_preservation.enabled": False, "trainer.max_steps": 1, "sampling.interval_steps": 0,
+        "data.concepts[0].class_set.auto_generate.enabled": False})
+    result = Trainer(cfg.from_dict(values)).run()
+    assert isinstance(result, events.Failed) and result.user_error, result
+    assert result.error.startswith("config key 'network.modulation':"), result.error
+    assert "\n" not in result.error.strip()
+
+
 def test_full_fine_tuning_trains_the_transformer_and_clip_but_never_t5(tmp_path, sample_data, tiny_flux):
     from safetensors.torch import load_file
 

@@ -22,6 +22,13 @@ DOUBLE = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_pr
           "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
           "ff_context.net.2")
 SINGLE = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out")
+# with network.modulation also each block's modulation layer (BFL's img_mod and txt_mod, a single block's
+# modulation)
+DOUBLE_MODULATION = ("norm1.linear", "norm1_context.linear")
+SINGLE_MODULATION = ("norm.linear",)
+# kohya's names of the modulation layers in the file (sd-scripts' and diffusers' kohya converter's)
+MODULATION_NAMES = ("lora_unet_double_blocks_{}_img_mod_lin", "lora_unet_double_blocks_{}_txt_mod_lin",
+                    "lora_unet_single_blocks_{}_modulation_lin")
 WEIGHT_TOLERANCE = 1e-5
 # The text widths are the tiny encoders' below (CLIP's a multiple of CLIP-L's 12 heads); 64 inputs are 2x2
 # patches of 16 latent channels, as FLUX.1's.
@@ -51,11 +58,13 @@ def flux_model(seed: int = 0, dtype=torch.float32, **config):
     return model.eval()
 
 
-def targets(model) -> list[str]:
+def targets(model, modulation: bool = False) -> list[str]:
     double = {int(k.split(".")[1]) for k in model.state_dict() if k.startswith("transformer_blocks.")}
     single = {int(k.split(".")[1]) for k in model.state_dict() if k.startswith("single_transformer_blocks.")}
-    return ([f"transformer_blocks.{i}.{m}" for i in sorted(double) for m in DOUBLE]
-            + [f"single_transformer_blocks.{i}.{m}" for i in sorted(single) for m in SINGLE])
+    double_modules = DOUBLE + (DOUBLE_MODULATION if modulation else ())
+    single_modules = SINGLE + (SINGLE_MODULATION if modulation else ())
+    return ([f"transformer_blocks.{i}.{m}" for i in sorted(double) for m in double_modules]
+            + [f"single_transformer_blocks.{i}.{m}" for i in sorted(single) for m in single_modules])
 
 
 def adapt(model, network: Network, seed: int = 1):
@@ -63,7 +72,7 @@ def adapt(model, network: Network, seed: int = 1):
     random (a trained adapter, not the identity it starts as)."""
     from peft import LoHaConfig, LoKrConfig, LoraConfig, inject_adapter_in_model
 
-    names = targets(model)
+    names = targets(model, network.modulation)
     common = dict(r=network.rank, target_modules=names)
     if network.type in ("lora", "dora"):
         config = LoraConfig(lora_alpha=network.alpha, use_dora=network.type == "dora", **common)
@@ -81,8 +90,14 @@ def adapt(model, network: Network, seed: int = 1):
     return model.eval()
 
 
-def settings(network_type: str) -> SimpleNamespace:
-    return SimpleNamespace(network=Network(type=network_type, rank=4, alpha=2.0))
+# each adapter type, then each with network.modulation
+TYPES = ["lora", "dora", "loha", "lokr"]
+TYPES_AND_MODULATION = [(t, False) for t in TYPES] + [(t, True) for t in TYPES]
+TYPES_AND_MODULATION_IDS = TYPES + [f"{t}-modulation" for t in TYPES]
+
+
+def settings(network_type: str, modulation: bool = False) -> SimpleNamespace:
+    return SimpleNamespace(network=Network(type=network_type, rank=4, alpha=2.0, modulation=modulation))
 
 
 def merged(model):
@@ -157,6 +172,18 @@ def test_a_module_without_an_original_name_is_refused():
         keymap_flux.to_original(state)
 
 
+@pytest.mark.parametrize("modulation", [False, True])
+def test_a_flux_run_adapts_these_modules_and_the_modulation_layers_only_with_network_modulation(modulation):
+    """What the tests here adapt is what the engine adapts (engine.models.adapters), the modulation layers
+    only with network.modulation."""
+    from engine.models.adapters import target_modules
+
+    model = flux_model()
+    found = target_modules(model, "unet", Network(type="lora", modulation=modulation))
+    assert found == {name: False for name in targets(model, modulation)}
+    assert ("single_transformer_blocks.1.norm.linear" in found) == modulation
+
+
 # -- the kohya adapter file, through ComfyUI --------------------------------------------------------------------
 def comfyui_patched(file: dict, original: dict, key_map: dict) -> tuple[dict, set]:
     """The original-layout weights as ComfyUI patches them with the file, and the file keys it read."""
@@ -175,12 +202,14 @@ def comfyui_patched(file: dict, original: dict, key_map: dict) -> tuple[dict, se
     return patched, loaded
 
 
-@pytest.mark.parametrize("network_type", ["lora", "dora", "loha", "lokr"])
-def test_comfyui_loads_every_key_and_computes_the_adapted_weights(network_type):
-    config = settings(network_type)
+@pytest.mark.parametrize("network_type, modulation", TYPES_AND_MODULATION, ids=TYPES_AND_MODULATION_IDS)
+def test_comfyui_loads_every_key_and_computes_the_adapted_weights(network_type, modulation):
+    config = settings(network_type, modulation)
     model = adapt(flux_model(), config.network)
     file = to_kohya({"transformer": model}, config)
     names = {key.partition(".")[0] for key in file}
+    modulation_names = {name.format(i) for name in MODULATION_NAMES for i in range(2)}
+    assert (modulation_names & names) == (modulation_names if modulation else set())
     if network_type == "lokr":  # not fusable: the fused modules' parts apart, the others by original name
         assert "lora_transformer_transformer_blocks_0_attn_to_q" in names
         assert "lora_transformer_single_transformer_blocks_1_proj_mlp" in names
@@ -201,11 +230,11 @@ def test_comfyui_loads_every_key_and_computes_the_adapted_weights(network_type):
         assert (patched[key] - want[key]).abs().max().item() <= WEIGHT_TOLERANCE, key
 
 
-@pytest.mark.parametrize("network_type", ["lora", "dora", "loha", "lokr"])
-def test_file_reads_back_as_the_adapter_it_was_written_from(network_type):
+@pytest.mark.parametrize("network_type, modulation", TYPES_AND_MODULATION, ids=TYPES_AND_MODULATION_IDS)
+def test_file_reads_back_as_the_adapter_it_was_written_from(network_type, modulation):
     from engine.models.adapters import adapter_state
 
-    config = settings(network_type)
+    config = settings(network_type, modulation)
     model = adapt(flux_model(), config.network, seed=1)
     file = to_kohya({"transformer": model}, config)
     fresh = adapt(flux_model(), config.network, seed=2)
@@ -245,10 +274,14 @@ def diffusers_reads(file: dict, base):
     return base, messages
 
 
-@pytest.mark.parametrize("config", [dict(num_single_layers=0), dict(FULL_WIDTH, num_layers=0)],
-                         ids=["double-blocks", "full-width-single-block"])
-def test_diffusers_loads_the_lora_file_into_every_module(config):
-    network = settings("lora")
+@pytest.mark.parametrize("config, modulation", [(dict(num_single_layers=0), False),
+                                                (dict(FULL_WIDTH, num_layers=0), False),
+                                                (dict(num_single_layers=0), True),
+                                                (dict(FULL_WIDTH, num_layers=0), True)],
+                         ids=["double-blocks", "full-width-single-block", "double-blocks-modulation",
+                              "full-width-single-block-modulation"])
+def test_diffusers_loads_the_lora_file_into_every_module(config, modulation):
+    network = settings("lora", modulation)
     model = adapt(flux_model(**config), network.network)
     file = to_kohya({"transformer": model}, network)
     loaded, messages = diffusers_reads(file, flux_model(**config))
@@ -256,7 +289,7 @@ def test_diffusers_loads_the_lora_file_into_every_module(config):
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     adapted = {name for name, m in loaded.named_modules() if isinstance(m, BaseTunerLayer)}
-    assert adapted == set(targets(model))
+    assert adapted == set(targets(model, modulation))
     want, base = output(model), output(flux_model(**config))
     assert (want - base).abs().max().item() > CHANGED
     assert (output(loaded) - want).abs().max().item() <= TOLERANCE

@@ -14,7 +14,8 @@ from test_adapter_convert import file_tensors, train_adapter_run
 
 # as the page sends them: an optional number is a text box, empty for None
 NETWORK_VALUES = {"network.type": "lokr", "network.rank": 8, "network.alpha": 4.0, "network.conv_rank": 2,
-                  "network.conv_alpha": 1.5, "network.dropout": 0.1, "network.text_encoder_lr": "5e-05",
+                  "network.conv_alpha": 1.5, "network.dropout": 0.1, "network.modulation": True,
+                  "network.text_encoder_lr": "5e-05",
                   "network.init_from": "/adapters/start.safetensors"}
 
 
@@ -54,6 +55,7 @@ def test_the_form_writes_the_network_into_the_yaml_and_reads_it_back():
 
     # Back to the defaults: the YAML says so (the keys stay, with the default values).
     values[index["network.type"]] = "full"
+    values[index["network.modulation"]] = False  # a full fine-tune refuses it
     values[index["network.text_encoder_lr"]] = ""
     again = configs.parse_yaml(configs.merge_form(merged, values)[0])
     assert again["network"]["type"] == "full" and again["network"]["text_encoder_lr"] is None

@@ -9,6 +9,8 @@ The modules adapted are those kohya's sd-scripts adapts, so files from either tr
 Linear and 1x1 convolution inside the transformer blocks of the UNet, and the attention and MLP
 projections of the text encoder (of both, for SDXL); with conv_rank > 0 (LoCon) also the ResNet blocks and
 the down- and up-samplers, their 3x3 convolutions at conv_rank and their Linear and 1x1 layers at rank.
+Flux.1's transformer: the attention and MLP projections of its blocks, and with network.modulation each
+block's modulation layer too (refused for a model that has none).
 """
 from __future__ import annotations
 
@@ -25,11 +27,14 @@ UNET_CONV_BLOCKS = re.compile(r"(^|\.)(resnets\.\d+|downsamplers\.\d+|upsamplers
 TEXT_PROJECTIONS = re.compile(r"(^|\.)layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])$")
 # SDXL's second encoder is adapted as its first (and as SD's one) is; its pooled output's projection is not.
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
-# Flux.1's transformer, as kohya's sd-scripts adapts it: the attention and MLP projections of the double-stream
-# blocks (image and text streams) and of the single-stream blocks; the modulation layers are not adapted.
+# Flux.1's transformer: the attention and MLP projections of the double-stream blocks (image and text streams)
+# and of the single-stream blocks; with network.modulation also each block's modulation layer (BFL's img_mod
+# and txt_mod, a single block's modulation), which kohya's sd-scripts adapts as every other Linear of a block.
 FLUX_DOUBLE = re.compile(r"^transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|"
                          r"add_v_proj|to_add_out)|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2))$")
 FLUX_SINGLE = re.compile(r"^single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out)$")
+FLUX_MODULATION = re.compile(r"^(transformer_blocks\.\d+\.(norm1|norm1_context)|single_transformer_blocks\.\d+\.norm)"
+                             r"\.linear$")
 
 
 def _is_3x3(module: torch.nn.Module) -> bool:
@@ -52,7 +57,7 @@ def _base_modules(model: torch.nn.Module):
 
 def target_modules(model: torch.nn.Module, component: str, network: Network) -> dict[str, bool]:
     """The adapted modules' names, each with whether it is a 3x3 convolution (adapted at conv_rank)."""
-    found = {}
+    found, modulation = {}, False
     for name, module in _base_modules(model):
         if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
             continue
@@ -63,8 +68,15 @@ def target_modules(model: torch.nn.Module, component: str, network: Network) -> 
             found[name] = False
         elif FLUX_DOUBLE.search(name) or FLUX_SINGLE.search(name):
             found[name] = False
+        elif FLUX_MODULATION.search(name):
+            modulation = True
+            if network.modulation:
+                found[name] = False
         elif network.conv_rank and UNET_CONV_BLOCKS.search(name):
             found[name] = _is_3x3(module)
+    if network.modulation and component not in TEXT_ENCODERS and not modulation:
+        raise UserError("config key 'network.modulation': only Flux.1's transformer has modulation layers to "
+                        "adapt; set it to false for this model")
     return found
 
 
