@@ -206,7 +206,10 @@ def describe(config: Config, plan: RunPlan, shape: StepShape) -> str:
     if plan.adapter != "full":
         network = config.network
         features.append(f"{plan.adapter} rank {network.rank}"
-                        + (f" (conv rank {network.conv_rank})" if network.conv_rank else "") + " over a frozen base")
+                        + (f" (conv rank {network.conv_rank})" if network.conv_rank else "") + " over a frozen "
+                        + (f"{config.base_dtype} " if config.base_dtype != "fp32" else "") + "base")
+    if config.base_dtype != "fp32":
+        features.append(f"frozen text encoders in {config.base_dtype}")
     features += [name for name, on in (("text encoder trained", plan.train_text_encoder),
                                        ("gradient checkpointing", config.gradient_checkpointing),
                                        ("fused backward", plan.fused_backward),

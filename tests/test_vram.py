@@ -273,3 +273,19 @@ def test_cli_prints_the_breakdown_and_ends_with_the_peak(tiny_model, tmp_path):
 
     bad = run_cli("estimate-vram", "--config", str(preset), "--arch", "sd3")
     assert bad.returncode == 2 and "--arch" in bad.stderr
+
+
+def test_a_stored_base_counts_its_stored_bytes_and_the_estimate_says_so(tmp_path):
+    """base_dtype: the frozen UNet base and text encoder on the device hold bf16 or fp8 bytes (plus fp8's
+    per-row scales and the fp32 norms and biases), and the step's description names the storage."""
+    base = {"network.type": "lora", "network.rank": 4, "network.alpha": 4.0, "data.resolution": 64}
+    figures = {}
+    for storage in ("fp32", "bf16", "fp8"):
+        config = tiny(tmp_path, **base, base_dtype=storage)
+        figures[storage] = vram.estimate(config).parameters
+        described = vram.describe(config, vram.estimate_plan(config), vram.step_shape(config))
+        assert ("over a frozen base" in described) == (storage == "fp32"), described
+        if storage != "fp32":
+            assert f"over a frozen {storage} base" in described and f"frozen text encoders in {storage}" in described
+    # (on the tiny model the fp32 VAE, which is never stored, is most of the bytes)
+    assert figures["fp8"] < figures["bf16"] < figures["fp32"]
