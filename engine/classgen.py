@@ -174,7 +174,7 @@ class ClassGenJob(Job):
         if total == 0:
             self.log("class folders are complete: nothing to generate")
             return events.Finished(step=0, summary={"generated": 0})
-        resolve_model_path(config.model)
+        resolve_model_path(config.model, config.model_sha256)
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         dtype = torch.float16 if device.type == "cuda" else torch.float32
         self.log(f"generating {total} class images on {device}")

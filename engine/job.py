@@ -74,8 +74,11 @@ class Job:
         """Run to the end or until stopped; never raises. Returns the Finished or Failed event."""
         import torch  # here, not at import: the app's page uses jobs without loading torch
 
+        from . import hub
+
         try:
-            result = self._run()
+            with hub.report_to(self.emit):  # a base model downloaded at the start shows its progress
+                result = self._run()
         except UserError as error:
             result = events.Failed(error=self.describe_failure(str(error)), run_dir=self.failure_context(),
                                    user_error=True)

@@ -88,8 +88,10 @@ def writable_folder(folder: Path, key: str) -> Path:
 
 def missing_path(config) -> Optional[str]:
     """The one-line error a start would give for the first file or folder the config names that does not
-    exist, or None. `demo:` paths are built on first use, and shard patterns are expanded by the data
-    source, so neither is looked at here."""
+    exist, or None. `demo:` paths are built on first use, shard patterns are expanded by the data source, and
+    a model named by a Hugging Face Hub id or a URL is downloaded at the start, so none is looked at here."""
+    from . import hub
+
     named = [("model", config.model), ("vae", config.vae), ("tokenizer", config.tokenizer),
              ("validation.path", config.validation.path)]
     for index, concept in enumerate(config.data.concepts):
@@ -99,7 +101,8 @@ def missing_path(config) -> Optional[str]:
     for key, value in named:
         if not value or value.startswith(DEMO_PREFIX) or "{" in value or Path(os.path.expanduser(value)).exists():
             continue
-        hint = "; models are read from disk, never downloaded" if key == "model" else ""
-        return f"config key '{key}': not found: {value}{hint}"
+        if key == "model" and (hub.is_url(value) or hub.parse_hub_id(value)):
+            continue
+        return f"config key '{key}': not found: {value}"
     return None
 

@@ -301,7 +301,7 @@ class Trainer(Job):
         """Run folder, class images, models, data and caches, optimizer, resumed state and loggers, in that
         order. None when a stop request came during class image generation."""
         config = self.config
-        resolve_model_path(config.model)  # fail before creating a run folder
+        resolve_model_path(config.model, config.model_sha256)  # download, or fail, before creating a run folder
         resume_from = self._open_run_dir(topology, cleanup)
         random.seed(config.seed)
         np.random.seed(config.seed % 2**32)

@@ -166,8 +166,10 @@ def test_the_pages_check_names_a_missing_model_or_folder_before_start(tmp_path):
     from scal_gui import configs
 
     raw = yaml.safe_load((ROOT / "presets" / "lora-4gb.yaml").read_text())
-    assert configs.check_message(raw) == ("Error: config key 'model': not found: runwayml/stable-diffusion-v1-5; "
-                                          "models are read from disk, never downloaded")
+    raw["model"] = str(tmp_path / "no-such-model")
+    assert configs.check_message(raw) == f"Error: config key 'model': not found: {tmp_path / 'no-such-model'}"
+    raw["model"] = "runwayml/stable-diffusion-v1-5"  # a Hub id: downloaded at Start, not a missing path
+    assert configs.check_message(raw).startswith("Error: config key 'data.concepts[0].instance_set.path'")
     raw["model"] = "demo:tiny-sd"
     assert configs.check_message(raw).startswith("Error: config key 'data.concepts[0].instance_set.path': not "
                                                  "found: data/instance")

@@ -73,9 +73,8 @@ def test_an_untouched_form_leaves_each_preset_as_it_is(preset):
     assert configs.parse_yaml(merged) == raw
     if raw["model"].startswith("demo:"):
         assert message == "The config is valid."
-    else:  # a GPU preset names a model the user replaces, and the check says so before Start
-        assert message == (f"Error: config key 'model': not found: {raw['model']}; models are read from disk, "
-                           "never downloaded")
+    else:  # a GPU preset names a Hub model, downloaded at Start, and data folders the user replaces
+        assert message.startswith("Error: config key 'data.concepts[0].instance_set.path': not found: data/"), message
 
 
 def test_form_and_yaml_round_trip():

@@ -26,13 +26,28 @@ def is_diffusers_folder(path: Path) -> bool:
     return (path / "model_index.json").is_file() or (path / "unet").is_dir()
 
 
-def resolve_model_path(model: str) -> str:
+def resolve_model_path(model: str, sha256: Optional[str] = None) -> str:
+    """The local folder or file `model` names: a local path (which always wins), an https URL of a
+    .safetensors file, or a Hugging Face Hub id (org/name[@revision][/path/file.safetensors]), the last two
+    downloaded once into their caches (engine.hub). sha256 is the config's model_sha256, checked for a
+    single file."""
+    from .. import hub
+
     if not model:
-        raise UserError("config key 'model': no base model given (a diffusers folder or demo:tiny-sd)")
+        raise UserError("config key 'model': no base model given (a diffusers folder, a .safetensors file, a "
+                        "Hugging Face Hub id or demo:tiny-sd)")
+    if hub.is_url(model):
+        return hub.download_url(model, sha256)
     resolved = paths.resolve(model)
     path = Path(resolved)
     if not path.exists():
-        raise UserError(f"config key 'model': not found: {resolved}")
+        ref = hub.parse_hub_id(model)
+        if ref is None:
+            raise UserError(f"config key 'model': not found: {resolved}")
+        resolved = hub.download_hub(ref, sha256, shown=resolved)
+        path = Path(resolved)
+    elif sha256 and path.is_file():
+        hub.check_sha256(path, sha256, remove=False)
     if path.is_dir() and not is_diffusers_folder(path):
         raise UserError(f"config key 'model': {resolved} is not a diffusers model folder (no model_index.json)")
     return resolved
