@@ -82,7 +82,8 @@ def test_estimate_matches_the_bytes_training_allocates(tiny_model, tiny_sdxl, cl
         for name, model in trained.items():
             add_adapter(model, name, config.network, 0)
     frozen = frozen_models(components, plan)
-    on_device = (model_bytes(*trained.values()) // (2 if config.weights_dtype == "bf16" else 1)
+    # the trained models in plan.weights (read from disk in it, or cast to it)
+    on_device = (sum(p.numel() * plan.weights.itemsize for model in trained.values() for p in model.parameters())
                  + model_bytes(*frozen))
     assert estimated.parameters * GIB == on_device
 
