@@ -20,6 +20,7 @@ class PageContext:
     form: dict = field(default_factory=dict)  # config key -> its input component
     yaml: Optional[gr.Code] = None
     check: Optional[gr.Markdown] = None
+    data_dir: Optional[str] = None     # the app's data folder of uploaded datasets (None: datasets' default)
 
     def add_fields(self, specs: tuple[fields.Field, ...], per_row: int = 4) -> None:
         """Lay out inputs for specs, in rows, with the page's starting values."""

@@ -26,13 +26,13 @@ def serve_files(paths: list[str]) -> None:
 
 
 def build_page(manager: Optional[JobManager] = None, output_dir: Optional[str] = None,
-               warning: Optional[str] = None) -> gr.Blocks:
-    """The app's page; a warning, when given, shows above the tabs."""
+               warning: Optional[str] = None, data_dir: Optional[str] = None) -> gr.Blocks:
+    """The app's page; a warning, when given, shows above the tabs. data_dir: where uploaded datasets go."""
     manager = manager or JobManager()
     preset_list = presets.all_presets()
     selected = presets.default_preset(presets.list_presets(), presets.has_cuda_gpu())
     ctx = PageContext(manager=manager, actions=Actions(manager), output_dir=output_dir,
-                      raw=presets.load_preset(selected, output_dir))
+                      raw=presets.load_preset(selected, output_dir), data_dir=data_dir)
     with gr.Blocks(title=TITLE) as page:
         gr.Markdown(f"## {TITLE} — Stable Diffusion and Flux.1 fine-tuning")
         if warning:

@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--inbrowser", action="store_true", help="open the page in the default browser")
     parser.add_argument("--output-dir", metavar="DIR",
                         help=f"output folder for runs, replacing the presets' (also read from {OUTPUT_ENV})")
+    parser.add_argument("--data-dir", metavar="DIR",
+                        help="folder of the datasets uploaded on the Dataset tab (default "
+                             "$XDG_DATA_HOME/scal-sdt/datasets, that is ~/.local/share/scal-sdt/datasets)")
     return parser
 
 
@@ -103,7 +106,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     from .live import CSS
     from .page import build_page
 
-    page = build_page(output_dir=args.output_dir or os.environ.get(OUTPUT_ENV), warning=warning)
+    page = build_page(output_dir=args.output_dir or os.environ.get(OUTPUT_ENV), warning=warning,
+                      data_dir=args.data_dir)
     page.queue(default_concurrency_limit=4)
     page.launch(**options, css=CSS, footer_links=["api", "settings"], show_error=True)
     return 0

@@ -1,4 +1,5 @@
-"""The Dataset tab: folders, resolution and buckets; what training will make of the images."""
+"""The Dataset tab: datasets uploaded through the page, folders, resolution and buckets; what training will
+make of the images."""
 from __future__ import annotations
 
 import atexit
@@ -10,8 +11,17 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from . import bucket_view, configs, fields
+from engine.data import archive
+from engine.errors import UserError
+
+from . import bucket_view, configs, datasets, fields
 from .context import PageContext
+
+INSTANCE_PATH = f"{fields._CONCEPT}.instance_set.path"
+# What the file picker offers and gradio accepts (by the name's ending; .gz rather than .tar.gz, which some
+# pickers do not match). A .gz that is not a tar is skipped by datasets.add_files.
+UPLOAD_TYPES = [*archive.IMAGE_EXTENSIONS, *archive.CAPTION_EXTENSIONS, ".zip", ".tar", ".gz", ".tgz", ".bz2",
+                ".tbz2", ".tbz", ".xz", ".txz"]
 
 
 @functools.cache
@@ -33,8 +43,65 @@ def cleared_thumbnails_dir() -> Path:
     return folder
 
 
+def data_dir(ctx: PageContext) -> Path:
+    return Path(ctx.data_dir) if ctx.data_dir else datasets.default_data_dir()
+
+
+def dataset_choices(folder: Path) -> list[tuple[str, str]]:
+    """The dropdown's (label with counts, name) of each dataset of the data folder."""
+    try:
+        return [(info.label(), info.name) for info in datasets.list_datasets(folder)]
+    except OSError:
+        return []
+
+
+def build_uploads(ctx: PageContext, ui: SimpleNamespace) -> None:
+    folder = data_dir(ctx)
+    with gr.Accordion("Your datasets: upload images, captions and masks", open=True):
+        gr.Markdown(f"Images (jpg, png, webp, bmp), `.txt` captions, `name.mask.png` masks, or a .zip / .tar(.gz) "
+                    f"of them, become a dataset in `{folder}`.", elem_id="dataset-upload-help")
+        with gr.Row():
+            ui.upload = gr.File(file_count="multiple", file_types=UPLOAD_TYPES, label="Files to add",
+                                elem_id="dataset-upload", scale=3)
+            with gr.Column(scale=2):
+                ui.dataset_name = gr.Textbox(label="Dataset name", placeholder="letters, digits, - and _",
+                                             elem_id="dataset-name")
+                ui.add = gr.Button("Add to dataset", variant="primary", elem_id="dataset-add-button")
+        ui.upload_message = gr.Markdown(elem_id="dataset-upload-message")
+        with gr.Row():
+            choices = dataset_choices(folder)
+            ui.datasets = gr.Dropdown(choices, value=None, label="Datasets (choosing one previews it below)",
+                                      elem_id="dataset-choice", scale=6)
+            ui.refresh_datasets = gr.Button("↻", elem_id="refresh-datasets", scale=0, min_width=50)
+
+
+def add_uploads(folder: Path, name: str, files) -> tuple[str, dict]:
+    """The Add button: (message, the dataset dropdown updated and showing the dataset)."""
+    uploads = [(Path(getattr(f, "name", f)).name, getattr(f, "name", f)) for f in files or []]
+    try:
+        report = datasets.add_files(folder, name, uploads)
+    except UserError as error:
+        return f"Error: {error}", gr.update(choices=dataset_choices(folder))
+    except OSError as error:
+        return f"Error: {error.strerror or error}", gr.update(choices=dataset_choices(folder))
+    choices = dataset_choices(folder)
+    shown = report.dataset if any(value == report.dataset for _, value in choices) else None
+    return report.message(), gr.update(choices=choices, value=shown)
+
+
+def choose_dataset(folder: Path, name: str):
+    """The dataset's folder for the instance folder field (the preview and training read it)."""
+    if not name:
+        return gr.skip()
+    try:
+        return str(datasets.dataset_path(folder, name))
+    except UserError:
+        return gr.skip()
+
+
 def build(ctx: PageContext) -> SimpleNamespace:
     ui = SimpleNamespace()
+    build_uploads(ctx, ui)
     ctx.add_fields(fields.DATASET)
     ui.preview = gr.Button("Preview buckets", variant="primary", elem_id="bucket-preview-button")
     ui.message = gr.Markdown(elem_id="bucket-message")
@@ -89,9 +156,24 @@ def show_bucket(result: dict, label: str) -> list[tuple[str, str]]:
     return bucket_view.thumbnails(result, label, thumbnails_dir()) if result else []
 
 
+def sync_yaml(yaml_text: str, *values):
+    """The YAML editor after the form changed by the page (not by typing): the form written in."""
+    merged, message = configs.merge_form(yaml_text, list(values))
+    return (gr.skip() if merged is None else merged), message
+
+
 def wire(ctx: PageContext, ui: SimpleNamespace) -> None:
-    (ui.preview.click(preview, [ctx.yaml, *ctx.inputs],
-                      [ui.message, ui.table, ui.chart, ui.skipped, ui.bucket, ui.thumbnails, ui.report],
-                      api_visibility="private")
+    folder = data_dir(ctx)
+    preview_outputs = [ui.message, ui.table, ui.chart, ui.skipped, ui.bucket, ui.thumbnails, ui.report]
+    (ui.preview.click(preview, [ctx.yaml, *ctx.inputs], preview_outputs, api_visibility="private")
+     .then(chart_data, ui.report, ui.chart, api_visibility="private"))
+    ui.add.click(functools.partial(add_uploads, folder), [ui.dataset_name, ui.upload],
+                 [ui.upload_message, ui.datasets], api_visibility="private", concurrency_limit=1)
+    ui.refresh_datasets.click(lambda: gr.update(choices=dataset_choices(folder)), None, ui.datasets,
+                              api_visibility="private")
+    (ui.datasets.input(functools.partial(choose_dataset, folder), ui.datasets, ctx.form[INSTANCE_PATH],
+                       api_visibility="private")
+     .then(sync_yaml, [ctx.yaml, *ctx.inputs], [ctx.yaml, ctx.check], api_visibility="private")
+     .then(preview, [ctx.yaml, *ctx.inputs], preview_outputs, api_visibility="private")
      .then(chart_data, ui.report, ui.chart, api_visibility="private"))
     ui.bucket.input(show_bucket, [ui.report, ui.bucket], ui.thumbnails, api_visibility="private")
