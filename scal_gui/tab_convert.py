@@ -10,7 +10,7 @@ import gradio as gr
 
 from engine.run_dir import RunDir
 
-from . import convert_options, runs
+from . import convert_options, results, runs
 from .context import PageContext
 
 LABELS = {"text_encoder": "Include the text encoder", "vae": "Include the VAE", "ema": "Use the EMA UNet",
@@ -66,6 +66,8 @@ def build(ctx: PageContext) -> SimpleNamespace:
                                           allow_custom_value=True))
     ui.convert = gr.Button("Convert", variant="primary", elem_id="convert-button")
     ui.result = gr.Markdown(elem_id="convert-result")
+    # a run's files to take home sit beside what converting makes of them
+    ui.results = results.build(ctx)
     return ui
 
 
@@ -75,6 +77,7 @@ def wire(ctx: PageContext, ui: SimpleNamespace, page: gr.Blocks) -> None:
                 for default, choices in convert_options.defaults().values()]
 
     page.load(option_updates, None, ui.options, api_visibility="private")
+    results.wire(ctx, ui.results, page)
 
     def refresh(output_dir: str):
         return gr.update(choices=checkpoint_choices(output_dir, ctx.manager.active_run_dir()))

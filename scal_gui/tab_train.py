@@ -9,7 +9,7 @@ import gradio as gr
 
 from engine import config as schema
 
-from . import configs, fields, presets, results, runs
+from . import configs, fields, presets, runs
 from .context import PageContext, sync_form
 
 IDLE = "No run yet: pick a preset, check the settings and press Start."
@@ -184,7 +184,6 @@ def build(ctx: PageContext, preset_list: list[presets.Preset], selected: presets
                                             allow_custom_value=True)
                 ui.refresh = gr.Button("↻", elem_id="refresh-runs", scale=0, min_width=50)
                 ui.resume = gr.Button("Resume", elem_id="resume-button", scale=1)
-            ui.results = results.build(ctx)
         # Start is far down the settings column: the live view stays in sight as it scrolls (live.CSS).
         with gr.Column(scale=6, elem_id="live-view"):
             ui.status = gr.Markdown(IDLE, elem_id="train-status")
@@ -251,6 +250,5 @@ def wire(ctx: PageContext, ui: SimpleNamespace, page: gr.Blocks) -> None:
         return gr.update(choices=resume_choices(output_dir, ctx.manager.active_run_dir()))
 
     ui.refresh.click(refresh_runs, ctx.form["output_dir"], ui.resume_run, api_visibility="private")
-    results.wire(ctx, ui.results, page)
     (ui.vram.click(sync_form, [ctx.yaml, *ctx.inputs], [ctx.yaml, ctx.check], api_visibility="private")
      .success(actions.estimate_vram, ctx.yaml, ui.message, api_visibility="private"))

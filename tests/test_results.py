@@ -147,7 +147,7 @@ def test_the_page_downloads_the_adapter_file(tmp_path, browser):
     app_temp = tmp_path / "app-temp"
     app_temp.mkdir()
     with app_server("--output-dir", str(output), env={"TMPDIR": str(app_temp)}) as url:
-        page = open_tab(browser, url, "Train", {"width": 1280, "height": 1000})
+        page = open_tab(browser, url, "Convert", {"width": 1280, "height": 1000})
         page.get_by_text("Results: download a run's files").click()
         expect(page.locator("#results-run input")).to_have_value(f"proj/{run.name} (step-00000020, finished)")
         button = page.locator("#download-adapter")
