@@ -67,6 +67,16 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", "0")
         self.end_headers()
 
+    def revision(self, repo: str, rev: str):
+        """(the repo's entry, the commit a revision names), or None once a 404 is sent."""
+        if repo not in self.server.repos:
+            return self.fail(404, "RepoNotFound")
+        entry = self.server.repos[repo]
+        commit = entry["refs"].get(rev, rev if rev in entry["files"] else None)
+        if commit is None:
+            return self.fail(404, "RevisionNotFound")
+        return entry, commit
+
     def json(self, value, body: bool):
         data = json.dumps(value).encode()
         self.send_response(200)
@@ -84,12 +94,10 @@ class Handler(BaseHTTPRequestHandler):
         if path.startswith("/api/models/"):
             parts = path[len("/api/models/"):].split("/") + ["revision", "main"]  # no revision: main
             repo, kind, rev = "/".join(parts[:2]), parts[2], parts[3]
-            if repo not in self.server.repos:
-                return self.fail(404, "RepoNotFound")
-            entry = self.server.repos[repo]
-            commit = entry["refs"].get(rev, rev if rev in entry["files"] else None)
-            if commit is None:
-                return self.fail(404, "RevisionNotFound")
+            found = self.revision(repo, rev)
+            if found is None:
+                return None
+            entry, commit = found
             files = entry["files"][commit]
             if kind == "revision":
                 return self.json({"id": repo, "sha": commit, "siblings": [{"rfilename": name} for name in files]},
@@ -99,12 +107,10 @@ class Handler(BaseHTTPRequestHandler):
         if "/resolve/" in path:
             repo, rest = path[1:].split("/resolve/", 1)
             rev, name = rest.split("/", 1)
-            if repo not in self.server.repos:
-                return self.fail(404, "RepoNotFound")
-            entry = self.server.repos[repo]
-            commit = entry["refs"].get(rev, rev if rev in entry["files"] else None)
-            if commit is None:
-                return self.fail(404, "RevisionNotFound")
+            found = self.revision(repo, rev)
+            if found is None:
+                return None
+            entry, commit = found
             if name not in entry["files"][commit]:
                 return self.fail(404, "EntryNotFound")
             return self.send_bytes(entry["files"][commit][name], body, commit=commit)
