@@ -53,48 +53,49 @@ def quantize(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, to
     return (weight.float() / scale.view(-1, *[1] * (weight.dim() - 1))).to(dtype), scale
 
 
-class StoredLinear(torch.nn.Linear):
-    """A frozen Linear whose weight is stored in `dtype`. A Linear still, so adapters wrap it as one."""
+class Stored:
+    """What a stored layer adds to the layer it replaces: its weight in the storage dtype with its scale,
+    the frozen bias, and the weight dequantized."""
 
-    def __init__(self, layer: torch.nn.Linear, dtype: torch.dtype):
-        torch.nn.Module.__init__(self)
-        self.in_features, self.out_features = layer.in_features, layer.out_features
+    def _store(self, layer: torch.nn.Module, dtype: torch.dtype) -> None:
         stored, scale = quantize(layer.weight.data, dtype)
         self.weight = torch.nn.Parameter(stored, requires_grad=False)
         self.register_buffer("scale", scale.to(stored.device))
         self.bias = None if layer.bias is None else torch.nn.Parameter(layer.bias.data, requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return _StoredOp.apply(x, self.weight, self.scale, bias, F.linear, {})
+    def _bias(self, x: torch.Tensor):
+        return None if self.bias is None else self.bias.to(x.dtype)
 
     def dequantized(self) -> torch.Tensor:
         return upcast(self.weight, self.scale, torch.float32)
 
 
-class StoredConv2d(torch.nn.Conv2d):
-    """A frozen Conv2d whose weight is stored in `dtype`."""
+class StoredLinear(Stored, torch.nn.Linear):
+    """A frozen Linear whose weight is stored in `dtype`. A Linear still, so adapters wrap it as one."""
+
+    def __init__(self, layer: torch.nn.Linear, dtype: torch.dtype):
+        torch.nn.Module.__init__(self)
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self._store(layer, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _StoredOp.apply(x, self.weight, self.scale, self._bias(x), F.linear, {})
+
+
+class StoredConv2d(Stored, torch.nn.Conv2d):
+    """A frozen Conv2d (zero padding given as numbers, the only kind _stored replaces) whose weight is stored
+    in `dtype`."""
 
     def __init__(self, layer: torch.nn.Conv2d, dtype: torch.dtype):
         torch.nn.Module.__init__(self)
         for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
                      "padding_mode", "transposed", "output_padding", "_reversed_padding_repeated_twice"):
             setattr(self, name, getattr(layer, name))
-        stored, scale = quantize(layer.weight.data, dtype)
-        self.weight = torch.nn.Parameter(stored, requires_grad=False)
-        self.register_buffer("scale", scale.to(stored.device))
-        self.bias = None if layer.bias is None else torch.nn.Parameter(layer.bias.data, requires_grad=False)
+        self._store(layer, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.padding_mode != "zeros" or isinstance(self.padding, str):
-            # not met in the supported models; refused where the layer would otherwise compute differently
-            raise NotImplementedError("stored Conv2d supports zero padding given as numbers")
-        bias = None if self.bias is None else self.bias.to(x.dtype)
         options = {"stride": self.stride, "padding": self.padding, "dilation": self.dilation, "groups": self.groups}
-        return _StoredOp.apply(x, self.weight, self.scale, bias, F.conv2d, options)
-
-    def dequantized(self) -> torch.Tensor:
-        return upcast(self.weight, self.scale, torch.float32)
+        return _StoredOp.apply(x, self.weight, self.scale, self._bias(x), F.conv2d, options)
 
 
 def _stored(layer: torch.nn.Module, dtype: torch.dtype):
@@ -136,7 +137,7 @@ def store_frozen(model: torch.nn.Module, dtype: torch.dtype) -> int:
         if _adapter_part(name):
             continue
         for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
-            if tensor is not getattr(module, "weight", None) or not isinstance(module, (StoredLinear, StoredConv2d)):
+            if tensor is not getattr(module, "weight", None) or not isinstance(module, Stored):
                 if tensor.is_floating_point() and not tensor.requires_grad and tensor.dtype != torch.float32:
                     tensor.data = tensor.data.float()
     return replaced
