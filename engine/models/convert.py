@@ -34,6 +34,7 @@ from ..ema import EMA_FOLDER
 from ..errors import UserError
 from .sd import is_diffusers_folder
 from . import keymap_flux, keymap_sdxl
+from .flux import is_flux_transformer
 from .keymap import KEY_MAPS, check_complete, to_original
 from .single_file import CONFIGS_KEY, model_configs
 from ..run_dir import RunDir
@@ -134,7 +135,7 @@ def _load_model(name: str, folder: Path):
         raise UserError(f"{folder}: not found (needed for the {name})")
     # fp32 whatever the files hold, as training loads them: an adapter is merged at full precision, and
     # every component is cast to its output dtype when written.
-    if name == "unet" and _is_flux_transformer(folder):
+    if name == "unet" and is_flux_transformer(folder):
         from diffusers import FluxTransformer2DModel
 
         return FluxTransformer2DModel.from_pretrained(folder, torch_dtype=torch.float32)
@@ -145,15 +146,9 @@ def _load_model(name: str, folder: Path):
     return loader.from_pretrained(folder, torch_dtype=torch.float32)
 
 
-def _is_flux_transformer(folder: Path) -> bool:
-    config = folder / "config.json"
-    return config.is_file() and json.loads(config.read_text(encoding="utf-8")).get("_class_name") == \
-        "FluxTransformer2DModel"
-
-
 def _component_folder(base: Path, component: str) -> Path:
     """A component's folder in a diffusers model folder: a FLUX.1 folder's denoiser is transformer/."""
-    if component == "unet" and _is_flux_transformer(base / "transformer"):
+    if component == "unet" and is_flux_transformer(base / "transformer"):
         return base / "transformer"
     return base / component
 

@@ -81,10 +81,15 @@ class FluxTextEncoders(torch.nn.Module):
         return self.text_encoder_2(input_ids[:, split:]).last_hidden_state, pooled
 
 
-def is_flux_folder(root: Path) -> bool:
-    config = root / "transformer" / "config.json"
+def is_flux_transformer(folder: Path) -> bool:
+    """Whether folder holds a FluxTransformer2DModel (a diffusers folder's transformer/, a checkpoint's unet/)."""
+    config = folder / "config.json"
     return config.is_file() and json.loads(config.read_text(encoding="utf-8")).get(
         "_class_name") == "FluxTransformer2DModel"
+
+
+def is_flux_folder(root: Path) -> bool:
+    return is_flux_transformer(root / "transformer")
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
