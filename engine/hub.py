@@ -87,7 +87,7 @@ def _sink() -> Optional[Callable[[str], None]]:
     emit = getattr(_local, "emit", None)
     if emit is not None:
         return lambda message: emit(events.Log(level="info", message=message))
-    if getattr(notices._local, "sink", None) is not None:  # inside a job: its notices become its log
+    if notices.collecting():  # inside a job: its notices become its log
         return notices.warn
     return None
 

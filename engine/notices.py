@@ -22,6 +22,11 @@ def warn(message: str, category: type[Warning] = UserWarning) -> None:
         warnings.warn(message, category, stacklevel=3)
 
 
+def collecting() -> bool:
+    """Whether this thread's notices go to a sink (see collect) rather than to Python's warnings."""
+    return getattr(_local, "sink", None) is not None
+
+
 @contextmanager
 def collect(sink: Callable[[str], None]) -> Iterator[None]:
     """Deliver this thread's notices to sink for the duration of the block."""
