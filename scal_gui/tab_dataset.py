@@ -1,5 +1,5 @@
-"""The Dataset tab: datasets uploaded through the page, folders, resolution and buckets; what training will
-make of the images."""
+"""The Dataset tab: datasets uploaded through the page and their captions (caption_section), folders,
+resolution and buckets; what training will make of the images."""
 from __future__ import annotations
 
 import atexit
@@ -14,7 +14,7 @@ import gradio as gr
 from engine.data import archive
 from engine.errors import UserError
 
-from . import bucket_view, configs, datasets, fields
+from . import bucket_view, caption_section, configs, datasets, fields
 from .context import PageContext
 
 INSTANCE_PATH = f"{fields._CONCEPT}.instance_set.path"
@@ -102,6 +102,7 @@ def choose_dataset(folder: Path, name: str):
 def build(ctx: PageContext) -> SimpleNamespace:
     ui = SimpleNamespace()
     build_uploads(ctx, ui)
+    caption_section.build(ui)
     ctx.add_fields(fields.DATASET)
     ui.preview = gr.Button("Preview buckets", variant="primary", elem_id="bucket-preview-button")
     ui.message = gr.Markdown(elem_id="bucket-message")
@@ -167,8 +168,9 @@ def wire(ctx: PageContext, ui: SimpleNamespace) -> None:
     preview_outputs = [ui.message, ui.table, ui.chart, ui.skipped, ui.bucket, ui.thumbnails, ui.report]
     (ui.preview.click(preview, [ctx.yaml, *ctx.inputs], preview_outputs, api_visibility="private")
      .then(chart_data, ui.report, ui.chart, api_visibility="private"))
-    ui.add.click(functools.partial(add_uploads, folder), [ui.dataset_name, ui.upload],
-                 [ui.upload_message, ui.datasets], api_visibility="private", concurrency_limit=1)
+    uploaded = ui.add.click(functools.partial(add_uploads, folder), [ui.dataset_name, ui.upload],
+                            [ui.upload_message, ui.datasets], api_visibility="private", concurrency_limit=1)
+    caption_section.wire(folder, ui, uploaded)
     ui.refresh_datasets.click(lambda: gr.update(choices=dataset_choices(folder)), None, ui.datasets,
                               api_visibility="private")
     (ui.datasets.input(functools.partial(choose_dataset, folder), ui.datasets, ctx.form[INSTANCE_PATH],

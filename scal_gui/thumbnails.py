@@ -15,19 +15,16 @@ def draw_crop(source: str, box: Sequence[float], out_dir: Path, side: int = THUM
     """A thumbnail of source with the area outside box (left, top, right, bottom in source pixels) veiled
     and the box outlined, and tinted where its loss mask (a file, or None) is black; written once per
     (file, box, mask) and reused. The source and mask may be shard members (see engine.data.shards)."""
-    from PIL import Image, ImageDraw, ImageOps
+    from PIL import Image, ImageDraw
 
-    from engine.data.shards import file_stamp, image_file
+    from engine.data.shards import file_stamp
 
     masked = file_stamp(mask) if mask else ""
     key = hashlib.sha1(f"{file_stamp(source)}:{list(box)}:{side}:{masked}".encode()).hexdigest()[:16]
     target = out_dir / f"{key}.png"
     if target.is_file():
         return target
-    with Image.open(image_file(source)) as image:
-        image = ImageOps.exif_transpose(image).convert("RGB")
-    scale = side / max(image.size)
-    thumb = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
+    image, thumb, scale = _opened(source, side)
     if mask:
         from engine.data.masks import load_mask
 
@@ -44,3 +41,28 @@ def draw_crop(source: str, box: Sequence[float], out_dir: Path, side: int = THUM
     out_dir.mkdir(parents=True, exist_ok=True)
     thumb.save(target)
     return target
+
+
+def plain(source: str, out_dir: Path, side: int = THUMB_SIDE) -> Path:
+    """A thumbnail of the image file source, upright, at most side pixels on a side; written once per file
+    (its path, size and mtime) and reused."""
+    from engine.data.shards import file_stamp
+
+    key = hashlib.sha1(f"{file_stamp(source)}:{side}".encode()).hexdigest()[:16]
+    target = out_dir / f"{key}.png"
+    if not target.is_file():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _opened(source, side)[1].save(target)
+    return target
+
+
+def _opened(source: str, side: int):
+    """(the image upright in RGB, its thumbnail at most side pixels on a side, the thumbnail's scale)."""
+    from PIL import Image, ImageOps
+
+    from engine.data.shards import image_file
+
+    with Image.open(image_file(source)) as image:
+        image = ImageOps.exif_transpose(image).convert("RGB")
+    scale = side / max(image.size)
+    return image, image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale)))), scale
