@@ -78,6 +78,18 @@ WHOLE_AT_LEAST_1 = Range(1, say="a whole number of at least 1")
 SIDE = Range(8, 16384)
 
 
+@dataclass(frozen=True)
+class PathKey:
+    """Marks a key whose value names a file or folder, as `Annotated[str, PATH]`: `path_values` lists them, so
+    whoever limits where the app reads and writes sees every one. model: the key also takes a Hugging Face Hub
+    id or a URL (engine.hub), which are not paths."""
+    model: bool = False
+
+
+PATH = PathKey()
+MODEL_PATH = PathKey(model=True)
+
+
 @dataclass
 class AutoGenerate:
     enabled: bool = False
@@ -90,16 +102,16 @@ class AutoGenerate:
 
 @dataclass
 class InstanceSet:
-    path: str = ""
+    path: Annotated[str, PATH] = ""
     prompt: str = ""
     # each image is this many samples of an epoch, so a small concept is not outweighed
     repeats: Annotated[int, WHOLE_AT_LEAST_1] = 1
-    mask_path: str = ""  # a folder of loss masks named <image stem>.png; empty = <stem>.mask.png beside each image
+    mask_path: Annotated[str, PATH] = ""  # a folder of loss masks named <image stem>.png; empty = <stem>.mask.png beside each image
 
 
 @dataclass
 class ClassSet:
-    path: str = ""
+    path: Annotated[str, PATH] = ""
     prompt: str = ""
     auto_generate: AutoGenerate = field(default_factory=AutoGenerate)
 
@@ -140,7 +152,7 @@ class Sampling:
 class Validation:
     """The loss on held-out images at fixed timesteps with fixed noise, comparable across steps and runs."""
     every_n_steps: Annotated[int, Range(0, say="0 (off) or more")] = 0
-    path: str = ""  # a folder of held-out images, scanned like an instance set
+    path: Annotated[str, PATH] = ""  # a folder of held-out images, scanned like an instance set
     prompt: str = "{TXT_PROMPT}"  # the caption of each image of path
     split: Annotated[float, FRACTION] = 0.0  # or: this fraction of each concept's instance images, held out of training
     timesteps: list[Annotated[int, NOT_NEGATIVE]] = field(default_factory=lambda: [100, 300, 500, 700, 900])
@@ -205,7 +217,7 @@ class AspectRatioBucket:
 class Cache:
     latents: bool = False
     text_embeddings: bool = False
-    dir: Optional[str] = None  # null = the app's cache folder
+    dir: Annotated[Optional[str], PATH] = None  # null = the app's cache folder
     # before_training: encode everything at the start, so the models leave the device from the first step;
     # first_epoch: the first epoch's steps write what they encode anyway, so a large dataset starts at once
     fill: Literal["before_training", "first_epoch"] = "before_training"
@@ -323,7 +335,7 @@ class AugmentStep:
 @dataclass
 class CustomEmbeddings:
     enabled: bool = False
-    path: str = ""  # a textual-inversion file (.pt / .safetensors) or a folder of them
+    path: Annotated[str, PATH] = ""  # a textual-inversion file (.pt / .safetensors) or a folder of them
 
 
 NETWORK_TYPES = ("full", "lora", "dora", "loha", "lokr")
@@ -341,7 +353,7 @@ class Network:
     # Flux.1: also adapt each block's modulation layer (the double blocks' img_mod/txt_mod, the single blocks'
     # modulation), as kohya's sd-scripts adapts every Linear of a block
     modulation: bool = False
-    init_from: Optional[str] = None  # an adapter .safetensors to continue training from
+    init_from: Annotated[Optional[str], PATH] = None  # an adapter .safetensors to continue training from
     text_encoder_lr: Annotated[Optional[float], POSITIVE] = None  # null = optimizer.params.lr
 
     @property
@@ -370,15 +382,15 @@ class Flow:
 
 @dataclass
 class Config:
-    model: str = ""
+    model: Annotated[str, MODEL_PATH] = ""
     # the SHA-256 (64 hex digits) a single-file model (a URL, a Hub file, a local file) must have; null = unchecked
     model_sha256: Optional[str] = None
-    vae: Optional[str] = None
-    tokenizer: Optional[str] = None
+    vae: Annotated[Optional[str], PATH] = None
+    tokenizer: Annotated[Optional[str], PATH] = None
     # separate text-encoder files for single-file models (Flux.1: CLIP-L and T5-XXL); null = the model's own
-    text_encoder: Optional[str] = None
-    text_encoder_2: Optional[str] = None
-    output_dir: str = "output"
+    text_encoder: Annotated[Optional[str], PATH] = None
+    text_encoder_2: Annotated[Optional[str], PATH] = None
+    output_dir: Annotated[str, PATH] = "output"
     project: str = "SCAL-SDT"
     description: str = ""  # one line shown by the GUI next to a preset
     batch_size: Annotated[int, AT_LEAST_1] = 1
@@ -886,4 +898,29 @@ def ranges() -> dict[str, Range]:
             (tp,) = typing.get_args(tp)
         if typing.get_origin(tp) is Annotated:
             found.update((path, mark) for mark in typing.get_args(tp)[1:] if isinstance(mark, Range))
+    return found
+
+
+def path_keys() -> dict[str, PathKey]:
+    """The PathKey of every key path that names a file or folder (`[]` for each item of a list)."""
+    return {path: mark for path, tp in _leaves() if typing.get_origin(tp) is Annotated
+            for mark in typing.get_args(tp)[1:] if isinstance(mark, PathKey)}
+
+
+def path_values(config: Config) -> list[tuple[str, str, PathKey]]:
+    """(key path with its list indexes, value, PathKey) of every path the config names; empty ones left out."""
+    found = []
+    for key, mark in path_keys().items():
+        nodes = [("", config)]
+        for part in key.split("."):
+            name, step = part.removesuffix("[]"), []
+            for shown, node in nodes:
+                value = None if node is None else getattr(node, name)
+                where = f"{shown}.{name}" if shown else name
+                if part.endswith("[]"):
+                    step += [(f"{where}[{index}]", item) for index, item in enumerate(value or [])]
+                else:
+                    step.append((where, value))
+            nodes = step
+        found += [(shown, value, mark) for shown, value in nodes if value]
     return found

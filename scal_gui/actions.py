@@ -12,6 +12,7 @@ from engine import config as schema
 from engine.errors import UserError
 
 from . import configs, multi_device
+from .allowed import PathPolicy
 from .jobs import CLASSGEN, TRAIN, JobBusy, JobManager
 
 
@@ -29,12 +30,13 @@ def _train_builder(config: schema.Config) -> Callable:
     return build
 
 
-def _resume_builder(run_dir: str) -> Callable:
+def _resume_builder(run_dir: str, policy: PathPolicy) -> Callable:
     def build(events):
         from engine import distributed
         from engine.train import Trainer
 
         trainer = Trainer.for_resume(run_dir, events)  # checks that run_dir is a run folder
+        policy.check_config(trainer.config)  # the run may have been started by an app that allowed more
         processes = distributed.process_count(trainer.config.trainer.devices)
         if processes > 1:
             return multi_device.torchrun_training(events, processes, trainer.config, resume_dir=run_dir)
@@ -53,8 +55,9 @@ def _classgen_builder(config: schema.Config) -> Callable:
 
 
 class Actions:
-    def __init__(self, manager: JobManager):
+    def __init__(self, manager: JobManager, policy: PathPolicy = PathPolicy.local()):
         self.manager = manager
+        self.policy = policy  # where the page may read and write
 
     def _start(self, kind: str, build: Callable, label: str) -> str:
         try:
@@ -68,25 +71,31 @@ class Actions:
         return f"Started {label}."
 
     def _config(self, yaml_text: str) -> schema.Config:
+        """The config of the page's YAML; raises UserError for a bad one or one naming a path the app may not use."""
         config, _ = configs.load(configs.parse_yaml(yaml_text))
+        self.policy.check_config(config)
         return config
 
     def start_training(self, yaml_text: str) -> str:
         try:
             config = self._config(yaml_text)
-        except schema.ConfigError as error:
+        except UserError as error:
             return f"Not started: {error}"
         return self._start(TRAIN, _train_builder(config), f"training ({config.project})")
 
     def resume_training(self, run_dir: str) -> str:
         if not run_dir:
             return "Error: Choose a run to resume."
-        return self._start(TRAIN, _resume_builder(run_dir), f"resuming {Path(run_dir).name}")
+        try:
+            self.policy.check("the run to resume", run_dir)
+        except UserError as error:
+            return f"Not started: {error}"
+        return self._start(TRAIN, _resume_builder(run_dir, self.policy), f"resuming {Path(run_dir).name}")
 
     def generate_class_images(self, yaml_text: str) -> str:
         try:
             config = self._config(yaml_text)
-        except schema.ConfigError as error:
+        except UserError as error:
             return f"Not started: {error}"
         concepts = config.data.concepts
         if not concepts or concepts[0].class_set is None or not concepts[0].class_set.path:
@@ -132,6 +141,11 @@ class Actions:
                 on_event: Optional[Callable] = None) -> str:
         if not source or not out:
             return "Error: Choose a checkpoint (or a model path) and an output path."
+        try:
+            self.policy.check("Convert source", source)
+            self.policy.check("Convert output", out)
+        except UserError as error:
+            return f"Error: {error}"
         from engine.models import convert  # imports torch: loaded on first use, not with the page
 
         try:

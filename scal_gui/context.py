@@ -8,6 +8,8 @@ import gradio as gr
 
 from . import configs, fields
 from .actions import Actions
+from .allowed import PathPolicy
+from .datasets import MAX_UPLOAD_BYTES
 from .jobs import JobManager
 
 
@@ -21,6 +23,8 @@ class PageContext:
     yaml: Optional[gr.Code] = None
     check: Optional[gr.Markdown] = None
     data_dir: Optional[str] = None     # the app's data folder of uploaded datasets (None: datasets' default)
+    policy: PathPolicy = field(default_factory=PathPolicy.local)  # where the page may read and write
+    max_upload_bytes: int = MAX_UPLOAD_BYTES  # an upload's limit, and the largest file offered for download
 
     def add_fields(self, specs: tuple[fields.Field, ...], per_row: int = 4) -> None:
         """Lay out inputs for specs, in rows, with the page's starting values."""

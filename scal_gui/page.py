@@ -7,7 +7,9 @@ import gradio as gr
 
 from . import charts, configs, fields, live, presets, tab_classgen, tab_convert, tab_dataset, tab_train
 from .actions import Actions
+from .allowed import PathPolicy
 from .context import PageContext
+from .datasets import MAX_UPLOAD_BYTES
 from .jobs import CLASSGEN, TRAIN, JobManager
 
 POLL_SECONDS = 1.0
@@ -26,13 +28,16 @@ def serve_files(paths: list[str]) -> None:
 
 
 def build_page(manager: Optional[JobManager] = None, output_dir: Optional[str] = None,
-               warning: Optional[str] = None, data_dir: Optional[str] = None) -> gr.Blocks:
-    """The app's page; a warning, when given, shows above the tabs. data_dir: where uploaded datasets go."""
+               warning: Optional[str] = None, data_dir: Optional[str] = None,
+               policy: PathPolicy = PathPolicy.local(), max_upload_bytes: int = MAX_UPLOAD_BYTES) -> gr.Blocks:
+    """The app's page; a warning, when given, shows above the tabs. data_dir: where uploaded datasets go;
+    policy: where the page may read and write; max_upload_bytes: see PageContext."""
     manager = manager or JobManager()
     preset_list = presets.all_presets()
     selected = presets.default_preset(presets.list_presets(), presets.has_cuda_gpu())
-    ctx = PageContext(manager=manager, actions=Actions(manager), output_dir=output_dir,
-                      raw=presets.load_preset(selected, output_dir), data_dir=data_dir)
+    ctx = PageContext(manager=manager, actions=Actions(manager, policy), output_dir=output_dir,
+                      raw=presets.load_preset(selected, output_dir), data_dir=data_dir, policy=policy,
+                      max_upload_bytes=max_upload_bytes)
     with gr.Blocks(title=TITLE) as page:
         gr.Markdown(f"## {TITLE} — Stable Diffusion and Flux.1 fine-tuning")
         if warning:
@@ -112,7 +117,7 @@ def _wire_live(ctx: PageContext, page: gr.Blocks, train, classgen) -> None:
         if seen.get("runs_for") != runs_for:
             # A run that started or ended (or another output folder) changes what can be resumed.
             seen["runs_for"] = runs_for
-            choices = tab_train.resume_choices(output_dir, active)
+            choices = tab_train.resume_choices(output_dir, active, ctx.policy)
             updates.append(gr.update(choices=choices, value=choices[0][1] if choices else None))
         else:
             updates.append(gr.skip())

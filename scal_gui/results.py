@@ -4,7 +4,8 @@ samples as one zip built on demand in the app's cache.
 
 Only files inside the app's output folder are offered: every path is resolved (symlinks too) and one that
 lands outside is refused; a run is named as the output folder lists it (project/run_id), and a name that is
-not one of those runs is refused.
+not one of those runs is refused. The output folder itself must be one the app's PathPolicy allows, and a file
+(or samples zip) larger than the page's max_bytes is not offered.
 """
 from __future__ import annotations
 
@@ -18,9 +19,11 @@ from typing import Optional
 
 import gradio as gr
 
+from engine.errors import UserError
 from engine.run_dir import CONFIG_FILE, RunDir
 
 from . import runs
+from .allowed import PathPolicy
 
 ADAPTER_FILE = "adapter.safetensors"  # engine.models.kohya.ADAPTER_EXPORT, without importing the models
 SAMPLE_SUFFIX = ".png"
@@ -78,6 +81,16 @@ def inside(root: Path, path: Path) -> Path:
     return real
 
 
+def allowed_root(output_dir: Optional[str], policy: PathPolicy) -> Path:
+    """output_root, or Refused when the policy does not allow it."""
+    root = output_root(output_dir)
+    try:
+        policy.check("the output folder", str(root))
+    except UserError as error:
+        raise Refused(f"Refused: {error}") from None
+    return root
+
+
 def find_run(output_dir: Optional[str], name: str) -> Path:
     """The folder of the run named project/run_id under the output folder; Refused for any other name."""
     root = output_root(output_dir)
@@ -94,8 +107,9 @@ def find_run(output_dir: Optional[str], name: str) -> Path:
     raise Refused(f"Refused: {text!r} is not a run of the output folder {root}")
 
 
-def _regular(root: Path, path: Path, refused: list[str]) -> Optional[Path]:
-    """path resolved when it is a file inside root; None when missing, its refusal noted when outside."""
+def _regular(root: Path, path: Path, refused: list[str], max_bytes: Optional[int] = None) -> Optional[Path]:
+    """path resolved when it is a file inside root of at most max_bytes; None when missing, its refusal noted
+    when outside or larger."""
     if not (path.is_file() or path.is_symlink()):
         return None
     try:
@@ -103,28 +117,36 @@ def _regular(root: Path, path: Path, refused: list[str]) -> Optional[Path]:
     except Refused as error:
         refused.append(str(error))
         return None
-    return real if real.is_file() else None
+    if not real.is_file():
+        return None
+    if max_bytes is not None and real.stat().st_size > max_bytes:
+        refused.append(f"Refused: {path} is {size_text(real.stat().st_size)}, over the download limit of "
+                       f"{size_text(max_bytes)} (--max-upload-mb)")
+        return None
+    return real
 
 
-def run_files(output_dir: Optional[str], name: str) -> RunFiles:
-    """What the run named name offers; Refused when the name is not a run of the output folder."""
+def run_files(output_dir: Optional[str], name: str, policy: PathPolicy = PathPolicy.local(),
+              max_bytes: Optional[int] = None) -> RunFiles:
+    """What the run named name offers; Refused when the name is not a run of the output folder, or the
+    output folder is not one the policy allows. Files over max_bytes are left out with a refused line."""
     from engine.checkpoints import list_checkpoints
 
-    root = output_root(output_dir)
+    root = allowed_root(output_dir, policy)
     path = find_run(output_dir, name)
     run = RunDir(path)
     refused: list[str] = []
     saved = list_checkpoints(path)
-    adapter = _regular(root, saved[-1] / ADAPTER_FILE, refused) if saved else None
+    adapter = _regular(root, saved[-1] / ADAPTER_FILE, refused, max_bytes) if saved else None
     converted = []
     if run.converted.is_dir():
         for entry in sorted(run.converted.iterdir()):
-            if not entry.name.startswith(".") and (real := _regular(root, entry, refused)):
+            if not entry.name.startswith(".") and (real := _regular(root, entry, refused, max_bytes)):
                 converted.append(real)
     return RunFiles(name=name, path=path, adapter=adapter, checkpoint=saved[-1].name if saved else None,
                     converted=tuple(converted), samples=tuple(_samples(root, path, refused)),
-                    metrics=_regular(root, run.metrics, refused), config=_regular(root, path / CONFIG_FILE, refused),
-                    refused=tuple(refused))
+                    metrics=_regular(root, run.metrics, refused, max_bytes),
+                    config=_regular(root, path / CONFIG_FILE, refused, max_bytes), refused=tuple(refused))
 
 
 def _samples(root: Path, run_path: Path, refused: list[str]) -> list[Path]:
@@ -154,12 +176,18 @@ def downloads_dir() -> Path:
     return folder
 
 
-def zip_samples(output_dir: Optional[str], name: str) -> Optional[Path]:
+def zip_samples(output_dir: Optional[str], name: str, policy: PathPolicy = PathPolicy.local(),
+                max_bytes: Optional[int] = None) -> Optional[Path]:
     """The run's samples as one zip in the app's cache (samples/<step>/<file>.png inside), built now and
-    streamed file by file; None when the run has no samples. The zip replaces the run's previous one."""
-    files = run_files(output_dir, name)
+    streamed file by file; None when the run has no samples, Refused when they hold more than max_bytes.
+    The zip replaces the run's previous one."""
+    files = run_files(output_dir, name, policy, max_bytes)
     if not files.samples:
         return None
+    total = sum(image.stat().st_size for image in files.samples)
+    if max_bytes is not None and total > max_bytes:
+        raise Refused(f"Refused: the samples hold {size_text(total)}, over the download limit of "
+                      f"{size_text(max_bytes)} (--max-upload-mb)")
     root = output_root(output_dir)
     folder = downloads_dir()
     target = folder / f"{files.path.parent.name}-{files.path.name}-samples.zip"
@@ -230,7 +258,8 @@ def _button(path: Optional[Path], label: str):
     return gr.update(value=serve(path), label=label, visible=True)
 
 
-def show(output_dir: Optional[str], name: Optional[str]) -> list:
+def show(output_dir: Optional[str], name: Optional[str], policy: PathPolicy = PathPolicy.local(),
+         max_bytes: Optional[int] = None) -> list:
     """[message, adapter, metrics, config, zip button, samples zip, converted] for the chosen run."""
     hidden = [gr.update(value=None, visible=False)] * 3 + [gr.update(visible=False),
                                                            gr.update(value=None, visible=False),
@@ -238,7 +267,7 @@ def show(output_dir: Optional[str], name: Optional[str]) -> list:
     if not name:
         return ["", *hidden]
     try:
-        files = run_files(output_dir, name)
+        files = run_files(output_dir, name, policy, max_bytes)
     except Refused as error:
         return [str(error), *hidden]
     except OSError as error:
@@ -251,10 +280,11 @@ def show(output_dir: Optional[str], name: Optional[str]) -> list:
             gr.update(value=[serve(p) for p in files.converted] or None, visible=bool(files.converted))]
 
 
-def make_zip(output_dir: Optional[str], name: Optional[str]) -> list:
+def make_zip(output_dir: Optional[str], name: Optional[str], policy: PathPolicy = PathPolicy.local(),
+             max_bytes: Optional[int] = None) -> list:
     """[message, samples zip button]."""
     try:
-        target = zip_samples(output_dir, name or "")
+        target = zip_samples(output_dir, name or "", policy, max_bytes)
     except Refused as error:
         return [str(error), gr.update(value=None, visible=False)]
     except OSError as error:
@@ -277,6 +307,7 @@ def wire(ctx, ui: SimpleNamespace, page: gr.Blocks) -> None:
     from . import fields
 
     output_dir = ctx.output_dir or fields.get_value(ctx.raw, "output_dir")
+    limits = (ctx.policy, ctx.max_upload_bytes)
 
     def refresh():
         choices = run_choices(output_dir, ctx.manager.active_run_dir())
@@ -284,9 +315,9 @@ def wire(ctx, ui: SimpleNamespace, page: gr.Blocks) -> None:
 
     outputs = [ui.message, ui.adapter, ui.metrics, ui.config, ui.zip, ui.samples, ui.converted]
     (page.load(refresh, None, ui.run, api_visibility="private")
-     .then(lambda name: show(output_dir, name), ui.run, outputs, api_visibility="private"))
+     .then(lambda name: show(output_dir, name, *limits), ui.run, outputs, api_visibility="private"))
     (ui.refresh.click(refresh, None, ui.run, api_visibility="private")
-     .then(lambda name: show(output_dir, name), ui.run, outputs, api_visibility="private"))
-    ui.run.input(lambda name: show(output_dir, name), ui.run, outputs, api_visibility="private")
-    ui.zip.click(lambda name: make_zip(output_dir, name), ui.run, [ui.message, ui.samples],
+     .then(lambda name: show(output_dir, name, *limits), ui.run, outputs, api_visibility="private"))
+    ui.run.input(lambda name: show(output_dir, name, *limits), ui.run, outputs, api_visibility="private")
+    ui.zip.click(lambda name: make_zip(output_dir, name, *limits), ui.run, [ui.message, ui.samples],
                  api_visibility="private")

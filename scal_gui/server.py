@@ -8,12 +8,15 @@ import argparse
 import os
 import socket
 import sys
+from pathlib import Path
 from typing import Optional
 
 AUTH_ENV = "SCAL_AUTH"
 OUTPUT_ENV = "SCAL_SDT_OUTPUT"
 DEFAULT_PORT = 7860
 PORT_TRIES = 100
+# datasets.MAX_UPLOAD_BYTES in MiB (not imported: it would load numpy before the flags are checked)
+DEFAULT_MAX_UPLOAD_MB = 20480
 OPEN_NETWORK_WARNING = ("--listen without a login: anyone on the network can start jobs and read and write files "
                         f"as this user. Give a login with --auth USER:PASS or {AUTH_ENV}=USER:PASS.")
 
@@ -33,6 +36,24 @@ def port_number(text: str) -> int:
     return port
 
 
+def megabytes(text: str) -> int:
+    """--max-upload-mb's type: a whole number of MiB, at least 1."""
+    try:
+        size = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of megabytes, got {text!r}") from None
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1 megabyte, got {size}")
+    return size
+
+
+def folder(text: str) -> str:
+    """--model-dir's and --allow-path's type: an existing folder, so that a typo does not silently allow nothing."""
+    if not os.path.isdir(os.path.expanduser(text)):
+        raise argparse.ArgumentTypeError(f"not a folder: {text}")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python app.py", description="SCAL-SDT web app")
     parser.add_argument("--listen", action="store_true", help="bind 0.0.0.0 (the local network) instead of 127.0.0.1")
@@ -47,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", metavar="DIR",
                         help="folder of the datasets uploaded on the Dataset tab (default "
                              "$XDG_DATA_HOME/scal-sdt/datasets, that is ~/.local/share/scal-sdt/datasets)")
+    parser.add_argument("--model-dir", metavar="DIR", type=folder, action="append", default=[],
+                        help="with --listen or --share: a folder of models the page may read (repeatable)")
+    parser.add_argument("--allow-path", metavar="DIR", type=folder, action="append", default=[],
+                        help="with --listen or --share: another folder the page may read and write (repeatable); "
+                             "by default only the data, output, model and cache folders")
+    parser.add_argument("--max-upload-mb", metavar="N", type=megabytes, default=DEFAULT_MAX_UPLOAD_MB,
+                        help=f"largest upload, and largest file offered for download, in MiB "
+                             f"(default {DEFAULT_MAX_UPLOAD_MB})")
     return parser
 
 
@@ -84,7 +113,18 @@ def launch_options(args: argparse.Namespace, env: Optional[dict] = None) -> dict
         raise LaunchError(f"--share opens a public link: give a login with --auth USER:PASS or {AUTH_ENV}=USER:PASS")
     host = "0.0.0.0" if args.listen else "127.0.0.1"
     return {"server_name": host, "server_port": pick_port(host, args.port), "share": args.share, "auth": auth,
-            "inbrowser": args.inbrowser}
+            "inbrowser": args.inbrowser, "max_file_size": args.max_upload_mb * 2**20}
+
+
+def path_policy(args: argparse.Namespace, output_dir: Optional[str]):
+    """Where the page may read and write: its own folders when served to others, anywhere for a local app."""
+    from .allowed import PathPolicy
+    from .datasets import default_data_dir
+
+    if not (args.listen or args.share):
+        return PathPolicy.local()
+    return PathPolicy.shared(Path(args.data_dir) if args.data_dir else default_data_dir(), output_dir,
+                             args.model_dir, args.allow_path)
 
 
 def open_network_warning(options: dict) -> Optional[str]:
@@ -106,8 +146,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     from .live import CSS
     from .page import build_page
 
-    page = build_page(output_dir=args.output_dir or os.environ.get(OUTPUT_ENV), warning=warning,
-                      data_dir=args.data_dir)
+    output_dir = args.output_dir or os.environ.get(OUTPUT_ENV)
+    page = build_page(output_dir=output_dir, warning=warning, data_dir=args.data_dir,
+                      policy=path_policy(args, output_dir), max_upload_bytes=options["max_file_size"])
     page.queue(default_concurrency_limit=4)
     page.launch(**options, css=CSS, footer_links=["api", "settings"], show_error=True)
     return 0

@@ -8,9 +8,12 @@ from typing import Optional
 
 import gradio as gr
 
+from engine import config as schema
+from engine.errors import UserError
 from engine.run_dir import RunDir
 
 from . import convert_options, results, runs
+from .allowed import PathPolicy
 from .context import PageContext
 
 LABELS = {"text_encoder": "Include the text encoder", "vae": "Include the VAE", "ema": "Use the EMA UNet",
@@ -39,10 +42,13 @@ def convert_and_report(actions, source: str, out: str, values: list, progress) -
     return "\n\n".join([result, *warnings])
 
 
-def checkpoint_choices(output_dir: str, active: Optional[str] = None) -> list[tuple[str, str]]:
+def checkpoint_choices(output_dir: str, active: Optional[str] = None,
+                       policy: PathPolicy = PathPolicy.local()) -> list[tuple[str, str]]:
+    """The checkpoints of the output folder's runs; none when the policy does not allow the folder."""
     try:
+        policy.check("config key 'output_dir'", output_dir or schema.Config().output_dir)
         return runs.checkpoints(runs.list_runs(output_dir, active))
-    except OSError:
+    except (OSError, UserError):
         return []
 
 
@@ -80,7 +86,7 @@ def wire(ctx: PageContext, ui: SimpleNamespace, page: gr.Blocks) -> None:
     results.wire(ctx, ui.results, page)
 
     def refresh(output_dir: str):
-        return gr.update(choices=checkpoint_choices(output_dir, ctx.manager.active_run_dir()))
+        return gr.update(choices=checkpoint_choices(output_dir, ctx.manager.active_run_dir(), ctx.policy))
 
     page.load(refresh, ctx.form["output_dir"], ui.checkpoint, api_visibility="private")
     ui.refresh.click(refresh, ctx.form["output_dir"], ui.checkpoint, api_visibility="private")

@@ -15,6 +15,7 @@ from engine.data import archive
 from engine.errors import UserError
 
 from . import bucket_view, caption_section, configs, datasets, fields
+from .allowed import PathPolicy
 from .context import PageContext
 
 INSTANCE_PATH = f"{fields._CONCEPT}.instance_set.path"
@@ -75,11 +76,11 @@ def build_uploads(ctx: PageContext, ui: SimpleNamespace) -> None:
             ui.refresh_datasets = gr.Button("↻", elem_id="refresh-datasets", scale=0, min_width=50)
 
 
-def add_uploads(folder: Path, name: str, files) -> tuple[str, dict]:
+def add_uploads(folder: Path, name: str, files, max_upload_bytes: int = datasets.MAX_UPLOAD_BYTES) -> tuple[str, dict]:
     """The Add button: (message, the dataset dropdown updated and showing the dataset)."""
     uploads = [(Path(getattr(f, "name", f)).name, getattr(f, "name", f)) for f in files or []]
     try:
-        report = datasets.add_files(folder, name, uploads)
+        report = datasets.add_files(folder, name, uploads, max_upload_bytes=max_upload_bytes)
     except UserError as error:
         return f"Error: {error}", gr.update(choices=dataset_choices(folder))
     except OSError as error:
@@ -121,15 +122,17 @@ def build(ctx: PageContext) -> SimpleNamespace:
     return ui
 
 
-def preview(yaml_text: str, *values) -> list:
+def preview(yaml_text: str, *values, policy: PathPolicy = PathPolicy.local()) -> list:
     """The preview button's outputs for the page's YAML and form values (fields.ALL order): message, bucket
-    table, chart, skipped table, bucket choice, the first used bucket's thumbnails, and the report."""
+    table, chart, skipped table, bucket choice, the first used bucket's thumbnails, and the report. policy:
+    where the preview may read."""
     empty = [None, None, None, gr.update(choices=[], value=None), [], None]
     merged, message = configs.merge_form(yaml_text, list(values))
     if merged is None or message.startswith("Error:"):
         return [message, *empty]
     config, _ = configs.load(configs.parse_yaml(merged))
     try:
+        policy.check_config(config)
         result = bucket_view.report(config)
     except Exception as error:  # UserError (missing folder) or an engine fault: shown on the page
         return [f"Error: {error}", *empty]
@@ -165,17 +168,19 @@ def sync_yaml(yaml_text: str, *values):
 
 def wire(ctx: PageContext, ui: SimpleNamespace) -> None:
     folder = data_dir(ctx)
+    checked = functools.partial(preview, policy=ctx.policy)
     preview_outputs = [ui.message, ui.table, ui.chart, ui.skipped, ui.bucket, ui.thumbnails, ui.report]
-    (ui.preview.click(preview, [ctx.yaml, *ctx.inputs], preview_outputs, api_visibility="private")
+    (ui.preview.click(checked, [ctx.yaml, *ctx.inputs], preview_outputs, api_visibility="private")
      .then(chart_data, ui.report, ui.chart, api_visibility="private"))
-    uploaded = ui.add.click(functools.partial(add_uploads, folder), [ui.dataset_name, ui.upload],
-                            [ui.upload_message, ui.datasets], api_visibility="private", concurrency_limit=1)
+    uploaded = ui.add.click(functools.partial(add_uploads, folder, max_upload_bytes=ctx.max_upload_bytes),
+                            [ui.dataset_name, ui.upload], [ui.upload_message, ui.datasets],
+                            api_visibility="private", concurrency_limit=1)
     caption_section.wire(folder, ui, uploaded)
     ui.refresh_datasets.click(lambda: gr.update(choices=dataset_choices(folder)), None, ui.datasets,
                               api_visibility="private")
     (ui.datasets.input(functools.partial(choose_dataset, folder), ui.datasets, ctx.form[INSTANCE_PATH],
                        api_visibility="private")
      .then(sync_yaml, [ctx.yaml, *ctx.inputs], [ctx.yaml, ctx.check], api_visibility="private")
-     .then(preview, [ctx.yaml, *ctx.inputs], preview_outputs, api_visibility="private")
+     .then(checked, [ctx.yaml, *ctx.inputs], preview_outputs, api_visibility="private")
      .then(chart_data, ui.report, ui.chart, api_visibility="private"))
     ui.bucket.input(show_bucket, [ui.report, ui.bucket], ui.thumbnails, api_visibility="private")

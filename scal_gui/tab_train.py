@@ -8,17 +8,22 @@ from typing import Optional
 import gradio as gr
 
 from engine import config as schema
+from engine.errors import UserError
 
 from . import configs, fields, presets, runs
+from .allowed import PathPolicy
 from .context import PageContext, sync_form
 
 IDLE = "No run yet: pick a preset, check the settings and press Start."
 
 
-def resume_choices(output_dir: str, active: Optional[str] = None) -> list[tuple[str, str]]:
+def resume_choices(output_dir: str, active: Optional[str] = None,
+                   policy: PathPolicy = PathPolicy.local()) -> list[tuple[str, str]]:
+    """The runs of the output folder that can be resumed; none when the policy does not allow the folder."""
     try:
+        policy.check("config key 'output_dir'", output_dir or schema.Config().output_dir)
         found = runs.resumable(runs.list_runs(output_dir, active))
-    except OSError:
+    except (OSError, UserError):
         return []
     return [(run.label, str(run.path)) for run in found]
 
@@ -247,7 +252,7 @@ def wire(ctx: PageContext, ui: SimpleNamespace, page: gr.Blocks) -> None:
     ui.resume.click(actions.resume_training, ui.resume_run, ui.message, api_name="resume_training")
 
     def refresh_runs(output_dir: str):
-        return gr.update(choices=resume_choices(output_dir, ctx.manager.active_run_dir()))
+        return gr.update(choices=resume_choices(output_dir, ctx.manager.active_run_dir(), ctx.policy))
 
     ui.refresh.click(refresh_runs, ctx.form["output_dir"], ui.resume_run, api_visibility="private")
     (ui.vram.click(sync_form, [ctx.yaml, *ctx.inputs], [ctx.yaml, ctx.check], api_visibility="private")
