@@ -50,8 +50,9 @@ if not "%HAVE%"=="%WANT%" (
   )
   "%PY%" -m pip install --quiet -r requirements.txt || exit /b 1
   "%PY%" -m pip install --quiet --no-deps -r requirements-nodeps.txt || exit /b 1
-  rem T5's vocabulary for Flux.1, from the pinned sdist that embeds it (engine\models\t5_vocab.py)
+  rem T5's vocabulary for Flux.1 and Qwen2's for the tiny captioners, from the pinned sdist that embeds them
   "%PY%" -m engine.models.t5_vocab || exit /b 1
+  "%PY%" -m engine.models.qwen2_vocab || exit /b 1
   >"%VENV%\.scal-sdt-installed" echo %WANT%
 )
 

@@ -53,8 +53,10 @@ if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
   fi
   "$py" -m pip install --quiet -r requirements.txt
   "$py" -m pip install --quiet --no-deps -r requirements-nodeps.txt
-  # T5's vocabulary for Flux.1, from the pinned sdist that embeds it (engine/models/t5_vocab.py)
+  # T5's vocabulary for Flux.1 and Qwen2's for the tiny captioners, from the pinned sdist that embeds them
+  # (engine/models/t5_vocab.py, engine/models/qwen2_vocab.py)
   "$py" -m engine.models.t5_vocab
+  "$py" -m engine.models.qwen2_vocab
   echo "$want" > "$stamp"
 fi
 

