@@ -408,9 +408,11 @@ class Config:
     # bf16 stores trained weights (and so their gradients) in bf16, updated with stochastic rounding.
     weights_dtype: Literal["fp32", "bf16"] = "fp32"
     # How the weights that do not train are stored: an adapter run's base and the frozen text encoders (the
-    # VAE stays fp32). fp8 is float8_e4m3fn with a scale per output channel; each layer computes in the
-    # step's precision. Trained weights and adapters keep weights_dtype.
-    base_dtype: Literal["fp32", "bf16", "fp8"] = "fp32"
+    # VAE stays fp32). fp8 is float8_e4m3fn with a scale per output channel; int8 (a scale per output
+    # channel) and nf4 (4-bit NormalFloat, a scale per 64 weights) are bitsandbytes' quantizations, for an
+    # adapter run only; each layer computes in the step's precision. Trained weights and adapters keep
+    # weights_dtype.
+    base_dtype: Literal["fp32", "bf16", "fp8", "int8", "nf4"] = "fp32"
     data: Data = field(default_factory=Data)
     sampling: Sampling = field(default_factory=Sampling)
     validation: Validation = field(default_factory=Validation)
@@ -786,9 +788,13 @@ def validate(config: Config) -> None:
     _require(config.network.adapter or not config.network.modulation,
              "config key 'network.modulation': chooses what an adapter adapts; a full fine-tune (network.type: "
              "full) trains the modulation layers already, so set it to false")
-    _require(not (config.base_dtype == "fp8" and config.network.type == "dora"),
-             "config key 'base_dtype': DoRA rescales by the norm of the base weight, which fp8 storage does not "
-             "give it; use bf16 or fp32 with network.type dora")
+    _require(not (config.base_dtype in ("fp8", "int8", "nf4") and config.network.type == "dora"),
+             f"config key 'base_dtype': DoRA rescales by the norm of the base weight, which {config.base_dtype} "
+             "storage does not give it; use bf16 or fp32 with network.type dora")
+    _require(config.network.adapter or config.base_dtype not in ("int8", "nf4"),
+             f"config key 'base_dtype': {config.base_dtype} quantizes an adapter's frozen base, and a full "
+             "fine-tune (network.type: full) trains its weights; use an adapter network, or bf16/fp8 for the "
+             "frozen text encoders")
     _require(not config.network.adapter or config.network.conv_rank == 0 or config.network.conv_alpha > 0,
              "config key 'network.conv_alpha': must be positive when network.conv_rank is set")
     for i, sample in enumerate(config.sampling.concepts):

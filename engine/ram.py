@@ -39,9 +39,9 @@ class RamEstimate:
 
 
 def load_dtype(config: Config, component: str) -> torch.dtype:
-    """The dtype a component is read from disk in: bf16 for weights the run keeps in bf16 or fp8 (trained
-    models under weights_dtype: bf16, an adapter's base and the frozen text encoders under base_dtype), which
-    so never exist in fp32; fp32 for the rest (the VAE always)."""
+    """The dtype a component is read from disk in: bf16 for weights the run keeps in bf16, fp8, int8 or nf4
+    (trained models under weights_dtype: bf16, an adapter's base and the frozen text encoders under base_dtype),
+    which so never exist in fp32; fp32 for the rest (the VAE always)."""
     if component == "vae":
         return torch.float32
     trained = component == "unet" or component in config.trained_text_encoders

@@ -406,8 +406,8 @@ ADVANCED = (
     Field("optimizer.params.relative_step", "Adafactor relative step", "its own step size; lr is not used"),
     Field("optimizer.params.warmup_init", "Adafactor relative-step warmup", "with relative step: grows from 0"),
     Field("weights_dtype", "Weights dtype", "bf16 = less memory (RTX 30xx or newer)"),
-    Field("base_dtype", "Frozen weights stored as", "an adapter's base and frozen text encoders; bf16 or fp8 = "
-          "less memory"),
+    Field("base_dtype", "Frozen weights stored as", "an adapter's base and frozen text encoders; bf16, fp8, int8 "
+          "or nf4 = less memory (int8 and nf4: adapters only)"),
     Field("flow.timestep_sampling", "Timestep sampling", "flow-matching models (Flux.1): how σ is drawn"),
     Field("flow.logit_mean", "Logit-normal mean"),
     Field("flow.logit_std", "Logit-normal std"),

@@ -106,7 +106,10 @@ FACTORS: dict[str, list[str]] = {
     "augment": ["off", "on"],              # hflip, rotate and colour jitter
     "ti": ["off", "on"],                   # custom_embeddings (a textual-inversion file)
     "locon": ["off", "on"],                # network: a LoRA adapter over the UNet's 3x3 convolutions too
-    "base": ["fp32", "bf16", "fp8"],       # base_dtype: the frozen text encoder (and an adapter's base) stored
+    # base_dtype: the frozen text encoder (and an adapter's base) stored; nf4 needs an adapter, so its rows train
+    # a LoRA (over the convolutions too with locon). bf16 storage is left to the presets that use it: a fourth
+    # level would need more than MAX_ROWS rows.
+    "base": ["fp32", "fp8", "nf4"],
 }
 
 # Pairs whose meaning is "this cache is off", which the engine says with a warning (cache.attach_caches):
@@ -174,7 +177,7 @@ def row_values(row: dict[str, str], output_dir: Path, class_dir: Path, existing_
         "augment": copy.deepcopy(AUGMENT) if on["augment"] else [],
         "custom_embeddings": {"enabled": on["ti"], "path": str(embedding_file)},
         "network": ({"type": "lora", "rank": 4, "alpha": 4.0, "conv_rank": 2, "conv_alpha": 2.0} if on["locon"]
-                    else {"type": "full"}),
+                    else {"type": "lora", "rank": 4, "alpha": 4.0} if row["base"] == "nf4" else {"type": "full"}),
     })
     class_set = values["data"]["concepts"][0]["class_set"]
     # The class set stays in the config with prior preservation off, as users leave it: nothing is generated.

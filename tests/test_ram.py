@@ -1,4 +1,4 @@
-"""The system-RAM estimate and the dtypes models are read in: a base stored in bf16 or fp8 is read in bf16
+"""The system-RAM estimate and the dtypes models are read in: a base stored in bf16, fp8, int8 or nf4 is read in bf16
 and never held in fp32, and the estimate counts what the loader really holds."""
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ def components_by_name(components) -> dict:
     ("fp32", "lora", "fp32", {}),
     ("bf16", "lora", "fp32", {"unet", "text_encoder"}),
     ("fp8", "loha", "fp32", {"unet", "text_encoder"}),
+    ("nf4", "lokr", "fp32", {"unet", "text_encoder"}),  # quantized from bf16 once loaded
     ("bf16", "full", "fp32", {"text_encoder"}),  # a full fine-tune reads the model it trains in fp32…
     ("fp32", "full", "bf16", {"unet"}),  # …unless it trains it in bf16
     ("fp32", "lora", "bf16", {"unet"}),  # an adapter's base under weights_dtype: bf16

@@ -134,9 +134,14 @@ def load_adapter_state(model: torch.nn.Module, state: dict[str, torch.Tensor], k
 
 
 def merge_adapter(model: torch.nn.Module) -> torch.nn.Module:
-    """The model with its adapter folded into the base weights and the adapter layers removed."""
+    """The model with its adapter folded into the base weights and the adapter layers removed. A base
+    stored in fewer bytes (base_dtype) is first dequantized into plain fp32 layers: the adapter is merged into
+    the weights it trained over."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    from ..base_weights import dequantize_stored
+
+    dequantize_stored(model)
     for name, module in list(model.named_modules()):
         if isinstance(module, BaseTunerLayer):
             module.merge()

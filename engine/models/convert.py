@@ -233,7 +233,7 @@ def find_adapter_run(source: str | Path) -> Optional[AdapterRun]:
 def _adapt(model: torch.nn.Module, component: str, adapter: AdapterRun, merge: bool,
            ema: bool = False) -> torch.nn.Module:
     """The base model with the checkpoint's adapter (or, ema, the UNet adapter's average) on it, or merged
-    into its weights."""
+    into its weights as the run stored them (base_dtype)."""
     from ..ema import averaged_parameters, load_ema
     from .adapters import add_adapter, load_adapter_folder, merge_adapter
 
@@ -242,7 +242,14 @@ def _adapt(model: torch.nn.Module, component: str, adapter: AdapterRun, merge: b
     if ema and component == "unet":
         load_ema(adapter.checkpoint, adapter.config.ema, "cpu", model).copy_to(averaged_parameters(model))
     model.eval()  # adapter dropout off: what is converted is the adapter as it applies at inference
-    return merge_adapter(model) if merge else model
+    if not merge:
+        return model
+    if adapter.config.base_dtype != "fp32":
+        from ..base_weights import STORAGE, store_frozen
+
+        # the base as the run stored it, which merge_adapter dequantizes: what the adapter trained over
+        store_frozen(model, STORAGE[adapter.config.base_dtype])
+    return merge_adapter(model)
 
 
 def load_source(source: str | Path, wanted: tuple[str, ...], ema: bool = False,

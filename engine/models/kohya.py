@@ -370,6 +370,9 @@ def metadata(config: Config, models: Mapping[str, torch.nn.Module], step: int, e
         "ss_tag_frequency": json.dumps(trigger_words), "ss_clip_skip": str(config.clip_stop_at_layer),
         "ss_text_encoder_lr": str(network.text_encoder_lr or config.optimizer.params.lr),
         "ss_unet_lr": str(config.optimizer.params.lr), "ss_training_comment": training_comment(network.type),
+        # this trainer's own key: the storage of the base the adapter trained over (an nf4 base's rounding is
+        # part of what the adapter learned)
+        "ss_base_dtype": config.base_dtype,
     }
 
 
