@@ -87,8 +87,11 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 @contextmanager
 def chromium() -> Iterator:
     """Debian's Chromium driven by Playwright, for the block."""
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
+    # The suite runs two test processes at once: a page's update can wait seconds for the other's CPU,
+    # so assertions wait longer than playwright's 5 s before they fail.
+    expect.set_options(timeout=20_000)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
