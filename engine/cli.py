@@ -193,12 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     sample.set_defaults(func=cmd_make_sample_data)
 
     from .data import buckets_cli, cache_cli, make_shards
-    from . import classgen, vram
+    from . import classgen, memory_plan, vram
     from .captioning import job as caption
     from .models import convert
 
     # Commands defined next to the code they drive; each module adds its own subcommand.
-    for module in (buckets_cli, caption, cache_cli, classgen, convert, make_shards, vram):
+    for module in (buckets_cli, caption, cache_cli, classgen, convert, make_shards, memory_plan, vram):
         module.register(commands)
     return parser
 

@@ -381,6 +381,20 @@ class Flow:
 
 
 @dataclass
+class MemoryFit:
+    """The memory a run must fit in; the memory plan (engine.memory_plan) picks the settings that do."""
+    vram_gib: Annotated[Optional[float], POSITIVE] = None  # the card's memory
+    ram_gib: Annotated[Optional[float], POSITIVE] = None  # the system's memory
+
+
+@dataclass
+class Memory:
+    # null = train with the config's own settings; set: before setup the trainer applies the memory plan's
+    # settings, or refuses to start when none fit
+    fit: Optional[MemoryFit] = None
+
+
+@dataclass
 class Config:
     model: Annotated[str, MODEL_PATH] = ""
     # the SHA-256 (64 hex digits) a single-file model (a URL, a Hub file, a local file) must have; null = unchecked
@@ -439,6 +453,7 @@ class Config:
     prediction_type: Optional[Literal["epsilon", "v_prediction"]] = None  # null = the model's scheduler config
     zero_terminal_snr: bool = False
     flow: Flow = field(default_factory=Flow)
+    memory: Memory = field(default_factory=Memory)
 
     @property
     def trained_text_encoders(self) -> tuple[str, ...]:
@@ -785,6 +800,10 @@ def validate(config: Config) -> None:
              f"{config.min_timestep} and {config.max_timestep}")
     _validate_validation(config.validation)
     _validate_optimizer(config)
+    fit = config.memory.fit
+    _require(fit is None or (fit.vram_gib is not None and fit.ram_gib is not None),
+             "config key 'memory.fit': set both vram_gib and ram_gib (GiB of the card and of system memory), "
+             "or leave memory.fit null")
     _require(config.network.adapter or not config.network.modulation,
              "config key 'network.modulation': chooses what an adapter adapts; a full fine-tune (network.type: "
              "full) trains the modulation layers already, so set it to false")

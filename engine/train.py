@@ -194,7 +194,30 @@ class Trainer(Job):
             self.log("class image generation was stopped", "warning")
 
     # -- the run ------------------------------------------------------------------------------------------
+    def _fit_memory(self) -> None:
+        """memory.fit: the memory plan's settings applied to the config, one log line each; refused with the
+        plan's reason when none fit. A resumed run keeps the settings its config.yaml was saved with."""
+        from .memory_plan import applied, format_settings, plan_memory
+
+        fit = self.config.memory.fit
+        self.log(f"memory.fit: planning for {fit.vram_gib:g} GiB of GPU memory and {fit.ram_gib:g} GiB of RAM")
+        processes = distributed.world_size_from_environment()
+        plan = plan_memory(self.config, fit.vram_gib, fit.ram_gib, processes)
+        if not plan.fits:
+            raise UserError(f"config key 'memory.fit': nothing fits: {plan.reason}")
+        for key, value in plan.settings.items():
+            self.log(f"memory.fit: {format_settings({key: value})}")
+        if not plan.settings:
+            self.log("memory.fit: the config fits as it is")
+        for note in plan.notes:
+            self.log(f"memory.fit: {note}", "warning")
+        self.log(f"memory.fit: estimated GPU peak {plan.estimate.peak:.2f} GiB, system RAM peak "
+                 f"{plan.estimate.ram.peak:.2f} GiB")
+        self.config = applied(self.config, plan.settings, processes)
+
     def _train(self) -> events.Event:
+        if self.config.memory.fit is not None and self.resume_dir is None:
+            self._fit_memory()
         device = select_device(self.config)
         # Planned (and refused, for rules that depend on the process count) before any process group or
         # run folder exists.

@@ -137,6 +137,26 @@ class Actions:
                 f"**{ram.peak:.2f} GiB** at its peak ({ram.loading:.2f} GiB while loading the model, "
                 f"{ram.training:.2f} GiB while training). Step: {step}")
 
+    def fit_memory(self, yaml_text: str, vram_gib: Optional[float],
+                   ram_gib: Optional[float]) -> tuple[str, Optional[str]]:
+        """(one-line summary, the page's YAML with the memory plan's settings written in; None when the config is
+        refused or nothing fits)."""
+        from engine import memory_plan  # imports torch: loaded on first use, not with the page
+
+        try:
+            config = self._config(yaml_text)
+            limits = memory_plan.check_limit(vram_gib, "GPU memory"), memory_plan.check_limit(ram_gib, "System RAM")
+            plan = memory_plan.plan_memory(config, *limits)
+        except UserError as error:
+            return f"Error: {error}", None
+        if not plan.fits:
+            return f"Nothing fits: {plan.reason}", None
+        changed = memory_plan.format_settings(plan.settings) or "no change needed"
+        notes = "".join(f" Note: {note}." for note in plan.notes)
+        return (f"Fits: estimated GPU peak **{plan.estimate.peak:.2f} GiB**, system RAM **{plan.estimate.ram.peak:.2f}"
+                f" GiB** with {changed}.{notes}",
+                configs.to_yaml(memory_plan.with_settings(configs.parse_yaml(yaml_text), plan.settings)))
+
     def convert(self, source: str, out: str, options: dict,
                 on_event: Optional[Callable] = None) -> str:
         if not source or not out:

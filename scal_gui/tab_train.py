@@ -142,6 +142,44 @@ def table_to_first_prompt(rows: Optional[list]) -> str:
     return ""
 
 
+def machine_memory() -> list:
+    """[GPU memory, system RAM] of this machine in GiB, for the Fit row; None where it cannot be read. torch
+    is imported only where an NVIDIA GPU is visible."""
+    vram = None
+    if presets.has_cuda_gpu():
+        import torch
+
+        if torch.cuda.is_available():
+            vram = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    return [vram, system_ram_gib()]
+
+
+def system_ram_gib() -> Optional[float]:
+    """Total system memory in GiB: psutil's where it is installed, else /proc/meminfo's; None if neither says."""
+    try:
+        import psutil
+
+        return round(psutil.virtual_memory().total / 2**30, 1)
+    except ImportError:
+        pass
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) * 1024 / 2**30, 1)  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def fit_to_card(actions, yaml_text: str, vram_gib, ram_gib) -> list:
+    """[message, YAML, check, *form values] after the memory plan; only the message when nothing fits."""
+    message, fitted = actions.fit_memory(yaml_text, vram_gib, ram_gib)
+    values, check = configs.form_from_yaml(fitted) if fitted is not None else (None, "")
+    if values is None:
+        return [message] + [gr.skip()] * (2 + len(fields.ALL))
+    return [message, fitted, check, *values]
+
+
 def build(ctx: PageContext, preset_list: list[presets.Preset], selected: presets.Preset) -> SimpleNamespace:
     ui = SimpleNamespace()
     with gr.Row():
@@ -182,6 +220,11 @@ def build(ctx: PageContext, preset_list: list[presets.Preset], selected: presets
                 ui.start = gr.Button("Start", variant="primary", elem_id="start-button")
                 ui.stop = gr.Button("Stop", variant="stop", elem_id="stop-button")
                 ui.vram = gr.Button("Estimate GPU memory", elem_id="vram-button")
+            with gr.Row(equal_height=True, elem_id="fit-row"):
+                # The machine's own sizes arrive with the page load (machine_memory).
+                ui.fit_vram = gr.Number(label="GPU memory (GiB)", minimum=0, elem_id="fit-vram", scale=1)
+                ui.fit_ram = gr.Number(label="System RAM (GiB)", minimum=0, elem_id="fit-ram", scale=1)
+                ui.fit = gr.Button("Fit to my card", elem_id="fit-button", scale=1)
             ui.message = gr.Markdown(elem_id="job-message")
             with gr.Row(equal_height=True):
                 # A custom value is a run folder typed in, for runs outside the output folder.
@@ -257,3 +300,13 @@ def wire(ctx: PageContext, ui: SimpleNamespace, page: gr.Blocks) -> None:
     ui.refresh.click(refresh_runs, ctx.form["output_dir"], ui.resume_run, api_visibility="private")
     (ui.vram.click(sync_form, [ctx.yaml, *ctx.inputs], [ctx.yaml, ctx.check], api_visibility="private")
      .success(actions.estimate_vram, ctx.yaml, ui.message, api_visibility="private"))
+
+    page.load(machine_memory, None, [ui.fit_vram, ui.fit_ram], api_visibility="private")
+
+    def fit(yaml_text: str, vram_gib, ram_gib):
+        return fit_to_card(actions, yaml_text, vram_gib, ram_gib)
+
+    # the form goes into the YAML first, and the chosen settings come back into both
+    (ui.fit.click(sync_form, [ctx.yaml, *ctx.inputs], [ctx.yaml, ctx.check], api_visibility="private")
+     .success(fit, [ctx.yaml, ui.fit_vram, ui.fit_ram], [ui.message, ctx.yaml, ctx.check, *ctx.inputs],
+              api_visibility="private"))

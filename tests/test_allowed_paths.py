@@ -151,6 +151,7 @@ def test_training_with_an_outside_path_is_refused_and_writes_nothing(key, place)
     for message in (actions.start_training(yaml_text), actions.generate_class_images(yaml_text)):
         assert message.startswith(f"Not started: config key '{key}': {target} ") and "\n" not in message
     assert actions.estimate_vram(yaml_text).startswith(f"Error: config key '{key}': ")
+    assert actions.fit_memory(yaml_text, 8, 32)[0].startswith(f"Error: config key '{key}': ")
     assert actions.manager.snapshot() is None
     assert list(folders["outside"].iterdir()) == [] and list(folders["output"].iterdir()) == []
 

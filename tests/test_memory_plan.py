@@ -1,0 +1,179 @@
+"""The memory plan: the first settings in order that fit the limits, what it refuses, and where it applies
+(the command, memory.fit at the start of training, the app's Fit button). On the tiny demo model, with
+limits taken from its own estimates; the tiny config trains on the CPU, where nothing is reserved for CUDA."""
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from engine import config as cfg
+from engine import events, memory_plan, vram
+from engine.testing import tiny_config
+
+MIB = 2**-20  # GiB per MiB
+SETTLED = {"trainer.max_steps": 2, "sampling.interval_steps": 0, "checkpoint.every_n_train_steps": 100,
+           "data.concepts[0].class_set.auto_generate.enabled": False}
+# Every step before the batch already taken, and a clip norm, which fused backward cannot combine with.
+EVERY_STEP_TAKEN = {"cache.latents": True, "cache.text_embeddings": True, "gradient_checkpointing": True,
+                    "base_dtype": "fp8", "weights_dtype": "bf16", "optimizer.name": "adafactor",
+                    "trainer.gradient_clip_val": 1.0}
+
+
+def tiny_raw(tmp_path, **overrides) -> dict:
+    return tiny_config(tmp_path, **{**SETTLED, **overrides})
+
+
+@pytest.fixture(scope="module")
+def every_step(tiny_model, tmp_path_factory):
+    """The plan of the tiny config under a limit nothing meets: every step, estimated in turn."""
+    config = cfg.load(base=tiny_raw(tmp_path_factory.mktemp("plan")))
+    return memory_plan.plan_memory(config, vram_gib=1e-9, ram_gib=64)
+
+
+def figures(plan) -> list[float]:
+    return [tried.estimate.peak for tried in plan.tried if tried.estimate is not None]
+
+
+def between(plan, index: int) -> float:
+    """A GPU limit between the figures of the index-th estimated candidate and the one before it."""
+    peaks = figures(plan)
+    return (peaks[index - 1] + peaks[index]) / 2
+
+
+def test_each_step_lowers_the_estimate_and_a_refused_one_is_skipped(every_step):
+    applied = [tried for tried in every_step.tried if tried.settings]
+    assert [list(tried.settings) for tried in applied] == [
+        ["cache.text_embeddings", "cache.latents"], ["gradient_checkpointing"], ["base_dtype"], ["weights_dtype"],
+        ["base_dtype"], ["optimizer.name"], ["optimizer.name"], ["optimizer.fused_backward"], ["batch_size"]]
+    peaks = figures(every_step)
+    assert all(after < before for before, after in zip(peaks, peaks[1:])), peaks
+    # nf4 quantizes an adapter's base: the full fine-tune's validation refuses it, so it is never applied
+    nf4 = next(tried for tried in every_step.tried if tried.step == "frozen weights in nf4")
+    assert nf4.estimate is None and nf4.verdict.startswith("refused: config key 'base_dtype'")
+    assert not every_step.fits and every_step.settings == {} and "\n" not in every_step.reason
+    assert every_step.reason.startswith(f"the smallest GPU estimate reached is {min(peaks):.2f} GiB "
+                                        "(after 'half the batch')")
+
+
+def test_the_first_step_that_fits_is_chosen_with_the_ones_before(every_step, tmp_path):
+    config = cfg.load(base=tiny_raw(tmp_path))
+    plan = memory_plan.plan_memory(config, vram_gib=between(every_step, 2), ram_gib=64)
+    assert plan.fits and plan.settings == {"cache.text_embeddings": True, "cache.latents": True,
+                                           "gradient_checkpointing": True}
+    assert plan.estimate.peak == figures(every_step)[2]
+    assert [tried.step for tried in plan.tried] == ["as configured", "cached latents and text embeddings",
+                                                    "gradient checkpointing"]
+
+
+def test_a_step_that_gained_nothing_is_dropped_where_the_fit_holds_without_it(tmp_path, monkeypatch):
+    """The search itself, on a model of the memory in which the optimizer's state sets the peak until it
+    shrinks, and only then do checkpointed activations matter."""
+    from engine.ram import RamEstimate
+
+    def estimate(config, arch=None):
+        parameters = 2 if config.weights_dtype == "bf16" else 4
+        state = {"torch.optim.AdamW": 6, "bitsandbytes.optim.AdamW8bit": 3}.get(
+            cfg.optimizer_path(config.optimizer.name), 1)
+        activations = 1 if config.gradient_checkpointing else 3
+        return vram.VramEstimate(parameters, 0, state, activations, 0, parameters + max(state, activations),
+                                 RamEstimate(loading=1, training=1))
+
+    monkeypatch.setattr(memory_plan, "estimate", estimate)
+    plan = memory_plan.plan_memory(cfg.load(base=tiny_raw(tmp_path)), vram_gib=3.5, ram_gib=64)
+    assert plan.fits and plan.estimate.peak == 3
+    assert plan.settings == {"gradient_checkpointing": True, "weights_dtype": "bf16", "optimizer.name": "adafactor"}
+    verdicts = {tried.step: tried.verdict for tried in plan.tried}
+    assert verdicts["gradient checkpointing"].endswith(", no gain yet")
+    assert verdicts["without gradient checkpointing"] == "does not fit: kept"
+    assert verdicts["without cached latents and text embeddings"] == "fits: dropped"
+
+
+def test_the_command_writes_a_config_whose_estimate_fits(every_step, tmp_path, capsys):
+    from engine.cli import main
+
+    source, written = tmp_path / "tiny.yaml", tmp_path / "fitted.yaml"
+    source.write_text(yaml.safe_dump(tiny_raw(tmp_path)), encoding="utf-8")
+    limit = between(every_step, 1)
+    assert main(["plan-memory", "--config", str(source), "--vram", str(limit), "--ram", "64",
+                 "--write", str(written)]) == 0
+    out = capsys.readouterr().out
+    assert "chosen settings:\n  cache.text_embeddings: true\n  cache.latents: true\n" in out
+    fitted = cfg.load(written)
+    assert fitted.cache.latents and fitted.cache.text_embeddings and not fitted.gradient_checkpointing
+    assert vram.estimate(fitted).peak <= limit
+
+
+def test_nothing_fits_gives_one_line_and_exit_status_1(tiny_model, tmp_path, capsys):
+    from engine.cli import main
+
+    source = tmp_path / "tiny.yaml"
+    source.write_text(yaml.safe_dump(tiny_raw(tmp_path, **EVERY_STEP_TAKEN, batch_size=1)), encoding="utf-8")
+    assert main(["plan-memory", "--config", str(source), "--vram", "1e-9", "--ram", "64"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    # fused backward would drop the clip norm: refused by the config's validation, never applied
+    assert "  optimizer step fused into backward: skipped: refused: config key 'optimizer.fused_backward': " \
+           "cannot be combined with 'trainer.gradient_clip_val'" in "\n".join(lines)
+    assert lines[-2:] == ["  half the batch: skipped: already 1", lines[-1]]
+    assert lines[-1].startswith("nothing fits: the smallest GPU estimate reached is ")
+    assert main(["plan-memory", "--config", str(source), "--vram", "0", "--ram", "64"]) == 2
+    assert capsys.readouterr().err == "error: --vram: a size in GiB above 0, got 0.0\n"
+
+
+def test_system_ram_above_its_limit_is_the_reason(tiny_model, tmp_path):
+    config = cfg.load(base=tiny_raw(tmp_path, **EVERY_STEP_TAKEN, batch_size=1))
+    plan = memory_plan.plan_memory(config, vram_gib=64, ram_gib=0.1)
+    ram = plan.tried[0].estimate.ram.peak
+    assert not plan.fits and plan.reason == (
+        f"the GPU fits ({plan.tried[0].estimate.peak:.2f} GiB after 'as configured') but system RAM needs at least "
+        f"{ram:.2f} GiB while training, above the 0.1 GiB limit")
+
+
+def test_memory_fit_is_refused_out_of_range_or_half_set(tmp_path):
+    for fit, key in (({"vram_gib": 0, "ram_gib": 8}, "memory.fit.vram_gib"),
+                     ({"vram_gib": 8, "ram_gib": -1}, "memory.fit.ram_gib"), ({"vram_gib": 8}, "memory.fit")):
+        with pytest.raises(cfg.ConfigError, match=rf"^config key '{key}': "):
+            cfg.load(base=tiny_raw(tmp_path, memory={"fit": fit}))
+
+
+def test_the_trainer_applies_memory_fit_before_setup(every_step, class_images, tmp_path, one_torch_thread):
+    from engine.train import Trainer
+
+    fit = {"vram_gib": between(every_step, 1), "ram_gib": 64}
+    logs = []
+    result = Trainer(cfg.load(base=tiny_raw(tmp_path, memory={"fit": fit})),
+                     on_event=lambda e: logs.append(e.message) if isinstance(e, events.Log) else None).run()
+    assert isinstance(result, events.Finished), getattr(result, "error", result)
+    saved = yaml.safe_load(next((tmp_path / "tiny-demo").glob("*/config.yaml")).read_text())
+    assert saved["cache"]["latents"] and saved["cache"]["text_embeddings"] and not saved["gradient_checkpointing"]
+    assert "memory.fit: cache.latents=true" in logs and "memory.fit: cache.text_embeddings=true" in logs
+
+
+def test_the_trainer_refuses_to_start_when_nothing_fits(tiny_model, tmp_path):
+    from engine.train import Trainer
+
+    config = cfg.load(base=tiny_raw(tmp_path, **EVERY_STEP_TAKEN, batch_size=1,
+                                    memory={"fit": {"vram_gib": 1e-9, "ram_gib": 64}}))
+    result = Trainer(config).run()
+    assert isinstance(result, events.Failed) and result.user_error
+    assert result.error.startswith("config key 'memory.fit': nothing fits: the smallest GPU estimate reached is ")
+    assert not (tmp_path / "tiny-demo").exists()
+
+
+def test_the_app_writes_the_chosen_settings_into_the_yaml(every_step, tmp_path):
+    from scal_gui import configs, fields
+    from scal_gui.actions import Actions
+    from scal_gui.jobs import JobManager
+    from scal_gui.tab_train import fit_to_card
+
+    actions = Actions(JobManager())
+    text = configs.to_yaml(tiny_raw(tmp_path))
+    message, fitted = actions.fit_memory(text, between(every_step, 1), 64)
+    assert message.startswith("Fits: estimated GPU peak ") and "cache.latents=true" in message
+    raw = configs.parse_yaml(fitted)
+    assert raw["cache"] == {"latents": True, "text_embeddings": True}
+    assert raw["batch_size"] == 2 and "gradient_checkpointing" not in raw  # the rest as the page had it
+    assert actions.fit_memory(text, None, 64) == ("Error: GPU memory: a size in GiB above 0, got None", None)
+    # the button's handler puts the fitted YAML and its form values on the page
+    planned = SimpleNamespace(fit_memory=lambda *args: (message, fitted))
+    shown = fit_to_card(planned, text, 8, 64)
+    assert shown[:2] == [message, fitted] and shown[3:] == fields.form_values(raw, fields.ALL)
