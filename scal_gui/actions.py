@@ -62,11 +62,14 @@ class Actions:
     def generate_class_images(self, yaml_text: str) -> str:
         try:
             config = job_kinds.class_generation_config(yaml_text)
-            self.policy.check_config(config)
         except schema.ConfigError as error:
             return f"Not started: {error}"
         except UserError as error:
             return f"Error: {error}"
+        try:
+            self.policy.check_config(config)
+        except UserError as error:
+            return f"Not started: {error}"
         return self._start(CLASSGEN, job_kinds.classgen_builder(config), "class image generation")
 
     # -- the run queue ----------------------------------------------------------------------------------
