@@ -122,6 +122,20 @@ class Actions:
         return self._enqueue("convert", {"source": source, "out": out, "options": options},
                              f"converting {Path(source).name}")
 
+    def queue_captioning(self, folder: str, model: str, prefix: str = "", overwrite: bool = False) -> str:
+        """Caption the images of a dataset folder with a captioner (a folder or a Hub id)."""
+        if not (model or "").strip():
+            return "Error: Name a captioner: a model folder or a Hugging Face Hub id."
+        try:
+            self.policy.check("Captioner", model.strip(), model=True)
+            self.policy.check("the dataset", folder)
+            options = job_kinds.caption_options({"model": model.strip(), "path": folder, "prefix": prefix,
+                                                 "overwrite": bool(overwrite)})
+        except UserError as error:
+            return f"Not queued: {error}"
+        return self._enqueue("caption", {"options": dataclasses.asdict(options)},
+                             f"captioning {Path(folder).name}")
+
     def queue_list(self) -> list[dict]:
         """The queue for API clients, in the order the Queue tab lists it (without what rebuilds each job)."""
         if self.queue is None:

@@ -14,7 +14,7 @@ from engine.errors import UserError
 
 from . import configs, multi_device
 from .allowed import PathPolicy
-from .jobs import CLASSGEN, CONVERT, TRAIN
+from .jobs import CAPTION, CLASSGEN, CONVERT, TRAIN
 from .run_queue import Entry, QueueKind
 
 NO_CLASS_FOLDER = "Set a class folder on the Dataset tab first."
@@ -85,6 +85,23 @@ def convert_builder(source: str, out: str, options: dict) -> Callable:
     return build
 
 
+def caption_builder(options) -> Callable:
+    """options: engine.captioning.CaptionOptions."""
+    def build(events):
+        from engine.captioning import CaptionJob
+
+        return CaptionJob(options, events)
+
+    return build
+
+
+def caption_options(spec: dict):
+    """The captioning options an entry keeps; raises UserError for a value out of range."""
+    from engine.captioning import CaptionOptions
+
+    return CaptionOptions(**spec)
+
+
 # -- the run queue's kinds: an entry's spec -> its builder -------------------------------------------------
 # An entry's paths were checked against the app's policy when it was added.
 def _queued_training(entry: Entry) -> Callable:
@@ -104,4 +121,5 @@ KINDS = {
     "classgen": QueueKind(CLASSGEN, lambda entry: classgen_builder(class_generation_config(entry.spec["yaml"]))),
     "convert": QueueKind(CONVERT, lambda entry: convert_builder(entry.spec["source"], entry.spec["out"],
                                                                 entry.spec["options"])),
+    "caption": QueueKind(CAPTION, lambda entry: caption_builder(caption_options(entry.spec["options"]))),
 }

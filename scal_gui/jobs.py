@@ -20,7 +20,9 @@ from typing import Any, Callable, Optional
 TRAIN = "train"
 CLASSGEN = "classgen"
 CONVERT = "convert"
-JOB_NAMES = {TRAIN: "a training run", CLASSGEN: "class image generation", CONVERT: "a conversion"}
+CAPTION = "caption"
+JOB_NAMES = {TRAIN: "a training run", CLASSGEN: "class image generation", CONVERT: "a conversion",
+             CAPTION: "captioning"}
 ACTIVE_STATES = ("starting", "running", "stopping")
 LOG_LINES = 500
 # How long a stopped job may take to end before the app gives up on it: a thread is abandoned (it cannot be

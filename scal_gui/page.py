@@ -12,7 +12,7 @@ from .actions import Actions
 from .allowed import PathPolicy
 from .context import PageContext
 from .datasets import MAX_UPLOAD_BYTES
-from .jobs import CLASSGEN, TRAIN, JobManager
+from .jobs import CAPTION, CLASSGEN, TRAIN, JobManager
 from .run_queue import RunQueue
 
 POLL_SECONDS = 1.0
@@ -65,7 +65,7 @@ def build_page(manager: Optional[JobManager] = None, output_dir: Optional[str] =
         tab_train.wire(ctx, train, page)
         tab_convert.wire(ctx, convert, page)
         tab_queue.wire(ctx, queued)
-        _wire_live(ctx, page, train, classgen, queued)
+        _wire_live(ctx, page, train, classgen, queued, dataset)
     return page
 
 
@@ -86,11 +86,12 @@ def _wire_config(ctx: PageContext) -> None:
                    api_visibility="private")
 
 
-def _wire_live(ctx: PageContext, page: gr.Blocks, train, classgen, queued) -> None:
+def _wire_live(ctx: PageContext, page: gr.Blocks, train, classgen, queued, dataset) -> None:
     """One poll redraws the jobs' live views and the queue: one request a second per browser tab."""
     manager = ctx.manager
     train_outputs = [train.status, train.progress, train.loss, train.lr, train.gallery, train.log]
     class_outputs = [classgen.status, classgen.progress, classgen.gallery, classgen.log]
+    caption_outputs = [dataset.caption_progress]
 
     def render_train(history):
         points = history.points if history else []
@@ -101,16 +102,20 @@ def _wire_live(ctx: PageContext, page: gr.Blocks, train, classgen, queued) -> No
 
     def render_classgen(history):
         serve_files(history.images if history else [])
-        return [live.status_line(history, ""), live.classgen_progress(history),
+        return [live.status_line(history, ""), live.image_progress(history, "nothing generated yet"),
                 list(history.images) if history else [], live.log_text(history)]
 
+    def render_captioning(history):
+        return [live.image_progress(history, "no captioning yet")]
+
     def refresh(seen: Optional[dict], output_dir: str, train_message: str, class_message: str,
-                queue_entry: Optional[str]):
+                caption_message: str, queue_entry: Optional[str]):
         # seen: what this browser tab last rendered, so an unchanged job sends nothing.
         seen = dict(seen or {})
         updates, messages = [], []
         for kind, render, count, message in ((TRAIN, render_train, len(train_outputs), train_message),
-                                             (CLASSGEN, render_classgen, len(class_outputs), class_message)):
+                                             (CLASSGEN, render_classgen, len(class_outputs), class_message),
+                                             (CAPTION, render_captioning, len(caption_outputs), caption_message)):
             version = manager.version(kind)
             if kind in seen and seen[kind] == version:
                 updates += [gr.skip()] * count
@@ -136,9 +141,9 @@ def _wire_live(ctx: PageContext, page: gr.Blocks, train, classgen, queued) -> No
         return [*updates, *queue_updates, *messages, seen]
 
     seen = gr.State(None)
-    outputs = [*train_outputs, *class_outputs, train.resume_run, queued.note, queued.table, queued.entry,
-               train.message, classgen.message, seen]
-    inputs = [seen, ctx.form["output_dir"], train.message, classgen.message, queued.entry]
+    outputs = [*train_outputs, *class_outputs, *caption_outputs, train.resume_run, queued.note, queued.table,
+               queued.entry, train.message, classgen.message, dataset.caption_status, seen]
+    inputs = [seen, ctx.form["output_dir"], train.message, classgen.message, dataset.caption_status, queued.entry]
     page.load(refresh, inputs, outputs, api_visibility="private", show_progress="hidden")
     timer = gr.Timer(POLL_SECONDS)
     timer.tick(refresh, inputs, outputs, api_visibility="private", show_progress="hidden")
