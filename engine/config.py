@@ -389,6 +389,14 @@ class MemoryFit:
 
 @dataclass
 class Memory:
+    """Ways to fit a large model on a small card that trade time for device memory (README: How much GPU memory
+    a config needs)."""
+    # with gradient_checkpointing: the checkpointed denoiser blocks' inputs wait in (pinned) system memory
+    # between the forward and the backward pass
+    offload_activations: bool = False
+    # the denoiser's last N repeated blocks (Flux.1: its transformer blocks, the single ones last; SD/SDXL:
+    # the UNet's down and up blocks) wait in pinned system memory and visit the device one at a time
+    blocks_on_cpu: Annotated[int, NOT_NEGATIVE] = 0
     # null = train with the config's own settings; set: before setup the trainer applies the memory plan's
     # settings, or refuses to start when none fit
     fit: Optional[MemoryFit] = None
@@ -415,6 +423,7 @@ class Config:
     # Flux.1's second (T5-XXL) never trains: true is refused.
     train_text_encoder_2: Optional[bool] = None
     gradient_checkpointing: bool = False
+    memory: Memory = field(default_factory=Memory)
     xformers: bool = False
     # 1 = the last layer; at most the depth of the shallowest text encoder (CLIP ViT-L: SD1.x, SDXL's first)
     clip_stop_at_layer: Annotated[int, Range(1, 12)] = 1
@@ -453,7 +462,6 @@ class Config:
     prediction_type: Optional[Literal["epsilon", "v_prediction"]] = None  # null = the model's scheduler config
     zero_terminal_snr: bool = False
     flow: Flow = field(default_factory=Flow)
-    memory: Memory = field(default_factory=Memory)
 
     @property
     def trained_text_encoders(self) -> tuple[str, ...]:
@@ -799,6 +807,7 @@ def validate(config: Config) -> None:
              f"config keys 'min_timestep' and 'max_timestep': need 0 <= min_timestep < max_timestep, got "
              f"{config.min_timestep} and {config.max_timestep}")
     _validate_validation(config.validation)
+    _validate_memory(config)
     _validate_optimizer(config)
     fit = config.memory.fit
     _require(fit is None or (fit.vram_gib is not None and fit.ram_gib is not None),
@@ -830,6 +839,17 @@ def validate(config: Config) -> None:
             _require(concept.class_set is not None and bool(concept.class_set.path),
                      f"config key 'data.concepts[{i}].class_set.path': required while "
                      "'prior_preservation.enabled' is true (set it to false for native fine-tuning)")
+
+
+def _validate_memory(config: Config) -> None:
+    memory = config.memory
+    _require(config.gradient_checkpointing or not memory.offload_activations,
+             "config key 'memory.offload_activations': offloads what gradient checkpointing keeps of each block; "
+             "set 'gradient_checkpointing: true' too, or set it to false")
+    if memory.blocks_on_cpu:
+        _require(config.network.adapter or config.optimizer.fused_backward,
+                 "config key 'memory.blocks_on_cpu': a full fine-tune (network.type: full) with blocks on the CPU "
+                 "needs 'optimizer.fused_backward: true', so that no full set of gradients waits on the device")
 
 
 def _validate_validation(validation: Validation) -> None:

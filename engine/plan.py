@@ -74,6 +74,9 @@ def refuse_for_processes(config: Config, processes: int) -> None:
         raise ConfigError(f"config key 'optimizer.fused_backward': works in one training process only ({processes} "
                         "were started): each process would step on its own gradients, never averaged; set it "
                         "to false or train on one device")
+    if processes > 1 and config.memory.blocks_on_cpu:
+        raise ConfigError(f"config key 'memory.blocks_on_cpu': works in one training process only ({processes} "
+                          "were started): DDP keeps each parameter on its device; set it to 0 or train on one device")
 
 
 def make_plan(config: Config, device_type: str, processes: int = 1) -> RunPlan:

@@ -4,7 +4,9 @@ Two moments hold the most host memory:
 - loading: every component is read from disk into system memory, in the dtype it is loaded in
   (`load_dtype`), before any of them moves to the GPU;
 - training: what stays in system memory while the steps run: the models that wait off the GPU because
-  their outputs come from caches, and EMA weights kept on the CPU.
+  their outputs come from caches, EMA weights kept on the CPU, the pinned copies of the denoiser's blocks
+  that wait on the CPU (`memory.blocks_on_cpu`) and the offloaded activations of a step
+  (`memory.offload_activations`).
 Both add the process's own memory (Python, PyTorch and the libraries, `PROCESS_GIB`). On a CPU-only run
 nothing leaves system memory, so the training figure also holds the models and the step itself (the GPU
 estimate's peak).
@@ -57,9 +59,12 @@ def loading_gib(config: Config, components: dict[str, torch.nn.Module]) -> float
     return total / GIB + PROCESS_GIB
 
 
-def training_gib(config: Config, plan: RunPlan, prepared: dict[str, torch.nn.Module], step_peak_gib: float) -> float:
+def training_gib(config: Config, plan: RunPlan, prepared: dict[str, torch.nn.Module], step_peak_gib: float,
+                 features_gib: float = 0.0) -> float:
     """System memory while the steps run. `prepared`: the components as setup left them (stored dtypes,
-    adapters); `step_peak_gib`: the step's device peak, which is system memory on a CPU-only run."""
+    adapters); `step_peak_gib`: the step's device peak, which is system memory on a CPU-only run;
+    `features_gib`: what the memory features keep there instead of on the GPU (the pinned copies of
+    memory.blocks_on_cpu's blocks, a step's offloaded activations)."""
     if plan.device_type == "cpu":
         return step_peak_gib + PROCESS_GIB
     resting = [name for name in prepared if (name == "vae" and plan.vae_off_device)
@@ -69,4 +74,4 @@ def training_gib(config: Config, plan: RunPlan, prepared: dict[str, torch.nn.Mod
     if config.ema.enabled and config.ema.on_cpu:
         total += sum(p.numel() * 4 for name, model in prepared.items() if name != "vae"
                      for p in model.parameters() if p.requires_grad)
-    return total / GIB + PROCESS_GIB
+    return total / GIB + features_gib + PROCESS_GIB

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from . import block_swap
 from .config import Config
 from .models.family import never_trained_parts, text_encoder_parts
 from .models.sd import Components, enable_text_encoder_checkpointing, enable_xformers_if_usable
@@ -37,13 +38,18 @@ def prepare_models(family, components: Components, config: Config, plan: RunPlan
             model.requires_grad_(True)
             model.train()
     if config.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+        unet.enable_gradient_checkpointing(
+            offloaded_checkpoint(device) if config.memory.offload_activations else None)
         for name, model in trained.items():
             if name != "unet":
                 enable_text_encoder_checkpointing(model)
     attention = enable_xformers_if_usable(unet, config.xformers)
+    # the swapped blocks stay in system memory: the device never holds the whole model
+    swapped = block_swap.swapped_blocks(unet, config.memory.blocks_on_cpu)
     for model in (unet, text_encoder, vae):
-        if next(model.parameters()).device != device:  # (fake tensors refuse even a move to where they are)
+        if model is unet and swapped:
+            block_swap.move_except(unet, swapped, device)
+        elif next(model.parameters()).device != device:  # (fake tensors refuse even a move to where they are)
             model.to(device)
     for model in trained.values():
         cast_(model, plan.weights)  # weights_dtype applies to the trained models; frozen ones stay fp32
@@ -64,7 +70,25 @@ def prepare_models(family, components: Components, config: Config, plan: RunPlan
         # optimizer from keeping state for them.
         for module in family.unused_text_modules(text_encoder, config.clip_stop_at_layer):
             module.requires_grad_(False)
+    # after the adapter and the stored weights, whose tensors are the ones that move
+    if swapped:  # the swap and its placement log, kept with the model they move
+        unet.block_swap = block_swap.apply(unet, config.memory.blocks_on_cpu, device,
+                                           stays_trained=plan.adapter != "full")
     return attention
+
+
+def offloaded_checkpoint(device: torch.device, hooks=None):
+    """Gradient checkpointing whose saved block inputs wait in system memory (pinned on a GPU) between forward
+    and backward: the non-reentrant checkpoint keeps only a block's tensor inputs, saved through autograd's
+    saved-tensor hooks, which save_on_cpu moves off the device. `hooks` makes other saved-tensor hooks in its
+    place (the estimator's, which count what is offloaded)."""
+    pin = device.type == "cuda"
+    hooks = hooks or (lambda: torch.autograd.graph.save_on_cpu(pin_memory=pin))
+
+    def checkpoint(module, *args):
+        with hooks():
+            return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
+    return checkpoint
 
 
 def trained_parts(components: Components, plan: RunPlan) -> dict[str, torch.nn.Module]:

@@ -70,7 +70,7 @@ RESUME_KEYS = (
     "aspect_ratio_bucket", "validation",
     # what the run writes along the way, and how it uses the machine
     "checkpoint", "sampling", "loggers", "trainer.log_every_n_steps", "description", "num_workers", "cache",
-    "gradient_checkpointing", "xformers", "trainer.devices",
+    "gradient_checkpointing", "memory", "xformers", "trainer.devices",
 )
 
 
@@ -461,7 +461,9 @@ class Trainer(Job):
         # The rates the config sets, which loading the saved state replaces with the saved ones
         target = getattr(context.optimizer, "proxy", context.optimizer)
         rates = [group["initial_lr"] for group in target.param_groups]
-        context.optimizer.load_state_dict(saved["optimizer"])
+        swap = getattr(unet, "block_swap", None)
+        with swap.trained_seen_on_device() if swap is not None else contextlib.nullcontext():
+            context.optimizer.load_state_dict(saved["optimizer"])
         state = checkpoints.TrainState.from_dict(saved)
         if self.resume_changes:
             # A resume that changed the config: the rate, schedule and step count it sets apply from here.

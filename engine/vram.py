@@ -27,13 +27,15 @@ from typing import Optional
 import torch
 
 from . import paths
+from .block_swap import block_bytes, device_bytes_saved, swapped_blocks
 from .config import Config, add_overrides_argument
 from .errors import UserError
 from .models.family import family_named, text_encoder_parts
 from .models.single_file import BUILTIN_CONFIGS
 from .plan import RunPlan, make_plan
 from .ram import RamEstimate, loading_gib, training_gib
-from .setup import build_optimizer, frozen_models, parameter_groups, prepare_models, trained_models
+from .setup import (build_optimizer, frozen_models, offloaded_checkpoint, parameter_groups, prepare_models,
+                    trained_models)
 from .step import StepModels, backward, compute_loss, optimizer_step
 
 GIB = 2**30
@@ -212,6 +214,9 @@ def describe(config: Config, plan: RunPlan, shape: StepShape) -> str:
         features.append(f"frozen text encoders in {config.base_dtype}")
     features += [name for name, on in (("text encoder trained", plan.train_text_encoder),
                                        ("gradient checkpointing", config.gradient_checkpointing),
+                                       ("offloaded activations", config.memory.offload_activations),
+                                       (f"{config.memory.blocks_on_cpu} blocks on the CPU",
+                                        config.memory.blocks_on_cpu > 0),
                                        ("fused backward", plan.fused_backward),
                                        ("gradient accumulation", config.trainer.accumulate_grad_batches > 1),
                                        ("cached latents", plan.cache_latents),
@@ -385,6 +390,25 @@ def _fake_parameters(model: torch.nn.Module) -> None:
                                                               requires_grad=param.requires_grad)
 
 
+class _HostOffload:
+    """Saved-tensor hooks that stand in for save_on_cpu while tracing (where the "device" is the CPU): what they
+    pack goes to the meta device, which the tracker does not count, and its bytes are summed for the system
+    memory estimate."""
+
+    def __init__(self):
+        self.bytes = 0
+
+    def hooks(self):
+        def pack(tensor):
+            self.bytes += tensor.numel() * tensor.element_size()
+            return tensor.device, tensor.to("meta")
+
+        def unpack(packed):
+            device, tensor = packed
+            return tensor.to(device)
+        return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+
 def _trace_step(config: Config, architecture: Architecture, plan: RunPlan, shape: StepShape) -> VramEstimate:
     from .ema import averaged_parameters, create_ema, ema_step
 
@@ -397,8 +421,13 @@ def _trace_step(config: Config, architecture: Architecture, plan: RunPlan, shape
 
     # peft moves each new adapter layer with Module.to(), which fake tensors refuse: the adapter is built of
     # real (small) tensors, then given fake ones of the same shapes
+    # The swap's moves are left out of the trace, whose only device is the CPU: what it frees is counted below.
+    unswapped = dataclasses.replace(config, memory=dataclasses.replace(config.memory, blocks_on_cpu=0))
     with unset_fake_temporarily():
-        prepare_models(family, components, config, plan, device)
+        prepare_models(family, components, unswapped, plan, device)
+    offload = _HostOffload()
+    if config.memory.offload_activations and plan.device_type != "cpu":  # (on a CPU nothing moves)
+        components.unet.enable_gradient_checkpointing(offloaded_checkpoint(device, offload.hooks))
     for model in trained_models(components, plan):
         _fake_parameters(model)
     trained = trained_models(components, plan)
@@ -452,9 +481,13 @@ def _trace_step(config: Config, architecture: Architecture, plan: RunPlan, shape
     # A step on bf16 weights gives each parameter new storage, which the tracker books as a temporary;
     # the parameters' own size does not change, so count them directly.
     parameters = sum(p.numel() * p.element_size() for model in on_device for p in model.parameters()) / GIB
+    swapped, host = 0.0, offload.bytes / GIB
+    if plan.device_type != "cpu":
+        sizes = block_bytes(swapped_blocks(unet, config.memory.blocks_on_cpu), stays_trained=plan.adapter != "full")
+        swapped, host = device_bytes_saved(sizes) / GIB, host + sum(sizes) / GIB
     prepared = {"unet": unet, **text_encoder_parts(text_encoder), "vae": vae}
-    ram = RamEstimate(loading=loading, training=training_gib(config, plan, prepared, result.peak))
-    return dataclasses.replace(result, parameters=parameters,
+    ram = RamEstimate(loading=loading, training=training_gib(config, plan, prepared, result.peak, features_gib=host))
+    return dataclasses.replace(result, parameters=parameters - swapped, peak=result.peak - swapped,
                                activations=result.activations + result.parameters - parameters, ram=ram)
 
 

@@ -11,59 +11,26 @@ from typing import Callable, Optional
 from engine import config as schema
 from engine.errors import UserError
 
-from . import configs, multi_device
+from . import job_kinds
 from .allowed import PathPolicy
 from .jobs import CLASSGEN, TRAIN, JobBusy, JobManager
-
-
-def _train_builder(config: schema.Config) -> Callable:
-    def build(events):
-        from engine import distributed
-
-        processes = distributed.process_count(config.trainer.devices)
-        if processes > 1:
-            return multi_device.torchrun_training(events, processes, config)
-        from engine.train import Trainer
-
-        return Trainer(config, events)
-
-    return build
-
-
-def _resume_builder(run_dir: str, policy: PathPolicy) -> Callable:
-    def build(events):
-        from engine import distributed
-        from engine.train import Trainer
-
-        trainer = Trainer.for_resume(run_dir, events)  # checks that run_dir is a run folder
-        policy.check_config(trainer.config)  # the run may have been started by an app that allowed more
-        processes = distributed.process_count(trainer.config.trainer.devices)
-        if processes > 1:
-            return multi_device.torchrun_training(events, processes, trainer.config, resume_dir=run_dir)
-        return trainer
-
-    return build
-
-
-def _classgen_builder(config: schema.Config) -> Callable:
-    def build(events):
-        from engine.classgen import ClassGenJob
-
-        return ClassGenJob(config, events)
-
-    return build
+from .run_queue import FAILED, QUEUED, RUNNING, QueueError, RunQueue
 
 
 class Actions:
-    def __init__(self, manager: JobManager, policy: PathPolicy = PathPolicy.local()):
+    def __init__(self, manager: JobManager, run_queue: Optional[RunQueue] = None,
+                 policy: PathPolicy = PathPolicy.local()):
+        """run_queue: the queue that "Add to queue" adds to (the page's); without one those actions are refused.
+        policy: where the page may read and write."""
         self.manager = manager
-        self.policy = policy  # where the page may read and write
+        self.queue = run_queue
+        self.policy = policy
 
     def _start(self, kind: str, build: Callable, label: str) -> str:
         try:
             self.manager.start(kind, build, label)
         except JobBusy as error:
-            return f"Refused: {error}"
+            return f"Refused: {error} *Add to queue* runs it after."
         except UserError as error:
             return f"Not started: {error}"
         except Exception as error:  # an engine fault while building the job: shown, the server keeps serving
@@ -72,7 +39,7 @@ class Actions:
 
     def _config(self, yaml_text: str) -> schema.Config:
         """The config of the page's YAML; raises UserError for a bad one or one naming a path the app may not use."""
-        config, _ = configs.load(configs.parse_yaml(yaml_text))
+        config = job_kinds.load_config(yaml_text)
         self.policy.check_config(config)
         return config
 
@@ -81,7 +48,7 @@ class Actions:
             config = self._config(yaml_text)
         except UserError as error:
             return f"Not started: {error}"
-        return self._start(TRAIN, _train_builder(config), f"training ({config.project})")
+        return self._start(TRAIN, job_kinds.train_builder(config), f"training ({config.project})")
 
     def resume_training(self, run_dir: str) -> str:
         if not run_dir:
@@ -90,19 +57,107 @@ class Actions:
             self.policy.check("the run to resume", run_dir)
         except UserError as error:
             return f"Not started: {error}"
-        return self._start(TRAIN, _resume_builder(run_dir, self.policy), f"resuming {Path(run_dir).name}")
+        return self._start(TRAIN, job_kinds.resume_builder(run_dir, self.policy), f"resuming {Path(run_dir).name}")
 
     def generate_class_images(self, yaml_text: str) -> str:
         try:
-            config = self._config(yaml_text)
+            config = job_kinds.class_generation_config(yaml_text)
+        except schema.ConfigError as error:
+            return f"Not started: {error}"
+        except UserError as error:
+            return f"Error: {error}"
+        try:
+            self.policy.check_config(config)
         except UserError as error:
             return f"Not started: {error}"
-        concepts = config.data.concepts
-        if not concepts or concepts[0].class_set is None or not concepts[0].class_set.path:
-            return "Error: Set a class folder on the Dataset tab first."
-        # Generate is an explicit request: it applies to the first concept whatever the config says.
-        concepts[0].class_set.auto_generate.enabled = True
-        return self._start(CLASSGEN, _classgen_builder(config), "class image generation")
+        return self._start(CLASSGEN, job_kinds.classgen_builder(config), "class image generation")
+
+    # -- the run queue ----------------------------------------------------------------------------------
+    def _enqueue(self, kind: str, spec: dict, label: str) -> str:
+        """Add to the queue; the message says whether it started at once, could not start, or waits."""
+        if self.queue is None:
+            return "Error: this app has no run queue."
+        try:
+            entry = self.queue.add(kind, spec, label)
+        except (QueueError, OSError) as error:
+            return f"Not queued: {error}"
+        if entry.state == RUNNING:
+            return f"Started {label} (nothing else was running)."
+        if entry.state == FAILED:
+            return f"Not started: {entry.error}"
+        position = [e.id for e in self.queue.entries() if e.state == QUEUED].index(entry.id) + 1
+        return f"Queued {label} at position {position}: it starts when the jobs before it have ended."
+
+    def queue_training(self, yaml_text: str) -> str:
+        try:
+            config = self._config(yaml_text)
+        except UserError as error:
+            return f"Not queued: {error}"
+        return self._enqueue("train", {"yaml": yaml_text}, f"training ({config.project})")
+
+    def queue_resume(self, run_dir: str) -> str:
+        if not run_dir:
+            return "Error: Choose a run to resume."
+        try:
+            self.policy.check("the run to resume", run_dir)
+        except UserError as error:
+            return f"Not queued: {error}"
+        return self._enqueue("resume", {"run_dir": run_dir}, f"resuming {Path(run_dir).name}")
+
+    def queue_class_images(self, yaml_text: str) -> str:
+        try:
+            self.policy.check_config(job_kinds.class_generation_config(yaml_text))
+        except schema.ConfigError as error:
+            return f"Not queued: {error}"
+        except UserError as error:
+            return f"Error: {error}"
+        return self._enqueue("classgen", {"yaml": yaml_text}, "class image generation")
+
+    def queue_conversion(self, source: str, out: str, options: dict) -> str:
+        if not source or not out:
+            return "Error: Choose a checkpoint (or a model path) and an output path."
+        refusal = self._conversion_refusal(source, out)
+        if refusal:
+            return refusal
+        return self._enqueue("convert", {"source": source, "out": out, "options": options},
+                             f"converting {Path(source).name}")
+
+    def queue_captioning(self, folder: str, model: str, prefix: str = "", overwrite: bool = False) -> str:
+        """Caption the images of a dataset folder with a captioner (a folder or a Hub id)."""
+        if not (model or "").strip():
+            return "Error: Name a captioner: a model folder or a Hugging Face Hub id."
+        try:
+            self.policy.check("Captioner", model.strip(), model=True)
+            self.policy.check("the dataset", folder)
+            options = job_kinds.caption_options({"model": model.strip(), "path": folder, "prefix": prefix,
+                                                 "overwrite": bool(overwrite)})
+        except UserError as error:
+            return f"Not queued: {error}"
+        return self._enqueue("caption", {"options": dataclasses.asdict(options)},
+                             f"captioning {Path(folder).name}")
+
+    def queue_list(self) -> list[dict]:
+        """The queue for API clients, in the order the Queue tab lists it (without what rebuilds each job)."""
+        if self.queue is None:
+            return []
+        return [{key: value for key, value in dataclasses.asdict(entry).items() if key != "spec"}
+                for entry in self.queue.entries()]
+
+    def cancel_entry(self, entry_id: str) -> str:
+        return self._on_entry(entry_id, lambda queue: queue.cancel(entry_id))
+
+    def move_up(self, entry_id: str) -> str:
+        return self._on_entry(entry_id, lambda queue: queue.move_up(entry_id))
+
+    def _on_entry(self, entry_id: str, operation: Callable) -> str:
+        if self.queue is None:
+            return "Error: this app has no run queue."
+        if not entry_id:
+            return "Error: Choose an entry of the queue."
+        try:
+            return operation(self.queue)
+        except QueueError as error:
+            return f"Error: {error}"
 
     def stop(self) -> str:
         return self.manager.stop()
@@ -157,15 +212,22 @@ class Actions:
                 f" GiB** with {changed}.{notes}",
                 configs.to_yaml(memory_plan.with_settings(configs.parse_yaml(yaml_text), plan.settings)))
 
-    def convert(self, source: str, out: str, options: dict,
-                on_event: Optional[Callable] = None) -> str:
-        if not source or not out:
-            return "Error: Choose a checkpoint (or a model path) and an output path."
+    def _conversion_refusal(self, source: str, out: str) -> Optional[str]:
+        """The message refusing a conversion from or to a path the app may not use; None when both may be used."""
         try:
             self.policy.check("Convert source", source)
             self.policy.check("Convert output", out)
         except UserError as error:
             return f"Error: {error}"
+        return None
+
+    def convert(self, source: str, out: str, options: dict,
+                on_event: Optional[Callable] = None) -> str:
+        if not source or not out:
+            return "Error: Choose a checkpoint (or a model path) and an output path."
+        refusal = self._conversion_refusal(source, out)
+        if refusal:
+            return refusal
         from engine.models import convert  # imports torch: loaded on first use, not with the page
 
         try:

@@ -45,7 +45,16 @@ def build(ui: SimpleNamespace) -> None:
                 with gr.Row():
                     ui.caption_save = gr.Button("Save caption", variant="primary", elem_id="caption-save")
                 with gr.Row():
-                    ui.trigger_word = gr.Textbox(label="Trigger word", elem_id="trigger-word", min_width=100, scale=3)
+                    ui.caption_model = gr.Textbox(label="Captioner: a model folder or Hub id", min_width=100, scale=3,
+                                                  elem_id="caption-model")
+                    ui.caption_overwrite = gr.Checkbox(label="Replace captions", min_width=100, scale=1,
+                                                       elem_id="caption-overwrite")
+                    ui.caption_auto = gr.Button("Caption all", min_width=100, scale=1, elem_id="caption-auto")
+                ui.caption_status = gr.Markdown(elem_id="caption-status")
+                ui.caption_progress = gr.HTML(elem_id="caption-progress")
+                with gr.Row():
+                    ui.trigger_word = gr.Textbox(label="Trigger word (also put first in automatic captions)",
+                                                 elem_id="trigger-word", min_width=100, scale=3)
                     ui.trigger_add = gr.Button("Add to all", elem_id="trigger-add", min_width=100, scale=1)
                 with gr.Row():
                     ui.trigger_old = gr.Textbox(label="Replace the word", elem_id="trigger-old", min_width=100, scale=2)
@@ -170,8 +179,19 @@ def _captions(count: int) -> str:
     return "1 caption" if count == 1 else f"{count} captions"
 
 
-def wire(folder: Path, ui: SimpleNamespace, uploaded) -> None:
-    """uploaded: the upload's event, after which the section shows the dataset as it now is."""
+def caption_all(actions, folder: Path, name: Optional[str], model: str, prefix: str, overwrite: bool) -> str:
+    """Queue the captioning of the chosen dataset (it starts at once when nothing else runs)."""
+    try:
+        path = _dataset(folder, name)
+    except UserError as error:
+        return f"Error: {error}"
+    return actions.queue_captioning(str(path), model, prefix, overwrite)
+
+
+def wire(folder: Path, ui: SimpleNamespace, uploaded, actions) -> None:
+    """uploaded: the upload's event, after which the section shows the dataset as it now is. actions: the page's,
+    which queue automatic captioning; its progress reaches caption_status and caption_progress from the page's
+    poll, and a changed status (the job ended) shows the captions again."""
     out = outputs(ui)
     # one edit at a time, from any browser tab: two edits of all captions must not interleave
     edits = {"api_visibility": "private", "concurrency_id": "captions", "concurrency_limit": 1}
@@ -187,3 +207,7 @@ def wire(folder: Path, ui: SimpleNamespace, uploaded) -> None:
                              out, **edits)
     ui.replace_all.click(functools.partial(find_replace, folder), [*shared, ui.find_text, ui.replace_text], out,
                          **edits)
+    ui.caption_auto.click(functools.partial(caption_all, actions, folder),
+                          [ui.datasets, ui.caption_model, ui.trigger_word, ui.caption_overwrite], ui.caption_status,
+                          api_visibility="private")
+    ui.caption_status.change(functools.partial(show, folder), [ui.datasets, ui.caption_page], out, **edits)

@@ -408,6 +408,10 @@ ADVANCED = (
     Field("weights_dtype", "Weights dtype", "bf16 = less memory (RTX 30xx or newer)"),
     Field("base_dtype", "Frozen weights stored as", "an adapter's base and frozen text encoders; bf16, fp8, int8 "
           "or nf4 = less memory (int8 and nf4: adapters only)"),
+    Field("memory.offload_activations", "Offload checkpointed activations",
+          "with gradient checkpointing: blocks' inputs wait in system memory; slower"),
+    Field("memory.blocks_on_cpu", "Denoiser blocks on the CPU",
+          "the last N blocks wait in system memory, moved in as they run; slower (full: fused backward)"),
     Field("flow.timestep_sampling", "Timestep sampling", "flow-matching models (Flux.1): how σ is drawn"),
     Field("flow.logit_mean", "Logit-normal mean"),
     Field("flow.logit_std", "Logit-normal std"),

@@ -1,9 +1,11 @@
-"""One job at a time (a training run or class image generation), and the history of what it reported.
+"""One job at a time (a training run, class image generation, a conversion), and the history of what it
+reported.
 
 The manager lives in the server process, not in a browser tab: a run started from the page goes on
 when the tab is closed, and a reloaded page renders the same history. A drain thread per job moves the
 job's events into the history as they arrive, so the history is current even while no page polls it.
-Nothing here imports gradio or the heavy engine modules; those load when a job is built.
+Listeners hear when a job's run folder becomes known and when it ends (the run queue starts the next
+entry then). Nothing here imports gradio or the heavy engine modules; those load when a job is built.
 """
 from __future__ import annotations
 
@@ -17,7 +19,10 @@ from typing import Any, Callable, Optional
 
 TRAIN = "train"
 CLASSGEN = "classgen"
-JOB_NAMES = {TRAIN: "a training run", CLASSGEN: "class image generation"}
+CONVERT = "convert"
+CAPTION = "caption"
+JOB_NAMES = {TRAIN: "a training run", CLASSGEN: "class image generation", CONVERT: "a conversion",
+             CAPTION: "captioning"}
 ACTIVE_STATES = ("starting", "running", "stopping")
 LOG_LINES = 500
 # How long a stopped job may take to end before the app gives up on it: a thread is abandoned (it cannot be
@@ -29,6 +34,11 @@ KILL_WAIT_S = 5.0
 
 class JobBusy(RuntimeError):
     """A job is already running; its message says which."""
+
+
+def job_name(kind: str) -> str:
+    """How messages name a job of that kind; a kind added without a name is named by its key."""
+    return JOB_NAMES.get(kind, f"a {kind} job")
 
 
 @dataclass
@@ -54,6 +64,7 @@ class History:
     error: str = ""
     user_error: bool = False
     summary: Optional[dict] = None
+    tag: str = ""               # what the starter named the job by (the run queue: its entry's id)
     started_at: float = field(default_factory=time.time)
     version: int = 0
     stop_deadline: float = 0.0  # time.monotonic() past which a job asked to stop is killed or abandoned
@@ -77,10 +88,18 @@ class JobManager:
         self._current: Optional[History] = None
         self._histories: dict[str, History] = {}
         self._building: Optional[str] = None  # kind of a job being built
+        self._listeners: list[Callable[[Optional[History]], None]] = []
+
+    def add_listener(self, listener: Callable[[Optional[History]], None]) -> None:
+        """Call listener(copy of a history) when a job's run folder becomes known and when the job ends, and
+        listener(None) when a start failed before its job existed (the manager is free again). Listeners are
+        called outside the lock, from the thread that saw the change: they may start the next job."""
+        self._listeners.append(listener)
 
     # -- starting and stopping ------------------------------------------------------------------------
-    def start(self, kind: str, build: Callable[[queue.Queue], Any], label: str = "") -> History:
+    def start(self, kind: str, build: Callable[[queue.Queue], Any], label: str = "", tag: str = "") -> History:
         """Build a job with build(event_queue) and start it; raises JobBusy while another job is active.
+        tag is kept in its history, for whoever started it to recognise it by.
 
         build may raise (a config the engine rejects, a missing run folder): nothing is started then and
         the error propagates. It runs outside the lock because it imports the engine, which takes seconds
@@ -90,7 +109,7 @@ class JobManager:
             running = self._building or (self._current.kind if self._current is not None
                                          and self._current.active else None)
             if running:
-                raise JobBusy(f"{JOB_NAMES[running].capitalize()} is already running; "
+                raise JobBusy(f"{job_name(running).capitalize()} is already running; "
                               "stop it before starting another job.")
             self._building = kind
         events: queue.Queue = queue.Queue()
@@ -99,6 +118,7 @@ class JobManager:
         except BaseException:
             with self._lock:
                 self._building = None
+            self._tell(None)
             raise
         with self._lock:
             # Cleared where the job is installed: between two locked blocks another start would pass the
@@ -107,8 +127,8 @@ class JobManager:
             # Versions go on from the previous job's: a page compares them to tell a new history from the one it
             # drew, and a job that fails at once would otherwise repeat the versions of the last one.
             previous = self._histories.get(kind)
-            history = History(kind=kind, label=label, version=previous.version + 1 if previous else 0)
-            history.logs.append(f"{_stamp()} starting {label or JOB_NAMES[kind]}")
+            history = History(kind=kind, label=label, tag=tag, version=previous.version + 1 if previous else 0)
+            history.logs.append(f"{_stamp()} starting {label or job_name(kind)}")
             self._job, self._current = job, history
             self._histories[kind] = history
             try:
@@ -116,10 +136,13 @@ class JobManager:
             except Exception as error:
                 self._fail(history, f"{error.__class__.__name__}: {error}", user_error=False)
                 self._job = None
-                raise
-            threading.Thread(target=self._drain, args=(job, events, history), name=f"scal-gui-{kind}-events",
-                             daemon=True).start()
-            return history
+                failure, ended = error, self._copy(history)
+            else:
+                threading.Thread(target=self._drain, args=(job, events, history), name=f"scal-gui-{kind}-events",
+                                 daemon=True).start()
+                return history
+        self._tell(ended)
+        raise failure
 
     def stop(self) -> str:
         job = None
@@ -138,23 +161,28 @@ class JobManager:
         if job is not None:
             # Outside the lock: a job whose stop() never returned would otherwise hang every page poll.
             job.stop()
-        return f"Stopping {JOB_NAMES[history.kind]}…"
+        return f"Stopping {job_name(history.kind)}…"
 
     # -- reading --------------------------------------------------------------------------------------
     def snapshot(self, kind: Optional[str] = None) -> Optional[History]:
-        """A copy of the newest history of that kind (or of the current job), safe to read unlocked.
-
-        The lists are copied, their items shared: recorded items are never changed, and a deep copy of a
-        long run's points on every poll would cost more than drawing them.
-        """
+        """A copy of the newest history of that kind (or of the current job), safe to read unlocked."""
         with self._lock:
             history = self._histories.get(kind) if kind else self._current
-            if history is None:
-                return None
-            return dataclasses.replace(history, points=list(history.points), validation=list(history.validation),
-                                       samples=list(history.samples),
-                                       images=list(history.images), checkpoints=list(history.checkpoints),
-                                       logs=deque(history.logs, maxlen=LOG_LINES))
+            return None if history is None else self._copy(history)
+
+    @staticmethod
+    def _copy(history: History) -> History:
+        """A copy to read unlocked; called locked. The lists are copied, their items shared: recorded items are
+        never changed, and a deep copy of a long run's points on every poll would cost more than drawing them."""
+        return dataclasses.replace(history, points=list(history.points), validation=list(history.validation),
+                                   samples=list(history.samples),
+                                   images=list(history.images), checkpoints=list(history.checkpoints),
+                                   logs=deque(history.logs, maxlen=LOG_LINES))
+
+    def busy(self) -> bool:
+        """Whether a job is being built or is active: a start now would be refused."""
+        with self._lock:
+            return bool(self._building) or (self._current is not None and self._current.active)
 
     def version(self, kind: str) -> int:
         """Grows with every change to the history of that kind, across its jobs; -1 before its first job."""
@@ -175,34 +203,60 @@ class JobManager:
 
     # -- events ---------------------------------------------------------------------------------------
     def _drain(self, job: Any, events: queue.Queue, history: History) -> None:
+        told_run_dir, told_end = "", False
         while True:
             try:
                 event = events.get(timeout=0.2)
             except queue.Empty:
                 event = None
             with self._lock:
-                if history.state == "abandoned":
-                    # Final: what the job still reports is dropped (it is another history's turn now), until
-                    # its thread ends at last, if ever.
-                    thread = getattr(job, "thread", None)
-                    if (event is not None and event.kind in ("finished", "failed")) or thread is None or (
-                            event is None and not thread.is_alive() and events.empty()):
-                        return
-                    continue
-                if event is None:
-                    thread = getattr(job, "thread", None)
-                    if thread is not None and not thread.is_alive() and events.empty():
-                        self._fail(history, "the job ended without reporting a result", user_error=False)
-                        self._release(job)
-                        return
-                    self._enforce_stop(job, history)
-                    continue
-                self._apply(history, event)
-                history.version += 1
-                if event.kind in ("finished", "failed"):
-                    self._release(job)
-                    return
-                self._enforce_stop(job, history)
+                done = self._take(job, events, history, event)
+                news = None
+                if history.run_dir != told_run_dir or (not history.active and not told_end):
+                    told_run_dir, told_end = history.run_dir, not history.active
+                    news = self._copy(history)
+            if news is not None:
+                self._tell(news)
+            if done:
+                return
+
+    def _tell(self, history: Optional[History]) -> None:
+        """Call the listeners, unlocked; one that raises is named in the job's log and the job goes on."""
+        for listener in self._listeners:
+            try:
+                listener(history)
+            except Exception as error:
+                with self._lock:
+                    target = self._histories.get(history.kind) if history is not None else None
+                    if target is not None:
+                        target.logs.append(f"{_stamp()} error: {listener!r} failed: "
+                                           f"{error.__class__.__name__}: {error}")
+                        target.version += 1
+
+    def _take(self, job: Any, events: queue.Queue, history: History, event: Any) -> bool:
+        """Record one event (None: none came in time) in the history; True once nothing more will come.
+        Called locked."""
+        if history.state == "abandoned":
+            # Final: what the job still reports is dropped (it is another history's turn now), until
+            # its thread ends at last, if ever.
+            thread = getattr(job, "thread", None)
+            return (event is not None and event.kind in ("finished", "failed")) or thread is None or (
+                event is None and not thread.is_alive() and events.empty())
+        if event is None:
+            thread = getattr(job, "thread", None)
+            if thread is not None and not thread.is_alive() and events.empty():
+                self._fail(history, "the job ended without reporting a result", user_error=False)
+                self._release(job)
+                return True
+            self._enforce_stop(job, history)
+            return False
+        self._apply(history, event)
+        history.version += 1
+        if event.kind in ("finished", "failed"):
+            self._release(job)
+            return True
+        self._enforce_stop(job, history)
+        return False
 
     def _enforce_stop(self, job: Any, history: History) -> None:
         """Past the deadline of a Stop, kill the job's processes (a child job, once), or abandon the job (a

@@ -72,9 +72,10 @@ def train_progress(history: Optional[History]) -> str:
     return _bar(history.step / total if total else 0, " · ".join(parts), history.state)
 
 
-def classgen_progress(history: Optional[History]) -> str:
+def image_progress(history: Optional[History], idle: str) -> str:
+    """The bar of a job counted in images (class images generated, images captioned)."""
     if history is None:
-        return _bar(0, "nothing generated yet", "idle")
+        return _bar(0, idle, "idle")
     parts = [f"{history.done} / {history.total} images" if history.total else STATE_WORDS[history.state].lower()]
     if history.active and history.eta_s:
         parts.append(f"ETA {charts.duration(history.eta_s)}")

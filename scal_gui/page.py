@@ -1,16 +1,19 @@
-"""The whole page: four tabs over one config, and a timer that shows the server's job as it runs."""
+"""The whole page: the tabs over one config, the run queue's tab, and a timer that shows the server's job as
+it runs."""
 from __future__ import annotations
 
 from typing import Optional
 
 import gradio as gr
 
-from . import charts, configs, fields, live, presets, tab_classgen, tab_convert, tab_dataset, tab_train
+from . import (charts, configs, fields, job_kinds, live, presets, tab_classgen, tab_convert, tab_dataset, tab_queue,
+               tab_train)
 from .actions import Actions
 from .allowed import PathPolicy
 from .context import PageContext
 from .datasets import MAX_UPLOAD_BYTES
-from .jobs import CLASSGEN, TRAIN, JobManager
+from .jobs import CAPTION, CLASSGEN, TRAIN, JobManager
+from .run_queue import RunQueue
 
 POLL_SECONDS = 1.0
 TITLE = "SCAL-SDT"
@@ -29,13 +32,16 @@ def serve_files(paths: list[str]) -> None:
 
 def build_page(manager: Optional[JobManager] = None, output_dir: Optional[str] = None,
                warning: Optional[str] = None, data_dir: Optional[str] = None,
-               policy: PathPolicy = PathPolicy.local(), max_upload_bytes: int = MAX_UPLOAD_BYTES) -> gr.Blocks:
+               policy: PathPolicy = PathPolicy.local(), max_upload_bytes: int = MAX_UPLOAD_BYTES,
+               run_queue: Optional[RunQueue] = None) -> gr.Blocks:
     """The app's page; a warning, when given, shows above the tabs. data_dir: where uploaded datasets go;
-    policy: where the page may read and write; max_upload_bytes: see PageContext."""
+    policy: where the page may read and write; max_upload_bytes: see PageContext; run_queue: the manager's queue
+    (without one, a queue kept in memory only)."""
     manager = manager or JobManager()
+    run_queue = run_queue or RunQueue(manager, None, job_kinds.KINDS)
     preset_list = presets.all_presets()
     selected = presets.default_preset(presets.list_presets(), presets.has_cuda_gpu())
-    ctx = PageContext(manager=manager, actions=Actions(manager, policy), output_dir=output_dir,
+    ctx = PageContext(manager=manager, actions=Actions(manager, run_queue, policy), output_dir=output_dir,
                       raw=presets.load_preset(selected, output_dir), data_dir=data_dir, policy=policy,
                       max_upload_bytes=max_upload_bytes)
     with gr.Blocks(title=TITLE) as page:
@@ -51,12 +57,15 @@ def build_page(manager: Optional[JobManager] = None, output_dir: Optional[str] =
                 train = tab_train.build(ctx, preset_list, selected)
             with gr.Tab("Convert", id="convert"):
                 convert = tab_convert.build(ctx)
+            with gr.Tab("Queue", id="queue"):
+                queued = tab_queue.build(ctx)
         _wire_config(ctx)
         tab_dataset.wire(ctx, dataset)
         tab_classgen.wire(ctx, classgen)
         tab_train.wire(ctx, train, page)
         tab_convert.wire(ctx, convert, page)
-        _wire_live(ctx, page, train, classgen)
+        tab_queue.wire(ctx, queued)
+        _wire_live(ctx, page, train, classgen, queued, dataset)
     return page
 
 
@@ -77,10 +86,12 @@ def _wire_config(ctx: PageContext) -> None:
                    api_visibility="private")
 
 
-def _wire_live(ctx: PageContext, page: gr.Blocks, train, classgen) -> None:
+def _wire_live(ctx: PageContext, page: gr.Blocks, train, classgen, queued, dataset) -> None:
+    """One poll redraws the jobs' live views and the queue: one request a second per browser tab."""
     manager = ctx.manager
     train_outputs = [train.status, train.progress, train.loss, train.lr, train.gallery, train.log]
     class_outputs = [classgen.status, classgen.progress, classgen.gallery, classgen.log]
+    caption_outputs = [dataset.caption_progress]
 
     def render_train(history):
         points = history.points if history else []
@@ -91,15 +102,20 @@ def _wire_live(ctx: PageContext, page: gr.Blocks, train, classgen) -> None:
 
     def render_classgen(history):
         serve_files(history.images if history else [])
-        return [live.status_line(history, ""), live.classgen_progress(history),
+        return [live.status_line(history, ""), live.image_progress(history, "nothing generated yet"),
                 list(history.images) if history else [], live.log_text(history)]
 
-    def refresh(seen: Optional[dict], output_dir: str, train_message: str, class_message: str):
+    def render_captioning(history):
+        return [live.image_progress(history, "no captioning yet")]
+
+    def refresh(seen: Optional[dict], output_dir: str, train_message: str, class_message: str,
+                caption_message: str, queue_entry: Optional[str]):
         # seen: what this browser tab last rendered, so an unchanged job sends nothing.
         seen = dict(seen or {})
         updates, messages = [], []
         for kind, render, count, message in ((TRAIN, render_train, len(train_outputs), train_message),
-                                             (CLASSGEN, render_classgen, len(class_outputs), class_message)):
+                                             (CLASSGEN, render_classgen, len(class_outputs), class_message),
+                                             (CAPTION, render_captioning, len(caption_outputs), caption_message)):
             version = manager.version(kind)
             if kind in seen and seen[kind] == version:
                 updates += [gr.skip()] * count
@@ -121,11 +137,13 @@ def _wire_live(ctx: PageContext, page: gr.Blocks, train, classgen) -> None:
             updates.append(gr.update(choices=choices, value=choices[0][1] if choices else None))
         else:
             updates.append(gr.skip())
-        return [*updates, *messages, seen]
+        queue_updates, seen["queue"] = tab_queue.render(ctx.actions.queue, seen.get("queue"), queue_entry)
+        return [*updates, *queue_updates, *messages, seen]
 
     seen = gr.State(None)
-    outputs = [*train_outputs, *class_outputs, train.resume_run, train.message, classgen.message, seen]
-    inputs = [seen, ctx.form["output_dir"], train.message, classgen.message]
+    outputs = [*train_outputs, *class_outputs, *caption_outputs, train.resume_run, queued.note, queued.table,
+               queued.entry, train.message, classgen.message, dataset.caption_status, seen]
+    inputs = [seen, ctx.form["output_dir"], train.message, classgen.message, dataset.caption_status, queued.entry]
     page.load(refresh, inputs, outputs, api_visibility="private", show_progress="hidden")
     timer = gr.Timer(POLL_SECONDS)
     timer.tick(refresh, inputs, outputs, api_visibility="private", show_progress="hidden")

@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"output folder for runs, replacing the presets' (also read from {OUTPUT_ENV})")
     parser.add_argument("--data-dir", metavar="DIR",
                         help="folder of the datasets uploaded on the Dataset tab (default "
-                             "$XDG_DATA_HOME/scal-sdt/datasets, that is ~/.local/share/scal-sdt/datasets)")
+                             "$XDG_DATA_HOME/scal-sdt/datasets, that is ~/.local/share/scal-sdt/datasets); the run "
+                             "queue is kept beside it, in scal-sdt-queue.json")
     parser.add_argument("--model-dir", metavar="DIR", type=folder, action="append", default=[],
                         help="with --listen or --share: a folder of models the page may read (repeatable)")
     parser.add_argument("--allow-path", metavar="DIR", type=folder, action="append", default=[],
@@ -132,6 +133,19 @@ def open_network_warning(options: dict) -> Optional[str]:
     return OPEN_NETWORK_WARNING if options["server_name"] == "0.0.0.0" and options["auth"] is None else None
 
 
+def open_queue(manager, data_dir: Optional[str]):
+    """The run queue kept beside the data folder, as the previous app process left it, going on: a run that
+    process was training resumes from its newest checkpoint, then the queued jobs follow."""
+    from .job_kinds import KINDS
+    from .run_queue import RunQueue, queue_file
+
+    run_queue = RunQueue(manager, queue_file(data_dir), KINDS)
+    if run_queue.warning:
+        print(f"warning: {run_queue.warning}", file=sys.stderr)
+    run_queue.restart()
+    return run_queue
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -143,12 +157,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from .jobs import JobManager
     from .live import CSS
     from .page import build_page
 
     output_dir = args.output_dir or os.environ.get(OUTPUT_ENV)
-    page = build_page(output_dir=output_dir, warning=warning, data_dir=args.data_dir,
-                      policy=path_policy(args, output_dir), max_upload_bytes=options["max_file_size"])
+    manager = JobManager()
+    page = build_page(manager=manager, output_dir=output_dir, warning=warning, data_dir=args.data_dir,
+                      policy=path_policy(args, output_dir), max_upload_bytes=options["max_file_size"],
+                      run_queue=open_queue(manager, args.data_dir))
     page.queue(default_concurrency_limit=4)
     page.launch(**options, css=CSS, footer_links=["api", "settings"], show_error=True)
     return 0

@@ -15,6 +15,7 @@ def build(ctx: PageContext) -> SimpleNamespace:
     ctx.add_fields(fields.CLASS_IMAGES, per_row=5)
     with gr.Row():
         ui.generate = gr.Button("Generate", variant="primary", elem_id="generate-button")
+        ui.enqueue = gr.Button("Add to queue", elem_id="generate-queue-button")
         ui.stop = gr.Button("Stop", variant="stop", elem_id="generate-stop-button")
     ui.message = gr.Markdown(elem_id="classgen-message")
     ui.status = gr.Markdown(elem_id="classgen-status")
@@ -29,4 +30,6 @@ def build(ctx: PageContext) -> SimpleNamespace:
 def wire(ctx: PageContext, ui: SimpleNamespace) -> None:
     (ui.generate.click(sync_form, [ctx.yaml, *ctx.inputs], [ctx.yaml, ctx.check], api_visibility="private")
      .success(ctx.actions.generate_class_images, ctx.yaml, ui.message, api_name="generate_class_images"))
+    (ui.enqueue.click(sync_form, [ctx.yaml, *ctx.inputs], [ctx.yaml, ctx.check], api_visibility="private")
+     .success(ctx.actions.queue_class_images, ctx.yaml, ui.message, api_name="queue_class_images"))
     ui.stop.click(ctx.actions.stop, None, ui.message, api_visibility="private")

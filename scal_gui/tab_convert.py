@@ -70,7 +70,10 @@ def build(ctx: PageContext) -> SimpleNamespace:
             # Custom values let API clients pass a choice the page has not loaded; the converter checks it.
             ui.options.append(gr.Dropdown([], label=LABELS[name], info=INFO.get(name), elem_id=f"convert-{name}",
                                           allow_custom_value=True))
-    ui.convert = gr.Button("Convert", variant="primary", elem_id="convert-button")
+    with gr.Row():
+        ui.convert = gr.Button("Convert", variant="primary", elem_id="convert-button")
+        # in turn, behind the jobs running or queued, rather than now beside them
+        ui.enqueue = gr.Button("Add to queue", elem_id="convert-queue-button")
     ui.result = gr.Markdown(elem_id="convert-result")
     # a run's files to take home sit beside what converting makes of them
     ui.results = results.build(ctx)
@@ -101,3 +104,8 @@ def wire(ctx: PageContext, ui: SimpleNamespace, page: gr.Blocks) -> None:
         return convert_and_report(ctx.actions, source, out, list(values), progress)
 
     ui.convert.click(run, [ui.source, ui.out, *ui.options], ui.result, api_name="convert")
+
+    def enqueue(source: str, out: str, *values):
+        return ctx.actions.queue_conversion(source, out, convert_options.to_kwargs(list(values)))
+
+    ui.enqueue.click(enqueue, [ui.source, ui.out, *ui.options], ui.result, api_name="queue_conversion")

@@ -175,7 +175,7 @@ def wire(ctx: PageContext, ui: SimpleNamespace) -> None:
     uploaded = ui.add.click(functools.partial(add_uploads, folder, max_upload_bytes=ctx.max_upload_bytes),
                             [ui.dataset_name, ui.upload], [ui.upload_message, ui.datasets],
                             api_visibility="private", concurrency_limit=1)
-    caption_section.wire(folder, ui, uploaded)
+    caption_section.wire(folder, ui, uploaded, ctx.actions)
     ui.refresh_datasets.click(lambda: gr.update(choices=dataset_choices(folder)), None, ui.datasets,
                               api_visibility="private")
     (ui.datasets.input(functools.partial(choose_dataset, folder), ui.datasets, ctx.form[INSTANCE_PATH],

@@ -216,10 +216,12 @@ def build(ctx: PageContext, preset_list: list[presets.Preset], selected: presets
                 ctx.yaml = gr.Code(configs.to_yaml(ctx.raw), language="yaml", lines=18, max_lines=40,
                                    interactive=True, label="config.yaml", elem_id="config-yaml")
             ctx.check = gr.Markdown(configs.check_message(ctx.raw), elem_id="config-check")
+            # One line of buttons each (narrower than their default), so that the column does not grow.
             with gr.Row():
-                ui.start = gr.Button("Start", variant="primary", elem_id="start-button")
-                ui.stop = gr.Button("Stop", variant="stop", elem_id="stop-button")
-                ui.vram = gr.Button("Estimate GPU memory", elem_id="vram-button")
+                ui.start = gr.Button("Start", variant="primary", elem_id="start-button", min_width=90)
+                ui.enqueue = gr.Button("Add to queue", elem_id="queue-button", min_width=90)
+                ui.stop = gr.Button("Stop", variant="stop", elem_id="stop-button", min_width=90)
+                ui.vram = gr.Button("Estimate GPU memory", elem_id="vram-button", min_width=90)
             with gr.Row(equal_height=True, elem_id="fit-row"):
                 # The machine's own sizes arrive with the page load (machine_memory).
                 ui.fit_vram = gr.Number(label="GPU memory (GiB)", minimum=0, elem_id="fit-vram", scale=1)
@@ -231,7 +233,8 @@ def build(ctx: PageContext, preset_list: list[presets.Preset], selected: presets
                 ui.resume_run = gr.Dropdown([], label="Previous runs", elem_id="resume-run", scale=4,
                                             allow_custom_value=True)
                 ui.refresh = gr.Button("↻", elem_id="refresh-runs", scale=0, min_width=50)
-                ui.resume = gr.Button("Resume", elem_id="resume-button", scale=1)
+                ui.resume = gr.Button("Resume", elem_id="resume-button", scale=1, min_width=90)
+                ui.enqueue_resume = gr.Button("Queue resume", elem_id="queue-resume-button", scale=1, min_width=90)
         # Start is far down the settings column: the live view stays in sight as it scrolls (live.CSS).
         with gr.Column(scale=6, elem_id="live-view"):
             ui.status = gr.Markdown(IDLE, elem_id="train-status")
@@ -291,8 +294,11 @@ def wire(ctx: PageContext, ui: SimpleNamespace, page: gr.Blocks) -> None:
 
     (ui.start.click(sync_form, [ctx.yaml, *ctx.inputs], [ctx.yaml, ctx.check], api_visibility="private")
      .success(actions.start_training, ctx.yaml, ui.message, api_name="start_training"))
+    (ui.enqueue.click(sync_form, [ctx.yaml, *ctx.inputs], [ctx.yaml, ctx.check], api_visibility="private")
+     .success(actions.queue_training, ctx.yaml, ui.message, api_name="queue_training"))
     ui.stop.click(actions.stop, None, ui.message, api_name="stop_job")
     ui.resume.click(actions.resume_training, ui.resume_run, ui.message, api_name="resume_training")
+    ui.enqueue_resume.click(actions.queue_resume, ui.resume_run, ui.message, api_name="queue_resume")
 
     def refresh_runs(output_dir: str):
         return gr.update(choices=resume_choices(output_dir, ctx.manager.active_run_dir(), ctx.policy))

@@ -110,6 +110,10 @@ FACTORS: dict[str, list[str]] = {
     # a LoRA (over the convolutions too with locon). bf16 storage is left to the presets that use it: a fourth
     # level would need more than MAX_ROWS rows.
     "base": ["fp32", "fp8", "nf4"],
+    # memory.blocks_on_cpu: 1 (the last repeated block swapped); a full fine-tune needs fused backward, so
+    # without it these rows train a LoRA
+    "swap": ["off", "on"],
+    "offload": ["off", "on"],              # memory.offload_activations, with gradient_checkpointing
 }
 
 # Pairs whose meaning is "this cache is off", which the engine says with a warning (cache.attach_caches):
@@ -177,7 +181,10 @@ def row_values(row: dict[str, str], output_dir: Path, class_dir: Path, existing_
         "augment": copy.deepcopy(AUGMENT) if on["augment"] else [],
         "custom_embeddings": {"enabled": on["ti"], "path": str(embedding_file)},
         "network": ({"type": "lora", "rank": 4, "alpha": 4.0, "conv_rank": 2, "conv_alpha": 2.0} if on["locon"]
-                    else {"type": "lora", "rank": 4, "alpha": 4.0} if row["base"] == "nf4" else {"type": "full"}),
+                    else {"type": "lora", "rank": 4, "alpha": 4.0}
+                    if row["base"] == "nf4" or (on["swap"] and not on["fused"]) else {"type": "full"}),
+        "memory": {"blocks_on_cpu": 1 if on["swap"] else 0, "offload_activations": on["offload"]},
+        "gradient_checkpointing": on["offload"],
     })
     class_set = values["data"]["concepts"][0]["class_set"]
     # The class set stays in the config with prior preservation off, as users leave it: nothing is generated.

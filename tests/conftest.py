@@ -22,6 +22,15 @@ def demo_cache(tmp_path_factory):
     return cache
 
 
+@pytest.fixture(scope="session", autouse=True)
+def app_data(tmp_path_factory):
+    """The app's data folder (uploaded datasets, the run queue) is a private one: an app started by a test
+    must not read or resume the user's queue."""
+    data = tmp_path_factory.mktemp("scal-data")
+    os.environ["XDG_DATA_HOME"] = str(data)
+    return data
+
+
 @pytest.fixture(scope="session")
 def tiny_model(demo_cache):
     from engine import paths

@@ -146,7 +146,7 @@ def test_a_config_inside_the_app_folders_passes(place):
 def test_training_with_an_outside_path_is_refused_and_writes_nothing(key, place):
     folders, policy = place
     target = folders["outside"] / "target"
-    actions = Actions(JobManager(), policy)
+    actions = Actions(JobManager(), policy=policy)
     yaml_text = configs.to_yaml(config_with(folders["output"], key, str(target)))
     for message in (actions.start_training(yaml_text), actions.generate_class_images(yaml_text)):
         assert message.startswith(f"Not started: config key '{key}': {target} ") and "\n" not in message
@@ -158,7 +158,7 @@ def test_training_with_an_outside_path_is_refused_and_writes_nothing(key, place)
 
 def test_resume_and_convert_outside_are_refused(place):
     folders, policy = place
-    actions = Actions(JobManager(), policy)
+    actions = Actions(JobManager(), policy=policy)
     message = actions.resume_training(str(folders["outside"]))
     assert message.startswith(f"Not started: the run to resume: {folders['outside']} ")
     out = folders["outside"] / "model.safetensors"

@@ -16,8 +16,8 @@ from engine.vram import BNB_MIN_8BIT_SIZE
 from engine import config as cfg
 from engine import events
 
-# Any seed covers every pair; 6 gives 14 rows for these factors, most others 15 or more.
-PAIRWISE_SEED = 6
+# Any seed covers every pair; 1 gives 14 rows for these factors, most others 15 or more.
+PAIRWISE_SEED = 1
 MAX_ROWS = 14  # each row is a training run: more would outgrow the matrix's time budget
 CAPTIONED = "demo:sample-data/finetune"
 MODEL_FILES = {"unet": "unet/diffusion_pytorch_model.safetensors", "text_encoder": "text_encoder/model.safetensors",

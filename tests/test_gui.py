@@ -439,14 +439,14 @@ def test_a_second_start_is_refused(tmp_path):
 
 
 def test_an_engine_fault_while_building_is_a_message(tmp_path, monkeypatch):
-    import scal_gui.actions as actions_module
+    from scal_gui import job_kinds
 
     def broken(config):
         def build(_):
             raise RuntimeError("engine bug")
         return build
 
-    monkeypatch.setattr(actions_module, "_train_builder", broken)
+    monkeypatch.setattr(job_kinds, "train_builder", broken)
     message = Actions(JobManager()).start_training(tiny_yaml(tmp_path))
     assert message == "Not started: RuntimeError: engine bug"
 

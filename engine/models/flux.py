@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from .. import notices, paths
+from .. import block_swap, notices, paths
 from ..errors import UserError
 from . import clip_vocab, t5_vocab
 from .sd import Components, load_tokenizer, resolve_model_path
@@ -302,7 +302,7 @@ class Flux1:
             vae=components.vae, text_encoder=text_encoder.text_encoder, tokenizer=tokenizer.clip,
             text_encoder_2=text_encoder.text_encoder_2, tokenizer_2=tokenizer.t5, transformer=unet)
         pipeline.set_progress_bar_config(disable=True)
-        return pipeline.to(device)
+        return block_swap.pipeline_to(pipeline, unet, device)
 
     @torch.no_grad()
     def render(self, pipeline, positive: dict, negative: dict, **options) -> list:

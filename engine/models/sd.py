@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import torch
 
-from .. import paths
+from .. import block_swap, paths
 from ..errors import UserError
 
 
@@ -191,7 +191,7 @@ class StableDiffusion:
             scheduler=DDIMScheduler.from_config(components.noise_scheduler.config),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         pipeline.set_progress_bar_config(disable=True)
-        return pipeline.to(device)
+        return block_swap.pipeline_to(pipeline, unet, device)
 
     def render(self, pipeline, positive: dict, negative: dict, **options) -> list:
         return pipeline(prompt_embeds=positive["encoder_hidden_states"],

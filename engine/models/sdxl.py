@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .. import notices, paths
+from .. import block_swap, notices, paths
 from ..errors import UserError
 from .sd import Components, load_tokenizer, resolve_model_path
 
@@ -208,7 +208,7 @@ class StableDiffusionXL:
             text_encoder_2=text_encoder.text_encoder_2, tokenizer=components.tokenizer, tokenizer_2=None,
             scheduler=EulerDiscreteScheduler.from_config(components.noise_scheduler.config))
         pipeline.set_progress_bar_config(disable=True)
-        return pipeline.to(device)
+        return block_swap.pipeline_to(pipeline, unet, device)
 
     @torch.no_grad()
     def render(self, pipeline, positive: dict, negative: dict, **options) -> list:
