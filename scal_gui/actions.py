@@ -11,7 +11,7 @@ from typing import Callable, Optional
 from engine import config as schema
 from engine.errors import UserError
 
-from . import job_kinds
+from . import configs, job_kinds
 from .allowed import PathPolicy
 from .jobs import CLASSGEN, TRAIN, JobBusy, JobManager
 from .run_queue import FAILED, QUEUED, RUNNING, QueueError, RunQueue
