@@ -1,8 +1,9 @@
 """The memory plan: the settings that fit a run into a card's memory and the system's, found by the estimate.
 
 `STEPS` lists the memory options in the order that costs training speed least: the caches, gradient
-checkpointing, smaller storage of the weights, smaller optimizer states, the optimizer step fused into
-backward, and last a smaller batch. Each step keeps the ones before it. Every candidate is estimated on the
+checkpointing, smaller storage of the weights, blocks waiting on the CPU (more at each repeat), 4-bit frozen
+weights, activations offloaded to the CPU, smaller optimizer states, the optimizer step fused into backward,
+and last a smaller batch. Each step keeps the ones before it. Every candidate is estimated on the
 real architecture by `vram.estimate` (seconds each), and the search stops at the first that fits both
 limits; a step taken while it lowered nothing above its limit is then dropped again where the fit holds
 without it. A step that the config refuses in combination (its validation, or the run plan's rules for the
@@ -21,7 +22,7 @@ from . import notices
 from .config import Config, add_overrides_argument, apply_override, from_dict, optimizer_path, to_dict
 from .errors import UserError
 from .plan import latents_cacheable, make_plan, text_cacheable
-from .vram import ARCHITECTURES, VramEstimate, estimate, estimate_plan
+from .vram import ARCHITECTURES, VramEstimate, estimate, estimate_plan, resolve_architecture
 
 # Device memory the estimate does not count (it counts tensors): the CUDA context, some hundreds of MiB, and
 # the caching allocator's slack. Kept free of a card's size when the run trains on CUDA.
@@ -80,6 +81,38 @@ def _weights_dtype(config: Config) -> Proposal:
     return "already bf16" if config.weights_dtype == "bf16" else {"weights_dtype": "bf16"}
 
 
+# Block swap grows in steps of this share of the denoiser's repeated blocks, from at least MIN_SWAPPED: two
+# blocks are on the device at once, so swapping fewer saves nothing.
+SWAP_SHARE = 6
+MIN_SWAPPED = 3
+
+
+def repeated_block_count(config: Config) -> int:
+    """How many repeated blocks the denoiser has (engine.block_swap.repeated_blocks), from its config."""
+    denoiser = resolve_architecture(config).unet
+    if "num_single_layers" in denoiser:  # Flux.1: double-stream then single-stream blocks
+        return denoiser["num_layers"] + denoiser["num_single_layers"]
+    return len(denoiser["down_block_types"]) + len(denoiser["up_block_types"])
+
+
+def _block_swap(config: Config) -> Proposal:
+    total = repeated_block_count(config)
+    now = config.memory.blocks_on_cpu
+    if now >= total:
+        return f"all {total} blocks already wait on the CPU"
+    settings = {"memory.blocks_on_cpu": min(total, max(MIN_SWAPPED, now + -(-total // SWAP_SHARE)))}
+    if not config.network.adapter and not config.optimizer.fused_backward:
+        # a full fine-tune's swapped blocks update inside backward, so no full set of gradients waits
+        settings["optimizer.fused_backward"] = True
+    return settings
+
+
+def _offload_activations(config: Config) -> Proposal:
+    if config.memory.offload_activations:
+        return "already on"
+    return {"memory.offload_activations": True} if config.gradient_checkpointing else "needs gradient checkpointing"
+
+
 # Optimizers swapped for one with less state and the same learning rates: the 8-bit versions of the same
 # algorithm, then Adafactor (factored second moments, no first moment) for the Adam family.
 EIGHT_BIT = {"torch.optim.AdamW": "adamw8bit", "torch.optim.Adam": "bitsandbytes.optim.Adam8bit",
@@ -119,7 +152,9 @@ STEPS: tuple[Step, ...] = (
     Step("frozen weights in bf16", _base_dtype("bf16")),
     Step("trained weights in bf16", _weights_dtype),
     Step("frozen weights in fp8", _base_dtype("fp8")),
+    Step("blocks waiting on the CPU", _block_swap, repeat=True),
     Step("frozen weights in nf4", _base_dtype("nf4")),
+    Step("activations offloaded to the CPU", _offload_activations),
     Step("8-bit optimizer states", _eight_bit_optimizer),
     Step("factored optimizer states", _factored_optimizer),
     Step("optimizer step fused into backward", _fused_backward),
