@@ -237,7 +237,8 @@ def preset_to_tiny(preset: Path, output_dir: Path, class_root: Path, captioned_p
     - sampling.interval_steps -> PRESET_STEPS (one round, at the last step); for each sampling prompt
       width/height -> 64, steps -> 2, num_samples -> at most PRESET_MAX_SAMPLES;
     - checkpoint.every_n_train_steps -> PRESET_STEPS (one checkpoint, at the last step);
-    - output_dir -> output_dir; num_workers -> 0.
+    - output_dir -> output_dir; num_workers -> 0;
+    - memory.blocks_on_cpu -> at most the tiny model's repeated blocks (all of them when the preset swaps more).
     Precision, accelerator, optimizer (8-bit included), caches, batch size, bucketing, CLIP skip and the
     memory switches stay as the preset sets them: the engine falls back on a CPU as it does for users.
     """
@@ -257,6 +258,11 @@ def preset_to_tiny(preset: Path, output_dir: Path, class_root: Path, captioned_p
     for prompt in values["sampling"]["concepts"]:
         prompt.update(width=64, height=64, steps=2, num_samples=min(prompt["num_samples"], PRESET_MAX_SAMPLES))
     values["checkpoint"]["every_n_train_steps"] = PRESET_STEPS
+    if values["memory"]["blocks_on_cpu"]:
+        from engine import memory_plan
+
+        blocks = memory_plan.repeated_block_count(cfg.from_dict(values))
+        values["memory"]["blocks_on_cpu"] = min(values["memory"]["blocks_on_cpu"], blocks)
     return cfg.from_dict(values)
 
 

@@ -164,7 +164,7 @@ REWRITTEN_KEYS = {
     "data.concepts[].class_set.auto_generate.num_target", "data.concepts[].class_set.auto_generate.steps",
     "trainer.max_steps", "trainer.max_epochs", "sampling.interval_steps", "sampling.concepts[].width",
     "sampling.concepts[].height", "sampling.concepts[].steps", "sampling.concepts[].num_samples",
-    "checkpoint.every_n_train_steps",
+    "checkpoint.every_n_train_steps", "memory.blocks_on_cpu",
 }
 
 

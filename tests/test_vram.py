@@ -252,13 +252,30 @@ def test_the_sdxl_8gb_dreambooth_preset_fits_its_budget_on_real_sdxl():
     shape = vram.step_shape(config)
     assert (shape.rows, shape.width, shape.height) == (2, 1024, 1024)
     result = vram.estimate(config)
-    # An 8 GB card holds 8 GiB; 7.1 leaves room for the CUDA context. (0.91 GiB of it is Adafactor's second
+    # An 8 GB card holds 8 GiB; 7.0 leaves room for the CUDA context. (0.91 GiB of it is Adafactor's second
     # moment, which transformers' implementation factors over a 3x3 convolution's kernel dimensions.)
-    assert result.peak <= 7.1
-    # the full UNet trains in bf16; both text encoders and the VAE wait off the GPU
-    assert result.parameters == pytest.approx(2_567_463_684 * 2 / GIB, rel=1e-3)
+    assert result.peak <= 7.0
+    # the full UNet trains in bf16, 4 of its 6 down and up blocks waiting on the CPU but for the two on the GPU
+    # at a time; both text encoders and the VAE wait off the GPU
+    assert config.memory.blocks_on_cpu == 4
+    assert result.parameters < 2_567_463_684 * 2 / GIB * 0.95
     stated = float(re.search(r"est\. ([0-9.]+) GiB peak", config.description).group(1))
     assert stated == pytest.approx(result.peak, abs=0.05)
+
+
+# The Flux.1 presets that fit small cards by block swap, each traced on the real 12-billion-parameter
+# transformer (about 20 s each here); the limits leave 0.5 GiB or more of the card for the CUDA context.
+@pytest.mark.parametrize("preset,limit", [("flux-lora-8gb", 7.5), ("flux-lora-6gb", 5.5),
+                                          ("flux-finetune-24gb", 22.0), ("flux-finetune-16gb", 15.0)])
+def test_the_flux_presets_for_small_cards_fit_their_budget(preset, limit):
+    config = cfg.load(ROOT / "presets" / f"{preset}.yaml")
+    assert vram.resolve_architecture(config).source == "flux1-dev" and config.memory.blocks_on_cpu > 0
+    result = vram.estimate(config)
+    assert result.peak <= limit
+    stated = float(re.search(r"est\. ([0-9.]+) GiB GPU peak", config.description).group(1))
+    assert stated == pytest.approx(result.peak, abs=0.05)
+    ram = float(re.search(r"([0-9.]+) GiB system RAM", config.description).group(1))
+    assert ram == pytest.approx(result.ram.peak, abs=0.5)
 
 
 def test_cli_prints_the_breakdown_and_ends_with_the_peak(tiny_model, tmp_path):
