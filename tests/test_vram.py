@@ -258,7 +258,7 @@ def test_the_sdxl_8gb_dreambooth_preset_fits_its_budget_on_real_sdxl():
     # the full UNet trains in bf16, 4 of its 6 down and up blocks waiting on the CPU but for the two on the GPU
     # at a time; both text encoders and the VAE wait off the GPU
     assert config.memory.blocks_on_cpu == 4
-    assert result.parameters < 2_567_463_684 * 2 / GIB * 0.95
+    assert result.parameters < 2_567_463_684 * 2 / GIB - 0.2
     stated = float(re.search(r"est\. ([0-9.]+) GiB peak", config.description).group(1))
     assert stated == pytest.approx(result.peak, abs=0.05)
 
