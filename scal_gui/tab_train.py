@@ -212,7 +212,14 @@ def build(ctx: PageContext, preset_list: list[presets.Preset], selected: presets
                 ctx.add_fields(fields.NETWORK, per_row=4)
             with gr.Accordion("Advanced training options (augmentations: in the YAML, key augment)", open=False):
                 ctx.add_fields(fields.ADVANCED, per_row=3)
-            with gr.Accordion("Advanced: the whole config as YAML", open=False):
+            # Fitting rewrites the YAML, shown below it; closed, the accordion keeps the column short enough for
+            # the live view to stay in the window beside Start.
+            with gr.Accordion("Advanced: the whole config as YAML, and fitting it to your card", open=False):
+                with gr.Row(equal_height=True, elem_id="fit-row"):
+                    # The machine's own sizes arrive with the page load (machine_memory).
+                    ui.fit_vram = gr.Number(label="GPU memory (GiB)", minimum=0, elem_id="fit-vram", scale=1)
+                    ui.fit_ram = gr.Number(label="System RAM (GiB)", minimum=0, elem_id="fit-ram", scale=1)
+                    ui.fit = gr.Button("Fit to my card", elem_id="fit-button", scale=1)
                 ctx.yaml = gr.Code(configs.to_yaml(ctx.raw), language="yaml", lines=18, max_lines=40,
                                    interactive=True, label="config.yaml", elem_id="config-yaml")
             ctx.check = gr.Markdown(configs.check_message(ctx.raw), elem_id="config-check")
@@ -222,11 +229,6 @@ def build(ctx: PageContext, preset_list: list[presets.Preset], selected: presets
                 ui.enqueue = gr.Button("Add to queue", elem_id="queue-button", min_width=90)
                 ui.stop = gr.Button("Stop", variant="stop", elem_id="stop-button", min_width=90)
                 ui.vram = gr.Button("Estimate GPU memory", elem_id="vram-button", min_width=90)
-            with gr.Row(equal_height=True, elem_id="fit-row"):
-                # The machine's own sizes arrive with the page load (machine_memory).
-                ui.fit_vram = gr.Number(label="GPU memory (GiB)", minimum=0, elem_id="fit-vram", scale=1)
-                ui.fit_ram = gr.Number(label="System RAM (GiB)", minimum=0, elem_id="fit-ram", scale=1)
-                ui.fit = gr.Button("Fit to my card", elem_id="fit-button", scale=1)
             ui.message = gr.Markdown(elem_id="job-message")
             with gr.Row(equal_height=True):
                 # A custom value is a run folder typed in, for runs outside the output folder.
