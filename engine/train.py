@@ -233,7 +233,11 @@ class Trainer(Job):
                     raise
                 if context is None:
                     return events.Finished(run_dir=str(self.run_dir), step=0, stopped=True)
-                return self._train_loop(context)
+                result = self._train_loop(context)
+                # The ranks leave together: one that tears its process group down while the main process still
+                # writes the last checkpoint can have gloo abort it on its way out.
+                distributed.barrier(topology)
+                return result
         finally:
             # the finished job must not keep the models alive (the app holds on to its last job)
             self._models = None
