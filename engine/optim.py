@@ -16,12 +16,17 @@ DIFFUSERS_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial",
                        "constant_with_warmup")
 
 
-def _import_class(path: str, key: str):
+def _import_class(path: str, key: str, kind: type):
+    """The class at path, refused unless it is a `kind`: a config, perhaps from a shared page, names the class
+    the trainer calls, so it must not reach any other callable."""
     module_name, _, class_name = path.rpartition(".")
     try:
-        return getattr(importlib.import_module(module_name), class_name)
+        cls = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError, ValueError):
         raise UserError(f"config key '{key}': cannot import {path!r}") from None
+    if not (isinstance(cls, type) and issubclass(cls, kind)):
+        raise UserError(f"config key '{key}': {path} is not a {kind.__module__}.{kind.__qualname__}")
+    return cls
 
 
 def scaled_lr(config: OptimizerConfig, effective_batch: int) -> float:
@@ -62,7 +67,7 @@ def _hyperparameters(config: OptimizerConfig, name: str, lr: float) -> dict:
 
 def build_optimizer(config: OptimizerConfig, params, lr: float) -> torch.optim.Optimizer:
     path = optimizer_path(config.name)
-    cls = _import_class(path, "optimizer.name")
+    cls = _import_class(path, "optimizer.name", torch.optim.Optimizer)
     kwargs = _hyperparameters(config, cls.__name__, lr)
     try:
         optimizer = cls(params, **kwargs)
@@ -117,7 +122,7 @@ def _main_schedule(sched, optimizer: torch.optim.Optimizer, steps: int):
     if "." not in name:
         raise UserError(f"config key 'optimizer.lr_scheduler.name': expected one of "
                         f"{', '.join(DIFFUSERS_SCHEDULES)} or a torch scheduler class path, got {name!r}")
-    cls = _import_class(name, "optimizer.lr_scheduler.name")
+    cls = _import_class(name, "optimizer.lr_scheduler.name", torch.optim.lr_scheduler.LRScheduler)
     params = dict(sched.params)
     params.pop("last_epoch", None)  # earlier templates carried it; resuming restores the state instead
     if cls is torch.optim.lr_scheduler.CosineAnnealingLR:

@@ -423,3 +423,19 @@ def test_schedule_free_resumes_exactly(schedule_free_run, tmp_path):
     expected, actual = final_unet(straight), final_unet(halfway)
     assert expected.keys() == actual.keys()
     assert all(torch.equal(expected[k], actual[k]) for k in expected)
+
+
+@pytest.mark.parametrize("key, path", [("optimizer.name", "os.system"), ("optimizer.name", "torch.nn.Linear"),
+                                       ("optimizer.lr_scheduler.name", "subprocess.Popen")])
+def test_a_class_path_that_is_no_optimizer_or_schedule_is_refused_before_it_is_called(key, path, monkeypatch):
+    called = []
+    monkeypatch.setattr("os.system", lambda *args, **kwargs: called.append(args))
+    monkeypatch.setattr("subprocess.Popen", lambda *args, **kwargs: called.append(args))
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    with pytest.raises(optim.UserError, match=rf"^config key '{key}': {path} is not a torch\.optim\."):
+        if key == "optimizer.name":
+            optim.build_optimizer(cfg.Optimizer(name=path), params, 1e-3)
+        else:
+            optimizer = torch.optim.SGD(params, lr=1e-3)
+            optim.build_scheduler(cfg.Optimizer(lr_scheduler=cfg.LrScheduler(name=path)), optimizer, 10)
+    assert called == []
