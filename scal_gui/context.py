@@ -42,12 +42,12 @@ class PageContext:
         return [self.form[spec.key] for spec in fields.ALL]
 
 
-def sync_form(yaml_text: str, *values) -> tuple[str, str]:
+def sync_form(yaml_text: str, *values, policy: PathPolicy = PathPolicy.local()) -> tuple[str, str]:
     """The first step of every button that runs a job: write the form into the YAML the job will read.
 
     Raising stops the chain, so a form the YAML cannot take never starts a job from stale text.
     """
-    merged, message = configs.merge_form(yaml_text, list(values))
+    merged, message = configs.merge_form(yaml_text, list(values), policy)
     if merged is None:
         raise gr.Error(message.removeprefix("Error: "))
     return merged, message

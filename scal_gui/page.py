@@ -72,14 +72,14 @@ def build_page(manager: Optional[JobManager] = None, output_dir: Optional[str] =
 def _wire_config(ctx: PageContext) -> None:
     """Keep the form and the YAML editor showing the same config, whichever the user edits."""
     def form_edited(yaml_text: str, *values):
-        merged, message = configs.merge_form(yaml_text, list(values))
+        merged, message = configs.merge_form(yaml_text, list(values), ctx.policy)
         return (gr.skip() if merged is None else merged), message
 
     gr.on([c.input for c in ctx.inputs], form_edited, [ctx.yaml, *ctx.inputs], [ctx.yaml, ctx.check],
           trigger_mode="always_last", api_visibility="private")
 
     def yaml_edited(yaml_text: str):
-        values, message = configs.form_from_yaml(yaml_text)
+        values, message = configs.form_from_yaml(yaml_text, ctx.policy)
         return [message, *(values if values is not None else [gr.skip()] * len(fields.ALL))]
 
     ctx.yaml.input(yaml_edited, ctx.yaml, [ctx.check, *ctx.inputs], trigger_mode="always_last",

@@ -1,6 +1,7 @@
 """The Class images tab: generate the regularization images for prior preservation."""
 from __future__ import annotations
 
+import functools
 from types import SimpleNamespace
 
 import gradio as gr
@@ -28,8 +29,8 @@ def build(ctx: PageContext) -> SimpleNamespace:
 
 
 def wire(ctx: PageContext, ui: SimpleNamespace) -> None:
-    (ui.generate.click(sync_form, [ctx.yaml, *ctx.inputs], [ctx.yaml, ctx.check], api_visibility="private")
+    (ui.generate.click(functools.partial(sync_form, policy=ctx.policy), [ctx.yaml, *ctx.inputs], [ctx.yaml, ctx.check], api_visibility="private")
      .success(ctx.actions.generate_class_images, ctx.yaml, ui.message, api_name="generate_class_images"))
-    (ui.enqueue.click(sync_form, [ctx.yaml, *ctx.inputs], [ctx.yaml, ctx.check], api_visibility="private")
+    (ui.enqueue.click(functools.partial(sync_form, policy=ctx.policy), [ctx.yaml, *ctx.inputs], [ctx.yaml, ctx.check], api_visibility="private")
      .success(ctx.actions.queue_class_images, ctx.yaml, ui.message, api_name="queue_class_images"))
     ui.stop.click(ctx.actions.stop, None, ui.message, api_visibility="private")

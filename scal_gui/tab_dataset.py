@@ -127,7 +127,7 @@ def preview(yaml_text: str, *values, policy: PathPolicy = PathPolicy.local()) ->
     table, chart, skipped table, bucket choice, the first used bucket's thumbnails, and the report. policy:
     where the preview may read."""
     empty = [None, None, None, gr.update(choices=[], value=None), [], None]
-    merged, message = configs.merge_form(yaml_text, list(values))
+    merged, message = configs.merge_form(yaml_text, list(values), policy)
     if merged is None or message.startswith("Error:"):
         return [message, *empty]
     config, _ = configs.load(configs.parse_yaml(merged))
@@ -160,9 +160,9 @@ def show_bucket(result: dict, label: str) -> list[tuple[str, str]]:
     return bucket_view.thumbnails(result, label, thumbnails_dir()) if result else []
 
 
-def sync_yaml(yaml_text: str, *values):
+def sync_yaml(yaml_text: str, *values, policy: PathPolicy = PathPolicy.local()):
     """The YAML editor after the form changed by the page (not by typing): the form written in."""
-    merged, message = configs.merge_form(yaml_text, list(values))
+    merged, message = configs.merge_form(yaml_text, list(values), policy)
     return (gr.skip() if merged is None else merged), message
 
 
@@ -180,7 +180,7 @@ def wire(ctx: PageContext, ui: SimpleNamespace) -> None:
                               api_visibility="private")
     (ui.datasets.input(functools.partial(choose_dataset, folder), ui.datasets, ctx.form[INSTANCE_PATH],
                        api_visibility="private")
-     .then(sync_yaml, [ctx.yaml, *ctx.inputs], [ctx.yaml, ctx.check], api_visibility="private")
+     .then(functools.partial(sync_yaml, policy=ctx.policy), [ctx.yaml, *ctx.inputs], [ctx.yaml, ctx.check], api_visibility="private")
      .then(checked, [ctx.yaml, *ctx.inputs], preview_outputs, api_visibility="private")
      .then(chart_data, ui.report, ui.chart, api_visibility="private"))
     ui.bucket.input(show_bucket, [ui.report, ui.bucket], ui.thumbnails, api_visibility="private")

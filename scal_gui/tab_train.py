@@ -1,6 +1,7 @@
 """The Train tab: preset, settings, YAML, Start/Stop/Resume, and the live view of the run."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional
@@ -62,10 +63,10 @@ def preset_choices(preset_list: list[presets.Preset]) -> list[tuple[str, str]]:
     return [(p.label, p.name) for p in preset_list]
 
 
-def save_preset(name: str, yaml_text: str, *values) -> list:
+def save_preset(name: str, yaml_text: str, *values, policy: PathPolicy = PathPolicy.local()) -> list:
     """[message, preset dropdown, previous preset, description] after saving the form as the user's preset."""
     unchanged = [gr.skip()] * 3
-    merged, message = configs.merge_form(yaml_text, list(values))
+    merged, message = configs.merge_form(yaml_text, list(values), policy)
     if merged is None:
         return [f"Not saved: {message.removeprefix('Error: ')}", *unchanged]
     raw = configs.parse_yaml(merged)
@@ -80,7 +81,7 @@ def save_preset(name: str, yaml_text: str, *values) -> list:
             preset.description]
 
 
-def load_config_file(path: Optional[str]) -> list:
+def load_config_file(path: Optional[str], policy: PathPolicy = PathPolicy.local()) -> list:
     """[message, YAML, check, *form values] for an uploaded config file; a file that does not load as a valid
     config changes nothing but the message."""
     unchanged = [gr.skip()] * (2 + len(fields.ALL))
@@ -93,7 +94,7 @@ def load_config_file(path: Optional[str]) -> list:
         return [f"Not loaded: {name}: the file is not UTF-8 text", *unchanged]
     except OSError as error:
         return [f"Not loaded: {name}: {error.strerror or error}", *unchanged]
-    values, check = configs.form_from_yaml(text)
+    values, check = configs.form_from_yaml(text, policy)
     problem = check if values is None else ""
     if values is not None:
         try:
@@ -108,7 +109,7 @@ def load_config_file(path: Optional[str]) -> list:
     return [f"Loaded `{name}`.", text, check, *values]
 
 
-def running_config(manager) -> Optional[list]:
+def running_config(manager, policy: PathPolicy = PathPolicy.local()) -> Optional[list]:
     """[message, YAML text, check line, form values…] of the training run in progress, for a page opened
     while it runs, so that the form shows what trains rather than the default preset; None when no run
     with a config is in progress."""
@@ -119,7 +120,7 @@ def running_config(manager) -> Optional[list]:
         text = (Path(run_dir) / "config.yaml").read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return None
-    values, check = configs.form_from_yaml(text)
+    values, check = configs.form_from_yaml(text, policy)
     if values is None:
         return None
     return [f"Showing the config of the run in progress (`{run_dir}`).", text, check, *values]
@@ -174,7 +175,7 @@ def system_ram_gib() -> Optional[float]:
 def fit_to_card(actions, yaml_text: str, vram_gib, ram_gib) -> list:
     """[message, YAML, check, *form values] after the memory plan; only the message when nothing fits."""
     message, fitted = actions.fit_memory(yaml_text, vram_gib, ram_gib)
-    values, check = configs.form_from_yaml(fitted) if fitted is not None else (None, "")
+    values, check = configs.form_from_yaml(fitted, actions.policy) if fitted is not None else (None, "")
     if values is None:
         return [message] + [gr.skip()] * (2 + len(fields.ALL))
     return [message, fitted, check, *values]
@@ -222,7 +223,7 @@ def build(ctx: PageContext, preset_list: list[presets.Preset], selected: presets
                     ui.fit = gr.Button("Fit to my card", elem_id="fit-button", scale=1)
                 ctx.yaml = gr.Code(configs.to_yaml(ctx.raw), language="yaml", lines=18, max_lines=40,
                                    interactive=True, label="config.yaml", elem_id="config-yaml")
-            ctx.check = gr.Markdown(configs.check_message(ctx.raw), elem_id="config-check")
+            ctx.check = gr.Markdown(configs.check_message(ctx.raw, ctx.policy), elem_id="config-check")
             # One line of buttons each (narrower than their default), so that the column does not grow.
             with gr.Row():
                 ui.start = gr.Button("Start", variant="primary", elem_id="start-button", min_width=90)
@@ -258,25 +259,26 @@ def build(ctx: PageContext, preset_list: list[presets.Preset], selected: presets
 
 def wire(ctx: PageContext, ui: SimpleNamespace, page: gr.Blocks) -> None:
     actions = ctx.actions
+    synced = functools.partial(sync_form, policy=ctx.policy)
 
     def choose_preset(name: str, previous: str, *values):
         # Listed again: a preset saved since the page was built is offered too.
         by_name = {p.name: p for p in presets.all_presets()}
         preset = by_name[name]
         raw = preset_config(preset, by_name.get(previous, preset), list(values), ctx.output_dir)
-        return [name, preset.description, configs.to_yaml(raw), configs.check_message(raw),
+        return [name, preset.description, configs.to_yaml(raw), configs.check_message(raw, ctx.policy),
                 *fields.form_values(raw, fields.ALL)]
 
     ui.preset.input(choose_preset, [ui.preset, ui.previous_preset, *ctx.inputs],
                     [ui.previous_preset, ui.description, ctx.yaml, ctx.check, *ctx.inputs], api_visibility="private")
 
-    ui.save_preset.click(save_preset, [ui.preset_name, ctx.yaml, *ctx.inputs],
+    ui.save_preset.click(functools.partial(save_preset, policy=ctx.policy), [ui.preset_name, ctx.yaml, *ctx.inputs],
                          [ui.preset_message, ui.preset, ui.previous_preset, ui.description], api_visibility="private")
-    ui.upload.upload(load_config_file, ui.upload, [ui.preset_message, ctx.yaml, ctx.check, *ctx.inputs],
+    ui.upload.upload(functools.partial(load_config_file, policy=ctx.policy), ui.upload, [ui.preset_message, ctx.yaml, ctx.check, *ctx.inputs],
                      api_visibility="private")
 
     def show_running_config():
-        shown = running_config(ctx.manager)
+        shown = running_config(ctx.manager, ctx.policy)
         return shown if shown is not None else [gr.skip()] * (3 + len(ctx.inputs))
 
     # in place of the preset's description, which no longer describes the form
@@ -294,9 +296,9 @@ def wire(ctx: PageContext, ui: SimpleNamespace, page: gr.Blocks) -> None:
 
     ctx.form["model"].change(show_note, ctx.form["model"], ui.sample_note, api_visibility="private")
 
-    (ui.start.click(sync_form, [ctx.yaml, *ctx.inputs], [ctx.yaml, ctx.check], api_visibility="private")
+    (ui.start.click(synced, [ctx.yaml, *ctx.inputs], [ctx.yaml, ctx.check], api_visibility="private")
      .success(actions.start_training, ctx.yaml, ui.message, api_name="start_training"))
-    (ui.enqueue.click(sync_form, [ctx.yaml, *ctx.inputs], [ctx.yaml, ctx.check], api_visibility="private")
+    (ui.enqueue.click(synced, [ctx.yaml, *ctx.inputs], [ctx.yaml, ctx.check], api_visibility="private")
      .success(actions.queue_training, ctx.yaml, ui.message, api_name="queue_training"))
     ui.stop.click(actions.stop, None, ui.message, api_name="stop_job")
     ui.resume.click(actions.resume_training, ui.resume_run, ui.message, api_name="resume_training")
@@ -306,7 +308,7 @@ def wire(ctx: PageContext, ui: SimpleNamespace, page: gr.Blocks) -> None:
         return gr.update(choices=resume_choices(output_dir, ctx.manager.active_run_dir(), ctx.policy))
 
     ui.refresh.click(refresh_runs, ctx.form["output_dir"], ui.resume_run, api_visibility="private")
-    (ui.vram.click(sync_form, [ctx.yaml, *ctx.inputs], [ctx.yaml, ctx.check], api_visibility="private")
+    (ui.vram.click(synced, [ctx.yaml, *ctx.inputs], [ctx.yaml, ctx.check], api_visibility="private")
      .success(actions.estimate_vram, ctx.yaml, ui.message, api_visibility="private"))
 
     page.load(machine_memory, None, [ui.fit_vram, ui.fit_ram], api_visibility="private")
@@ -315,6 +317,6 @@ def wire(ctx: PageContext, ui: SimpleNamespace, page: gr.Blocks) -> None:
         return fit_to_card(actions, yaml_text, vram_gib, ram_gib)
 
     # the form goes into the YAML first, and the chosen settings come back into both
-    (ui.fit.click(sync_form, [ctx.yaml, *ctx.inputs], [ctx.yaml, ctx.check], api_visibility="private")
+    (ui.fit.click(synced, [ctx.yaml, *ctx.inputs], [ctx.yaml, ctx.check], api_visibility="private")
      .success(fit, [ctx.yaml, ui.fit_vram, ui.fit_ram], [ui.message, ctx.yaml, ctx.check, *ctx.inputs],
               api_visibility="private"))

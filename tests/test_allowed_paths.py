@@ -180,6 +180,23 @@ def test_the_preview_and_the_run_lists_keep_to_the_policy(place):
     assert outside_run.is_dir()
 
 
+def test_the_check_line_of_a_shared_page_says_nothing_of_what_exists_outside(place):
+    folders, policy = place
+    (folders["outside"] / "present").mkdir()
+    key = "data.concepts[0].instance_set.path"
+    lines = {}
+    for name in ("present", "absent"):
+        raw = config_with(folders["output"], key, str(folders["outside"] / name))
+        lines[name] = [configs.check_message(raw, policy), configs.form_from_yaml(configs.to_yaml(raw), policy)[1],
+                       configs.merge_form(configs.to_yaml(raw), fields.form_values(raw, fields.ALL), policy)[1]]
+        assert all(line == lines[name][0] for line in lines[name])
+    assert lines["present"][0].replace("present", "absent") == lines["absent"][0]
+    assert lines["absent"][0].startswith(f"Error: config key '{key}': ") and "outside the folders" in lines["absent"][0]
+    # a local app says which one is missing
+    raw = config_with(folders["output"], key, str(folders["outside"] / "absent"))
+    assert "not found" in configs.check_message(raw)
+
+
 # -- results downloads and uploads --------------------------------------------------------------------------
 def test_results_keep_to_the_policy_and_the_size_limit(place):
     folders, policy = place
