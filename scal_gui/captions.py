@@ -3,24 +3,25 @@ edits of every caption (a trigger word added or replaced, find and replace) that
 
 An image's caption is the `.txt` file of its stem (a.png: a.txt), the one the trainer reads
 (engine.data.index: the extension in any case; of several, the last in name order), read as the trainer
-reads it (engine.data.headers). Captions are comma-separated tags. A caption is written as UTF-8 through a
-hidden file in the dataset folder renamed over the caption file, so a reader sees the old caption or the
-new one, and a caption file that is a link is replaced, never written through: nothing outside the folder
-is written.
+reads it (engine.data.headers). Captions are comma-separated tags. A caption is written whole, as the
+captioner writes it (engine.data.caption_files): a caption file that is a link is replaced, never written
+through, so nothing outside the folder is written.
 """
 from __future__ import annotations
 
 import os
 import re
-import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Union
 
 from engine.data import archive
+from engine.data.caption_files import write_caption
 from engine.data.headers import decode_caption, open_regular, read_caption_bytes
 from engine.errors import UserError
+
+from .datasets import file_name_problem
 
 Folder = Union[str, Path]
 
@@ -60,9 +61,7 @@ def save_caption(folder: Folder, image: str, text: str) -> Entry:
     folder = _dataset(folder)
     if not image:
         raise UserError("choose an image first")
-    why = archive.name_problem(image)
-    if why is None and ("/" in image or "\\" in image):
-        why = "a folder in its name"
+    why = file_name_problem(image)
     if why:
         raise UserError(f"image {image!r}: refused: {why}; name an image of the dataset {folder.name!r}")
     entry = next((e for e in entries(folder) if e.image == image), None)
@@ -123,15 +122,10 @@ def _read(path: Path) -> str:
 
 
 def _write(folder: Path, name: str, text: str) -> None:
-    staging = folder / f".{name}.edit-{uuid.uuid4().hex}"
     try:
-        staging.write_bytes(text.encode("utf-8"))
-        os.replace(staging, folder / name)
+        write_caption(folder / name, text)
     except OSError as error:
         raise UserError(f"caption {name!r}: cannot be written: {error.strerror or error}") from None
-    finally:
-        if staging.exists():
-            staging.unlink()
 
 
 def _edit_all(folder: Folder, edit: Callable[[str], str]) -> int:

@@ -39,13 +39,19 @@ def check_name(name: str) -> str:
     return name
 
 
-def check_file_name(name: str) -> str:
-    """An uploaded file's own name: a plain name, no folder parts, nothing hidden."""
+def file_name_problem(name: str) -> Optional[str]:
+    """Why name is not a plain file name of a dataset (folder parts, hidden, empty), or None."""
     why = archive.name_problem(name)
     if why is None and ("/" in name or "\\" in name):
         why = "a folder in its name"
     if why is None and (not name or name.startswith(".")):
         why = "a hidden or empty name"
+    return why
+
+
+def check_file_name(name: str) -> str:
+    """An uploaded file's own name: a plain name, no folder parts, nothing hidden."""
+    why = file_name_problem(name)
     if why:
         raise UserError(f"file {name!r}: refused: {why}")
     return name

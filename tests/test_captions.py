@@ -64,9 +64,9 @@ def test_a_caption_is_saved_beside_its_image_and_nothing_else_is_written(tmp_pat
 
     saved = captions.save_caption(folder, "a.png", "  a red toy, studio light \n")
     assert saved == captions.Entry("a.png", "a red toy, studio light", "a.txt")
-    assert (folder / "a.txt").read_bytes() == b"a red toy, studio light"
+    assert (folder / "a.txt").read_bytes() == b"a red toy, studio light\n"
     captions.save_caption(folder, "b.png", "a blue toy")
-    assert not (folder / "b.txt").is_symlink() and (folder / "b.txt").read_text() == "a blue toy"
+    assert not (folder / "b.txt").is_symlink() and (folder / "b.txt").read_text() == "a blue toy\n"
     changed = {name for name, data in snapshot(tmp_path).items() if before.get(name) != data}
     assert changed == {"data/set/a.txt", "data/set/b.txt"} and snapshot(tmp_path).keys() == before.keys()
     assert (tmp_path / "victim.txt").read_text() == "keep me" and texts(outside) == {"a.png": "theirs"}
@@ -109,7 +109,7 @@ def test_the_trigger_word_goes_first_once_as_a_whole_word(tmp_path):
     assert captions.add_trigger(folder, "sks") == 0
     assert not [name for name in os.listdir(folder) if name.startswith(".")]   # no staging file left
     Image.new("RGB", (8, 8)).save(folder / "a.jpg")   # a second image of the stem a: one caption file, counted once
-    assert captions.add_trigger(folder, "toy") == 5 and (folder / "a.txt").read_text() == "toy, sks, a cat"
+    assert captions.add_trigger(folder, "toy") == 5 and (folder / "a.txt").read_text() == "toy, sks, a cat\n"
 
 
 def test_a_trigger_word_is_replaced_only_where_it_is_a_whole_word_or_tag(tmp_path):
@@ -211,12 +211,12 @@ def test_the_buttons_of_the_captions_section_return_the_section_updated(page, mo
     save, inputs, outputs = wired(page, "caption-save", "click")
     saved = named_outputs(outputs, save("pets", 1, "b.png", "a dog, sks"))
     assert saved["caption-message"] == "Saved the caption of b.png in b.txt."
-    assert (folder / "b.txt").read_text() == "a dog, sks" and saved["caption-text"]["value"] == "a dog, sks"
+    assert (folder / "b.txt").read_text() == "a dog, sks\n" and saved["caption-text"]["value"] == "a dog, sks"
     assert saved["caption-gallery"]["selected_index"] == 1
 
     add, _, outputs = wired(page, "trigger-add", "click")
     added = named_outputs(outputs, add("pets", 1, "b.png", "sks"))
-    assert added["caption-message"] == "Added 'sks' to 1 caption." and (folder / "a.txt").read_text() == "sks, a cat"
+    assert added["caption-message"] == "Added 'sks' to 1 caption." and (folder / "a.txt").read_text() == "sks, a cat\n"
     assert added["tag-counts"][0] == ["sks", 3]
 
     replace, _, outputs = wired(page, "trigger-replace", "click")

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from .. import events
+from ..data.caption_files import write_caption
 from ..errors import UserError
 from ..job import Job, release_memory
 from .options import PREFIX, CaptionOptions
@@ -41,11 +42,9 @@ def compose(prefix: str, caption: str, suffix: str) -> str:
     return ", ".join(part for part in (prefix.strip(), caption.strip(), suffix.strip()) if part)
 
 
-def write_caption(image: Path, text: str) -> Path:
+def caption_image(image: Path, text: str) -> Path:
     target = image.with_suffix(CAPTION_SUFFIX)
-    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")  # hidden: never listed as a caption
-    temporary.write_text(text + "\n", encoding="utf-8")
-    os.replace(temporary, target)
+    write_caption(target, text)
     return target
 
 
@@ -113,7 +112,7 @@ class CaptionJob(Job):
                         summary["unreadable"] += 1
                         self.log(f"{image.name} is not captioned: it cannot be read ({error})", level="warning")
                 for image, caption in zip(batch, captioner.caption(pictures) if pictures else []):
-                    self.written.append(write_caption(image, compose(options.prefix, caption, options.suffix)))
+                    self.written.append(caption_image(image, compose(options.prefix, caption, options.suffix)))
                 summary["captioned"] += len(batch)
                 done = min(begin + options.batch_size, total)
                 elapsed = time.perf_counter() - started
