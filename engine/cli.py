@@ -143,6 +143,13 @@ def _relay_events(trainer, as_json: bool) -> int:
         trainer.stop(save_checkpoint=True)
         # keep relaying: the last step, the stop checkpoint and the finished event still go out
         return _relay_events(trainer, as_json)
+    except BrokenPipeError:
+        # The program reading the events has gone (the app was killed): the run stops as Stop would, with a
+        # checkpoint, so that it frees its run folder for the restarted app to resume instead of training on
+        # unseen. What it would still print goes nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        trainer.stop(save_checkpoint=True)
+        return _relay_events(trainer, as_json=False)
 
 
 def cmd_make_tiny_model(args) -> int:

@@ -130,6 +130,15 @@ class RunLock:
         file.flush()
         return cls(file, folder)
 
+    @classmethod
+    def is_held(cls, run_dir: Path) -> bool:
+        """Whether a process (this one included) trains run_dir now."""
+        try:
+            cls.acquire(run_dir).release()
+        except UserError:
+            return True
+        return False
+
     def release(self) -> None:
         with self._guard:
             if os.name == "nt":

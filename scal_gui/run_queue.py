@@ -7,7 +7,8 @@ job names one, and its times. The queue is one JSON file, replaced whole on ever
 os.replace). When the job that runs ends (the manager's listener), the next queued entry starts; an entry
 whose job cannot be built is failed with its reason and the next one starts. An entry still marked running
 when the app starts was cut off by the previous process's end: `restart` queues it first again, and a
-training run that saved a checkpoint resumes from it (job_kinds).
+training run that saved a checkpoint resumes from it (job_kinds) once no process trains its folder any more
+(a multi-GPU run's child stops with a checkpoint when the app that read it is gone).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from engine.errors import UserError
+from engine.run_dir import RunLock
 
 from .datasets import default_data_dir
 from .jobs import History, JobBusy, JobManager
@@ -34,6 +36,9 @@ FROM_HISTORY = {"finished": FINISHED, "failed": FAILED, "stopped": STOPPED, "aba
 FILE_NAME = "scal-sdt-queue.json"
 FORMAT = 1
 KEEP_ENDED = 50  # ended entries kept for the list, newest; older ones are dropped
+# How long a restart waits for a cut-off run's folder to be freed by the process that trained it: a multi-GPU
+# run outlives its killed app until it has saved its stop checkpoint (engine.cli), as long as a Stop takes.
+FREED_WAIT_S = 300.0
 
 
 def queue_file(data_dir: Optional[str] = None) -> Path:
@@ -203,6 +208,19 @@ class RunQueue:
             self._entries[first:first] = cut_off
             if cut_off:
                 self._save()
+        held = [Path(e.run_dir) for e in cut_off if e.run_dir and Path(e.run_dir).is_dir()]
+        if any(RunLock.is_held(folder) for folder in held):
+            threading.Thread(target=self._dispatch_when_freed, args=(held,), name="scal-sdt-queue-restart",
+                             daemon=True).start()
+        else:
+            self.dispatch()
+
+    def _dispatch_when_freed(self, folders: list[Path]) -> None:
+        """Dispatch once no folder is trained by another process any more, or after FREED_WAIT_S (the resume
+        then fails naming the process that holds it)."""
+        deadline = time.monotonic() + FREED_WAIT_S
+        while time.monotonic() < deadline and any(RunLock.is_held(folder) for folder in folders):
+            time.sleep(0.5)
         self.dispatch()
 
     def dispatch(self) -> None:

@@ -207,6 +207,33 @@ def test_a_run_cut_off_by_a_killed_app_resumes_from_its_checkpoint_when_the_app_
     assert len(list((output / "tiny-demo").iterdir())) == 1  # the same run folder, not a new run
 
 
+def test_a_restart_resumes_a_cut_off_run_only_once_the_process_still_training_it_has_freed_its_folder(tmp_path):
+    path, folder = tmp_path / "queue.json", tmp_path / "run"
+    folder.mkdir()
+    killed_gates, gates = {}, {}
+    killed_app = held_queue(path, killed_gates)
+    killed_app.add("hold", {}, "cut off")
+    wait_for(lambda: killed_app.entries()[0].run_dir)
+    kept = json.loads(path.read_text())
+    kept["entries"][0]["run_dir"] = str(folder)  # as the killed app left it: running, in that folder
+    path.write_text(json.dumps(kept))
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from engine.run_dir import RunLock; "
+                               f"lock = RunLock.acquire({str(folder)!r}); print('held', flush=True); sys.stdin.read()"],
+                              cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        restarted = held_queue(path, gates)
+        restarted.restart()
+        time.sleep(1.5)
+        assert states(restarted) == [("cut off", "queued")] and not restarted.manager.busy()
+    finally:
+        holder.communicate("")  # the old run has saved its checkpoint and ends: the folder is free
+        release(killed_gates)
+    wait_for(lambda: states(restarted) == [("cut off", "running")], timeout=10)
+    gates["cut off"].set()
+    wait_for(lambda: states(restarted) == [("cut off", "finished")])
+
+
 def test_a_queue_file_that_does_not_load_is_set_aside_with_a_warning(tmp_path):
     path = tmp_path / "scal-sdt-queue.json"
     path.write_text('{"format": 1, "entries": [{"id": "x"}]}')  # an entry without its kind

@@ -280,3 +280,30 @@ def test_metrics_log_the_learning_rate_each_step_used(tmp_path, class_images):
         schedule.step()
     assert expected[0] == 0.0 and expected[2] > expected[1] > 0
     assert [m["lr"] for m in read_metrics(only_run(tmp_path))] == pytest.approx(expected)
+
+
+def test_a_run_whose_event_reader_is_gone_stops_with_a_checkpoint_and_frees_its_folder(tmp_path, class_images):
+    """The app reads a child run's events; when the app is killed the run must not train on unseen, holding its
+    folder against the restarted app's resume."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from engine.run_dir import RunLock
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "engine", "train", "--config", "presets/tiny-demo-cpu.yaml", "--set",
+         f"output_dir={tmp_path}", "--set", "trainer.max_steps=1000", "--set", "sampling.interval_steps=0",
+         "--set", "checkpoint.every_n_train_steps=1000", "--json-events"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = 0
+    for line in process.stdout:
+        if line.startswith("{") and json.loads(line)["kind"] == "step":
+            seen = json.loads(line)["step"]
+            break
+    process.stdout.close()  # the reader goes: the run's next event meets a closed pipe
+    assert process.wait(timeout=300) == 0, process.stderr.read()[-2000:]
+    run_dir = only_run(tmp_path)
+    saved = [int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*")]
+    assert seen >= 1 and len(saved) == 1 and seen < saved[0] < 1000
+    RunLock.acquire(run_dir).release()
