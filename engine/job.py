@@ -74,8 +74,9 @@ class Job:
         """Run to the end or until stopped; never raises. Returns the Finished or Failed event."""
         import torch  # here, not at import: the app's page uses jobs without loading torch
 
-        from . import hub
+        from . import allocator, hub
 
+        allocator.keep_freed_memory()
         try:
             with hub.report_to(self.emit):  # a base model downloaded at the start shows its progress
                 result = self._run()
@@ -90,6 +91,7 @@ class Job:
             summary = self.describe_failure(f"{error.__class__.__name__}: {error}")
             result = events.Failed(error=f"{summary}\n{traceback.format_exc()}", run_dir=self.failure_context())
         self.result = result
+        allocator.release_freed_memory()
         self.emit(result)
         return result
 
