@@ -351,7 +351,7 @@ class Network:
     conv_alpha: Annotated[float, NOT_NEGATIVE] = 0.0
     dropout: Annotated[float, FRACTION] = 0.0
     # Flux.1: also adapt each block's modulation layer (the double blocks' img_mod/txt_mod, the single blocks'
-    # modulation), as kohya's sd-scripts adapts every Linear of a block
+    # modulation), as kohya's sd-scripts adapts every Linear of a block; Z-Image: each main block's adaLN
     modulation: bool = False
     init_from: Annotated[Optional[str], PATH] = None  # an adapter .safetensors to continue training from
     text_encoder_lr: Annotated[Optional[float], POSITIVE] = None  # null = optimizer.params.lr

@@ -92,6 +92,8 @@ def repeated_block_count(config: Config) -> int:
     denoiser = resolve_architecture(config).unet
     if "num_single_layers" in denoiser:  # Flux.1: double-stream then single-stream blocks
         return denoiser["num_layers"] + denoiser["num_single_layers"]
+    if "n_refiner_layers" in denoiser:  # Z-Image: its main blocks
+        return denoiser["n_layers"]
     return len(denoiser["down_block_types"]) + len(denoiser["up_block_types"])
 
 

@@ -346,8 +346,9 @@ CLASS_IMAGES = (
 
 TRAIN = (
     Field("model", "Base model", "diffusers folder, .safetensors/.ckpt file or demo:tiny-sd"),
-    Field("vae", "VAE", "a separate VAE (Flux.1 single files: ae.safetensors); empty = the model's own"),
-    Field("text_encoder", "Text encoder file", "Flux.1 single files: clip_l.safetensors; empty = the model's own"),
+    Field("vae", "VAE", "a separate VAE (Flux.1 and Z-Image single files: ae.safetensors); empty = the model's own"),
+    Field("text_encoder", "Text encoder file", "Flux.1 single files: clip_l.safetensors; Z-Image: "
+                                               "qwen_3_4b.safetensors; empty = the model's own"),
     Field("text_encoder_2", "Second text encoder file", "Flux.1 single files: t5xxl_fp16.safetensors"),
     Field("output_dir", "Output folder"),
     Field("project", "Project"),
@@ -412,11 +413,11 @@ ADVANCED = (
           "with gradient checkpointing: blocks' inputs wait in system memory; slower"),
     Field("memory.blocks_on_cpu", "Denoiser blocks on the CPU",
           "the last N blocks wait in system memory, moved in as they run; slower (full: fused backward)"),
-    Field("flow.timestep_sampling", "Timestep sampling", "flow-matching models (Flux.1): how σ is drawn"),
+    Field("flow.timestep_sampling", "Timestep sampling", "flow-matching models (Flux.1, Z-Image): how σ is drawn"),
     Field("flow.logit_mean", "Logit-normal mean"),
     Field("flow.logit_std", "Logit-normal std"),
     Field("flow.sigmoid_scale", "Sigmoid scale"),
-    Field("flow.shift", "Timestep shift", "empty = the model's own (Flux.1-dev: by image size)"),
+    Field("flow.shift", "Timestep shift", "empty = the model's own (Flux.1-dev: by image size; Z-Image: 3)"),
     Field("flow.weighting", "Loss weighting by σ"),
     Field("flow.guidance", "Guidance while training", "Flux.1-dev's guidance input; empty = 1.0"),
     Field("xformers", "xformers attention", "used only when installed and on CUDA"),
@@ -429,7 +430,8 @@ NETWORK = (
     Field("network.conv_rank", "Conv rank", "> 0 also adapts the 3×3 convolutions (LoCon); 0 = off"),
     Field("network.conv_alpha", "Conv alpha", "scale of the convolutions' adapter: conv alpha ÷ conv rank"),
     Field("network.dropout", "Adapter dropout"),
-    Field("network.modulation", "Adapt modulation layers", "Flux.1: also each block's modulation (as kohya's)"),
+    Field("network.modulation", "Adapt modulation layers", "Flux.1: also each block's modulation (as kohya's); "
+                                                              "Z-Image: each block's adaLN"),
     Field("network.text_encoder_lr", "Text encoder learning rate",
           "empty = the learning rate; with Train the text encoder"),
     Field("network.init_from", "Continue from adapter file", "a kohya/LyCORIS .safetensors; empty = a new adapter"),

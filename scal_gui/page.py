@@ -45,7 +45,7 @@ def build_page(manager: Optional[JobManager] = None, output_dir: Optional[str] =
                       raw=presets.load_preset(selected, output_dir), data_dir=data_dir, policy=policy,
                       max_upload_bytes=max_upload_bytes)
     with gr.Blocks(title=TITLE) as page:
-        gr.Markdown(f"## {TITLE} — Stable Diffusion and Flux.1 fine-tuning")
+        gr.Markdown(f"## {TITLE} — Stable Diffusion, Flux.1 and Z-Image fine-tuning")
         if warning:
             gr.Markdown(f"**Warning:** {warning}", elem_id="page-warning")
         with gr.Tabs(selected="train"):

@@ -169,3 +169,44 @@ def comfyui_flux_lora_keys(original_keys, depth, depth_single_blocks, hidden_siz
         key_map["lycoris_" + path.replace(".", "_")] = target
         key_map["lora_transformer_" + path.replace(".", "_")] = target
     return key_map
+
+
+def comfyui_zimage_lora_keys(n_layers, dim, n_refiner_layers):
+    """The adapter-file module names ComfyUI maps for a Z-Image model (its Lumina2 class, the NextDiT layout), each
+    to its target: a weight key of the model, or (key, (axis, offset, size)) for a slice of a fused weight.
+
+    comfy/lora.py, model_lora_keys_unet, in Comfy-Org/ComfyUI at ec93dcacb96b922f7cb1417b3ba22bccb082df32:
+    `lora_unet_` plus every `.weight` key's module path with dots as underscores, and that path behind
+    `diffusion_model.`; for Lumina2, each diffusers `.weight` key of z_image_to_diffusers as
+    `diffusion_model.<path>`, `transformer.<path>`, `lycoris_<path_>` and `<path>`.
+    comfy/utils.py, z_image_to_diffusers, in Comfy-Org/ComfyUI at 09708eae709a992a5684bed3595ce4d07e705b4e (the
+    weight keys of the blocks' linear layers, which adapters reach): q, k and v of a block's attention are
+    slices of `attention.qkv`, dim rows each; `attention.to_out.0` is `attention.out`; the feed-forward's
+    w1/w2/w3 and the adaLN modulation (main blocks and noise refiner) keep their names."""
+    out = "diffusion_model."
+    diffusers = {}
+
+    def block(prefix, has_adaln):
+        for n, name in enumerate(("to_q", "to_k", "to_v")):
+            diffusers[f"{prefix}.attention.{name}.weight"] = (f"{out}{prefix}.attention.qkv.weight", (0, n * dim, dim))
+        diffusers[f"{prefix}.attention.to_out.0.weight"] = f"{out}{prefix}.attention.out.weight"
+        for name in ("feed_forward.w1", "feed_forward.w2", "feed_forward.w3") + (
+                ("adaLN_modulation.0",) if has_adaln else ()):
+            diffusers[f"{prefix}.{name}.weight"] = f"{out}{prefix}.{name}.weight"
+
+    for i in range(n_layers):
+        block(f"layers.{i}", True)
+    for i in range(n_refiner_layers):
+        block(f"context_refiner.{i}", False)  # ComfyUI's map names an adaLN here too, which the model lacks
+        block(f"noise_refiner.{i}", True)
+    key_map = {}
+    for target in diffusers.values():
+        key = target if isinstance(target, str) else target[0]
+        path = key[len(out):-len(".weight")]
+        key_map["lora_unet_" + path.replace(".", "_")] = key
+        key_map[out + path] = key
+    for key, target in diffusers.items():
+        path = key[:-len(".weight")]
+        for name in (out + path, "transformer." + path, "lycoris_" + path.replace(".", "_"), path):
+            key_map[name] = target
+    return key_map

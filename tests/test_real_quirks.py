@@ -25,10 +25,16 @@ SIZE_KEYS = {
              "attention_head_dim", "transformer_layers_per_block", "cross_attention_dim", "norm_num_groups",
              "addition_time_embed_dim", "projection_class_embeddings_input_dim"},
     "vae": {"block_out_channels", "layers_per_block", "norm_num_groups", "sample_size"},
+    # Z-Image's Qwen3 (layer_types: one entry per layer) and transformer
+    "qwen3": {"hidden_size", "intermediate_size", "num_hidden_layers", "max_window_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "layer_types"},
+    "zimage": {"dim", "n_heads", "n_kv_heads", "n_layers", "n_refiner_layers", "axes_dims", "cap_feat_dim"},
     "scheduler": set(),
 }
-# Written by the libraries, not part of the architecture.
-BOOKKEEPING = {"_diffusers_version", "transformers_version", "_name_or_path", "dtype", "_use_default_values"}
+# Written by the libraries, not part of the architecture (transformers writes the saved class as architectures:
+# Z-Image's real file names Qwen3ForCausalLM, which its pipeline loads as Qwen3Model).
+BOOKKEEPING = {"_diffusers_version", "transformers_version", "_name_or_path", "dtype", "_use_default_values",
+               "architectures"}
 
 # The real tokenizers' padding (tokenizer_config.json of runwayml/stable-diffusion-v1-5,
 # stabilityai/stable-diffusion-2-1 and stabilityai/stable-diffusion-xl-base-1.0).
@@ -49,7 +55,10 @@ def _full_config(component: str, folder):
     from transformers import AutoConfig, CLIPTextConfig
 
     if component.startswith("text_encoder"):
-        if json.loads((folder / "config.json").read_text())["architectures"] == ["T5EncoderModel"]:
+        values = json.loads((folder / "config.json").read_text())
+        if values.get("model_type") == "qwen3":
+            return "qwen3", AutoConfig.from_pretrained(folder).to_dict()
+        if values["architectures"] == ["T5EncoderModel"]:
             from transformers import T5EncoderModel
 
             # as the encoder-only model is built: it switches off is_encoder_decoder and use_cache itself
@@ -61,6 +70,8 @@ def _full_config(component: str, folder):
         return "scheduler", dict(getattr(diffusers, values["_class_name"]).from_config(values).config)
     cls = {"unet": diffusers.UNet2DConditionModel, "vae": diffusers.AutoencoderKL,
            "transformer": diffusers.FluxTransformer2DModel}[component]
+    if cls.load_config(folder)["_class_name"] == "ZImageTransformer2DModel":
+        component, cls = "zimage", diffusers.ZImageTransformer2DModel
     with torch.device("meta"):
         return component, dict(cls.from_config(cls.load_config(folder)).config)
 
@@ -93,7 +104,7 @@ def test_every_non_size_value_of_each_tiny_config_is_the_real_ones(arch, demo_ca
             k: (real_values.get(k), tiny_values.get(k)) for k in differing - BOOKKEEPING - SIZE_KEYS[kind]})
     from transformers import CLIPTokenizer
 
-    for name, pad in REAL_PADDING[arch].items():
+    for name, pad in REAL_PADDING.get(arch, {}).items():  # Z-Image's Qwen tokenizer: tests/test_zimage.py
         tokenizer = CLIPTokenizer.from_pretrained(tiny / name)
         assert (len(tokenizer), tokenizer.model_max_length) == (49408, 77)
         assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token) == (49406, 49407, pad)
@@ -137,8 +148,9 @@ def test_the_clip_vocabulary_tokenizes_as_open_clips_own_tokenizer():
     assert len(tokenize(tokenizer, CORPUS[-2])) == 77
 
 
-# Flux.1's prompts are held to FluxPipeline.encode_prompt in tests/test_flux.py (its encode_prompt differs).
-@pytest.mark.parametrize("arch", [arch for arch in ARCHITECTURES if not arch.startswith("flux")])
+# Flux.1's prompts are held to FluxPipeline.encode_prompt in tests/test_flux.py, Z-Image's to ZImagePipeline's in
+# tests/test_zimage.py (their encode_prompt differs).
+@pytest.mark.parametrize("arch", [arch for arch in ARCHITECTURES if not arch.startswith(("flux", "z-image"))])
 def test_prompts_reach_the_text_encoders_as_diffusers_pipeline_encode_prompt_sends_them(arch, demo_cache):
     import diffusers
 

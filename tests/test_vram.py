@@ -278,6 +278,21 @@ def test_the_flux_presets_for_small_cards_fit_their_budget(preset, limit):
     assert ram == pytest.approx(result.ram.peak, abs=0.5)
 
 
+# Z-Image-Turbo's LoRA preset, traced on the real 6.15-billion-parameter transformer and Qwen3-4B (about 45 s here)
+def test_the_zimage_lora_preset_fits_a_12_gb_card():
+    config = cfg.load(ROOT / "presets" / "zimage-lora-12gb.yaml")
+    assert vram.resolve_architecture(config).source == "z-image"
+    assert vram.step_shape(config).width == 1024
+    result = vram.estimate(config)
+    assert result.peak <= 11.25  # 0.75 GiB of the card kept for the CUDA context, as the memory plan does
+    # the fp8 base: the transformer's 6.15 billion weights at a byte each, and the adapter's in fp32
+    assert 6_154_908_736 / GIB < result.parameters < 6_154_908_736 / GIB + 0.3
+    stated = float(re.search(r"est\. ([0-9.]+) GiB GPU peak", config.description).group(1))
+    assert stated == pytest.approx(result.peak, abs=0.05)
+    ram = float(re.search(r"([0-9.]+) GiB system RAM", config.description).group(1))
+    assert ram == pytest.approx(result.ram.peak, abs=0.5)
+
+
 def test_cli_prints_the_breakdown_and_ends_with_the_peak(tiny_model, tmp_path):
     preset = ROOT / "presets" / "tiny-demo-cpu.yaml"
     result = run_cli("estimate-vram", "--config", str(preset), "--set", "batch_size=1")

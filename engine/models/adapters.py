@@ -10,7 +10,8 @@ Linear and 1x1 convolution inside the transformer blocks of the UNet, and the at
 projections of the text encoder (of both, for SDXL); with conv_rank > 0 (LoCon) also the ResNet blocks and
 the down- and up-samplers, their 3x3 convolutions at conv_rank and their Linear and 1x1 layers at rank.
 Flux.1's transformer: the attention and MLP projections of its blocks, and with network.modulation each
-block's modulation layer too (refused for a model that has none).
+block's modulation layer too (refused for a model that has none). Z-Image's transformer: the attention and
+feed-forward projections of its main blocks, and with network.modulation their adaLN modulation too.
 """
 from __future__ import annotations
 
@@ -35,6 +36,12 @@ FLUX_DOUBLE = re.compile(r"^transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_o
 FLUX_SINGLE = re.compile(r"^single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out)$")
 FLUX_MODULATION = re.compile(r"^(transformer_blocks\.\d+\.(norm1|norm1_context)|single_transformer_blocks\.\d+\.norm)"
                              r"\.linear$")
+
+# Z-Image's transformer: the attention and SwiGLU projections of the main blocks, which kohya's musubi-tuner
+# adapts (it leaves out the refiners and the modulation); with network.modulation also each main block's adaLN
+# modulation.
+ZIMAGE_BLOCK = re.compile(r"^layers\.\d+\.(attention\.(to_q|to_k|to_v|to_out\.0)|feed_forward\.(w1|w2|w3))$")
+ZIMAGE_MODULATION = re.compile(r"^layers\.\d+\.adaLN_modulation\.0$")
 
 
 def _is_3x3(module: torch.nn.Module) -> bool:
@@ -66,17 +73,17 @@ def target_modules(model: torch.nn.Module, component: str, network: Network) -> 
                 found[name] = False
         elif UNET_TRANSFORMER.search(name) and not _is_3x3(module):
             found[name] = False
-        elif FLUX_DOUBLE.search(name) or FLUX_SINGLE.search(name):
+        elif FLUX_DOUBLE.search(name) or FLUX_SINGLE.search(name) or ZIMAGE_BLOCK.search(name):
             found[name] = False
-        elif FLUX_MODULATION.search(name):
+        elif FLUX_MODULATION.search(name) or ZIMAGE_MODULATION.search(name):
             modulation = True
             if network.modulation:
                 found[name] = False
         elif network.conv_rank and UNET_CONV_BLOCKS.search(name):
             found[name] = _is_3x3(module)
     if network.modulation and component not in TEXT_ENCODERS and not modulation:
-        raise UserError("config key 'network.modulation': only Flux.1's transformer has modulation layers to "
-                        "adapt; set it to false for this model")
+        raise UserError("config key 'network.modulation': only Flux.1's and Z-Image's transformers have "
+                        "modulation layers to adapt; set it to false for this model")
     return found
 
 

@@ -15,7 +15,8 @@ config.yaml (its network settings) over the base model, and its weights loaded i
 A FLUX.1 run (its base model recognised as `family.family_for` recognises it) converts to its transformer
 alone in Black Forest Labs' layout (`keymap_flux`), the file ComfyUI's diffusion_models/ folder and Forge
 load beside the CLIP-L, T5-XXL and autoencoder files users already have; the trainer keeps the transformer
-in the checkpoint's unet/ folder.
+in the checkpoint's unet/ folder. A Z-Image run likewise converts to its transformer alone in the original
+layout (`keymap_zimage`), with its diffusers config recorded in the file's metadata.
 """
 from __future__ import annotations
 
@@ -33,8 +34,9 @@ from ..config import Config
 from ..ema import EMA_FOLDER
 from ..errors import UserError
 from .sd import is_diffusers_folder
-from . import keymap_flux, keymap_sdxl
+from . import keymap_flux, keymap_sdxl, keymap_zimage
 from .flux import is_flux_transformer
+from .zimage import is_zimage_transformer
 from .keymap import KEY_MAPS, check_complete, to_original
 from .single_file import CONFIGS_KEY, model_configs
 from ..run_dir import RunDir
@@ -139,6 +141,10 @@ def _load_model(name: str, folder: Path):
         from diffusers import FluxTransformer2DModel
 
         return FluxTransformer2DModel.from_pretrained(folder, torch_dtype=torch.float32)
+    if name == "unet" and is_zimage_transformer(folder):
+        from diffusers import ZImageTransformer2DModel
+
+        return ZImageTransformer2DModel.from_pretrained(folder, torch_dtype=torch.float32)
     if name in TEXT_ENCODERS:
         loader = CLIPTextModel if name == "text_encoder" else CLIPTextModelWithProjection
         return loader.from_pretrained(folder, dtype=torch.float32)
@@ -147,9 +153,10 @@ def _load_model(name: str, folder: Path):
 
 
 def _component_folder(base: Path, component: str) -> Path:
-    """A component's folder in a diffusers model folder: a FLUX.1 folder's denoiser is transformer/."""
-    if component == "unet" and is_flux_transformer(base / "transformer"):
-        return base / "transformer"
+    """A component's folder in a diffusers model folder: a FLUX.1 or Z-Image folder's denoiser is transformer/."""
+    folder = base / "transformer"
+    if component == "unet" and (is_flux_transformer(folder) or is_zimage_transformer(folder)):
+        return folder
     return base / component
 
 
@@ -188,6 +195,14 @@ def is_flux_source(source: str | Path) -> bool:
 
     base = _base_model(checkpoint_path(source))
     return base is not None and base.exists() and is_flux(str(base))
+
+
+def is_zimage_source(source: str | Path) -> bool:
+    """Whether SOURCE (a checkpoint, run folder or model folder) is of a Z-Image model."""
+    from .zimage import is_zimage
+
+    base = _base_model(checkpoint_path(source))
+    return base is not None and base.exists() and is_zimage(str(base))
 
 
 def _with_text_encoders(components: tuple[str, ...], sdxl: bool) -> tuple[str, ...]:
@@ -295,6 +310,7 @@ def load_source(source: str | Path, wanted: tuple[str, ...], ema: bool = False,
     result = Source(name=name, adapter=adapter)
     base_components = None
     from .flux import is_flux
+    from .zimage_files import is_zimage_file
 
     if base.is_file() and is_flux(str(base)):
         from .single_file import flux_config_folder, load_flux_transformer
@@ -302,6 +318,13 @@ def load_source(source: str | Path, wanted: tuple[str, ...], ema: bool = False,
         result.config_folder = flux_config_folder(base)
         if "unet" in wanted and "unet" not in own:
             base_components = {"unet": load_flux_transformer(base)}
+    elif base.is_file() and is_zimage_file(base):
+        from .single_file import BUILTIN_CONFIGS
+        from .zimage_files import load_zimage_transformer
+
+        result.config_folder = BUILTIN_CONFIGS / "z-image"
+        if "unet" in wanted and "unet" not in own:
+            base_components = {"unet": load_zimage_transformer(base)}
     elif base.is_file():
         from .family import text_encoder_parts
         from .single_file import config_folder, load_single_file_components, read_shapes
@@ -467,14 +490,14 @@ def _diffusers_file(loaded: Source, dtypes: Mapping[str, torch.dtype]) -> tuple[
     save_lora_weights writes them, with each component's LoraConfig under lora_adapter_metadata (without
     it the loader would take alpha = rank, and not the network's scale alpha / rank)."""
     from .adapters import adapter_state, peft_config
-    from .kohya import is_flux
+    from .kohya import is_flux, is_zimage
 
     network = loaded.adapter.network
     state: dict[str, torch.Tensor] = {}
     configs: dict[str, object] = {}
     for component, model in loaded.models.items():
-        # diffusers' Flux pipelines name their denoiser transformer; the trainer keeps it as the unet
-        name_in_file = "transformer" if is_flux(model) else component
+        # diffusers' Flux and Z-Image pipelines name their denoiser transformer; the trainer keeps it as the unet
+        name_in_file = "transformer" if is_flux(model) or is_zimage(model) else component
         for key, tensor in adapter_state(model).items():
             if component in TEXT_ENCODERS:
                 # The names as CLIPTextModel nested them before transformers 5: diffusers strips the
@@ -563,8 +586,9 @@ def convert_checkpoint(source: str | Path, out: str | Path, *, text_encoder: boo
         return _convert_adapter(adapter, out, adapter_output, wanted, dtypes, overwrite, ema, emit)
 
     flux = is_flux_source(source)
-    sdxl = not flux and is_sdxl_source(source)
-    wanted = ("unet",) if flux else _with_text_encoders(
+    zimage = not flux and is_zimage_source(source)
+    sdxl = not flux and not zimage and is_sdxl_source(source)
+    wanted = ("unet",) if flux or zimage else _with_text_encoders(
         tuple(c for c, keep in zip(COMPONENTS, (True, vae, text_encoder)) if keep), sdxl)
     step = ProgressSteps(emit, total=2 * len(wanted) + 1)  # load and convert each component, then write
 
@@ -582,7 +606,17 @@ def convert_checkpoint(source: str | Path, out: str | Path, *, text_encoder: boo
     _refuse_existing(target, overwrite)
     _make_output_folder(target)
     if flux:
-        return _write_flux(loaded, target, fmt, dtypes["unet"], step, emit)
+        return _write_transformer(loaded, target, fmt, dtypes["unet"], step, emit, keymap_flux.to_original, {},
+                                  "FLUX.1: the file holds the transformer only (ComfyUI's diffusion_models/ "
+                                  "folder); load CLIP-L, T5-XXL and the autoencoder (ae.safetensors) beside it")
+    if zimage:
+        # the architecture only: the library's bookkeeping (`_name_or_path`…) names this machine's folders
+        config = {k: v for k, v in loaded.models["unet"].config.items() if not k.startswith("_")}
+        recorded = {"format": "pt", CONFIGS_KEY: json.dumps({"transformer": config}, sort_keys=True)}
+        return _write_transformer(loaded, target, fmt, dtypes["unet"], step, emit, keymap_zimage.to_original,
+                                  recorded, "Z-Image: the file holds the transformer only (ComfyUI's "
+                                  "diffusion_models/ folder); load Qwen3-4B (qwen_3_4b.safetensors) and Flux.1's "
+                                  "autoencoder (ae.safetensors) beside it")
 
     expected = estimate_output_bytes(loaded.models, dtypes)
     free = shutil.disk_usage(target.parent).free
@@ -608,22 +642,22 @@ def convert_checkpoint(source: str | Path, out: str | Path, *, text_encoder: boo
     return target
 
 
-def _write_flux(loaded: Source, target: Path, fmt: str, dtype: torch.dtype, step: "ProgressSteps",
-                emit: Callable[[events.Event], None]) -> Path:
-    """A FLUX.1 transformer as one original-layout file, without prefix: what ComfyUI's diffusion_models/
-    folder loads (its text encoders and autoencoder are separate files there)."""
+def _write_transformer(loaded: Source, target: Path, fmt: str, dtype: torch.dtype, step: "ProgressSteps",
+                       emit: Callable[[events.Event], None], to_original: Callable[[dict], dict],
+                       metadata: dict[str, str], advice: str) -> Path:
+    """A transformer (FLUX.1's, Z-Image's) as one original-layout file, without prefix: what ComfyUI's
+    diffusion_models/ folder loads (its text encoders and autoencoder are separate files there)."""
     state = {key: tensor.to(dtype) if tensor.is_floating_point() else tensor
-             for key, tensor in keymap_flux.to_original(loaded.models.pop("unet").state_dict()).items()}
+             for key, tensor in to_original(loaded.models.pop("unet").state_dict()).items()}
     expected = sum(t.numel() * t.element_size() for t in state.values())
     free = shutil.disk_usage(target.parent).free
     if free < expected:
         raise UserError(f"not enough free space in {target.parent}: the file needs about {format_size(expected)}, "
                         f"{format_size(free)} free")
     step(f"converted the transformer to {str(dtype).removeprefix('torch.')}")
-    _write(state, target, fmt)
+    _write(state, target, fmt, metadata or None)
     step(f"wrote {target} ({format_size(target.stat().st_size)})")
-    emit(events.Log(message="FLUX.1: the file holds the transformer only (ComfyUI's diffusion_models/ folder); "
-                            "load CLIP-L, T5-XXL and the autoencoder (ae.safetensors) beside it"))
+    emit(events.Log(message=advice))
     return target
 
 

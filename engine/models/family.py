@@ -54,21 +54,27 @@ def family_for(config: Config) -> ModelFamily:
     from .flux import Flux1, is_flux
     from .sd import StableDiffusion
     from .sdxl import StableDiffusionXL
+    from .zimage import ZImage, is_zimage
 
     if is_flux(config.model):
         return Flux1()
+    if is_zimage(config.model):
+        return ZImage()
     return StableDiffusionXL() if is_sdxl(config.model) else StableDiffusion()
 
 
 def family_named(name: str) -> ModelFamily:
-    """The family an architecture name ('sd15', 'sd21', 'sdxl', 'flux1-dev', 'flux1-schnell') or a family's
-    own name belongs to."""
+    """The family an architecture name ('sd15', 'sd21', 'sdxl', 'flux1-dev', 'flux1-schnell', 'z-image') or a
+    family's own name belongs to."""
     from .flux import Flux1
     from .sd import StableDiffusion
     from .sdxl import StableDiffusionXL
+    from .zimage import ZImage
 
     if name.startswith("flux1"):
         return Flux1()
+    if name == ZImage.name:
+        return ZImage()
     return StableDiffusionXL() if name == "sdxl" else StableDiffusion()
 
 

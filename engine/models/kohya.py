@@ -9,7 +9,10 @@ the original UNet. Flux.1's transformer is named as kohya's Flux trainer names i
 original modules (`lora_unet_double_blocks_0_img_attn_qkv`, `lora_unet_single_blocks_0_linear1`), the
 diffusers modules that the original fuses (q/k/v; a single block's q/k/v and MLP input) fused exactly
 (FLUX_FUSED); a type that cannot be fused (LoKr) keeps those modules apart, each under its diffusers path
-behind `lora_transformer_` (OneTrainer's names), which ComfyUI maps to its slice of the fused weight.
+behind `lora_transformer_` (OneTrainer's names), which ComfyUI maps to its slice of the fused weight. Z-Image's
+transformer is named by its diffusers module paths behind `diffusion_model.`, dots kept: ComfyUI maps those to
+its own layout (q, k and v slices of its fused `qkv`) and diffusers' Z-Image loader reads them, where ComfyUI
+maps no attention module's diffusers path behind `lora_unet_`.
 Its tensors are `lora_down.weight`/`lora_up.weight` (LoRA, LoCon) plus `dora_scale`
 (DoRA), `hada_w1_a`… (LoHa) or `lokr_w1`… (LoKr), and a scalar `alpha`: the UIs scale the update by
 alpha / rank, as the trainer did. The `ss_*` metadata are kohya's, read by the UIs and model sites.
@@ -43,6 +46,10 @@ SDXL_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encode
 SDXL_VERSION = "sdxl_base_v1-0"  # ss_base_model_version of kohya's SDXL files
 # ss_base_model_version of kohya's Flux.1 files (sd-scripts, library/flux_utils.py MODEL_VERSION_FLUX_V1)
 FLUX_VERSION = "flux1"
+# ss_base_model_version of a Z-Image adapter: kohya's musubi-tuner's name of the architecture
+# (ARCHITECTURE_Z_IMAGE_FULL)
+ZIMAGE_VERSION = "z_image"
+ZIMAGE_PREFIXES = {"unet": "diffusion_model."}
 FLUX_PREFIXES = {"text_encoder": "lora_te1_"}  # a Flux run's CLIP-L adapter, as kohya's Flux trainer names it
 FLUX_PREFIX = "lora_unet_"  # an original-layout module of the transformer
 FLUX_PART_PREFIX = "lora_transformer_"  # a diffusers module that the original layout fuses with others
@@ -71,11 +78,19 @@ def is_flux(model: torch.nn.Module) -> bool:
     return isinstance(model, FluxTransformer2DModel)
 
 
+def is_zimage(model: torch.nn.Module) -> bool:
+    from diffusers import ZImageTransformer2DModel
+
+    return isinstance(model, ZImageTransformer2DModel)
+
+
 def prefixes(models: Mapping[str, torch.nn.Module]) -> dict[str, str]:
-    """Each component's name prefix in the file of these models (SD's, SDXL's or, for the text encoder, a
-    Flux run's)."""
+    """Each component's name prefix in the file of these models (SD's, SDXL's, Z-Image's or, for the text
+    encoder, a Flux run's)."""
     if any(is_flux(model) for model in models.values()):
         return FLUX_PREFIXES
+    if any(is_zimage(model) for model in models.values()):
+        return ZIMAGE_PREFIXES
     return SDXL_PREFIXES if is_sdxl_models(models) else PREFIXES
 
 
@@ -96,10 +111,22 @@ def kohya_module_name(component: str, module: str, prefix: str = "") -> str:
 def module_names(models: Mapping[str, torch.nn.Module], component: str, modules) -> dict[str, str]:
     """The file's name of each of models[component]'s adapted modules."""
     prefix = prefixes(models)[component]
+    if is_zimage(models[component]):
+        return {module: prefix + module for module in modules}
     if component == "unet" and is_sdxl_models(models):
         original = unet_module_names(models["unet"].config, modules)
         return {module: prefix + original[module].replace(".", "_") for module in modules}
     return {module: kohya_module_name(component, module, prefix) for module in modules}
+
+
+def _file_key_parts(file_key: str) -> tuple[str, str]:
+    """A file key -> (module name, tensor name). The tensor names hold no dot but LoRA's two factors; a module
+    name may (Z-Image's)."""
+    for factor in ("lora_down.weight", "lora_up.weight"):
+        if file_key.endswith("." + factor):
+            return file_key[:-len(factor) - 1], factor
+    name, _, parameter = file_key.rpartition(".")
+    return name, parameter
 
 
 def _split(key: str, modules: Mapping[str, str]) -> tuple[str, str]:
@@ -310,7 +337,7 @@ def from_kohya(state: Mapping[str, torch.Tensor], models: Mapping[str, torch.nn.
                     _bake_lokr_scale(state, name, float(state[f"{name}.alpha"]) / rank, inverse=True)
         own: dict[str, torch.Tensor] = {}
         for file_key, tensor in state.items():
-            name, _, parameter = file_key.partition(".")
+            name, parameter = _file_key_parts(file_key)
             if not name.startswith(prefix) or parameter == "alpha":
                 continue
             if name not in by_name:
@@ -334,6 +361,8 @@ def from_kohya(state: Mapping[str, torch.Tensor], models: Mapping[str, torch.nn.
 def base_model_version(config: Config, models: Mapping[str, torch.nn.Module]) -> str:
     if any(is_flux(model) for model in models.values()):
         return FLUX_VERSION
+    if any(is_zimage(model) for model in models.values()):
+        return ZIMAGE_VERSION
     if is_sdxl_models(models):
         return SDXL_VERSION
     width = models["unet"].config.cross_attention_dim

@@ -420,7 +420,7 @@ def _flux_t5(state: dict, transformer_config, source: str, dtype: torch.dtype):
     return model
 
 
-def _flux_vae(state: dict, transformer_config, source: str, dtype: torch.dtype):
+def flux_vae(state: dict, transformer_config, source: str, dtype: torch.dtype):
     """BFL's autoencoder (the LDM layout, without quant convolutions), by diffusers' converter."""
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL
@@ -445,7 +445,7 @@ def _flux_vae(state: dict, transformer_config, source: str, dtype: torch.dtype):
     return _load_weights(model, convert_ldm_vae_checkpoint(state, config), "vae", source, dtype)
 
 
-_FLUX_LOADERS = {"text_encoder": _flux_clip, "text_encoder_2": _flux_t5, "vae": _flux_vae}
+_FLUX_LOADERS = {"text_encoder": _flux_clip, "text_encoder_2": _flux_t5, "vae": flux_vae}
 
 
 def _flux_file(transformer_file) -> tuple[Path, dict, str]:

@@ -3,8 +3,9 @@
 Nothing here downloads anything. Each tiny pipeline is a real architecture's shipped configs
 (`configs/pipelines/`) with only widths and depths shrunk, so it keeps every quirk of the real model:
 special-token ids, padding tokens, activations, scaling factors, prediction type, `force_upcast`, the
-noise schedule. It tokenizes with the real CLIP vocabulary and its real padding token (and Flux.1's second
-tokenizer with T5's real vocabulary, `t5_vocab`).
+noise schedule. It tokenizes with the real CLIP vocabulary and its real padding token (Flux.1's second
+tokenizer with T5's real vocabulary, `t5_vocab`; Z-Image's with Qwen's, `qwen2_vocab`, and Qwen3's special
+tokens at their real ids).
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from . import clip_vocab, t5_vocab
 
 REAL_CONFIGS = Path(__file__).resolve().parent / "configs" / "pipelines"
 # demo architecture name: the shipped real configs it shrinks
-ARCHITECTURES = {"sd": "sd15", "sd21": "sd21", "sdxl": "sdxl", "flux": "flux1-dev", "flux-schnell": "flux1-schnell"}
+ARCHITECTURES = {"sd": "sd15", "sd21": "sd21", "sdxl": "sdxl", "flux": "flux1-dev", "flux-schnell": "flux1-schnell",
+                 "z-image": "z-image"}
 TINY_TEXT_DIM = 32
 
 
@@ -48,6 +50,16 @@ _FLUX = {
     # the group count, so a loader rebuilding the VAE from its tensors assumes the real one): 32 wide
     "vae": {"block_out_channels": [32, 32, 32, 32], "layers_per_block": 1, "sample_size": 64}}
 
+# Z-Image: two main blocks and one of each refiner, two heads whose 32 channels split over the rotary axes
+# (caption index, height, width) as the real 128 do (32, 48, 48). The captions are the tiny Qwen3's hidden
+# states; it has three layers, since the transformer reads the second-to-last one.
+_ZIMAGE = {
+    "text_encoder": {"hidden_size": TINY_TEXT_DIM, "intermediate_size": 2 * TINY_TEXT_DIM, "num_hidden_layers": 3,
+                     "max_window_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8},
+    "transformer": {"dim": 64, "n_heads": 2, "n_kv_heads": 2, "n_layers": 2, "n_refiner_layers": 1,
+                    "axes_dims": [8, 12, 12], "cap_feat_dim": TINY_TEXT_DIM},
+    "vae": _FLUX["vae"]}
+
 # The size of every component: only these keys differ from the real configs.
 SIZES = {
     "sd": {"text_encoder": _text(4), "vae": _VAE, "unet": {**_SD_UNET, "attention_head_dim": 8}},
@@ -61,7 +73,7 @@ SIZES = {
                  # the hidden states of both encoders side by side, as SDXL's 768 + 1280
                  "cross_attention_dim": 3 * TINY_TEXT_DIM, "addition_time_embed_dim": _TIME_EMBED_DIM,
                  "projection_class_embeddings_input_dim": _TIME_IDS * _TIME_EMBED_DIM + 2 * TINY_TEXT_DIM}},
-    "flux": _FLUX, "flux-schnell": _FLUX,
+    "flux": _FLUX, "flux-schnell": _FLUX, "z-image": _ZIMAGE,
 }
 # The length of FLUX.1's T5 tokenizer (its tokenizer_2/ folder says 512 for dev and schnell alike).
 T5_MAX_LENGTH = 512
@@ -73,10 +85,11 @@ def real_config(arch: str, component: str) -> dict:
     return json.loads((folder / name).read_text(encoding="utf-8"))
 
 
-def _text_encoder(config: dict):
+def _text_encoder(config: dict, class_name: str):
+    """The text encoder of the pipeline's class (model_index.json's: Z-Image's config names Qwen3 with its
+    language-model head, Qwen3ForCausalLM, which the pipeline loads without it, as Qwen3Model)."""
     import transformers
 
-    (class_name,) = config["architectures"]
     model_class = getattr(transformers, class_name)
     return model_class(model_class.config_class.from_dict(config))
 
@@ -87,6 +100,8 @@ def make_tiny_model(directory: str | Path, seed: int = 0, arch: str = "sd") -> P
     import diffusers
     import torch
 
+    from .zimage import qwen3_tokenizer
+
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch must be one of {tuple(ARCHITECTURES)}, got {arch!r}")
     directory = Path(directory)
@@ -94,10 +109,14 @@ def make_tiny_model(directory: str | Path, seed: int = 0, arch: str = "sd") -> P
     index = json.loads((REAL_CONFIGS / ARCHITECTURES[arch] / "model_index.json").read_text(encoding="utf-8"))
     configs = {name: {**real_config(arch, name), **size} for name, size in SIZES[arch].items()}
     torch.manual_seed(seed)
-    parts = {name: _text_encoder(configs[name]) for name in ("text_encoder", "text_encoder_2") if name in configs}
+    parts = {name: _text_encoder(configs[name], index[name][1]) for name in ("text_encoder", "text_encoder_2")
+             if name in configs}
     for name, pad_token in clip_vocab.PAD_TOKENS.get(ARCHITECTURES[arch], {}).items():
         parts[name] = clip_vocab.clip_tokenizer(pad_token)
-    if "transformer" in configs:
+    if arch == "z-image":
+        parts["tokenizer"] = qwen3_tokenizer()
+        parts["transformer"] = diffusers.ZImageTransformer2DModel.from_config(configs["transformer"])
+    elif "transformer" in configs:
         parts["tokenizer"] = clip_vocab.clip_tokenizer(clip_vocab.END)  # as FLUX.1's tokenizer/: CLIP ViT-L's
         parts["tokenizer_2"] = t5_vocab.t5_tokenizer(T5_MAX_LENGTH)
         parts["transformer"] = diffusers.FluxTransformer2DModel.from_config(configs["transformer"])

@@ -1,0 +1,148 @@
+"""Z-Image as ComfyUI users keep it: the transformer alone in its original layout (`keymap_zimage`; ComfyUI's
+diffusion_models/ folder, z_image_turbo_bf16.safetensors), Qwen3-4B as transformers names it (text_encoders/,
+qwen_3_4b.safetensors) and Flux.1's autoencoder in the LDM layout (vae/, ae.safetensors).
+
+Each model is built from the shipped Z-Image-Turbo config with the sizes its tensors show; the transformer's
+rotary split of a head is no tensor's shape: the file's recorded config gives it (this trainer's files),
+else Z-Image's proportions (32 : 48 : 48 of 128) of the file's head width.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Optional
+
+import torch
+
+from .. import paths
+from ..errors import UserError
+from . import keymap_zimage
+from .single_file import BUILTIN_CONFIGS, CONFIGS_KEY, _count, _load_weights, _read_tensors, flux_vae, read_shapes
+
+# the keys only a Z-Image transformer's original layout has
+TRANSFORMER_KEYS = ("noise_refiner.0.attention.qkv.weight", "cap_embedder.1.weight")
+# where ComfyUI's checkpoints keep the transformer, and a bare transformer file (no prefix)
+TRANSFORMER_PREFIXES = ("model.diffusion_model.", "")
+# Qwen3 as a causal LM (Qwen3ForCausalLM's files) nests the encoder under model.
+QWEN_PREFIX = "model."
+LATENT_CHANNELS = 16  # Flux.1's autoencoder's
+FILES = {"text_encoder": "Qwen3-4B (qwen_3_4b.safetensors)", "vae": "Flux.1's autoencoder (ae.safetensors)"}
+
+
+def transformer_prefix(shapes: dict) -> Optional[str]:
+    return next((prefix for prefix in TRANSFORMER_PREFIXES
+                 if all(prefix + key in shapes for key in TRANSFORMER_KEYS)), None)
+
+
+def is_zimage_file(path: Path) -> bool:
+    try:
+        return transformer_prefix(read_shapes(path)) is not None
+    except UserError:  # not a readable checkpoint: the loader that takes it names the problem
+        return False
+
+
+def _shipped(component: str) -> dict:
+    return json.loads((BUILTIN_CONFIGS / "z-image" / component / "config.json").read_text(encoding="utf-8"))
+
+
+def _recorded_transformer_config(path: Path) -> Optional[dict]:
+    from safetensors import safe_open
+
+    if path.suffix != ".safetensors":
+        return None
+    with safe_open(str(path), "pt") as handle:
+        recorded = (handle.metadata() or {}).get(CONFIGS_KEY)
+    return json.loads(recorded).get("transformer") if recorded else None
+
+
+def transformer_config(path: Path, shapes: dict, prefix: str) -> dict:
+    """The shipped config with the sizes the tensors show (the recorded config where the file has one)."""
+    recorded = _recorded_transformer_config(path)
+    if recorded is not None:
+        return recorded
+    config = _shipped("transformer")
+    dim, patch_inputs = shapes[prefix + "x_embedder.weight"]
+    head = shapes[prefix + "layers.0.attention.q_norm.weight"][0]
+    real_head = config["dim"] // config["n_heads"]
+    config.update(dim=dim, n_heads=dim // head, n_kv_heads=dim // head, n_layers=_count(shapes, prefix + "layers."),
+                  n_refiner_layers=_count(shapes, prefix + "noise_refiner."),
+                  cap_feat_dim=shapes[prefix + "cap_embedder.1.weight"][1],
+                  in_channels=patch_inputs // (config["all_patch_size"][0] ** 2),
+                  axes_dims=[axis * head // real_head for axis in config["axes_dims"]])
+    return config
+
+
+def _transformer_file(transformer_file) -> tuple[Path, dict, str]:
+    path = Path(paths.resolve(str(transformer_file)))
+    shapes = read_shapes(path)
+    prefix = transformer_prefix(shapes)
+    if prefix is None:
+        raise UserError(f"config key 'model': {path.name} is not a Z-Image transformer; a Z-Image model file holds "
+                        "it in the original layout (layers.*, noise_refiner.*, cap_embedder.*), as "
+                        "z_image_turbo_bf16.safetensors")
+    return path, shapes, prefix
+
+
+def load_zimage_transformer(transformer_file, dtype: torch.dtype = torch.float32):
+    """The transformer of a Z-Image file (a bare one or a ComfyUI checkpoint), on the CPU."""
+    from accelerate import init_empty_weights
+    from diffusers import ZImageTransformer2DModel
+
+    path, shapes, prefix = _transformer_file(transformer_file)
+    config = transformer_config(path, shapes, prefix)
+    with init_empty_weights():
+        model = ZImageTransformer2DModel.from_config(config)
+    state = keymap_zimage.from_original(_read_tensors(path, prefix, "model"))
+    return _load_weights(model, state, "model", path.name, dtype)
+
+
+def _qwen3(state: dict, source: str, dtype: torch.dtype):
+    from accelerate import init_empty_weights
+    from transformers import Qwen3Config, Qwen3Model
+
+    if any(key.startswith(QWEN_PREFIX) for key in state):
+        state = {key[len(QWEN_PREFIX):]: value for key, value in state.items() if key.startswith(QWEN_PREFIX)}
+    if "embed_tokens.weight" not in state or "layers.0.self_attn.q_norm.weight" not in state:
+        raise UserError(f"config key 'text_encoder': {source} is not a Qwen3 text encoder (no embed_tokens or "
+                        f"q_norm weights); set it to {FILES['text_encoder']}")
+    config = _shipped("text_encoder")
+    vocab, hidden = state["embed_tokens.weight"].shape
+    head = state["layers.0.self_attn.q_norm.weight"].shape[0]
+    config.update(vocab_size=vocab, hidden_size=hidden, head_dim=head,
+                  num_hidden_layers=_count(state, "layers."), max_window_layers=_count(state, "layers."),
+                  intermediate_size=state["layers.0.mlp.gate_proj.weight"].shape[0],
+                  num_attention_heads=state["layers.0.self_attn.q_proj.weight"].shape[0] // head,
+                  num_key_value_heads=state["layers.0.self_attn.k_proj.weight"].shape[0] // head)
+    state = {key: value for key, value in state.items() if key != "lm_head.weight"}  # tied to the embedding
+    with init_empty_weights():
+        model = Qwen3Model(Qwen3Config.from_dict(config))
+    return _load_weights(model, state, "text_encoder", source, dtype)
+
+
+def _vae(state: dict, source: str, dtype: torch.dtype):
+    channels = state["decoder.conv_in.weight"].shape[1] if "decoder.conv_in.weight" in state else LATENT_CHANNELS
+    if channels != LATENT_CHANNELS:
+        raise UserError(f"config key 'vae': {source} has {channels} latent channels; Z-Image's transformer takes "
+                        f"{LATENT_CHANNELS} ({FILES['vae']})")
+    # Flux.1's loader checks the channels against a Flux transformer's input, 2x2 latent pixels per token
+    return flux_vae(state, SimpleNamespace(in_channels=4 * LATENT_CHANNELS), source, dtype)
+
+
+def load_zimage_files(transformer_file, text_encoder=None, vae=None, dtypes: Optional[dict] = None) -> dict:
+    """Z-Image from ComfyUI-style files on the CPU: {"transformer", "text_encoder" (Qwen3-4B), "vae"}, each in its
+    dtype in `dtypes` (by those names; fp32 where not given). A part not given is refused naming its key."""
+    dtype = {name: torch.float32 for name in ("transformer", "text_encoder", "vae")} | (dtypes or {})
+    _transformer_file(transformer_file)  # refused before the other files are read
+    loaded = {}
+    for name, given in (("text_encoder", text_encoder), ("vae", vae)):
+        if not given:
+            raise UserError(f"config key '{name}': a single-file Z-Image model holds the transformer only; set "
+                            f"{name}: to {FILES[name]}")
+        source = Path(paths.resolve(str(given)))
+        if not source.is_file():
+            raise UserError(f"config key '{name}': not a file: {source}")
+        state = _read_tensors(source, "", name)
+        loaded[name] = _qwen3(state, source.name, dtype[name]) if name == "text_encoder" else _vae(
+            state, source.name, dtype[name])
+    return {"transformer": load_zimage_transformer(transformer_file, dtype["transformer"]), **loaded}
