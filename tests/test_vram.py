@@ -278,6 +278,19 @@ def test_the_flux_presets_for_small_cards_fit_their_budget(preset, limit):
     assert ram == pytest.approx(result.ram.peak, abs=0.5)
 
 
+def test_the_chroma_preset_fits_a_24gb_card_as_its_description_says():
+    """Traced on the real 8.9-billion-parameter transformer: the plan-memory choice (fp8 base, caches,
+    gradient checkpointing) with GPU and loading-RAM figures as the preset states them."""
+    config = cfg.load(ROOT / "presets" / "chroma-lora-24gb.yaml")
+    assert vram.resolve_architecture(config).source == "chroma"
+    result = vram.estimate(config)
+    assert result.peak <= 23.25  # 24 GiB less the memory plan's CUDA reserve
+    stated = float(re.search(r"est\. ([0-9.]+) GiB GPU peak", config.description).group(1))
+    assert stated == pytest.approx(result.peak, abs=0.05)
+    ram = float(re.search(r"([0-9.]+) GiB system RAM", config.description).group(1))
+    assert ram == pytest.approx(result.ram.peak, abs=0.5)
+
+
 def test_cli_prints_the_breakdown_and_ends_with_the_peak(tiny_model, tmp_path):
     preset = ROOT / "presets" / "tiny-demo-cpu.yaml"
     result = run_cli("estimate-vram", "--config", str(preset), "--set", "batch_size=1")

@@ -12,10 +12,10 @@ under peft's names. It converts to one of three files (ADAPTER_OUTPUTS): the koh
 diffusers' own LoRA layout (--format diffusers). The adapter's layers are rebuilt from the run's
 config.yaml (its network settings) over the base model, and its weights loaded into them.
 
-A FLUX.1 run (its base model recognised as `family.family_for` recognises it) converts to its transformer
-alone in Black Forest Labs' layout (`keymap_flux`), the file ComfyUI's diffusion_models/ folder and Forge
-load beside the CLIP-L, T5-XXL and autoencoder files users already have; the trainer keeps the transformer
-in the checkpoint's unet/ folder.
+A FLUX.1 or Chroma run (its base model recognised as `family.family_for` recognises it) converts to its
+transformer alone in Black Forest Labs' layout (`keymap_flux`), the file ComfyUI's diffusion_models/ folder
+and Forge load beside the text-encoder (CLIP-L and T5-XXL; Chroma: T5-XXL) and autoencoder files users
+already have; the trainer keeps the transformer in the checkpoint's unet/ folder.
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ from ..ema import EMA_FOLDER
 from ..errors import UserError
 from .sd import is_diffusers_folder
 from . import keymap_flux, keymap_sdxl
+from .chroma import is_chroma_transformer
 from .flux import is_flux_transformer
 from .keymap import KEY_MAPS, check_complete, to_original
 from .single_file import CONFIGS_KEY, model_configs
@@ -135,10 +136,10 @@ def _load_model(name: str, folder: Path):
         raise UserError(f"{folder}: not found (needed for the {name})")
     # fp32 whatever the files hold, as training loads them: an adapter is merged at full precision, and
     # every component is cast to its output dtype when written.
-    if name == "unet" and is_flux_transformer(folder):
-        from diffusers import FluxTransformer2DModel
+    if name == "unet" and (transformer := _transformer_class(folder)):
+        import diffusers
 
-        return FluxTransformer2DModel.from_pretrained(folder, torch_dtype=torch.float32)
+        return getattr(diffusers, transformer).from_pretrained(folder, torch_dtype=torch.float32)
     if name in TEXT_ENCODERS:
         loader = CLIPTextModel if name == "text_encoder" else CLIPTextModelWithProjection
         return loader.from_pretrained(folder, dtype=torch.float32)
@@ -146,9 +147,16 @@ def _load_model(name: str, folder: Path):
     return loader.from_pretrained(folder, torch_dtype=torch.float32)
 
 
+def _transformer_class(folder: Path) -> Optional[str]:
+    """The class of the Flux.1 or Chroma transformer in folder (a model's transformer/, a checkpoint's unet/)."""
+    if is_flux_transformer(folder):
+        return "FluxTransformer2DModel"
+    return "ChromaTransformer2DModel" if is_chroma_transformer(folder) else None
+
+
 def _component_folder(base: Path, component: str) -> Path:
-    """A component's folder in a diffusers model folder: a FLUX.1 folder's denoiser is transformer/."""
-    if component == "unet" and is_flux_transformer(base / "transformer"):
+    """A component's folder in a diffusers model folder: a FLUX.1 or Chroma folder's denoiser is transformer/."""
+    if component == "unet" and _transformer_class(base / "transformer"):
         return base / "transformer"
     return base / component
 
@@ -183,11 +191,13 @@ def is_sdxl_source(source: str | Path) -> bool:
 
 
 def is_flux_source(source: str | Path) -> bool:
-    """Whether SOURCE (a checkpoint, run folder or model folder) is of a FLUX.1 model."""
+    """Whether SOURCE (a checkpoint, run folder or model folder) is of a model of Flux.1's blocks: FLUX.1 or
+    Chroma, whose transformers convert alike."""
+    from .chroma import is_chroma
     from .flux import is_flux
 
     base = _base_model(checkpoint_path(source))
-    return base is not None and base.exists() and is_flux(str(base))
+    return base is not None and base.exists() and (is_flux(str(base)) or is_chroma(str(base)))
 
 
 def _with_text_encoders(components: tuple[str, ...], sdxl: bool) -> tuple[str, ...]:
@@ -294,6 +304,7 @@ def load_source(source: str | Path, wanted: tuple[str, ...], ema: bool = False,
 
     result = Source(name=name, adapter=adapter)
     base_components = None
+    from .chroma import CONFIGS as CHROMA_CONFIGS, is_chroma
     from .flux import is_flux
 
     if base.is_file() and is_flux(str(base)):
@@ -302,6 +313,12 @@ def load_source(source: str | Path, wanted: tuple[str, ...], ema: bool = False,
         result.config_folder = flux_config_folder(base)
         if "unet" in wanted and "unet" not in own:
             base_components = {"unet": load_flux_transformer(base)}
+    elif base.is_file() and is_chroma(str(base)):
+        from .single_file import load_chroma_transformer
+
+        result.config_folder = CHROMA_CONFIGS
+        if "unet" in wanted and "unet" not in own:
+            base_components = {"unet": load_chroma_transformer(base)}
     elif base.is_file():
         from .family import text_encoder_parts
         from .single_file import config_folder, load_single_file_components, read_shapes
@@ -610,10 +627,15 @@ def convert_checkpoint(source: str | Path, out: str | Path, *, text_encoder: boo
 
 def _write_flux(loaded: Source, target: Path, fmt: str, dtype: torch.dtype, step: "ProgressSteps",
                 emit: Callable[[events.Event], None]) -> Path:
-    """A FLUX.1 transformer as one original-layout file, without prefix: what ComfyUI's diffusion_models/
-    folder loads (its text encoders and autoencoder are separate files there)."""
+    """A FLUX.1 or Chroma transformer as one original-layout file, without prefix: what ComfyUI's
+    diffusion_models/ folder loads (its text encoders and autoencoder are separate files there)."""
+    from diffusers import ChromaTransformer2DModel
+
+    transformer = loaded.models.pop("unet")
+    chroma = isinstance(transformer, ChromaTransformer2DModel)
     state = {key: tensor.to(dtype) if tensor.is_floating_point() else tensor
-             for key, tensor in keymap_flux.to_original(loaded.models.pop("unet").state_dict()).items()}
+             for key, tensor in keymap_flux.to_original(transformer.state_dict()).items()}
+    del transformer
     expected = sum(t.numel() * t.element_size() for t in state.values())
     free = shutil.disk_usage(target.parent).free
     if free < expected:
@@ -622,8 +644,10 @@ def _write_flux(loaded: Source, target: Path, fmt: str, dtype: torch.dtype, step
     step(f"converted the transformer to {str(dtype).removeprefix('torch.')}")
     _write(state, target, fmt)
     step(f"wrote {target} ({format_size(target.stat().st_size)})")
-    emit(events.Log(message="FLUX.1: the file holds the transformer only (ComfyUI's diffusion_models/ folder); "
-                            "load CLIP-L, T5-XXL and the autoencoder (ae.safetensors) beside it"))
+    encoders = "T5-XXL" if chroma else "CLIP-L, T5-XXL"
+    emit(events.Log(message=f"{'Chroma' if chroma else 'FLUX.1'}: the file holds the transformer only (ComfyUI's "
+                            f"diffusion_models/ folder); load {encoders} and the autoencoder (ae.safetensors) "
+                            "beside it"))
     return target
 
 

@@ -114,7 +114,7 @@ def image_ids(height: int, width: int, device, dtype) -> torch.Tensor:
     return torch.stack([torch.zeros_like(rows), rows, columns], dim=-1).reshape(-1, 3).to(dtype)
 
 
-def _bucket_sides(config) -> list[tuple[str, int]]:
+def bucket_sides(config) -> list[tuple[str, int]]:
     """(config key, side) of each value the training sizes are built from: with all of them multiples of 16,
     so is every bucket (the automatic grid steps from its smallest side by c_div's step)."""
     arb = config.aspect_ratio_bucket
@@ -150,7 +150,7 @@ def check_config(config, transformer_config) -> None:
     if config.flow.guidance is not None and not transformer_config["guidance_embeds"]:
         raise UserError("config key 'flow.guidance': this Flux.1 model (schnell) has no guidance embedding; "
                         "remove flow.guidance")
-    for key, side in _bucket_sides(config):
+    for key, side in bucket_sides(config):
         if side % PIXELS_PER_TOKEN_SIDE:
             raise UserError(f"config key '{key}': Flux.1 makes one token of each 16x16 pixels (8x latents in "
                             f"2x2 patches), so image sides must be multiples of 16; {side} is not")
@@ -231,7 +231,7 @@ class Flux1:
             t5 = T5EncoderModel.from_pretrained(root / "text_encoder_2", dtype=load_dtype(config, "text_encoder_2"))
             vae = AutoencoderKL.from_pretrained(vae_path, torch_dtype=load_dtype(config, "vae"))
             clip_tokenizer = load_tokenizer(root / "tokenizer", "model")
-            t5_tokenizer = _load_t5_tokenizer(root / "tokenizer_2", T5_LENGTH[kind])
+            t5_tokenizer = load_t5_tokenizer(root / "tokenizer_2", T5_LENGTH[kind])
             scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler")
         check_config(config, transformer.config)
         self._set_guidance(config, transformer.config)
@@ -314,7 +314,7 @@ class Flux1:
                         max_sequence_length=positive["encoder_hidden_states"].shape[1], **options).images
 
 
-def _load_t5_tokenizer(folder: Path, length: int):
+def load_t5_tokenizer(folder: Path, length: int):
     from transformers import T5TokenizerFast
 
     if not (folder / "tokenizer.json").is_file() and not (folder / "spiece.model").is_file():

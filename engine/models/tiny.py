@@ -4,7 +4,7 @@ Nothing here downloads anything. Each tiny pipeline is a real architecture's shi
 (`configs/pipelines/`) with only widths and depths shrunk, so it keeps every quirk of the real model:
 special-token ids, padding tokens, activations, scaling factors, prediction type, `force_upcast`, the
 noise schedule. It tokenizes with the real CLIP vocabulary and its real padding token (and Flux.1's second
-tokenizer with T5's real vocabulary, `t5_vocab`).
+tokenizer, and Chroma's only one, with T5's real vocabulary, `t5_vocab`).
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from . import clip_vocab, t5_vocab
 
 REAL_CONFIGS = Path(__file__).resolve().parent / "configs" / "pipelines"
 # demo architecture name: the shipped real configs it shrinks
-ARCHITECTURES = {"sd": "sd15", "sd21": "sd21", "sdxl": "sdxl", "flux": "flux1-dev", "flux-schnell": "flux1-schnell"}
+ARCHITECTURES = {"sd": "sd15", "sd21": "sd21", "sdxl": "sdxl", "flux": "flux1-dev", "flux-schnell": "flux1-schnell",
+                 "chroma": "chroma"}
 TINY_TEXT_DIM = 32
 
 
@@ -48,6 +49,13 @@ _FLUX = {
     # the group count, so a loader rebuilding the VAE from its tensors assumes the real one): 32 wide
     "vae": {"block_out_channels": [32, 32, 32, 32], "layers_per_block": 1, "sample_size": 64}}
 
+# Chroma: Flux.1's tiny transformer without CLIP's pooled input; the modulation network keeps its real 64 input
+# channels (timestep, guidance and module index embeddings) with a narrow hidden width and two of its five layers.
+_CHROMA = {
+    "text_encoder": _T5, "vae": _FLUX["vae"],
+    "transformer": {**{k: v for k, v in _FLUX["transformer"].items() if k != "pooled_projection_dim"},
+                    "approximator_hidden_dim": TINY_TEXT_DIM, "approximator_layers": 2}}
+
 # The size of every component: only these keys differ from the real configs.
 SIZES = {
     "sd": {"text_encoder": _text(4), "vae": _VAE, "unet": {**_SD_UNET, "attention_head_dim": 8}},
@@ -61,9 +69,10 @@ SIZES = {
                  # the hidden states of both encoders side by side, as SDXL's 768 + 1280
                  "cross_attention_dim": 3 * TINY_TEXT_DIM, "addition_time_embed_dim": _TIME_EMBED_DIM,
                  "projection_class_embeddings_input_dim": _TIME_IDS * _TIME_EMBED_DIM + 2 * TINY_TEXT_DIM}},
-    "flux": _FLUX, "flux-schnell": _FLUX,
+    "flux": _FLUX, "flux-schnell": _FLUX, "chroma": _CHROMA,
 }
-# The length of FLUX.1's T5 tokenizer (its tokenizer_2/ folder says 512 for dev and schnell alike).
+# The length of FLUX.1's T5 tokenizer (its tokenizer_2/ folder says 512 for dev and schnell alike) and of
+# Chroma's (ChromaPipeline's max_sequence_length).
 T5_MAX_LENGTH = 512
 
 
@@ -98,9 +107,13 @@ def make_tiny_model(directory: str | Path, seed: int = 0, arch: str = "sd") -> P
     for name, pad_token in clip_vocab.PAD_TOKENS.get(ARCHITECTURES[arch], {}).items():
         parts[name] = clip_vocab.clip_tokenizer(pad_token)
     if "transformer" in configs:
-        parts["tokenizer"] = clip_vocab.clip_tokenizer(clip_vocab.END)  # as FLUX.1's tokenizer/: CLIP ViT-L's
-        parts["tokenizer_2"] = t5_vocab.t5_tokenizer(T5_MAX_LENGTH)
-        parts["transformer"] = diffusers.FluxTransformer2DModel.from_config(configs["transformer"])
+        transformer_class = getattr(diffusers, configs["transformer"]["_class_name"])
+        parts["transformer"] = transformer_class.from_config(configs["transformer"])
+        if "text_encoder_2" in configs:  # FLUX.1: CLIP ViT-L's tokenizer, then T5's
+            parts["tokenizer"] = clip_vocab.clip_tokenizer(clip_vocab.END)
+            parts["tokenizer_2"] = t5_vocab.t5_tokenizer(T5_MAX_LENGTH)
+        else:  # Chroma: T5's alone
+            parts["tokenizer"] = t5_vocab.t5_tokenizer(T5_MAX_LENGTH)
     else:
         parts["unet"] = diffusers.UNet2DConditionModel.from_config(configs["unet"])
     parts["vae"] = diffusers.AutoencoderKL.from_config(configs["vae"])
