@@ -189,9 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = commands.add_parser("make-tiny-model", help="write the tiny offline demo pipeline")
     tiny.add_argument("dir")
     tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument("--arch", choices=("sd", "sd21", "sdxl", "flux", "flux-schnell", "z-image", *CAPTIONERS),
+    tiny.add_argument("--arch", choices=("sd", "sd21", "sdxl", "flux", "flux-schnell", "chroma", "z-image",
+                                         *CAPTIONERS),
                       default="sd", help="shrunk SD1.5 (default), SD2.1 768 v-prediction, SDXL, FLUX.1-dev, "
-                                         "FLUX.1-schnell or Z-Image-Turbo; or a captioning model: "
+                                         "FLUX.1-schnell, Chroma1-HD or Z-Image-Turbo; or a captioning model: "
                                          + ", ".join(CAPTIONERS))
     tiny.set_defaults(func=cmd_make_tiny_model)
 

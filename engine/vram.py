@@ -39,7 +39,7 @@ from .setup import (build_optimizer, frozen_models, offloaded_checkpoint, parame
 from .step import StepModels, backward, compute_loss, optimizer_step
 
 GIB = 2**30
-ARCHITECTURES = ("sd15", "sd21", "sdxl", "flux1-dev", "flux1-schnell", "z-image")
+ARCHITECTURES = ("sd15", "sd21", "sdxl", "flux1-dev", "flux1-schnell", "chroma", "z-image")
 # bitsandbytes keeps fp32 states for parameters smaller than this (its min_8bit_size) and one fp32 absmax
 # per block of this many elements for the others (its blockwise quantization).
 BNB_MIN_8BIT_SIZE = 4096
@@ -125,9 +125,12 @@ class Architecture:
 
     @property
     def family(self) -> str:
-        if self.unet.get("_class_name") == "FluxTransformer2DModel":  # `unet` holds the denoising model's config
+        denoiser = self.unet.get("_class_name")  # `unet` holds the denoising model's config
+        if denoiser == "FluxTransformer2DModel":
             return "flux1"
-        if self.unet.get("_class_name") == "ZImageTransformer2DModel":
+        if denoiser == "ChromaTransformer2DModel":
+            return "chroma"
+        if denoiser == "ZImageTransformer2DModel":
             return "z-image"
         return "sdxl" if self.text_encoder_2 is not None else "sd"
 
@@ -140,10 +143,12 @@ def _read_json(path: Path) -> dict:
 
 
 def guess_architecture(model: str) -> str:
-    """sdxl when the model's name says so ("sd_xl_base_1.0", "sdxl"), sd21 when it says SD2.x
-    ("stable-diffusion-2-1", "v2-1_768", "sd21"), z-image for Z-Image ("Z-Image-Turbo", "z_image_turbo_bf16"),
-    else sd15."""
+    """chroma, z-image, flux1-dev or flux1-schnell when the model's name says so ("Chroma1-HD",
+    "z_image_turbo_bf16"), sdxl when it does ("sd_xl_base_1.0", "sdxl"), sd21 when it says SD2.x
+    ("stable-diffusion-2-1", "v2-1_768", "sd21"), else sd15."""
     name = Path(model).name.lower() if model else ""
+    if "chroma" in name:
+        return "chroma"
     if re.search(r"z[-_]?image", name):
         return "z-image"
     if "flux" in name:

@@ -210,3 +210,14 @@ def comfyui_zimage_lora_keys(n_layers, dim, n_refiner_layers):
         for name in (out + path, "transformer." + path, "lycoris_" + path.replace(".", "_"), path):
             key_map[name] = target
     return key_map
+
+
+def comfyui_chroma_lora_keys(original_keys, depth, depth_single_blocks, hidden_size):
+    """The adapter-file module names ComfyUI maps for a Chroma model: Flux's (comfyui_flux_lora_keys) over
+    Chroma's own original-layout keys. Comfy-Org/ComfyUI comfy/model_base.py at
+    26adb81a01b879fb50094c11fce4076039b83dd5 declares `class Chroma(Flux)`, so model_lora_keys_unet's
+    `isinstance(model, comfy.model_base.Flux)` branch maps it with flux_to_diffusers, whose depth,
+    depth_single_blocks and hidden_size comfy/model_detection.py reads from a Chroma file as from a Flux one
+    (the `distilled_guidance_layer.*` keys only set image_model to chroma). The map's modulation and guidance
+    entries name weights Chroma does not have; no file of its blocks names them."""
+    return comfyui_flux_lora_keys(original_keys, depth, depth_single_blocks, hidden_size)

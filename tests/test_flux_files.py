@@ -47,6 +47,11 @@ def flux_model(seed: int = 0, dtype=torch.float32, **config):
 
     with torch.device("meta"):
         model = FluxTransformer2DModel(**{**NARROW, **config})
+    return filled(model, seed, dtype)
+
+
+def filled(model, seed: int = 0, dtype=torch.float32):
+    """The model with each weight a stretch of one random sequence (see flux_model), in eval mode."""
     generator = torch.Generator().manual_seed(seed)
     pool = torch.empty((1 << 20) + 7, dtype=dtype).normal_(generator=generator) * 0.2  # a prime period
 
@@ -341,14 +346,13 @@ def encoder_tensors(model) -> dict:
 def comfyui_parts(models: dict) -> dict:
     """Each model's tensors as ComfyUI's files hold them: BFL's transformer and autoencoder layouts (the
     autoencoder by the engine's SD converter, whose VAE layout is the same LDM one), transformers' names
-    (CLIP's under text_model.)."""
+    (CLIP's under text_model.), for the text encoders among models."""
     from engine.models.keymap import VAE_PREFIX, vae_key_map
     from engine.models.keymap import to_original as ldm
 
     vae = models["vae"]
     return {"transformer": keymap_flux.to_original(models["transformer"].state_dict()),
-            "text_encoder": encoder_tensors(models["text_encoder"]),
-            "text_encoder_2": encoder_tensors(models["text_encoder_2"]),
+            **{name: encoder_tensors(models[name]) for name in ("text_encoder", "text_encoder_2") if name in models},
             "vae": {k.removeprefix(VAE_PREFIX): v for k, v in
                     ldm(vae.state_dict(), vae_key_map(vae.config, vae.state_dict().keys())).items()}}
 

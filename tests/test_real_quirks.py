@@ -20,7 +20,7 @@ SIZE_KEYS = {
     "text": {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "projection_dim"},
     "t5": {"d_model", "d_ff", "d_kv", "num_heads", "num_layers", "num_decoder_layers"},
     "transformer": {"num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim", "axes_dims_rope",
-                    "joint_attention_dim", "pooled_projection_dim"},
+                    "joint_attention_dim", "pooled_projection_dim", "approximator_hidden_dim", "approximator_layers"},
     "unet": {"sample_size", "layers_per_block", "block_out_channels", "down_block_types", "up_block_types",
              "attention_head_dim", "transformer_layers_per_block", "cross_attention_dim", "norm_num_groups",
              "addition_time_embed_dim", "projection_class_embeddings_input_dim"},
@@ -41,7 +41,8 @@ BOOKKEEPING = {"_diffusers_version", "transformers_version", "_name_or_path", "d
 REAL_PADDING = {"sd": {"tokenizer": "<|endoftext|>"}, "sd21": {"tokenizer": "!"},
                 "sdxl": {"tokenizer": "<|endoftext|>", "tokenizer_2": "!"},
                 # black-forest-labs/FLUX.1-dev and -schnell: tokenizer/ is CLIP ViT-L's, padded with the end token
-                "flux": {"tokenizer": "<|endoftext|>"}, "flux-schnell": {"tokenizer": "<|endoftext|>"}}
+                "flux": {"tokenizer": "<|endoftext|>"}, "flux-schnell": {"tokenizer": "<|endoftext|>"},
+                "chroma": {}}  # lodestones/Chroma1-HD: T5's tokenizer alone
 
 # "#" is id 2, the text encoders' configured eos_token_id; SDXL's second tokenizer splits every "!" out
 PROMPTS = ["a photo of sks toy", "", "#1 best, sks toy!! on a #red# table", "a, b,, c ,d!", "photo of #",
@@ -69,9 +70,10 @@ def _full_config(component: str, folder):
         values = json.loads((folder / "scheduler_config.json").read_text())
         return "scheduler", dict(getattr(diffusers, values["_class_name"]).from_config(values).config)
     cls = {"unet": diffusers.UNet2DConditionModel, "vae": diffusers.AutoencoderKL,
-           "transformer": diffusers.FluxTransformer2DModel}[component]
-    if cls.load_config(folder)["_class_name"] == "ZImageTransformer2DModel":
-        component, cls = "zimage", diffusers.ZImageTransformer2DModel
+           "transformer": getattr(diffusers, json.loads((folder / "config.json").read_text()).get(
+               "_class_name", ""), None)}[component]
+    if cls is diffusers.ZImageTransformer2DModel:
+        component = "zimage"
     with torch.device("meta"):
         return component, dict(cls.from_config(cls.load_config(folder)).config)
 
@@ -108,11 +110,12 @@ def test_every_non_size_value_of_each_tiny_config_is_the_real_ones(arch, demo_ca
         tokenizer = CLIPTokenizer.from_pretrained(tiny / name)
         assert (len(tokenizer), tokenizer.model_max_length) == (49408, 77)
         assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token) == (49406, 49407, pad)
-    if index["_class_name"] == "FluxPipeline":
+    if index["_class_name"] in ("FluxPipeline", "ChromaPipeline"):
         from transformers import T5TokenizerFast
 
-        # google/t5-v1_1-xxl's vocabulary as FLUX.1's tokenizer_2/ holds it: <pad> 0, </s> 1, <unk> 2
-        t5 = T5TokenizerFast.from_pretrained(tiny / "tokenizer_2")
+        # google/t5-v1_1-xxl's vocabulary as FLUX.1's tokenizer_2/ (Chroma's tokenizer/) holds it: <pad> 0,
+        # </s> 1, <unk> 2
+        t5 = T5TokenizerFast.from_pretrained(tiny / ("tokenizer_2" if "tokenizer_2" in index else "tokenizer"))
         assert (len(t5), t5.model_max_length, t5.pad_token_id, t5.eos_token_id, t5.unk_token_id) == (
             32100, 512, 0, 1, 2)
 
@@ -148,9 +151,10 @@ def test_the_clip_vocabulary_tokenizes_as_open_clips_own_tokenizer():
     assert len(tokenize(tokenizer, CORPUS[-2])) == 77
 
 
-# Flux.1's prompts are held to FluxPipeline.encode_prompt in tests/test_flux.py, Z-Image's to ZImagePipeline's in
-# tests/test_zimage.py (their encode_prompt differs).
-@pytest.mark.parametrize("arch", [arch for arch in ARCHITECTURES if not arch.startswith(("flux", "z-image"))])
+# Flux.1's, Chroma's and Z-Image's prompts are held to their pipelines' encode_prompt in tests/test_flux.py,
+# tests/test_chroma.py and tests/test_zimage.py (their encode_prompt differs).
+@pytest.mark.parametrize("arch", [arch for arch in ARCHITECTURES
+                                  if not arch.startswith(("flux", "chroma", "z-image"))])
 def test_prompts_reach_the_text_encoders_as_diffusers_pipeline_encode_prompt_sends_them(arch, demo_cache):
     import diffusers
 

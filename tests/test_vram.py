@@ -287,6 +287,15 @@ def test_the_zimage_lora_preset_fits_a_12_gb_card():
     assert result.peak <= 11.25  # 0.75 GiB of the card kept for the CUDA context, as the memory plan does
     # the fp8 base: the transformer's 6.15 billion weights at a byte each, and the adapter's in fp32
     assert 6_154_908_736 / GIB < result.parameters < 6_154_908_736 / GIB + 0.3
+
+
+def test_the_chroma_preset_fits_a_24gb_card_as_its_description_says():
+    """Traced on the real 8.9-billion-parameter transformer: the plan-memory choice (fp8 base, caches,
+    gradient checkpointing) with GPU and loading-RAM figures as the preset states them."""
+    config = cfg.load(ROOT / "presets" / "chroma-lora-24gb.yaml")
+    assert vram.resolve_architecture(config).source == "chroma"
+    result = vram.estimate(config)
+    assert result.peak <= 23.25  # 24 GiB less the memory plan's CUDA reserve
     stated = float(re.search(r"est\. ([0-9.]+) GiB GPU peak", config.description).group(1))
     assert stated == pytest.approx(result.peak, abs=0.05)
     ram = float(re.search(r"([0-9.]+) GiB system RAM", config.description).group(1))

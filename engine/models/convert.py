@@ -12,11 +12,12 @@ under peft's names. It converts to one of three files (ADAPTER_OUTPUTS): the koh
 diffusers' own LoRA layout (--format diffusers). The adapter's layers are rebuilt from the run's
 config.yaml (its network settings) over the base model, and its weights loaded into them.
 
-A FLUX.1 run (its base model recognised as `family.family_for` recognises it) converts to its transformer
-alone in Black Forest Labs' layout (`keymap_flux`), the file ComfyUI's diffusion_models/ folder and Forge
-load beside the CLIP-L, T5-XXL and autoencoder files users already have; the trainer keeps the transformer
-in the checkpoint's unet/ folder. A Z-Image run likewise converts to its transformer alone in the original
-layout (`keymap_zimage`), with its diffusers config recorded in the file's metadata.
+A FLUX.1 or Chroma run (its base model recognised as `family.family_for` recognises it) converts to its
+transformer alone in Black Forest Labs' layout (`keymap_flux`), the file ComfyUI's diffusion_models/ folder
+and Forge load beside the text-encoder (CLIP-L and T5-XXL; Chroma: T5-XXL) and autoencoder files users
+already have; the trainer keeps the transformer in the checkpoint's unet/ folder. A Z-Image run likewise
+converts to its transformer alone in the original layout (`keymap_zimage`), with its diffusers config
+recorded in the file's metadata.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from ..ema import EMA_FOLDER
 from ..errors import UserError
 from .sd import is_diffusers_folder
 from . import keymap_flux, keymap_sdxl, keymap_zimage
+from .chroma import is_chroma_transformer
 from .flux import is_flux_transformer
 from .zimage import is_zimage_transformer
 from .keymap import KEY_MAPS, check_complete, to_original
@@ -137,14 +139,10 @@ def _load_model(name: str, folder: Path):
         raise UserError(f"{folder}: not found (needed for the {name})")
     # fp32 whatever the files hold, as training loads them: an adapter is merged at full precision, and
     # every component is cast to its output dtype when written.
-    if name == "unet" and is_flux_transformer(folder):
-        from diffusers import FluxTransformer2DModel
+    if name == "unet" and (transformer := _transformer_class(folder)):
+        import diffusers
 
-        return FluxTransformer2DModel.from_pretrained(folder, torch_dtype=torch.float32)
-    if name == "unet" and is_zimage_transformer(folder):
-        from diffusers import ZImageTransformer2DModel
-
-        return ZImageTransformer2DModel.from_pretrained(folder, torch_dtype=torch.float32)
+        return getattr(diffusers, transformer).from_pretrained(folder, torch_dtype=torch.float32)
     if name in TEXT_ENCODERS:
         loader = CLIPTextModel if name == "text_encoder" else CLIPTextModelWithProjection
         return loader.from_pretrained(folder, dtype=torch.float32)
@@ -152,11 +150,20 @@ def _load_model(name: str, folder: Path):
     return loader.from_pretrained(folder, torch_dtype=torch.float32)
 
 
+def _transformer_class(folder: Path) -> Optional[str]:
+    """The class of the transformer in folder (a model's transformer/, a checkpoint's unet/): FLUX.1's, Chroma's
+    or Z-Image's; None for a UNet."""
+    if is_flux_transformer(folder):
+        return "FluxTransformer2DModel"
+    if is_chroma_transformer(folder):
+        return "ChromaTransformer2DModel"
+    return "ZImageTransformer2DModel" if is_zimage_transformer(folder) else None
+
+
 def _component_folder(base: Path, component: str) -> Path:
-    """A component's folder in a diffusers model folder: a FLUX.1 or Z-Image folder's denoiser is transformer/."""
-    folder = base / "transformer"
-    if component == "unet" and (is_flux_transformer(folder) or is_zimage_transformer(folder)):
-        return folder
+    """A component's folder in a diffusers model folder: a transformer model's denoiser is transformer/."""
+    if component == "unet" and _transformer_class(base / "transformer"):
+        return base / "transformer"
     return base / component
 
 
@@ -190,11 +197,13 @@ def is_sdxl_source(source: str | Path) -> bool:
 
 
 def is_flux_source(source: str | Path) -> bool:
-    """Whether SOURCE (a checkpoint, run folder or model folder) is of a FLUX.1 model."""
+    """Whether SOURCE (a checkpoint, run folder or model folder) is of a model of Flux.1's blocks: FLUX.1 or
+    Chroma, whose transformers convert alike."""
+    from .chroma import is_chroma
     from .flux import is_flux
 
     base = _base_model(checkpoint_path(source))
-    return base is not None and base.exists() and is_flux(str(base))
+    return base is not None and base.exists() and (is_flux(str(base)) or is_chroma(str(base)))
 
 
 def is_zimage_source(source: str | Path) -> bool:
@@ -309,6 +318,7 @@ def load_source(source: str | Path, wanted: tuple[str, ...], ema: bool = False,
 
     result = Source(name=name, adapter=adapter)
     base_components = None
+    from .chroma import CONFIGS as CHROMA_CONFIGS, is_chroma
     from .flux import is_flux
     from .zimage_files import is_zimage_file
 
@@ -325,6 +335,12 @@ def load_source(source: str | Path, wanted: tuple[str, ...], ema: bool = False,
         result.config_folder = BUILTIN_CONFIGS / "z-image"
         if "unet" in wanted and "unet" not in own:
             base_components = {"unet": load_zimage_transformer(base)}
+    elif base.is_file() and is_chroma(str(base)):
+        from .single_file import load_chroma_transformer
+
+        result.config_folder = CHROMA_CONFIGS
+        if "unet" in wanted and "unet" not in own:
+            base_components = {"unet": load_chroma_transformer(base)}
     elif base.is_file():
         from .family import text_encoder_parts
         from .single_file import config_folder, load_single_file_components, read_shapes
@@ -606,9 +622,13 @@ def convert_checkpoint(source: str | Path, out: str | Path, *, text_encoder: boo
     _refuse_existing(target, overwrite)
     _make_output_folder(target)
     if flux:
+        from diffusers import ChromaTransformer2DModel
+
+        chroma = isinstance(loaded.models["unet"], ChromaTransformer2DModel)
         return _write_transformer(loaded, target, fmt, dtypes["unet"], step, emit, keymap_flux.to_original, {},
-                                  "FLUX.1: the file holds the transformer only (ComfyUI's diffusion_models/ "
-                                  "folder); load CLIP-L, T5-XXL and the autoencoder (ae.safetensors) beside it")
+                                  f"{'Chroma' if chroma else 'FLUX.1'}: the file holds the transformer only "
+                                  f"(ComfyUI's diffusion_models/ folder); load {'T5-XXL' if chroma else 'CLIP-L, T5-XXL'}"
+                                  " and the autoencoder (ae.safetensors) beside it")
     if zimage:
         # the architecture only: the library's bookkeeping (`_name_or_path`…) names this machine's folders
         config = {k: v for k, v in loaded.models["unet"].config.items() if not k.startswith("_")}
@@ -645,8 +665,8 @@ def convert_checkpoint(source: str | Path, out: str | Path, *, text_encoder: boo
 def _write_transformer(loaded: Source, target: Path, fmt: str, dtype: torch.dtype, step: "ProgressSteps",
                        emit: Callable[[events.Event], None], to_original: Callable[[dict], dict],
                        metadata: dict[str, str], advice: str) -> Path:
-    """A transformer (FLUX.1's, Z-Image's) as one original-layout file, without prefix: what ComfyUI's
-    diffusion_models/ folder loads (its text encoders and autoencoder are separate files there)."""
+    """A transformer (FLUX.1's, Chroma's, Z-Image's) as one original-layout file, without prefix: what
+    ComfyUI's diffusion_models/ folder loads (its text encoders and autoencoder are separate files there)."""
     state = {key: tensor.to(dtype) if tensor.is_floating_point() else tensor
              for key, tensor in to_original(loaded.models.pop("unet").state_dict()).items()}
     expected = sum(t.numel() * t.element_size() for t in state.values())

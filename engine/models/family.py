@@ -8,7 +8,8 @@ pipeline that renders samples and class images. For the DDPM families the noise 
 target is set here from the config.
 
 The conditioning is a dict of tensors with one row per sample: `encoder_hidden_states` for every family,
-plus what a family adds (SDXL: the pooled `text_embeds`; Flux.1: CLIP's pooled `pooled_projections`). The
+plus what a family adds (SDXL: the pooled `text_embeds`; Flux.1: CLIP's pooled `pooled_projections`; Chroma:
+the transformer's `attention_mask` over T5's tokens). The
 caches store it and classifier-free dropout zeroes it without knowing its parts. A batch's `time_ids` (each
 sample's original size, crop top-left and target size) go to the families that condition on them.
 """
@@ -51,6 +52,7 @@ class ModelFamily(Protocol):
 def family_for(config: Config) -> ModelFamily:
     """The family of the config's model, recognised from its files. SD1.x and SD2.x share one; their
     difference (text encoder and prediction type) is in the model's own configs."""
+    from .chroma import Chroma, is_chroma
     from .flux import Flux1, is_flux
     from .sd import StableDiffusion
     from .sdxl import StableDiffusionXL
@@ -58,14 +60,17 @@ def family_for(config: Config) -> ModelFamily:
 
     if is_flux(config.model):
         return Flux1()
+    if is_chroma(config.model):
+        return Chroma()
     if is_zimage(config.model):
         return ZImage()
     return StableDiffusionXL() if is_sdxl(config.model) else StableDiffusion()
 
 
 def family_named(name: str) -> ModelFamily:
-    """The family an architecture name ('sd15', 'sd21', 'sdxl', 'flux1-dev', 'flux1-schnell', 'z-image') or a
-    family's own name belongs to."""
+    """The family an architecture name ('sd15', 'sd21', 'sdxl', 'flux1-dev', 'flux1-schnell', 'chroma',
+    'z-image') or a family's own name belongs to."""
+    from .chroma import Chroma
     from .flux import Flux1
     from .sd import StableDiffusion
     from .sdxl import StableDiffusionXL
@@ -73,6 +78,8 @@ def family_named(name: str) -> ModelFamily:
 
     if name.startswith("flux1"):
         return Flux1()
+    if name == "chroma":
+        return Chroma()
     if name == ZImage.name:
         return ZImage()
     return StableDiffusionXL() if name == "sdxl" else StableDiffusion()

@@ -231,7 +231,7 @@ class Flux1:
             t5 = T5EncoderModel.from_pretrained(root / "text_encoder_2", dtype=load_dtype(config, "text_encoder_2"))
             vae = AutoencoderKL.from_pretrained(vae_path, torch_dtype=load_dtype(config, "vae"))
             clip_tokenizer = load_tokenizer(root / "tokenizer", "model")
-            t5_tokenizer = _load_t5_tokenizer(root / "tokenizer_2", T5_LENGTH[kind])
+            t5_tokenizer = load_t5_tokenizer(root / "tokenizer_2", T5_LENGTH[kind])
             scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler")
         check_config(config, transformer.config)
         self._set_guidance(config, transformer.config)
@@ -314,7 +314,7 @@ class Flux1:
                         max_sequence_length=positive["encoder_hidden_states"].shape[1], **options).images
 
 
-def _load_t5_tokenizer(folder: Path, length: int):
+def load_t5_tokenizer(folder: Path, length: int):
     from transformers import T5TokenizerFast
 
     if not (folder / "tokenizer.json").is_file() and not (folder / "spiece.model").is_file():

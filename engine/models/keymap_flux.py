@@ -7,6 +7,11 @@ compute q, k and v with one `qkv` linear, and a single block computes q, k, v an
 modulation (`final_layer.adaLN_modulation.1`) holds shift then scale, diffusers' `norm_out.linear` scale then
 shift. The q/k RMSNorms' weights are called `scale`.
 
+Chroma's transformer is Flux.1's blocks without their modulation layers, whose outputs one network computes
+(`distilled_guidance_layer`, the same name in both layouts): its residual blocks' two linears are `in_layer`
+and `out_layer` there and its RMSNorms' weights `scale` (lodestones' layout, which ComfyUI and
+diffusers' convert_chroma_transformer_checkpoint_to_diffusers read).
+
 Original -> diffusers is diffusers' own single-file converter (what from_single_file runs). It assumes
 Flux.1's width (3072, MLP ratio 4) for the single blocks, so it reads only full-width models; this module's
 own direction (diffusers -> original) takes any width.
@@ -44,6 +49,8 @@ _TOP = {"x_embedder": "img_in", "context_embedder": "txt_in",
         "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
         "proj_out": "final_layer.linear", NORM_OUT: "final_layer.adaLN_modulation.1"}
 _BLOCK = re.compile(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.")
+APPROXIMATOR = "distilled_guidance_layer."  # Chroma's modulation network
+_APPROXIMATOR_LAYER = {"linear_1": "in_layer", "linear_2": "out_layer"}
 
 
 def _blocks(keys: Iterable[str]) -> tuple[set[int], set[int]]:
@@ -58,8 +65,14 @@ def _blocks(keys: Iterable[str]) -> tuple[set[int], set[int]]:
 def module_map(keys: Iterable[str]) -> dict[str, tuple[str, tuple[str, ...]]]:
     """Each diffusers module of a transformer with these state-dict keys -> (its original module, the
     diffusers modules that original module concatenates, in order; just itself when not fused)."""
+    keys = list(keys)
     double, single = _blocks(keys)
     result = {module: (original, (module,)) for module, original in _TOP.items()}
+    for key in keys:
+        if key.startswith(APPROXIMATOR):
+            module = key.rpartition(".")[0]
+            *path, last = module.split(".")
+            result[module] = (".".join([*path, _APPROXIMATOR_LAYER.get(last, last)]), (module,))
     for kind, indices, plain, fused in (("transformer_blocks", double, _DOUBLE, _DOUBLE_FUSED),
                                         ("single_transformer_blocks", single, _SINGLE, _SINGLE_FUSED)):
         target = "double_blocks" if kind == "transformer_blocks" else "single_blocks"
@@ -87,7 +100,7 @@ def to_original(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
         if module not in modules or param not in ("weight", "bias"):
             raise UserError(f"cannot convert the transformer to Flux's original layout: no name for '{key}'")
         original, group = modules[module]
-        if original.endswith("_norm"):
+        if original.endswith("_norm") or original.startswith(APPROXIMATOR + "norms."):
             param = "scale"
         if len(group) > 1:
             if module != group[0]:
@@ -100,10 +113,13 @@ def to_original(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 
 def from_original(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """An original-layout Flux.1 transformer (with or without PREFIX) as diffusers' state dict, by diffusers'
-    own single-file converter (full-width models only, see the module's docstring)."""
-    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+    """An original-layout Flux.1 or Chroma transformer (with or without PREFIX) as diffusers' state dict, by
+    diffusers' own single-file converter of that model (full-width models only, see the module's docstring)."""
+    from diffusers.loaders.single_file_utils import (convert_chroma_transformer_checkpoint_to_diffusers,
+                                                     convert_flux_transformer_checkpoint_to_diffusers)
 
     if any(key.startswith(PREFIX) for key in state_dict):  # an all-in-one file: only its transformer
         state_dict = {key[len(PREFIX):]: tensor for key, tensor in state_dict.items() if key.startswith(PREFIX)}
+    if any(key.startswith(APPROXIMATOR) for key in state_dict):
+        return convert_chroma_transformer_checkpoint_to_diffusers(dict(state_dict))
     return convert_flux_transformer_checkpoint_to_diffusers(dict(state_dict))

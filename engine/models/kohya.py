@@ -5,14 +5,14 @@ Each adapted module is named after its diffusers module path with dots as unders
 which transformers 5 no longer does). SDXL's are named as kohya's SDXL trainer names them: the text
 encoders behind `lora_te1_`/`lora_te2_`, the UNet's modules by their original-layout paths
 (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`), since that trainer adapts its own copy of
-the original UNet. Flux.1's transformer is named as kohya's Flux trainer names it, by Black Forest Labs'
-original modules (`lora_unet_double_blocks_0_img_attn_qkv`, `lora_unet_single_blocks_0_linear1`), the
-diffusers modules that the original fuses (q/k/v; a single block's q/k/v and MLP input) fused exactly
-(FLUX_FUSED); a type that cannot be fused (LoKr) keeps those modules apart, each under its diffusers path
-behind `lora_transformer_` (OneTrainer's names), which ComfyUI maps to its slice of the fused weight. Z-Image's
-transformer is named by its diffusers module paths behind `diffusion_model.`, dots kept: ComfyUI maps those to
-its own layout (q, k and v slices of its fused `qkv`) and diffusers' Z-Image loader reads them, where ComfyUI
-maps no attention module's diffusers path behind `lora_unet_`.
+the original UNet. Flux.1's transformer (and Chroma's, of the same blocks) is named as kohya's Flux trainer
+names it, by Black Forest Labs' original modules (`lora_unet_double_blocks_0_img_attn_qkv`,
+`lora_unet_single_blocks_0_linear1`), the diffusers modules that the original fuses (q/k/v; a single block's
+q/k/v and MLP input) fused exactly (FLUX_FUSED); a type that cannot be fused (LoKr) keeps those modules apart,
+each under its diffusers path behind `lora_transformer_` (OneTrainer's names), which ComfyUI maps to its slice
+of the fused weight. Z-Image's transformer is named by its diffusers module paths behind `diffusion_model.`,
+dots kept: ComfyUI maps those to its own layout (q, k and v slices of its fused `qkv`) and diffusers' Z-Image
+loader reads them, where ComfyUI maps no attention module's diffusers path behind `lora_unet_`.
 Its tensors are `lora_down.weight`/`lora_up.weight` (LoRA, LoCon) plus `dora_scale`
 (DoRA), `hada_w1_a`… (LoHa) or `lokr_w1`… (LoKr), and a scalar `alpha`: the UIs scale the update by
 alpha / rank, as the trainer did. The `ss_*` metadata are kohya's, read by the UIs and model sites.
@@ -50,6 +50,7 @@ FLUX_VERSION = "flux1"
 # (ARCHITECTURE_Z_IMAGE_FULL)
 ZIMAGE_VERSION = "z_image"
 ZIMAGE_PREFIXES = {"unet": "diffusion_model."}
+CHROMA_VERSION = "chroma"  # and of its Chroma files (MODEL_VERSION_CHROMA there), laid out as Flux.1's
 FLUX_PREFIXES = {"text_encoder": "lora_te1_"}  # a Flux run's CLIP-L adapter, as kohya's Flux trainer names it
 FLUX_PREFIX = "lora_unet_"  # an original-layout module of the transformer
 FLUX_PART_PREFIX = "lora_transformer_"  # a diffusers module that the original layout fuses with others
@@ -73,9 +74,10 @@ DORA_NOTE = ("AUTOMATIC1111 (and ComfyUI or Forge versions without output-axis D
 
 
 def is_flux(model: torch.nn.Module) -> bool:
-    from diffusers import FluxTransformer2DModel
+    """Whether model is a transformer of Flux.1's blocks: Flux.1's own or Chroma's, named alike in the file."""
+    from diffusers import ChromaTransformer2DModel, FluxTransformer2DModel
 
-    return isinstance(model, FluxTransformer2DModel)
+    return isinstance(model, (FluxTransformer2DModel, ChromaTransformer2DModel))
 
 
 def is_zimage(model: torch.nn.Module) -> bool:
@@ -359,6 +361,10 @@ def from_kohya(state: Mapping[str, torch.Tensor], models: Mapping[str, torch.nn.
 
 
 def base_model_version(config: Config, models: Mapping[str, torch.nn.Module]) -> str:
+    from diffusers import ChromaTransformer2DModel
+
+    if isinstance(models.get("unet"), ChromaTransformer2DModel):
+        return CHROMA_VERSION
     if any(is_flux(model) for model in models.values()):
         return FLUX_VERSION
     if any(is_zimage(model) for model in models.values()):

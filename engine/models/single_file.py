@@ -15,9 +15,12 @@ Flux.1 comes as ComfyUI keeps it (`load_flux_files`): Black Forest Labs' transfo
 for ComfyUI's diffusion_models/ folder) with CLIP-L (clip_l.safetensors), T5-XXL (t5xxl_fp16.safetensors) and
 BFL's autoencoder (ae.safetensors) as separate files, or one checkpoint holding all four under ComfyUI's
 prefixes (FLUX_PARTS). Each model's architecture is the shipped FLUX.1 config with the sizes its tensors show.
+Chroma comes the same way (`load_chroma_files`): its transformer in the same layout (told apart by its
+`distilled_guidance_layer`), with T5-XXL and the FLUX.1 autoencoder, and no CLIP.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import zipfile
@@ -77,6 +80,13 @@ FLUX_FILES = {"text_encoder": "CLIP ViT-L (clip_l.safetensors)", "text_encoder_2
               "vae": "the FLUX.1 autoencoder (ae.safetensors)"}
 
 
+# Chroma's transformer: Flux.1's blocks, with one modulation network in place of the blocks' modulation layers
+_CHROMA_KEY = keymap_flux.APPROXIMATOR + "in_proj.weight"
+# its parts in a ComfyUI-style checkpoint: Flux.1's places, T5-XXL its only text encoder
+CHROMA_PARTS = {"transformer": keymap_flux.PREFIX, "text_encoder": FLUX_PARTS["text_encoder_2"], "vae": "vae."}
+CHROMA_FILES = {"text_encoder": FLUX_FILES["text_encoder_2"], "vae": FLUX_FILES["vae"]}
+
+
 def _flux_prefix(shapes) -> Optional[str]:
     """The prefix of a Flux.1 transformer's keys in these tensors ('' for a bare one), or None."""
     for prefix in (keymap_flux.PREFIX, ""):
@@ -86,10 +96,11 @@ def _flux_prefix(shapes) -> Optional[str]:
 
 
 def detect_family(shapes: dict[str, tuple[int, ...]]) -> Optional[str]:
-    """'sd15', 'sd21', 'sdxl' or 'flux1' when the tensors have that architecture's text width and text
-    encoders (Flux.1: its transformer's blocks), else None."""
-    if _flux_prefix(shapes) is not None:
-        return "flux1"
+    """'sd15', 'sd21', 'sdxl', 'flux1' or 'chroma' when the tensors have that architecture's text width and
+    text encoders (Flux.1: its transformer's blocks; Chroma: those and its modulation network), else None."""
+    prefix = _flux_prefix(shapes)
+    if prefix is not None:
+        return "chroma" if prefix + _CHROMA_KEY in shapes else "flux1"
     if _SDXL_KEY in shapes:
         found = {key for key in shapes if key.startswith(keymap_sdxl.CONDITIONER_PREFIX)}
         return "sdxl" if all(key.startswith(tuple(_SDXL_ENCODERS.values())) for key in found) else None
@@ -389,21 +400,21 @@ def _flux_clip(state: dict, transformer_config, source: str, dtype: torch.dtype)
     return _load_weights(model, state, "text_encoder", source, dtype)
 
 
-def _flux_t5(state: dict, transformer_config, source: str, dtype: torch.dtype):
-    """T5's encoder as ComfyUI keeps it (transformers' T5EncoderModel names). Its width must be the
-    transformer's text input."""
+def _flux_t5(state: dict, transformer_config, source: str, dtype: torch.dtype, key: str = "text_encoder_2"):
+    """T5's encoder as ComfyUI keeps it (transformers' T5EncoderModel names), given by config key `key`. Its
+    width must be the transformer's text input."""
     from accelerate import init_empty_weights
     from transformers import T5Config, T5EncoderModel
 
     shared = state.get("shared.weight", state.get("encoder.embed_tokens.weight"))
     bias = state.get("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
     if shared is None or bias is None:
-        raise UserError(f"config key 'text_encoder_2': {source} is not a T5 encoder (no shared.weight and "
+        raise UserError(f"config key '{key}': {source} is not a T5 encoder (no shared.weight and "
                         "encoder.block.0 attention); set it to T5-XXL, t5xxl_fp16.safetensors")
     wanted = transformer_config.joint_attention_dim
     if shared.shape[1] != wanted:
-        raise UserError(f"config key 'text_encoder_2': {source} is a T5 encoder {shared.shape[1]} wide; this FLUX.1 "
-                        f"transformer takes T5-XXL's hidden states, {wanted} wide (t5xxl_fp16.safetensors)")
+        raise UserError(f"config key '{key}': {source} is a T5 encoder {shared.shape[1]} wide; this transformer "
+                        f"takes T5-XXL's hidden states, {wanted} wide (t5xxl_fp16.safetensors)")
     heads = bias.shape[1]
     config = T5Config.from_pretrained(BUILTIN_CONFIGS / "flux1-dev" / "text_encoder_2")
     for name, value in dict(vocab_size=shared.shape[0], d_model=shared.shape[1], num_heads=heads,
@@ -415,7 +426,7 @@ def _flux_t5(state: dict, transformer_config, source: str, dtype: torch.dtype):
     state = {**state, "shared.weight": shared, "encoder.embed_tokens.weight": shared}
     with init_empty_weights():
         model = T5EncoderModel(config)
-    model = _load_weights(model, state, "text_encoder_2", source, dtype)
+    model = _load_weights(model, state, key, source, dtype)
     model.encoder.embed_tokens = model.shared
     return model
 
@@ -432,7 +443,7 @@ def flux_vae(state: dict, transformer_config, source: str, dtype: torch.dtype):
     latent = state["decoder.conv_in.weight"].shape[1]
     wanted = transformer_config.in_channels // 4  # the transformer packs 2x2 latent pixels into a token
     if latent != wanted:
-        raise UserError(f"config key 'vae': {source} has {latent} latent channels; this FLUX.1 transformer takes "
+        raise UserError(f"config key 'vae': {source} has {latent} latent channels; this transformer takes "
                         f"{wanted} (ae.safetensors)")
     config = dict(AutoencoderKL.load_config(BUILTIN_CONFIGS / "flux1-dev" / "vae"))
     levels = _count(state, "encoder.down.")
@@ -499,3 +510,72 @@ def load_flux_files(transformer_file, text_encoder=None, text_encoder_2=None, va
                             f"{FLUX_FILES[name]}")
         loaded[name] = loader(state, sizes, source.name, dtype[name])
     return {"transformer": _flux_transformer(path, config, prefix, dtype["transformer"]), **loaded}
+
+
+def _chroma_transformer_config(shapes: dict, prefix: str) -> dict:
+    """The shipped Chroma config with the sizes the tensors show (the rotary axes stay Chroma's)."""
+    from diffusers import ChromaTransformer2DModel
+
+    config = dict(ChromaTransformer2DModel.load_config(BUILTIN_CONFIGS / "chroma" / "transformer"))
+    width, in_channels = shapes[prefix + "img_in.weight"]
+    head_width = shapes[prefix + "double_blocks.0.img_attn.norm.query_norm.scale"][0]
+    hidden, channels = shapes[prefix + _CHROMA_KEY]
+    config.update(in_channels=in_channels, num_layers=_count(shapes, prefix + "double_blocks."),
+                  num_single_layers=_count(shapes, prefix + "single_blocks."), attention_head_dim=head_width,
+                  num_attention_heads=width // head_width, joint_attention_dim=shapes[prefix + "txt_in.weight"][1],
+                  approximator_num_channels=channels, approximator_hidden_dim=hidden,
+                  approximator_layers=_count(shapes, prefix + keymap_flux.APPROXIMATOR + "layers."))
+    return config
+
+
+def _chroma_file(transformer_file) -> tuple[Path, dict, str]:
+    """A Chroma model file's path, tensor shapes and transformer prefix; anything else refused naming `model`."""
+    path = Path(paths.resolve(str(transformer_file)))
+    shapes = read_shapes(path)
+    prefix = _flux_prefix(shapes)
+    if prefix is None or prefix + _CHROMA_KEY not in shapes:
+        raise UserError(f"config key 'model': {path.name} is not a Chroma transformer (Flux.1's double_blocks.* "
+                        "and single_blocks.* with distilled_guidance_layer.*), as Chroma1-HD.safetensors")
+    return path, shapes, prefix
+
+
+def _chroma_transformer(path: Path, shapes: dict, prefix: str, dtype: torch.dtype = torch.float32):
+    from accelerate import init_empty_weights
+    from diffusers import ChromaTransformer2DModel
+
+    try:
+        state = keymap_flux.from_original(_read_tensors(path, prefix, "model"))
+    except (RuntimeError, KeyError, IndexError) as error:  # diffusers' converter on other shapes
+        raise UserError(f"config key 'model': {path.name} is not a Chroma transformer diffusers can read "
+                        f"({type(error).__name__}: {error})") from None
+    with init_empty_weights():
+        model = ChromaTransformer2DModel.from_config(_chroma_transformer_config(shapes, prefix))
+    return _load_weights(model, state, "model", path.name, dtype)
+
+
+def load_chroma_transformer(transformer_file):
+    """Only the transformer of a Chroma file (a bare one or a ComfyUI checkpoint), fp32 on the CPU."""
+    return _chroma_transformer(*_chroma_file(transformer_file))
+
+
+def load_chroma_files(transformer_file, text_encoder=None, vae=None, dtypes: Optional[dict] = None) -> dict:
+    """Chroma from ComfyUI-style files on the CPU: {"transformer", "text_encoder" (T5-XXL), "vae"}, each in its
+    dtype in `dtypes` (fp32 where not given), as load_flux_files reads Flux.1's."""
+    dtype = {name: torch.float32 for name in ("transformer", "text_encoder", "vae")} | (dtypes or {})
+    path, shapes, prefix = _chroma_file(transformer_file)
+    sizes = SimpleNamespace(**_chroma_transformer_config(shapes, prefix))  # what the other parts must fit
+    loaded = {}
+    t5 = functools.partial(_flux_t5, key="text_encoder")  # Chroma's one text encoder
+    for name, given, loader in (("text_encoder", text_encoder, t5), ("vae", vae, _flux_vae)):
+        if given:
+            source = Path(paths.resolve(str(given)))
+            if not source.is_file():
+                raise UserError(f"config key '{name}': not a file: {source}")
+            state = _read_tensors(source, CHROMA_PARTS[name], name) or _read_tensors(source, "", name)
+        elif any(key.startswith(CHROMA_PARTS[name]) for key in shapes):
+            source, state = path, _read_tensors(path, CHROMA_PARTS[name], name)
+        else:
+            raise UserError(f"config key '{name}': {path.name} holds no {name.replace('_', ' ')}; set {name}: to "
+                            f"{CHROMA_FILES[name]}")
+        loaded[name] = loader(state, sizes, source.name, dtype[name])
+    return {"transformer": _chroma_transformer(path, shapes, prefix, dtype["transformer"]), **loaded}

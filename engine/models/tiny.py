@@ -4,8 +4,8 @@ Nothing here downloads anything. Each tiny pipeline is a real architecture's shi
 (`configs/pipelines/`) with only widths and depths shrunk, so it keeps every quirk of the real model:
 special-token ids, padding tokens, activations, scaling factors, prediction type, `force_upcast`, the
 noise schedule. It tokenizes with the real CLIP vocabulary and its real padding token (Flux.1's second
-tokenizer with T5's real vocabulary, `t5_vocab`; Z-Image's with Qwen's, `qwen2_vocab`, and Qwen3's special
-tokens at their real ids).
+tokenizer, and Chroma's only one, with T5's real vocabulary, `t5_vocab`; Z-Image's with Qwen's, `qwen2_vocab`,
+and Qwen3's special tokens at their real ids).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from . import clip_vocab, t5_vocab
 REAL_CONFIGS = Path(__file__).resolve().parent / "configs" / "pipelines"
 # demo architecture name: the shipped real configs it shrinks
 ARCHITECTURES = {"sd": "sd15", "sd21": "sd21", "sdxl": "sdxl", "flux": "flux1-dev", "flux-schnell": "flux1-schnell",
-                 "z-image": "z-image"}
+                 "chroma": "chroma", "z-image": "z-image"}
 TINY_TEXT_DIM = 32
 
 
@@ -59,6 +59,12 @@ _ZIMAGE = {
     "transformer": {"dim": 64, "n_heads": 2, "n_kv_heads": 2, "n_layers": 2, "n_refiner_layers": 1,
                     "axes_dims": [8, 12, 12], "cap_feat_dim": TINY_TEXT_DIM},
     "vae": _FLUX["vae"]}
+# Chroma: Flux.1's tiny transformer without CLIP's pooled input; the modulation network keeps its real 64 input
+# channels (timestep, guidance and module index embeddings) with a narrow hidden width and two of its five layers.
+_CHROMA = {
+    "text_encoder": _T5, "vae": _FLUX["vae"],
+    "transformer": {**{k: v for k, v in _FLUX["transformer"].items() if k != "pooled_projection_dim"},
+                    "approximator_hidden_dim": TINY_TEXT_DIM, "approximator_layers": 2}}
 
 # The size of every component: only these keys differ from the real configs.
 SIZES = {
@@ -73,9 +79,10 @@ SIZES = {
                  # the hidden states of both encoders side by side, as SDXL's 768 + 1280
                  "cross_attention_dim": 3 * TINY_TEXT_DIM, "addition_time_embed_dim": _TIME_EMBED_DIM,
                  "projection_class_embeddings_input_dim": _TIME_IDS * _TIME_EMBED_DIM + 2 * TINY_TEXT_DIM}},
-    "flux": _FLUX, "flux-schnell": _FLUX, "z-image": _ZIMAGE,
+    "flux": _FLUX, "flux-schnell": _FLUX, "chroma": _CHROMA, "z-image": _ZIMAGE,
 }
-# The length of FLUX.1's T5 tokenizer (its tokenizer_2/ folder says 512 for dev and schnell alike).
+# The length of FLUX.1's T5 tokenizer (its tokenizer_2/ folder says 512 for dev and schnell alike) and of
+# Chroma's (ChromaPipeline's max_sequence_length).
 T5_MAX_LENGTH = 512
 
 
@@ -117,9 +124,13 @@ def make_tiny_model(directory: str | Path, seed: int = 0, arch: str = "sd") -> P
         parts["tokenizer"] = qwen3_tokenizer()
         parts["transformer"] = diffusers.ZImageTransformer2DModel.from_config(configs["transformer"])
     elif "transformer" in configs:
-        parts["tokenizer"] = clip_vocab.clip_tokenizer(clip_vocab.END)  # as FLUX.1's tokenizer/: CLIP ViT-L's
-        parts["tokenizer_2"] = t5_vocab.t5_tokenizer(T5_MAX_LENGTH)
-        parts["transformer"] = diffusers.FluxTransformer2DModel.from_config(configs["transformer"])
+        transformer_class = getattr(diffusers, configs["transformer"]["_class_name"])
+        parts["transformer"] = transformer_class.from_config(configs["transformer"])
+        if "text_encoder_2" in configs:  # FLUX.1: CLIP ViT-L's tokenizer, then T5's
+            parts["tokenizer"] = clip_vocab.clip_tokenizer(clip_vocab.END)
+            parts["tokenizer_2"] = t5_vocab.t5_tokenizer(T5_MAX_LENGTH)
+        else:  # Chroma: T5's alone
+            parts["tokenizer"] = t5_vocab.t5_tokenizer(T5_MAX_LENGTH)
     else:
         parts["unet"] = diffusers.UNet2DConditionModel.from_config(configs["unet"])
     parts["vae"] = diffusers.AutoencoderKL.from_config(configs["vae"])
