@@ -39,7 +39,7 @@ from .setup import (build_optimizer, frozen_models, offloaded_checkpoint, parame
 from .step import StepModels, backward, compute_loss, optimizer_step
 
 GIB = 2**30
-ARCHITECTURES = ("sd15", "sd21", "sdxl", "flux1-dev", "flux1-schnell")
+ARCHITECTURES = ("sd15", "sd21", "sdxl", "flux1-dev", "flux1-schnell", "qwen-image")
 # bitsandbytes keeps fp32 states for parameters smaller than this (its min_8bit_size) and one fp32 absmax
 # per block of this many elements for the others (its blockwise quantization).
 BNB_MIN_8BIT_SIZE = 4096
@@ -127,6 +127,8 @@ class Architecture:
     def family(self) -> str:
         if self.unet.get("_class_name") == "FluxTransformer2DModel":  # `unet` holds the denoising model's config
             return "flux1"
+        if self.unet.get("_class_name") == "QwenImageTransformer2DModel":
+            return "qwen-image"
         return "sdxl" if self.text_encoder_2 is not None else "sd"
 
 
@@ -138,11 +140,13 @@ def _read_json(path: Path) -> dict:
 
 
 def guess_architecture(model: str) -> str:
-    """sdxl when the model's name says so ("sd_xl_base_1.0", "sdxl"), sd21 when it says SD2.x
-    ("stable-diffusion-2-1", "v2-1_768", "sd21"), else sd15."""
+    """flux1-dev/-schnell or qwen-image when the model's name says so, sdxl when it does ("sd_xl_base_1.0",
+    "sdxl"), sd21 when it says SD2.x ("stable-diffusion-2-1", "v2-1_768", "sd21"), else sd15."""
     name = Path(model).name.lower() if model else ""
     if "flux" in name:
         return "flux1-schnell" if "schnell" in name else "flux1-dev"
+    if "qwen" in name:
+        return "qwen-image"
     if re.search(r"xl", name):
         return "sdxl"
     return "sd21" if re.search(r"(?<![0-9.])2[-._]?[01](?![0-9])|v2|sd2(?!x)", name) else "sd15"
@@ -443,7 +447,8 @@ def _trace_step(config: Config, architecture: Architecture, plan: RunPlan, shape
     first_encoder = next(iter(text_encoder_parts(text_encoder).values()))
     # the family's own prompt length where its tokenizer has one (Flux.1: CLIP's 77 then T5's)
     tokens = getattr(components.tokenizer, "model_max_length", None) or first_encoder.config.max_position_embeddings
-    batch = {"input_ids": torch.randint(0, first_encoder.config.vocab_size, (shape.rows, tokens)),
+    vocabulary = first_encoder.get_input_embeddings().num_embeddings  # (Qwen2.5-VL's config nests its own)
+    batch = {"input_ids": torch.randint(0, vocabulary, (shape.rows, tokens)),
              "captions": ["a caption"] * shape.rows, "sample_keys": list(range(shape.rows)),
              "time_ids": torch.zeros(shape.rows, 6),
              "num_instance": config.batch_size if config.prior_preservation.enabled else shape.rows}

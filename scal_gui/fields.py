@@ -412,7 +412,7 @@ ADVANCED = (
           "with gradient checkpointing: blocks' inputs wait in system memory; slower"),
     Field("memory.blocks_on_cpu", "Denoiser blocks on the CPU",
           "the last N blocks wait in system memory, moved in as they run; slower (full: fused backward)"),
-    Field("flow.timestep_sampling", "Timestep sampling", "flow-matching models (Flux.1): how σ is drawn"),
+    Field("flow.timestep_sampling", "Timestep sampling", "flow-matching models (Flux.1, Qwen-Image): how σ is drawn"),
     Field("flow.logit_mean", "Logit-normal mean"),
     Field("flow.logit_std", "Logit-normal std"),
     Field("flow.sigmoid_scale", "Sigmoid scale"),

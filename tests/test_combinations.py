@@ -188,16 +188,17 @@ def test_preset_trains_end_to_end_on_the_tiny_model(preset, tmp_path, sample_dat
 
     assert len(pngs(sample_data / "finetune")) == len(list((sample_data / "finetune").glob("*.txt"))) > 0
     config = preset_to_tiny(preset, tmp_path / "out", tmp_path / "class", CAPTIONED)
-    arch = {"demo:tiny-sdxl": "sdxl", "demo:tiny-flux": "flux", "demo:tiny-flux-schnell": "flux-schnell"}.get(
-        config.model, "sd")
+    arch = {"demo:tiny-sdxl": "sdxl", "demo:tiny-flux": "flux", "demo:tiny-flux-schnell": "flux-schnell",
+            "demo:tiny-qwen-image": "qwen-image"}.get(config.model, "sd")
     run_dir, _, checkpoint, _ = train(config, PRESET_STEPS)
     meta = checkpoints.read_meta(checkpoint)
     # SDXL trains both text encoders; Flux.1 only the first (T5 never trains)
     encoders = tuple(name for name in config.trained_text_encoders if arch == "sdxl" or name == "text_encoder")
     expected_trained = sorted(("unet",) + encoders)
     assert meta["trained"] == expected_trained
-    # a Flux folder keeps the denoising model in transformer/
-    base_files = {**MODEL_FILES, "unet": "transformer/diffusion_pytorch_model.safetensors"} if "flux" in arch else None
+    # a Flux or Qwen-Image folder keeps the denoising model in transformer/
+    base_files = ({**MODEL_FILES, "unet": "transformer/diffusion_pytorch_model.safetensors"}
+                  if arch in ("flux", "flux-schnell", "qwen-image") else None)
     assert_weights_moved(paths.demo_model_dir(arch), checkpoint, expected_trained, base_files)
     if "8bit" in config.optimizer.name:
         # bitsandbytes runs on the CPU: tensors of 4096 weights or more keep two uint8 moments (AdamW's).

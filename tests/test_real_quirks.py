@@ -24,7 +24,13 @@ SIZE_KEYS = {
     "unet": {"sample_size", "layers_per_block", "block_out_channels", "down_block_types", "up_block_types",
              "attention_head_dim", "transformer_layers_per_block", "cross_attention_dim", "norm_num_groups",
              "addition_time_embed_dim", "projection_class_embeddings_input_dim"},
-    "vae": {"block_out_channels", "layers_per_block", "norm_num_groups", "sample_size"},
+    "vae": {"block_out_channels", "layers_per_block", "norm_num_groups", "sample_size", "base_dim", "num_res_blocks"},
+    # Qwen2.5-VL: its language model's and (behind `vision.`) its vision tower's sizes; layer_types lists one entry
+    # per layer and rope_parameters holds the rotary sections of the narrower heads
+    "qwen-vl": {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "max_window_layers", "layer_types", "rope_parameters", "vision.depth", "vision.hidden_size",
+                "vision.intermediate_size", "vision.num_heads", "vision.out_hidden_size",
+                "vision.fullatt_block_indexes"},
     "scheduler": set(),
 }
 # Written by the libraries, not part of the architecture.
@@ -35,7 +41,8 @@ BOOKKEEPING = {"_diffusers_version", "transformers_version", "_name_or_path", "d
 REAL_PADDING = {"sd": {"tokenizer": "<|endoftext|>"}, "sd21": {"tokenizer": "!"},
                 "sdxl": {"tokenizer": "<|endoftext|>", "tokenizer_2": "!"},
                 # black-forest-labs/FLUX.1-dev and -schnell: tokenizer/ is CLIP ViT-L's, padded with the end token
-                "flux": {"tokenizer": "<|endoftext|>"}, "flux-schnell": {"tokenizer": "<|endoftext|>"}}
+                "flux": {"tokenizer": "<|endoftext|>"}, "flux-schnell": {"tokenizer": "<|endoftext|>"},
+                "qwen-image": {}}  # Qwen2's tokenizer, checked below
 
 # "#" is id 2, the text encoders' configured eos_token_id; SDXL's second tokenizer splits every "!" out
 PROMPTS = ["a photo of sks toy", "", "#1 best, sks toy!! on a #red# table", "a, b,, c ,d!", "photo of #",
@@ -49,7 +56,14 @@ def _full_config(component: str, folder):
     from transformers import AutoConfig, CLIPTextConfig
 
     if component.startswith("text_encoder"):
-        if json.loads((folder / "config.json").read_text())["architectures"] == ["T5EncoderModel"]:
+        architectures = json.loads((folder / "config.json").read_text())["architectures"]
+        if architectures == ["Qwen2_5_VLForConditionalGeneration"]:
+            from transformers import Qwen2_5_VLConfig
+
+            values = Qwen2_5_VLConfig.from_pretrained(folder).to_dict()
+            vision = {f"vision.{k}": v for k, v in values.pop("vision_config").items()}
+            return "qwen-vl", {**values.pop("text_config"), **vision, **values}
+        if architectures == ["T5EncoderModel"]:
             from transformers import T5EncoderModel
 
             # as the encoder-only model is built: it switches off is_encoder_decoder and use_cache itself
@@ -59,8 +73,7 @@ def _full_config(component: str, folder):
     if component == "scheduler":
         values = json.loads((folder / "scheduler_config.json").read_text())
         return "scheduler", dict(getattr(diffusers, values["_class_name"]).from_config(values).config)
-    cls = {"unet": diffusers.UNet2DConditionModel, "vae": diffusers.AutoencoderKL,
-           "transformer": diffusers.FluxTransformer2DModel}[component]
+    cls = getattr(diffusers, json.loads((folder / "config.json").read_text())["_class_name"])
     with torch.device("meta"):
         return component, dict(cls.from_config(cls.load_config(folder)).config)
 
@@ -104,6 +117,13 @@ def test_every_non_size_value_of_each_tiny_config_is_the_real_ones(arch, demo_ca
         t5 = T5TokenizerFast.from_pretrained(tiny / "tokenizer_2")
         assert (len(t5), t5.model_max_length, t5.pad_token_id, t5.eos_token_id, t5.unk_token_id) == (
             32100, 512, 0, 1, 2)
+    if index["_class_name"] == "QwenImagePipeline":
+        from transformers import Qwen2Tokenizer
+
+        # Qwen2.5-VL-7B-Instruct's tokenizer (Qwen/Qwen-Image's tokenizer/): 151,643 BPE tokens, 22 special ones
+        qwen = Qwen2Tokenizer.from_pretrained(tiny / "tokenizer")
+        assert (len(qwen), qwen.pad_token, qwen.pad_token_id, qwen.eos_token, qwen.convert_tokens_to_ids(
+            "<|im_start|>")) == (151665, "<|endoftext|>", 151643, "<|im_end|>", 151644)
 
 
 def _open_clip_tokenizer():
@@ -137,8 +157,9 @@ def test_the_clip_vocabulary_tokenizes_as_open_clips_own_tokenizer():
     assert len(tokenize(tokenizer, CORPUS[-2])) == 77
 
 
-# Flux.1's prompts are held to FluxPipeline.encode_prompt in tests/test_flux.py (its encode_prompt differs).
-@pytest.mark.parametrize("arch", [arch for arch in ARCHITECTURES if not arch.startswith("flux")])
+# Flux.1's and Qwen-Image's prompts are held to their pipelines' encode_prompt in tests/test_flux.py and
+# tests/test_qwen_image.py (their encode_prompt differs).
+@pytest.mark.parametrize("arch", [arch for arch in ARCHITECTURES if not arch.startswith(("flux", "qwen"))])
 def test_prompts_reach_the_text_encoders_as_diffusers_pipeline_encode_prompt_sends_them(arch, demo_cache):
     import diffusers
 

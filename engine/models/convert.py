@@ -15,7 +15,8 @@ config.yaml (its network settings) over the base model, and its weights loaded i
 A FLUX.1 run (its base model recognised as `family.family_for` recognises it) converts to its transformer
 alone in Black Forest Labs' layout (`keymap_flux`), the file ComfyUI's diffusion_models/ folder and Forge
 load beside the CLIP-L, T5-XXL and autoencoder files users already have; the trainer keeps the transformer
-in the checkpoint's unet/ folder.
+in the checkpoint's unet/ folder. A Qwen-Image run converts likewise to its transformer alone, whose diffusers
+keys are already those of ComfyUI's Qwen-Image files.
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ from ..errors import UserError
 from .sd import is_diffusers_folder
 from . import keymap_flux, keymap_sdxl
 from .flux import is_flux_transformer
+from .qwen_image import ARCH as QWEN_IMAGE_ARCH
+from .qwen_image import is_qwen_image, is_qwen_image_transformer, load_transformer_file, recorded_config
 from .keymap import KEY_MAPS, check_complete, to_original
 from .single_file import CONFIGS_KEY, model_configs
 from ..run_dir import RunDir
@@ -139,6 +142,10 @@ def _load_model(name: str, folder: Path):
         from diffusers import FluxTransformer2DModel
 
         return FluxTransformer2DModel.from_pretrained(folder, torch_dtype=torch.float32)
+    if name == "unet" and is_qwen_image_transformer(folder):
+        from diffusers import QwenImageTransformer2DModel
+
+        return QwenImageTransformer2DModel.from_pretrained(folder, torch_dtype=torch.float32)
     if name in TEXT_ENCODERS:
         loader = CLIPTextModel if name == "text_encoder" else CLIPTextModelWithProjection
         return loader.from_pretrained(folder, dtype=torch.float32)
@@ -147,8 +154,10 @@ def _load_model(name: str, folder: Path):
 
 
 def _component_folder(base: Path, component: str) -> Path:
-    """A component's folder in a diffusers model folder: a FLUX.1 folder's denoiser is transformer/."""
-    if component == "unet" and is_flux_transformer(base / "transformer"):
+    """A component's folder in a diffusers model folder: a FLUX.1 or Qwen-Image folder's denoiser is
+    transformer/."""
+    transformer = base / "transformer"
+    if component == "unet" and (is_flux_transformer(transformer) or is_qwen_image_transformer(transformer)):
         return base / "transformer"
     return base / component
 
@@ -188,6 +197,12 @@ def is_flux_source(source: str | Path) -> bool:
 
     base = _base_model(checkpoint_path(source))
     return base is not None and base.exists() and is_flux(str(base))
+
+
+def is_qwen_image_source(source: str | Path) -> bool:
+    """Whether SOURCE (a checkpoint, run folder or model folder) is of a Qwen-Image model."""
+    base = _base_model(checkpoint_path(source))
+    return base is not None and base.exists() and is_qwen_image(str(base))
 
 
 def _with_text_encoders(components: tuple[str, ...], sdxl: bool) -> tuple[str, ...]:
@@ -302,6 +317,12 @@ def load_source(source: str | Path, wanted: tuple[str, ...], ema: bool = False,
         result.config_folder = flux_config_folder(base)
         if "unet" in wanted and "unet" not in own:
             base_components = {"unet": load_flux_transformer(base)}
+    elif base.is_file() and is_qwen_image(str(base)):
+        from .single_file import BUILTIN_CONFIGS
+
+        result.config_folder = BUILTIN_CONFIGS / QWEN_IMAGE_ARCH
+        if "unet" in wanted and "unet" not in own:
+            base_components = {"unet": load_transformer_file(base, torch.float32)}
     elif base.is_file():
         from .family import text_encoder_parts
         from .single_file import config_folder, load_single_file_components, read_shapes
@@ -467,14 +488,14 @@ def _diffusers_file(loaded: Source, dtypes: Mapping[str, torch.dtype]) -> tuple[
     save_lora_weights writes them, with each component's LoraConfig under lora_adapter_metadata (without
     it the loader would take alpha = rank, and not the network's scale alpha / rank)."""
     from .adapters import adapter_state, peft_config
-    from .kohya import is_flux
+    from .kohya import is_flux, is_qwen_image
 
     network = loaded.adapter.network
     state: dict[str, torch.Tensor] = {}
     configs: dict[str, object] = {}
     for component, model in loaded.models.items():
-        # diffusers' Flux pipelines name their denoiser transformer; the trainer keeps it as the unet
-        name_in_file = "transformer" if is_flux(model) else component
+        # diffusers' Flux and Qwen-Image pipelines name their denoiser transformer; the trainer keeps it as unet
+        name_in_file = "transformer" if is_flux(model) or is_qwen_image(model) else component
         for key, tensor in adapter_state(model).items():
             if component in TEXT_ENCODERS:
                 # The names as CLIPTextModel nested them before transformers 5: diffusers strips the
@@ -563,8 +584,9 @@ def convert_checkpoint(source: str | Path, out: str | Path, *, text_encoder: boo
         return _convert_adapter(adapter, out, adapter_output, wanted, dtypes, overwrite, ema, emit)
 
     flux = is_flux_source(source)
-    sdxl = not flux and is_sdxl_source(source)
-    wanted = ("unet",) if flux else _with_text_encoders(
+    qwen_image = not flux and is_qwen_image_source(source)
+    sdxl = not (flux or qwen_image) and is_sdxl_source(source)
+    wanted = ("unet",) if flux or qwen_image else _with_text_encoders(
         tuple(c for c, keep in zip(COMPONENTS, (True, vae, text_encoder)) if keep), sdxl)
     step = ProgressSteps(emit, total=2 * len(wanted) + 1)  # load and convert each component, then write
 
@@ -582,7 +604,12 @@ def convert_checkpoint(source: str | Path, out: str | Path, *, text_encoder: boo
     _refuse_existing(target, overwrite)
     _make_output_folder(target)
     if flux:
-        return _write_flux(loaded, target, fmt, dtypes["unet"], step, emit)
+        state = keymap_flux.to_original(loaded.models.pop("unet").state_dict())
+        return _write_transformer(state, target, fmt, dtypes["unet"], step, emit, FLUX_NOTE)
+    if qwen_image:
+        transformer = loaded.models.pop("unet")
+        return _write_transformer(transformer.state_dict(), target, fmt, dtypes["unet"], step, emit,
+                                  QWEN_IMAGE_NOTE, {CONFIGS_KEY: json.dumps(recorded_config(transformer))})
 
     expected = estimate_output_bytes(loaded.models, dtypes)
     free = shutil.disk_usage(target.parent).free
@@ -608,22 +635,27 @@ def convert_checkpoint(source: str | Path, out: str | Path, *, text_encoder: boo
     return target
 
 
-def _write_flux(loaded: Source, target: Path, fmt: str, dtype: torch.dtype, step: "ProgressSteps",
-                emit: Callable[[events.Event], None]) -> Path:
-    """A FLUX.1 transformer as one original-layout file, without prefix: what ComfyUI's diffusion_models/
-    folder loads (its text encoders and autoencoder are separate files there)."""
-    state = {key: tensor.to(dtype) if tensor.is_floating_point() else tensor
-             for key, tensor in keymap_flux.to_original(loaded.models.pop("unet").state_dict()).items()}
+FLUX_NOTE = ("FLUX.1: the file holds the transformer only (ComfyUI's diffusion_models/ folder); load CLIP-L, "
+             "T5-XXL and the autoencoder (ae.safetensors) beside it")
+QWEN_IMAGE_NOTE = ("Qwen-Image: the file holds the transformer only (ComfyUI's diffusion_models/ folder); load "
+                   "Qwen2.5-VL-7B and the Qwen-Image autoencoder beside it")
+
+
+def _write_transformer(state: dict, target: Path, fmt: str, dtype: torch.dtype, step: "ProgressSteps",
+                       emit: Callable[[events.Event], None], note: str, metadata: Optional[dict] = None) -> Path:
+    """A transformer's state (in the file's layout) as one file without prefix: what ComfyUI's
+    diffusion_models/ folder loads (its text encoders and autoencoder are separate files there); metadata is
+    added to a .safetensors file's."""
+    state = {key: tensor.to(dtype) if tensor.is_floating_point() else tensor for key, tensor in state.items()}
     expected = sum(t.numel() * t.element_size() for t in state.values())
     free = shutil.disk_usage(target.parent).free
     if free < expected:
         raise UserError(f"not enough free space in {target.parent}: the file needs about {format_size(expected)}, "
                         f"{format_size(free)} free")
     step(f"converted the transformer to {str(dtype).removeprefix('torch.')}")
-    _write(state, target, fmt)
+    _write(state, target, fmt, {"format": "pt", **(metadata or {})})
     step(f"wrote {target} ({format_size(target.stat().st_size)})")
-    emit(events.Log(message="FLUX.1: the file holds the transformer only (ComfyUI's diffusion_models/ folder); "
-                            "load CLIP-L, T5-XXL and the autoencoder (ae.safetensors) beside it"))
+    emit(events.Log(message=note))
     return target
 
 

@@ -8,8 +8,9 @@ pipeline that renders samples and class images. For the DDPM families the noise 
 target is set here from the config.
 
 The conditioning is a dict of tensors with one row per sample: `encoder_hidden_states` for every family,
-plus what a family adds (SDXL: the pooled `text_embeds`; Flux.1: CLIP's pooled `pooled_projections`). The
-caches store it and classifier-free dropout zeroes it without knowing its parts. A batch's `time_ids` (each
+plus what a family adds (SDXL: the pooled `text_embeds`; Flux.1: CLIP's pooled `pooled_projections`;
+Qwen-Image: the mask of its prompt's tokens, `encoder_hidden_states_mask`). The caches store it and
+classifier-free dropout zeroes it without knowing its parts. A batch's `time_ids` (each
 sample's original size, crop top-left and target size) go to the families that condition on them.
 """
 from __future__ import annotations
@@ -52,23 +53,29 @@ def family_for(config: Config) -> ModelFamily:
     """The family of the config's model, recognised from its files. SD1.x and SD2.x share one; their
     difference (text encoder and prediction type) is in the model's own configs."""
     from .flux import Flux1, is_flux
+    from .qwen_image import QwenImage, is_qwen_image
     from .sd import StableDiffusion
     from .sdxl import StableDiffusionXL
 
     if is_flux(config.model):
         return Flux1()
+    if is_qwen_image(config.model):
+        return QwenImage()
     return StableDiffusionXL() if is_sdxl(config.model) else StableDiffusion()
 
 
 def family_named(name: str) -> ModelFamily:
-    """The family an architecture name ('sd15', 'sd21', 'sdxl', 'flux1-dev', 'flux1-schnell') or a family's
-    own name belongs to."""
+    """The family an architecture name ('sd15', 'sd21', 'sdxl', 'flux1-dev', 'flux1-schnell', 'qwen-image') or a
+    family's own name belongs to."""
     from .flux import Flux1
+    from .qwen_image import ARCH, QwenImage
     from .sd import StableDiffusion
     from .sdxl import StableDiffusionXL
 
     if name.startswith("flux1"):
         return Flux1()
+    if name == ARCH:
+        return QwenImage()
     return StableDiffusionXL() if name == "sdxl" else StableDiffusion()
 
 

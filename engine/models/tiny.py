@@ -4,7 +4,7 @@ Nothing here downloads anything. Each tiny pipeline is a real architecture's shi
 (`configs/pipelines/`) with only widths and depths shrunk, so it keeps every quirk of the real model:
 special-token ids, padding tokens, activations, scaling factors, prediction type, `force_upcast`, the
 noise schedule. It tokenizes with the real CLIP vocabulary and its real padding token (and Flux.1's second
-tokenizer with T5's real vocabulary, `t5_vocab`).
+tokenizer with T5's real vocabulary, `t5_vocab`; Qwen-Image's with Qwen2's, `qwen2_vocab`).
 """
 from __future__ import annotations
 
@@ -12,11 +12,12 @@ import json
 import random
 from pathlib import Path
 
-from . import clip_vocab, t5_vocab
+from . import clip_vocab, t5_vocab, tiny_captioners
 
 REAL_CONFIGS = Path(__file__).resolve().parent / "configs" / "pipelines"
 # demo architecture name: the shipped real configs it shrinks
-ARCHITECTURES = {"sd": "sd15", "sd21": "sd21", "sdxl": "sdxl", "flux": "flux1-dev", "flux-schnell": "flux1-schnell"}
+ARCHITECTURES = {"sd": "sd15", "sd21": "sd21", "sdxl": "sdxl", "flux": "flux1-dev", "flux-schnell": "flux1-schnell",
+                 "qwen-image": "qwen-image"}
 TINY_TEXT_DIM = 32
 
 
@@ -48,6 +49,15 @@ _FLUX = {
     # the group count, so a loader rebuilding the VAE from its tensors assumes the real one): 32 wide
     "vae": {"block_out_channels": [32, 32, 32, 32], "layers_per_block": 1, "sample_size": 64}}
 
+# Qwen-Image: two blocks (the last one's text stream is discarded, unlike the others') of two 16-channel heads
+# (rotary axes split as the real 128's 16, 56, 56), reading the hidden states of the tiny captioner's Qwen2.5-VL
+# (real vocabulary of 152,064 ids); an autoencoder of the real four levels (8x) at an eighth of the width, one
+# residual block each.
+_QWEN_VL = tiny_captioners.SIZES["qwen2.5-vl"]
+_QWEN_IMAGE = {"text_encoder": _QWEN_VL, "vae": {"base_dim": 12, "num_res_blocks": 1},
+               "transformer": {"num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 16,
+                               "axes_dims_rope": [4, 6, 6], "joint_attention_dim": 16}}
+
 # The size of every component: only these keys differ from the real configs.
 SIZES = {
     "sd": {"text_encoder": _text(4), "vae": _VAE, "unet": {**_SD_UNET, "attention_head_dim": 8}},
@@ -61,7 +71,7 @@ SIZES = {
                  # the hidden states of both encoders side by side, as SDXL's 768 + 1280
                  "cross_attention_dim": 3 * TINY_TEXT_DIM, "addition_time_embed_dim": _TIME_EMBED_DIM,
                  "projection_class_embeddings_input_dim": _TIME_IDS * _TIME_EMBED_DIM + 2 * TINY_TEXT_DIM}},
-    "flux": _FLUX, "flux-schnell": _FLUX,
+    "flux": _FLUX, "flux-schnell": _FLUX, "qwen-image": _QWEN_IMAGE,
 }
 # The length of FLUX.1's T5 tokenizer (its tokenizer_2/ folder says 512 for dev and schnell alike).
 T5_MAX_LENGTH = 512
@@ -81,6 +91,33 @@ def _text_encoder(config: dict):
     return model_class(model_class.config_class.from_dict(config))
 
 
+def _shrunk(real: dict, size: dict) -> dict:
+    """real with size's values; a nested `*_config` (Qwen2.5-VL's vision tower) keeps its other real values."""
+    return {**real, **{key: {**real[key], **value} if key.endswith("_config") else value
+                       for key, value in size.items()}}
+
+
+def _make_tiny_qwen_image(directory: Path, configs: dict, scheduler: dict) -> Path:
+    import diffusers
+    import transformers
+
+    from .qwen_image import text_encoder_from_config
+
+    text_encoder = text_encoder_from_config(configs["text_encoder"])
+    # Qwen2.5-VL's tokenizer files, as the tiny captioner's (the pipeline saves them again, in the same place)
+    tokenizer_folder = directory / "tokenizer"
+    tokenizer_folder.mkdir(exist_ok=True)
+    tiny_captioners.qwen_tokenizer_files(tokenizer_folder, tiny_captioners.QWEN_SPECIALS[:22],
+                                         tiny_captioners.QWEN_CHAT_TEMPLATE)
+    tokenizer = transformers.Qwen2Tokenizer.from_pretrained(tokenizer_folder)
+    pipeline = diffusers.QwenImagePipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_config(scheduler),
+        vae=diffusers.AutoencoderKLQwenImage.from_config(configs["vae"]), text_encoder=text_encoder,
+        tokenizer=tokenizer, transformer=diffusers.QwenImageTransformer2DModel.from_config(configs["transformer"]))
+    pipeline.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
 def make_tiny_model(directory: str | Path, seed: int = 0, arch: str = "sd") -> Path:
     """Save a tiny random pipeline of the architecture (a key of ARCHITECTURES) in diffusers format; same
     bytes for the same seed."""
@@ -92,8 +129,10 @@ def make_tiny_model(directory: str | Path, seed: int = 0, arch: str = "sd") -> P
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     index = json.loads((REAL_CONFIGS / ARCHITECTURES[arch] / "model_index.json").read_text(encoding="utf-8"))
-    configs = {name: {**real_config(arch, name), **size} for name, size in SIZES[arch].items()}
+    configs = {name: _shrunk(real_config(arch, name), size) for name, size in SIZES[arch].items()}
     torch.manual_seed(seed)
+    if arch == "qwen-image":
+        return _make_tiny_qwen_image(directory, configs, real_config(arch, "scheduler"))
     parts = {name: _text_encoder(configs[name]) for name in ("text_encoder", "text_encoder_2") if name in configs}
     for name, pad_token in clip_vocab.PAD_TOKENS.get(ARCHITECTURES[arch], {}).items():
         parts[name] = clip_vocab.clip_tokenizer(pad_token)

@@ -200,7 +200,7 @@ def _save_model(model_class, config: dict, folder: Path, seed: int) -> None:
     model.to(torch.bfloat16).save_pretrained(folder)
 
 
-def _qwen_tokenizer_files(folder: Path, specials: list[str], chat_template: str) -> None:
+def qwen_tokenizer_files(folder: Path, specials: list[str], chat_template: str) -> None:
     from . import qwen2_vocab
 
     vocab, merges = qwen2_vocab.files()
@@ -223,7 +223,7 @@ def make_qwen25_vl(folder: Path, seed: int = 0) -> None:
     _save_model(transformers.Qwen2_5_VLForConditionalGeneration, _shrunk(QWEN25_VL, SIZES["qwen2.5-vl"]), folder,
                 seed)
     (folder / "preprocessor_config.json").write_text(json.dumps(QWEN25_VL_PREPROCESSOR, indent=1), encoding="utf-8")
-    _qwen_tokenizer_files(folder, QWEN_SPECIALS[:22], QWEN_CHAT_TEMPLATE)
+    qwen_tokenizer_files(folder, QWEN_SPECIALS[:22], QWEN_CHAT_TEMPLATE)
 
 
 def _byte_bpe(specials: dict[int, str], size: int):
@@ -251,7 +251,7 @@ def make_qwen3_vl(folder: Path, seed: int = 0) -> None:
 
     _save_model(transformers.Qwen3VLForConditionalGeneration, _shrunk(QWEN3_VL, SIZES["qwen3-vl"]), folder, seed)
     (folder / "preprocessor_config.json").write_text(json.dumps(QWEN3_VL_PREPROCESSOR, indent=1), encoding="utf-8")
-    _qwen_tokenizer_files(folder, QWEN_SPECIALS, QWEN3_CHAT_TEMPLATE)
+    qwen_tokenizer_files(folder, QWEN_SPECIALS, QWEN3_CHAT_TEMPLATE)
 
 
 def make_joycaption(folder: Path, seed: int = 0) -> None:
