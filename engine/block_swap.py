@@ -28,10 +28,10 @@ from .config import ConfigError
 
 def repeated_blocks(unet: torch.nn.Module) -> list[torch.nn.Module]:
     """The denoiser's repeated blocks in the order its forward runs them: a Flux transformer's double-stream
-    then single-stream blocks; a Z-Image transformer's main blocks (its small refiners stay on the device); a
-    UNet's down then up blocks (its mid block stays on the device)."""
-    if hasattr(unet, "single_transformer_blocks"):
-        return [*unet.transformer_blocks, *unet.single_transformer_blocks]
+    then single-stream blocks, Qwen-Image's blocks; a Z-Image transformer's main blocks (its small refiners stay
+    on the device); a UNet's down then up blocks (its mid block stays on the device)."""
+    if hasattr(unet, "transformer_blocks"):
+        return [*unet.transformer_blocks, *getattr(unet, "single_transformer_blocks", ())]
     if hasattr(unet, "noise_refiner"):
         return [*unet.layers]
     return [*unet.down_blocks, *unet.up_blocks]

@@ -39,7 +39,7 @@ from .setup import (build_optimizer, frozen_models, offloaded_checkpoint, parame
 from .step import StepModels, backward, compute_loss, optimizer_step
 
 GIB = 2**30
-ARCHITECTURES = ("sd15", "sd21", "sdxl", "flux1-dev", "flux1-schnell", "chroma", "z-image")
+ARCHITECTURES = ("sd15", "sd21", "sdxl", "flux1-dev", "flux1-schnell", "chroma", "z-image", "qwen-image")
 # bitsandbytes keeps fp32 states for parameters smaller than this (its min_8bit_size) and one fp32 absmax
 # per block of this many elements for the others (its blockwise quantization).
 BNB_MIN_8BIT_SIZE = 4096
@@ -132,6 +132,8 @@ class Architecture:
             return "chroma"
         if denoiser == "ZImageTransformer2DModel":
             return "z-image"
+        if denoiser == "QwenImageTransformer2DModel":
+            return "qwen-image"
         return "sdxl" if self.text_encoder_2 is not None else "sd"
 
 
@@ -143,9 +145,9 @@ def _read_json(path: Path) -> dict:
 
 
 def guess_architecture(model: str) -> str:
-    """chroma, z-image, flux1-dev or flux1-schnell when the model's name says so ("Chroma1-HD",
-    "z_image_turbo_bf16"), sdxl when it does ("sd_xl_base_1.0", "sdxl"), sd21 when it says SD2.x
-    ("stable-diffusion-2-1", "v2-1_768", "sd21"), else sd15."""
+    """chroma, z-image, flux1-dev, flux1-schnell or qwen-image when the model's name says so ("Chroma1-HD",
+    "z_image_turbo_bf16", "qwen_image_bf16"), sdxl when it does ("sd_xl_base_1.0", "sdxl"), sd21 when it says
+    SD2.x ("stable-diffusion-2-1", "v2-1_768", "sd21"), else sd15."""
     name = Path(model).name.lower() if model else ""
     if "chroma" in name:
         return "chroma"
@@ -153,6 +155,8 @@ def guess_architecture(model: str) -> str:
         return "z-image"
     if "flux" in name:
         return "flux1-schnell" if "schnell" in name else "flux1-dev"
+    if "qwen" in name:
+        return "qwen-image"
     if re.search(r"xl", name):
         return "sdxl"
     return "sd21" if re.search(r"(?<![0-9.])2[-._]?[01](?![0-9])|v2|sd2(?!x)", name) else "sd15"
@@ -453,7 +457,8 @@ def _trace_step(config: Config, architecture: Architecture, plan: RunPlan, shape
     first_encoder = next(iter(text_encoder_parts(text_encoder).values()))
     # the family's own prompt length where its tokenizer has one (Flux.1: CLIP's 77 then T5's)
     tokens = getattr(components.tokenizer, "model_max_length", None) or first_encoder.config.max_position_embeddings
-    batch = {"input_ids": torch.randint(0, first_encoder.config.vocab_size, (shape.rows, tokens)),
+    vocabulary = first_encoder.get_input_embeddings().num_embeddings  # (Qwen2.5-VL's config nests its own)
+    batch = {"input_ids": torch.randint(0, vocabulary, (shape.rows, tokens)),
              "captions": ["a caption"] * shape.rows, "sample_keys": list(range(shape.rows)),
              "time_ids": torch.zeros(shape.rows, 6),
              "num_instance": config.batch_size if config.prior_preservation.enabled else shape.rows}

@@ -221,3 +221,26 @@ def comfyui_chroma_lora_keys(original_keys, depth, depth_single_blocks, hidden_s
     (the `distilled_guidance_layer.*` keys only set image_model to chroma). The map's modulation and guidance
     entries name weights Chroma does not have; no file of its blocks names them."""
     return comfyui_flux_lora_keys(original_keys, depth, depth_single_blocks, hidden_size)
+
+
+def comfyui_qwen_image_lora_keys(model_keys):
+    """The adapter-file module names ComfyUI maps for a Qwen-Image model whose state dict (without
+    `diffusion_model.`) has model_keys, each to the weight key it patches.
+
+    comfy/lora.py, model_lora_keys_unet, in Comfy-Org/ComfyUI at ec93dcacb96b922f7cb1417b3ba22bccb082df32: for
+    every `diffusion_model.` key ending in `.weight`, `lora_unet_` plus its module path with dots as underscores,
+    and the module path itself; for a QwenImage model also `transformer.<path>` and `lycoris_<path_>` (the
+    `img_mlp.gate_up` split belongs to Qwen-Image 2.1, whose blocks have no `net`). ComfyUI's Qwen-Image module
+    paths are diffusers' (comfy/ldm/qwen_image/model.py in comfyanonymous/ComfyUI at
+    c708d0a433c2f93e97d6e149ccda313192ee4f1e: transformer_blocks.N.attn.to_q … to_add_out, img_mod.1,
+    img_mlp.net.0.proj, img_mlp.net.2, txt_…, norm_out.linear, proj_out), so model_keys are the diffusers
+    transformer's."""
+    key_map = {}
+    for key in model_keys:
+        if key.endswith(".weight"):
+            path = key[:-len(".weight")]
+            target = "diffusion_model." + key
+            for name in ("lora_unet_" + path.replace(".", "_"), path, "transformer." + path,
+                         "lycoris_" + path.replace(".", "_")):
+                key_map[name] = target
+    return key_map

@@ -189,7 +189,8 @@ def test_preset_trains_end_to_end_on_the_tiny_model(preset, tmp_path, sample_dat
     assert len(pngs(sample_data / "finetune")) == len(list((sample_data / "finetune").glob("*.txt"))) > 0
     config = preset_to_tiny(preset, tmp_path / "out", tmp_path / "class", CAPTIONED)
     arch = {"demo:tiny-sdxl": "sdxl", "demo:tiny-flux": "flux", "demo:tiny-flux-schnell": "flux-schnell",
-            "demo:tiny-chroma": "chroma", "demo:tiny-z-image": "z-image"}.get(config.model, "sd")
+            "demo:tiny-chroma": "chroma", "demo:tiny-z-image": "z-image",
+            "demo:tiny-qwen-image": "qwen-image"}.get(config.model, "sd")
     run_dir, _, checkpoint, _ = train(config, PRESET_STEPS)
     meta = checkpoints.read_meta(checkpoint)
     # SDXL trains both text encoders; Flux.1 only the first (T5 never trains)
@@ -198,7 +199,7 @@ def test_preset_trains_end_to_end_on_the_tiny_model(preset, tmp_path, sample_dat
     assert meta["trained"] == expected_trained
     # a transformer model's folder keeps the denoising model in transformer/
     base_files = ({**MODEL_FILES, "unet": "transformer/diffusion_pytorch_model.safetensors"}
-                  if arch.startswith(("flux", "chroma", "z-image")) else None)
+                  if arch.startswith(("flux", "chroma", "z-image", "qwen-image")) else None)
     assert_weights_moved(paths.demo_model_dir(arch), checkpoint, expected_trained, base_files)
     if "8bit" in config.optimizer.name:
         # bitsandbytes runs on the CPU: tensors of 4096 weights or more keep two uint8 moments (AdamW's).

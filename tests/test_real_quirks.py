@@ -24,11 +24,17 @@ SIZE_KEYS = {
     "unet": {"sample_size", "layers_per_block", "block_out_channels", "down_block_types", "up_block_types",
              "attention_head_dim", "transformer_layers_per_block", "cross_attention_dim", "norm_num_groups",
              "addition_time_embed_dim", "projection_class_embeddings_input_dim"},
-    "vae": {"block_out_channels", "layers_per_block", "norm_num_groups", "sample_size"},
+    "vae": {"block_out_channels", "layers_per_block", "norm_num_groups", "sample_size", "base_dim", "num_res_blocks"},
     # Z-Image's Qwen3 (layer_types: one entry per layer) and transformer
     "qwen3": {"hidden_size", "intermediate_size", "num_hidden_layers", "max_window_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim", "layer_types"},
     "zimage": {"dim", "n_heads", "n_kv_heads", "n_layers", "n_refiner_layers", "axes_dims", "cap_feat_dim"},
+    # Qwen2.5-VL: its language model's and (behind `vision.`) its vision tower's sizes; layer_types lists one entry
+    # per layer and rope_parameters holds the rotary sections of the narrower heads
+    "qwen-vl": {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "max_window_layers", "layer_types", "rope_parameters", "vision.depth", "vision.hidden_size",
+                "vision.intermediate_size", "vision.num_heads", "vision.out_hidden_size",
+                "vision.fullatt_block_indexes"},
     "scheduler": set(),
 }
 # Written by the libraries, not part of the architecture (transformers writes the saved class as architectures:
@@ -42,7 +48,8 @@ REAL_PADDING = {"sd": {"tokenizer": "<|endoftext|>"}, "sd21": {"tokenizer": "!"}
                 "sdxl": {"tokenizer": "<|endoftext|>", "tokenizer_2": "!"},
                 # black-forest-labs/FLUX.1-dev and -schnell: tokenizer/ is CLIP ViT-L's, padded with the end token
                 "flux": {"tokenizer": "<|endoftext|>"}, "flux-schnell": {"tokenizer": "<|endoftext|>"},
-                "chroma": {}}  # lodestones/Chroma1-HD: T5's tokenizer alone
+                "chroma": {},  # lodestones/Chroma1-HD: T5's tokenizer alone
+                "qwen-image": {}}  # Qwen2's tokenizer, checked below
 
 # "#" is id 2, the text encoders' configured eos_token_id; SDXL's second tokenizer splits every "!" out
 PROMPTS = ["a photo of sks toy", "", "#1 best, sks toy!! on a #red# table", "a, b,, c ,d!", "photo of #",
@@ -59,6 +66,12 @@ def _full_config(component: str, folder):
         values = json.loads((folder / "config.json").read_text())
         if values.get("model_type") == "qwen3":
             return "qwen3", AutoConfig.from_pretrained(folder).to_dict()
+        if values["architectures"] == ["Qwen2_5_VLForConditionalGeneration"]:
+            from transformers import Qwen2_5_VLConfig
+
+            values = Qwen2_5_VLConfig.from_pretrained(folder).to_dict()
+            vision = {f"vision.{k}": v for k, v in values.pop("vision_config").items()}
+            return "qwen-vl", {**values.pop("text_config"), **vision, **values}
         if values["architectures"] == ["T5EncoderModel"]:
             from transformers import T5EncoderModel
 
@@ -69,9 +82,7 @@ def _full_config(component: str, folder):
     if component == "scheduler":
         values = json.loads((folder / "scheduler_config.json").read_text())
         return "scheduler", dict(getattr(diffusers, values["_class_name"]).from_config(values).config)
-    cls = {"unet": diffusers.UNet2DConditionModel, "vae": diffusers.AutoencoderKL,
-           "transformer": getattr(diffusers, json.loads((folder / "config.json").read_text()).get(
-               "_class_name", ""), None)}[component]
+    cls = getattr(diffusers, json.loads((folder / "config.json").read_text())["_class_name"])
     if cls is diffusers.ZImageTransformer2DModel:
         component = "zimage"
     with torch.device("meta"):
@@ -118,6 +129,13 @@ def test_every_non_size_value_of_each_tiny_config_is_the_real_ones(arch, demo_ca
         t5 = T5TokenizerFast.from_pretrained(tiny / ("tokenizer_2" if "tokenizer_2" in index else "tokenizer"))
         assert (len(t5), t5.model_max_length, t5.pad_token_id, t5.eos_token_id, t5.unk_token_id) == (
             32100, 512, 0, 1, 2)
+    if index["_class_name"] == "QwenImagePipeline":
+        from transformers import Qwen2Tokenizer
+
+        # Qwen2.5-VL-7B-Instruct's tokenizer (Qwen/Qwen-Image's tokenizer/): 151,643 BPE tokens, 22 special ones
+        qwen = Qwen2Tokenizer.from_pretrained(tiny / "tokenizer")
+        assert (len(qwen), qwen.pad_token, qwen.pad_token_id, qwen.eos_token, qwen.convert_tokens_to_ids(
+            "<|im_start|>")) == (151665, "<|endoftext|>", 151643, "<|im_end|>", 151644)
 
 
 def _open_clip_tokenizer():
@@ -151,10 +169,11 @@ def test_the_clip_vocabulary_tokenizes_as_open_clips_own_tokenizer():
     assert len(tokenize(tokenizer, CORPUS[-2])) == 77
 
 
-# Flux.1's, Chroma's and Z-Image's prompts are held to their pipelines' encode_prompt in tests/test_flux.py,
-# tests/test_chroma.py and tests/test_zimage.py (their encode_prompt differs).
+# Flux.1's, Chroma's, Z-Image's and Qwen-Image's prompts are held to their pipelines' encode_prompt in
+# tests/test_flux.py, tests/test_chroma.py, tests/test_zimage.py and tests/test_qwen_image.py (their
+# encode_prompt differs).
 @pytest.mark.parametrize("arch", [arch for arch in ARCHITECTURES
-                                  if not arch.startswith(("flux", "chroma", "z-image"))])
+                                  if not arch.startswith(("flux", "chroma", "z-image", "qwen"))])
 def test_prompts_reach_the_text_encoders_as_diffusers_pipeline_encode_prompt_sends_them(arch, demo_cache):
     import diffusers
 

@@ -40,7 +40,7 @@ def resume_values(output_dir, **overrides):
                                       "checkpoint.save_top_k": 2, "sampling.interval_steps": 10, **overrides})
 
 
-@pytest.mark.parametrize("model", ["demo:tiny-sd", "demo:tiny-flux"])
+@pytest.mark.parametrize("model", ["demo:tiny-sd", "demo:tiny-flux", "demo:tiny-qwen-image"])
 def test_sigkill_then_resume_equals_an_uninterrupted_run(model, tmp_path, class_images):
     from engine.data.cache import ShardStore
 

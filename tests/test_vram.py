@@ -296,6 +296,16 @@ def test_the_chroma_preset_fits_a_24gb_card_as_its_description_says():
     assert vram.resolve_architecture(config).source == "chroma"
     result = vram.estimate(config)
     assert result.peak <= 23.25  # 24 GiB less the memory plan's CUDA reserve
+
+
+# Qwen-Image's 24 GB preset, traced on the real 20-billion-parameter transformer (about 45 s here): its fp8 base
+# alone is 19 GiB, so the limit leaves the card 0.75 GiB for the CUDA context and nothing to spare.
+def test_the_qwen_image_24gb_preset_fits_its_card():
+    config = cfg.load(ROOT / "presets" / "qwen-image-lora-24gb.yaml")
+    assert vram.resolve_architecture(config).source == "qwen-image"
+    result = vram.estimate(config)
+    assert result.peak <= 23.25
+    assert result.parameters == pytest.approx(20_430_401_088 / GIB, rel=0.03)  # fp8: a byte a weight, nearly
     stated = float(re.search(r"est\. ([0-9.]+) GiB GPU peak", config.description).group(1))
     assert stated == pytest.approx(result.peak, abs=0.05)
     ram = float(re.search(r"([0-9.]+) GiB system RAM", config.description).group(1))

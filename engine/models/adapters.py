@@ -9,8 +9,9 @@ The modules adapted are those kohya's sd-scripts adapts, so files from either tr
 Linear and 1x1 convolution inside the transformer blocks of the UNet, and the attention and MLP
 projections of the text encoder (of both, for SDXL); with conv_rank > 0 (LoCon) also the ResNet blocks and
 the down- and up-samplers, their 3x3 convolutions at conv_rank and their Linear and 1x1 layers at rank.
-Flux.1's transformer: the attention and MLP projections of its blocks, and with network.modulation each
-block's modulation layer too (refused for a model that has none). Z-Image's transformer: the attention and
+Flux.1's and Qwen-Image's transformers: the attention and MLP projections of their blocks (but for the layers of
+Qwen-Image's last block that feed only its discarded text stream), and with network.modulation each block's
+modulation layer too (refused for a model that has none). Z-Image's transformer: the attention and
 feed-forward projections of its main blocks, and with network.modulation their adaLN modulation too.
 """
 from __future__ import annotations
@@ -36,6 +37,11 @@ FLUX_DOUBLE = re.compile(r"^transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_o
 FLUX_SINGLE = re.compile(r"^single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out)$")
 FLUX_MODULATION = re.compile(r"^(transformer_blocks\.\d+\.(norm1|norm1_context)|single_transformer_blocks\.\d+\.norm)"
                              r"\.linear$")
+# Qwen-Image's blocks: Flux.1's double-stream attention, the image and text MLPs under their own names, and the
+# modulation layers of the two streams (img_mod and txt_mod, a SiLU then this Linear).
+QWEN_IMAGE_BLOCK = re.compile(r"^transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|"
+                              r"add_v_proj|to_add_out)|(img|txt)_mlp\.net\.(0\.proj|2))$")
+QWEN_IMAGE_MODULATION = re.compile(r"^transformer_blocks\.\d+\.(img|txt)_mod\.1$")
 
 # Z-Image's transformer: the attention and SwiGLU projections of the main blocks, which kohya's musubi-tuner
 # adapts (it leaves out the refiners and the modulation); with network.modulation also each main block's adaLN
@@ -64,26 +70,29 @@ def _base_modules(model: torch.nn.Module):
 
 def target_modules(model: torch.nn.Module, component: str, network: Network) -> dict[str, bool]:
     """The adapted modules' names, each with whether it is a 3x3 convolution (adapted at conv_rank)."""
+    from .qwen_image import unused_modules
+
     found, modulation = {}, False
+    unused = tuple(unused_modules(model))
     for name, module in _base_modules(model):
-        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) or name.startswith(unused):
             continue
         if component in TEXT_ENCODERS:
             if TEXT_PROJECTIONS.search(name):
                 found[name] = False
         elif UNET_TRANSFORMER.search(name) and not _is_3x3(module):
             found[name] = False
-        elif FLUX_DOUBLE.search(name) or FLUX_SINGLE.search(name) or ZIMAGE_BLOCK.search(name):
+        elif any(p.search(name) for p in (FLUX_DOUBLE, FLUX_SINGLE, ZIMAGE_BLOCK, QWEN_IMAGE_BLOCK)):
             found[name] = False
-        elif FLUX_MODULATION.search(name) or ZIMAGE_MODULATION.search(name):
+        elif any(p.search(name) for p in (FLUX_MODULATION, ZIMAGE_MODULATION, QWEN_IMAGE_MODULATION)):
             modulation = True
             if network.modulation:
                 found[name] = False
         elif network.conv_rank and UNET_CONV_BLOCKS.search(name):
             found[name] = _is_3x3(module)
     if network.modulation and component not in TEXT_ENCODERS and not modulation:
-        raise UserError("config key 'network.modulation': only Flux.1's and Z-Image's transformers have "
-                        "modulation layers to adapt; set it to false for this model")
+        raise UserError("config key 'network.modulation': only Flux.1's, Qwen-Image's and Z-Image's transformers "
+                        "have modulation layers to adapt; set it to false for this model")
     return found
 
 

@@ -17,7 +17,8 @@ transformer alone in Black Forest Labs' layout (`keymap_flux`), the file ComfyUI
 and Forge load beside the text-encoder (CLIP-L and T5-XXL; Chroma: T5-XXL) and autoencoder files users
 already have; the trainer keeps the transformer in the checkpoint's unet/ folder. A Z-Image run likewise
 converts to its transformer alone in the original layout (`keymap_zimage`), with its diffusers config
-recorded in the file's metadata.
+recorded in the file's metadata; a Qwen-Image run to its transformer alone, whose diffusers keys are already
+those of ComfyUI's Qwen-Image files.
 """
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ from . import keymap_flux, keymap_sdxl, keymap_zimage
 from .chroma import is_chroma_transformer
 from .flux import is_flux_transformer
 from .zimage import is_zimage_transformer
+from .qwen_image import ARCH as QWEN_IMAGE_ARCH
+from .qwen_image import is_qwen_image, is_qwen_image_transformer, load_transformer_file, recorded_config
 from .keymap import KEY_MAPS, check_complete, to_original
 from .single_file import CONFIGS_KEY, model_configs
 from ..run_dir import RunDir
@@ -151,13 +154,15 @@ def _load_model(name: str, folder: Path):
 
 
 def _transformer_class(folder: Path) -> Optional[str]:
-    """The class of the transformer in folder (a model's transformer/, a checkpoint's unet/): FLUX.1's, Chroma's
-    or Z-Image's; None for a UNet."""
+    """The class of the transformer in folder (a model's transformer/, a checkpoint's unet/): FLUX.1's, Chroma's,
+    Z-Image's or Qwen-Image's; None for a UNet."""
     if is_flux_transformer(folder):
         return "FluxTransformer2DModel"
     if is_chroma_transformer(folder):
         return "ChromaTransformer2DModel"
-    return "ZImageTransformer2DModel" if is_zimage_transformer(folder) else None
+    if is_zimage_transformer(folder):
+        return "ZImageTransformer2DModel"
+    return "QwenImageTransformer2DModel" if is_qwen_image_transformer(folder) else None
 
 
 def _component_folder(base: Path, component: str) -> Path:
@@ -212,6 +217,12 @@ def is_zimage_source(source: str | Path) -> bool:
 
     base = _base_model(checkpoint_path(source))
     return base is not None and base.exists() and is_zimage(str(base))
+
+
+def is_qwen_image_source(source: str | Path) -> bool:
+    """Whether SOURCE (a checkpoint, run folder or model folder) is of a Qwen-Image model."""
+    base = _base_model(checkpoint_path(source))
+    return base is not None and base.exists() and is_qwen_image(str(base))
 
 
 def _with_text_encoders(components: tuple[str, ...], sdxl: bool) -> tuple[str, ...]:
@@ -341,6 +352,12 @@ def load_source(source: str | Path, wanted: tuple[str, ...], ema: bool = False,
         result.config_folder = CHROMA_CONFIGS
         if "unet" in wanted and "unet" not in own:
             base_components = {"unet": load_chroma_transformer(base)}
+    elif base.is_file() and is_qwen_image(str(base)):
+        from .single_file import BUILTIN_CONFIGS
+
+        result.config_folder = BUILTIN_CONFIGS / QWEN_IMAGE_ARCH
+        if "unet" in wanted and "unet" not in own:
+            base_components = {"unet": load_transformer_file(base, torch.float32)}
     elif base.is_file():
         from .family import text_encoder_parts
         from .single_file import config_folder, load_single_file_components, read_shapes
@@ -506,14 +523,14 @@ def _diffusers_file(loaded: Source, dtypes: Mapping[str, torch.dtype]) -> tuple[
     save_lora_weights writes them, with each component's LoraConfig under lora_adapter_metadata (without
     it the loader would take alpha = rank, and not the network's scale alpha / rank)."""
     from .adapters import adapter_state, peft_config
-    from .kohya import is_flux, is_zimage
+    from .kohya import is_flux, is_qwen_image, is_zimage
 
     network = loaded.adapter.network
     state: dict[str, torch.Tensor] = {}
     configs: dict[str, object] = {}
     for component, model in loaded.models.items():
-        # diffusers' Flux and Z-Image pipelines name their denoiser transformer; the trainer keeps it as the unet
-        name_in_file = "transformer" if is_flux(model) or is_zimage(model) else component
+        # diffusers' transformer pipelines name their denoiser transformer; the trainer keeps it as the unet
+        name_in_file = "transformer" if is_flux(model) or is_zimage(model) or is_qwen_image(model) else component
         for key, tensor in adapter_state(model).items():
             if component in TEXT_ENCODERS:
                 # The names as CLIPTextModel nested them before transformers 5: diffusers strips the
@@ -603,8 +620,9 @@ def convert_checkpoint(source: str | Path, out: str | Path, *, text_encoder: boo
 
     flux = is_flux_source(source)
     zimage = not flux and is_zimage_source(source)
-    sdxl = not flux and not zimage and is_sdxl_source(source)
-    wanted = ("unet",) if flux or zimage else _with_text_encoders(
+    qwen_image = not (flux or zimage) and is_qwen_image_source(source)
+    sdxl = not (flux or zimage or qwen_image) and is_sdxl_source(source)
+    wanted = ("unet",) if flux or zimage or qwen_image else _with_text_encoders(
         tuple(c for c, keep in zip(COMPONENTS, (True, vae, text_encoder)) if keep), sdxl)
     step = ProgressSteps(emit, total=2 * len(wanted) + 1)  # load and convert each component, then write
 
@@ -624,19 +642,20 @@ def convert_checkpoint(source: str | Path, out: str | Path, *, text_encoder: boo
     if flux:
         from diffusers import ChromaTransformer2DModel
 
-        chroma = isinstance(loaded.models["unet"], ChromaTransformer2DModel)
-        return _write_transformer(loaded, target, fmt, dtypes["unet"], step, emit, keymap_flux.to_original, {},
-                                  f"{'Chroma' if chroma else 'FLUX.1'}: the file holds the transformer only "
-                                  f"(ComfyUI's diffusion_models/ folder); load {'T5-XXL' if chroma else 'CLIP-L, T5-XXL'}"
-                                  " and the autoencoder (ae.safetensors) beside it")
+        note = CHROMA_NOTE if isinstance(loaded.models["unet"], ChromaTransformer2DModel) else FLUX_NOTE
+        state = keymap_flux.to_original(loaded.models.pop("unet").state_dict())
+        return _write_transformer(state, target, fmt, dtypes["unet"], step, emit, note)
     if zimage:
+        transformer = loaded.models.pop("unet")
         # the architecture only: the library's bookkeeping (`_name_or_path`…) names this machine's folders
-        config = {k: v for k, v in loaded.models["unet"].config.items() if not k.startswith("_")}
-        recorded = {"format": "pt", CONFIGS_KEY: json.dumps({"transformer": config}, sort_keys=True)}
-        return _write_transformer(loaded, target, fmt, dtypes["unet"], step, emit, keymap_zimage.to_original,
-                                  recorded, "Z-Image: the file holds the transformer only (ComfyUI's "
-                                  "diffusion_models/ folder); load Qwen3-4B (qwen_3_4b.safetensors) and Flux.1's "
-                                  "autoencoder (ae.safetensors) beside it")
+        config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
+        return _write_transformer(keymap_zimage.to_original(transformer.state_dict()), target, fmt, dtypes["unet"],
+                                  step, emit, ZIMAGE_NOTE,
+                                  {CONFIGS_KEY: json.dumps({"transformer": config}, sort_keys=True)})
+    if qwen_image:
+        transformer = loaded.models.pop("unet")
+        return _write_transformer(transformer.state_dict(), target, fmt, dtypes["unet"], step, emit,
+                                  QWEN_IMAGE_NOTE, {CONFIGS_KEY: json.dumps(recorded_config(transformer))})
 
     expected = estimate_output_bytes(loaded.models, dtypes)
     free = shutil.disk_usage(target.parent).free
@@ -662,22 +681,31 @@ def convert_checkpoint(source: str | Path, out: str | Path, *, text_encoder: boo
     return target
 
 
-def _write_transformer(loaded: Source, target: Path, fmt: str, dtype: torch.dtype, step: "ProgressSteps",
-                       emit: Callable[[events.Event], None], to_original: Callable[[dict], dict],
-                       metadata: dict[str, str], advice: str) -> Path:
-    """A transformer (FLUX.1's, Chroma's, Z-Image's) as one original-layout file, without prefix: what
-    ComfyUI's diffusion_models/ folder loads (its text encoders and autoencoder are separate files there)."""
-    state = {key: tensor.to(dtype) if tensor.is_floating_point() else tensor
-             for key, tensor in to_original(loaded.models.pop("unet").state_dict()).items()}
+FLUX_NOTE = ("FLUX.1: the file holds the transformer only (ComfyUI's diffusion_models/ folder); load CLIP-L, "
+             "T5-XXL and the autoencoder (ae.safetensors) beside it")
+CHROMA_NOTE = ("Chroma: the file holds the transformer only (ComfyUI's diffusion_models/ folder); load T5-XXL and "
+               "the autoencoder (ae.safetensors) beside it")
+ZIMAGE_NOTE = ("Z-Image: the file holds the transformer only (ComfyUI's diffusion_models/ folder); load Qwen3-4B "
+               "(qwen_3_4b.safetensors) and Flux.1's autoencoder (ae.safetensors) beside it")
+QWEN_IMAGE_NOTE = ("Qwen-Image: the file holds the transformer only (ComfyUI's diffusion_models/ folder); load "
+                   "Qwen2.5-VL-7B and the Qwen-Image autoencoder beside it")
+
+
+def _write_transformer(state: dict, target: Path, fmt: str, dtype: torch.dtype, step: "ProgressSteps",
+                       emit: Callable[[events.Event], None], note: str, metadata: Optional[dict] = None) -> Path:
+    """A transformer's state (in the file's layout) as one file without prefix: what ComfyUI's
+    diffusion_models/ folder loads (its text encoders and autoencoder are separate files there); metadata is
+    added to a .safetensors file's."""
+    state = {key: tensor.to(dtype) if tensor.is_floating_point() else tensor for key, tensor in state.items()}
     expected = sum(t.numel() * t.element_size() for t in state.values())
     free = shutil.disk_usage(target.parent).free
     if free < expected:
         raise UserError(f"not enough free space in {target.parent}: the file needs about {format_size(expected)}, "
                         f"{format_size(free)} free")
     step(f"converted the transformer to {str(dtype).removeprefix('torch.')}")
-    _write(state, target, fmt, metadata or None)
+    _write(state, target, fmt, {"format": "pt", **(metadata or {})})
     step(f"wrote {target} ({format_size(target.stat().st_size)})")
-    emit(events.Log(message=advice))
+    emit(events.Log(message=note))
     return target
 
 

@@ -9,8 +9,9 @@ target is set here from the config.
 
 The conditioning is a dict of tensors with one row per sample: `encoder_hidden_states` for every family,
 plus what a family adds (SDXL: the pooled `text_embeds`; Flux.1: CLIP's pooled `pooled_projections`; Chroma:
-the transformer's `attention_mask` over T5's tokens). The
-caches store it and classifier-free dropout zeroes it without knowing its parts. A batch's `time_ids` (each
+the transformer's `attention_mask` over T5's tokens; Qwen-Image: the mask of its prompt's tokens,
+`encoder_hidden_states_mask`). The caches store it and classifier-free dropout zeroes it without knowing its
+parts. A batch's `time_ids` (each
 sample's original size, crop top-left and target size) go to the families that condition on them.
 """
 from __future__ import annotations
@@ -54,6 +55,7 @@ def family_for(config: Config) -> ModelFamily:
     difference (text encoder and prediction type) is in the model's own configs."""
     from .chroma import Chroma, is_chroma
     from .flux import Flux1, is_flux
+    from .qwen_image import QwenImage, is_qwen_image
     from .sd import StableDiffusion
     from .sdxl import StableDiffusionXL
     from .zimage import ZImage, is_zimage
@@ -64,14 +66,17 @@ def family_for(config: Config) -> ModelFamily:
         return Chroma()
     if is_zimage(config.model):
         return ZImage()
+    if is_qwen_image(config.model):
+        return QwenImage()
     return StableDiffusionXL() if is_sdxl(config.model) else StableDiffusion()
 
 
 def family_named(name: str) -> ModelFamily:
     """The family an architecture name ('sd15', 'sd21', 'sdxl', 'flux1-dev', 'flux1-schnell', 'chroma',
-    'z-image') or a family's own name belongs to."""
+    'z-image', 'qwen-image') or a family's own name belongs to."""
     from .chroma import Chroma
     from .flux import Flux1
+    from .qwen_image import ARCH, QwenImage
     from .sd import StableDiffusion
     from .sdxl import StableDiffusionXL
     from .zimage import ZImage
@@ -82,6 +87,8 @@ def family_named(name: str) -> ModelFamily:
         return Chroma()
     if name == ZImage.name:
         return ZImage()
+    if name == ARCH:
+        return QwenImage()
     return StableDiffusionXL() if name == "sdxl" else StableDiffusion()
 
 

@@ -51,6 +51,9 @@ FLUX_VERSION = "flux1"
 ZIMAGE_VERSION = "z_image"
 ZIMAGE_PREFIXES = {"unet": "diffusion_model."}
 CHROMA_VERSION = "chroma"  # and of its Chroma files (MODEL_VERSION_CHROMA there), laid out as Flux.1's
+# Qwen-Image's name in musubi-tuner's files (its ARCHITECTURE_QWEN_IMAGE_FULL). Its modules are named as SD's,
+# lora_unet_ and the diffusers path, since ComfyUI's Qwen-Image keys are diffusers' own
+QWEN_IMAGE_VERSION = "qwen_image"
 FLUX_PREFIXES = {"text_encoder": "lora_te1_"}  # a Flux run's CLIP-L adapter, as kohya's Flux trainer names it
 FLUX_PREFIX = "lora_unet_"  # an original-layout module of the transformer
 FLUX_PART_PREFIX = "lora_transformer_"  # a diffusers module that the original layout fuses with others
@@ -84,6 +87,12 @@ def is_zimage(model: torch.nn.Module) -> bool:
     from diffusers import ZImageTransformer2DModel
 
     return isinstance(model, ZImageTransformer2DModel)
+
+
+def is_qwen_image(model: torch.nn.Module) -> bool:
+    from diffusers import QwenImageTransformer2DModel
+
+    return isinstance(model, QwenImageTransformer2DModel)
 
 
 def prefixes(models: Mapping[str, torch.nn.Module]) -> dict[str, str]:
@@ -371,6 +380,8 @@ def base_model_version(config: Config, models: Mapping[str, torch.nn.Module]) ->
         return ZIMAGE_VERSION
     if is_sdxl_models(models):
         return SDXL_VERSION
+    if any(is_qwen_image(model) for model in models.values()):
+        return QWEN_IMAGE_VERSION
     width = models["unet"].config.cross_attention_dim
     return "sd_v2" if width == 1024 else "sd_v1"
 

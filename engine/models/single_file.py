@@ -566,7 +566,7 @@ def load_chroma_files(transformer_file, text_encoder=None, vae=None, dtypes: Opt
     sizes = SimpleNamespace(**_chroma_transformer_config(shapes, prefix))  # what the other parts must fit
     loaded = {}
     t5 = functools.partial(_flux_t5, key="text_encoder")  # Chroma's one text encoder
-    for name, given, loader in (("text_encoder", text_encoder, t5), ("vae", vae, _flux_vae)):
+    for name, given, loader in (("text_encoder", text_encoder, t5), ("vae", vae, flux_vae)):
         if given:
             source = Path(paths.resolve(str(given)))
             if not source.is_file():

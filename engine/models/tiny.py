@@ -4,8 +4,8 @@ Nothing here downloads anything. Each tiny pipeline is a real architecture's shi
 (`configs/pipelines/`) with only widths and depths shrunk, so it keeps every quirk of the real model:
 special-token ids, padding tokens, activations, scaling factors, prediction type, `force_upcast`, the
 noise schedule. It tokenizes with the real CLIP vocabulary and its real padding token (Flux.1's second
-tokenizer, and Chroma's only one, with T5's real vocabulary, `t5_vocab`; Z-Image's with Qwen's, `qwen2_vocab`,
-and Qwen3's special tokens at their real ids).
+tokenizer, and Chroma's only one, with T5's real vocabulary, `t5_vocab`; Z-Image's and Qwen-Image's with
+Qwen2's, `qwen2_vocab`, Qwen3's special tokens at their real ids for Z-Image).
 """
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ import json
 import random
 from pathlib import Path
 
-from . import clip_vocab, t5_vocab
+from . import clip_vocab, t5_vocab, tiny_captioners
 
 REAL_CONFIGS = Path(__file__).resolve().parent / "configs" / "pipelines"
 # demo architecture name: the shipped real configs it shrinks
 ARCHITECTURES = {"sd": "sd15", "sd21": "sd21", "sdxl": "sdxl", "flux": "flux1-dev", "flux-schnell": "flux1-schnell",
-                 "chroma": "chroma", "z-image": "z-image"}
+                 "chroma": "chroma", "z-image": "z-image", "qwen-image": "qwen-image"}
 TINY_TEXT_DIM = 32
 
 
@@ -65,6 +65,14 @@ _CHROMA = {
     "text_encoder": _T5, "vae": _FLUX["vae"],
     "transformer": {**{k: v for k, v in _FLUX["transformer"].items() if k != "pooled_projection_dim"},
                     "approximator_hidden_dim": TINY_TEXT_DIM, "approximator_layers": 2}}
+# Qwen-Image: two blocks (the last one's text stream is discarded, unlike the others') of two 16-channel heads
+# (rotary axes split as the real 128's 16, 56, 56), reading the hidden states of the tiny captioner's Qwen2.5-VL
+# (real vocabulary of 152,064 ids); an autoencoder of the real four levels (8x) at an eighth of the width, one
+# residual block each.
+_QWEN_VL = tiny_captioners.SIZES["qwen2.5-vl"]
+_QWEN_IMAGE = {"text_encoder": _QWEN_VL, "vae": {"base_dim": 12, "num_res_blocks": 1},
+               "transformer": {"num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 16,
+                               "axes_dims_rope": [4, 6, 6], "joint_attention_dim": 16}}
 
 # The size of every component: only these keys differ from the real configs.
 SIZES = {
@@ -79,7 +87,7 @@ SIZES = {
                  # the hidden states of both encoders side by side, as SDXL's 768 + 1280
                  "cross_attention_dim": 3 * TINY_TEXT_DIM, "addition_time_embed_dim": _TIME_EMBED_DIM,
                  "projection_class_embeddings_input_dim": _TIME_IDS * _TIME_EMBED_DIM + 2 * TINY_TEXT_DIM}},
-    "flux": _FLUX, "flux-schnell": _FLUX, "chroma": _CHROMA, "z-image": _ZIMAGE,
+    "flux": _FLUX, "flux-schnell": _FLUX, "chroma": _CHROMA, "z-image": _ZIMAGE, "qwen-image": _QWEN_IMAGE,
 }
 # The length of FLUX.1's T5 tokenizer (its tokenizer_2/ folder says 512 for dev and schnell alike) and of
 # Chroma's (ChromaPipeline's max_sequence_length).
@@ -101,6 +109,33 @@ def _text_encoder(config: dict, class_name: str):
     return model_class(model_class.config_class.from_dict(config))
 
 
+def _shrunk(real: dict, size: dict) -> dict:
+    """real with size's values; a nested `*_config` (Qwen2.5-VL's vision tower) keeps its other real values."""
+    return {**real, **{key: {**real[key], **value} if key.endswith("_config") else value
+                       for key, value in size.items()}}
+
+
+def _make_tiny_qwen_image(directory: Path, configs: dict, scheduler: dict) -> Path:
+    import diffusers
+    import transformers
+
+    from .qwen_image import text_encoder_from_config
+
+    text_encoder = text_encoder_from_config(configs["text_encoder"])
+    # Qwen2.5-VL's tokenizer files, as the tiny captioner's (the pipeline saves them again, in the same place)
+    tokenizer_folder = directory / "tokenizer"
+    tokenizer_folder.mkdir(exist_ok=True)
+    tiny_captioners.qwen_tokenizer_files(tokenizer_folder, tiny_captioners.QWEN_SPECIALS[:22],
+                                         tiny_captioners.QWEN_CHAT_TEMPLATE)
+    tokenizer = transformers.Qwen2Tokenizer.from_pretrained(tokenizer_folder)
+    pipeline = diffusers.QwenImagePipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_config(scheduler),
+        vae=diffusers.AutoencoderKLQwenImage.from_config(configs["vae"]), text_encoder=text_encoder,
+        tokenizer=tokenizer, transformer=diffusers.QwenImageTransformer2DModel.from_config(configs["transformer"]))
+    pipeline.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
 def make_tiny_model(directory: str | Path, seed: int = 0, arch: str = "sd") -> Path:
     """Save a tiny random pipeline of the architecture (a key of ARCHITECTURES) in diffusers format; same
     bytes for the same seed."""
@@ -114,8 +149,10 @@ def make_tiny_model(directory: str | Path, seed: int = 0, arch: str = "sd") -> P
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     index = json.loads((REAL_CONFIGS / ARCHITECTURES[arch] / "model_index.json").read_text(encoding="utf-8"))
-    configs = {name: {**real_config(arch, name), **size} for name, size in SIZES[arch].items()}
+    configs = {name: _shrunk(real_config(arch, name), size) for name, size in SIZES[arch].items()}
     torch.manual_seed(seed)
+    if arch == "qwen-image":
+        return _make_tiny_qwen_image(directory, configs, real_config(arch, "scheduler"))
     parts = {name: _text_encoder(configs[name], index[name][1]) for name in ("text_encoder", "text_encoder_2")
              if name in configs}
     for name, pad_token in clip_vocab.PAD_TOKENS.get(ARCHITECTURES[arch], {}).items():
