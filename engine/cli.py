@@ -182,9 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = commands.add_parser("make-tiny-model", help="write the tiny offline demo pipeline")
     tiny.add_argument("dir")
     tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument("--arch", choices=("sd", "sd21", "sdxl", "flux", "flux-schnell", *CAPTIONERS), default="sd",
-                      help="shrunk SD1.5 (default), SD2.1 768 v-prediction, SDXL, FLUX.1-dev or FLUX.1-schnell; "
-                           "or a captioning model: " + ", ".join(CAPTIONERS))
+    tiny.add_argument("--arch", choices=("sd", "sd21", "sdxl", "flux", "flux-schnell", "flux2-klein", *CAPTIONERS),
+                      default="sd", help="shrunk SD1.5 (default), SD2.1 768 v-prediction, SDXL, FLUX.1-dev, "
+                                         "FLUX.1-schnell or FLUX.2 [klein] 4B; or a captioning model: "
+                                         + ", ".join(CAPTIONERS))
     tiny.set_defaults(func=cmd_make_tiny_model)
 
     sample = commands.add_parser("make-sample-data", help="write the synthetic demo dataset")

@@ -39,7 +39,7 @@ from .setup import (build_optimizer, frozen_models, offloaded_checkpoint, parame
 from .step import StepModels, backward, compute_loss, optimizer_step
 
 GIB = 2**30
-ARCHITECTURES = ("sd15", "sd21", "sdxl", "flux1-dev", "flux1-schnell")
+ARCHITECTURES = ("sd15", "sd21", "sdxl", "flux1-dev", "flux1-schnell", "flux2-klein-4b", "flux2-klein-9b")
 # bitsandbytes keeps fp32 states for parameters smaller than this (its min_8bit_size) and one fp32 absmax
 # per block of this many elements for the others (its blockwise quantization).
 BNB_MIN_8BIT_SIZE = 4096
@@ -127,6 +127,8 @@ class Architecture:
     def family(self) -> str:
         if self.unet.get("_class_name") == "FluxTransformer2DModel":  # `unet` holds the denoising model's config
             return "flux1"
+        if self.unet.get("_class_name") == "Flux2Transformer2DModel":
+            return "flux2-klein"
         return "sdxl" if self.text_encoder_2 is not None else "sd"
 
 
@@ -141,6 +143,8 @@ def guess_architecture(model: str) -> str:
     """sdxl when the model's name says so ("sd_xl_base_1.0", "sdxl"), sd21 when it says SD2.x
     ("stable-diffusion-2-1", "v2-1_768", "sd21"), else sd15."""
     name = Path(model).name.lower() if model else ""
+    if "klein" in name:
+        return "flux2-klein-9b" if "9b" in name else "flux2-klein-4b"
     if "flux" in name:
         return "flux1-schnell" if "schnell" in name else "flux1-dev"
     if re.search(r"xl", name):

@@ -28,7 +28,9 @@ def newest_unet(output_dir):
     {"model": "demo:tiny-sdxl", "train_text_encoder": True},
     # the rectified-flow objective with dev's guidance and BFL's resolution-dependent shift, T5 stored in fp8
     {"model": "demo:tiny-flux", "base_dtype": "fp8", "flow.weighting": "cosmap"},
-], ids=["sd", "sdxl", "flux"])
+    # FLUX.2 [klein]: the latents normalised by the autoencoder's statistics, Qwen3's three layers as the text
+    {"model": "demo:tiny-flux2-klein", "cache.text_embeddings": True},
+], ids=["sd", "sdxl", "flux", "flux2-klein"])
 def test_two_gloo_ranks_equal_one_process_with_the_same_global_batch(model, tmp_path, class_images):
     steps = {"trainer.max_steps": 4, "sampling.interval_steps": 2, "checkpoint.every_n_train_steps": 2,
              "gradient_checkpointing": True, **model}

@@ -19,6 +19,8 @@ from engine.models.tiny import ARCHITECTURES, REAL_CONFIGS
 SIZE_KEYS = {
     "text": {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "projection_dim"},
     "t5": {"d_model", "d_ff", "d_kv", "num_heads", "num_layers", "num_decoder_layers"},
+    "qwen3": {"hidden_size", "intermediate_size", "num_hidden_layers", "max_window_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "layer_types"},
     "transformer": {"num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim", "axes_dims_rope",
                     "joint_attention_dim", "pooled_projection_dim"},
     "unet": {"sample_size", "layers_per_block", "block_out_channels", "down_block_types", "up_block_types",
@@ -35,7 +37,8 @@ BOOKKEEPING = {"_diffusers_version", "transformers_version", "_name_or_path", "d
 REAL_PADDING = {"sd": {"tokenizer": "<|endoftext|>"}, "sd21": {"tokenizer": "!"},
                 "sdxl": {"tokenizer": "<|endoftext|>", "tokenizer_2": "!"},
                 # black-forest-labs/FLUX.1-dev and -schnell: tokenizer/ is CLIP ViT-L's, padded with the end token
-                "flux": {"tokenizer": "<|endoftext|>"}, "flux-schnell": {"tokenizer": "<|endoftext|>"}}
+                "flux": {"tokenizer": "<|endoftext|>"}, "flux-schnell": {"tokenizer": "<|endoftext|>"},
+                "flux2-klein": {}}  # a Qwen tokenizer: tests/test_flux2_klein.py holds its ids
 
 # "#" is id 2, the text encoders' configured eos_token_id; SDXL's second tokenizer splits every "!" out
 PROMPTS = ["a photo of sks toy", "", "#1 best, sks toy!! on a #red# table", "a, b,, c ,d!", "photo of #",
@@ -49,7 +52,10 @@ def _full_config(component: str, folder):
     from transformers import AutoConfig, CLIPTextConfig
 
     if component.startswith("text_encoder"):
-        if json.loads((folder / "config.json").read_text())["architectures"] == ["T5EncoderModel"]:
+        architectures = json.loads((folder / "config.json").read_text())["architectures"]
+        if architectures == ["Qwen3ForCausalLM"]:
+            return "qwen3", AutoConfig.from_pretrained(folder).to_dict()
+        if architectures == ["T5EncoderModel"]:
             from transformers import T5EncoderModel
 
             # as the encoder-only model is built: it switches off is_encoder_decoder and use_cache itself
@@ -59,8 +65,7 @@ def _full_config(component: str, folder):
     if component == "scheduler":
         values = json.loads((folder / "scheduler_config.json").read_text())
         return "scheduler", dict(getattr(diffusers, values["_class_name"]).from_config(values).config)
-    cls = {"unet": diffusers.UNet2DConditionModel, "vae": diffusers.AutoencoderKL,
-           "transformer": diffusers.FluxTransformer2DModel}[component]
+    cls = getattr(diffusers, json.loads((folder / "config.json").read_text())["_class_name"])
     with torch.device("meta"):
         return component, dict(cls.from_config(cls.load_config(folder)).config)
 

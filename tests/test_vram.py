@@ -278,6 +278,18 @@ def test_the_flux_presets_for_small_cards_fit_their_budget(preset, limit):
     assert ram == pytest.approx(result.ram.peak, abs=0.5)
 
 
+def test_the_flux2_klein_preset_fits_a_12_gb_card_as_its_description_says():
+    """Traced on the real 3.9-billion-parameter FLUX.2 [klein] 4B transformer and Qwen3-4B."""
+    config = cfg.load(ROOT / "presets" / "flux2-klein-lora-12gb.yaml")
+    assert vram.resolve_architecture(config).source == "flux2-klein-4b"
+    result = vram.estimate(config)
+    assert result.peak <= 11.25  # 12 GB less the CUDA context's share
+    stated = float(re.search(r"est\. ([0-9.]+) GiB GPU peak", config.description).group(1))
+    assert stated == pytest.approx(result.peak, abs=0.05)
+    ram = float(re.search(r"([0-9.]+) GiB system RAM", config.description).group(1))
+    assert ram == pytest.approx(result.ram.peak, abs=0.5)
+
+
 def test_cli_prints_the_breakdown_and_ends_with_the_peak(tiny_model, tmp_path):
     preset = ROOT / "presets" / "tiny-demo-cpu.yaml"
     result = run_cli("estimate-vram", "--config", str(preset), "--set", "batch_size=1")

@@ -10,7 +10,9 @@ Linear and 1x1 convolution inside the transformer blocks of the UNet, and the at
 projections of the text encoder (of both, for SDXL); with conv_rank > 0 (LoCon) also the ResNet blocks and
 the down- and up-samplers, their 3x3 convolutions at conv_rank and their Linear and 1x1 layers at rank.
 Flux.1's transformer: the attention and MLP projections of its blocks, and with network.modulation each
-block's modulation layer too (refused for a model that has none).
+block's modulation layer too (refused for a model that has none). FLUX.2 [klein]'s transformer: the attention and
+MLP projections of its blocks (a single block's fused QKV-and-MLP input among them), and with network.modulation
+the three modulation layers its blocks share.
 """
 from __future__ import annotations
 
@@ -35,6 +37,14 @@ FLUX_DOUBLE = re.compile(r"^transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_o
 FLUX_SINGLE = re.compile(r"^single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out)$")
 FLUX_MODULATION = re.compile(r"^(transformer_blocks\.\d+\.(norm1|norm1_context)|single_transformer_blocks\.\d+\.norm)"
                              r"\.linear$")
+
+# FLUX.2 [klein]'s transformer: a double-stream block's attention and MLP projections, a single-stream block's
+# fused input (q, k, v and the MLP's input) and output; with network.modulation also the modulation layers every
+# double-stream block (image and text streams) and every single-stream block share.
+FLUX2_DOUBLE = re.compile(r"^transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|"
+                          r"add_v_proj|to_add_out)|ff\.(linear_in|linear_out)|ff_context\.(linear_in|linear_out))$")
+FLUX2_SINGLE = re.compile(r"^single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out)$")
+FLUX2_MODULATION = re.compile(r"^(double_stream_modulation_(img|txt)|single_stream_modulation)\.linear$")
 
 
 def _is_3x3(module: torch.nn.Module) -> bool:
@@ -66,16 +76,16 @@ def target_modules(model: torch.nn.Module, component: str, network: Network) -> 
                 found[name] = False
         elif UNET_TRANSFORMER.search(name) and not _is_3x3(module):
             found[name] = False
-        elif FLUX_DOUBLE.search(name) or FLUX_SINGLE.search(name):
+        elif any(pattern.search(name) for pattern in (FLUX_DOUBLE, FLUX_SINGLE, FLUX2_DOUBLE, FLUX2_SINGLE)):
             found[name] = False
-        elif FLUX_MODULATION.search(name):
+        elif FLUX_MODULATION.search(name) or FLUX2_MODULATION.search(name):
             modulation = True
             if network.modulation:
                 found[name] = False
         elif network.conv_rank and UNET_CONV_BLOCKS.search(name):
             found[name] = _is_3x3(module)
     if network.modulation and component not in TEXT_ENCODERS and not modulation:
-        raise UserError("config key 'network.modulation': only Flux.1's transformer has modulation layers to "
+        raise UserError("config key 'network.modulation': only the Flux transformers have modulation layers to "
                         "adapt; set it to false for this model")
     return found
 

@@ -33,8 +33,9 @@ from ..config import Config
 from ..ema import EMA_FOLDER
 from ..errors import UserError
 from .sd import is_diffusers_folder
-from . import keymap_flux, keymap_sdxl
+from . import keymap_flux, keymap_flux2, keymap_sdxl
 from .flux import is_flux_transformer
+from .flux2_klein import is_klein_transformer
 from .keymap import KEY_MAPS, check_complete, to_original
 from .single_file import CONFIGS_KEY, model_configs
 from ..run_dir import RunDir
@@ -139,6 +140,10 @@ def _load_model(name: str, folder: Path):
         from diffusers import FluxTransformer2DModel
 
         return FluxTransformer2DModel.from_pretrained(folder, torch_dtype=torch.float32)
+    if name == "unet" and is_klein_transformer(folder):
+        from diffusers import Flux2Transformer2DModel
+
+        return Flux2Transformer2DModel.from_pretrained(folder, torch_dtype=torch.float32)
     if name in TEXT_ENCODERS:
         loader = CLIPTextModel if name == "text_encoder" else CLIPTextModelWithProjection
         return loader.from_pretrained(folder, dtype=torch.float32)
@@ -147,8 +152,9 @@ def _load_model(name: str, folder: Path):
 
 
 def _component_folder(base: Path, component: str) -> Path:
-    """A component's folder in a diffusers model folder: a FLUX.1 folder's denoiser is transformer/."""
-    if component == "unet" and is_flux_transformer(base / "transformer"):
+    """A component's folder in a diffusers model folder: a FLUX.1 or FLUX.2 folder's denoiser is transformer/."""
+    denoiser = base / "transformer"
+    if component == "unet" and (is_flux_transformer(denoiser) or is_klein_transformer(denoiser)):
         return base / "transformer"
     return base / component
 
@@ -183,11 +189,12 @@ def is_sdxl_source(source: str | Path) -> bool:
 
 
 def is_flux_source(source: str | Path) -> bool:
-    """Whether SOURCE (a checkpoint, run folder or model folder) is of a FLUX.1 model."""
+    """Whether SOURCE (a checkpoint, run folder or model folder) is of a FLUX.1 or FLUX.2 [klein] model."""
     from .flux import is_flux
+    from .flux2_klein import is_flux2_klein
 
     base = _base_model(checkpoint_path(source))
-    return base is not None and base.exists() and is_flux(str(base))
+    return base is not None and base.exists() and (is_flux(str(base)) or is_flux2_klein(str(base)))
 
 
 def _with_text_encoders(components: tuple[str, ...], sdxl: bool) -> tuple[str, ...]:
@@ -610,10 +617,15 @@ def convert_checkpoint(source: str | Path, out: str | Path, *, text_encoder: boo
 
 def _write_flux(loaded: Source, target: Path, fmt: str, dtype: torch.dtype, step: "ProgressSteps",
                 emit: Callable[[events.Event], None]) -> Path:
-    """A FLUX.1 transformer as one original-layout file, without prefix: what ComfyUI's diffusion_models/
-    folder loads (its text encoders and autoencoder are separate files there)."""
+    """A FLUX.1 or FLUX.2 transformer as one original-layout file, without prefix: what ComfyUI's
+    diffusion_models/ folder loads (its text encoders and autoencoder are separate files there)."""
+    from diffusers import Flux2Transformer2DModel
+
+    transformer = loaded.models.pop("unet")
+    klein = isinstance(transformer, Flux2Transformer2DModel)
+    layout = keymap_flux2.LAYOUT if klein else keymap_flux.FLUX1
     state = {key: tensor.to(dtype) if tensor.is_floating_point() else tensor
-             for key, tensor in keymap_flux.to_original(loaded.models.pop("unet").state_dict()).items()}
+             for key, tensor in keymap_flux.to_original(transformer.state_dict(), layout).items()}
     expected = sum(t.numel() * t.element_size() for t in state.values())
     free = shutil.disk_usage(target.parent).free
     if free < expected:
@@ -622,8 +634,10 @@ def _write_flux(loaded: Source, target: Path, fmt: str, dtype: torch.dtype, step
     step(f"converted the transformer to {str(dtype).removeprefix('torch.')}")
     _write(state, target, fmt)
     step(f"wrote {target} ({format_size(target.stat().st_size)})")
-    emit(events.Log(message="FLUX.1: the file holds the transformer only (ComfyUI's diffusion_models/ folder); "
-                            "load CLIP-L, T5-XXL and the autoencoder (ae.safetensors) beside it"))
+    encoders = ("its Qwen3 text encoder and FLUX.2's autoencoder" if klein else
+                "CLIP-L, T5-XXL and the autoencoder (ae.safetensors)")
+    emit(events.Log(message=f"{'FLUX.2 [klein]' if klein else 'FLUX.1'}: the file holds the transformer only "
+                            f"(ComfyUI's diffusion_models/ folder); load {encoders} beside it"))
     return target
 
 

@@ -52,23 +52,29 @@ def family_for(config: Config) -> ModelFamily:
     """The family of the config's model, recognised from its files. SD1.x and SD2.x share one; their
     difference (text encoder and prediction type) is in the model's own configs."""
     from .flux import Flux1, is_flux
+    from .flux2_klein import Flux2Klein, is_flux2_klein
     from .sd import StableDiffusion
     from .sdxl import StableDiffusionXL
 
     if is_flux(config.model):
         return Flux1()
+    if is_flux2_klein(config.model):
+        return Flux2Klein()
     return StableDiffusionXL() if is_sdxl(config.model) else StableDiffusion()
 
 
 def family_named(name: str) -> ModelFamily:
-    """The family an architecture name ('sd15', 'sd21', 'sdxl', 'flux1-dev', 'flux1-schnell') or a family's
-    own name belongs to."""
+    """The family an architecture name ('sd15', 'sd21', 'sdxl', 'flux1-dev', 'flux1-schnell', 'flux2-klein-4b',
+    'flux2-klein-9b') or a family's own name belongs to."""
     from .flux import Flux1
+    from .flux2_klein import Flux2Klein
     from .sd import StableDiffusion
     from .sdxl import StableDiffusionXL
 
     if name.startswith("flux1"):
         return Flux1()
+    if name.startswith(Flux2Klein.name):
+        return Flux2Klein()
     return StableDiffusionXL() if name == "sdxl" else StableDiffusion()
 
 

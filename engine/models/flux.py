@@ -114,7 +114,7 @@ def image_ids(height: int, width: int, device, dtype) -> torch.Tensor:
     return torch.stack([torch.zeros_like(rows), rows, columns], dim=-1).reshape(-1, 3).to(dtype)
 
 
-def _bucket_sides(config) -> list[tuple[str, int]]:
+def bucket_sides(config) -> list[tuple[str, int]]:
     """(config key, side) of each value the training sizes are built from: with all of them multiples of 16,
     so is every bucket (the automatic grid steps from its smallest side by c_div's step)."""
     arb = config.aspect_ratio_bucket
@@ -150,7 +150,7 @@ def check_config(config, transformer_config) -> None:
     if config.flow.guidance is not None and not transformer_config["guidance_embeds"]:
         raise UserError("config key 'flow.guidance': this Flux.1 model (schnell) has no guidance embedding; "
                         "remove flow.guidance")
-    for key, side in _bucket_sides(config):
+    for key, side in bucket_sides(config):
         if side % PIXELS_PER_TOKEN_SIDE:
             raise UserError(f"config key '{key}': Flux.1 makes one token of each 16x16 pixels (8x latents in "
                             f"2x2 patches), so image sides must be multiples of 16; {side} is not")

@@ -10,6 +10,9 @@ original modules (`lora_unet_double_blocks_0_img_attn_qkv`, `lora_unet_single_bl
 diffusers modules that the original fuses (q/k/v; a single block's q/k/v and MLP input) fused exactly
 (FLUX_FUSED); a type that cannot be fused (LoKr) keeps those modules apart, each under its diffusers path
 behind `lora_transformer_` (OneTrainer's names), which ComfyUI maps to its slice of the fused weight.
+FLUX.2 [klein]'s transformer is named by BFL's original modules the same way (`keymap_flux2`: a double block's
+q/k/v fused into `img_attn.qkv`/`txt_attn.qkv`; a single block's fused input is already one module), which
+ComfyUI's Flux.2 model and diffusers' Flux2 LoRA loader both read.
 Its tensors are `lora_down.weight`/`lora_up.weight` (LoRA, LoCon) plus `dora_scale`
 (DoRA), `hada_w1_a`… (LoHa) or `lokr_w1`… (LoKr), and a scalar `alpha`: the UIs scale the update by
 alpha / rank, as the trainer did. The `ss_*` metadata are kohya's, read by the UIs and model sites.
@@ -43,6 +46,8 @@ SDXL_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encode
 SDXL_VERSION = "sdxl_base_v1-0"  # ss_base_model_version of kohya's SDXL files
 # ss_base_model_version of kohya's Flux.1 files (sd-scripts, library/flux_utils.py MODEL_VERSION_FLUX_V1)
 FLUX_VERSION = "flux1"
+# ss_base_model_version of a FLUX.2 [klein] adapter: the family's name
+FLUX2_KLEIN_VERSION = "flux2-klein"
 FLUX_PREFIXES = {"text_encoder": "lora_te1_"}  # a Flux run's CLIP-L adapter, as kohya's Flux trainer names it
 FLUX_PREFIX = "lora_unet_"  # an original-layout module of the transformer
 FLUX_PART_PREFIX = "lora_transformer_"  # a diffusers module that the original layout fuses with others
@@ -66,9 +71,18 @@ DORA_NOTE = ("AUTOMATIC1111 (and ComfyUI or Forge versions without output-axis D
 
 
 def is_flux(model: torch.nn.Module) -> bool:
-    from diffusers import FluxTransformer2DModel
+    """A Flux.1 or FLUX.2 transformer: named by BFL's original modules in the file."""
+    from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel
 
-    return isinstance(model, FluxTransformer2DModel)
+    return isinstance(model, (FluxTransformer2DModel, Flux2Transformer2DModel))
+
+
+def _original_layout(model: torch.nn.Module):
+    from diffusers import Flux2Transformer2DModel
+
+    from . import keymap_flux, keymap_flux2
+
+    return keymap_flux2.LAYOUT if isinstance(model, Flux2Transformer2DModel) else keymap_flux.FLUX1
 
 
 def prefixes(models: Mapping[str, torch.nn.Module]) -> dict[str, str]:
@@ -160,7 +174,7 @@ def flux_layout(model: torch.nn.Module, network_type: str) -> dict[str, tuple[st
     """The file's module names of an adapted Flux transformer, each with the diffusers modules it holds
     (several when fused)."""
     adapted = _adapted(model)
-    places = flux_module_map(model.state_dict().keys())
+    places = flux_module_map(model.state_dict().keys(), _original_layout(model))
     layout: dict[str, tuple[str, ...]] = {}
     for module in adapted:
         if module not in places:
@@ -332,6 +346,10 @@ def from_kohya(state: Mapping[str, torch.Tensor], models: Mapping[str, torch.nn.
 
 
 def base_model_version(config: Config, models: Mapping[str, torch.nn.Module]) -> str:
+    from diffusers import Flux2Transformer2DModel
+
+    if isinstance(models.get("unet"), Flux2Transformer2DModel):
+        return FLUX2_KLEIN_VERSION
     if any(is_flux(model) for model in models.values()):
         return FLUX_VERSION
     if is_sdxl_models(models):

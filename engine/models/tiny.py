@@ -3,8 +3,9 @@
 Nothing here downloads anything. Each tiny pipeline is a real architecture's shipped configs
 (`configs/pipelines/`) with only widths and depths shrunk, so it keeps every quirk of the real model:
 special-token ids, padding tokens, activations, scaling factors, prediction type, `force_upcast`, the
-noise schedule. It tokenizes with the real CLIP vocabulary and its real padding token (and Flux.1's second
-tokenizer with T5's real vocabulary, `t5_vocab`).
+noise schedule. It tokenizes with the real CLIP vocabulary and its real padding token (Flux.1's second
+tokenizer with T5's real vocabulary, `t5_vocab`; FLUX.2 [klein]'s with Qwen's, `qwen2_vocab`, and Qwen3's special
+tokens at their real ids).
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from . import clip_vocab, t5_vocab
 
 REAL_CONFIGS = Path(__file__).resolve().parent / "configs" / "pipelines"
 # demo architecture name: the shipped real configs it shrinks
-ARCHITECTURES = {"sd": "sd15", "sd21": "sd21", "sdxl": "sdxl", "flux": "flux1-dev", "flux-schnell": "flux1-schnell"}
+ARCHITECTURES = {"sd": "sd15", "sd21": "sd21", "sdxl": "sdxl", "flux": "flux1-dev", "flux-schnell": "flux1-schnell",
+                 "flux2-klein": "flux2-klein-4b"}
 TINY_TEXT_DIM = 32
 
 
@@ -48,6 +50,18 @@ _FLUX = {
     # the group count, so a loader rebuilding the VAE from its tensors assumes the real one): 32 wide
     "vae": {"block_out_channels": [32, 32, 32, 32], "layers_per_block": 1, "sample_size": 64}}
 
+# FLUX.2 [klein]: one double-stream and one single-stream block, two heads whose 16 channels split over the four
+# rotary axes (time, height, width, text index) as the real 128 do (32 each); the text width is three of the tiny
+# Qwen3's hidden states side by side. The Qwen3 has 28 layers: the pipeline reads layers 9, 18 and 27, and the
+# 27th must be a block's output, not the final norm's as it would be in a 27-layer model. The autoencoder keeps the
+# real 32 latent channels and 32 norm groups.
+_KLEIN = {
+    "text_encoder": {"hidden_size": TINY_TEXT_DIM, "intermediate_size": 2 * TINY_TEXT_DIM, "num_hidden_layers": 28,
+                     "max_window_layers": 28, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8},
+    "transformer": {"num_layers": 1, "num_single_layers": 1, "num_attention_heads": 2, "attention_head_dim": 16,
+                    "axes_dims_rope": [4, 4, 4, 4], "joint_attention_dim": 3 * TINY_TEXT_DIM},
+    "vae": _FLUX["vae"]}
+
 # The size of every component: only these keys differ from the real configs.
 SIZES = {
     "sd": {"text_encoder": _text(4), "vae": _VAE, "unet": {**_SD_UNET, "attention_head_dim": 8}},
@@ -61,7 +75,7 @@ SIZES = {
                  # the hidden states of both encoders side by side, as SDXL's 768 + 1280
                  "cross_attention_dim": 3 * TINY_TEXT_DIM, "addition_time_embed_dim": _TIME_EMBED_DIM,
                  "projection_class_embeddings_input_dim": _TIME_IDS * _TIME_EMBED_DIM + 2 * TINY_TEXT_DIM}},
-    "flux": _FLUX, "flux-schnell": _FLUX,
+    "flux": _FLUX, "flux-schnell": _FLUX, "flux2-klein": _KLEIN,
 }
 # The length of FLUX.1's T5 tokenizer (its tokenizer_2/ folder says 512 for dev and schnell alike).
 T5_MAX_LENGTH = 512
@@ -97,18 +111,25 @@ def make_tiny_model(directory: str | Path, seed: int = 0, arch: str = "sd") -> P
     parts = {name: _text_encoder(configs[name]) for name in ("text_encoder", "text_encoder_2") if name in configs}
     for name, pad_token in clip_vocab.PAD_TOKENS.get(ARCHITECTURES[arch], {}).items():
         parts[name] = clip_vocab.clip_tokenizer(pad_token)
-    if "transformer" in configs:
+    if arch == "flux2-klein":
+        parts["tokenizer"] = _qwen3_tokenizer()
+        parts["transformer"] = diffusers.Flux2Transformer2DModel.from_config(configs["transformer"])
+    elif "transformer" in configs:
         parts["tokenizer"] = clip_vocab.clip_tokenizer(clip_vocab.END)  # as FLUX.1's tokenizer/: CLIP ViT-L's
         parts["tokenizer_2"] = t5_vocab.t5_tokenizer(T5_MAX_LENGTH)
         parts["transformer"] = diffusers.FluxTransformer2DModel.from_config(configs["transformer"])
     else:
         parts["unet"] = diffusers.UNet2DConditionModel.from_config(configs["unet"])
-    parts["vae"] = diffusers.AutoencoderKL.from_config(configs["vae"])
+    parts["vae"] = getattr(diffusers, configs["vae"]["_class_name"]).from_config(configs["vae"])
+    if arch == "flux2-klein":
+        _latent_statistics(parts["vae"])
     scheduler = real_config(arch, "scheduler")
     parts["scheduler"] = getattr(diffusers, scheduler["_class_name"]).from_config(scheduler)
     pipeline_class = getattr(diffusers, index["_class_name"])
     if arch == "sdxl":
         pipeline = pipeline_class(**parts, force_zeros_for_empty_prompt=index["force_zeros_for_empty_prompt"])
+    elif arch == "flux2-klein":
+        pipeline = pipeline_class(**parts, is_distilled=index["is_distilled"])
     elif "transformer" in parts:
         pipeline = pipeline_class(**parts)
     else:
@@ -116,6 +137,29 @@ def make_tiny_model(directory: str | Path, seed: int = 0, arch: str = "sd") -> P
                                   requires_safety_checker=index["requires_safety_checker"])
     pipeline.save_pretrained(directory, safe_serialization=True)
     return directory
+
+
+def _qwen3_tokenizer():
+    """Qwen3-4B's tokenizer (FLUX.2 [klein] 4B's tokenizer/): Qwen's vocabulary, Qwen3's special tokens at their ids and
+    its turn format, which the saved pipeline keeps in tokenizer_config.json as the real one does."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from .tiny_captioners import QWEN3_TEXT_CHAT_TEMPLATE, QWEN_SPECIALS, qwen_tokenizer_files
+
+    with tempfile.TemporaryDirectory() as folder:
+        qwen_tokenizer_files(Path(folder), QWEN_SPECIALS, QWEN3_TEXT_CHAT_TEMPLATE)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = QWEN3_TEXT_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _latent_statistics(vae) -> None:
+    """FLUX.2's autoencoder ships the statistics of its latents (its batch norm's running mean and variance); a
+    fresh one has 0 and 1, which would hide a normalisation left out. Draws them near the real ones' scale."""
+    vae.bn.running_mean.normal_(0, 0.5)
+    vae.bn.running_var.uniform_(0.5, 4.0)
 
 
 _COLOURS = {"red": (220, 40, 40), "blue": (40, 80, 220), "green": (40, 170, 70), "yellow": (235, 210, 40),

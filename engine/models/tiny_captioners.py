@@ -76,6 +76,14 @@ QWEN3_CHAT_TEMPLATE = (
     "{% elif content['type'] == 'video' or 'video' in content %}<|vision_start|><|video_pad|><|vision_end|>"
     "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# Qwen3's (text) turn format (Qwen/Qwen3-4B's tokenizer_config.json, Z-Image's tokenizer) for system, user
+# and assistant turns, without its tool-calling and reasoning-history parts: no default system turn, and the
+# empty think block after the assistant's start when enable_thinking is false.
+QWEN3_TEXT_CHAT_TEMPLATE = (
+    "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}{%- endif %}"
+    "{%- endif %}")
 # Qwen/Qwen3-VL-2B-Instruct's config.json.
 QWEN3_VL = {
     "architectures": ["Qwen3VLForConditionalGeneration"], "model_type": "qwen3_vl", "image_token_id": 151655,
@@ -200,7 +208,8 @@ def _save_model(model_class, config: dict, folder: Path, seed: int) -> None:
     model.to(torch.bfloat16).save_pretrained(folder)
 
 
-def _qwen_tokenizer_files(folder: Path, specials: list[str], chat_template: str) -> None:
+def qwen_tokenizer_files(folder: Path, specials: list[str], chat_template: str) -> None:
+    """Write a Qwen2Tokenizer's files into folder: Qwen's vocabulary, `specials` from <|endoftext|>'s id on."""
     from . import qwen2_vocab
 
     vocab, merges = qwen2_vocab.files()
@@ -223,7 +232,7 @@ def make_qwen25_vl(folder: Path, seed: int = 0) -> None:
     _save_model(transformers.Qwen2_5_VLForConditionalGeneration, _shrunk(QWEN25_VL, SIZES["qwen2.5-vl"]), folder,
                 seed)
     (folder / "preprocessor_config.json").write_text(json.dumps(QWEN25_VL_PREPROCESSOR, indent=1), encoding="utf-8")
-    _qwen_tokenizer_files(folder, QWEN_SPECIALS[:22], QWEN_CHAT_TEMPLATE)
+    qwen_tokenizer_files(folder, QWEN_SPECIALS[:22], QWEN_CHAT_TEMPLATE)
 
 
 def _byte_bpe(specials: dict[int, str], size: int):
@@ -251,7 +260,7 @@ def make_qwen3_vl(folder: Path, seed: int = 0) -> None:
 
     _save_model(transformers.Qwen3VLForConditionalGeneration, _shrunk(QWEN3_VL, SIZES["qwen3-vl"]), folder, seed)
     (folder / "preprocessor_config.json").write_text(json.dumps(QWEN3_VL_PREPROCESSOR, indent=1), encoding="utf-8")
-    _qwen_tokenizer_files(folder, QWEN_SPECIALS, QWEN3_CHAT_TEMPLATE)
+    qwen_tokenizer_files(folder, QWEN_SPECIALS, QWEN3_CHAT_TEMPLATE)
 
 
 def make_joycaption(folder: Path, seed: int = 0) -> None:
