@@ -40,7 +40,7 @@ _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 # Files of a diffusers component the engine reads: configs (and sharded weights' indexes), tokenizer files,
 # safetensors weights. Variants (diffusion_pytorch_model.fp16.safetensors, model.safetensors.index.fp16.json)
 # and other formats (.bin, .ckpt, .onnx, .msgpack) are never fetched.
-_COMPONENT_PATTERNS = ("*.json", "*.txt", "*.model", "*.safetensors")
+_COMPONENT_PATTERNS = ("*.json", "*.txt", "*.model", "*.jinja", "*.safetensors")
 _IGNORE_PATTERNS = ["*/*.*.safetensors", "*.index.*.json", "*.bin.index.json", "*.msgpack.index.json"]
 REPORT_EVERY_S = 2.0
 

@@ -90,7 +90,11 @@ def compute_loss(config: Config, models: StepModels, batch: dict, device: torch.
             distribution = vae.encode(batch["pixel_values"].to(device)).latent_dist
             if fill is not None:
                 fill.add_latents(batch, distribution.parameters)
-        latents = scaled_latents(vae, draws.sample_latents(distribution.mean, distribution.std))
+        latents = draws.sample_latents(distribution.mean, distribution.std)
+        # a family whose autoencoder normalises its latents otherwise than by a shift and a scale (FLUX.2's
+        # batch-norm statistics) says how
+        latents = (models.family.normalized_latents(vae, latents) if hasattr(models.family, "normalized_latents")
+                   else scaled_latents(vae, latents))
     noise, drawn = draws.noise_and_timesteps(latents.shape, config.noise_offset)
     noise, timesteps = noise.to(device), (drawn if timesteps is None else timesteps).to(device)
     noisy_latents = objective.noisy(latents, noise, timesteps)

@@ -39,7 +39,8 @@ from .setup import (build_optimizer, frozen_models, offloaded_checkpoint, parame
 from .step import StepModels, backward, compute_loss, optimizer_step
 
 GIB = 2**30
-ARCHITECTURES = ("sd15", "sd21", "sdxl", "flux1-dev", "flux1-schnell", "chroma", "z-image", "qwen-image")
+ARCHITECTURES = ("sd15", "sd21", "sdxl", "flux1-dev", "flux1-schnell", "chroma", "z-image", "qwen-image",
+                 "flux2-klein-4b", "flux2-klein-9b")
 # bitsandbytes keeps fp32 states for parameters smaller than this (its min_8bit_size) and one fp32 absmax
 # per block of this many elements for the others (its blockwise quantization).
 BNB_MIN_8BIT_SIZE = 4096
@@ -134,6 +135,8 @@ class Architecture:
             return "z-image"
         if denoiser == "QwenImageTransformer2DModel":
             return "qwen-image"
+        if denoiser == "Flux2Transformer2DModel":
+            return "flux2-klein"
         return "sdxl" if self.text_encoder_2 is not None else "sd"
 
 
@@ -153,6 +156,8 @@ def guess_architecture(model: str) -> str:
         return "chroma"
     if re.search(r"z[-_]?image", name):
         return "z-image"
+    if "klein" in name:
+        return "flux2-klein-9b" if "9b" in name else "flux2-klein-4b"
     if "flux" in name:
         return "flux1-schnell" if "schnell" in name else "flux1-dev"
     if "qwen" in name:

@@ -220,7 +220,8 @@ PRESET_MAX_SAMPLES = 2
 
 # the stand-in of each shipped architecture a preset names (SD1.x and SD2.x presets train demo:tiny-sd)
 TINY_MODELS = {"sdxl": "demo:tiny-sdxl", "flux1-dev": "demo:tiny-flux", "flux1-schnell": "demo:tiny-flux-schnell",
-               "chroma": "demo:tiny-chroma", "z-image": "demo:tiny-z-image", "qwen-image": "demo:tiny-qwen-image"}
+               "chroma": "demo:tiny-chroma", "z-image": "demo:tiny-z-image", "qwen-image": "demo:tiny-qwen-image",
+               "flux2-klein-4b": "demo:tiny-flux2-klein", "flux2-klein-9b": "demo:tiny-flux2-klein"}
 
 
 def preset_to_tiny(preset: Path, output_dir: Path, class_root: Path, captioned_path: str) -> cfg.Config:
@@ -229,7 +230,8 @@ def preset_to_tiny(preset: Path, output_dir: Path, class_root: Path, captioned_p
     Changed, and nothing else:
     - model -> demo:tiny-sd, or demo:tiny-sdxl for an SDXL preset, demo:tiny-flux for a Flux.1 one,
       demo:tiny-chroma for a Chroma one; demo:tiny-z-image for a Z-Image one; demo:tiny-qwen-image for a
-      Qwen-Image one; vae, tokenizer and the text-encoder files -> null (the tiny model's own);
+      Qwen-Image one; demo:tiny-flux2-klein for a FLUX.2 [klein] one; vae, tokenizer and the text-encoder files
+      -> null (the tiny model's own);
     - every concept's instance_set.path -> demo:sample-data/instance, or `captioned_path` (images with .txt
       captions) when its prompt is '{TXT_PROMPT}';
     - every class_set.path -> class_root/<concept index>, an empty folder, so class images are generated;

@@ -31,7 +31,9 @@ def newest_unet(output_dir):
     # Qwen-Image's masked prompts of several lengths, cached; its last block's text-only layers stay frozen,
     # so DDP waits for no gradient that never comes
     {"model": "demo:tiny-qwen-image", "cache.text_embeddings": True},
-], ids=["sd", "sdxl", "flux", "qwen-image"])
+    # FLUX.2 [klein]: the latents normalised by the autoencoder's statistics, Qwen3's three layers as the text
+    {"model": "demo:tiny-flux2-klein", "cache.text_embeddings": True},
+], ids=["sd", "sdxl", "flux", "qwen-image", "flux2-klein"])
 def test_two_gloo_ranks_equal_one_process_with_the_same_global_batch(model, tmp_path, class_images):
     steps = {"trainer.max_steps": 4, "sampling.interval_steps": 2, "checkpoint.every_n_train_steps": 2,
              "gradient_checkpointing": True, **model}

@@ -19,6 +19,8 @@ from engine.models.tiny import ARCHITECTURES, REAL_CONFIGS
 SIZE_KEYS = {
     "text": {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "projection_dim"},
     "t5": {"d_model", "d_ff", "d_kv", "num_heads", "num_layers", "num_decoder_layers"},
+    "qwen3": {"hidden_size", "intermediate_size", "num_hidden_layers", "max_window_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "layer_types"},
     "transformer": {"num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim", "axes_dims_rope",
                     "joint_attention_dim", "pooled_projection_dim", "approximator_hidden_dim", "approximator_layers"},
     "unet": {"sample_size", "layers_per_block", "block_out_channels", "down_block_types", "up_block_types",
@@ -49,7 +51,8 @@ REAL_PADDING = {"sd": {"tokenizer": "<|endoftext|>"}, "sd21": {"tokenizer": "!"}
                 # black-forest-labs/FLUX.1-dev and -schnell: tokenizer/ is CLIP ViT-L's, padded with the end token
                 "flux": {"tokenizer": "<|endoftext|>"}, "flux-schnell": {"tokenizer": "<|endoftext|>"},
                 "chroma": {},  # lodestones/Chroma1-HD: T5's tokenizer alone
-                "qwen-image": {}}  # Qwen2's tokenizer, checked below
+                "qwen-image": {},  # Qwen2's tokenizer, checked below
+                "flux2-klein": {}}  # a Qwen tokenizer: tests/test_flux2_klein.py holds its ids
 
 # "#" is id 2, the text encoders' configured eos_token_id; SDXL's second tokenizer splits every "!" out
 PROMPTS = ["a photo of sks toy", "", "#1 best, sks toy!! on a #red# table", "a, b,, c ,d!", "photo of #",

@@ -13,6 +13,8 @@ Flux.1's and Qwen-Image's transformers: the attention and MLP projections of the
 Qwen-Image's last block that feed only its discarded text stream), and with network.modulation each block's
 modulation layer too (refused for a model that has none). Z-Image's transformer: the attention and
 feed-forward projections of its main blocks, and with network.modulation their adaLN modulation too.
+FLUX.2 [klein]'s transformer: the attention and MLP projections of its blocks (a single block's fused
+QKV-and-MLP input among them), and with network.modulation the three modulation layers its blocks share.
 """
 from __future__ import annotations
 
@@ -49,6 +51,14 @@ QWEN_IMAGE_MODULATION = re.compile(r"^transformer_blocks\.\d+\.(img|txt)_mod\.1$
 ZIMAGE_BLOCK = re.compile(r"^layers\.\d+\.(attention\.(to_q|to_k|to_v|to_out\.0)|feed_forward\.(w1|w2|w3))$")
 ZIMAGE_MODULATION = re.compile(r"^layers\.\d+\.adaLN_modulation\.0$")
 
+# FLUX.2 [klein]'s transformer: a double-stream block's attention and MLP projections, a single-stream block's
+# fused input (q, k, v and the MLP's input) and output; with network.modulation also the modulation layers every
+# double-stream block (image and text streams) and every single-stream block share.
+FLUX2_DOUBLE = re.compile(r"^transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|"
+                          r"add_v_proj|to_add_out)|ff\.(linear_in|linear_out)|ff_context\.(linear_in|linear_out))$")
+FLUX2_SINGLE = re.compile(r"^single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out)$")
+FLUX2_MODULATION = re.compile(r"^(double_stream_modulation_(img|txt)|single_stream_modulation)\.linear$")
+
 
 def _is_3x3(module: torch.nn.Module) -> bool:
     return isinstance(module, torch.nn.Conv2d) and module.kernel_size != (1, 1)
@@ -82,17 +92,19 @@ def target_modules(model: torch.nn.Module, component: str, network: Network) -> 
                 found[name] = False
         elif UNET_TRANSFORMER.search(name) and not _is_3x3(module):
             found[name] = False
-        elif any(p.search(name) for p in (FLUX_DOUBLE, FLUX_SINGLE, ZIMAGE_BLOCK, QWEN_IMAGE_BLOCK)):
+        elif any(p.search(name) for p in (FLUX_DOUBLE, FLUX_SINGLE, ZIMAGE_BLOCK, QWEN_IMAGE_BLOCK, FLUX2_DOUBLE,
+                                          FLUX2_SINGLE)):
             found[name] = False
-        elif any(p.search(name) for p in (FLUX_MODULATION, ZIMAGE_MODULATION, QWEN_IMAGE_MODULATION)):
+        elif any(p.search(name) for p in (FLUX_MODULATION, ZIMAGE_MODULATION, QWEN_IMAGE_MODULATION,
+                                          FLUX2_MODULATION)):
             modulation = True
             if network.modulation:
                 found[name] = False
         elif network.conv_rank and UNET_CONV_BLOCKS.search(name):
             found[name] = _is_3x3(module)
     if network.modulation and component not in TEXT_ENCODERS and not modulation:
-        raise UserError("config key 'network.modulation': only Flux.1's, Qwen-Image's and Z-Image's transformers "
-                        "have modulation layers to adapt; set it to false for this model")
+        raise UserError("config key 'network.modulation': only the Flux, Qwen-Image and Z-Image transformers have "
+                        "modulation layers to adapt; set it to false for this model")
     return found
 
 

@@ -36,9 +36,10 @@ from ..config import Config
 from ..ema import EMA_FOLDER
 from ..errors import UserError
 from .sd import is_diffusers_folder
-from . import keymap_flux, keymap_sdxl, keymap_zimage
+from . import keymap_flux, keymap_flux2, keymap_sdxl, keymap_zimage
 from .chroma import is_chroma_transformer
 from .flux import is_flux_transformer
+from .flux2_klein import is_klein_transformer
 from .zimage import is_zimage_transformer
 from .qwen_image import ARCH as QWEN_IMAGE_ARCH
 from .qwen_image import is_qwen_image, is_qwen_image_transformer, load_transformer_file, recorded_config
@@ -155,13 +156,15 @@ def _load_model(name: str, folder: Path):
 
 def _transformer_class(folder: Path) -> Optional[str]:
     """The class of the transformer in folder (a model's transformer/, a checkpoint's unet/): FLUX.1's, Chroma's,
-    Z-Image's or Qwen-Image's; None for a UNet."""
+    Z-Image's, FLUX.2's or Qwen-Image's; None for a UNet."""
     if is_flux_transformer(folder):
         return "FluxTransformer2DModel"
     if is_chroma_transformer(folder):
         return "ChromaTransformer2DModel"
     if is_zimage_transformer(folder):
         return "ZImageTransformer2DModel"
+    if is_klein_transformer(folder):
+        return "Flux2Transformer2DModel"
     return "QwenImageTransformer2DModel" if is_qwen_image_transformer(folder) else None
 
 
@@ -202,13 +205,16 @@ def is_sdxl_source(source: str | Path) -> bool:
 
 
 def is_flux_source(source: str | Path) -> bool:
-    """Whether SOURCE (a checkpoint, run folder or model folder) is of a model of Flux.1's blocks: FLUX.1 or
-    Chroma, whose transformers convert alike."""
+    """Whether SOURCE (a checkpoint, run folder or model folder) is of a model of Flux's blocks: FLUX.1, Chroma
+    (whose transformers convert alike) or FLUX.2 [klein]."""
     from .chroma import is_chroma
+    from .flux2_klein import is_flux2_klein
     from .flux import is_flux
+    from .flux2_klein import is_flux2_klein
 
     base = _base_model(checkpoint_path(source))
-    return base is not None and base.exists() and (is_flux(str(base)) or is_chroma(str(base)))
+    return base is not None and base.exists() and any(
+        is_family(str(base)) for is_family in (is_flux, is_chroma, is_flux2_klein))
 
 
 def is_zimage_source(source: str | Path) -> bool:
@@ -640,10 +646,13 @@ def convert_checkpoint(source: str | Path, out: str | Path, *, text_encoder: boo
     _refuse_existing(target, overwrite)
     _make_output_folder(target)
     if flux:
-        from diffusers import ChromaTransformer2DModel
+        from diffusers import ChromaTransformer2DModel, Flux2Transformer2DModel
 
-        note = CHROMA_NOTE if isinstance(loaded.models["unet"], ChromaTransformer2DModel) else FLUX_NOTE
-        state = keymap_flux.to_original(loaded.models.pop("unet").state_dict())
+        transformer = loaded.models.pop("unet")
+        klein = isinstance(transformer, Flux2Transformer2DModel)
+        note = (FLUX2_KLEIN_NOTE if klein else CHROMA_NOTE if isinstance(transformer, ChromaTransformer2DModel)
+                else FLUX_NOTE)
+        state = keymap_flux.to_original(transformer.state_dict(), keymap_flux2.LAYOUT if klein else keymap_flux.FLUX1)
         return _write_transformer(state, target, fmt, dtypes["unet"], step, emit, note)
     if zimage:
         transformer = loaded.models.pop("unet")
@@ -685,6 +694,8 @@ FLUX_NOTE = ("FLUX.1: the file holds the transformer only (ComfyUI's diffusion_m
              "T5-XXL and the autoencoder (ae.safetensors) beside it")
 CHROMA_NOTE = ("Chroma: the file holds the transformer only (ComfyUI's diffusion_models/ folder); load T5-XXL and "
                "the autoencoder (ae.safetensors) beside it")
+FLUX2_KLEIN_NOTE = ("FLUX.2 [klein]: the file holds the transformer only (ComfyUI's diffusion_models/ folder); load "
+                    "its Qwen3 text encoder and FLUX.2's autoencoder beside it")
 ZIMAGE_NOTE = ("Z-Image: the file holds the transformer only (ComfyUI's diffusion_models/ folder); load Qwen3-4B "
                "(qwen_3_4b.safetensors) and Flux.1's autoencoder (ae.safetensors) beside it")
 QWEN_IMAGE_NOTE = ("Qwen-Image: the file holds the transformer only (ComfyUI's diffusion_models/ folder); load "

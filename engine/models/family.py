@@ -56,6 +56,7 @@ def family_for(config: Config) -> ModelFamily:
     from .chroma import Chroma, is_chroma
     from .flux import Flux1, is_flux
     from .qwen_image import QwenImage, is_qwen_image
+    from .flux2_klein import Flux2Klein, is_flux2_klein
     from .sd import StableDiffusion
     from .sdxl import StableDiffusionXL
     from .zimage import ZImage, is_zimage
@@ -68,14 +69,17 @@ def family_for(config: Config) -> ModelFamily:
         return ZImage()
     if is_qwen_image(config.model):
         return QwenImage()
+    if is_flux2_klein(config.model):
+        return Flux2Klein()
     return StableDiffusionXL() if is_sdxl(config.model) else StableDiffusion()
 
 
 def family_named(name: str) -> ModelFamily:
     """The family an architecture name ('sd15', 'sd21', 'sdxl', 'flux1-dev', 'flux1-schnell', 'chroma',
-    'z-image', 'qwen-image') or a family's own name belongs to."""
+    'z-image', 'qwen-image', 'flux2-klein-4b', 'flux2-klein-9b') or a family's own name belongs to."""
     from .chroma import Chroma
     from .flux import Flux1
+    from .flux2_klein import Flux2Klein
     from .qwen_image import ARCH, QwenImage
     from .sd import StableDiffusion
     from .sdxl import StableDiffusionXL
@@ -89,6 +93,8 @@ def family_named(name: str) -> ModelFamily:
         return ZImage()
     if name == ARCH:
         return QwenImage()
+    if name.startswith(Flux2Klein.name):
+        return Flux2Klein()
     return StableDiffusionXL() if name == "sdxl" else StableDiffusion()
 
 

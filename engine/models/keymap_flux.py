@@ -19,6 +19,7 @@ own direction (diffusers -> original) takes any width.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 import torch
@@ -53,6 +54,20 @@ APPROXIMATOR = "distilled_guidance_layer."  # Chroma's modulation network
 _APPROXIMATOR_LAYER = {"linear_1": "in_layer", "linear_2": "out_layer"}
 
 
+@dataclass(frozen=True)
+class Layout:
+    """A BFL transformer's names: diffusers module -> original module at the top level, inside each double
+    block and inside each single block, and the original modules that fuse several diffusers ones."""
+    top: Mapping[str, str]
+    double: Mapping[str, str]
+    double_fused: Mapping[str, tuple[str, ...]]
+    single: Mapping[str, str]
+    single_fused: Mapping[str, tuple[str, ...]]
+
+
+FLUX1 = Layout(_TOP, _DOUBLE, _DOUBLE_FUSED, _SINGLE, _SINGLE_FUSED)
+
+
 def _blocks(keys: Iterable[str]) -> tuple[set[int], set[int]]:
     double, single = set(), set()
     for key in keys:
@@ -62,19 +77,19 @@ def _blocks(keys: Iterable[str]) -> tuple[set[int], set[int]]:
     return double, single
 
 
-def module_map(keys: Iterable[str]) -> dict[str, tuple[str, tuple[str, ...]]]:
+def module_map(keys: Iterable[str], layout: Layout = FLUX1) -> dict[str, tuple[str, tuple[str, ...]]]:
     """Each diffusers module of a transformer with these state-dict keys -> (its original module, the
     diffusers modules that original module concatenates, in order; just itself when not fused)."""
     keys = list(keys)
     double, single = _blocks(keys)
-    result = {module: (original, (module,)) for module, original in _TOP.items()}
+    result = {module: (original, (module,)) for module, original in layout.top.items()}
     for key in keys:
         if key.startswith(APPROXIMATOR):
             module = key.rpartition(".")[0]
             *path, last = module.split(".")
             result[module] = (".".join([*path, _APPROXIMATOR_LAYER.get(last, last)]), (module,))
-    for kind, indices, plain, fused in (("transformer_blocks", double, _DOUBLE, _DOUBLE_FUSED),
-                                        ("single_transformer_blocks", single, _SINGLE, _SINGLE_FUSED)):
+    for kind, indices, plain, fused in (("transformer_blocks", double, layout.double, layout.double_fused),
+                                        ("single_transformer_blocks", single, layout.single, layout.single_fused)):
         target = "double_blocks" if kind == "transformer_blocks" else "single_blocks"
         for index in indices:
             source, original = f"{kind}.{index}.", f"{target}.{index}."
@@ -90,10 +105,11 @@ def _swap_halves(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat([second, first], dim=0)
 
 
-def to_original(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A FluxTransformer2DModel state dict in the original layout (no prefix). Every key must have a place:
-    a model with parts this layout has no name for is refused instead of written wrong."""
-    modules = module_map(state_dict)
+def to_original(state_dict: Mapping[str, torch.Tensor], layout: Layout = FLUX1) -> dict[str, torch.Tensor]:
+    """A FluxTransformer2DModel state dict (or another layout's transformer) in the original layout (no
+    prefix). Every key must have a place: a model with parts this layout has no name for is refused instead of
+    written wrong."""
+    modules = module_map(state_dict, layout)
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
         module, _, param = key.rpartition(".")

@@ -10,9 +10,12 @@ names it, by Black Forest Labs' original modules (`lora_unet_double_blocks_0_img
 `lora_unet_single_blocks_0_linear1`), the diffusers modules that the original fuses (q/k/v; a single block's
 q/k/v and MLP input) fused exactly (FLUX_FUSED); a type that cannot be fused (LoKr) keeps those modules apart,
 each under its diffusers path behind `lora_transformer_` (OneTrainer's names), which ComfyUI maps to its slice
-of the fused weight. Z-Image's transformer is named by its diffusers module paths behind `diffusion_model.`,
-dots kept: ComfyUI maps those to its own layout (q, k and v slices of its fused `qkv`) and diffusers' Z-Image
-loader reads them, where ComfyUI maps no attention module's diffusers path behind `lora_unet_`.
+of the fused weight. FLUX.2 [klein]'s transformer is named by BFL's original modules the same way
+(`keymap_flux2`: a double block's q/k/v fused into `img_attn.qkv`/`txt_attn.qkv`; a single block's fused input
+is already one module), which ComfyUI's Flux.2 model and diffusers' Flux2 LoRA loader both read. Z-Image's
+transformer is named by its diffusers module paths behind `diffusion_model.`, dots kept: ComfyUI maps those to
+its own layout (q, k and v slices of its fused `qkv`) and diffusers' Z-Image loader reads them, where ComfyUI
+maps no attention module's diffusers path behind `lora_unet_`.
 Its tensors are `lora_down.weight`/`lora_up.weight` (LoRA, LoCon) plus `dora_scale`
 (DoRA), `hada_w1_a`… (LoHa) or `lokr_w1`… (LoKr), and a scalar `alpha`: the UIs scale the update by
 alpha / rank, as the trainer did. The `ss_*` metadata are kohya's, read by the UIs and model sites.
@@ -54,6 +57,8 @@ CHROMA_VERSION = "chroma"  # and of its Chroma files (MODEL_VERSION_CHROMA there
 # Qwen-Image's name in musubi-tuner's files (its ARCHITECTURE_QWEN_IMAGE_FULL). Its modules are named as SD's,
 # lora_unet_ and the diffusers path, since ComfyUI's Qwen-Image keys are diffusers' own
 QWEN_IMAGE_VERSION = "qwen_image"
+# ss_base_model_version of a FLUX.2 [klein] adapter: the family's name
+FLUX2_KLEIN_VERSION = "flux2-klein"
 FLUX_PREFIXES = {"text_encoder": "lora_te1_"}  # a Flux run's CLIP-L adapter, as kohya's Flux trainer names it
 FLUX_PREFIX = "lora_unet_"  # an original-layout module of the transformer
 FLUX_PART_PREFIX = "lora_transformer_"  # a diffusers module that the original layout fuses with others
@@ -77,10 +82,19 @@ DORA_NOTE = ("AUTOMATIC1111 (and ComfyUI or Forge versions without output-axis D
 
 
 def is_flux(model: torch.nn.Module) -> bool:
-    """Whether model is a transformer of Flux.1's blocks: Flux.1's own or Chroma's, named alike in the file."""
-    from diffusers import ChromaTransformer2DModel, FluxTransformer2DModel
+    """A transformer of Flux's blocks, named by BFL's original modules in the file: Flux.1's own, Chroma's
+    (named alike) or FLUX.2's."""
+    from diffusers import ChromaTransformer2DModel, Flux2Transformer2DModel, FluxTransformer2DModel
 
-    return isinstance(model, (FluxTransformer2DModel, ChromaTransformer2DModel))
+    return isinstance(model, (FluxTransformer2DModel, ChromaTransformer2DModel, Flux2Transformer2DModel))
+
+
+def _original_layout(model: torch.nn.Module):
+    from diffusers import Flux2Transformer2DModel
+
+    from . import keymap_flux, keymap_flux2
+
+    return keymap_flux2.LAYOUT if isinstance(model, Flux2Transformer2DModel) else keymap_flux.FLUX1
 
 
 def is_zimage(model: torch.nn.Module) -> bool:
@@ -198,7 +212,7 @@ def flux_layout(model: torch.nn.Module, network_type: str) -> dict[str, tuple[st
     """The file's module names of an adapted Flux transformer, each with the diffusers modules it holds
     (several when fused)."""
     adapted = _adapted(model)
-    places = flux_module_map(model.state_dict().keys())
+    places = flux_module_map(model.state_dict().keys(), _original_layout(model))
     layout: dict[str, tuple[str, ...]] = {}
     for module in adapted:
         if module not in places:
@@ -370,10 +384,12 @@ def from_kohya(state: Mapping[str, torch.Tensor], models: Mapping[str, torch.nn.
 
 
 def base_model_version(config: Config, models: Mapping[str, torch.nn.Module]) -> str:
-    from diffusers import ChromaTransformer2DModel
+    from diffusers import ChromaTransformer2DModel, Flux2Transformer2DModel
 
     if isinstance(models.get("unet"), ChromaTransformer2DModel):
         return CHROMA_VERSION
+    if isinstance(models.get("unet"), Flux2Transformer2DModel):
+        return FLUX2_KLEIN_VERSION
     if any(is_flux(model) for model in models.values()):
         return FLUX_VERSION
     if any(is_zimage(model) for model in models.values()):

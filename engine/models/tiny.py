@@ -4,8 +4,8 @@ Nothing here downloads anything. Each tiny pipeline is a real architecture's shi
 (`configs/pipelines/`) with only widths and depths shrunk, so it keeps every quirk of the real model:
 special-token ids, padding tokens, activations, scaling factors, prediction type, `force_upcast`, the
 noise schedule. It tokenizes with the real CLIP vocabulary and its real padding token (Flux.1's second
-tokenizer, and Chroma's only one, with T5's real vocabulary, `t5_vocab`; Z-Image's and Qwen-Image's with
-Qwen2's, `qwen2_vocab`, Qwen3's special tokens at their real ids for Z-Image).
+tokenizer, and Chroma's only one, with T5's real vocabulary, `t5_vocab`; Z-Image's, Qwen-Image's and FLUX.2
+[klein]'s with Qwen2's, `qwen2_vocab`, Qwen3's special tokens at their real ids for Z-Image and klein).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from . import clip_vocab, t5_vocab, tiny_captioners
 REAL_CONFIGS = Path(__file__).resolve().parent / "configs" / "pipelines"
 # demo architecture name: the shipped real configs it shrinks
 ARCHITECTURES = {"sd": "sd15", "sd21": "sd21", "sdxl": "sdxl", "flux": "flux1-dev", "flux-schnell": "flux1-schnell",
-                 "chroma": "chroma", "z-image": "z-image", "qwen-image": "qwen-image"}
+                 "chroma": "chroma", "z-image": "z-image", "qwen-image": "qwen-image", "flux2-klein": "flux2-klein-4b"}
 TINY_TEXT_DIM = 32
 
 
@@ -73,6 +73,17 @@ _QWEN_VL = tiny_captioners.SIZES["qwen2.5-vl"]
 _QWEN_IMAGE = {"text_encoder": _QWEN_VL, "vae": {"base_dim": 12, "num_res_blocks": 1},
                "transformer": {"num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 16,
                                "axes_dims_rope": [4, 6, 6], "joint_attention_dim": 16}}
+# FLUX.2 [klein]: one double-stream and one single-stream block, two heads whose 16 channels split over the four
+# rotary axes (time, height, width, text index) as the real 128 do (32 each); the text width is three of the tiny
+# Qwen3's hidden states side by side. The Qwen3 has 28 layers: the pipeline reads layers 9, 18 and 27, and the
+# 27th must be a block's output, not the final norm's as it would be in a 27-layer model. The autoencoder keeps the
+# real 32 latent channels and 32 norm groups.
+_KLEIN = {
+    "text_encoder": {"hidden_size": TINY_TEXT_DIM, "intermediate_size": 2 * TINY_TEXT_DIM, "num_hidden_layers": 28,
+                     "max_window_layers": 28, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8},
+    "transformer": {"num_layers": 1, "num_single_layers": 1, "num_attention_heads": 2, "attention_head_dim": 16,
+                    "axes_dims_rope": [4, 4, 4, 4], "joint_attention_dim": 3 * TINY_TEXT_DIM},
+    "vae": _FLUX["vae"]}
 
 # The size of every component: only these keys differ from the real configs.
 SIZES = {
@@ -88,6 +99,7 @@ SIZES = {
                  "cross_attention_dim": 3 * TINY_TEXT_DIM, "addition_time_embed_dim": _TIME_EMBED_DIM,
                  "projection_class_embeddings_input_dim": _TIME_IDS * _TIME_EMBED_DIM + 2 * TINY_TEXT_DIM}},
     "flux": _FLUX, "flux-schnell": _FLUX, "chroma": _CHROMA, "z-image": _ZIMAGE, "qwen-image": _QWEN_IMAGE,
+    "flux2-klein": _KLEIN,
 }
 # The length of FLUX.1's T5 tokenizer (its tokenizer_2/ folder says 512 for dev and schnell alike) and of
 # Chroma's (ChromaPipeline's max_sequence_length).
@@ -157,25 +169,28 @@ def make_tiny_model(directory: str | Path, seed: int = 0, arch: str = "sd") -> P
              if name in configs}
     for name, pad_token in clip_vocab.PAD_TOKENS.get(ARCHITECTURES[arch], {}).items():
         parts[name] = clip_vocab.clip_tokenizer(pad_token)
-    if arch == "z-image":
-        parts["tokenizer"] = qwen3_tokenizer()
-        parts["transformer"] = diffusers.ZImageTransformer2DModel.from_config(configs["transformer"])
-    elif "transformer" in configs:
+    if "transformer" in configs:
         transformer_class = getattr(diffusers, configs["transformer"]["_class_name"])
         parts["transformer"] = transformer_class.from_config(configs["transformer"])
-        if "text_encoder_2" in configs:  # FLUX.1: CLIP ViT-L's tokenizer, then T5's
+        if arch in ("z-image", "flux2-klein"):  # both read a Qwen3's hidden states
+            parts["tokenizer"] = qwen3_tokenizer()
+        elif "text_encoder_2" in configs:  # FLUX.1: CLIP ViT-L's tokenizer, then T5's
             parts["tokenizer"] = clip_vocab.clip_tokenizer(clip_vocab.END)
             parts["tokenizer_2"] = t5_vocab.t5_tokenizer(T5_MAX_LENGTH)
         else:  # Chroma: T5's alone
             parts["tokenizer"] = t5_vocab.t5_tokenizer(T5_MAX_LENGTH)
     else:
         parts["unet"] = diffusers.UNet2DConditionModel.from_config(configs["unet"])
-    parts["vae"] = diffusers.AutoencoderKL.from_config(configs["vae"])
+    parts["vae"] = getattr(diffusers, configs["vae"]["_class_name"]).from_config(configs["vae"])
+    if arch == "flux2-klein":
+        _latent_statistics(parts["vae"])
     scheduler = real_config(arch, "scheduler")
     parts["scheduler"] = getattr(diffusers, scheduler["_class_name"]).from_config(scheduler)
     pipeline_class = getattr(diffusers, index["_class_name"])
     if arch == "sdxl":
         pipeline = pipeline_class(**parts, force_zeros_for_empty_prompt=index["force_zeros_for_empty_prompt"])
+    elif arch == "flux2-klein":
+        pipeline = pipeline_class(**parts, is_distilled=index["is_distilled"])
     elif "transformer" in parts:
         pipeline = pipeline_class(**parts)
     else:
@@ -183,6 +198,13 @@ def make_tiny_model(directory: str | Path, seed: int = 0, arch: str = "sd") -> P
                                   requires_safety_checker=index["requires_safety_checker"])
     pipeline.save_pretrained(directory, safe_serialization=True)
     return directory
+
+
+def _latent_statistics(vae) -> None:
+    """FLUX.2's autoencoder ships the statistics of its latents (its batch norm's running mean and variance); a
+    fresh one has 0 and 1, which would hide a normalisation left out. Draws them near the real ones' scale."""
+    vae.bn.running_mean.normal_(0, 0.5)
+    vae.bn.running_var.uniform_(0.5, 4.0)
 
 
 _COLOURS = {"red": (220, 40, 40), "blue": (40, 80, 220), "green": (40, 170, 70), "yellow": (235, 210, 40),

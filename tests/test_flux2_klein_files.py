@@ -1,0 +1,172 @@
+"""FLUX.2 [klein]'s adapter file: BFL's original module names (keymap_flux2), which ComfyUI maps to its Flux.2
+model's weights and diffusers' Flux2 LoRA loader reads, both giving the merged model's weights."""
+import pytest
+import torch
+
+from client_formulas import comfyui_flux_lora_keys
+from engine.config import Network
+from engine.models import keymap_flux, keymap_flux2
+from engine.models.kohya import from_kohya, to_kohya
+from engine.models.tiny import SIZES, real_config
+from test_adapter_convert import CHANGED, TOLERANCE, library_messages
+from test_flux_files import WEIGHT_TOLERANCE, comfyui_patched, merged, settings
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+# two blocks of each kind, so that block indices reach the names
+KLEIN = {**real_config("flux2-klein", "transformer"), **SIZES["flux2-klein"]["transformer"], "num_layers": 2,
+         "num_single_layers": 2}
+
+
+def klein_model(seed: int = 0):
+    """A tiny Flux2Transformer2DModel, every weight random (none of the zero initial projections)."""
+    from diffusers import Flux2Transformer2DModel
+
+    torch.manual_seed(seed)
+    model = Flux2Transformer2DModel.from_config(KLEIN)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0, 0.2)
+    return model.eval()
+
+
+def adapt(model, network: Network, seed: int = 1):
+    """The model with the network's peft adapter on the modules a FLUX.2 [klein] run adapts, every adapter
+    weight random (a trained adapter, not the identity it starts as)."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig, inject_adapter_in_model
+
+    from engine.models.adapters import target_modules
+
+    common = dict(r=network.rank, target_modules=list(target_modules(model, "unet", network)))
+    if network.type in ("lora", "dora"):
+        config = LoraConfig(lora_alpha=network.alpha, use_dora=network.type == "dora", **common)
+    else:
+        config = (LoHaConfig if network.type == "loha" else LoKrConfig)(alpha=network.alpha, **common)
+    inject_adapter_in_model(config, model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                noise = torch.empty(param.shape).normal_(generator=generator)
+                param.copy_(param * (1 + 0.1 * noise) if "magnitude" in name else 0.3 * noise)
+    return model.eval()
+
+
+def output(model, seed: int = 5):
+    """The transformer on a fixed small input: 4 image tokens, 3 text tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(1, 4, KLEIN["in_channels"], generator=generator)
+    text = torch.randn(1, 3, KLEIN["joint_attention_dim"], generator=generator)
+    image_ids = torch.tensor([[0, 0, 0, 0], [0, 0, 1, 0], [0, 1, 0, 0], [0, 1, 1, 0]])
+    text_ids = torch.tensor([[0, 0, 0, 0], [0, 0, 0, 1], [0, 0, 0, 2]])
+    with torch.no_grad():
+        return model(hidden_states=hidden, encoder_hidden_states=text, timestep=torch.tensor([0.4]),
+                     img_ids=image_ids, txt_ids=text_ids, guidance=None).sample
+
+
+def test_the_original_layout_is_what_diffusers_conversion_script_reads_and_refuses_an_unknown_module():
+    state = klein_model().state_dict()
+    original = keymap_flux.to_original(state, keymap_flux2.LAYOUT)
+    hidden = KLEIN["num_attention_heads"] * KLEIN["attention_head_dim"]
+    assert original["double_blocks.1.img_attn.qkv.weight"].shape == (3 * hidden, hidden)
+    assert torch.equal(original["double_blocks.1.txt_attn.qkv.weight"][hidden:2 * hidden],
+                       state["transformer_blocks.1.attn.add_k_proj.weight"])
+    assert torch.equal(original["single_blocks.0.linear1.weight"],
+                       state["single_transformer_blocks.0.attn.to_qkv_mlp_proj.weight"])
+    assert torch.equal(original["double_blocks.0.img_attn.norm.query_norm.scale"],
+                       state["transformer_blocks.0.attn.norm_q.weight"])
+    shift, scale = original["final_layer.adaLN_modulation.1.weight"].chunk(2)
+    assert torch.equal(torch.cat([scale, shift]), state["norm_out.linear.weight"])
+    assert len(original) == len(state) - 8  # each double block's two q/k/v triples, each now one tensor
+    from engine.errors import UserError
+
+    with pytest.raises(UserError, match="attn.extra.weight"):
+        keymap_flux.to_original({**state, "transformer_blocks.0.attn.extra.weight": torch.zeros(2, 2)},
+                                keymap_flux2.LAYOUT)
+
+
+@pytest.mark.parametrize("network_type, modulation", [("lora", False), ("dora", False), ("loha", False),
+                                                      ("lora", True)])
+def test_comfyui_loads_every_key_and_computes_the_adapted_weights(network_type, modulation):
+    config = settings(network_type, modulation)
+    model = adapt(klein_model(), config.network)
+    file = to_kohya({"unet": model}, config)
+    names = {key.partition(".")[0] for key in file}
+    assert {"lora_unet_double_blocks_1_img_attn_qkv", "lora_unet_double_blocks_0_txt_attn_qkv",
+            "lora_unet_double_blocks_0_img_mlp_0", "lora_unet_single_blocks_1_linear1",
+            "lora_unet_single_blocks_0_linear2"} <= names
+    assert ("lora_unet_double_stream_modulation_img_lin" in names) == modulation
+    assert float(file["lora_unet_double_blocks_0_img_attn_qkv.alpha"]) == 3 * 2.0  # q, k and v fused
+    base = keymap_flux.to_original(klein_model().state_dict(), keymap_flux2.LAYOUT)
+    # ComfyUI's Flux.2 model keeps BFL's names: its generic `lora_unet_` map is the one that applies
+    key_map = {k: v for k, v in comfyui_flux_lora_keys(base, 0, 0, 0).items() if k.startswith("lora_unet_")}
+    patched, loaded = comfyui_patched(file, base, key_map)
+    assert loaded == set(file), f"ComfyUI leaves keys unloaded: {sorted(set(file) - loaded)[:3]}"
+    want = keymap_flux.to_original(merged(model).state_dict(), keymap_flux2.LAYOUT)
+    assert max((want[key] - base[key]).abs().max().item() for key in want) > CHANGED
+    for key in want:
+        assert (patched[key] - want[key]).abs().max().item() <= WEIGHT_TOLERANCE, key
+
+
+def test_the_file_reads_back_as_the_adapter_it_was_written_from():
+    from engine.models.adapters import adapter_state
+
+    config = settings("lora")
+    model = adapt(klein_model(), config.network)
+    file = to_kohya({"unet": model}, config)
+    fresh = adapt(klein_model(), config.network, seed=9)
+    from_kohya(file, {"unet": fresh}, config, "network.init_from")
+    mine, theirs = adapter_state(model), adapter_state(fresh)
+    assert mine.keys() == theirs.keys()
+    for key in mine:
+        torch.testing.assert_close(theirs[key], mine[key], atol=1e-6, rtol=0, msg=key)
+
+
+def test_diffusers_flux2_lora_loader_reads_the_file_into_every_module_with_the_merged_output():
+    from diffusers.loaders import Flux2LoraLoaderMixin
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    config = settings("lora", modulation=False)
+    model = adapt(klein_model(), config.network)
+    file = to_kohya({"unet": model}, config)
+    base = klein_model()
+    with library_messages() as messages:
+        state = Flux2LoraLoaderMixin.lora_state_dict(dict(file))
+        Flux2LoraLoaderMixin.load_lora_into_transformer(state, transformer=base)
+    assert not messages, messages
+    adapted = {name for name, m in base.named_modules() if isinstance(m, BaseTunerLayer)}
+    assert adapted == {name for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
+    want, plain = output(merged(model)), output(klein_model())
+    assert (want - plain).abs().max().item() > CHANGED
+    assert (output(base) - want).abs().max().item() <= TOLERANCE
+
+
+def test_a_full_run_converts_to_the_file_diffusers_from_single_file_reads_bit_equal(demo_cache, tmp_path):
+    """A full fine-tune's transformer, as the trainer's checkpoint holds it (unet/), becomes one BFL-layout
+    file without prefix (ComfyUI's diffusion_models/)."""
+    import json
+
+    from diffusers import Flux2Transformer2DModel
+    from safetensors.torch import load_file
+
+    from engine import paths
+    from engine.models.convert import convert_checkpoint
+
+    model = klein_model()
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-00000002"
+    model.save_pretrained(checkpoint / "unet")
+    (checkpoint / "meta.json").write_text(json.dumps({
+        "step": 2, "epoch": 0, "base_model": str(paths.demo_model_dir("flux2-klein")), "trained": ["unet"],
+        "network": "full"}))
+    written = convert_checkpoint(checkpoint, tmp_path / "out", unet_dtype="bf16")
+    tensors = load_file(written)
+    assert tensors.keys() == keymap_flux.to_original(model.state_dict(), keymap_flux2.LAYOUT).keys()
+    assert {tensor.dtype for tensor in tensors.values()} == {torch.bfloat16}
+    model.save_config(tmp_path / "configs" / "transformer")
+    with library_messages() as messages:
+        loaded = Flux2Transformer2DModel.from_single_file(str(written), config=str(tmp_path / "configs"),
+                                                          subfolder="transformer", local_files_only=True,
+                                                          torch_dtype=torch.bfloat16)
+    assert not [m for m in messages if any(w in m.lower() for w in ("unexpected", "missing", "not used"))]
+    want, got = model.to(torch.bfloat16).state_dict(), loaded.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(got[key], want[key]) for key in want)
