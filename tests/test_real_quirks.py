@@ -19,15 +19,13 @@ from engine.models.tiny import ARCHITECTURES, REAL_CONFIGS
 SIZE_KEYS = {
     "text": {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "projection_dim"},
     "t5": {"d_model", "d_ff", "d_kv", "num_heads", "num_layers", "num_decoder_layers"},
-    "qwen3": {"hidden_size", "intermediate_size", "num_hidden_layers", "max_window_layers", "num_attention_heads",
-              "num_key_value_heads", "head_dim", "layer_types"},
     "transformer": {"num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim", "axes_dims_rope",
                     "joint_attention_dim", "pooled_projection_dim", "approximator_hidden_dim", "approximator_layers"},
     "unet": {"sample_size", "layers_per_block", "block_out_channels", "down_block_types", "up_block_types",
              "attention_head_dim", "transformer_layers_per_block", "cross_attention_dim", "norm_num_groups",
              "addition_time_embed_dim", "projection_class_embeddings_input_dim"},
     "vae": {"block_out_channels", "layers_per_block", "norm_num_groups", "sample_size", "base_dim", "num_res_blocks"},
-    # Z-Image's Qwen3 (layer_types: one entry per layer) and transformer
+    # Z-Image's and FLUX.2 [klein]'s Qwen3 (layer_types: one entry per layer), Z-Image's transformer
     "qwen3": {"hidden_size", "intermediate_size", "num_hidden_layers", "max_window_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim", "layer_types"},
     "zimage": {"dim", "n_heads", "n_kv_heads", "n_layers", "n_refiner_layers", "axes_dims", "cap_feat_dim"},

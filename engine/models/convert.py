@@ -208,7 +208,6 @@ def is_flux_source(source: str | Path) -> bool:
     """Whether SOURCE (a checkpoint, run folder or model folder) is of a model of Flux's blocks: FLUX.1, Chroma
     (whose transformers convert alike) or FLUX.2 [klein]."""
     from .chroma import is_chroma
-    from .flux2_klein import is_flux2_klein
     from .flux import is_flux
     from .flux2_klein import is_flux2_klein
 
