@@ -199,7 +199,8 @@ def load_state(checkpoint: Path) -> dict:
     return torch.load(Path(checkpoint) / STATE_FILE, map_location="cpu", weights_only=False)
 
 
-def load_model_weights(model, checkpoint: Path, name: str) -> None:
+def read_model_weights(checkpoint: Path, name: str) -> dict:
+    """The weights of the checkpoint's model `name`, from all its safetensors files."""
     from safetensors.torch import load_file
 
     folder = Path(checkpoint) / name
@@ -209,7 +210,11 @@ def load_model_weights(model, checkpoint: Path, name: str) -> None:
     state = {}
     for file in files:
         state.update(load_file(file))
-    model.load_state_dict(state)
+    return state
+
+
+def load_model_weights(model, checkpoint: Path, name: str) -> None:
+    model.load_state_dict(read_model_weights(checkpoint, name))
 
 
 STATE_VERSION = 1

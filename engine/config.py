@@ -174,6 +174,9 @@ class Trainer:
     max_steps: Annotated[Optional[int], AT_LEAST_1] = None
     accelerator: Literal["auto", "gpu", "cuda", "cpu"] = "auto"
     devices: Union[int, str, list] = 1
+    # how several processes share the work: ddp keeps the whole model, its gradients and optimizer states on
+    # every process; fsdp shards a full fine-tune's denoiser, its gradients and optimizer states over them
+    strategy: Literal["ddp", "fsdp"] = "ddp"
     log_every_n_steps: Annotated[int, AT_LEAST_1] = 1
     accumulate_grad_batches: Annotated[int, AT_LEAST_1] = 1
     # 0 or null: no clipping, as in Lightning; a negative norm would not clip but flip the step
@@ -477,7 +480,7 @@ class Config:
 
 # Seed keys that only meant something to PyTorch Lightning: accepted with a warning so old configs load.
 IGNORED_KEYS = {
-    "trainer.auto_select_gpus", "trainer.strategy", "trainer.benchmark", "trainer.num_nodes",
+    "trainer.auto_select_gpus", "trainer.benchmark", "trainer.num_nodes",
     "checkpoint.filename", "checkpoint.monitor", "checkpoint.mode", "checkpoint.auto_insert_metric_name",
     "checkpoint.save_last", "checkpoint.dirpath",
 }

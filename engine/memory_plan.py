@@ -22,7 +22,7 @@ from . import notices
 from .config import Config, add_overrides_argument, apply_override, from_dict, optimizer_path, to_dict
 from .errors import UserError
 from .plan import latents_cacheable, make_plan, text_cacheable
-from .vram import ARCHITECTURES, VramEstimate, estimate, estimate_plan, resolve_architecture
+from .vram import ARCHITECTURES, VramEstimate, estimate, estimate_plan, estimated_processes, resolve_architecture
 
 # Device memory the estimate does not count (it counts tensors): the CUDA context, some hundreds of MiB, and
 # the caching allocator's slack. Kept free of a card's size when the run trains on CUDA.
@@ -215,7 +215,7 @@ def applied(config: Config, settings: dict, processes: int = 1) -> Config:
     """The config with settings applied, checked as a run would check it; raises ConfigError if refused."""
     with notices.collect(lambda message: None):  # the config's own notices were given as it loaded
         candidate = from_dict(with_settings(to_dict(config), settings))
-        make_plan(candidate, estimate_plan(candidate).device_type, processes)
+        make_plan(candidate, estimate_plan(candidate, processes).device_type, processes)
     return candidate
 
 
@@ -231,13 +231,15 @@ def reserve_gib(config: Config) -> float:
     return CUDA_RESERVE_GIB if estimate_plan(config).device_type == "cuda" else 0.0
 
 
-def plan_memory(config: Config, vram_gib: float, ram_gib: float, processes: int = 1,
+def plan_memory(config: Config, vram_gib: float, ram_gib: float, processes: Optional[int] = None,
                 arch: Optional[str] = None, steps: tuple[Step, ...] = STEPS,
                 on_tried: Optional[Callable[[Tried], None]] = None) -> MemoryPlan:
     """The first candidate in `steps` order whose estimate fits vram_gib (less the CUDA reserve on a CUDA run)
     and ram_gib, each step keeping the ones before it. A step that lowered no figure above its limit when it
     was taken (gradient checkpointing while the optimizer's state sets the peak, say) is dropped again at the
-    end if the fit holds without it. `on_tried` hears of each candidate as it is estimated or skipped."""
+    end if the fit holds without it. `on_tried` hears of each candidate as it is estimated or skipped.
+    `processes`: the training processes (default: vram.estimated_processes)."""
+    processes = estimated_processes(config) if processes is None else processes
     reserve = reserve_gib(config)
     plan = MemoryPlan(vram_gib, ram_gib, reserve)
     gpu_limit = vram_gib - reserve
@@ -261,7 +263,7 @@ def plan_memory(config: Config, vram_gib: float, ram_gib: float, processes: int 
             on_tried(tried)
 
     taken: list[tuple[str, dict, bool]] = []  # (step, its settings, whether it lowered a figure above its limit)
-    current, result = config, estimate(config, arch)
+    current, result = config, estimate(config, arch, processes)
     record(Tried("as configured", {}, result, verdict(result)))
     for step in steps:
         proposed = False
@@ -274,7 +276,7 @@ def plan_memory(config: Config, vram_gib: float, ram_gib: float, processes: int 
             proposed = True
             try:
                 candidate = applied(current, proposal, processes)
-                candidate_result = estimate(candidate, arch)
+                candidate_result = estimate(candidate, arch, processes)
             except UserError as error:  # ConfigError among them: the combination is refused
                 record(Tried(step.name, {}, None, f"refused: {error}"))
                 break
@@ -294,7 +296,7 @@ def plan_memory(config: Config, vram_gib: float, ram_gib: float, processes: int 
             continue
         try:
             candidate = applied(config, _merged(rest), processes)
-            candidate_result = estimate(candidate, arch)
+            candidate_result = estimate(candidate, arch, processes)
         except UserError:  # refused without it: the step stays
             continue
         fits = verdict(candidate_result) == "fits"

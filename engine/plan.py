@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from . import notices
-from .config import PRECISIONS, Config, ConfigError
+from .config import PRECISIONS, Config, ConfigError, optimizer_path
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,7 @@ class RunPlan:
     cache_latents: bool
     cache_text: bool
     fill_first_epoch: bool             # the caches are written by the first epoch's steps, read after it
+    sharded: bool = False              # trainer.strategy fsdp: the denoiser sharded over the processes (FSDP2)
 
     @property
     def train_text_encoder(self) -> bool:
@@ -68,6 +69,35 @@ def precision(config: Config, device_type: str) -> tuple[Optional[torch.dtype], 
     return dtype, dtype == torch.float16
 
 
+# The optimizers whose step runs on FSDP's sharded parameters (DTensors): torch's own and those written in
+# plain tensor operations. bitsandbytes' kernels, Adafactor's and CAME's factored states mix in plain tensors.
+SHARDABLE_OPTIMIZERS = ("torch.optim.AdamW", "torch.optim.Adam", "torch.optim.SGD", "prodigyopt.Prodigy",
+                        "schedulefree.AdamWScheduleFree")
+
+
+def refuse_for_fsdp(config: Config, processes: int) -> None:
+    """What trainer.strategy fsdp cannot shard, named by its key."""
+    def refuse(key: str, why: str) -> None:
+        raise ConfigError(f"config key '{key}': {why} with 'trainer.strategy: fsdp'; use strategy ddp")
+
+    if processes < 2:
+        refuse("trainer.strategy", f"fsdp shards over several training processes ({processes} was started); with "
+                                   "one there is nothing to shard, start it through torchrun with 2 or more")
+    if config.network.adapter:
+        refuse("network.type", "fsdp shards a full fine-tune's weights, gradients and optimizer states; an "
+                               "adapter's are small and its frozen base is what DDP with base_dtype saves")
+    if config.trains_text_encoder:
+        refuse("train_text_encoder", "fsdp shards the denoiser alone; the text encoder cannot train")
+    if config.ema.enabled:
+        refuse("ema.enabled", "the main process keeps the average from whole weights, which no process holds; "
+                              "EMA cannot be kept")
+    if config.weights_dtype == "bf16":
+        refuse("weights_dtype", "bf16 weights step one whole parameter at a time; they cannot train")
+    if optimizer_path(config.optimizer.name) not in SHARDABLE_OPTIMIZERS:
+        refuse("optimizer.name", f"{config.optimizer.name} cannot step sharded parameters (these can: "
+                                 f"{', '.join(name.rpartition('.')[2] for name in SHARDABLE_OPTIMIZERS)})")
+
+
 def refuse_for_processes(config: Config, processes: int) -> None:
     """Rules that depend on how many processes train; the engine checks them against the real topology."""
     if processes > 1 and config.optimizer.fused_backward:
@@ -76,7 +106,10 @@ def refuse_for_processes(config: Config, processes: int) -> None:
                         "to false or train on one device")
     if processes > 1 and config.memory.blocks_on_cpu:
         raise ConfigError(f"config key 'memory.blocks_on_cpu': works in one training process only ({processes} "
-                          "were started): DDP keeps each parameter on its device; set it to 0 or train on one device")
+                          "were started): DDP and FSDP keep each parameter on its device; set it to 0 or train on one "
+                          "device")
+    if config.trainer.strategy == "fsdp":
+        refuse_for_fsdp(config, processes)
 
 
 def make_plan(config: Config, device_type: str, processes: int = 1) -> RunPlan:
@@ -94,4 +127,4 @@ def make_plan(config: Config, device_type: str, processes: int = 1) -> RunPlan:
         fused_backward=config.optimizer.fused_backward,
         cache_latents=config.cache.latents and latents_cacheable(config),
         cache_text=config.cache.text_embeddings and text_cacheable(config),
-        fill_first_epoch=config.cache.fill == "first_epoch")
+        fill_first_epoch=config.cache.fill == "first_epoch", sharded=config.trainer.strategy == "fsdp")

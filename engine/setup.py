@@ -47,6 +47,8 @@ def prepare_models(family, components: Components, config: Config, plan: RunPlan
     # the swapped blocks stay in system memory: the device never holds the whole model
     swapped = block_swap.swapped_blocks(unet, config.memory.blocks_on_cpu)
     for model in (unet, text_encoder, vae):
+        if model is unet and plan.sharded:
+            continue  # sharding.shard moves it to the device shard by shard
         if model is unet and swapped:
             block_swap.move_except(unet, swapped, device)
         elif next(model.parameters()).device != device:  # (fake tensors refuse even a move to where they are)

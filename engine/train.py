@@ -14,6 +14,7 @@ import queue
 import random
 import shutil
 import re
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from . import checkpoints, distributed, events, notices, paths
+from . import checkpoints, distributed, events, notices, paths, sharding
 from .config import Config, ConfigError, dump_yaml, load, to_dict
 from .data.prepare import PreparedData, prepare_data
 from .ema import averaged_parameters, ema_step
@@ -70,7 +71,7 @@ RESUME_KEYS = (
     "aspect_ratio_bucket", "validation",
     # what the run writes along the way, and how it uses the machine
     "checkpoint", "sampling", "loggers", "trainer.log_every_n_steps", "description", "num_workers", "cache",
-    "gradient_checkpointing", "memory", "xformers", "trainer.devices",
+    "gradient_checkpointing", "memory", "xformers", "trainer.devices", "trainer.strategy",
 )
 
 
@@ -339,6 +340,8 @@ class Trainer(Job):
                 return None
         family = family_for(config)
         components, expansions, attention = self._load_models(family, plan, device)
+        if plan.sharded:  # before the optimizer, which steps the shards
+            sharding.shard(components.unet, device)
         objective = family.objective(config, components.noise_scheduler)  # a range past the schedule fails here
         data = prepare_data(config, components.tokenizer, config.seed, topology.rank, topology.world_size,
                             expansions)
@@ -355,9 +358,11 @@ class Trainer(Job):
         groups = parameter_groups(components, plan, config, scaled_lr(config.optimizer, effective_batch))
         optimizer = build_optimizer(config, plan, groups, config.seed)
         params = [p for group in groups for p in group["params"]]
-        # The forward passes go through the DDP wrappers so that backward averages gradients over ranks.
+        # The forward passes go through the DDP wrappers so that backward averages gradients over ranks (a
+        # sharded denoiser averages its own).
         models = StepModels(
-            family=family, unet=distributed.wrap(components.unet, topology, device),
+            family=family,
+            unet=components.unet if plan.sharded else distributed.wrap(components.unet, topology, device),
             text_encoder=(distributed.wrap(components.text_encoder, topology, device) if plan.train_text_encoder
                           else components.text_encoder),
             vae=components.vae, objective=objective)
@@ -378,10 +383,14 @@ class Trainer(Job):
             context.metrics = MetricsLog(RunDir(self.run_dir).metrics,
                                          self.state.step if resume_from is not None else None)
             context.external = ExternalLoggers(config, self.run_dir, to_dict(config))
-            context.validation = validation
             # closed however the run ends, so W&B and TensorBoard keep what was logged
             cleanup.callback(context.metrics.close)
             cleanup.callback(context.external.close)
+        if topology.is_main or plan.sharded:  # a sharded denoiser runs on every process at once
+            context.validation = validation
+        if plan.sharded:
+            shard_bytes = sharding.local_bytes(components.unet)
+            self.log(f"fsdp: this process holds {shard_bytes / 2**20:.3f} MiB of the denoiser's trained weights")
         self.emit(events.Started(run_dir=str(self.run_dir), total_steps=total_steps, start_step=self.state.step))
         repeated = f" ({len(data.dataset)} samples per epoch with repeats)" if len(data.dataset) != data.images else ""
         held = f"; {len(validation)} validation images" if validation is not None else ""
@@ -442,7 +451,9 @@ class Trainer(Job):
         config, unet = self.config, context.components.unet
         if resume_from is not None:
             for name, model in trained_parts(context.components, context.plan).items():
-                if context.plan.adapter != "full":
+                if context.plan.sharded:
+                    sharding.load_weights(model, checkpoints.read_model_weights(resume_from, name))
+                elif context.plan.adapter != "full":
                     load_adapter_folder(model, resume_from / name, "--resume")
                 else:
                     checkpoints.load_model_weights(model, resume_from, name)
@@ -466,8 +477,11 @@ class Trainer(Job):
         target = getattr(context.optimizer, "proxy", context.optimizer)
         rates = [group["initial_lr"] for group in target.param_groups]
         swap = getattr(unet, "block_swap", None)
-        with swap.trained_seen_on_device() if swap is not None else contextlib.nullcontext():
-            context.optimizer.load_state_dict(saved["optimizer"])
+        if context.plan.sharded:
+            sharding.load_optimizer_state(unet, context.optimizer, saved["optimizer"])
+        else:
+            with swap.trained_seen_on_device() if swap is not None else contextlib.nullcontext():
+                context.optimizer.load_state_dict(saved["optimizer"])
         state = checkpoints.TrainState.from_dict(saved)
         if self.resume_changes:
             # A resume that changed the config: the rate, schedule and step count it sets apply from here.
@@ -596,15 +610,19 @@ class Trainer(Job):
             # encodes again exactly the samples it replays.
             context.fill.flush()
         sampling = config.sampling
-        if context.topology.is_main and sampling.concepts and sampling.interval_steps and not stopped and (
+        # a sharded denoiser renders on every process at once; the main process keeps the images
+        samples = context.topology.is_main or context.plan.sharded
+        if samples and sampling.concepts and sampling.interval_steps and not stopped and (
                 step % sampling.interval_steps == 0 or last):
             self._sample(context)
         if reason:
             # Every rank moves to the weights the checkpoint holds and back, as a resume from it would, so that
             # a schedule-free optimizer's ranks go on from the same weights.
             with checkpoint_weights(context.optimizer):
+                # a sharded denoiser's whole weights and optimizer state are gathered by every process at once
+                gathered = self._gather(context) if context.plan.sharded else None
                 if context.topology.is_main:
-                    self._save(context, reason)
+                    self._save(context, reason, gathered)
 
     def _checkpoint_due(self, epoch_ended: bool, last: bool, stopped: bool) -> Optional[str]:
         """Why a checkpoint is saved after this step, or None."""
@@ -620,25 +638,34 @@ class Trainer(Job):
             return "every_n_epochs"
         return None
 
-    def _save(self, context: StepContext, reason: str) -> None:
+    @staticmethod
+    def _gather(context: StepContext) -> tuple[dict, dict]:
+        """The sharded denoiser's whole weights and optimizer state, on the main process."""
+        unet = context.components.unet
+        return sharding.gathered_weights(unet), sharding.gathered_optimizer_state(unet, context.optimizer)
+
+    def _save(self, context: StepContext, reason: str, gathered: Optional[tuple[dict, dict]]) -> None:
         """This step's checkpoint, unless one was saved at this step already; called at the weights that
-        checkpoint_weights puts in place."""
+        checkpoint_weights puts in place. `gathered`: a sharded denoiser's (weights, optimizer state)."""
         latest = checkpoints.latest_checkpoint(self.run_dir)
         if latest is not None and checkpoints.read_meta(latest)["step"] == self.state.step:
             return  # already saved at this step
-        self._write_checkpoint(context, reason)
+        self._write_checkpoint(context, reason, gathered)
 
-    def _write_checkpoint(self, context: StepContext, reason: str) -> None:
+    def _write_checkpoint(self, context: StepContext, reason: str, gathered: Optional[tuple[dict, dict]]) -> None:
         from .ema import EMA_FOLDER
 
         components = context.components
-        saved = {**self.state.to_dict(), "optimizer": context.optimizer.state_dict(),
+        optimizer_state = gathered[1] if gathered else context.optimizer.state_dict()
+        saved = {**self.state.to_dict(), "optimizer": optimizer_state,
                  "lr_scheduler": context.lr_scheduler.state_dict(), "scaler": context.scaler.state_dict(),
                  "rng": checkpoints.rng_states(context.device)}
         trained = trained_parts(components, context.plan)
         adapter = context.plan.adapter != "full"
         # an adapter run keeps only the adapter's weights, and writes the file the UIs load beside them
         models = {name: AdapterWeights(model) if adapter else model for name, model in trained.items()}
+        if gathered:
+            models["unet"] = sharding.GatheredModel(components.unet, gathered[0])
         if context.ema is not None:
             models[EMA_FOLDER] = context.ema
         meta = {"epoch": self.state.epoch, "base_model": components.model_path, "reason": reason,
@@ -665,9 +692,10 @@ class Trainer(Job):
             pipeline = context.models.family.pipeline(components, components.unet, components.text_encoder,
                                                       context.device)
             with eval_weights(context.optimizer), SwapInEma(context.ema if config.ema.use_for_samples else None,
-                                                            averaged_parameters(components.unet)):
-                sample_paths = generate_samples(config, pipeline, context.prompt_encoder,
-                                                RunDir(self.run_dir).samples(step), context.plan.autocast)
+                                                            averaged_parameters(components.unet)), \
+                    self._sample_folder(context, step) as folder:
+                sample_paths = generate_samples(config, pipeline, context.prompt_encoder, folder,
+                                                context.plan.autocast)
         except Exception as error:  # any failure of the side task; training goes on
             if isinstance(error, torch.OutOfMemoryError):
                 release_memory()
@@ -678,8 +706,20 @@ class Trainer(Job):
         finally:
             for model, home in resting.items():
                 model.to(home)
+        if not context.topology.is_main:
+            return
         self.emit(events.Sample(step=step, paths=sample_paths))
         self._side_task("sample upload", context.external.log_images, step, sample_paths)
+
+    @contextlib.contextmanager
+    def _sample_folder(self, context: StepContext, step: int):
+        """Where this process's samples go: the run's samples folder, or, for the processes beside the main
+        one that render with a sharded denoiser, a temporary folder removed afterwards."""
+        if context.topology.is_main:
+            yield RunDir(self.run_dir).samples(step)
+            return
+        with tempfile.TemporaryDirectory(prefix="scal-sdt-samples-") as folder:
+            yield Path(folder)
 
     def _side_task(self, name: str, work: Callable, *args) -> None:
         """Logging to W&B/TensorBoard never ends a run: a failure is a warning."""

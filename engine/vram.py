@@ -27,8 +27,9 @@ from typing import Optional
 import torch
 
 from . import paths
-from .block_swap import block_bytes, device_bytes_saved, swapped_blocks
+from .block_swap import block_bytes, device_bytes_saved, repeated_blocks, swapped_blocks
 from .config import Config, add_overrides_argument
+from .distributed import process_count
 from .errors import UserError
 from .models.family import family_named, text_encoder_parts
 from .models.single_file import BUILTIN_CONFIGS
@@ -208,10 +209,18 @@ def step_shape(config: Config) -> StepShape:
     return StepShape(config.batch_size * (2 if config.prior_preservation.enabled else 1), width, height)
 
 
-def estimate_plan(config: Config) -> RunPlan:
+def estimated_processes(config: Config) -> int:
+    """The process count the estimate is for: under fsdp each process holds a share of the denoiser, so
+    trainer.devices' count; under ddp each holds what one process would."""
+    return process_count(config.trainer.devices) if config.trainer.strategy == "fsdp" else 1
+
+
+def estimate_plan(config: Config, processes: Optional[int] = None) -> RunPlan:
     """The run plan of the estimated device (the GPU unless the config pins the CPU) in its heaviest epoch:
-    caches filled during the first epoch leave that epoch with the VAE and text encoder on the device."""
-    plan = make_plan(config, "cpu" if config.trainer.accelerator == "cpu" else "cuda")
+    caches filled during the first epoch leave that epoch with the VAE and text encoder on the device.
+    `processes`: the training processes (default: estimated_processes)."""
+    processes = estimated_processes(config) if processes is None else processes
+    plan = make_plan(config, "cpu" if config.trainer.accelerator == "cpu" else "cuda", processes)
     if plan.fill_first_epoch:
         plan = dataclasses.replace(plan, cache_latents=False, cache_text=False)
     return plan
@@ -243,6 +252,8 @@ def describe(config: Config, plan: RunPlan, shape: StepShape) -> str:
                                        ("VAE off the device", plan.vae_off_device),
                                        ("text encoder off the device", plan.text_encoder_off_device),
                                        ("EMA", config.ema.enabled and not config.ema.on_cpu)) if on]
+    if plan.sharded:
+        features.append(f"fsdp over {plan.processes} processes (figures per process)")
     return ", ".join(features)
 
 
@@ -372,8 +383,9 @@ def steady_state_optimizer(config: Config, plan: RunPlan, groups: list[dict]):
     return optimizer, inner
 
 
-def estimate(config: Config, arch: Optional[str] = None) -> VramEstimate:
-    """Trace one training step of `config` on fake tensors and return its peak device memory."""
+def estimate(config: Config, arch: Optional[str] = None, processes: Optional[int] = None) -> VramEstimate:
+    """Trace one training step of `config` on fake tensors and return its peak device memory (per process, for
+    `processes` training processes; default: estimated_processes)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     architecture = resolve_architecture(config, arch)
@@ -383,7 +395,7 @@ def estimate(config: Config, arch: Optional[str] = None) -> VramEstimate:
     warnings.filterwarnings("ignore", message="Expected a tensor or a traceable wrapper-subclass")
     # Real tensors the step meets (the noise schedule's tables, the batch's sample keys) become fake ones.
     with FakeTensorMode(allow_non_fake_inputs=True):
-        return _trace_step(config, architecture, estimate_plan(config), step_shape(config))
+        return _trace_step(config, architecture, estimate_plan(config, processes), step_shape(config))
 
 
 class _FakeTextCache:
@@ -507,8 +519,40 @@ def _trace_step(config: Config, architecture: Architecture, plan: RunPlan, shape
         swapped, host = device_bytes_saved(sizes) / GIB, host + sum(sizes) / GIB
     prepared = {"unet": unet, **text_encoder_parts(text_encoder), "vae": vae}
     ram = RamEstimate(loading=loading, training=training_gib(config, plan, prepared, result.peak, features_gib=host))
-    return dataclasses.replace(result, parameters=parameters - swapped, peak=result.peak - swapped,
-                               activations=result.activations + result.parameters - parameters, ram=ram)
+    result = dataclasses.replace(result, parameters=parameters - swapped, peak=result.peak - swapped,
+                                 activations=result.activations + result.parameters - parameters, ram=ram)
+    return per_process(result, unet, plan.processes) if plan.sharded else result
+
+
+def shard_bytes(tensor: torch.Tensor, processes: int) -> int:
+    """The bytes of the largest shard (the first process's) FSDP2 cuts a tensor into: whole rows of its first
+    dimension, rounded up to a share per process."""
+    rows = tensor.shape[0] if tensor.dim() else 1
+    return -(-rows // processes) * (tensor.numel() // max(rows, 1)) * tensor.element_size()
+
+
+def sharded_weight_bytes(unet: torch.nn.Module, processes: int) -> int:
+    """The bytes of the denoiser's trained weights each process holds under fsdp (the first one, the most)."""
+    return sum(shard_bytes(param, processes) for param in unet.parameters() if param.requires_grad)
+
+
+def per_process(result: VramEstimate, unet: torch.nn.Module, processes: int) -> VramEstimate:
+    """One process's share of a step traced whole, under fsdp: the denoiser's weights, gradients and optimizer
+    states divided over the processes, plus what is gathered whole at once: the root's own weights (embeddings,
+    output layers, a UNet's mid block) for the whole step, the block that runs and the next one, fetched
+    ahead, and one block's whole gradients before they are reduced to shards."""
+    whole = sum(param.numel() * param.element_size() for param in unet.parameters() if param.requires_grad)
+    share = sharded_weight_bytes(unet, processes) / whole
+    blocks = [sum(param.numel() * param.element_size() for param in block.parameters() if param.requires_grad)
+              for block in repeated_blocks(unet)]
+    root, largest = whole - sum(blocks), max(blocks)
+    parameters = result.parameters - whole / GIB * (1 - share) + (root + 2 * largest) / GIB
+    gradients = result.gradients * share + largest / GIB
+    optimizer_state = result.optimizer_state * share
+    peak = (result.peak - result.parameters - result.gradients - result.optimizer_state
+            + parameters + gradients + optimizer_state)
+    return dataclasses.replace(result, parameters=parameters, gradients=gradients, optimizer_state=optimizer_state,
+                               peak=peak)
 
 
 def format_report(architecture: Architecture, description: str, result: VramEstimate) -> str:

@@ -362,6 +362,8 @@ TRAIN = (
     # The schema also takes Lightning's device lists and strings; the app runs a number of processes.
     Field("trainer.devices", "Devices", "processes (GPUs); 2 or more train through torchrun, -1 = every GPU",
           form_kind="int"),
+    Field("trainer.strategy", "Multi-device strategy", "ddp: each device holds the whole model; fsdp: a full "
+          "fine-tune's weights, gradients and optimizer states are split over the devices (README, Several GPUs)"),
     Field("optimizer.name", "Optimizer", "a short name (README, Optimizers) or a class path such as torch.optim.AdamW",
           suggestions=schema.OPTIMIZER_NAMES),
     Field("optimizer.params.lr", "Learning rate"),

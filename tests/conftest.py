@@ -81,16 +81,26 @@ def run_cli(*args, cwd=ROOT, env=None, timeout=600):
                           text=True, timeout=timeout)
 
 
-def kill_at_checkpoint(config_path, checkpoint_name: str) -> None:
-    """Train config_path from the CLI and SIGKILL it as soon as it reports the checkpoint checkpoint_name."""
+def torchrun(processes: int, *train_args) -> list:
+    """The command line of `engine train train_args` in `processes` gloo processes."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+            "-m", "engine", "train", *train_args]
+
+
+def kill_at_checkpoint(config_path, checkpoint_name: str, processes: int = 1) -> None:
+    """Train config_path from the CLI (through torchrun for several processes) and SIGKILL it, every process
+    at once, as soon as it reports the checkpoint checkpoint_name."""
     import signal
     import subprocess
 
-    process = subprocess.Popen([sys.executable, "-m", "engine", "train", "--config", str(config_path)], cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    command = ([sys.executable, "-m", "engine", "train", "--config", str(config_path)] if processes == 1
+               else torchrun(processes, "--config", str(config_path)))
+    # its own process group, which the kill ends whole, as a power cut would
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                               start_new_session=True)
     for line in process.stdout:
         if "checkpoint:" in line and checkpoint_name in line:
-            process.send_signal(signal.SIGKILL)
+            os.killpg(process.pid, signal.SIGKILL)
             break
     process.wait(timeout=60)
     assert process.returncode == -signal.SIGKILL

@@ -8,9 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from combinations import (EMBEDDING_TOKEN, FACTORS, FAMILY_REFUSED, INELIGIBLE, PRESET_CLASS_IMAGES, PRESET_STEPS, PRESETS,
-                          ROW_CLASS_IMAGES, ROW_STEPS, all_pairs, changed_elements, messages, pairs_of, pairwise_rows,
-                          preset_to_tiny, read_metrics, refused_pairs, row_id, row_values, tensor_dtypes)
+from combinations import (EMBEDDING_TOKEN, FACTORS, FAMILY_REFUSED, FSDP_REFUSED, INELIGIBLE, PRESET_CLASS_IMAGES,
+                          PRESET_STEPS, PRESETS, ROW_CLASS_IMAGES, ROW_STEPS, all_pairs, changed_elements, messages,
+                          pairs_of, pairwise_rows, preset_to_tiny, read_metrics, refused_pairs, row_id, row_values,
+                          tensor_dtypes)
 from engine import checkpoints, paths
 from engine.vram import BNB_MIN_8BIT_SIZE
 from engine import config as cfg
@@ -271,6 +272,25 @@ def test_a_combination_the_model_family_refuses_stops_at_start_naming_its_key(pa
     assert isinstance(result, events.Failed) and result.user_error, result
     assert result.error.startswith(f"config key '{FAMILY_REFUSED[pair]}'"), result.error
     assert not list((tmp_path / "out").glob("*/*/checkpoints"))
+
+
+@pytest.mark.parametrize("level", [None, *sorted(FSDP_REFUSED)], ids=lambda level: "+".join(level or ["default"]))
+def test_fsdp_over_two_processes_shards_the_default_row_and_refuses_what_it_cannot_shard(level, tmp_path,
+                                                                                       embedding_file):
+    from engine.plan import make_plan
+
+    row = {name: levels[0] for name, levels in FACTORS.items()}
+    if level:
+        row[level[0]] = level[1]
+    values = row_values(row, tmp_path / "out", tmp_path / "class", tmp_path / "class", embedding_file,
+                        tmp_path / "cache")
+    values["trainer"]["strategy"] = "fsdp"
+    config = cfg.from_dict(values)
+    if level is None:
+        assert make_plan(config, "cpu", 2).sharded
+        return
+    with pytest.raises(cfg.ConfigError, match=rf"^config key '{FSDP_REFUSED[level]}': "):
+        make_plan(config, "cpu", 2)
 
 
 def test_caches_requested_where_their_rules_exclude_them_fall_back_with_a_warning(tmp_path, tiny_model,

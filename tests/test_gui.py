@@ -106,7 +106,7 @@ def test_yaml_edits_reach_the_form_and_bad_yaml_does_not():
 
 def test_the_check_notes_only_what_its_own_config_causes(monkeypatch):
     raw = presets.load_preset(next(p for p in presets.list_presets() if p.name == "tiny-demo-cpu"))
-    raw["trainer"]["strategy"] = "ddp"
+    raw["trainer"]["benchmark"] = True
     from_dict = schema.from_dict
 
     def while_a_run_warns(values):
@@ -119,7 +119,7 @@ def test_the_check_notes_only_what_its_own_config_causes(monkeypatch):
     monkeypatch.setattr(schema, "from_dict", while_a_run_warns)
     with pytest.warns(schema.ConfigWarning, match="from the training thread"):
         _, notes = configs.load(raw)
-    assert notes == ["config key 'trainer.strategy' has no effect in SCAL-SDT and is ignored"]
+    assert notes == ["config key 'trainer.benchmark' has no effect in SCAL-SDT and is ignored"]
 
 
 def test_a_native_config_gets_no_class_set_from_the_form():

@@ -80,7 +80,7 @@ def test_a_step_that_gained_nothing_is_dropped_where_the_fit_holds_without_it(tm
     shrinks, and only then do checkpointed activations matter."""
     from engine.ram import RamEstimate
 
-    def estimate(config, arch=None):
+    def estimate(config, arch=None, processes=None):
         parameters = 2 if config.weights_dtype == "bf16" else 4
         state = {"torch.optim.AdamW": 6, "bitsandbytes.optim.AdamW8bit": 3}.get(
             cfg.optimizer_path(config.optimizer.name), 1)

@@ -9,7 +9,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import ROOT, kill_at_checkpoint, run_cli
+from conftest import ROOT, kill_at_checkpoint, run_cli, torchrun
 from engine.run_dir import RunDir
 from engine import checkpoints, events
 from engine import config as cfg
@@ -40,18 +40,23 @@ def resume_values(output_dir, **overrides):
                                       "checkpoint.save_top_k": 2, "sampling.interval_steps": 10, **overrides})
 
 
-@pytest.mark.parametrize("model", ["demo:tiny-sd", "demo:tiny-flux", "demo:tiny-qwen-image"])
-def test_sigkill_then_resume_equals_an_uninterrupted_run(model, tmp_path, class_images):
+# fsdp: two processes shard the Flux.1 transformer at batch 1 (the reference is one process at batch 2), are
+# killed together and resume together from the checkpoint gathered into one process's layout
+@pytest.mark.parametrize("model,processes", [("demo:tiny-sd", 1), ("demo:tiny-flux", 1), ("demo:tiny-qwen-image", 1),
+                                             ("demo:tiny-flux", 2)],
+                         ids=["demo:tiny-sd", "demo:tiny-flux", "demo:tiny-qwen-image", "fsdp"])
+def test_sigkill_then_resume_equals_an_uninterrupted_run(model, processes, tmp_path, class_images):
     from engine.data.cache import ShardStore
 
-    def values(output_dir):
+    def values(output_dir, killed=False):
         # The first epoch writes the caches (10 images x 3 repeats: 15 steps), so the kill at step 10 lands
         # while they fill and the resumed run then switches to reading them, as the uninterrupted one does.
         # The frozen text encoder is stored in fp8.
         return resume_values(output_dir, **{
             "data.concepts[0].instance_set.repeats": 3, "cache.latents": True, "cache.text_embeddings": True,
             "base_dtype": "fp8", "model": model,
-            "cache.fill": "first_epoch", "cache.dir": str(output_dir / "cache")})
+            "cache.fill": "first_epoch", "cache.dir": str(output_dir / "cache"),
+            **({"trainer.strategy": "fsdp", "batch_size": 1} if killed and processes > 1 else {})})
 
     def latents(output_dir):
         (folder,) = (output_dir / "cache").glob("latents-*")
@@ -61,14 +66,16 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(model, tmp_path, class_
     reference = run_cli("train", "--config", str(write_config(tmp_path / "a.yaml", values(reference_dir))))
     assert reference.returncode == 0, reference.stderr[-2000:]
 
-    kill_at_checkpoint(write_config(tmp_path / "b.yaml", values(killed_dir)), "step-00000010")
+    kill_at_checkpoint(write_config(tmp_path / "b.yaml", values(killed_dir, killed=True)), "step-00000010", processes)
     run_dir = only_run(killed_dir)
     steps_before = metric_steps(run_dir)
     assert 10 <= steps_before[-1] < 15, "the kill must land within the first epoch"
     # The checkpoints wrote out what the steps before them encoded (far less than a 256 MiB shard).
     assert len(latents(killed_dir)) > 0 and len(latents(reference_dir)) == 20
 
-    resumed = run_cli("train", "--resume", str(run_dir))
+    resumed = (run_cli("train", "--resume", str(run_dir)) if processes == 1 else
+               subprocess.run(torchrun(processes, "--resume", str(run_dir)), cwd=ROOT, capture_output=True,
+                              text=True, timeout=600))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert metric_steps(run_dir) == list(range(1, 31))
     assert set(latents(killed_dir).keys()) == set(latents(reference_dir).keys())
