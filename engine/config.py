@@ -366,8 +366,8 @@ class Network:
 
 @dataclass
 class Flow:
-    """Rectified-flow training, for the flow-matching transformers (Flux.1, Qwen-Image); DDPM models (SD1.x, SD2.x,
-    SDXL) refuse a changed value. Timesteps are sigma x 1000, so min_timestep, max_timestep and
+    """Rectified-flow training, for the flow-matching transformers (Flux.1 and the families after it); DDPM models
+    (SD1.x, SD2.x, SDXL) refuse a changed value. Timesteps are sigma x 1000, so min_timestep, max_timestep and
     validation.timesteps keep their meaning of a share of the way from the image to pure noise."""
     # how sigma is drawn before the shift: uniform in [0, 1], sigmoid(N(logit_mean, logit_std)), or
     # sigmoid(sigmoid_scale x N(0, 1))

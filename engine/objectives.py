@@ -6,10 +6,10 @@ and nothing else, so it never knows which objective runs.
 
 - `Diffusion`: DDPM models (SD1.x, SD2.x, SDXL). Integer timesteps of the model's noise schedule, noise
   added by that schedule, target ε or v, min-SNR-γ weights.
-- `RectifiedFlow`: flow-matching transformers (Flux.1, Qwen-Image). The input is (1 − σ)·x₀ + σ·ε and the target
-  ε − x₀; σ is drawn uniformly, logit-normally or through a sigmoid, then shifted (a fixed shift, or one
-  that grows with the image's token count as BFL's schedule computes it). Timesteps are σ × 1000, the
-  scale the transformers and diffusers' flow-matching scheduler use.
+- `RectifiedFlow`: the flow-matching transformers (every family but SD1.x, SD2.x and SDXL). The input is
+  (1 − σ)·x₀ + σ·ε and the target ε − x₀; σ is drawn uniformly, logit-normally or through a sigmoid, then
+  shifted (a fixed shift, or one that grows with the image's token count as BFL's schedule computes it).
+  Timesteps are σ × 1000, the scale the transformers and diffusers' flow-matching scheduler use.
 """
 from __future__ import annotations
 
@@ -63,8 +63,9 @@ class Diffusion:
     def __init__(self, config: Config, scheduler):
         changed = _changed(config.flow, Flow(), "flow")
         if changed:
-            raise UserError(f"config key '{changed[0]}': applies to flow-matching models (Flux.1, Qwen-Image); this "
-                            "model is trained by DDPM noise schedule, so leave the flow section at its defaults")
+            raise UserError(f"config key '{changed[0]}': applies to the flow-matching transformers (Flux.1 and the "
+                            "families after it); this model is trained by DDPM noise schedule, so leave the flow "
+                            "section at its defaults")
         self.scheduler = scheduler
         self.first, self.end = timestep_range(config, scheduler)
         self.prediction_type = scheduler.config.prediction_type
@@ -104,7 +105,7 @@ def resolution_shift(tokens: int, scheduler_config) -> float:
 
 class RectifiedFlow:
     """Rectified-flow training. `patch` is the side of the latent patch the transformer makes one token of
-    (2 for Flux.1 and Qwen-Image): the resolution-dependent shift counts tokens."""
+    (2 for the transformers that pack 2x2 latent patches): the resolution-dependent shift counts tokens."""
 
     def __init__(self, config: Config, scheduler, patch: int):
         for key, value in (("min_snr_gamma", config.min_snr_gamma), ("prediction_type", config.prediction_type),

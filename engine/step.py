@@ -91,8 +91,8 @@ def compute_loss(config: Config, models: StepModels, batch: dict, device: torch.
             if fill is not None:
                 fill.add_latents(batch, distribution.parameters)
         latents = draws.sample_latents(distribution.mean, distribution.std)
-        # a family whose autoencoder normalises its latents otherwise than by a shift and a scale (FLUX.2's
-        # batch-norm statistics) says how
+        # a family whose autoencoder normalises its latents otherwise than by a shift and a scale (per-channel
+        # statistics) says how
         latents = (models.family.normalized_latents(vae, latents) if hasattr(models.family, "normalized_latents")
                    else scaled_latents(vae, latents))
     noise, drawn = draws.noise_and_timesteps(latents.shape, config.noise_offset)
