@@ -7,7 +7,11 @@ SDXL presets, --arch for the others) with random weights,
 written once to a temporary diffusers folder, on the demo images at the preset's own resolution, batch
 and memory settings. Printed per preset: the estimate, the peak of torch.cuda.max_memory_allocated over
 the training steps after the first (the figure the estimate predicts) and over the whole run (loading and
-caching included), and the median steps per second. Without CUDA it prints "no CUDA device" and exits 0.
+caching included), and the median steps per second. For a preset with blocks on the CPU
+(`memory.blocks_on_cpu`) a second table sets the swap's cost against its copies: the median step time without
+the swap and with it, the time one step's copies take on their own (each swapped block to the device for its
+forward and again for its backward, and a full fine-tune's trained tensors back), and the share of that copy
+time hidden behind compute. Without CUDA it prints "no CUDA device" and exits 0.
 """
 from __future__ import annotations
 
@@ -77,14 +81,20 @@ def preset_config(preset: str, model_dir: Path, output: Path, steps: int):
 
 
 def measure(config) -> dict:
-    """Train; the peak allocated over the steps after the first and over the run, and steps per second."""
+    """Train; the peak allocated over the steps after the first and over the run, steps per second, and the
+    run's block swap (engine.block_swap.BlockSwap; None without one)."""
     import torch
 
-    from engine import events
+    from engine import block_swap, events
     from engine.train import Trainer
 
-    stamps, step_peak = [], {}
+    stamps, step_peak, swaps = [], {}, []
     trainer = None
+    apply = block_swap.apply
+
+    def recorded_apply(*args, **kwargs):
+        swaps.append(apply(*args, **kwargs))
+        return swaps[-1]
 
     def on_event(event):
         if not isinstance(event, events.Step):
@@ -101,12 +111,64 @@ def measure(config) -> dict:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     trainer = Trainer(config, on_event=on_event)
-    result = trainer.run()
+    block_swap.apply = recorded_apply
+    try:
+        result = trainer.run()
+    finally:
+        block_swap.apply = apply
     if not isinstance(result, events.Finished):
         raise RuntimeError(getattr(result, "error", result))
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
     return {"steps_gib": step_peak["steps"] / GIB, "run_gib": max(step_peak.values()) / GIB,
-            "it_per_s": 1 / statistics.median(gaps)}
+            "it_per_s": 1 / statistics.median(gaps), "swap": swaps[-1] if swaps else None}
+
+
+def copy_seconds(swap, rounds: int = 3) -> float:
+    """The time one training step's copies of a BlockSwap take with nothing else running (median of rounds):
+    each swapped block to the device twice (forward and backward) and its trained tensors back once."""
+    import torch
+
+    def synchronize():
+        if swap.cuda:
+            torch.cuda.synchronize(swap.device)
+
+    def timed(action) -> float:
+        synchronize()
+        start = time.perf_counter()
+        action()
+        synchronize()
+        return time.perf_counter() - start
+
+    totals = []
+    for _ in range(rounds):
+        total = 0.0
+        for index in swap.order:
+            total += 2 * timed(lambda: swap._load(index))
+            trained = [entry for entry in swap.tensors[index] if entry.trained]
+            total += timed(lambda: [entry.cpu.copy_(entry.tensor.data, non_blocking=swap.cuda)
+                                    for entry in trained])
+            swap._unload(index, copy_back=False)
+        totals.append(total)
+    return statistics.median(totals)
+
+
+def overlap(step_without: float, step_with: float, copies: float) -> dict:
+    """The swap's cost in seconds per step (step_with - step_without) against its copies' own time, and the
+    share of the copy time hidden behind compute (0 to 1)."""
+    added = step_with - step_without
+    hidden = 1.0 if copies <= 0 else min(1.0, max(0.0, 1 - added / copies))
+    return {"added_s": added, "copies_s": copies, "hidden": hidden}
+
+
+def measure_swap(config, with_swap: dict) -> dict:
+    """Block swap's overlap for a config with blocks on the CPU, `with_swap` being measure(config): the same
+    run without the swap, the copy time of a step of the swap, and overlap()."""
+    import dataclasses
+
+    without = measure(dataclasses.replace(config, memory=dataclasses.replace(config.memory, blocks_on_cpu=0)))
+    step_without, step_with = 1 / without["it_per_s"], 1 / with_swap["it_per_s"]
+    return {"step_without_s": step_without, "step_with_s": step_with,
+            **overlap(step_without, step_with, copy_seconds(with_swap["swap"]))}
 
 
 def main(argv=None) -> int:
@@ -131,6 +193,7 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|")
     from engine.config import read_yaml
 
+    swapped: list[tuple[str, int, dict]] = []
     with tempfile.TemporaryDirectory() as tmp:
         model_dirs: dict[str, Path] = {}
         for preset in args.presets:
@@ -143,6 +206,15 @@ def main(argv=None) -> int:
             real = measure(config)
             print(f"| {preset} | {arch} | {estimate.peak:.2f} | {real['steps_gib']:.2f} | {real['run_gib']:.2f} | "
                   f"{real['it_per_s']:.2f} |", flush=True)
+            if real["swap"] is not None:
+                swapped.append((preset, config.memory.blocks_on_cpu, measure_swap(config, real)))
+    if swapped:
+        print("\n| preset | blocks on the CPU | step without swap (ms) | step with swap (ms) | copies of a step "
+              "alone (ms) | copy time hidden |")
+        print("|---|---|---|---|---|---|")
+        for preset, blocks, figures in swapped:
+            print(f"| {preset} | {blocks} | {figures['step_without_s'] * 1e3:.1f} | {figures['step_with_s'] * 1e3:.1f} "
+                  f"| {figures['copies_s'] * 1e3:.1f} | {figures['hidden']:.0%} |")
     return 0
 
 

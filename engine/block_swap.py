@@ -40,10 +40,15 @@ def repeated_blocks(unet: torch.nn.Module) -> list[torch.nn.Module]:
 def swapped_blocks(unet: torch.nn.Module, count: int) -> list[torch.nn.Module]:
     """The last `count` repeated blocks; refuses more than the model has."""
     blocks = repeated_blocks(unet)
-    if count > len(blocks):
-        raise ConfigError(f"config key 'memory.blocks_on_cpu': this model has {len(blocks)} blocks that can wait "
-                          f"on the CPU, got {count}")
+    check_count(len(blocks), count)
     return blocks[len(blocks) - count:] if count else []
+
+
+def check_count(total: int, count: int) -> None:
+    """Refuse swapping `count` blocks of a denoiser that has `total` repeated blocks, if more than it has."""
+    if count > total:
+        raise ConfigError(f"config key 'memory.blocks_on_cpu': this model has {total} blocks that can wait "
+                          f"on the CPU, got {count}")
 
 
 def move_except(model: torch.nn.Module, kept: list[torch.nn.Module], device: torch.device) -> None:

@@ -3,11 +3,12 @@
 `STEPS` lists the memory options in the order that costs training speed least: the caches, gradient
 checkpointing, smaller storage of the weights, blocks waiting on the CPU (more at each repeat), 4-bit frozen
 weights, activations offloaded to the CPU, smaller optimizer states, the optimizer step fused into backward,
-and last a smaller batch. Each step keeps the ones before it. Every candidate is estimated on the
-real architecture by `vram.estimate` (seconds each), and the search stops at the first that fits both
-limits; a step taken while it lowered nothing above its limit is then dropped again where the fit holds
-without it. A step that the config refuses in combination (its validation, or the run plan's rules for the
-process count) is skipped, never applied.
+and last a smaller batch. Each step keeps the ones before it. Every candidate is estimated on the real
+architecture by `vram.estimate` (seconds each, some tens of seconds for Flux.1), and the search stops at the
+first that fits both limits. Candidates that differ only in their number of blocks on the CPU share one trace
+(`TRACES`), the swap's effect being counted from the blocks' sizes. A step taken while it lowered nothing
+above its limit is then dropped again where the fit holds without it. A step that the config refuses in
+combination (its validation, or the run plan's rules for the process count) is skipped, never applied.
 """
 from __future__ import annotations
 
@@ -27,6 +28,10 @@ from .vram import ARCHITECTURES, VramEstimate, estimate, estimate_plan, estimate
 # Device memory the estimate does not count (it counts tensors): the CUDA context, some hundreds of MiB, and
 # the caching allocator's slack. Kept free of a card's size when the run trains on CUDA.
 CUDA_RESERVE_GIB = 0.75
+
+# The traces of the process's plans (vram.estimate), kept for its later plans: the app's Fit button asks again
+# after an edit, and most candidates recur. Each is a few numbers.
+TRACES: dict = {}
 
 # A step's proposal: the `--set` keys and values it applies, or why it does not apply to the config.
 Proposal = Union[dict, str]
@@ -263,7 +268,7 @@ def plan_memory(config: Config, vram_gib: float, ram_gib: float, processes: Opti
             on_tried(tried)
 
     taken: list[tuple[str, dict, bool]] = []  # (step, its settings, whether it lowered a figure above its limit)
-    current, result = config, estimate(config, arch, processes)
+    current, result = config, estimate(config, arch, TRACES, processes)
     record(Tried("as configured", {}, result, verdict(result)))
     for step in steps:
         proposed = False
@@ -276,7 +281,7 @@ def plan_memory(config: Config, vram_gib: float, ram_gib: float, processes: Opti
             proposed = True
             try:
                 candidate = applied(current, proposal, processes)
-                candidate_result = estimate(candidate, arch, processes)
+                candidate_result = estimate(candidate, arch, TRACES, processes)
             except UserError as error:  # ConfigError among them: the combination is refused
                 record(Tried(step.name, {}, None, f"refused: {error}"))
                 break
@@ -296,7 +301,7 @@ def plan_memory(config: Config, vram_gib: float, ram_gib: float, processes: Opti
             continue
         try:
             candidate = applied(config, _merged(rest), processes)
-            candidate_result = estimate(candidate, arch, processes)
+            candidate_result = estimate(candidate, arch, TRACES, processes)
         except UserError:  # refused without it: the step stays
             continue
         fits = verdict(candidate_result) == "fits"

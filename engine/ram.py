@@ -14,6 +14,7 @@ estimate's peak).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -65,8 +66,19 @@ def training_gib(config: Config, plan: RunPlan, prepared: dict[str, torch.nn.Mod
     adapters); `step_peak_gib`: the step's device peak, which is system memory on a CPU-only run;
     `features_gib`: what the memory features keep there instead of on the GPU (the pinned copies of
     memory.blocks_on_cpu's blocks, a step's offloaded activations)."""
-    if plan.device_type == "cpu":
+    resting = None if plan.device_type == "cpu" else resting_gib(config, plan, prepared)
+    return training_figure(step_peak_gib, resting, features_gib)
+
+
+def training_figure(step_peak_gib: float, resting: Optional[float], features_gib: float) -> float:
+    """training_gib from its parts: `resting` (resting_gib) is None on a CPU-only run."""
+    if resting is None:
         return step_peak_gib + PROCESS_GIB
+    return resting + features_gib + PROCESS_GIB
+
+
+def resting_gib(config: Config, plan: RunPlan, prepared: dict[str, torch.nn.Module]) -> float:
+    """System memory of the models that wait off the GPU while the steps run, and of EMA weights on the CPU."""
     resting = [name for name in prepared if (name == "vae" and plan.vae_off_device)
                or (name.startswith("text_encoder") and plan.text_encoder_off_device)]
     total = sum(p.numel() * p.element_size() for name in resting
@@ -74,4 +86,4 @@ def training_gib(config: Config, plan: RunPlan, prepared: dict[str, torch.nn.Mod
     if config.ema.enabled and config.ema.on_cpu:
         total += sum(p.numel() * 4 for name, model in prepared.items() if name != "vae"
                      for p in model.parameters() if p.requires_grad)
-    return total / GIB + features_gib + PROCESS_GIB
+    return total / GIB

@@ -27,14 +27,14 @@ from typing import Optional
 import torch
 
 from . import paths
-from .block_swap import block_bytes, device_bytes_saved, repeated_blocks, swapped_blocks
-from .config import Config, add_overrides_argument
+from .block_swap import block_bytes, check_count, device_bytes_saved, repeated_blocks
+from .config import Config, add_overrides_argument, to_dict
 from .distributed import process_count
 from .errors import UserError
 from .models.family import family_named, text_encoder_parts
 from .models.single_file import BUILTIN_CONFIGS
 from .plan import RunPlan, make_plan
-from .ram import RamEstimate, loading_gib, training_gib
+from .ram import RamEstimate, loading_gib, resting_gib, training_figure
 from .setup import (build_optimizer, frozen_models, offloaded_checkpoint, parameter_groups, prepare_models,
                     trained_models)
 from .step import StepModels, backward, compute_loss, optimizer_step
@@ -383,9 +383,53 @@ def steady_state_optimizer(config: Config, plan: RunPlan, groups: list[dict]):
     return optimizer, inner
 
 
-def estimate(config: Config, arch: Optional[str] = None, processes: Optional[int] = None) -> VramEstimate:
+@dataclass(frozen=True)
+class Trace:
+    """One traced step without block swap, and what the swap changes: the swap's moves are left out of the
+    trace, whose only device is the CPU, and what they free is counted from the blocks' sizes."""
+    step: VramEstimate            # the tracker's peak
+    parameters: float             # the parameters on the device, GiB
+    offloaded: float              # the step's offloaded activations, GiB of system memory
+    loading: float                # system memory while loading (engine.ram.loading_gib)
+    resting: Optional[float]      # engine.ram.resting_gib; None on a CPU-only run
+    block_sizes: tuple[int, ...]  # the bytes each repeated block moves (engine.block_swap.block_bytes)
+    swaps: bool                   # the run's device is a GPU, to and from which blocks move
+
+    def with_blocks_on_cpu(self, count: int) -> VramEstimate:
+        """The estimate with the denoiser's last `count` repeated blocks on the CPU; on a GPU run, refuses more
+        than it has."""
+        swapped, host = 0.0, self.offloaded
+        if self.swaps:
+            check_count(len(self.block_sizes), count)
+            sizes = list(self.block_sizes[len(self.block_sizes) - count:]) if count else []
+            swapped, host = device_bytes_saved(sizes) / GIB, host + sum(sizes) / GIB
+        ram = RamEstimate(loading=self.loading, training=training_figure(self.step.peak, self.resting, host))
+        return dataclasses.replace(self.step, parameters=self.parameters - swapped, peak=self.step.peak - swapped,
+                                   activations=self.step.activations + self.step.parameters - self.parameters,
+                                   ram=ram)
+
+
+def estimate(config: Config, arch: Optional[str] = None, traces: Optional[dict] = None,
+             processes: Optional[int] = None) -> VramEstimate:
     """Trace one training step of `config` on fake tensors and return its peak device memory (per process, for
-    `processes` training processes; default: estimated_processes)."""
+    `processes` training processes; default: estimated_processes). `traces` keeps the traces by what they
+    depend on (the architecture, the process count and every setting but memory.blocks_on_cpu, whose effect is
+    counted, not traced), for estimates of several configs (the memory plan's candidates) to share."""
+    processes = estimated_processes(config) if processes is None else processes
+    key = None
+    if traces is not None:
+        unswapped = dataclasses.replace(config, memory=dataclasses.replace(config.memory, blocks_on_cpu=0))
+        architecture = dataclasses.asdict(resolve_architecture(config, arch))
+        key = json.dumps([to_dict(unswapped), architecture, processes], sort_keys=True, default=str)
+        if key in traces:
+            return traces[key].with_blocks_on_cpu(config.memory.blocks_on_cpu)
+    trace = _trace(config, arch, processes)
+    if key is not None:
+        traces[key] = trace
+    return trace.with_blocks_on_cpu(config.memory.blocks_on_cpu)
+
+
+def _trace(config: Config, arch: Optional[str], processes: int) -> Trace:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     architecture = resolve_architecture(config, arch)
@@ -440,7 +484,7 @@ class _HostOffload:
         return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
-def _trace_step(config: Config, architecture: Architecture, plan: RunPlan, shape: StepShape) -> VramEstimate:
+def _trace_step(config: Config, architecture: Architecture, plan: RunPlan, shape: StepShape) -> Trace:
     from .ema import averaged_parameters, create_ema, ema_step
 
     device = torch.device("cpu")  # fake tensors: the device only names where the bytes are counted
@@ -509,19 +553,20 @@ def _trace_step(config: Config, architecture: Architecture, plan: RunPlan, shape
         if ema is not None:
             ema_step(ema, averaged_parameters(unet), on_cpu=False)
         optimizer.zero_grad(set_to_none=True)
-    result = tracker.peak()
     # A step on bf16 weights gives each parameter new storage, which the tracker books as a temporary;
     # the parameters' own size does not change, so count them directly.
     parameters = sum(p.numel() * p.element_size() for model in on_device for p in model.parameters()) / GIB
-    swapped, host = 0.0, offload.bytes / GIB
-    if plan.device_type != "cpu":
-        sizes = block_bytes(swapped_blocks(unet, config.memory.blocks_on_cpu), stays_trained=plan.adapter != "full")
-        swapped, host = device_bytes_saved(sizes) / GIB, host + sum(sizes) / GIB
     prepared = {"unet": unet, **text_encoder_parts(text_encoder), "vae": vae}
-    ram = RamEstimate(loading=loading, training=training_gib(config, plan, prepared, result.peak, features_gib=host))
-    result = dataclasses.replace(result, parameters=parameters - swapped, peak=result.peak - swapped,
-                                 activations=result.activations + result.parameters - parameters, ram=ram)
-    return per_process(result, unet, plan.processes) if plan.sharded else result
+    step = tracker.peak()
+    if plan.sharded:  # one process's share (fsdp refuses block swap: no block moves below)
+        whole = dataclasses.replace(step, parameters=parameters,
+                                    activations=step.activations + step.parameters - parameters)
+        step = per_process(whole, unet, plan.processes)
+        parameters = step.parameters
+    on_gpu = plan.device_type != "cpu"  # (on a CPU nothing moves)
+    return Trace(step, parameters, offload.bytes / GIB, loading,
+                 resting_gib(config, plan, prepared) if on_gpu else None,
+                 tuple(block_bytes(repeated_blocks(unet), stays_trained=plan.adapter != "full")), on_gpu)
 
 
 def shard_bytes(tensor: torch.Tensor, processes: int) -> int:

@@ -250,6 +250,13 @@ def test_the_estimates_count_the_swapped_blocks_off_the_device_and_in_system_mem
     assert (plain.peak - swapped.peak) * GIB == pytest.approx(sum(sizes[2:]), rel=0.02)
     assert (plain.parameters - swapped.parameters) * GIB == pytest.approx(sum(sizes[2:]), rel=0.02)
     assert (swapped.ram.training - plain.ram.training) * GIB == pytest.approx(sum(sizes), rel=0.02)
+    # a trace kept for another count of swapped blocks gives the same estimate, and refuses more than there are
+    traces = {}
+    vram.estimate(_tiny_sd(tmp_path, **{"memory.blocks_on_cpu": 3}), traces=traces)
+    assert vram.estimate(_tiny_sd(tmp_path, **{"memory.blocks_on_cpu": 4}), traces=traces) == swapped
+    assert len(traces) == 1
+    with pytest.raises(cfg.ConfigError, match=r"^config key 'memory.blocks_on_cpu': this model has 4 blocks"):
+        vram.estimate(_tiny_sd(tmp_path, **{"memory.blocks_on_cpu": 5}), traces=traces)
 
 
 def test_the_estimates_count_the_offloaded_activations(tiny_model, tmp_path, monkeypatch, plain_estimate):
@@ -292,3 +299,25 @@ def test_a_resumed_optimizer_state_is_loaded_while_the_swapped_weights_are_seen_
     assert all(torch.equal(p, w) for p, w in zip(block.parameters(), weights))
     for param in block.parameters():
         assert torch.equal(optimizer.state[param]["exp_avg"], stepped.state[param]["exp_avg"])
+
+
+def test_the_gpu_bench_times_a_swaps_copies_and_their_overlap(tiny_flux, capsys):
+    """bench/gpu.py's block-swap figures, on the CPU (where the swap copies all the same): the copies of a
+    step timed alone leave every block in system memory, and the share of them hidden behind compute."""
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "bench" / "gpu.py")
+    gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu)
+    _, _, components, _ = _prepared(
+        tiny_flux, network={"type": "full"}, memory={"blocks_on_cpu": 2},
+        optimizer={"fused_backward": True, "name": "sgd", "params": {"lr": 0.1}})
+    swap = components.unet.block_swap
+    assert gpu.copy_seconds(swap, rounds=1) > 0
+    assert not swap.ready and all(entry.tensor.data_ptr() == entry.cpu.data_ptr()
+                                  for entries in swap.tensors.values() for entry in entries)
+    assert gpu.overlap(0.10, 0.13, 0.05) == pytest.approx({"added_s": 0.03, "copies_s": 0.05, "hidden": 0.4})
+    assert gpu.overlap(0.10, 0.10, 0.05)["hidden"] == 1.0 and gpu.overlap(0.10, 0.20, 0.05)["hidden"] == 0.0
+    assert gpu.main([]) == 0 and capsys.readouterr().out == "no CUDA device\n"

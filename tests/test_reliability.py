@@ -88,6 +88,40 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(model, processes, tmp_p
     assert len(list((tmp_path / "killed" / "tiny-demo").iterdir())) == 1
 
 
+def losses(run_dir):
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("model", ["demo:tiny-flux", "demo:tiny-sdxl"])
+def test_sigkill_then_resume_with_block_swap_and_offloaded_activations_is_bit_exact(model, tmp_path):
+    # A full fine-tune whose optimizer steps inside backward, so that the swapped blocks' trained weights
+    # themselves wait on the CPU between steps, and the checkpointed blocks' inputs wait there between forward
+    # and backward; the samples at step 6 move the swapped model to the device and back after the resume.
+    def values(output_dir):
+        return tiny_config(output_dir, **{
+            "model": model, "trainer.max_steps": 12, "checkpoint.every_n_train_steps": 4,
+            "checkpoint.save_top_k": 1, "sampling.interval_steps": 6, "prior_preservation.enabled": False,
+            "gradient_checkpointing": True, "optimizer.fused_backward": True, "memory.blocks_on_cpu": 2,
+            "memory.offload_activations": True})
+
+    reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
+    reference = run_cli("train", "--config", str(write_config(tmp_path / "a.yaml", values(reference_dir))))
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    kill_at_checkpoint(write_config(tmp_path / "b.yaml", values(killed_dir)), "step-00000004")
+    run_dir = only_run(killed_dir)
+    assert metric_steps(run_dir)[-1] < 12
+    resumed = run_cli("train", "--resume", str(run_dir))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+    expected_losses = losses(only_run(reference_dir))
+    assert len(expected_losses) == 12 and losses(run_dir) == expected_losses
+    expected, expected_ckpt = final_unet(only_run(reference_dir))
+    actual, actual_ckpt = final_unet(run_dir)
+    assert expected_ckpt.name == actual_ckpt.name == "step-00000012"
+    assert expected.keys() == actual.keys()
+    assert [k for k in expected if not torch.equal(expected[k], actual[k])] == []
+
+
 KILL_IN_WRITE = """
 import os, signal, sys
 import engine.checkpoints as checkpoints
