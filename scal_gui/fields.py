@@ -362,8 +362,6 @@ TRAIN = (
     # The schema also takes Lightning's device lists and strings; the app runs a number of processes.
     Field("trainer.devices", "Devices", "processes (GPUs); 2 or more train through torchrun, -1 = every GPU",
           form_kind="int"),
-    Field("trainer.strategy", "Multi-device strategy", "ddp: each device holds the whole model; fsdp: a full "
-          "fine-tune's weights, gradients and optimizer states are split over the devices (README, Several GPUs)"),
     Field("optimizer.name", "Optimizer", "a short name (README, Optimizers) or a class path such as torch.optim.AdamW",
           suggestions=schema.OPTIMIZER_NAMES),
     Field("optimizer.params.lr", "Learning rate"),
@@ -424,6 +422,9 @@ ADVANCED = (
     Field("flow.weighting", "Loss weighting by σ"),
     Field("flow.guidance", "Guidance while training", "Flux.1-dev's guidance input; empty = 1.0"),
     Field("xformers", "xformers attention", "used only when installed and on CUDA"),
+    # beside the memory switches: on one GPU per process, what lets a full fine-tune fit several
+    Field("trainer.strategy", "Multi-device strategy", "ddp: each device holds the whole model; fsdp: a full "
+          "fine-tune's weights, gradients and optimizer states are split over the devices (README, Several GPUs)"),
 )
 
 NETWORK = (

@@ -172,10 +172,10 @@ def system_ram_gib() -> Optional[float]:
     return None
 
 
-def fit_to_card(actions, yaml_text: str, vram_gib, ram_gib) -> list:
+def fit_to_card(actions, yaml_text: str, vram_gib, ram_gib, policy: PathPolicy = PathPolicy.local()) -> list:
     """[message, YAML, check, *form values] after the memory plan; only the message when nothing fits."""
     message, fitted = actions.fit_memory(yaml_text, vram_gib, ram_gib)
-    values, check = configs.form_from_yaml(fitted, actions.policy) if fitted is not None else (None, "")
+    values, check = configs.form_from_yaml(fitted, policy) if fitted is not None else (None, "")
     if values is None:
         return [message] + [gr.skip()] * (2 + len(fields.ALL))
     return [message, fitted, check, *values]
@@ -274,7 +274,7 @@ def wire(ctx: PageContext, ui: SimpleNamespace, page: gr.Blocks) -> None:
 
     ui.save_preset.click(functools.partial(save_preset, policy=ctx.policy), [ui.preset_name, ctx.yaml, *ctx.inputs],
                          [ui.preset_message, ui.preset, ui.previous_preset, ui.description], api_visibility="private")
-    ui.upload.upload(functools.partial(load_config_file, policy=ctx.policy), ui.upload, [ui.preset_message, ctx.yaml, ctx.check, *ctx.inputs],
+    ui.upload.upload(functools.partial(load_config_file, policy=ctx.policy), ui.upload,
                      api_visibility="private")
 
     def show_running_config():
@@ -314,7 +314,7 @@ def wire(ctx: PageContext, ui: SimpleNamespace, page: gr.Blocks) -> None:
     page.load(machine_memory, None, [ui.fit_vram, ui.fit_ram], api_visibility="private")
 
     def fit(yaml_text: str, vram_gib, ram_gib):
-        return fit_to_card(actions, yaml_text, vram_gib, ram_gib)
+        return fit_to_card(actions, yaml_text, vram_gib, ram_gib, ctx.policy)
 
     # the form goes into the YAML first, and the chosen settings come back into both
     (ui.fit.click(synced, [ctx.yaml, *ctx.inputs], [ctx.yaml, ctx.check], api_visibility="private")

@@ -197,6 +197,7 @@ FLUX_LORA = ROOT / "presets" / "flux-lora-24gb.yaml"
 TRIED_GPU = re.compile(r"^  (.+?)(?: \(.*\))?: GPU ([0-9.]+) GiB, RAM ([0-9.]+) GiB: ")
 
 
+@pytest.mark.xdist_group("flux-lora-plan")  # one process: the second plan reuses the first's traces
 def test_the_plan_fits_a_flux_lora_into_8_gib_and_32_gib_of_ram(tmp_path, capsys):
     from engine.cli import main
 
@@ -215,6 +216,7 @@ def test_the_plan_fits_a_flux_lora_into_8_gib_and_32_gib_of_ram(tmp_path, capsys
         {key for key in memory_plan.TRACES if "flux1-dev" in key})
 
 
+@pytest.mark.xdist_group("flux-lora-plan")  # one process: the second plan reuses the first's traces
 def test_below_the_smallest_reachable_figure_the_plan_says_it_and_what_dominates(capsys):
     from engine.cli import main
 
