@@ -23,7 +23,8 @@ KNOWN_BY = {
                "engine/models/tiny.py", "engine/paths.py", "engine/vram.py", "scal_gui/fields.py"},
     "z-image": {"engine/block_swap.py", "engine/cli.py", "engine/config.py", "engine/memory_plan.py",
                 "engine/models/adapters.py", "engine/models/convert.py", "engine/models/family.py",
-                "engine/models/keymap_zimage.py", "engine/models/kohya.py", "engine/models/tiny.py",
+                "engine/models/keymap_zimage.py", "engine/models/kohya.py", "engine/models/qwen3_text.py",
+                "engine/models/tiny.py",
                 "engine/models/zimage.py", "engine/models/zimage_files.py", "engine/paths.py", "engine/vram.py",
                 "scal_gui/fields.py", "scal_gui/page.py"},
     "qwen-image": {"engine/block_swap.py", "engine/cli.py", "engine/models/adapters.py", "engine/models/convert.py",
@@ -31,7 +32,8 @@ KNOWN_BY = {
                    "engine/models/tiny.py", "engine/paths.py", "engine/vram.py", "scal_gui/fields.py"},
     "flux2-klein": {"engine/cli.py", "engine/models/adapters.py", "engine/models/convert.py",
                     "engine/models/family.py", "engine/models/flux2_klein.py", "engine/models/keymap_flux2.py",
-                    "engine/models/kohya.py", "engine/models/tiny.py", "engine/paths.py", "engine/vram.py"},
+                    "engine/models/kohya.py", "engine/models/qwen3_text.py", "engine/models/tiny.py", "engine/paths.py",
+                    "engine/vram.py"},
 }
 # The loop and what it calls for every family: a family reaches them only through the family interface.
 STEP_LOOP = ("engine/train.py", "engine/step.py", "engine/setup.py", "engine/plan.py", "engine/objectives.py",

@@ -64,9 +64,10 @@ def test_the_shipped_configs_are_kleins_own_with_their_real_parameter_counts(arc
 
 
 def test_captions_become_qwen3s_user_turn_with_thinking_off_in_qwens_real_ids(tiny_klein):
-    from engine.models.flux2_klein import KleinTokenizer, load_qwen_tokenizer
+    from engine.models.flux2_klein import KleinTokenizer
+    from engine.models.qwen3_text import load_qwen_tokenizer
 
-    qwen = load_qwen_tokenizer(tiny_klein / "tokenizer")
+    qwen = load_qwen_tokenizer(tiny_klein / "tokenizer", "FLUX.2 [klein]")
     tokenizer = KleinTokenizer(qwen)
     assert tokenizer.turn("a cat") == \
         "<|im_start|>user\na cat<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"

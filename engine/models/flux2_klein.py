@@ -33,6 +33,7 @@ import torch
 from .. import block_swap, notices, paths
 from ..errors import UserError
 from .flux import PATCH, bucket_sides, pack, unpack
+from .qwen3_text import PAD_TOKEN_ID, load_qwen_tokenizer
 from .sd import Components, resolve_model_path
 from .single_file import BUILTIN_CONFIGS
 
@@ -40,8 +41,6 @@ from .single_file import BUILTIN_CONFIGS
 MAX_SEQUENCE_LENGTH = 512
 # the Qwen3 hidden states it stacks (its text_encoder_out_layers); index 0 is the embeddings' output
 HIDDEN_LAYERS = (9, 18, 27)
-# Qwen's <|endoftext|>, the tokenizer's padding (Qwen3's tokenizer_config.json pad_token)
-PAD_TOKEN_ID = 151643
 # 8x VAE, then 2x2 patches: image sides are multiples of 16.
 PIXELS_PER_TOKEN_SIDE = 16
 # FLUX.2 [klein] renders at 1024 px by default (the pipeline's default_sample_size x 8); much below 512 poorly.
@@ -111,18 +110,6 @@ def check_config(config) -> None:
     if config.data.resolution < SMALLEST_USEFUL_RESOLUTION:
         notices.warn(f"config key 'data.resolution': {config.data.resolution} is far below FLUX.2 [klein]'s native "
                      f"1024 px; train at {SMALLEST_USEFUL_RESOLUTION} or more")
-
-
-def load_qwen_tokenizer(folder: Path):
-    from transformers import AutoTokenizer
-
-    if not (folder / "tokenizer.json").is_file() and not (folder / "vocab.json").is_file():
-        raise UserError(f"config key 'model': {folder} holds no Qwen tokenizer (tokenizer.json or vocab.json)")
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    if tokenizer.pad_token_id != PAD_TOKEN_ID:
-        raise UserError(f"config key 'model': {folder} pads with id {tokenizer.pad_token_id}, not Qwen's "
-                        f"<|endoftext|> ({PAD_TOKEN_ID}); it is not FLUX.2 [klein]'s tokenizer")
-    return tokenizer
 
 
 def latent_statistics(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,7 +190,7 @@ class Flux2Klein:
         text_encoder = Qwen3ForCausalLM.from_pretrained(root / "text_encoder", dtype=load_dtype(config, "text_encoder"))
         vae = AutoencoderKLFlux2.from_pretrained(vae_path, torch_dtype=load_dtype(config, "vae"))
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler")
-        return Components(tokenizer=KleinTokenizer(load_qwen_tokenizer(root / "tokenizer")),
+        return Components(tokenizer=KleinTokenizer(load_qwen_tokenizer(root / "tokenizer", "FLUX.2 [klein]")),
                           text_encoder=text_encoder, vae=vae, unet=transformer, noise_scheduler=scheduler,
                           model_path=model_path)
 

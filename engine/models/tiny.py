@@ -154,7 +154,7 @@ def make_tiny_model(directory: str | Path, seed: int = 0, arch: str = "sd") -> P
     import diffusers
     import torch
 
-    from .zimage import qwen3_tokenizer
+    from .qwen3_text import qwen3_tokenizer
 
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch must be one of {tuple(ARCHITECTURES)}, got {arch!r}")

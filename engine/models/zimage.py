@@ -25,6 +25,7 @@ import torch
 from .. import block_swap, notices, paths
 from ..errors import UserError
 from .flux import bucket_sides
+from .qwen3_text import PAD_TOKEN_ID, load_qwen_tokenizer, qwen3_tokenizer
 from .sd import Components, resolve_model_path
 from .single_file import BUILTIN_CONFIGS
 
@@ -38,16 +39,6 @@ PATCH = 2
 SMALLEST_USEFUL_RESOLUTION = 512
 # the hidden states ZImagePipeline._encode_prompt takes: the output of the second-to-last decoder layer
 HIDDEN_LAYER = -2
-# Qwen's <|endoftext|>, the tokenizer's padding (Qwen3-4B's tokenizer_config.json pad_token)
-PAD_TOKEN_ID = 151643
-# Qwen3's (text) turn format (Qwen/Qwen3-4B's tokenizer_config.json, Z-Image's tokenizer) for system, user
-# and assistant turns, without its tool-calling and reasoning-history parts: no default system turn, and the
-# empty think block after the assistant's start when enable_thinking is false.
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}{%- endif %}"
-    "{%- endif %}")
 
 
 class ZImageTokenizer:
@@ -122,34 +113,6 @@ def shipped(component: str) -> dict:
     return json.loads((BUILTIN_CONFIGS / ARCH / component / file).read_text(encoding="utf-8"))
 
 
-def qwen3_tokenizer():
-    """Qwen3-4B's tokenizer, Z-Image's, built offline: Qwen's vocabulary (`qwen2_vocab`), Qwen3's special tokens
-    at their ids and its turn format, which a saved pipeline keeps as the real one does."""
-    import tempfile
-
-    from transformers import AutoTokenizer
-
-    from .tiny_captioners import QWEN_SPECIALS, qwen_tokenizer_files
-
-    with tempfile.TemporaryDirectory() as folder:
-        qwen_tokenizer_files(Path(folder), QWEN_SPECIALS, CHAT_TEMPLATE)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
-
-
-def load_qwen_tokenizer(folder: Path):
-    from transformers import AutoTokenizer
-
-    if not (folder / "tokenizer.json").is_file() and not (folder / "vocab.json").is_file():
-        raise UserError(f"config key 'model': {folder} holds no Qwen tokenizer (tokenizer.json or vocab.json)")
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    if tokenizer.pad_token_id != PAD_TOKEN_ID:
-        raise UserError(f"config key 'model': {folder} pads with id {tokenizer.pad_token_id}, not Qwen's "
-                        f"<|endoftext|> ({PAD_TOKEN_ID}); it is not Z-Image's tokenizer")
-    return tokenizer
-
-
 def prompt_rows(conditioning: dict) -> list[torch.Tensor]:
     """Each prompt's hidden states without its padding, as ZImagePipeline hands them to the transformer. A row
     whose mask is all zero (a caption dropped to zeros) keeps one token: the transformer needs one. The memory
@@ -201,7 +164,7 @@ class ZImage:
         text_encoder = Qwen3Model.from_pretrained(root / "text_encoder", dtype=load_dtype(config, "text_encoder"))
         vae = AutoencoderKL.from_pretrained(vae_path, torch_dtype=load_dtype(config, "vae"))
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler")
-        return Components(tokenizer=ZImageTokenizer(load_qwen_tokenizer(root / "tokenizer")),
+        return Components(tokenizer=ZImageTokenizer(load_qwen_tokenizer(root / "tokenizer", "Z-Image")),
                           text_encoder=text_encoder, vae=vae, unet=transformer, noise_scheduler=scheduler,
                           model_path=model_path)
 
