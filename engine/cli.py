@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import queue
+import signal
 import sys
 import time
 import warnings
@@ -31,6 +32,14 @@ def cmd_train(args) -> int:
     from .plan import refuse_for_processes
     from .train import Trainer
 
+    is_main = int(os.environ.get("RANK", 0)) == 0
+    interactive = is_main and not args.json_events
+    # Under torchrun each rank is sent a Ctrl+C twice (by the terminal or the app, then by torchrun): only a
+    # single process can tell a second press from the first. A press while the models load stops the run
+    # as soon as it starts.
+    interrupts = _Interrupts(announce=interactive,
+                             abort_on_second=interactive and world_size_from_environment() == 1)
+    signal.signal(signal.SIGINT, interrupts.note)
     if args.resume:
         trainer = Trainer.for_resume(args.resume, queue.Queue(), overrides=args.set)
     else:
@@ -38,26 +47,49 @@ def cmd_train(args) -> int:
     # Refused here, before the ranks start their work, as well as by the trainer itself.
     refuse_for_processes(trainer.config, world_size_from_environment())
     trainer.start()
-    is_main = int(os.environ.get("RANK", 0)) == 0
-    if args.json_events or not is_main:
-        return _relay_events(trainer, as_json=args.json_events and is_main)
+    if not interactive:
+        return _relay_events(trainer, interrupts, as_json=args.json_events and is_main)
     try:
-        return _show_progress(trainer)
+        return _show_progress(trainer, interrupts)
     except KeyboardInterrupt:
-        print("stopping: saving a checkpoint (Ctrl+C again to abort)", file=sys.stderr)
-        trainer.stop(save_checkpoint=True)
-        try:
-            return _show_progress(trainer)
-        except KeyboardInterrupt:
-            print("aborted: the newest checkpoint on disk is kept", file=sys.stderr)
-            return 130
+        print("aborted: the newest checkpoint on disk is kept", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Now, without finalizing the interpreter under the training thread's native code (which aborts).
+        os._exit(130)
 
 
-def _events_until_done(trainer):
-    """The job's events as they come, up to and including its Finished or Failed event."""
+class _Interrupts:
+    """Ctrl+C (SIGINT, also the app's Stop) noted by a handler and acted on by the loop reading the run's
+    events. An exception raised wherever that loop happens to be could leave the event queue's lock held,
+    and the training thread would hang at its next event. Only an abort raises, and it ends the process."""
+
+    def __init__(self, announce: bool, abort_on_second: bool):
+        self.count = 0
+        self.announce = announce  # say on stderr that the run is stopping
+        self.abort_on_second = abort_on_second
+
+    def note(self, signum, frame) -> None:
+        self.count += 1
+        if self.count > 1 and self.abort_on_second:
+            raise KeyboardInterrupt
+
+
+def _events_until_done(trainer, interrupts: _Interrupts):
+    """The job's events as they come, up to and including its Finished or Failed event; after a Ctrl+C
+    the run stops after its current step and saves a checkpoint, whose events still come."""
     from . import events
 
+    stopping = False
     while True:
+        if interrupts.count and not stopping:
+            stopping = True
+            if interrupts.announce:
+                from tqdm import tqdm  # a line of its own below the progress bar
+
+                again = " (Ctrl+C again to abort)" if interrupts.abort_on_second else ""
+                tqdm.write(f"stopping: saving a checkpoint{again}", file=sys.stderr)
+            trainer.stop(save_checkpoint=True)
         try:
             event = trainer.events.get(timeout=0.5)
         except queue.Empty:
@@ -75,7 +107,7 @@ def _exit_code(event) -> int:
     return 0
 
 
-def _show_progress(trainer) -> int:
+def _show_progress(trainer, interrupts: _Interrupts) -> int:
     """A progress bar of the class images generated first, if any; then one with the loss (and the newest
     val_loss), and one line per checkpoint, sample batch and log message."""
     from tqdm import tqdm
@@ -86,7 +118,7 @@ def _show_progress(trainer) -> int:
     generating = None  # the class images a run generates before it trains
     say = print
     shown = {}  # the newest val_loss stays on the bar between validation rounds
-    for event in _events_until_done(trainer):
+    for event in _events_until_done(trainer, interrupts):
         if isinstance(event, events.Progress):
             if generating is None:
                 generating = tqdm(total=event.total, unit="image", desc="class images", dynamic_ncols=True)
@@ -125,7 +157,7 @@ def _show_progress(trainer) -> int:
     return _exit_code(event)
 
 
-def _relay_events(trainer, as_json: bool) -> int:
+def _relay_events(trainer, interrupts: _Interrupts, as_json: bool) -> int:
     """For other programs (the app runs multi-GPU training as a child process) and for ranks other than 0:
     one JSON object per event on stdout, or nothing but the final error."""
     import json
@@ -133,23 +165,19 @@ def _relay_events(trainer, as_json: bool) -> int:
     from . import events
 
     try:
-        for event in _events_until_done(trainer):
+        for event in _events_until_done(trainer, interrupts):
             if as_json:
                 print(json.dumps(event.to_dict()), flush=True)
             elif isinstance(event, events.Failed):
                 print(f"error: {event.error}", file=sys.stderr)
         return _exit_code(event)
-    except KeyboardInterrupt:
-        trainer.stop(save_checkpoint=True)
-        # keep relaying: the last step, the stop checkpoint and the finished event still go out
-        return _relay_events(trainer, as_json)
     except BrokenPipeError:
         # The program reading the events has gone (the app was killed): the run stops as Stop would, with a
         # checkpoint, so that it frees its run folder for the restarted app to resume instead of training on
         # unseen. What it would still print goes nowhere.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         trainer.stop(save_checkpoint=True)
-        return _relay_events(trainer, as_json=False)
+        return _relay_events(trainer, interrupts, as_json=False)
 
 
 def cmd_make_tiny_model(args) -> int:

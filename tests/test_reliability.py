@@ -3,6 +3,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -251,3 +252,50 @@ def test_a_metrics_line_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
     log.write({"step": 3, "loss": 0.3})
     log.close()
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
+
+
+def _until_first_step(process):
+    for line in process.stdout:
+        if line.startswith("{") and json.loads(line)["kind"] == "step":
+            return
+    pytest.fail(process.stderr.read()[-2000:])
+
+
+def test_a_burst_of_ctrl_c_stops_a_json_events_run_with_a_checkpoint(tmp_path):
+    """The app's Stop reaches a torchrun rank twice (from the app, then forwarded by torchrun) and at any
+    point of its loop: however many arrive, the run stops after its step and saves a checkpoint."""
+    config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, **{
+        "trainer.max_steps": 100000, "sampling.interval_steps": 0, "checkpoint.every_n_train_steps": 100000}))
+    process = subprocess.Popen([sys.executable, "-m", "engine", "train", "--config", str(config), "--json-events"],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _until_first_step(process)
+        for _ in range(20):  # apart, or the process would see them as one
+            process.send_signal(signal.SIGINT)
+            time.sleep(0.005)
+        rest = [json.loads(line) for line in process.stdout if line.startswith("{")]
+        assert process.wait(120) == 0, process.stderr.read()[-2000:]
+    finally:
+        process.kill()
+    final = rest[-1]
+    assert final["kind"] == "finished" and final["stopped"], final
+    (saved,) = [event for event in rest if event["kind"] == "checkpoint"]
+    assert saved["step"] == final["step"] and checkpoints.latest_checkpoint(only_run(tmp_path)).name in saved["path"]
+
+
+def test_a_second_ctrl_c_aborts_a_single_process_run_at_the_terminal(tmp_path):
+    config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, **{
+        "trainer.max_steps": 100000, "sampling.interval_steps": 0, "checkpoint.every_n_train_steps": 100000}))
+    process = subprocess.Popen([sys.executable, "-m", "engine", "train", "--config", str(config)], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in process.stderr:  # where the progress bar and the messages go
+            if "| 1/" in line:
+                process.send_signal(signal.SIGINT)
+            elif "stopping: saving a checkpoint (Ctrl+C again to abort)" in line:
+                process.send_signal(signal.SIGINT)
+                break
+        assert process.wait(120) == 130
+    finally:
+        process.kill()
+    assert "aborted: the newest checkpoint on disk is kept" in process.stderr.read()
