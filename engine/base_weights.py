@@ -81,13 +81,15 @@ class Stored:
 
     def _store(self, layer: torch.nn.Module, dtype: torch.dtype) -> None:
         stored, scale = quantize(layer.weight.data, dtype)
+        # A parameter, as the weight it scales is: counted with the model's weights. Registered first:
+        # diffusers takes a model's dtype from its first floating parameter and pipelines cast their latents
+        # to it, which an fp8 weight first would make fp8 (the fp32 scale is what int8 and nf4 report too).
+        self.scale = torch.nn.Parameter(scale.to(stored.device), requires_grad=False)
         if dtype == torch.uint8:
             self.nf4 = torch.nn.Parameter(stored, requires_grad=False)
             self.weight = torch.empty(layer.weight.shape, device="meta")
         else:
             self.weight = torch.nn.Parameter(stored, requires_grad=False)
-        # a parameter, as the weight it scales is: counted with the model's weights
-        self.scale = torch.nn.Parameter(scale.to(stored.device), requires_grad=False)
         self.bias = None if layer.bias is None else torch.nn.Parameter(layer.bias.data, requires_grad=False)
 
     @property

@@ -252,3 +252,28 @@ def test_what_klein_cannot_train_is_refused_naming_the_key(tiny_klein, values, k
     with pytest.raises(UserError, match=f"config key '{key}'"):
         components = family.load(config)
         family.objective(config, components.noise_scheduler)
+
+
+def test_a_sample_renders_over_an_fp8_base_as_over_its_dequantized_weights(tiny_klein):
+    """The pipeline casts its latents to the transformer's dtype, which diffusers reads off the first floating
+    parameter: with an fp8 base that must stay the dtype the layers compute in."""
+    from engine import base_weights
+    from engine.models.family import family_for
+    from engine.sampling import PromptEncoder, render
+
+    config = _config(tiny_klein)
+    family = family_for(config)
+    components = family.load(config)
+    encoder = PromptEncoder(family, components.tokenizer, components.text_encoder)
+    options = dict(num_inference_steps=2, guidance_scale=1.0, width=32, height=32, output_type="np")
+    images = []
+    for dequantize in (False, True):
+        transformer = family.load(config).unet.requires_grad_(False)
+        assert base_weights.store_frozen(transformer, base_weights.STORAGE["fp8"]) > 0
+        if dequantize:
+            base_weights.dequantize_stored(transformer)
+        pipeline = family.pipeline(components, transformer, components.text_encoder, torch.device("cpu"))
+        images.append(render(pipeline, encoder, ["a red circle"], [""], generator=torch.Generator().manual_seed(3),
+                             **options))
+    assert torch.isfinite(torch.from_numpy(images[0])).all()
+    assert abs(images[0] - images[1]).max() < 1e-5
