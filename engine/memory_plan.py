@@ -99,6 +99,8 @@ def repeated_block_count(config: Config) -> int:
         return denoiser["num_layers"] + denoiser["num_single_layers"]
     if "n_refiner_layers" in denoiser:  # Z-Image: its main blocks
         return denoiser["n_layers"]
+    if "num_layers" in denoiser:  # Qwen-Image: one kind of block
+        return denoiser["num_layers"]
     return len(denoiser["down_block_types"]) + len(denoiser["up_block_types"])
 
 

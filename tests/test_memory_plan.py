@@ -232,3 +232,19 @@ def test_below_the_smallest_reachable_figure_the_plan_says_it_and_what_dominates
         <= float(smallest)
     # every step was tried, the batch halved down to 1 last
     assert lines[-2].startswith("  half the batch (batch_size=1): GPU ")
+
+
+@pytest.mark.parametrize("arch", vram.ARCHITECTURES)
+def test_the_plan_counts_the_blocks_block_swap_moves_for_every_shipped_architecture(arch):
+    """The count the plan grows `memory.blocks_on_cpu` towards is the number of blocks block swap finds in the
+    real denoiser (built on `meta`): a model the count misses would stop the plan with an error."""
+    import diffusers
+    import torch
+
+    from engine import block_swap
+
+    architecture = vram.resolve_architecture(cfg.from_dict({"model": "x"}), arch)
+    with torch.device("meta"):
+        model = getattr(diffusers, architecture.unet["_class_name"]).from_config(architecture.unet)
+    config = cfg.from_dict({"model": architecture.source})  # the model's name alone tells its architecture
+    assert memory_plan.repeated_block_count(config) == len(block_swap.repeated_blocks(model))
