@@ -218,10 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("dir")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--arch", choices=("sd", "sd21", "sdxl", "flux", "flux-schnell", "chroma", "z-image",
-                                         "qwen-image", "flux2-klein", *CAPTIONERS),
+                                         "qwen-image", "qwen-image-edit", "flux2-klein", *CAPTIONERS),
                       default="sd", help="shrunk SD1.5 (default), SD2.1 768 v-prediction, SDXL, FLUX.1-dev, "
-                                         "FLUX.1-schnell, Chroma1-HD, Z-Image-Turbo, Qwen-Image or FLUX.2 [klein] "
-                                         "4B; or a captioning model: "
+                                         "FLUX.1-schnell, Chroma1-HD, Z-Image-Turbo, Qwen-Image, Qwen-Image-Edit-2509 "
+                                         "or FLUX.2 [klein] 4B; or a captioning model: "
                                          + ", ".join(CAPTIONERS))
     tiny.set_defaults(func=cmd_make_tiny_model)
 

@@ -107,6 +107,9 @@ class InstanceSet:
     # each image is this many samples of an epoch, so a small concept is not outweighed
     repeats: Annotated[int, WHOLE_AT_LEAST_1] = 1
     mask_path: Annotated[str, PATH] = ""  # a folder of loss masks named <image stem>.png; empty = <stem>.mask.png beside each image
+    # an edit model's control images: a folder of <image stem>.<ext>; empty = <stem>.control.<ext> (then
+    # .control2, .control3) beside each image
+    control_path: Annotated[str, PATH] = ""
 
 
 @dataclass
@@ -139,6 +142,7 @@ class SamplePrompt:
     seed: Annotated[Optional[int], SEED] = None
     width: Annotated[Optional[int], SIDE] = None
     height: Annotated[Optional[int], SIDE] = None
+    control_image: Annotated[str, PATH] = ""  # the image an edit model edits for this prompt
 
 
 @dataclass

@@ -64,13 +64,13 @@ def demo_data_dir() -> Path:
 
 def resolve(path: str) -> str:
     """Map `demo:tiny-<arch>` (tiny-sd, tiny-sd21, tiny-sdxl, tiny-flux, tiny-flux-schnell, tiny-chroma,
-    tiny-z-image, tiny-qwen-image, tiny-flux2-klein) and `demo:sample-data/...` to the cache folder; other paths
-    are returned as given."""
+    tiny-z-image, tiny-qwen-image, tiny-qwen-image-edit, tiny-flux2-klein) and `demo:sample-data/...` to the cache
+    folder; other paths are returned as given."""
     if not path.startswith(DEMO_PREFIX):
         return os.path.expanduser(path)
     name = path[len(DEMO_PREFIX):].strip("/")
     if name in ("tiny-sd", "tiny-sd21", "tiny-sdxl", "tiny-flux", "tiny-flux-schnell", "tiny-chroma",
-                "tiny-z-image", "tiny-qwen-image", "tiny-flux2-klein"):
+                "tiny-z-image", "tiny-qwen-image", "tiny-qwen-image-edit", "tiny-flux2-klein"):
         return str(demo_model_dir(name[len("tiny-"):]))
     if name == "sample-data" or name.startswith("sample-data/"):
         return str(demo_data_dir() / name[len("sample-data"):].strip("/"))

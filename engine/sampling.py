@@ -13,8 +13,10 @@ from typing import Any
 import torch
 
 from .config import Config
+from .data.dataset import load_image, to_tensor
 from .models.embeddings import expand_tokens
 from .models.family import ModelFamily
+from .paths import resolve as resolve_path
 
 
 @dataclass
@@ -27,17 +29,22 @@ class PromptEncoder:
     expansions: dict = field(default_factory=dict)  # textual-inversion token -> its multi-vector spelling
 
     @torch.no_grad()
-    def __call__(self, prompts: list[str]) -> dict:
+    def __call__(self, prompts: list[str], **controls) -> dict:
+        """`controls`: an edit model's control images, read with the prompts (see models.family)."""
         texts = [expand_tokens(text, self.expansions) for text in prompts]
         ids = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids
         device = next(self.text_encoder.parameters()).device
-        return self.family.encode_text(self.text_encoder, ids.to(device), self.clip_stop_at_layer)
+        return self.family.encode_text(self.text_encoder, ids.to(device), self.clip_stop_at_layer, **controls)
 
 
 def render(pipeline, encoder: PromptEncoder, prompts: list[str], negative_prompts: list[str], **options) -> list:
-    """The pipeline's images for prompts, with embeddings from the engine's encoder."""
-    return encoder.family.render(pipeline, encoder(prompts), encoder(negative_prompts), **options)
+    """The pipeline's images for prompts, with embeddings from the engine's encoder. An edit model's control
+    image (`options["image"]`, a PIL image) is read with the prompts too."""
+    image = options.get("image")
+    controls = {} if image is None else {"controls": to_tensor(image).expand(len(prompts), 1, -1, -1, -1)}
+    return encoder.family.render(pipeline, encoder(prompts, **controls), encoder(negative_prompts, **controls),
+                                 **options)
 
 
 @torch.no_grad()
@@ -57,6 +64,7 @@ def generate_samples(config: Config, pipeline, encoder: PromptEncoder, out_dir: 
         for concept_index, concept in enumerate(config.sampling.concepts):
             generator = torch.Generator("cpu").manual_seed(concept.seed if concept.seed is not None else concept_index)
             remaining = concept.num_samples
+            edited = {"image": load_image(resolve_path(concept.control_image))} if concept.control_image else {}
             image_index = 0
             while remaining > 0:
                 count = min(remaining, config.sampling.batch_size)
@@ -64,7 +72,8 @@ def generate_samples(config: Config, pipeline, encoder: PromptEncoder, out_dir: 
                     images = render(pipeline, encoder, [concept.prompt] * count, [concept.negative_prompt] * count,
                                     num_inference_steps=concept.steps, guidance_scale=concept.cfg_scale,
                                     width=concept.width or config.data.resolution,
-                                    height=concept.height or config.data.resolution, generator=generator)
+                                    height=concept.height or config.data.resolution, generator=generator,
+                                    **edited)
                 for image in images:
                     path = out_dir / f"{concept_index:02d}-{image_index:03d}.png"
                     image.save(path)

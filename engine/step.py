@@ -72,6 +72,18 @@ def scaled_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     return (latents - shift if shift else latents) * vae.config.scaling_factor
 
 
+def edit_control_latents(vae, batch: dict, device: torch.device) -> torch.Tensor:
+    """A batch's control images [B, n, 3, H, W] as latents [B, n, C, h, w] in the denoiser's range: the mean of
+    their distribution (cached, or encoded here), as an edit pipeline encodes its input images."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    if "control_latent_params" in batch:
+        mean = DiagonalGaussianDistribution(batch["control_latent_params"].flatten(0, 1).to(device)).mean
+    else:
+        mean = vae.encode(batch["control_pixel_values"].flatten(0, 1).to(device)).latent_dist.mean
+    return scaled_latents(vae, mean).unflatten(0, batch["control_pixel_values"].shape[:2])
+
+
 def compute_loss(config: Config, models: StepModels, batch: dict, device: torch.device,
                  autocast_dtype: Optional[torch.dtype], text_cache=None,
                  timesteps: Optional[torch.Tensor] = None, fill=None) -> tuple[torch.Tensor, LossParts]:
@@ -95,6 +107,9 @@ def compute_loss(config: Config, models: StepModels, batch: dict, device: torch.
         # statistics) says how
         latents = (models.family.normalized_latents(vae, latents) if hasattr(models.family, "normalized_latents")
                    else scaled_latents(vae, latents))
+        # an edit model's control images (data.controls): read with the caption, denoised beside as latents
+        control_latents = edit_control_latents(vae, batch, device) if "control_pixel_values" in batch else None
+    controls = {} if control_latents is None else {"controls": batch["control_pixel_values"]}
     noise, drawn = draws.noise_and_timesteps(latents.shape, config.noise_offset)
     noise, timesteps = noise.to(device), (drawn if timesteps is None else timesteps).to(device)
     noisy_latents = objective.noisy(latents, noise, timesteps)
@@ -108,11 +123,14 @@ def compute_loss(config: Config, models: StepModels, batch: dict, device: torch.
             conditioning = fill.add_text(full, encoded, input_ids.shape[1])
         else:
             with torch.set_grad_enabled(config.trains_text_encoder):
-                conditioning = models.family.encode_text(models.text_encoder, input_ids, config.clip_stop_at_layer)
+                conditioning = models.family.encode_text(models.text_encoder, input_ids, config.clip_stop_at_layer,
+                                                         **controls)
         if config.uncond.enabled and config.uncond.cond == "zeros":
             kept = torch.tensor([c != "" for c in batch["captions"]], device=device)
             conditioning = {name: value * kept.view(-1, *[1] * (value.dim() - 1)).to(value.dtype)
                             for name, value in conditioning.items()}
+        if control_latents is not None:  # the pictures to edit stay, whatever the caption
+            conditioning["control_latents"] = control_latents
         prediction = models.family.predict(models.unet, noisy_latents, timesteps, conditioning,
                                            batch.get("time_ids"))
     target = objective.target(latents, noise, timesteps)

@@ -22,6 +22,7 @@ import torch
 from . import paths
 from .config import Config
 from .data.buckets import plan_buckets
+from .data.controls import controls_beside
 from .data.dataset import Collate, DreamBoothDataset
 from .data.index import ImageRecord
 from .data.sources import scan_images
@@ -72,8 +73,11 @@ def build_validation_set(config: Config, tokenizer, scheduler, held_out: Sequenc
     if not plan.kept:
         raise UserError(f"config key '{key}': no usable validation images (see the warnings; formats: jpg, png, "
                         "webp, bmp)")
+    # an edit model's pairs: each image's control beside it (see data.controls)
+    controls = (controls_beside(plan.kept, f"config key '{key}'") if getattr(tokenizer, "reads_controls", False)
+                else None)
     dataset = DreamBoothDataset(plan.kept, plan.assignments, plan.sizes, tokenizer, center_crop=True,
-                                seed=settings.seed, prompt_expansions=prompt_expansions)
+                                seed=settings.seed, prompt_expansions=prompt_expansions, controls=controls)
     batches = []
     for bucket in sorted(set(plan.assignments)):
         items = [i for i, b in enumerate(plan.assignments) if b == bucket]

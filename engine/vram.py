@@ -124,6 +124,7 @@ class Architecture:
     vae: dict
     scheduler: dict  # the training noise schedule, which sets the prediction target
     text_encoder_2: Optional[dict] = None  # SDXL's second text encoder, Flux.1's T5
+    pipeline: Optional[str] = None  # model_index.json's pipeline class, where the folder has one
 
     @property
     def family(self) -> str:
@@ -134,8 +135,8 @@ class Architecture:
             return "chroma"
         if denoiser == "ZImageTransformer2DModel":
             return "z-image"
-        if denoiser == "QwenImageTransformer2DModel":
-            return "qwen-image"
+        if denoiser == "QwenImageTransformer2DModel":  # the edit model's transformer is the same class
+            return "qwen-image-edit" if self.pipeline == "QwenImageEditPlusPipeline" else "qwen-image"
         if denoiser == "Flux2Transformer2DModel":
             return "flux2-klein"
         return "sdxl" if self.text_encoder_2 is not None else "sd"
@@ -186,11 +187,13 @@ def resolve_architecture(config: Config, arch: Optional[str] = None) -> Architec
         vae_dir = Path(paths.resolve(config.vae))
     vae_dir = vae_dir or folder / "vae"
     scheduler = folder / "scheduler" / "scheduler_config.json"
+    index = folder / "model_index.json"
     return Architecture(folder.name if folder.parent == BUILTIN_CONFIGS else str(folder),
                         _read_json(_denoiser_config(folder)),
                         _read_json(folder / "text_encoder" / "config.json"), _read_json(vae_dir / "config.json"),
                         _read_json(scheduler) if scheduler.is_file() else {},
-                        _read_json(second / "config.json") if (second := folder / "text_encoder_2").is_dir() else None)
+                        _read_json(second / "config.json") if (second := folder / "text_encoder_2").is_dir() else None,
+                        _read_json(index).get("_class_name") if index.is_file() else None)
 
 
 @dataclass(frozen=True)

@@ -326,6 +326,8 @@ DATASET = (
     Field("masked_loss.enabled", "Masked loss", "each image's mask (name.mask.png) weights its loss: white trains"),
     Field("masked_loss.unmasked_weight", "Weight outside the mask", "0 = black mask pixels are ignored, 1 = trained"),
     Field(f"{_CONCEPT}.instance_set.mask_path", "Mask folder", "masks named name.png; empty = name.mask.png beside"),
+    Field(f"{_CONCEPT}.instance_set.control_path", "Control folder",
+          "an edit model's control images named name.png; empty = name.control.png beside"),
     Field(f"{_CONCEPT}.class_set.path", "Class folder", "regularization images for prior preservation"),
     Field("data.resolution", "Resolution", "pixels, a multiple of 8"),
     Field("data.center_crop", "Centre crop", "off = random crop position"),

@@ -31,9 +31,10 @@ def resume_choices(output_dir: str, active: Optional[str] = None,
 
 # What the user brings rather than how to train: a preset leaves these as the user typed them.
 USER_KEYS = ("model", "output_dir", "data.concepts[0].instance_set.path", "data.concepts[0].instance_set.prompt",
-             "data.concepts[0].instance_set.mask_path", "data.concepts[0].class_set.path",
-             "data.concepts[0].class_set.prompt", "data.concepts[0].class_set.auto_generate.negative_prompt",
-             "validation.path", "sampling.concepts[0].prompt", "sampling.concepts")
+             "data.concepts[0].instance_set.mask_path", "data.concepts[0].instance_set.control_path",
+             "data.concepts[0].class_set.path", "data.concepts[0].class_set.prompt",
+             "data.concepts[0].class_set.auto_generate.negative_prompt", "validation.path",
+             "sampling.concepts[0].prompt", "sampling.concepts")
 PRESET_INFO = "sets the training settings; a model, folder or prompt you typed is kept"
 
 

@@ -14,6 +14,7 @@ NAMES = {
     "chroma": r"chroma",
     "z-image": r"z[-_]?image",
     "qwen-image": r"qwen[-_ ]?image",
+    "qwen-image-edit": r"qwen[-_ ]?image[-_ ]?edit|EditPlus",
     "flux2-klein": r"klein|flux\.?2",
 }
 # The files that know each family's name.
@@ -29,7 +30,10 @@ KNOWN_BY = {
                 "scal_gui/fields.py", "scal_gui/page.py"},
     "qwen-image": {"engine/block_swap.py", "engine/cli.py", "engine/models/adapters.py", "engine/models/convert.py",
                    "engine/models/family.py", "engine/models/kohya.py", "engine/models/qwen_image.py",
-                   "engine/models/tiny.py", "engine/paths.py", "engine/vram.py", "scal_gui/fields.py"},
+                   "engine/models/qwen_image_edit.py", "engine/models/tiny.py", "engine/paths.py", "engine/vram.py",
+                   "scal_gui/fields.py"},
+    "qwen-image-edit": {"engine/cli.py", "engine/models/family.py", "engine/models/qwen_image_edit.py",
+                        "engine/models/tiny.py", "engine/paths.py", "engine/vram.py"},
     "flux2-klein": {"engine/cli.py", "engine/models/adapters.py", "engine/models/convert.py",
                     "engine/models/family.py", "engine/models/flux2_klein.py", "engine/models/keymap_flux2.py",
                     "engine/models/kohya.py", "engine/models/qwen3_text.py", "engine/models/tiny.py", "engine/paths.py",

@@ -109,7 +109,7 @@ def test_every_non_size_value_of_each_tiny_config_is_the_real_ones(arch, demo_ca
     # diffusers lists the optional components it has no model for
     assert all(tiny_index[k] == [None, None] for k in tiny_index.keys() - index.keys() - BOOKKEEPING)
     components = [name for name, value in index.items() if isinstance(value, list) and value[0]
-                  and not name.startswith("tokenizer")]
+                  and not name.startswith(("tokenizer", "processor"))]
     for component in components:
         kind, real_values = _full_config(component, real / component)
         _, tiny_values = _full_config(component, tiny / component)
@@ -130,7 +130,12 @@ def test_every_non_size_value_of_each_tiny_config_is_the_real_ones(arch, demo_ca
         t5 = T5TokenizerFast.from_pretrained(tiny / ("tokenizer_2" if "tokenizer_2" in index else "tokenizer"))
         assert (len(t5), t5.model_max_length, t5.pad_token_id, t5.eos_token_id, t5.unk_token_id) == (
             32100, 512, 0, 1, 2)
-    if index["_class_name"] == "QwenImagePipeline":
+    if "processor" in index:  # Qwen-Image-Edit's: Qwen2.5-VL's image preprocessing, which has no size to shrink
+        from transformers import AutoImageProcessor
+
+        assert (AutoImageProcessor.from_pretrained(tiny / "processor").to_dict()
+                == AutoImageProcessor.from_pretrained(real / "processor").to_dict())
+    if index["_class_name"] in ("QwenImagePipeline", "QwenImageEditPlusPipeline"):
         from transformers import Qwen2Tokenizer
 
         # Qwen2.5-VL-7B-Instruct's tokenizer (Qwen/Qwen-Image's tokenizer/): 151,643 BPE tokens, 22 special ones

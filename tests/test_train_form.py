@@ -21,9 +21,10 @@ TWO_PROMPTS = [
     {"prompt": "sks toy, watercolor", "negative_prompt": "text, watermark", "steps": 6, "cfg_scale": 2.0,
      "num_samples": 2, "seed": 7, "width": 128, "height": 64},
 ]
-# The same two prompts as table rows, as the page sends them: numbers in number cells, optional numbers as text.
-TWO_ROWS = [["sks toy on a beach", "blurry", 12, 5.5, 3, "42", "64", "128"],
-            ["sks toy, watercolor", "text, watermark", 6, 2.0, 2, "7", "128", "64"]]
+# The same two prompts as table rows, as the page sends them: numbers in number cells, optional numbers as text
+# (no control image: the column an edit model reads).
+TWO_ROWS = [["sks toy on a beach", "blurry", 12, 5.5, 3, "42", "64", "128", ""],
+            ["sks toy, watercolor", "text, watermark", 6, 2.0, 2, "7", "128", "64", ""]]
 
 
 def tiny():
@@ -96,7 +97,7 @@ def test_an_invalid_cell_is_refused_naming_its_key():
 def test_the_sample_prompt_box_and_the_tables_first_row_stay_one_value():
     assert tab_train.first_prompt_to_table("new", TWO_ROWS)[0][0] == "new"
     assert tab_train.first_prompt_to_table("new", TWO_ROWS)[1] == TWO_ROWS[1]
-    assert tab_train.first_prompt_to_table("first", [[]]) == [["first", "", 28, 7.5, 1, "", "", ""]]
+    assert tab_train.first_prompt_to_table("first", [[]]) == [["first", "", 28, 7.5, 1, "", "", "", ""]]
     assert tab_train.table_to_first_prompt([["", "", "", "", "", "", "", ""], *TWO_ROWS]) == TWO_ROWS[0][0]
 
     # Whichever of the two the user edited is written, the other (not yet redrawn) does not undo it.

@@ -93,10 +93,10 @@ def processor(folder: Path, class_name: str):
         settings["chat_template"] = template.read_text(encoding="utf-8")
     elif (folder / "chat_template.json").is_file():
         settings["chat_template"] = _json(folder / "chat_template.json")["chat_template"]
-    return _images_only(cls)(**parts, **settings)
+    return images_only(cls)(**parts, **settings)
 
 
-def _images_only(cls):
+def images_only(cls):
     """The processor class, accepting None for the sub-processors it is not given (the video processor)."""
 
     class ImagesOnly(cls):

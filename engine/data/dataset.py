@@ -98,7 +98,9 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     the concepts: an instance image is paired only with class images of its own concept. When `latents`
     is set (a cache.LatentReader), examples carry the VAE's latent distribution instead of pixels. `masks`
     (image path -> mask file) turns masked training on: every example then carries a loss mask, all white
-    for an image without a mask file and for class images.
+    for an image without a mask file and for class images. `controls` (image path -> its control images, see
+    controls) gives every example its control images cropped to its size (and, with `latents`, their cached
+    latents).
     """
 
     def __init__(self, instances: Sequence[ImageRecord], instance_buckets: Sequence[int],
@@ -106,7 +108,8 @@ class DreamBoothDataset(torch.utils.data.Dataset):
                  classes: Sequence[ImageRecord] = (), class_buckets: Sequence[int] = (),
                  uncond_p: float = 0.0, captions=None, augment: Sequence = (),
                  prompt_expansions: Optional[dict] = None, instance_groups: Sequence[int] = (),
-                 class_groups: Sequence[int] = (), masks: Optional[dict[str, str]] = None):
+                 class_groups: Sequence[int] = (), masks: Optional[dict[str, str]] = None,
+                 controls: Optional[dict[str, tuple[str, ...]]] = None):
         # Lazy records (see records) stay lazy: a record is built only for the example being made.
         self.instances = instances if isinstance(instances, LazyRecords) else list(instances)
         self.instance_buckets = list(instance_buckets)
@@ -120,6 +123,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.augment = list(augment)
         self.prompt_expansions = prompt_expansions or {}
         self.masks = masks
+        self.controls = controls
         self.epoch = 0
         self.instance_groups = list(instance_groups) or [0] * len(self.instances)
         self.latents = None
@@ -149,6 +153,9 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     def crops(self) -> set[tuple[str, tuple[int, int]]]:
         """Every (image path, target size) this dataset can produce, class images included."""
         found = {(r.path, self.sizes[b]) for r, b in zip(self.instances, self.instance_buckets)}
+        if self.controls:
+            found.update((control, self.sizes[b]) for r, b in zip(self.instances, self.instance_buckets)
+                         for control in self.controls[r.path])
         for (_, bucket), pool in self.class_pool.items():
             found.update((self.classes[i].path, self.sizes[bucket]) for i in pool)
         return found
@@ -198,6 +205,8 @@ class DreamBoothDataset(torch.utils.data.Dataset):
                     # crop (as kohya's sd-scripts conditions flipped samples).
                     box = mirrored_box(box, size[0])
             values = {"pixel_values": to_tensor(image)}
+        if self.controls is not None:
+            values.update(self._control(record, original, box, size))
         if self.masks is not None:
             values["mask"] = mask_tensor(mask, size)
         values["time_ids"] = time_ids(original, box, size)
@@ -209,6 +218,25 @@ class DreamBoothDataset(torch.utils.data.Dataset):
 
             caption = expand_tokens(caption, self.prompt_expansions)
         return {**values, "input_ids": tokenize(self.tokenizer, caption), "caption": caption, "path": record.path}
+
+    def _control(self, record: ImageRecord, original: tuple[int, int], box: tuple[int, int, int, int],
+                 size: tuple[int, int]) -> dict:
+        """The image's control images [n, 3, H, W], each cropped as the image was when both have the same size,
+        else centred; with the latent cache, also their cached latents (cached centred, as the image's own)."""
+        pixels = []
+        for path in self.controls[record.path]:
+            try:
+                control = load_image(path)
+            except Exception as error:  # PIL raises many types for files it cannot decode
+                raise UnusableImage(f"skipping {record.path}: cannot decode its control image {path}: "
+                                    f"{error}") from None
+            crop = box if control.size == original else crop_box(control.size, size[0], size[1], True, None)
+            pixels.append(to_tensor(apply_crop(control, crop, size[0], size[1])))
+        values = {"control_pixel_values": torch.stack(pixels)}
+        if self.latents is not None:
+            values["control_latent_params"] = torch.stack([self.latents.get(path, size)
+                                                           for path in self.controls[record.path]])
+        return values
 
     def _mask(self, record: ImageRecord, upright: tuple[int, int]):
         """The image's mask at its upright size, or None (masked training off, or no mask file)."""
@@ -296,4 +324,7 @@ class Collate:
         }
         if "mask" in examples[0]:
             batch["masks"] = torch.stack([e["mask"] for e in examples])
+        for key in ("control_pixel_values", "control_latent_params"):
+            if key in examples[0]:
+                batch[key] = torch.stack([e[key] for e in examples])
         return batch

@@ -18,6 +18,9 @@ import numpy as np
 from .columns import Packed
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+# An edit model's control images beside their target (name.control.png, name.control2.png, …; see controls), in
+# order: the edit models edit best from one to three pictures.
+CONTROL_MARKS = (".control", ".control2", ".control3")
 # Names are packed this many at a time, so that the arrays made on the way stay small beside the names.
 _PACK_BATCH = 65536
 
@@ -114,5 +117,6 @@ def _kinds(names: Packed) -> tuple[np.ndarray, np.ndarray]:
             found |= match
         return found
 
-    # Loss masks (name.mask.png, see masks) sit beside their images and are never training images.
-    return ends_with(IMAGE_EXTENSIONS) & ~ends_with(tuple(".mask" + e for e in IMAGE_EXTENSIONS)), ends_with((".txt",))
+    # Loss masks (name.mask.png, see masks) and control images sit beside their images and are never training images.
+    beside = tuple(mark + e for mark in (".mask", *CONTROL_MARKS) for e in IMAGE_EXTENSIONS)
+    return ends_with(IMAGE_EXTENSIONS) & ~ends_with(beside), ends_with((".txt",))

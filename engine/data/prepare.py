@@ -19,6 +19,7 @@ from .. import notices, paths
 from ..config import Config
 from ..errors import UserError
 from .buckets import plan_buckets
+from .controls import check_counts, concept_controls
 from .dataset import Collate, DreamBoothDataset
 from .index import DataWarning
 from .masks import check_masks, concept_masks
@@ -47,6 +48,8 @@ def prepare_data(config: Config, tokenizer, seed: int, rank: int = 0, world_size
     instances, classes, skipped, held_out = [], [], [], []
     instance_groups, class_groups = [], []
     masks = {} if config.masked_loss.enabled else None
+    # an edit model trains on (control, target) pairs
+    controls = {} if getattr(tokenizer, "reads_controls", False) else None
     for index, concept in enumerate(config.data.concepts):
         found = scan_images(paths.resolve(concept.instance_set.path), concept.instance_set.prompt,
                             f"config key 'data.concepts[{index}].instance_set.path'")
@@ -56,6 +59,8 @@ def prepare_data(config: Config, tokenizer, seed: int, rank: int = 0, world_size
                             f"{concept.instance_set.path} ({len(found.skipped)} skipped; formats: jpg, png, webp, bmp)")
         if masks is not None:
             masks.update(concept_masks(concept.instance_set, index, found.records))
+        if controls is not None:
+            controls.update(concept_controls(concept.instance_set, index, found.records))
         kept = found.records
         if config.validation.split > 0:
             kept, held = hold_out(kept, config.validation.split, config.validation.seed, index)
@@ -83,6 +88,8 @@ def prepare_data(config: Config, tokenizer, seed: int, rank: int = 0, world_size
         raise UserError("no usable training images in the instance folders (all were skipped)")
     if masks is not None:
         check_masks(masks, instance_plan.kept)
+    if controls is not None:
+        check_counts(controls, "config key 'data.concepts'")
     instance_groups = np.concatenate(instance_groups)[instance_plan.indices]
     class_groups = (np.concatenate(class_groups)[class_plan.indices] if class_plan
                     else np.zeros(0, dtype=np.int64))
@@ -102,7 +109,8 @@ def prepare_data(config: Config, tokenizer, seed: int, rank: int = 0, world_size
         classes=class_plan.kept if class_plan else (), class_buckets=class_plan.assignments if class_plan else (),
         uncond_p=config.uncond.p if config.uncond.enabled else 0.0, captions=config.captions,
         augment=config.augment, prompt_expansions=prompt_expansions,
-        instance_groups=instance_groups[samples].tolist(), class_groups=class_groups.tolist(), masks=masks)
+        instance_groups=instance_groups[samples].tolist(), class_groups=class_groups.tolist(), masks=masks,
+        controls=controls)
     sampler = BucketBatchSampler(sample_buckets, config.batch_size, seed, rank=rank, world_size=world_size)
     stranded = sum(n for n in Counter(sample_buckets).values() if n < world_size)
     if stranded:

@@ -10,7 +10,9 @@ target is set here from the config.
 The conditioning is a dict of tensors with one row per sample: `encoder_hidden_states` for every family,
 plus what a family adds (SDXL: the pooled `text_embeds`; Flux.1: CLIP's pooled `pooled_projections`; Chroma:
 the transformer's `attention_mask` over T5's tokens; Qwen-Image: the mask of its prompt's tokens,
-`encoder_hidden_states_mask`). The caches store it and classifier-free dropout zeroes it without knowing its
+`encoder_hidden_states_mask`; Qwen-Image-Edit: its control images' `control_latents`, which the step adds). A
+family whose tokenizer says `reads_controls` trains on control images (data.controls): its encode_text takes them
+as `controls`. The caches store it and classifier-free dropout zeroes it without knowing its
 parts. A batch's `time_ids` (each
 sample's original size, crop top-left and target size) go to the families that condition on them.
 """
@@ -22,6 +24,7 @@ from typing import Any, Optional, Protocol
 import torch
 
 from ..config import Config
+from ..errors import UserError
 from ..objectives import Objective
 from .sd import Components
 
@@ -56,11 +59,15 @@ def family_for(config: Config) -> ModelFamily:
     from .chroma import Chroma, is_chroma
     from .flux import Flux1, is_flux
     from .qwen_image import QwenImage, is_qwen_image
+    from .qwen_image_edit import QwenImageEdit, is_qwen_image_edit
     from .flux2_klein import Flux2Klein, is_flux2_klein
     from .sd import StableDiffusion
     from .sdxl import StableDiffusionXL
     from .zimage import ZImage, is_zimage
 
+    if is_qwen_image_edit(config.model):
+        return QwenImageEdit()
+    refuse_controls(config)
     if is_flux(config.model):
         return Flux1()
     if is_chroma(config.model):
@@ -76,11 +83,13 @@ def family_for(config: Config) -> ModelFamily:
 
 def family_named(name: str) -> ModelFamily:
     """The family an architecture name ('sd15', 'sd21', 'sdxl', 'flux1-dev', 'flux1-schnell', 'chroma',
-    'z-image', 'qwen-image', 'flux2-klein-4b', 'flux2-klein-9b') or a family's own name belongs to."""
+    'z-image', 'qwen-image', 'qwen-image-edit', 'flux2-klein-4b', 'flux2-klein-9b') or a family's own name belongs
+    to."""
     from .chroma import Chroma
     from .flux import Flux1
     from .flux2_klein import Flux2Klein
     from .qwen_image import ARCH, QwenImage
+    from .qwen_image_edit import QwenImageEdit
     from .sd import StableDiffusion
     from .sdxl import StableDiffusionXL
     from .zimage import ZImage
@@ -93,9 +102,23 @@ def family_named(name: str) -> ModelFamily:
         return ZImage()
     if name == ARCH:
         return QwenImage()
+    if name == QwenImageEdit.name:
+        return QwenImageEdit()
     if name.startswith(Flux2Klein.name):
         return Flux2Klein()
     return StableDiffusionXL() if name == "sdxl" else StableDiffusion()
+
+
+def refuse_controls(config: Config) -> None:
+    """Refuse control images, which only an edit model reads, naming the key."""
+    for index, concept in enumerate(config.data.concepts):
+        if concept.instance_set.control_path:
+            raise UserError(f"config key 'data.concepts[{index}].instance_set.control_path': only an edit model "
+                            f"(Qwen-Image-Edit) trains on control images; {config.model} is not one")
+    for index, concept in enumerate(config.sampling.concepts):
+        if concept.control_image:
+            raise UserError(f"config key 'sampling.concepts[{index}].control_image': only an edit model "
+                            f"(Qwen-Image-Edit) renders from control images; {config.model} is not one")
 
 
 def is_sdxl(model: str) -> bool:

@@ -18,7 +18,8 @@ from . import clip_vocab, t5_vocab, tiny_captioners
 REAL_CONFIGS = Path(__file__).resolve().parent / "configs" / "pipelines"
 # demo architecture name: the shipped real configs it shrinks
 ARCHITECTURES = {"sd": "sd15", "sd21": "sd21", "sdxl": "sdxl", "flux": "flux1-dev", "flux-schnell": "flux1-schnell",
-                 "chroma": "chroma", "z-image": "z-image", "qwen-image": "qwen-image", "flux2-klein": "flux2-klein-4b"}
+                 "chroma": "chroma", "z-image": "z-image", "qwen-image": "qwen-image", "flux2-klein": "flux2-klein-4b",
+                 "qwen-image-edit": "qwen-image-edit"}
 TINY_TEXT_DIM = 32
 
 
@@ -99,7 +100,7 @@ SIZES = {
                  "cross_attention_dim": 3 * TINY_TEXT_DIM, "addition_time_embed_dim": _TIME_EMBED_DIM,
                  "projection_class_embeddings_input_dim": _TIME_IDS * _TIME_EMBED_DIM + 2 * TINY_TEXT_DIM}},
     "flux": _FLUX, "flux-schnell": _FLUX, "chroma": _CHROMA, "z-image": _ZIMAGE, "qwen-image": _QWEN_IMAGE,
-    "flux2-klein": _KLEIN,
+    "flux2-klein": _KLEIN, "qwen-image-edit": _QWEN_IMAGE,
 }
 # The length of FLUX.1's T5 tokenizer (its tokenizer_2/ folder says 512 for dev and schnell alike) and of
 # Chroma's (ChromaPipeline's max_sequence_length).
@@ -127,7 +128,7 @@ def _shrunk(real: dict, size: dict) -> dict:
                        for key, value in size.items()}}
 
 
-def _make_tiny_qwen_image(directory: Path, configs: dict, scheduler: dict) -> Path:
+def _make_tiny_qwen_image(directory: Path, configs: dict, scheduler: dict, index: dict) -> Path:
     import diffusers
     import transformers
 
@@ -140,11 +141,21 @@ def _make_tiny_qwen_image(directory: Path, configs: dict, scheduler: dict) -> Pa
     tiny_captioners.qwen_tokenizer_files(tokenizer_folder, tiny_captioners.QWEN_SPECIALS[:22],
                                          tiny_captioners.QWEN_CHAT_TEMPLATE)
     tokenizer = transformers.Qwen2Tokenizer.from_pretrained(tokenizer_folder)
-    pipeline = diffusers.QwenImagePipeline(
+    edit = "processor" in index
+    pipeline = getattr(diffusers, index["_class_name"])(
         scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_config(scheduler),
         vae=diffusers.AutoencoderKLQwenImage.from_config(configs["vae"]), text_encoder=text_encoder,
-        tokenizer=tokenizer, transformer=diffusers.QwenImageTransformer2DModel.from_config(configs["transformer"]))
+        tokenizer=tokenizer, transformer=diffusers.QwenImageTransformer2DModel.from_config(configs["transformer"]),
+        **({"processor": None} if edit else {}))
     pipeline.save_pretrained(directory, safe_serialization=True)
+    if edit:
+        # Qwen-Image-Edit's processor (Qwen2.5-VL's real image preprocessing and the tokenizer), saved part by part:
+        # the processor class would save a video processor too, which needs torchvision; the index then names it
+        processor = directory / "processor"
+        transformers.AutoImageProcessor.from_pretrained(REAL_CONFIGS / ARCHITECTURES["qwen-image-edit"] /
+                                                        "processor").save_pretrained(processor)
+        tokenizer.save_pretrained(processor)
+        (directory / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
     return directory
 
 
@@ -163,8 +174,8 @@ def make_tiny_model(directory: str | Path, seed: int = 0, arch: str = "sd") -> P
     index = json.loads((REAL_CONFIGS / ARCHITECTURES[arch] / "model_index.json").read_text(encoding="utf-8"))
     configs = {name: _shrunk(real_config(arch, name), size) for name, size in SIZES[arch].items()}
     torch.manual_seed(seed)
-    if arch == "qwen-image":
-        return _make_tiny_qwen_image(directory, configs, real_config(arch, "scheduler"))
+    if arch in ("qwen-image", "qwen-image-edit"):
+        return _make_tiny_qwen_image(directory, configs, real_config(arch, "scheduler"), index)
     parts = {name: _text_encoder(configs[name], index[name][1]) for name in ("text_encoder", "text_encoder_2")
              if name in configs}
     for name, pad_token in clip_vocab.PAD_TOKENS.get(ARCHITECTURES[arch], {}).items():
