@@ -72,16 +72,17 @@ def scaled_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     return (latents - shift if shift else latents) * vae.config.scaling_factor
 
 
-def edit_control_latents(vae, batch: dict, device: torch.device) -> torch.Tensor:
-    """A batch's control images [B, n, 3, H, W] as latents [B, n, C, h, w] in the denoiser's range: the mean of
-    their distribution (cached, or encoded here), as an edit pipeline encodes its input images."""
+def control_latents(vae, batch: dict, device: torch.device, to_model_space) -> torch.Tensor:
+    """A batch's control images [B, n, 3, H, W] as latents [B, n, C, h, w] in the denoiser's range (as
+    `to_model_space` puts the target's): the mean of their distribution (cached, or encoded here), as an edit
+    pipeline encodes its input images."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     if "control_latent_params" in batch:
         mean = DiagonalGaussianDistribution(batch["control_latent_params"].flatten(0, 1).to(device)).mean
     else:
         mean = vae.encode(batch["control_pixel_values"].flatten(0, 1).to(device)).latent_dist.mean
-    return scaled_latents(vae, mean).unflatten(0, batch["control_pixel_values"].shape[:2])
+    return to_model_space(vae, mean).unflatten(0, batch["control_pixel_values"].shape[:2])
 
 
 def compute_loss(config: Config, models: StepModels, batch: dict, device: torch.device,
@@ -105,11 +106,13 @@ def compute_loss(config: Config, models: StepModels, batch: dict, device: torch.
         latents = draws.sample_latents(distribution.mean, distribution.std)
         # a family whose autoencoder normalises its latents otherwise than by a shift and a scale (per-channel
         # statistics) says how
-        latents = (models.family.normalized_latents(vae, latents) if hasattr(models.family, "normalized_latents")
-                   else scaled_latents(vae, latents))
-        # an edit model's control images (data.controls): read with the caption, denoised beside as latents
-        control_latents = edit_control_latents(vae, batch, device) if "control_pixel_values" in batch else None
-    controls = {} if control_latents is None else {"controls": batch["control_pixel_values"]}
+        to_model_space = getattr(models.family, "normalized_latents", scaled_latents)
+        latents = to_model_space(vae, latents)
+        # control images (data.controls), the pictures an edit model is asked to change: read with the caption
+        # and denoised beside the target as latents
+        controls = (control_latents(vae, batch, device, to_model_space) if "control_pixel_values" in batch
+                    else None)
+    read_with_text = {} if controls is None else {"controls": batch["control_pixel_values"]}
     noise, drawn = draws.noise_and_timesteps(latents.shape, config.noise_offset)
     noise, timesteps = noise.to(device), (drawn if timesteps is None else timesteps).to(device)
     noisy_latents = objective.noisy(latents, noise, timesteps)
@@ -124,13 +127,13 @@ def compute_loss(config: Config, models: StepModels, batch: dict, device: torch.
         else:
             with torch.set_grad_enabled(config.trains_text_encoder):
                 conditioning = models.family.encode_text(models.text_encoder, input_ids, config.clip_stop_at_layer,
-                                                         **controls)
+                                                         **read_with_text)
         if config.uncond.enabled and config.uncond.cond == "zeros":
             kept = torch.tensor([c != "" for c in batch["captions"]], device=device)
             conditioning = {name: value * kept.view(-1, *[1] * (value.dim() - 1)).to(value.dtype)
                             for name, value in conditioning.items()}
-        if control_latents is not None:  # the pictures to edit stay, whatever the caption
-            conditioning["control_latents"] = control_latents
+        if controls is not None:  # the pictures to edit stay, whatever the caption
+            conditioning["control_latents"] = controls
         prediction = models.family.predict(models.unet, noisy_latents, timesteps, conditioning,
                                            batch.get("time_ids"))
     target = objective.target(latents, noise, timesteps)

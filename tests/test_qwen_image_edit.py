@@ -203,7 +203,7 @@ def test_the_control_latents_reach_the_transformer_as_the_pipeline_builds_them(l
     from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as plus
 
     from engine.data.dataset import to_tensor
-    from engine.step import edit_control_latents
+    from engine.step import control_latents, scaled_latents
 
     _, family, components = loaded
     controls = [_picture((64, 64), (220, 40, 40), True), _picture((64, 64), (40, 170, 70), False)]
@@ -231,10 +231,11 @@ def test_the_control_latents_reach_the_transformer_as_the_pipeline_builds_them(l
     monkeypatch.setattr(components.unet, "forward", capture(components.unet))
     with torch.no_grad():
         pixels = torch.stack([to_tensor(control) for control in controls])[None]
-        control_latents = edit_control_latents(components.vae, {"control_pixel_values": pixels}, torch.device("cpu"))
+        encoded = control_latents(components.vae, {"control_pixel_values": pixels}, torch.device("cpu"),
+                                  getattr(family, "normalized_latents", scaled_latents))
         prediction = family.predict(components.unet, latents, theirs["timestep"] * 1000,
                                     {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": torch.ones(1, 5, 1),
-                                     "control_latents": control_latents}, None)
+                                     "control_latents": encoded}, None)
     ours = calls[-1]
     assert ours["img_shapes"] == theirs["img_shapes"] == [[(1, 3, 5), (1, 4, 4), (1, 4, 4)]]
     assert ours["hidden_states"].shape == (1, 15 + 2 * 16, 64)
