@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .thumbnails import draw_crop
+from .thumbnails import beside, draw_crop
 
 MAX_THUMBNAILS = 48  # per bucket, spread over its images
 MAX_SKIPPED_ROWS = 1000
@@ -57,9 +57,17 @@ def skipped(result: dict) -> pd.DataFrame:
 
 
 def thumbnails(result: dict, label: str, out_dir: Path) -> list[tuple[str, str]]:
-    """(thumbnail path, caption) for the listed images of the bucket with that label, the crop drawn on each."""
+    """(thumbnail path, caption) for the listed images of the bucket with that label, the crop drawn on each;
+    an image with control images (an edit model's pairs) shows them to its left."""
     for bucket in result["buckets"]:
         if bucket_label(bucket) == label:
-            return [(str(draw_crop(image["path"], image["crop"], out_dir, mask=image.get("mask"))),
-                     Path(image["path"]).name) for image in bucket["images"]]
+            return [_thumbnail(image, out_dir) for image in bucket["images"]]
     return []
+
+
+def _thumbnail(image: dict, out_dir: Path) -> tuple[str, str]:
+    thumb = draw_crop(image["path"], image["crop"], out_dir, mask=image.get("mask"))
+    name = Path(image["path"]).name
+    if image.get("controls"):
+        return str(beside(image["controls"], thumb, out_dir)), f"{name} (control → target)"
+    return str(thumb), name

@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 THUMB_SIDE = 192
 SHADE = 110  # alpha of the veil over the parts that the crop cuts away
 TINT = (230, 30, 60)  # blended over what a loss mask leaves out of the loss
+PAIR_GAP, PAIR_GROUND = 4, (32, 32, 32)  # between an edit's control images and its target
 
 
 def draw_crop(source: str, box: Sequence[float], out_dir: Path, side: int = THUMB_SIDE,
@@ -40,6 +41,31 @@ def draw_crop(source: str, box: Sequence[float], out_dir: Path, side: int = THUM
     draw.rectangle((left + 1, top + 1, right - 2, bottom - 2), outline=(255, 255, 255), width=1)
     out_dir.mkdir(parents=True, exist_ok=True)
     thumb.save(target)
+    return target
+
+
+def beside(controls: Sequence[str], thumb: Path, out_dir: Path, side: int = THUMB_SIDE) -> Path:
+    """One picture of the control images' thumbnails, then `thumb` (their target's), left to right: an edit's
+    pictures before and after. Written once per (controls, thumbnail) and reused."""
+    from PIL import Image
+
+    from engine.data.shards import file_stamp
+
+    key = hashlib.sha1(f"{[file_stamp(path) for path in controls]}:{thumb.name}:{side}".encode()).hexdigest()[:16]
+    target = out_dir / f"{key}.png"
+    if target.is_file():
+        return target
+    parts = [_opened(path, side)[1] for path in controls]
+    with Image.open(thumb) as after:
+        parts.append(after.convert("RGB"))
+    picture = Image.new("RGB", (sum(part.width for part in parts) + PAIR_GAP * (len(parts) - 1),
+                                max(part.height for part in parts)), PAIR_GROUND)
+    left = 0
+    for part in parts:
+        picture.paste(part, (left, (picture.height - part.height) // 2))
+        left += part.width + PAIR_GAP
+    out_dir.mkdir(parents=True, exist_ok=True)
+    picture.save(target)
     return target
 
 

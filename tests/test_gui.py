@@ -7,6 +7,7 @@ import sys
 import threading
 import time
 import weakref
+from pathlib import Path
 
 import pytest
 
@@ -593,6 +594,38 @@ def test_thumbnail_veils_what_the_crop_cuts(tmp_path):
     outside, inside = thumb.getpixel((10, 50)), thumb.getpixel((100, 50))
     assert outside[0] < inside[0] - 50
     assert thumb.getpixel((51, 50)) == (255, 255, 255) and thumb.getpixel((50, 50)) == (0, 0, 0)  # the outline
+
+
+def test_an_edit_pair_shows_its_control_left_of_its_target_in_the_bucket_preview(tmp_path):
+    """An edit model's pairs: each listed target with its control images (x.control.png, x.control2.png),
+    drawn to its left in the thumbnail; a target without one shows alone."""
+    from PIL import Image
+
+    from engine.data.buckets_cli import bucket_report
+    from scal_gui import bucket_view
+
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    Image.new("RGB", (64, 64), (250, 250, 250)).save(folder / "a.png")
+    Image.new("RGB", (64, 64), (200, 0, 0)).save(folder / "a.control.png")
+    Image.new("RGB", (64, 64), (0, 0, 200)).save(folder / "a.control2.png")
+    Image.new("RGB", (64, 64), (250, 250, 250)).save(folder / "b.png")
+    config = schema.from_dict(bucket_values(tmp_path, folder))
+    with notices.collect(lambda message: None):
+        report = bucket_report(config)
+    (bucket,) = [bucket for bucket in report["buckets"] if bucket["count"]]
+    assert {Path(image["path"]).name: image.get("controls") for image in bucket["images"]} == {
+        "a.png": [str(folder / "a.control.png"), str(folder / "a.control2.png")], "b.png": None}
+    shown = dict((caption, path) for path, caption in
+                 bucket_view.thumbnails(report, bucket_view.bucket_label(bucket), tmp_path / "thumbs"))
+    pair, alone = Image.open(shown["a.png (control → target)"]), Image.open(shown["b.png"])
+    assert pair.width == 3 * alone.width + 2 * 4 and pair.height == alone.height
+    # control, second control, then the target (its crop drawn), left to right
+    middle = alone.height // 2
+    assert pair.getpixel((alone.width // 2, middle))[0] > 150 > pair.getpixel((alone.width // 2, middle))[2]
+    assert pair.getpixel((alone.width + 4 + alone.width // 2, middle))[2] > 150
+    assert pair.getpixel((2 * (alone.width + 4) + alone.width // 2, middle)) == alone.getpixel(
+        (alone.width // 2, middle))
 
 
 # -- the Dataset tab on large datasets: counts of all images, a bounded sample of them ---------------------

@@ -14,6 +14,7 @@ import numpy as np
 from .. import notices, paths
 from .buckets import bucket_sizes, crop_box, plan_buckets
 from ..config import Config, add_overrides_argument
+from .controls import found_controls
 from .masks import concept_masks
 from .shards import shard_paths
 from .sources import scan_images
@@ -40,7 +41,8 @@ def bucket_report(config: Config, sample: int = SAMPLE_PER_BUCKET,
      "skipped": [{"path", "reason"}], "skipped_count", "shards"}. A bucket's images are in concept, then
     scan order; "count" counts them all. Image sizes are upright (EXIF orientation applied); "crop" is the
     centre crop [left, top, right, bottom] in those pixels. With masked_loss on, each listed image also has
-    its "mask" file (or None). "skipped" lists the first skipped_limit skipped images (all with None) and
+    its "mask" file (or None); an image with control images (an edit model's pairs, see controls) has their
+    "controls" paths. "skipped" lists the first skipped_limit skipped images (all with None) and
     "skipped_count" counts them all; skipped images are also reported as notices. "shards" is the number of
     WebDataset shards the concepts read, 0 for folders of image files.
     """
@@ -82,6 +84,12 @@ def bucket_report(config: Config, sample: int = SAMPLE_PER_BUCKET,
             masks = concept_masks(concept.instance_set, index, [record for record, _ in entries])
             for record, entry in entries:
                 entry["mask"] = masks.get(record.path)
+    # An edit model's pairs: the listed images' control images, where they have them.
+    for concept, entries in zip(config.data.concepts, listed):
+        controls = found_controls(concept.instance_set, [record for record, _ in entries])
+        for record, entry in entries:
+            if record.path in controls:
+                entry["controls"] = list(controls[record.path])
     return {"buckets": buckets,
             "skipped": [{"path": path, "reason": reason} for path, reason in skipped[:skipped_limit]],
             "skipped_count": len(skipped), "shards": shards}

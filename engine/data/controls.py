@@ -35,6 +35,22 @@ def _by_stem(folder: str, marks: tuple[str, ...]) -> dict[str, dict[int, str]]:
     return found
 
 
+def _beside() -> Callable[[str], dict[str, dict[int, str]]]:
+    """A target's path -> its folder's controls by stem (each folder listed once)."""
+    listings: dict[str, dict[str, dict[int, str]]] = {}
+
+    def listing(path: str) -> dict[str, dict[int, str]]:
+        folder = os.path.dirname(path)
+        if folder not in listings:
+            listings[folder] = _by_stem(folder, CONTROL_MARKS)
+        return listings[folder]
+    return listing
+
+
+def _stem(path: str) -> str:
+    return os.path.basename(path).rpartition(".")[0]
+
+
 def concept_controls(instance_set, index: int, records: Iterable) -> dict[str, tuple[str, ...]]:
     """Image path -> its control images for every record (image) of data.concepts[index].instance_set; a record
     without one is refused, naming it and the key to set."""
@@ -53,21 +69,30 @@ def concept_controls(instance_set, index: int, records: Iterable) -> dict[str, t
 def controls_beside(records: Iterable, key: str) -> dict[str, tuple[str, ...]]:
     """Image path -> its control images beside it (<stem>.control.<ext>, <stem>.control2.<ext>, …), for every
     record; one without is refused naming key."""
-    listings: dict[str, dict[str, dict[int, str]]] = {}
+    return _matched(records, _beside(), f"<name>{CONTROL_MARKS[0]}.png beside it", key)
 
-    def listing(path: str) -> dict[str, dict[int, str]]:
-        folder = os.path.dirname(path)
-        if folder not in listings:
-            listings[folder] = _by_stem(folder, CONTROL_MARKS)
-        return listings[folder]
 
-    return _matched(records, listing, f"<name>{CONTROL_MARKS[0]}.png beside it", key)
+def found_controls(instance_set, records: Iterable) -> dict[str, tuple[str, ...]]:
+    """Image path -> its control images, in order, for the records that have any (the Dataset tab shows the
+    pairs whatever the model); nothing is refused."""
+    if instance_set.control_path:
+        folder = paths.resolve(instance_set.control_path)
+        by_stem = _by_stem(folder, ("",)) if os.path.isdir(folder) else {}
+    elif names_shards(paths.resolve(instance_set.path)):
+        return {}
+    beside = None if instance_set.control_path else _beside()
+    found = {}
+    for record in records:
+        controls = (by_stem if beside is None else beside(record.path)).get(_stem(record.path), {})
+        if controls:
+            found[record.path] = tuple(controls[index] for index in sorted(controls))
+    return found
 
 
 def _matched(records: Iterable, listing: Callable[[str], dict], where: str, key: str) -> dict[str, tuple[str, ...]]:
     found = {}
     for record in records:
-        controls = listing(record.path).get(os.path.basename(record.path).rpartition(".")[0], {})
+        controls = listing(record.path).get(_stem(record.path), {})
         if not controls:
             raise UserError(f"{key}: {record.path} has no control image ({where}); add one or remove the image")
         if sorted(controls) != list(range(len(controls))):
