@@ -13,6 +13,18 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+# The files that take longest, first. The suite runs each file whole in one process (`--dist loadfile`), taking
+# files in collection order: one of these started last would leave the other process idle for minutes.
+LONGEST_FIRST = ("test_vram.py", "test_reliability.py", "test_distributed.py", "test_memory_plan.py",
+                 "test_fsdp.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+    items.sort(key=rank)  # stable: each file keeps its own order
+
 
 @pytest.fixture(scope="session", autouse=True)
 def demo_cache(tmp_path_factory):

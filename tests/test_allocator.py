@@ -47,8 +47,9 @@ def measure(mode: str) -> dict:
 def test_freed_buffers_are_reused_without_page_faults_and_given_back_when_the_job_ends():
     default, kept = measure("default"), measure("keep")
     assert kept["kept"] is True
-    # each step of the default allocator faults its ~105 MiB of buffers in again: ~27,000 pages
-    assert default["faults"] > 20_000 and kept["faults"] < default["faults"] / 10, (default, kept)
+    # each step of the default allocator faults its ~105 MiB of buffers in again: ~27,000 pages; kept, a few
+    # hundred on a quiet machine, a few thousand while other processes press on memory
+    assert default["faults"] > 20_000 and kept["faults"] < default["faults"] / 5, (default, kept)
     # kept memory is released at the end: most of the freed 512 MiB leaves the process
     assert kept["freed"] - kept["released"] > 400 * 2**20, kept
 
