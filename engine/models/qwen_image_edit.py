@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Optional
 
 import numpy as np
@@ -33,7 +32,7 @@ import torch
 from .. import block_swap, paths
 from ..errors import UserError
 from .flux import PATCH, pack, unpack
-from .qwen_image import PROMPT_TOKENS, QwenImage, QwenImageVAE, _freeze_unused
+from .qwen_image import PROMPT_TOKENS, QwenImage, QwenImageTokenizer, QwenImageVAE, _freeze_unused
 from .qwen_image import check_config as check_qwen_image
 from .sd import Components, resolve_model_path
 
@@ -73,9 +72,9 @@ def condition_images(controls: torch.Tensor) -> list:
     return images
 
 
-class QwenImageEditTokenizer:
+class QwenImageEditTokenizer(QwenImageTokenizer):
     """The ids of PROMPT_TEMPLATE around one IMAGE_PROMPT and each caption; the text encoder puts each control's
-    own picture prompt in its place."""
+    own picture prompt in its place. Called as QwenImageTokenizer is."""
     reads_controls = True  # data.prepare gives every training image its control
 
     def __init__(self, tokenizer):
@@ -85,16 +84,6 @@ class QwenImageEditTokenizer:
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(PROMPT_TEMPLATE.format(IMAGE_PROMPT.format(1) + text)).input_ids
-
-    def __call__(self, text, padding=None, max_length: Optional[int] = None, truncation: bool = True,
-                 return_tensors: Optional[str] = None):
-        length = max_length or self.model_max_length
-        rows = [self._ids(t)[:length] for t in ([text] if isinstance(text, str) else text)]
-        if padding == "max_length":
-            rows = [row + [self.pad_token_id] * (length - len(row)) for row in rows]
-        if return_tensors == "pt":
-            return SimpleNamespace(input_ids=torch.tensor(rows))
-        return SimpleNamespace(input_ids=rows[0] if isinstance(text, str) else rows)
 
 
 class QwenImageEditTextEncoder(torch.nn.Module):
