@@ -475,12 +475,16 @@ def test_a_scan_keeps_no_python_object_per_image(tmp_path):
         for index in range(count):
             write_image(folder / f"{index:04d}.png", (16 + index % 7, 16))
         scan_folder(str(folder), "p")
-        gc.collect()
-        blocks = sys.getallocatedblocks()
-        result = scan_folder(str(folder), "p")
-        gc.collect()
-        assert len(result.records) == count
-        return sys.getallocatedblocks() - blocks
+        kept = []
+        for _ in range(3):  # the median: the process's other threads allocate and free meanwhile
+            gc.collect()
+            blocks = sys.getallocatedblocks()
+            result = scan_folder(str(folder), "p")
+            gc.collect()
+            assert len(result.records) == count
+            kept.append(sys.getallocatedblocks() - blocks)
+            del result
+        return sorted(kept)[1]
 
     assert blocks_kept(1000) - blocks_kept(100) < 100  # what the result holds does not grow per image
 

@@ -289,9 +289,11 @@ def test_a_second_ctrl_c_aborts_a_single_process_run_at_the_terminal(tmp_path):
     process = subprocess.Popen([sys.executable, "-m", "engine", "train", "--config", str(config)], cwd=ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
+        pressed = False
         for line in process.stderr:  # where the progress bar and the messages go
-            if "| 1/" in line:
+            if "| 1/" in line and not pressed:  # the bar is drawn more than once at step 1
                 process.send_signal(signal.SIGINT)
+                pressed = True
             elif "stopping: saving a checkpoint (Ctrl+C again to abort)" in line:
                 process.send_signal(signal.SIGINT)
                 break
