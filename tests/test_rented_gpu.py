@@ -105,6 +105,8 @@ def test_upload_caption_edit_queue_two_runs_and_download_the_adapter(browser, sa
         page.click("#results-refresh")
         page.locator("#results-run input").click()
         page.get_by_role("option", name=f"{runs[0].parent.name}/{runs[0].name}").click()
+        # the buttons serve the chosen run's files once the page has shown it (the newest run's until then)
+        expect(page.locator("#results-message")).to_contain_text(f"{runs[0].parent.name}/{runs[0].name}")
         button = page.locator("#download-adapter")
         expect(button).to_be_visible()
         with page.expect_download() as download_info:
