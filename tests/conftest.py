@@ -7,6 +7,10 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One torch thread in the test processes and every process they start (training runs, torchrun ranks): the tiny
+# models' ops are too small to split, and two test processes share the cores, where torch's spinning thread
+# pools make each run several times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 
