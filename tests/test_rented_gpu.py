@@ -78,6 +78,8 @@ def test_upload_caption_edit_queue_two_runs_and_download_the_adapter(browser, sa
         page.locator("#preset input").click()
         page.get_by_role("option", name="tiny-lora-cpu").click()
         expect(page.locator("#preset-description")).to_contain_text("Tiny offline LoRA demo")
+        # the preset's own values land first, or they would overwrite the steps typed here
+        expect(page.locator("#field-trainer-max-steps input")).to_have_value("40")
         type_into(page, "field-trainer-max-steps", str(STEPS))
         page.get_by_role("tab", name="Dataset").click()  # the instance folder is a Dataset tab field
         type_into(page, "field-data-concepts-0-instance-set-path", str(dataset))
