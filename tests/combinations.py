@@ -208,6 +208,73 @@ def row_values(row: dict[str, str], output_dir: Path, class_dir: Path, existing_
     return values
 
 
+# -- the flow-matching transformer families' option rows ------------------------------------------------------
+
+# The families after Flux.1 with the options a flow-matching transformer takes. What none of them has (CLIP
+# skip, textual inversion, DDPM loss weights, convolutions, a trained text encoder) stays out of these rows;
+# FAMILY_REFUSED checks Flux.1's refusals of the same keys.
+FLOW_FACTORS: dict[str, list[str]] = {
+    "model": ["qwen-image", "chroma", "z-image", "flux2-klein"],
+    "network": ["lora", "lokr", "full"],   # network.type
+    "base": ["fp32", "fp8", "nf4"],        # base_dtype
+    "precision": ["32", "bf16"],           # trainer.precision
+    "prior": ["off", "gen"],               # prior preservation with class images the family's pipeline renders
+    "latents": ["off", "on"],              # cache.latents (every row crops at the centre, without augmentation)
+    "textcache": ["off", "on"],            # cache.text_embeddings
+    "buckets": ["off", "on"],              # aspect_ratio_bucket.enabled
+    "ema": ["off", "on"],                  # ema.enabled, and samples drawn with the averaged weights
+    "fused": ["off", "on"],                # optimizer.fused_backward
+    "accum": ["1", "2"],                   # trainer.accumulate_grad_batches
+    "bf16w": ["off", "on"],                # weights_dtype: bf16
+    "gradclip": ["off", "on"],             # trainer.gradient_clip_val
+    "uncond": ["off", "on"],               # uncond.enabled
+    "weighting": ["none", "cosmap"],       # flow.weighting
+    "val": ["off", "on"],                  # validation on a held-out split at the last step
+    "swap": ["off", "on"],                 # memory.blocks_on_cpu: 1
+    "offload": ["off", "on"],              # memory.offload_activations, with gradient_checkpointing
+}
+FLOW_ROW_MODELS = {"qwen-image": "demo:tiny-qwen-image", "chroma": "demo:tiny-chroma", "z-image": "demo:tiny-z-image",
+                   "flux2-klein": "demo:tiny-flux2-klein"}
+
+
+def flow_row_values(row: dict[str, str], output_dir: Path, class_dir: Path, cache_dir: Path) -> dict:
+    """The tiny demo preset on one flow family's stand-in with one row's options, trained for ROW_STEPS steps
+    with one sampling round, one validation round (when on) and one checkpoint at the last step."""
+    on = {name: level == "on" for name, level in row.items()}
+    values = tiny_config(output_dir, **{
+        "model": FLOW_ROW_MODELS[row["model"]],
+        "trainer.max_steps": ROW_STEPS, "trainer.max_epochs": None,
+        "sampling.interval_steps": ROW_STEPS, "sampling.batch_size": 1,
+        "sampling.concepts": [{"prompt": "sks toy", "negative_prompt": "", "steps": 2, "cfg_scale": 3.0,
+                               "num_samples": 1, "seed": 7, "width": ROW_RESOLUTION, "height": ROW_RESOLUTION}],
+        "data.resolution": ROW_RESOLUTION, "data.center_crop": True,
+        "checkpoint.every_n_train_steps": ROW_STEPS,
+        "data.concepts[0].instance_set.prompt": "sks toy",
+        "cache": {"latents": on["latents"], "text_embeddings": on["textcache"], "dir": str(cache_dir)},
+        "aspect_ratio_bucket.enabled": on["buckets"],
+        "aspect_ratio_bucket.c_div": 4,  # the families' sides are multiples of 16: a step of 64 / 4
+        "ema": {"enabled": on["ema"], "use_for_samples": on["ema"]},
+        "optimizer.fused_backward": on["fused"],
+        "trainer.accumulate_grad_batches": int(row["accum"]),
+        "weights_dtype": "bf16" if on["bf16w"] else "fp32",
+        "base_dtype": row["base"],
+        "trainer.precision": row["precision"] if row["precision"] == "bf16" else int(row["precision"]),
+        "trainer.gradient_clip_val": 1.0 if on["gradclip"] else None,
+        "uncond": {"enabled": on["uncond"], "p": 0.5},
+        "flow.weighting": row["weighting"],
+        "validation": ({"every_n_steps": ROW_STEPS, "split": 0.2, "timesteps": [300, 700]} if on["val"]
+                       else {"every_n_steps": 0, "split": 0.0}),
+        "network": {"type": row["network"], "rank": 4, "alpha": 4.0},
+        "memory": {"blocks_on_cpu": 1 if on["swap"] else 0, "offload_activations": on["offload"]},
+        "gradient_checkpointing": on["offload"],
+    })
+    values["prior_preservation"]["enabled"] = row["prior"] != "off"
+    class_set = values["data"]["concepts"][0]["class_set"]
+    class_set["path"] = str(class_dir)
+    class_set["auto_generate"].update(enabled=True, num_target=ROW_CLASS_IMAGES, steps=2, batch_size=2)
+    return values
+
+
 def refused_pairs(factors: dict[str, list[str]], values_for: Callable[[dict], dict]) -> dict[Pair, str]:
     """Pairs of levels that the config loader refuses when set together over default levels, with its
     message."""

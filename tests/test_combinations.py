@@ -2,16 +2,17 @@
 of option combinations, each trained for a few steps with one sampling round and one checkpoint."""
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from combinations import (EMBEDDING_TOKEN, FACTORS, FAMILY_REFUSED, FSDP_REFUSED, INELIGIBLE, PRESET_CLASS_IMAGES,
-                          PRESET_STEPS, PRESETS, ROW_CLASS_IMAGES, ROW_STEPS, all_pairs, changed_elements, messages,
-                          pairs_of, pairwise_rows, preset_to_tiny, read_metrics, refused_pairs, row_id, row_values,
-                          tensor_dtypes)
+from combinations import (EMBEDDING_TOKEN, FACTORS, FAMILY_REFUSED, FLOW_FACTORS, FLOW_ROW_MODELS, FSDP_REFUSED,
+                          INELIGIBLE, PRESET_CLASS_IMAGES, PRESET_STEPS, PRESETS, ROW_CLASS_IMAGES, ROW_STEPS,
+                          all_pairs, changed_elements, flow_row_values, messages, pairs_of, pairwise_rows,
+                          preset_to_tiny, read_metrics, refused_pairs, row_id, row_values, tensor_dtypes)
 from engine import checkpoints, paths
 from engine.vram import BNB_MIN_8BIT_SIZE
 from engine import config as cfg
@@ -28,6 +29,9 @@ _PROBE_PATHS = dict(output_dir=Path("out"), class_dir=Path("class"), existing_cl
                     embedding_file=Path(f"{EMBEDDING_TOKEN}.safetensors"), cache_dir=Path("cache"))
 
 
+_FLOW_PROBE_PATHS = dict(output_dir=Path("out"), class_dir=Path("class"), cache_dir=Path("cache"))
+
+
 def _probe_values(row):
     return row_values(row, **_PROBE_PATHS)
 
@@ -36,12 +40,25 @@ REFUSED = refused_pairs(FACTORS, _probe_values)
 ROWS = pairwise_rows(FACTORS, set(REFUSED) | INELIGIBLE | set(FAMILY_REFUSED), seed=PAIRWISE_SEED)
 ROW_IDS = [row_id(i, row, FACTORS) for i, row in enumerate(ROWS)]
 
+FLOW_SEED = 4  # 15 rows; the families' four stand-ins times base_dtype's three levels need 12
+MAX_FLOW_ROWS = 15
+FLOW_REFUSED = refused_pairs(FLOW_FACTORS, lambda row: flow_row_values(row, **_FLOW_PROBE_PATHS))
+FLOW_ROWS = pairwise_rows(FLOW_FACTORS, set(FLOW_REFUSED), seed=FLOW_SEED)
+FLOW_ROW_IDS = [row_id(i, row, FLOW_FACTORS) for i, row in enumerate(FLOW_ROWS)]
+
 # What engine.config.validate() documents as refused among these factors, and the key each message names.
 EXPECTED_REFUSED = {
     (("fused", "on"), ("gradclip", "on")): "optimizer.fused_backward",
     (("fused", "on"), ("precision", "16")): "trainer.precision",
     (("bf16w", "on"), ("precision", "16")): "trainer.precision",
 }
+EXPECTED_FLOW_REFUSED = {
+    (("fused", "on"), ("gradclip", "on")): "optimizer.fused_backward",
+    (("network", "full"), ("base", "nf4")): "base_dtype",
+    (("network", "full"), ("swap", "on")): "memory.blocks_on_cpu",
+}
+# the tensors peft starts at zero, one of which any trained adapter has moved
+ZERO_STARTED = re.compile(r"\.(lora_B|lokr_w1|lokr_w1_a|hada_w2_b)(\.|$)")
 
 
 def assert_weights_moved(tiny_model, checkpoint, names, base_files=None):
@@ -132,6 +149,18 @@ def test_rows_cover_every_pair_of_option_values():
 
 def test_the_refused_pairs_are_the_ones_validate_documents():
     assert set(REFUSED) == set(EXPECTED_REFUSED)
+    assert {pair: message.split("'")[1] for pair, message in FLOW_REFUSED.items()} == EXPECTED_FLOW_REFUSED
+
+
+def test_the_flow_rows_cover_every_pair_of_their_option_values():
+    names = list(FLOW_FACTORS)
+    covered = set().union(*(pairs_of(row, names) for row in FLOW_ROWS))
+    assert sorted(all_pairs(FLOW_FACTORS) - set(FLOW_REFUSED) - covered) == []
+    assert not covered & set(FLOW_REFUSED)
+    assert set(FLOW_FACTORS["model"]) == set(FLOW_ROW_MODELS)
+    assert 12 <= len(FLOW_ROWS) <= MAX_FLOW_ROWS and len(set(FLOW_ROW_IDS)) == len(FLOW_ROWS)
+    for row in FLOW_ROWS:
+        cfg.from_dict(flow_row_values(row, **_FLOW_PROBE_PATHS))
 
 
 @pytest.mark.parametrize("pair", sorted(EXPECTED_REFUSED), ids=lambda p: f"{p[0][0]}_{p[0][1]}+{p[1][0]}_{p[1][1]}")
@@ -258,6 +287,33 @@ def test_option_row_trains_samples_and_saves(row, tmp_path, tiny_model, class_im
         assert messages(log, f"loaded custom embeddings: {EMBEDDING_TOKEN}")
     if row["precision"] == "16" and not on["bf16w"]:
         assert messages(log, "fp16 mixed precision needs CUDA", "warning")
+
+
+@pytest.mark.parametrize("row", FLOW_ROWS, ids=FLOW_ROW_IDS)
+def test_flow_family_row_trains_samples_validates_and_saves(row, tmp_path):
+    on = {name: level == "on" for name, level in row.items()}
+    config = cfg.from_dict(flow_row_values(row, tmp_path / "out", tmp_path / "class", tmp_path / "cache"))
+    run_dir, metrics, checkpoint, log = train(config, ROW_STEPS)
+    assert all(("prior_loss" in m) == (row["prior"] == "gen") for m in metrics)
+    assert len(pngs(tmp_path / "class")) == (ROW_CLASS_IMAGES if row["prior"] == "gen" else 0)
+    assert [("val_loss" in m) for m in metrics] == [False] * (ROW_STEPS - 1) + [on["val"]]
+    assert [p.parent for p in run_dir.glob("samples/*/*.png")] == [run_dir / "samples" / f"{ROW_STEPS:06d}"]
+    assert_caches(log, tmp_path / "cache", latents=on["latents"], text=on["textcache"])
+
+    meta = checkpoints.read_meta(checkpoint)
+    assert meta["network"] == row["network"] and meta["trained"] == (["ema_unet", "unet"] if on["ema"] else ["unet"])
+    assert (checkpoint / "ema_unet").is_dir() == on["ema"]
+    # The warmup starts at lr 0, so only the last step moves the weights: the optimizer (fused into backward,
+    # after accumulation, onto bf16 weights, over swapped blocks) must have reached them.
+    if row["network"] == "full":
+        base = paths.demo_model_dir(FLOW_ROW_MODELS[row["model"]].removeprefix("demo:tiny-"))
+        assert changed_elements(base / "transformer/diffusion_pytorch_model.safetensors",
+                                checkpoint / MODEL_FILES["unet"]) > 0
+    else:
+        adapter = load_file(checkpoint / "unet" / "adapter_model.safetensors")
+        moved = [key for key, tensor in adapter.items() if ZERO_STARTED.search(key) and tensor.abs().max() > 0]
+        assert moved, sorted(adapter)[:4]
+        assert (checkpoint / "adapter.safetensors").is_file()
 
 
 @pytest.mark.parametrize("pair", sorted(FAMILY_REFUSED), ids=lambda pair: "+".join(f"{n}_{v}" for n, v in pair))
