@@ -15,7 +15,8 @@ from engine.testing import tiny_config
 def newest_unet(output_dir):
     (run_dir,) = (output_dir / "tiny-demo").iterdir()
     newest = checkpoints.latest_checkpoint(run_dir)
-    return load_file(newest / "unet" / "diffusion_pytorch_model.safetensors"), newest
+    adapter = newest / "unet" / "adapter_model.safetensors"
+    return load_file(adapter if adapter.is_file() else newest / "unet" / "diffusion_pytorch_model.safetensors"), newest
 
 
 @pytest.mark.parametrize("model", [
@@ -33,7 +34,11 @@ def newest_unet(output_dir):
     {"model": "demo:tiny-qwen-image", "cache.text_embeddings": True},
     # FLUX.2 [klein]: the latents normalised by the autoencoder's statistics, Qwen3's three layers as the text
     {"model": "demo:tiny-flux2-klein", "cache.text_embeddings": True},
-], ids=["sd", "sdxl", "flux", "qwen-image", "flux2-klein"])
+    # Chroma: T5's attention mask reaches the transformer, the prompts padded to different lengths
+    {"model": "demo:tiny-chroma", "base_dtype": "fp8"},
+    # Z-Image: Qwen3's prompts of several lengths, and a LoRA whose file every rank's checkpoint shares
+    {"model": "demo:tiny-z-image", "network.type": "lora", "network.rank": 4},
+], ids=["sd", "sdxl", "flux", "qwen-image", "flux2-klein", "chroma", "z-image"])
 def test_two_gloo_ranks_equal_one_process_with_the_same_global_batch(model, tmp_path, class_images):
     steps = {"trainer.max_steps": 4, "sampling.interval_steps": 2, "checkpoint.every_n_train_steps": 2,
              "gradient_checkpointing": True, **model}

@@ -44,8 +44,10 @@ def resume_values(output_dir, **overrides):
 # fsdp: two processes shard the Flux.1 transformer at batch 1 (the reference is one process at batch 2), are
 # killed together and resume together from the checkpoint gathered into one process's layout
 @pytest.mark.parametrize("model,processes", [("demo:tiny-sd", 1), ("demo:tiny-flux", 1), ("demo:tiny-qwen-image", 1),
-                                             ("demo:tiny-flux", 2)],
-                         ids=["demo:tiny-sd", "demo:tiny-flux", "demo:tiny-qwen-image", "fsdp"])
+                                             ("demo:tiny-chroma", 1), ("demo:tiny-z-image", 1),
+                                             ("demo:tiny-flux2-klein", 1), ("demo:tiny-flux", 2)],
+                         ids=["demo:tiny-sd", "demo:tiny-flux", "demo:tiny-qwen-image", "demo:tiny-chroma",
+                              "demo:tiny-z-image", "demo:tiny-flux2-klein", "fsdp"])
 def test_sigkill_then_resume_equals_an_uninterrupted_run(model, processes, tmp_path, class_images):
     from engine.data.cache import ShardStore
 
