@@ -9,7 +9,8 @@ from engine.models import keymap_flux, keymap_flux2
 from engine.models.kohya import from_kohya, to_kohya
 from engine.models.tiny import SIZES, real_config
 from test_adapter_convert import CHANGED, TOLERANCE, library_messages
-from test_flux_files import WEIGHT_TOLERANCE, comfyui_patched, merged, settings
+from test_flux_files import (TYPES_AND_MODULATION, TYPES_AND_MODULATION_IDS, WEIGHT_TOLERANCE, comfyui_patched,
+                             merged, settings)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -85,21 +86,30 @@ def test_the_original_layout_is_what_diffusers_conversion_script_reads_and_refus
                                 keymap_flux2.LAYOUT)
 
 
-@pytest.mark.parametrize("network_type, modulation", [("lora", False), ("dora", False), ("loha", False),
-                                                      ("lora", True)])
+@pytest.mark.parametrize("network_type, modulation", TYPES_AND_MODULATION, ids=TYPES_AND_MODULATION_IDS)
 def test_comfyui_loads_every_key_and_computes_the_adapted_weights(network_type, modulation):
     config = settings(network_type, modulation)
     model = adapt(klein_model(), config.network)
     file = to_kohya({"unet": model}, config)
     names = {key.partition(".")[0] for key in file}
-    assert {"lora_unet_double_blocks_1_img_attn_qkv", "lora_unet_double_blocks_0_txt_attn_qkv",
-            "lora_unet_double_blocks_0_img_mlp_0", "lora_unet_single_blocks_1_linear1",
+    assert {"lora_unet_double_blocks_0_img_mlp_0", "lora_unet_single_blocks_1_linear1",
             "lora_unet_single_blocks_0_linear2"} <= names
     assert ("lora_unet_double_stream_modulation_img_lin" in names) == modulation
-    assert float(file["lora_unet_double_blocks_0_img_attn_qkv.alpha"]) == 3 * 2.0  # q, k and v fused
+    if network_type == "lokr":  # not fusable: a double block's q, k and v apart, under their diffusers paths
+        assert {"lora_transformer_transformer_blocks_1_attn_to_q",
+                "lora_transformer_transformer_blocks_0_attn_add_v_proj"} <= names
+        assert not any(name.endswith("_attn_qkv") for name in names)
+    else:
+        assert {"lora_unet_double_blocks_1_img_attn_qkv", "lora_unet_double_blocks_0_txt_attn_qkv"} <= names
+        assert not any(name.startswith("lora_transformer_") for name in names)
+        assert float(file["lora_unet_double_blocks_0_img_attn_qkv.alpha"]) == 3 * 2.0  # q, k and v fused
     base = keymap_flux.to_original(klein_model().state_dict(), keymap_flux2.LAYOUT)
-    # ComfyUI's Flux.2 model keeps BFL's names: its generic `lora_unet_` map is the one that applies
-    key_map = {k: v for k, v in comfyui_flux_lora_keys(base, 0, 0, 0).items() if k.startswith("lora_unet_")}
+    # ComfyUI's Flux.2 model class is a Flux (comfy/model_base.py in Comfy-Org/ComfyUI at
+    # 094c74c1b7f9cd5cdd9015741e8eb26acff1142a: `class Flux2(Flux)`), and comfy/model_detection.py (at
+    # 0b61ce5baa9ea03d8484729b7eb00e77c6fca227) reads depth, depth_single_blocks and hidden_size from a Flux.2 file
+    # as from a Flux.1 one: its map is Flux's, a double block's q, k and v slices of the fused qkv included
+    hidden = KLEIN["num_attention_heads"] * KLEIN["attention_head_dim"]
+    key_map = comfyui_flux_lora_keys(base, KLEIN["num_layers"], KLEIN["num_single_layers"], hidden)
     patched, loaded = comfyui_patched(file, base, key_map)
     assert loaded == set(file), f"ComfyUI leaves keys unloaded: {sorted(set(file) - loaded)[:3]}"
     want = keymap_flux.to_original(merged(model).state_dict(), keymap_flux2.LAYOUT)
@@ -108,10 +118,11 @@ def test_comfyui_loads_every_key_and_computes_the_adapted_weights(network_type, 
         assert (patched[key] - want[key]).abs().max().item() <= WEIGHT_TOLERANCE, key
 
 
-def test_the_file_reads_back_as_the_adapter_it_was_written_from():
+@pytest.mark.parametrize("network_type, modulation", TYPES_AND_MODULATION, ids=TYPES_AND_MODULATION_IDS)
+def test_the_file_reads_back_as_the_adapter_it_was_written_from(network_type, modulation):
     from engine.models.adapters import adapter_state
 
-    config = settings("lora")
+    config = settings(network_type, modulation)
     model = adapt(klein_model(), config.network)
     file = to_kohya({"unet": model}, config)
     fresh = adapt(klein_model(), config.network, seed=9)

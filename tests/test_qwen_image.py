@@ -1,7 +1,8 @@
 """The Qwen-Image family on its tiny stand-in: the shipped real configs (Qwen/Qwen-Image's 20.43 B transformer),
 Qwen2's real vocabulary, prompts encoded exactly as QwenImagePipeline encodes them, latents normalised as the
 pipeline normalises them, the transformer's packed input, samples equal to the pipeline's, LoRA and full
-fine-tuning through the real Trainer, the LoRA file as diffusers and ComfyUI read it, and the refusals."""
+fine-tuning through the real Trainer, the adapter file of every network type as ComfyUI and (LoRA) diffusers read it,
+Qwen-Image-Edit's transformer's included, and the refusals."""
 import json
 import math
 
@@ -15,6 +16,9 @@ from engine.errors import UserError
 from engine.models.tiny import REAL_CONFIGS
 from engine.testing import tiny_config
 from test_adapter_convert import CHANGED, TOLERANCE, library_messages
+from test_flux2_klein_files import adapt
+from test_flux_files import (TYPES_AND_MODULATION, TYPES_AND_MODULATION_IDS, WEIGHT_TOLERANCE, comfyui_patched,
+                             merged, settings)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -23,6 +27,16 @@ PROMPTS = ["a photo of sks toy", "", "\nstarts with a newline, which merges with
            "café naïve 日本語 テスト 🙂  two  spaces ", " ".join(f"word{i}" for i in range(600))]  # past 1024 tokens
 LORA_RUN = {"network.type": "lora", "network.rank": 4, "network.alpha": 4.0, "optimizer.params.lr": 1e-2,
             "trainer.max_steps": 12, "checkpoint.every_n_train_steps": 12, "validation.every_n_steps": 4}
+# The modules an adapter run adapts in each block (engine.models.adapters); the last block's text-stream layers
+# feed only the discarded text output and are left out; with network.modulation also each stream's modulation layer
+BOTH_STREAMS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_v_proj",
+                "img_mlp.net.0.proj", "img_mlp.net.2")
+TEXT_STREAM = ("attn.add_q_proj", "attn.to_add_out", "txt_mlp.net.0.proj", "txt_mlp.net.2")
+MODULATION = ("img_mod.1", "txt_mod.1")
+# Qwen-Image-Edit (2509/2511) trains Qwen-Image's transformer: ComfyUI loads both as its one QwenImage model
+# (comfy/supported_models.py in Comfy-Org/ComfyUI at a125cd84b054a57729b5eecab930ca9408719832: every
+# `image_model: qwen_image`), diffusers each through its own pipeline's loader
+PIPELINES = {ARCH: "QwenImagePipeline", "qwen-image-edit": "QwenImageEditPlusPipeline"}
 
 
 @pytest.fixture(scope="module")
@@ -225,12 +239,7 @@ def test_a_lora_on_the_transformer_lowers_the_loss_and_adapts_the_blocks_project
     checkpoint = checkpoints.latest_checkpoint(run_dir)
     assert checkpoints.read_meta(checkpoint)["trained"] == ["unet"]
     adapted = {key.split(".lora_")[0] for key in load_file(checkpoint / "unet" / "adapter_model.safetensors")}
-    both_streams = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_v_proj",
-                    "img_mlp.net.0.proj", "img_mlp.net.2")
-    text_stream = ("attn.add_q_proj", "attn.to_add_out", "txt_mlp.net.0.proj", "txt_mlp.net.2")
-    # the last block's text stream is discarded: its own layers are not adapted
-    assert adapted == {f"transformer_blocks.0.{m}" for m in both_streams + text_stream} | {
-        f"transformer_blocks.1.{m}" for m in both_streams}
+    assert adapted == set(adapted_modules())
 
 
 def test_the_lora_file_loads_in_diffusers_as_the_merged_model_and_maps_through_comfyuis_keys(lora_run, tiny_qwen):
@@ -256,18 +265,98 @@ def test_the_lora_file_loads_in_diffusers_as_the_merged_model_and_maps_through_c
     with library_messages() as messages:
         pipeline.load_lora_weights(str(checkpoint / "adapter.safetensors"))
     assert messages == []  # every key loaded
-    merged = load_source(run_dir, ("unet",)).models["unet"]
-
-    def output(model):
-        generator = torch.Generator().manual_seed(5)
-        with torch.no_grad():
-            return model(hidden_states=torch.randn(1, 4, 64, generator=generator), timestep=torch.tensor([0.4]),
-                         encoder_hidden_states=torch.randn(1, 3, 16, generator=generator),
-                         img_shapes=[[(1, 2, 2)]], return_dict=False)[0]
-
-    want = output(merged)
+    want = output(load_source(run_dir, ("unet",)).models["unet"])
     assert (want - output(base)).abs().max() > CHANGED
     assert (output(pipeline.transformer) - want).abs().max() <= TOLERANCE
+
+
+def adapted_modules(modulation: bool = False) -> list[str]:
+    """The modules an adapter run adapts in the tiny transformer's two blocks."""
+    return ([f"transformer_blocks.0.{m}" for m in BOTH_STREAMS + TEXT_STREAM + (MODULATION if modulation else ())]
+            + [f"transformer_blocks.1.{m}" for m in BOTH_STREAMS + (MODULATION if modulation else ())])
+
+
+def transformer(arch: str = ARCH, seed: int = 0):
+    """The tiny stand-in's transformer of arch (its shipped config, tiny.SIZES' sizes), every weight random (none
+    of the zero-initialised layers)."""
+    from diffusers import QwenImageTransformer2DModel
+
+    from engine.models.tiny import SIZES, real_config
+
+    model = QwenImageTransformer2DModel.from_config({**real_config(arch, "transformer"), **SIZES[arch]["transformer"]})
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(0.2 * torch.randn(parameter.shape, generator=generator))
+    return model.eval()
+
+
+def output(model):
+    """The transformer on a fixed small input: a 2x2 packed latent (4 tokens), 3 caption tokens."""
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        return model(hidden_states=torch.randn(1, 4, 64, generator=generator), timestep=torch.tensor([0.4]),
+                     encoder_hidden_states=torch.randn(1, 3, 16, generator=generator),
+                     img_shapes=[[(1, 2, 2)]], return_dict=False)[0]
+
+
+@pytest.mark.parametrize("arch", PIPELINES)
+@pytest.mark.parametrize("network_type, modulation", TYPES_AND_MODULATION, ids=TYPES_AND_MODULATION_IDS)
+def test_comfyui_loads_every_key_of_each_network_types_file_and_computes_the_adapted_weights(arch, network_type,
+                                                                                              modulation):
+    from engine.models.kohya import to_kohya
+
+    config = settings(network_type, modulation)
+    model = adapt(transformer(arch), config.network)
+    file = to_kohya({"unet": model}, config)
+    assert {key.partition(".")[0] for key in file} == {
+        "lora_unet_" + m.replace(".", "_") for m in adapted_modules(modulation)}
+    base = transformer(arch).state_dict()
+    patched, loaded = comfyui_patched(file, base, comfyui_qwen_image_lora_keys(base))
+    assert loaded == set(file), f"ComfyUI leaves keys unloaded: {sorted(set(file) - loaded)[:3]}"
+    want = merged(model).state_dict()
+    assert max((want[key] - base[key]).abs().max().item() for key in want) > CHANGED
+    for key in want:
+        assert (patched[key] - want[key]).abs().max().item() <= WEIGHT_TOLERANCE, key
+
+
+@pytest.mark.parametrize("arch", PIPELINES)
+@pytest.mark.parametrize("modulation", [False, True], ids=["default", "modulation"])
+def test_each_pipelines_lora_loader_reads_the_file_into_every_module_with_the_merged_output(arch, modulation):
+    import diffusers
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from engine.models.kohya import to_kohya
+
+    pipeline = getattr(diffusers, PIPELINES[arch])
+    config = settings("lora", modulation)
+    model = adapt(transformer(arch), config.network)
+    file = to_kohya({"unet": model}, config)
+    loaded = transformer(arch)
+    with library_messages() as messages:
+        pipeline.load_lora_into_transformer(pipeline.lora_state_dict(dict(file)), transformer=loaded)
+    assert not messages, messages
+    assert {name for name, m in loaded.named_modules() if isinstance(m, BaseTunerLayer)} == set(
+        adapted_modules(modulation))
+    want = output(merged(model))
+    assert (want - output(transformer(arch))).abs().max().item() > CHANGED
+    assert (output(loaded) - want).abs().max().item() <= TOLERANCE
+
+
+@pytest.mark.parametrize("network_type, modulation", TYPES_AND_MODULATION, ids=TYPES_AND_MODULATION_IDS)
+def test_each_network_types_file_reads_back_as_the_adapter_it_was_written_from(network_type, modulation):
+    from engine.models.adapters import adapter_state
+    from engine.models.kohya import from_kohya, to_kohya
+
+    config = settings(network_type, modulation)
+    model = adapt(transformer(), config.network)
+    file = to_kohya({"unet": model}, config)
+    fresh = adapt(transformer(), config.network, seed=9)
+    from_kohya(file, {"unet": fresh}, config, "network.init_from")
+    want, got = adapter_state(model), adapter_state(fresh)
+    assert want.keys() == got.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-7, msg=key)
 
 
 @pytest.fixture(scope="module")
