@@ -299,3 +299,43 @@ def test_masks_travel_in_shards_and_train_as_the_folder_does(data, half_run, tmp
         "data.concepts[0].instance_set.path": str(tmp_path / "shards"),
         "data.concepts[0].instance_set.mask_path": str(data / "zeros")}))
     assert zero.losses[0] == 0.0
+
+
+def one_step(output_dir: Path, **overrides) -> tuple[list, dict]:
+    """The tiny preset trained for one step with sampling off: its losses and its checkpoint's denoiser."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from engine import checkpoints, events
+    from engine.testing import tiny_config
+    from engine.train import Trainer
+
+    values = tiny_config(output_dir, **{"trainer.max_steps": 1, "sampling.interval_steps": 0, **overrides})
+    result = Trainer(cfg.from_dict(values)).run()
+    assert isinstance(result, events.Finished) and result.step == 1, result
+    run_dir = Path(result.run_dir)
+    losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    newest = checkpoints.latest_checkpoint(run_dir)
+    return losses, load_file(newest / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+@pytest.mark.parametrize("model", ["demo:tiny-flux", "demo:tiny-chroma", "demo:tiny-z-image", "demo:tiny-qwen-image",
+                                   "demo:tiny-flux2-klein"])
+def test_a_flow_familys_zero_mask_gives_zero_loss_and_a_mask_of_ones_the_unmasked_loss(model, data, tmp_path):
+    from safetensors.torch import load_file
+
+    from engine import paths
+
+    flow = {"model": model, "prior_preservation.enabled": False}
+    zero, after = one_step(tmp_path / "zeros", **options(data, **flow, **{
+        "data.concepts[0].instance_set.mask_path": str(data / "zeros")}))
+    assert zero == [0.0]
+    before = load_file(paths.demo_model_dir(model.removeprefix("demo:tiny-")) / "transformer"
+                       / "diffusion_pytorch_model.safetensors")
+    assert after.keys() == before.keys() and all(torch.equal(after[n], before[n]) for n in before)
+    ones, moved = one_step(tmp_path / "ones", **options(data, **flow, **{
+        "data.concepts[0].instance_set.mask_path": str(data / "ones")}))
+    plain, _ = one_step(tmp_path / "plain", **options(data, **flow, **{"masked_loss.enabled": False}))
+    assert ones[0] == pytest.approx(plain[0], rel=1e-6) and plain[0] > 0
+    assert any(not torch.equal(moved[n], before[n]) for n in before)
