@@ -152,6 +152,32 @@ def test_diffusers_flux2_lora_loader_reads_the_file_into_every_module_with_the_m
     assert (output(base) - want).abs().max().item() <= TOLERANCE
 
 
+def test_diffusers_leaves_the_modulation_layers_out_and_a_run_adapting_them_says_so_at_start(tmp_path):
+    import warnings
+
+    from diffusers.loaders import Flux2LoraLoaderMixin
+
+    from engine import config as cfg
+    from engine.models.flux2_klein import check_config
+    from engine.testing import tiny_config
+
+    adapter_settings = settings("lora", modulation=True)
+    file = to_kohya({"unet": adapt(klein_model(), adapter_settings.network)}, adapter_settings)
+    assert any("modulation" in key for key in file)
+    with library_messages() as messages:
+        Flux2LoraLoaderMixin.lora_state_dict(dict(file))
+    assert any("Unsupported keys" in message and "modulation" in message for message in messages), messages
+    for modulation in (True, False):
+        config = cfg.from_dict(tiny_config(tmp_path, **{
+            "model": "demo:tiny-flux2-klein", "data.resolution": 512, "network.type": "lora",
+            "network.modulation": modulation}))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            check_config(config)
+        assert [str(w.message).split(":")[0] for w in caught] == (["config key 'network.modulation'"] if modulation
+                                                                  else [])
+
+
 def test_a_full_run_converts_to_the_file_diffusers_from_single_file_reads_bit_equal(demo_cache, tmp_path):
     """A full fine-tune's transformer, as the trainer's checkpoint holds it (unet/), becomes one BFL-layout
     file without prefix (ComfyUI's diffusion_models/)."""

@@ -107,6 +107,9 @@ def check_config(config) -> None:
         if side % PIXELS_PER_TOKEN_SIDE:
             raise UserError(f"config key '{key}': FLUX.2 [klein] makes one token of each 16x16 pixels (8x latents "
                             f"in 2x2 patches), so image sides must be multiples of 16; {side} is not")
+    if config.network.adapter and config.network.modulation:
+        notices.warn("config key 'network.modulation': ComfyUI reads the adapter's modulation layers, diffusers' "
+                     "FLUX.2 LoRA loader leaves them out; for diffusers, load the model `convert --merge` writes")
     if config.data.resolution < SMALLEST_USEFUL_RESOLUTION:
         notices.warn(f"config key 'data.resolution': {config.data.resolution} is far below FLUX.2 [klein]'s native "
                      f"1024 px; train at {SMALLEST_USEFUL_RESOLUTION} or more")
