@@ -670,7 +670,7 @@ class Trainer(Job):
             models[EMA_FOLDER] = context.ema
         meta = {"epoch": self.state.epoch, "base_model": components.model_path, "reason": reason,
                 "trained": sorted(models), "prediction_type": components.noise_scheduler.config.get("prediction_type"),
-                "network": context.plan.adapter}
+                "network": context.plan.adapter, "family": context.models.family.name}
         step, epoch, images = self.state.step, self.state.epoch, len(context.data.dataset)
 
         def write_adapter_file(folder: Path) -> None:

@@ -348,9 +348,12 @@ CLASS_IMAGES = (
 
 TRAIN = (
     Field("model", "Base model", "diffusers folder, .safetensors/.ckpt file or demo:tiny-sd"),
-    Field("vae", "VAE", "a separate VAE (Flux.1 and Z-Image single files: ae.safetensors); empty = the model's own"),
-    Field("text_encoder", "Text encoder file", "Flux.1 single files: clip_l.safetensors; Z-Image: "
-                                               "qwen_3_4b.safetensors; empty = the model's own"),
+    Field("vae", "VAE", "a separate VAE (Flux.1, Chroma and Z-Image single files: ae.safetensors; Qwen-Image: "
+                        "qwen_image_vae.safetensors; FLUX.2 [klein]: flux2-vae.safetensors); empty = the model's own"),
+    Field("text_encoder", "Text encoder file", "Flux.1 single files: clip_l.safetensors; Chroma: "
+                                               "t5xxl_fp16.safetensors; Z-Image and FLUX.2 [klein]: "
+                                               "qwen_3_4b.safetensors; Qwen-Image: qwen_2.5_vl_7b.safetensors; "
+                                               "empty = the model's own"),
     Field("text_encoder_2", "Second text encoder file", "Flux.1 single files: t5xxl_fp16.safetensors"),
     Field("output_dir", "Output folder"),
     Field("project", "Project"),

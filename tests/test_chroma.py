@@ -412,3 +412,5 @@ def test_a_full_run_converts_to_the_file_comfyui_loads_and_the_family_trains_fro
                    "vae": components.vae}, {"transformer": model, **encoders})
     with pytest.raises(UserError, match="config key 'text_encoder': .* holds no text encoder"):
         family.load(_config(written, vae=str(files["vae"])))
+    with pytest.raises(UserError, match="config key 'vae': .* holds no vae"):
+        family.load(_config(written, text_encoder=str(files["text_encoder"])))

@@ -207,3 +207,158 @@ def test_a_full_run_converts_to_the_file_diffusers_from_single_file_reads_bit_eq
     assert not [m for m in messages if any(w in m.lower() for w in ("unexpected", "missing", "not used"))]
     want, got = model.to(torch.bfloat16).state_dict(), loaded.state_dict()
     assert want.keys() == got.keys() and all(torch.equal(got[key], want[key]) for key in want)
+
+
+# -- FLUX.2 [klein] as ComfyUI users keep it: the transformer's file, Qwen3's and the autoencoder's ----------------
+def _save(path, tensors: dict):
+    from safetensors.torch import save_file
+
+    save_file({key: tensor.contiguous() for key, tensor in tensors.items()}, str(path))
+    return path
+
+
+def ldm_vae(vae, inner_quant_convs: bool = False) -> dict:
+    """FLUX.2's autoencoder in the LDM layout (the engine's SD converter, whose autoencoder layout it is) with its
+    batch-norm statistics (bn.*, which comfy/sd.py reads as a batch-norm latent); with inner_quant_convs the quant
+    convolutions inside the encoder and decoder, where ComfyUI's loader also finds them."""
+    from engine.models.keymap import VAE_PREFIX, to_original, vae_key_map
+
+    state = vae.state_dict()
+    coder = {k: v for k, v in state.items() if not k.startswith("bn.")}
+    out = {k.removeprefix(VAE_PREFIX): v for k, v in to_original(coder, vae_key_map(vae.config, coder.keys())).items()}
+    if inner_quant_convs:
+        out = {("encoder." if k.startswith("quant_conv.") else "decoder." if k.startswith("post_quant_conv.") else "")
+               + k: v for k, v in out.items()}
+    return {**out, **{k: v for k, v in state.items() if k.startswith("bn.")}}
+
+
+@pytest.fixture(scope="module")
+def klein_files(tmp_path_factory, demo_cache):
+    """The tiny klein's transformer converted to its BFL file, with its Qwen3 as transformers saves it (the decoder
+    under model., ComfyUI's qwen_3_4b layout) and its autoencoder as the LDM file."""
+    from diffusers import AutoencoderKLFlux2
+    from safetensors.torch import load_file
+
+    from engine import paths
+    from engine.models.convert import convert_checkpoint
+
+    tiny = paths.demo_model_dir("flux2-klein")
+    folder = tmp_path_factory.mktemp("klein-files")
+    transformer = convert_checkpoint(tiny, folder / "flux-2-klein.safetensors")
+    qwen_file = _save(folder / "qwen_3_4b.safetensors", load_file(tiny / "text_encoder" / "model.safetensors"))
+    vae = AutoencoderKLFlux2.from_pretrained(tiny / "vae")
+    with torch.no_grad():  # statistics of a trained autoencoder, not the initial zeros and ones
+        vae.bn.running_mean.normal_(0, 0.3)
+        vae.bn.running_var.uniform_(0.5, 2.0)
+    files = {inner: _save(folder / f"flux2-vae{'-bfl' if inner else ''}.safetensors", ldm_vae(vae, inner))
+             for inner in (False, True)}
+    return tiny, transformer, qwen_file, files, vae
+
+
+def klein_cfg(model, **values):
+    from engine import config as cfg
+
+    return cfg.from_dict({"model": str(model), "prior_preservation": {"enabled": False}, "data": {"resolution": 512},
+                          **values})
+
+
+def test_the_transformer_file_is_comfyuis_flux2_and_the_autoencoders_ldm_part_reads_in_diffusers(klein_files,
+                                                                                                  tmp_path):
+    from diffusers import AutoencoderKL
+
+    from engine.models.single_file import detect_family, read_shapes
+
+    _, transformer, _, files, vae = klein_files
+    shapes = read_shapes(transformer)
+    assert "double_stream_modulation_img.lin.weight" in shapes  # comfy/model_detection.py's test for Flux.2
+    assert detect_family(shapes) == "flux2"
+    assert {"bn.running_mean", "bn.running_var", "decoder.conv_in.weight"} <= read_shapes(files[False]).keys()
+    plain = AutoencoderKL(**{k: v for k, v in vae.config.items() if k in (
+        "block_out_channels", "layers_per_block", "latent_channels", "norm_num_groups", "down_block_types",
+        "up_block_types", "use_quant_conv", "use_post_quant_conv")})
+    plain.save_config(tmp_path / "configs" / "vae")
+    read = AutoencoderKL.from_single_file(str(files[False]), config=str(tmp_path / "configs"), subfolder="vae",
+                                          local_files_only=True).state_dict()
+    want = {k: v for k, v in vae.state_dict().items() if not k.startswith("bn.")}
+    assert read.keys() == want.keys() and all(torch.equal(read[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("inner_quant_convs", [False, True], ids=["top-level-quant-convs", "bfl-quant-convs"])
+def test_the_three_files_load_for_training_as_the_diffusers_folder(klein_files, inner_quant_convs):
+    from engine.models.family import family_for
+
+    tiny, transformer, qwen_file, files, vae = klein_files
+    config = klein_cfg(transformer, text_encoder=str(qwen_file), vae=str(files[inner_quant_convs]))
+    family = family_for(config)
+    assert family.name == "flux2-klein"
+    ours, folder = family.load(config), family.load(klein_cfg(tiny))
+    for got, want in ((ours.unet, folder.unet), (ours.text_encoder, folder.text_encoder), (ours.vae, vae)):
+        got, want = got.state_dict(), want.state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert ours.unet.config.axes_dims_rope == folder.unet.config.axes_dims_rope
+    assert ours.text_encoder.lm_head.weight is ours.text_encoder.model.embed_tokens.weight  # tied, as Qwen3-4B's
+    schedules = [{k: v for k, v in c.noise_scheduler.config.items() if not k.startswith("_")} for c in (ours, folder)]
+    assert schedules[0] == schedules[1]
+    ids = ours.tokenizer(["a photo of sks toy"], return_tensors="pt").input_ids
+    assert torch.equal(ids, folder.tokenizer(["a photo of sks toy"], return_tensors="pt").input_ids)
+    with torch.no_grad():
+        got, want = (family.encode_text(c.text_encoder, ids, 1) for c in (ours, folder))
+    assert torch.equal(got["encoder_hidden_states"], want["encoder_hidden_states"])
+
+
+@pytest.mark.parametrize("missing", ["text_encoder", "vae"])
+def test_a_transformer_file_without_a_part_is_refused_naming_its_key(klein_files, missing):
+    from engine.errors import UserError
+    from engine.models.family import family_for
+
+    _, transformer, qwen_file, files, _ = klein_files
+    given = {"text_encoder": str(qwen_file), "vae": str(files[False])}
+    given.pop(missing)
+    config = klein_cfg(transformer, **given)
+    with pytest.raises(UserError, match=f"^config key '{missing}': a single-file FLUX.2 \\[klein\\] model holds"):
+        family_for(config).load(config)
+
+
+def test_a_flux1_autoencoder_is_refused_naming_the_vae_key(klein_files, tmp_path):
+    from engine.errors import UserError
+    from engine.models.family import family_for
+    from engine.models.keymap import VAE_PREFIX, to_original, vae_key_map
+    from test_flux_files import tiny_vae
+
+    _, transformer, qwen_file, _, _ = klein_files
+    flux1 = tiny_vae()
+    state = flux1.state_dict()
+    ae = _save(tmp_path / "ae.safetensors", {k.removeprefix(VAE_PREFIX): v for k, v in to_original(
+        state, vae_key_map(flux1.config, state.keys())).items()})
+    config = klein_cfg(transformer, text_encoder=str(qwen_file), vae=str(ae))
+    with pytest.raises(UserError, match="^config key 'vae': ae.safetensors is not FLUX.2's autoencoder"):
+        family_for(config).load(config)
+
+
+def test_a_lora_run_over_the_files_converts_to_the_merged_file(klein_files, tmp_path, sample_data):
+    """Two steps of a LoRA over the three files; the merged conversion reads its base from the transformer file and
+    changes exactly the adapted weights, in BFL's layout again."""
+    from engine import checkpoints, events
+    from engine import config as cfg
+    from engine.models.convert import convert_checkpoint
+    from engine.models.flux2_klein_files import load_klein_transformer
+    from engine.testing import tiny_config
+    from engine.train import Trainer
+    from test_flux2_klein import BLOCK_MODULES
+
+    _, transformer, qwen_file, files, _ = klein_files
+    values = tiny_config(tmp_path, **{
+        "model": str(transformer), "text_encoder": str(qwen_file), "vae": str(files[False]),
+        "prior_preservation.enabled": False, "sampling.interval_steps": 0,
+        "data.concepts": [{"instance_set": {"path": "demo:sample-data/instance", "prompt": "sks toy"}}],
+        "network.type": "lora", "network.rank": 4, "optimizer.params.lr": 1e-2,
+        "optimizer.lr_scheduler.warmup.enabled": False, "trainer.max_steps": 2, "checkpoint.every_n_train_steps": 2})
+    trainer = Trainer(cfg.from_dict(values))
+    result = trainer.run()
+    assert isinstance(result, events.Finished), getattr(result, "error", result)
+    merged_file = convert_checkpoint(checkpoints.latest_checkpoint(trainer.run_dir), tmp_path / "merged.safetensors",
+                                     adapter_output="merged")
+    base, merged = (load_klein_transformer(f).state_dict() for f in (transformer, merged_file))
+    assert merged.keys() == base.keys()
+    changed = {key.rpartition(".")[0] for key in base if not torch.equal(base[key], merged[key])}
+    assert changed == BLOCK_MODULES

@@ -39,10 +39,10 @@ from .sd import is_diffusers_folder
 from . import keymap_flux, keymap_flux2, keymap_sdxl, keymap_zimage
 from .chroma import is_chroma_transformer
 from .flux import is_flux_transformer
-from .flux2_klein import is_klein_transformer
+from .flux2_klein import is_flux2_klein, is_klein_transformer
 from .zimage import is_zimage_transformer
 from .qwen_image import ARCH as QWEN_IMAGE_ARCH
-from .qwen_image import is_qwen_image, is_qwen_image_transformer, load_transformer_file, recorded_config
+from .qwen_image import file_state, is_qwen_image, is_qwen_image_transformer, load_transformer_file, recorded_config
 from .keymap import KEY_MAPS, check_complete, to_original
 from .single_file import CONFIGS_KEY, model_configs
 from ..run_dir import RunDir
@@ -209,7 +209,6 @@ def is_flux_source(source: str | Path) -> bool:
     (whose transformers convert alike) or FLUX.2 [klein]."""
     from .chroma import is_chroma
     from .flux import is_flux
-    from .flux2_klein import is_flux2_klein
 
     base = _base_model(checkpoint_path(source))
     return base is not None and base.exists() and any(
@@ -357,6 +356,14 @@ def load_source(source: str | Path, wanted: tuple[str, ...], ema: bool = False,
         result.config_folder = CHROMA_CONFIGS
         if "unet" in wanted and "unet" not in own:
             base_components = {"unet": load_chroma_transformer(base)}
+    elif base.is_file() and is_flux2_klein(str(base)):
+        from .flux2_klein_files import ARCH as KLEIN_ARCH
+        from .flux2_klein_files import load_klein_transformer
+        from .single_file import BUILTIN_CONFIGS
+
+        result.config_folder = BUILTIN_CONFIGS / KLEIN_ARCH
+        if "unet" in wanted and "unet" not in own:
+            base_components = {"unet": load_klein_transformer(base)}
     elif base.is_file() and is_qwen_image(str(base)):
         from .single_file import BUILTIN_CONFIGS
 
@@ -661,9 +668,16 @@ def convert_checkpoint(source: str | Path, out: str | Path, *, text_encoder: boo
                                   step, emit, ZIMAGE_NOTE,
                                   {CONFIGS_KEY: json.dumps({"transformer": config}, sort_keys=True)})
     if qwen_image:
+        from .qwen_image_edit import ARCH as EDIT_ARCH
+        from .qwen_image_edit import PIPELINE_CLASS, is_qwen_image_edit
+
         transformer = loaded.models.pop("unet")
-        return _write_transformer(transformer.state_dict(), target, fmt, dtypes["unet"], step, emit,
-                                  QWEN_IMAGE_NOTE, {CONFIGS_KEY: json.dumps(recorded_config(transformer))})
+        path = checkpoint_path(source)
+        # the edit model's file says so, its layout being Qwen-Image's: an edit model's base, or a run trained as one
+        trained_as = checkpoints.read_meta(path).get("family") if (path / checkpoints.META_FILE).is_file() else None
+        edit = PIPELINE_CLASS if trained_as == EDIT_ARCH or is_qwen_image_edit(str(_base_model(path))) else None
+        return _write_transformer(file_state(transformer), target, fmt, dtypes["unet"], step, emit,
+                                  QWEN_IMAGE_NOTE, {CONFIGS_KEY: json.dumps(recorded_config(transformer, edit))})
 
     expected = estimate_output_bytes(loaded.models, dtypes)
     free = shutil.disk_usage(target.parent).free

@@ -59,13 +59,13 @@ def family_for(config: Config) -> ModelFamily:
     from .chroma import Chroma, is_chroma
     from .flux import Flux1, is_flux
     from .qwen_image import QwenImage, is_qwen_image
-    from .qwen_image_edit import QwenImageEdit, is_qwen_image_edit
+    from .qwen_image_edit import QwenImageEdit, trains_as_edit
     from .flux2_klein import Flux2Klein, is_flux2_klein
     from .sd import StableDiffusion
     from .sdxl import StableDiffusionXL
     from .zimage import ZImage, is_zimage
 
-    if is_qwen_image_edit(config.model):
+    if trains_as_edit(config):
         return QwenImageEdit()
     refuse_controls(config)
     if is_flux(config.model):

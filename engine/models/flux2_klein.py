@@ -82,8 +82,11 @@ def is_klein_transformer(folder: Path) -> bool:
 
 
 def is_flux2_klein(model: str) -> bool:
+    """Whether model is a FLUX.2 [klein] diffusers folder or its transformer's single file (`flux2_klein_files`)."""
+    from .flux2_klein_files import is_klein_file
+
     path = Path(resolve_model_path(model))
-    return path.is_dir() and is_klein_transformer(path / "transformer")
+    return is_klein_transformer(path / "transformer") if path.is_dir() else is_klein_file(path)
 
 
 def check_config(config) -> None:
@@ -94,6 +97,9 @@ def check_config(config) -> None:
     if config.clip_stop_at_layer > 1:
         raise UserError("config key 'clip_stop_at_layer': FLUX.2 [klein] takes Qwen3's layers 9, 18 and 27, which "
                         "CLIP skip does not change; set it to 1")
+    if config.text_encoder_2:
+        raise UserError("config key 'text_encoder_2': FLUX.2 [klein] has one text encoder, Qwen3; remove "
+                        "text_encoder_2:")
     for key in ("train_text_encoder", "train_text_encoder_2"):
         if getattr(config, key):
             raise UserError(f"config key '{key}': FLUX.2 [klein]'s Qwen3 text encoder is not trained; set it to "
@@ -168,21 +174,32 @@ class Flux2Klein:
         self.distilled = True
 
     def load(self, config) -> Components:
-        """Tokenizer, text encoder, VAE, transformer and the flow-matching schedule of a diffusers folder on the
-        CPU, each model in the dtype the run reads it in (ram.load_dtype)."""
+        """Tokenizer, text encoder, VAE, transformer and the flow-matching schedule on the CPU, from a diffusers
+        folder or a transformer file with the text encoder's and autoencoder's files (`flux2_klein_files`), each
+        model in the dtype the run reads it in (ram.load_dtype)."""
         from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
         from transformers import Qwen3ForCausalLM
 
         from ..ram import load_dtype
 
         model_path = resolve_model_path(config.model)
+        check_config(config)
         if Path(model_path).is_file():
-            raise UserError(f"config key 'model': {model_path} is a single file; FLUX.2 [klein] trains from its "
-                            "diffusers folder (transformer/, text_encoder/, tokenizer/, vae/, scheduler/)")
-        if config.text_encoder or config.text_encoder_2:
+            from .flux2_klein_files import load_klein_files
+            from .qwen3_text import qwen3_tokenizer
+
+            # a file says nothing of its distillation: sampled as the distilled models are, without guidance
+            self.distilled = True
+            loaded = load_klein_files(model_path, text_encoder=config.text_encoder, vae=config.vae, dtypes={
+                "transformer": load_dtype(config, "unet"), "text_encoder": load_dtype(config, "text_encoder"),
+                "vae": load_dtype(config, "vae")})
+            return Components(tokenizer=KleinTokenizer(qwen3_tokenizer()), text_encoder=loaded["text_encoder"],
+                              vae=loaded["vae"], unet=loaded["transformer"], model_path=model_path,
+                              noise_scheduler=FlowMatchEulerDiscreteScheduler.from_config(
+                                  shipped("flux2-klein-4b", "scheduler")))
+        if config.text_encoder:
             raise UserError(f"config key 'text_encoder': {model_path} is a diffusers folder with its own; remove "
                             "text_encoder:")
-        check_config(config)
         root = Path(model_path)
         vae_path = paths.resolve(config.vae) if config.vae else str(root / "vae")
         if not Path(vae_path).exists():

@@ -50,6 +50,10 @@ FIXED_TOKENS = DROPPED_TOKENS - 1
 # is the image stream): they get no gradient, so they are frozen and never adapted, and DDP waits for none.
 LAST_BLOCK_TEXT_ONLY = ("attn.add_q_proj", "attn.norm_added_q", "attn.to_add_out", "txt_mlp")
 TRANSFORMER_CONFIG = "transformer/config.json"
+PIPELINE_INDEX = "model_index.json"
+# ComfyUI's mark of a transformer that sees an edit's images at timestep zero (the 2511 edit model, diffusers'
+# zero_cond_t): an empty tensor of this name beside the weights (comfy/model_detection.py, "2511")
+TIMESTEP_ZERO_MARK = "__index_timestep_zero__"
 # Qwen-Image renders from 1328 px squares down; much below 512 it renders poorly.
 SMALLEST_USEFUL_RESOLUTION = 512
 
@@ -186,35 +190,54 @@ def is_qwen_image(model: str) -> bool:
 
 def load_transformer_file(path: Path, dtype: torch.dtype):
     """The transformer of a single file, through diffusers' own single-file loader. Its architecture is the one the
-    file's metadata records (CONFIGS_KEY, written by `convert`), else Qwen-Image's shipped one."""
+    file's metadata records (CONFIGS_KEY, written by `convert`), else Qwen-Image's shipped one, conditioning the
+    edit's images at timestep zero where the file bears ComfyUI's mark of it."""
     import tempfile
 
     from diffusers import QwenImageTransformer2DModel
     from safetensors import safe_open
 
-    from .single_file import read_shapes, recorded_configs
+    from .single_file import read_shapes
 
     prefix = file_prefix(read_shapes(path))
-    recorded = (recorded_configs(path) or {}).get("files", {}).get(TRANSFORMER_CONFIG)
     with safe_open(str(path), "pt") as handle:
         state = {key[len(prefix):]: handle.get_tensor(key) for key in handle.keys() if key.startswith(prefix)}
+    marked = state.pop(TIMESTEP_ZERO_MARK, None) is not None
+    config = (recorded_files(path).get(TRANSFORMER_CONFIG) or shipped_config("transformer")) | (
+        {"zero_cond_t": True} if marked else {})
     with tempfile.TemporaryDirectory() as folder:
-        if recorded:
-            (Path(folder) / TRANSFORMER_CONFIG).parent.mkdir()
-            (Path(folder) / TRANSFORMER_CONFIG).write_text(json.dumps(recorded), encoding="utf-8")
+        (Path(folder) / TRANSFORMER_CONFIG).parent.mkdir()
+        (Path(folder) / TRANSFORMER_CONFIG).write_text(json.dumps(config), encoding="utf-8")
         try:
-            return QwenImageTransformer2DModel.from_single_file(
-                state, config=folder if recorded else str(BUILTIN_CONFIGS / ARCH), subfolder="transformer",
-                torch_dtype=dtype)
+            return QwenImageTransformer2DModel.from_single_file(state, config=folder, subfolder="transformer",
+                                                                torch_dtype=dtype)
         except (ValueError, RuntimeError) as error:  # tensors of another size than the architecture's
             raise UserError(f"config key 'model': {path.name} is not a Qwen-Image transformer: {error}") from None
 
 
-def recorded_config(transformer) -> dict:
-    """What `convert` records in a transformer's single file (CONFIGS_KEY) for load_transformer_file."""
+def recorded_files(path: Path) -> dict:
+    """The config files a single file's metadata records (CONFIGS_KEY), by their paths in a diffusers folder."""
+    from .single_file import recorded_configs
+
+    return (recorded_configs(path) or {}).get("files", {}) if path.suffix == ".safetensors" else {}
+
+
+def recorded_config(transformer, pipeline_class: Optional[str] = None) -> dict:
+    """What `convert` records in a transformer's single file (CONFIGS_KEY) for load_transformer_file: its config,
+    and the class of the pipeline it was trained in (model_index.json's), which tells an edit model's file."""
     config = json.loads(transformer.to_json_string())
     config.pop("_name_or_path", None)  # where it was read from: no part of the architecture
-    return {"files": {TRANSFORMER_CONFIG: config}}
+    files = {TRANSFORMER_CONFIG: config}
+    if pipeline_class:
+        files[PIPELINE_INDEX] = {"_class_name": pipeline_class}
+    return {"files": files}
+
+
+def file_state(transformer) -> dict:
+    """A transformer's tensors as ComfyUI's diffusion_models/ file holds them: diffusers' keys, with ComfyUI's mark
+    of an edit model conditioned at timestep zero (the 2511 edit model's zero_cond_t)."""
+    state = transformer.state_dict()
+    return {**state, TIMESTEP_ZERO_MARK: torch.tensor([])} if transformer.config.get("zero_cond_t") else state
 
 
 def check_config(config) -> None:
@@ -260,7 +283,7 @@ def text_encoder_from_config(config: dict):
 
 class QwenImage:
     """Qwen/Qwen-Image and models fine-tuned from it: a diffusers folder, or the transformer's single file with the
-    text encoder's and the autoencoder's folders."""
+    text encoder and the autoencoder each as ComfyUI's file or a diffusers folder (`qwen_image_files`)."""
     name = ARCH
     conditioning_parts = ("encoder_hidden_states", "encoder_hidden_states_mask")
     supports_custom_embeddings = False
@@ -268,43 +291,12 @@ class QwenImage:
     def load(self, config) -> Components:
         """Tokenizer, text encoder, VAE, transformer and the flow-matching schedule on the CPU, each model in the
         dtype the run reads it in (ram.load_dtype)."""
-        from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
-        from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
-
-        from ..ram import load_dtype
-
         check_config(config)
-        root = Path(resolve_model_path(config.model))
-        if root.is_file():
-            # ComfyUI's diffusion_models/ file: the text encoder and the autoencoder come as their own folders
-            for key, what in (("text_encoder", "Qwen2.5-VL-7B's folder (Qwen/Qwen-Image's text_encoder/)"),
-                              ("vae", "the autoencoder's diffusers folder (Qwen/Qwen-Image's vae/)")):
-                if not getattr(config, key):
-                    raise UserError(f"config key '{key}': a single-file Qwen-Image model needs {what}; set {key}:")
-            transformer = load_transformer_file(root, load_dtype(config, "unet"))
-            encoder_path = Path(paths.resolve(config.text_encoder))
-            tokenizer = QwenImageTokenizer(qwen2_tokenizer())
-            scheduler = FlowMatchEulerDiscreteScheduler.from_config(shipped_config("scheduler"))
-        else:
-            if config.text_encoder:
-                raise UserError(f"config key 'text_encoder': {root} is a diffusers folder with its own; "
-                                "remove text_encoder:")
-            transformer = QwenImageTransformer2DModel.from_pretrained(root / "transformer",
-                                                                      torch_dtype=load_dtype(config, "unet"))
-            encoder_path = root / "text_encoder"
-            tokenizer = QwenImageTokenizer(Qwen2Tokenizer.from_pretrained(root / "tokenizer"))
-            scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler")
-        vae_path = Path(paths.resolve(config.vae) if config.vae else root / "vae")
-        for key, folder in (("text_encoder", encoder_path), ("vae", vae_path)):
-            if not (folder / "config.json").is_file():
-                raise UserError(f"config key '{key}': {folder} is not a model folder (no config.json)")
-        text_encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            encoder_path, dtype=load_dtype(config, "text_encoder"))
-        vae = AutoencoderKLQwenImage.from_pretrained(vae_path, torch_dtype=load_dtype(config, "vae"))
-        _freeze_unused(transformer)
-        encoder = QwenImageTextEncoder(text_encoder, tokenizer.fixed_ids, tokenizer.pad_token_id)
-        return Components(tokenizer=tokenizer, text_encoder=encoder, vae=QwenImageVAE(vae), unet=transformer,
-                          noise_scheduler=scheduler, model_path=str(root))
+        models = load_models(config)
+        tokenizer = QwenImageTokenizer(models.tokenizer)
+        encoder = QwenImageTextEncoder(models.text_encoder, tokenizer.fixed_ids, tokenizer.pad_token_id)
+        return Components(tokenizer=tokenizer, text_encoder=encoder, vae=QwenImageVAE(models.vae),
+                          unet=models.transformer, noise_scheduler=models.scheduler, model_path=str(models.root))
 
     def objective(self, config, scheduler):
         from ..objectives import RectifiedFlow
@@ -368,6 +360,45 @@ class QwenImage:
         return pipeline(prompt_embeds=embeds[0], prompt_embeds_mask=masks[0][:, :length].long(),
                         negative_prompt_embeds=embeds[1], negative_prompt_embeds_mask=masks[1][:, :length].long(),
                         true_cfg_scale=guidance_scale, max_sequence_length=length, **options).images
+
+
+def load_models(config) -> SimpleNamespace:
+    """The models of a Qwen-Image diffusers folder (or its edit model's), or of a transformer's single file with the
+    text encoder and the autoencoder each as ComfyUI's file or a diffusers folder (`qwen_image_files`), on the
+    CPU in the dtypes the run reads them in: transformer, text_encoder, vae, tokenizer (Qwen2's), scheduler and
+    root (the model's path)."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+
+    from ..ram import load_dtype
+
+    root = Path(resolve_model_path(config.model))
+    if root.is_file():
+        from .qwen_image_files import load_parts
+
+        parts = load_parts(config.text_encoder, config.vae, {key: load_dtype(config, key)
+                                                             for key in ("text_encoder", "vae")})
+        models = SimpleNamespace(
+            transformer=load_transformer_file(root, load_dtype(config, "unet")), tokenizer=qwen2_tokenizer(),
+            scheduler=FlowMatchEulerDiscreteScheduler.from_config(shipped_config("scheduler")), **parts)
+    else:
+        if config.text_encoder:
+            raise UserError(f"config key 'text_encoder': {root} is a diffusers folder with its own; "
+                            "remove text_encoder:")
+        vae_path = Path(paths.resolve(config.vae) if config.vae else root / "vae")
+        if not (vae_path / "config.json").is_file():
+            raise UserError(f"config key 'vae': {vae_path} is not a model folder (no config.json)")
+        models = SimpleNamespace(
+            transformer=QwenImageTransformer2DModel.from_pretrained(root / "transformer",
+                                                                    torch_dtype=load_dtype(config, "unet")),
+            tokenizer=Qwen2Tokenizer.from_pretrained(root / "tokenizer"),
+            scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler"),
+            text_encoder=Qwen2_5_VLForConditionalGeneration.from_pretrained(
+                root / "text_encoder", dtype=load_dtype(config, "text_encoder")),
+            vae=AutoencoderKLQwenImage.from_pretrained(vae_path, torch_dtype=load_dtype(config, "vae")))
+    _freeze_unused(models.transformer)
+    models.root = root
+    return models
 
 
 def qwen2_tokenizer():

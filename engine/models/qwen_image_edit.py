@@ -32,9 +32,11 @@ import torch
 from .. import block_swap, paths
 from ..errors import UserError
 from .flux import PATCH, pack, unpack
-from .qwen_image import PROMPT_TOKENS, QwenImage, QwenImageTokenizer, QwenImageVAE, _freeze_unused
+from .qwen_image import (PIPELINE_INDEX, PROMPT_TOKENS, TIMESTEP_ZERO_MARK, QwenImage, QwenImageTokenizer,
+                         QwenImageVAE, file_prefix, is_qwen_image, load_models, recorded_files)
 from .qwen_image import check_config as check_qwen_image
 from .sd import Components, resolve_model_path
+from .single_file import BUILTIN_CONFIGS, read_shapes
 
 ARCH = "qwen-image-edit"
 PIPELINE_CLASS = "QwenImageEditPlusPipeline"
@@ -50,9 +52,29 @@ IMAGE_PROMPT = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"
 
 
 def is_qwen_image_edit(model: str) -> bool:
-    """Whether model is a diffusers folder of QwenImageEditPlusPipeline (model_index.json's `_class_name`)."""
-    index = Path(resolve_model_path(model)) / "model_index.json"
-    return index.is_file() and json.loads(index.read_text(encoding="utf-8")).get("_class_name") == PIPELINE_CLASS
+    """Whether model is a diffusers folder of QwenImageEditPlusPipeline (model_index.json's `_class_name`), or a
+    Qwen-Image transformer's single file that is an edit model's: its metadata records that pipeline (`convert`'s
+    files) or it bears ComfyUI's mark of 2511 (TIMESTEP_ZERO_MARK)."""
+    path = Path(resolve_model_path(model))
+    if path.is_dir():
+        index = path / PIPELINE_INDEX
+        return index.is_file() and json.loads(index.read_text(encoding="utf-8")).get("_class_name") == PIPELINE_CLASS
+    if not is_qwen_image(model):
+        return False
+    shapes = read_shapes(path)
+    recorded = recorded_files(path).get(PIPELINE_INDEX, {}).get("_class_name")
+    return recorded == PIPELINE_CLASS or file_prefix(shapes) + TIMESTEP_ZERO_MARK in shapes
+
+
+def trains_as_edit(config) -> bool:
+    """Whether the config's model is an edit model (is_qwen_image_edit), or a Qwen-Image transformer's single file,
+    whose layout is the edit model's too, with control images given (instance_set.control_path,
+    sampling.concepts[].control_image)."""
+    if is_qwen_image_edit(config.model):
+        return True
+    controls = (any(concept.instance_set.control_path for concept in config.data.concepts)
+                or any(concept.control_image for concept in config.sampling.concepts))
+    return controls and Path(resolve_model_path(config.model)).is_file() and is_qwen_image(config.model)
 
 
 def condition_images(controls: torch.Tensor) -> list:
@@ -167,37 +189,25 @@ def check_config(config) -> None:
 
 
 class QwenImageEdit(QwenImage):
-    """Qwen/Qwen-Image-Edit-2509 (and 2511) and models fine-tuned from them, as a diffusers folder."""
+    """Qwen/Qwen-Image-Edit-2509 (and 2511) and models fine-tuned from them, as a diffusers folder or ComfyUI's
+    files."""
     name = ARCH
 
     def load(self, config) -> Components:
         """Tokenizer, text encoder (with the processor's image preprocessing), VAE, transformer and the
-        flow-matching schedule on the CPU, each model in the dtype the run reads it in (ram.load_dtype)."""
-        from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
-        from transformers import AutoImageProcessor, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
-
-        from ..ram import load_dtype
+        flow-matching schedule on the CPU, each model in the dtype the run reads it in (ram.load_dtype), from a
+        diffusers folder or ComfyUI's files (`qwen_image.load_models`); a file's image preprocessing is the shipped
+        processor's."""
+        from transformers import AutoImageProcessor
 
         check_config(config)
-        root = Path(resolve_model_path(config.model))
-        if config.text_encoder:
-            raise UserError(f"config key 'text_encoder': {root} is a diffusers folder with its own; remove "
-                            "text_encoder:")
-        transformer = QwenImageTransformer2DModel.from_pretrained(root / "transformer",
-                                                                  torch_dtype=load_dtype(config, "unet"))
-        tokenizer = QwenImageEditTokenizer(Qwen2Tokenizer.from_pretrained(root / "tokenizer"))
-        image_processor = AutoImageProcessor.from_pretrained(root / "processor")
-        text_encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            root / "text_encoder", dtype=load_dtype(config, "text_encoder"))
-        vae_path = Path(paths.resolve(config.vae) if config.vae else root / "vae")
-        if not (vae_path / "config.json").is_file():
-            raise UserError(f"config key 'vae': {vae_path} is not a model folder (no config.json)")
-        vae = AutoencoderKLQwenImage.from_pretrained(vae_path, torch_dtype=load_dtype(config, "vae"))
-        _freeze_unused(transformer)
-        encoder = QwenImageEditTextEncoder(text_encoder, image_processor, tokenizer.tokenizer)
-        return Components(tokenizer=tokenizer, text_encoder=encoder, vae=QwenImageVAE(vae), unet=transformer,
-                          noise_scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler"),
-                          model_path=str(root))
+        models = load_models(config)
+        tokenizer = QwenImageEditTokenizer(models.tokenizer)
+        processor = (BUILTIN_CONFIGS / ARCH if models.root.is_file() else models.root) / "processor"
+        encoder = QwenImageEditTextEncoder(models.text_encoder, AutoImageProcessor.from_pretrained(processor),
+                                           tokenizer.tokenizer)
+        return Components(tokenizer=tokenizer, text_encoder=encoder, vae=QwenImageVAE(models.vae),
+                          unet=models.transformer, noise_scheduler=models.scheduler, model_path=str(models.root))
 
     def fake_components(self, config, architecture) -> Components:
         raise UserError("config key 'model': the memory estimate does not count Qwen-Image-Edit's control images "

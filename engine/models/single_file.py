@@ -85,6 +85,8 @@ _CHROMA_KEY = keymap_flux.APPROXIMATOR + "in_proj.weight"
 # its parts in a ComfyUI-style checkpoint: Flux.1's places, T5-XXL its only text encoder
 CHROMA_PARTS = {"transformer": keymap_flux.PREFIX, "text_encoder": FLUX_PARTS["text_encoder_2"], "vae": "vae."}
 CHROMA_FILES = {"text_encoder": FLUX_FILES["text_encoder_2"], "vae": FLUX_FILES["vae"]}
+# FLUX.2's transformer: Flux's blocks, their modulation computed once for all (comfy/model_detection.py's test)
+_FLUX2_KEY = "double_stream_modulation_img.lin.weight"
 
 
 def _flux_prefix(shapes) -> Optional[str]:
@@ -96,10 +98,13 @@ def _flux_prefix(shapes) -> Optional[str]:
 
 
 def detect_family(shapes: dict[str, tuple[int, ...]]) -> Optional[str]:
-    """'sd15', 'sd21', 'sdxl', 'flux1' or 'chroma' when the tensors have that architecture's text width and
-    text encoders (Flux.1: its transformer's blocks; Chroma: those and its modulation network), else None."""
+    """'sd15', 'sd21', 'sdxl', 'flux1', 'chroma' or 'flux2' when the tensors have that architecture's text width
+    and text encoders (Flux.1: its transformer's blocks; Chroma: those and its modulation network; FLUX.2: those
+    and the modulation all its blocks share), else None."""
     prefix = _flux_prefix(shapes)
     if prefix is not None:
+        if prefix + _FLUX2_KEY in shapes:
+            return "flux2"
         return "chroma" if prefix + _CHROMA_KEY in shapes else "flux1"
     if _SDXL_KEY in shapes:
         found = {key for key in shapes if key.startswith(keymap_sdxl.CONDITIONER_PREFIX)}

@@ -18,14 +18,13 @@ import torch
 from .. import paths
 from ..errors import UserError
 from . import keymap_zimage
+from .qwen3_text import qwen3_from_file
 from .single_file import BUILTIN_CONFIGS, CONFIGS_KEY, _count, _load_weights, _read_tensors, flux_vae, read_shapes
 
 # the keys only a Z-Image transformer's original layout has
 TRANSFORMER_KEYS = ("noise_refiner.0.attention.qkv.weight", "cap_embedder.1.weight")
 # where ComfyUI's checkpoints keep the transformer, and a bare transformer file (no prefix)
 TRANSFORMER_PREFIXES = ("model.diffusion_model.", "")
-# Qwen3 as a causal LM (Qwen3ForCausalLM's files) nests the encoder under model.
-QWEN_PREFIX = "model."
 LATENT_CHANNELS = 16  # Flux.1's autoencoder's
 FILES = {"text_encoder": "Qwen3-4B (qwen_3_4b.safetensors)", "vae": "Flux.1's autoencoder (ae.safetensors)"}
 
@@ -97,29 +96,6 @@ def load_zimage_transformer(transformer_file, dtype: torch.dtype = torch.float32
     return _load_weights(model, state, "model", path.name, dtype)
 
 
-def _qwen3(state: dict, source: str, dtype: torch.dtype):
-    from accelerate import init_empty_weights
-    from transformers import Qwen3Config, Qwen3Model
-
-    if any(key.startswith(QWEN_PREFIX) for key in state):
-        state = {key[len(QWEN_PREFIX):]: value for key, value in state.items() if key.startswith(QWEN_PREFIX)}
-    if "embed_tokens.weight" not in state or "layers.0.self_attn.q_norm.weight" not in state:
-        raise UserError(f"config key 'text_encoder': {source} is not a Qwen3 text encoder (no embed_tokens or "
-                        f"q_norm weights); set it to {FILES['text_encoder']}")
-    config = _shipped("text_encoder")
-    vocab, hidden = state["embed_tokens.weight"].shape
-    head = state["layers.0.self_attn.q_norm.weight"].shape[0]
-    config.update(vocab_size=vocab, hidden_size=hidden, head_dim=head,
-                  num_hidden_layers=_count(state, "layers."), max_window_layers=_count(state, "layers."),
-                  intermediate_size=state["layers.0.mlp.gate_proj.weight"].shape[0],
-                  num_attention_heads=state["layers.0.self_attn.q_proj.weight"].shape[0] // head,
-                  num_key_value_heads=state["layers.0.self_attn.k_proj.weight"].shape[0] // head)
-    state = {key: value for key, value in state.items() if key != "lm_head.weight"}  # tied to the embedding
-    with init_empty_weights():
-        model = Qwen3Model(Qwen3Config.from_dict(config))
-    return _load_weights(model, state, "text_encoder", source, dtype)
-
-
 def _vae(state: dict, source: str, dtype: torch.dtype):
     channels = state["decoder.conv_in.weight"].shape[1] if "decoder.conv_in.weight" in state else LATENT_CHANNELS
     if channels != LATENT_CHANNELS:
@@ -143,6 +119,7 @@ def load_zimage_files(transformer_file, text_encoder=None, vae=None, dtypes: Opt
         if not source.is_file():
             raise UserError(f"config key '{name}': not a file: {source}")
         state = _read_tensors(source, "", name)
-        loaded[name] = _qwen3(state, source.name, dtype[name]) if name == "text_encoder" else _vae(
+        loaded[name] = qwen3_from_file(state, source.name, dtype[name], _shipped("text_encoder"),
+                                       FILES["text_encoder"]) if name == "text_encoder" else _vae(
             state, source.name, dtype[name])
     return {"transformer": load_zimage_transformer(transformer_file, dtype["transformer"]), **loaded}
