@@ -65,13 +65,6 @@ class LossParts:
     height: int
 
 
-def scaled_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """The autoencoder's latents in the range the denoising model works in: shifted (where the autoencoder
-    has a shift factor, as Flux.1's has) and scaled."""
-    shift = vae.config.get("shift_factor")
-    return (latents - shift if shift else latents) * vae.config.scaling_factor
-
-
 def control_latents(vae, batch: dict, device: torch.device, to_model_space) -> torch.Tensor:
     """A batch's control images [B, n, 3, H, W] as latents [B, n, C, h, w] in the denoiser's range (as
     `to_model_space` puts the target's): the mean of their distribution (cached, or encoded here), as an edit
@@ -104,9 +97,7 @@ def compute_loss(config: Config, models: StepModels, batch: dict, device: torch.
             if fill is not None:
                 fill.add_latents(batch, distribution.parameters)
         latents = draws.sample_latents(distribution.mean, distribution.std)
-        # a family whose autoencoder normalises its latents otherwise than by a shift and a scale (per-channel
-        # statistics) says how
-        to_model_space = getattr(models.family, "normalized_latents", scaled_latents)
+        to_model_space = models.family.normalized_latents
         latents = to_model_space(vae, latents)
         # control images (data.controls), the pictures an edit model is asked to change: read with the caption
         # and denoised beside the target as latents

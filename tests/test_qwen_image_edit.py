@@ -203,7 +203,7 @@ def test_the_control_latents_reach_the_transformer_as_the_pipeline_builds_them(l
     from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as plus
 
     from engine.data.dataset import to_tensor
-    from engine.step import control_latents, scaled_latents
+    from engine.step import control_latents
 
     _, family, components = loaded
     controls = [_picture((64, 64), (220, 40, 40), True), _picture((64, 64), (40, 170, 70), False)]
@@ -232,7 +232,7 @@ def test_the_control_latents_reach_the_transformer_as_the_pipeline_builds_them(l
     with torch.no_grad():
         pixels = torch.stack([to_tensor(control) for control in controls])[None]
         encoded = control_latents(components.vae, {"control_pixel_values": pixels}, torch.device("cpu"),
-                                  getattr(family, "normalized_latents", scaled_latents))
+                                  family.normalized_latents)
         prediction = family.predict(components.unet, latents, theirs["timestep"] * 1000,
                                     {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": torch.ones(1, 5, 1),
                                      "control_latents": encoded}, None)

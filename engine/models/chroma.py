@@ -24,6 +24,7 @@ import torch
 from .. import block_swap, notices, paths
 from ..errors import UserError
 from . import t5_vocab
+from .base_family import Family
 from .flux import PATCH, PIXELS_PER_TOKEN_SIDE, bucket_sides, image_ids, load_t5_tokenizer, pack, unpack
 from .sd import Components, resolve_model_path
 from .single_file import BUILTIN_CONFIGS
@@ -106,7 +107,7 @@ def check_config(config) -> None:
                      f"1024 px; train at {SMALLEST_USEFUL_RESOLUTION} or more")
 
 
-class Chroma:
+class Chroma(Family):
     """Chroma1-HD, Chroma1-Base and models fine-tuned from them."""
     name = "chroma"
     conditioning_parts = ("encoder_hidden_states", "attention_mask")

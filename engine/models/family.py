@@ -1,8 +1,9 @@
 """The model-family interface: what the trainer, the sampler, the caches and the VRAM estimator ask of a
 kind of model, so that none of them knows which one it trains.
 
-A family loads its components (and builds them on fake tensors for the estimator), returns the objective
-it trains with (`objectives`: how inputs, targets, timesteps and loss weights are made), turns token ids
+A family loads its components (and builds them on fake tensors for the estimator), puts the autoencoder's
+latents in its denoiser's range (`base_family.Family` shifts and scales them; FLUX.2 [klein] normalises each
+channel by its statistics), returns the objective it trains with (`objectives`: how inputs, targets, timesteps and loss weights are made), turns token ids
 into the denoising model's conditioning (CLIP skip applied), runs the model's prediction and builds the
 pipeline that renders samples and class images. For the DDPM families the noise schedule's prediction
 target is set here from the config.
@@ -44,6 +45,8 @@ class ModelFamily(Protocol):
     def encode_text(self, text_encoder, input_ids: torch.Tensor, clip_stop_at_layer: int) -> dict: ...
 
     def unused_text_modules(self, text_encoder, clip_stop_at_layer: int) -> list[torch.nn.Module]: ...
+
+    def normalized_latents(self, vae, latents: torch.Tensor) -> torch.Tensor: ...
 
     def predict(self, unet, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: dict,
                 time_ids: Optional[torch.Tensor]) -> torch.Tensor: ...

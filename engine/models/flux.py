@@ -22,6 +22,7 @@ import torch
 from .. import block_swap, notices, paths
 from ..errors import UserError
 from . import clip_vocab, t5_vocab
+from .base_family import Family
 from .sd import Components, load_tokenizer, resolve_model_path
 from .single_file import BUILTIN_CONFIGS
 # T5 tokens of the prompt: what BFL's reference code and FluxPipeline use for each model.
@@ -178,7 +179,7 @@ def is_flux(model: str) -> bool:
     return is_flux_folder(path) if path.is_dir() else _detected_single_file(path)
 
 
-class Flux1:
+class Flux1(Family):
     """FLUX.1-dev and FLUX.1-schnell, and models fine-tuned from them."""
     name = "flux1"
     conditioning_parts = ("encoder_hidden_states", "pooled_projections")

@@ -32,6 +32,7 @@ import torch
 
 from .. import block_swap, notices, paths
 from ..errors import UserError
+from .base_family import Family
 from .flux import PATCH, bucket_sides, pack, unpack
 from .qwen3_text import PAD_TOKEN_ID, load_qwen_tokenizer
 from .sd import Components, resolve_model_path
@@ -163,7 +164,7 @@ def is_distilled(root: Path) -> bool:
     return index.is_file() and bool(json.loads(index.read_text(encoding="utf-8")).get("is_distilled", False))
 
 
-class Flux2Klein:
+class Flux2Klein(Family):
     """FLUX.2 [klein] 4B and 9B, distilled and base, and models fine-tuned from them."""
     name = "flux2-klein"
     conditioning_parts = ("encoder_hidden_states",)

@@ -33,6 +33,7 @@ import torch
 
 from .. import block_swap, notices, paths
 from ..errors import UserError
+from .base_family import Family
 from .flux import PATCH, PIXELS_PER_TOKEN_SIDE, bucket_sides, pack, unpack
 from .sd import Components, resolve_model_path
 from .single_file import BUILTIN_CONFIGS
@@ -281,7 +282,7 @@ def text_encoder_from_config(config: dict):
         {key: value for key, value in config.items() if key != "torch_dtype"}))
 
 
-class QwenImage:
+class QwenImage(Family):
     """Qwen/Qwen-Image and models fine-tuned from it: a diffusers folder, or the transformer's single file with the
     text encoder and the autoencoder each as ComfyUI's file or a diffusers folder (`qwen_image_files`)."""
     name = ARCH

@@ -10,6 +10,7 @@ import torch
 
 from .. import block_swap, paths
 from ..errors import UserError
+from .base_family import Family
 
 
 @dataclass
@@ -134,7 +135,7 @@ def enable_xformers_if_usable(unet, wanted: bool) -> str:
     return "sdpa"
 
 
-class StableDiffusion:
+class StableDiffusion(Family):
     """SD1.x and SD2.x: one CLIP text encoder whose hidden states (CLIP skip applied) condition the UNet."""
     name = "sd"
     conditioning_parts = ("encoder_hidden_states",)

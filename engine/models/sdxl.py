@@ -17,6 +17,7 @@ import torch
 
 from .. import block_swap, notices, paths
 from ..errors import UserError
+from .base_family import Family
 from .sd import Components, load_tokenizer, resolve_model_path
 
 ENCODER_NAMES = ("text_encoder", "text_encoder_2")
@@ -147,7 +148,7 @@ def warn_of_low_resolution(config, unet) -> None:
                      f"(1024 is usual)")
 
 
-class StableDiffusionXL:
+class StableDiffusionXL(Family):
     """SDXL and the models built on it (same architecture, epsilon or v-prediction)."""
     name = "sdxl"
     conditioning_parts = ("encoder_hidden_states", "text_embeds")

@@ -24,6 +24,7 @@ import torch
 
 from .. import block_swap, notices, paths
 from ..errors import UserError
+from .base_family import Family
 from .flux import bucket_sides
 from .qwen3_text import PAD_TOKEN_ID, load_qwen_tokenizer, qwen3_tokenizer
 from .sd import Components, resolve_model_path
@@ -126,7 +127,7 @@ def prompt_rows(conditioning: dict) -> list[torch.Tensor]:
     return [row[:length] for row, length in zip(hidden, lengths)]
 
 
-class ZImage:
+class ZImage(Family):
     """Z-Image-Turbo, and models fine-tuned from it."""
     name = ARCH
     conditioning_parts = ("encoder_hidden_states", "encoder_attention_mask")
