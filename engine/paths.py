@@ -56,10 +56,13 @@ def demo_model_dir(arch: str = "sd") -> Path:
 
 
 def demo_data_dir() -> Path:
-    """The synthetic sample dataset, written on first use."""
-    from .models.tiny import make_sample_data
+    """The synthetic sample dataset, written on first use; its edit/ pairs are added to one written before it
+    had them."""
+    from .models.tiny import make_edit_pairs, make_sample_data
 
-    return build_once(cache_dir() / "sample-data", make_sample_data)
+    folder = build_once(cache_dir() / "sample-data", make_sample_data)
+    build_once(folder / "edit", make_edit_pairs)
+    return folder
 
 
 def resolve(path: str) -> str:

@@ -6,6 +6,7 @@ then runs under a memory tracker that records every storage it allocates: the co
 doubles the batch: instance + class rows) at the largest training size, autocast precision, weights dtype,
 optimizer (its state already there, as after the first step; with gradient accumulation, the gradients
 too), gradient checkpointing, cached latents/embeddings, EMA and the optimizer step fused into backward.
+For an edit model (a tokenizer that `reads_controls`) each row has one control image of the training size.
 The figures are the tensor bytes alive at the step's peak; the CUDA context and allocator fragmentation
 come on top of them.
 
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import paths
 from .block_swap import block_bytes, check_count, device_bytes_saved, repeated_blocks
@@ -41,7 +43,7 @@ from .step import StepModels, backward, compute_loss, optimizer_step
 
 GIB = 2**30
 ARCHITECTURES = ("sd15", "sd21", "sdxl", "flux1-dev", "flux1-schnell", "chroma", "z-image", "qwen-image",
-                 "flux2-klein-4b", "flux2-klein-9b")
+                 "qwen-image-edit", "flux2-klein-4b", "flux2-klein-9b")
 # bitsandbytes keeps fp32 states for parameters smaller than this (its min_8bit_size) and one fp32 absmax
 # per block of this many elements for the others (its blockwise quantization).
 BNB_MIN_8BIT_SIZE = 4096
@@ -150,9 +152,9 @@ def _read_json(path: Path) -> dict:
 
 
 def guess_architecture(model: str) -> str:
-    """chroma, z-image, flux1-dev, flux1-schnell or qwen-image when the model's name says so ("Chroma1-HD",
-    "z_image_turbo_bf16", "qwen_image_bf16"), sdxl when it does ("sd_xl_base_1.0", "sdxl"), sd21 when it says
-    SD2.x ("stable-diffusion-2-1", "v2-1_768", "sd21"), else sd15."""
+    """chroma, z-image, flux1-dev, flux1-schnell, qwen-image-edit or qwen-image when the model's name says so
+    ("Chroma1-HD", "z_image_turbo_bf16", "Qwen-Image-Edit-2509", "qwen_image_bf16"), sdxl when it does
+    ("sd_xl_base_1.0", "sdxl"), sd21 when it says SD2.x ("stable-diffusion-2-1", "v2-1_768", "sd21"), else sd15."""
     name = Path(model).name.lower() if model else ""
     if "chroma" in name:
         return "chroma"
@@ -163,7 +165,7 @@ def guess_architecture(model: str) -> str:
     if "flux" in name:
         return "flux1-schnell" if "schnell" in name else "flux1-dev"
     if "qwen" in name:
-        return "qwen-image"
+        return "qwen-image-edit" if "edit" in name else "qwen-image"
     if re.search(r"xl", name):
         return "sdxl"
     return "sd21" if re.search(r"(?<![0-9.])2[-._]?[01](?![0-9])|v2|sd2(?!x)", name) else "sd15"
@@ -445,6 +447,28 @@ def _trace(config: Config, arch: Optional[str], processes: int) -> Trace:
         return _trace_step(config, architecture, estimate_plan(config, processes), step_shape(config))
 
 
+class _RealBookkeeping(TorchDispatchMode):
+    """Runs each operation none of whose tensors is fake on real tensors (see real_bookkeeping)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
+        from torch.utils._pytree import tree_leaves
+
+        kwargs = kwargs or {}
+        if any(isinstance(leaf, FakeTensor) for leaf in tree_leaves((args, kwargs))):
+            return func(*args, **kwargs)
+        with unset_fake_temporarily():
+            return func(*args, **kwargs)
+
+
+def real_bookkeeping():
+    """A context, inside the trace's FakeTensorMode, in which an operation on real tensors alone (or on none)
+    gives real ones, still counted by the tracker: a model's bookkeeping on index tensors (a vision tower's
+    patch grid, its attention windows, where its image tokens go), which reads values that fake tensors do not
+    have, runs on real indices while the weights and activations stay fake."""
+    return _RealBookkeeping()
+
+
 class _FakeTextCache:
     """Stands in for the text-embedding cache: the conditioning arrives with the batch, shaped as the family's
     encoder gives it (run on fake tensors, it costs nothing)."""
@@ -530,6 +554,11 @@ def _trace_step(config: Config, architecture: Architecture, plan: RunPlan, shape
         batch["latent_params"] = torch.randn(shape.rows, 2 * vae.config.latent_channels, *latent_size)
     else:
         batch["pixel_values"] = torch.randn(shape.rows, 3, shape.height, shape.width)
+    if getattr(components.tokenizer, "reads_controls", False):  # an edit model: one control image a row
+        batch["control_pixel_values"] = torch.randn(shape.rows, 1, 3, shape.height, shape.width)
+        if plan.cache_latents:
+            batch["control_latent_params"] = torch.randn(shape.rows, 1, 2 * vae.config.latent_channels,
+                                                         *latent_size)
     text_cache = (_FakeTextCache(family, text_encoder, batch["input_ids"], config.clip_stop_at_layer)
                   if plan.cache_text else None)
     groups = parameter_groups(components, plan, config, config.optimizer.params.lr)

@@ -301,7 +301,12 @@ PRESET_MAX_SAMPLES = 2
 # the stand-in of each shipped architecture a preset names (SD1.x and SD2.x presets train demo:tiny-sd)
 TINY_MODELS = {"sdxl": "demo:tiny-sdxl", "flux1-dev": "demo:tiny-flux", "flux1-schnell": "demo:tiny-flux-schnell",
                "chroma": "demo:tiny-chroma", "z-image": "demo:tiny-z-image", "qwen-image": "demo:tiny-qwen-image",
-               "flux2-klein-4b": "demo:tiny-flux2-klein", "flux2-klein-9b": "demo:tiny-flux2-klein"}
+               "qwen-image-edit": "demo:tiny-qwen-image-edit", "flux2-klein-4b": "demo:tiny-flux2-klein",
+               "flux2-klein-9b": "demo:tiny-flux2-klein"}
+# the architectures that edit a control image, and the sample data's (control, target) pairs with their
+# instructions, which they train on
+EDIT_ARCHITECTURES = ("qwen-image-edit",)
+EDIT_PAIRS = "demo:sample-data/edit"
 
 
 def preset_to_tiny(preset: Path, output_dir: Path, class_root: Path, captioned_path: str) -> cfg.Config:
@@ -310,10 +315,11 @@ def preset_to_tiny(preset: Path, output_dir: Path, class_root: Path, captioned_p
     Changed, and nothing else:
     - model -> demo:tiny-sd, or demo:tiny-sdxl for an SDXL preset, demo:tiny-flux for a Flux.1 one,
       demo:tiny-chroma for a Chroma one; demo:tiny-z-image for a Z-Image one; demo:tiny-qwen-image for a
-      Qwen-Image one; demo:tiny-flux2-klein for a FLUX.2 [klein] one; vae, tokenizer and the text-encoder files
-      -> null (the tiny model's own);
+      Qwen-Image one; demo:tiny-qwen-image-edit for a Qwen-Image-Edit one; demo:tiny-flux2-klein for a FLUX.2
+      [klein] one; vae, tokenizer and the text-encoder files -> null (the tiny model's own);
     - every concept's instance_set.path -> demo:sample-data/instance, or `captioned_path` (images with .txt
-      captions) when its prompt is '{TXT_PROMPT}';
+      captions) when its prompt is '{TXT_PROMPT}', or for an edit model EDIT_PAIRS (and instance_set.control_path
+      -> "": the controls lie beside their targets);
     - every class_set.path -> class_root/<concept index>, an empty folder, so class images are generated;
       auto_generate keeps its settings except num_target -> PRESET_CLASS_IMAGES and steps -> 2;
     - data.resolution -> 64;
@@ -327,13 +333,18 @@ def preset_to_tiny(preset: Path, output_dir: Path, class_root: Path, captioned_p
     memory switches stay as the preset sets them: the engine falls back on a CPU as it does for users.
     """
     values = cfg.to_dict(cfg.load(preset))
-    tiny = TINY_MODELS.get(guess_architecture(values["model"]), "demo:tiny-sd")
+    architecture = guess_architecture(values["model"])
+    tiny = TINY_MODELS.get(architecture, "demo:tiny-sd")
     values.update(model=tiny, vae=None, tokenizer=None, text_encoder=None, text_encoder_2=None,
                   output_dir=str(output_dir), num_workers=0)
     values["data"]["resolution"] = 64
     for index, concept in enumerate(values["data"]["concepts"]):
         instance = concept["instance_set"]
-        instance["path"] = captioned_path if "{TXT_PROMPT}" in instance["prompt"] else "demo:sample-data/instance"
+        if architecture in EDIT_ARCHITECTURES:
+            instance.update(path=EDIT_PAIRS, control_path="")
+        else:
+            instance["path"] = (captioned_path if "{TXT_PROMPT}" in instance["prompt"]
+                                else "demo:sample-data/instance")
         if concept.get("class_set"):
             concept["class_set"]["path"] = str(class_root / str(index))
             concept["class_set"]["auto_generate"].update(num_target=PRESET_CLASS_IMAGES, steps=2)

@@ -190,7 +190,7 @@ def _flatten(value, prefix=""):
 
 REWRITTEN_KEYS = {
     "model", "vae", "tokenizer", "text_encoder", "text_encoder_2", "output_dir", "num_workers", "data.resolution",
-    "data.concepts[].instance_set.path", "data.concepts[].class_set.path",
+    "data.concepts[].instance_set.path", "data.concepts[].instance_set.control_path", "data.concepts[].class_set.path",
     "data.concepts[].class_set.auto_generate.num_target", "data.concepts[].class_set.auto_generate.steps",
     "trainer.max_steps", "trainer.max_epochs", "sampling.interval_steps", "sampling.concepts[].width",
     "sampling.concepts[].height", "sampling.concepts[].steps", "sampling.concepts[].num_samples",
@@ -220,7 +220,8 @@ def test_preset_trains_end_to_end_on_the_tiny_model(preset, tmp_path, sample_dat
     config = preset_to_tiny(preset, tmp_path / "out", tmp_path / "class", CAPTIONED)
     arch = {"demo:tiny-sdxl": "sdxl", "demo:tiny-flux": "flux", "demo:tiny-flux-schnell": "flux-schnell",
             "demo:tiny-chroma": "chroma", "demo:tiny-z-image": "z-image",
-            "demo:tiny-qwen-image": "qwen-image", "demo:tiny-flux2-klein": "flux2-klein"}.get(config.model, "sd")
+            "demo:tiny-qwen-image": "qwen-image", "demo:tiny-qwen-image-edit": "qwen-image-edit",
+            "demo:tiny-flux2-klein": "flux2-klein"}.get(config.model, "sd")
     run_dir, _, checkpoint, _ = train(config, PRESET_STEPS)
     meta = checkpoints.read_meta(checkpoint)
     # SDXL trains both text encoders; Flux.1 only the first (T5 never trains)

@@ -55,6 +55,31 @@ def test_sample_data_has_mixed_aspects_and_captions(tmp_path):
                             r"on a (black|white) background", caption), caption
 
 
+def test_sample_data_has_edit_pairs_that_an_edit_model_reads(tmp_path, monkeypatch):
+    """edit/: each target beside its control (the same shape, another colour, one size) and the instruction
+    between them; a sample dataset written before it had the pairs gains them. (An edit model trains on them in
+    test_combinations' qwen-image-edit preset.)"""
+    from engine import paths
+
+    result = run_cli("make-sample-data", str(tmp_path / "data"))
+    assert result.returncode == 0, result.stderr
+    folder = tmp_path / "data" / "edit"
+    targets = sorted(folder.glob("pair_??.png"))
+    assert len(targets) == 8 and len({Image.open(p).size for p in targets}) == 3
+    for target in targets:
+        control = folder / f"{target.stem}.control.png"
+        assert Image.open(control).size == Image.open(target).size
+        assert Image.open(control).getcolors(256) != Image.open(target).getcolors(256)
+        before = [colour for colour in Image.open(control).getcolors(256) if colour[1] != (245, 245, 245)]
+        assert len(before) == 1
+        assert re.fullmatch(r"make the (circle|square|triangle) \w+", target.with_suffix(".txt").read_text())
+
+    cache = tmp_path / "cache"
+    (cache / "sample-data" / "instance").mkdir(parents=True)
+    monkeypatch.setenv("SCAL_SDT_CACHE", str(cache))
+    assert folder_digest(paths.demo_data_dir() / "edit") == folder_digest(folder)
+
+
 # Each child builds the sample data, then waits until the other has built too, so both rename at nearly
 # the same moment.
 RACING_BUILD = """

@@ -342,6 +342,21 @@ def test_the_qwen_image_presets_fit_their_cards(preset, card_gib, on_card):
     assert low * 20_430_401_088 / GIB < result.parameters < high * 20_430_401_088 / GIB
 
 
+def test_the_qwen_image_edit_preset_fits_its_card_as_its_description_says():
+    """Traced on the real Qwen-Image-Edit-2509 (its own trace: Qwen2.5-VL, on the GPU, reads each caption with a
+    1024 px control image, whose latents double the transformer's image tokens): the plan's nf4 base with all 60
+    blocks on the CPU."""
+    config = cfg.load(ROOT / "presets" / "qwen-image-edit-lora-16gb.yaml")
+    assert vram.resolve_architecture(config).family == "qwen-image-edit"
+    assert vram.step_shape(config).width == 1024
+    result = vram.estimate(config)
+    assert result.peak <= 16 - 0.75  # less the memory plan's CUDA reserve
+    stated = float(re.search(r"est\. ([0-9.]+) GiB GPU peak", config.description).group(1))
+    assert stated == pytest.approx(result.peak, abs=0.05)
+    ram = float(re.search(r"([0-9.]+) GiB system RAM", config.description).group(1))
+    assert ram == pytest.approx(result.ram.peak, abs=0.5)
+
+
 @pytest.mark.parametrize("preset, card_gib, arch", [("flux2-klein-lora-12gb", 12, "flux2-klein-4b"),
                                                      ("flux2-klein-lora-8gb", 8, "flux2-klein-4b"),
                                                      ("flux2-klein-9b-lora-12gb", 12, "flux2-klein-9b")])

@@ -160,6 +160,24 @@ class QwenImageEditTextEncoder(torch.nn.Module):
         return hidden * kept, kept
 
 
+class ShapedTextEncoder(QwenImageEditTextEncoder):
+    """The memory estimate's text encoder (fake weights). The vision tower's grid and the places of its image
+    tokens come from values, which fake ids and controls do not have: they are read only for their shapes, as a
+    caption filling every position (the longest, as the estimate takes every prompt) and grey controls, and what
+    depends on those values alone runs on real tensors (vram.real_bookkeeping), the models on fake ones."""
+
+    def forward(self, input_ids: torch.Tensor, controls: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        from ..vram import real_bookkeeping
+
+        with unset_fake_temporarily():
+            ids = torch.zeros(input_ids.shape, dtype=torch.long)  # (id 0 is a word, "!", never padding)
+            grey = torch.zeros(controls.shape)
+        with real_bookkeeping():
+            return super().forward(ids.to(input_ids.device), grey)
+
+
 def check_config(config) -> None:
     """Qwen-Image's refusals, and what an edit model cannot train with, naming the key."""
     check_qwen_image(config)
@@ -210,8 +228,24 @@ class QwenImageEdit(QwenImage):
                           unet=models.transformer, noise_scheduler=models.scheduler, model_path=str(models.root))
 
     def fake_components(self, config, architecture) -> Components:
-        raise UserError("config key 'model': the memory estimate does not count Qwen-Image-Edit's control images "
-                        "yet (their tokens double the transformer's sequence)")
+        """Qwen-Image's models built under the caller's FakeTensorMode, the text encoder a ShapedTextEncoder with
+        the architecture's image processor (the folder's processor/, or the shipped one's)."""
+        import dataclasses
+
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+        from transformers import AutoImageProcessor
+
+        from .single_file import BUILTIN_CONFIGS
+
+        check_config(config)
+        components = super().fake_components(config, architecture)
+        shipped = BUILTIN_CONFIGS / architecture.source  # (a model folder's source is its own path)
+        folder = shipped if shipped.is_dir() else Path(architecture.source)
+        with unset_fake_temporarily():
+            tokenizer = QwenImageEditTokenizer(components.tokenizer.tokenizer)
+            image_processor = AutoImageProcessor.from_pretrained(folder / "processor")
+        encoder = ShapedTextEncoder(components.text_encoder.text_encoder, image_processor, tokenizer.tokenizer)
+        return dataclasses.replace(components, tokenizer=tokenizer, text_encoder=encoder)
 
     def encode_text(self, text_encoder, input_ids: torch.Tensor, clip_stop_at_layer: int,
                     controls: Optional[torch.Tensor] = None) -> dict:

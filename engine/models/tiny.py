@@ -244,7 +244,8 @@ def _draw_subject(draw, cx: int, cy: int, radius: int) -> None:
 
 
 def make_sample_data(directory: str | Path, seed: int = 0) -> Path:
-    """Write instance/ (the subject), class/ (empty) and finetune/ (captioned shapes) under directory."""
+    """Write instance/ (the subject), class/ (empty), finetune/ (captioned shapes) and edit/ (an edit model's
+    pairs, see make_edit_pairs) under directory."""
     from PIL import Image, ImageDraw
 
     directory = Path(directory)
@@ -281,4 +282,28 @@ def make_sample_data(directory: str | Path, seed: int = 0) -> Path:
         image.save(finetune_dir / f"{stem}.png")
         caption = " and ".join(parts) + f" on a {background} background"
         (finetune_dir / f"{stem}.txt").write_text(caption, encoding="utf-8")
+    make_edit_pairs(directory / "edit", seed)
     return directory
+
+
+def make_edit_pairs(folder: Path, seed: int = 0) -> Path:
+    """Write 8 (control, target) pairs for an edit model into folder (data.controls' layout): `pair_NN.control.png`
+    a shape in one colour, `pair_NN.png` the same shape in another, and `pair_NN.txt` the instruction between them
+    ("make the circle blue"); square, landscape and portrait sizes, each pair's two images of one size."""
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    colours = [c for c in _COLOURS if c not in ("white", "black")]
+    for index in range(8):
+        width, height = ((96, 96), (128, 80), (80, 128))[index % 3]
+        shape = rng.choice(_SHAPES)
+        before, after = rng.sample(colours, 2)
+        size = min(width, height) // 2
+        x0, y0 = rng.randint(0, width - size), rng.randint(0, height - size)
+        for colour, name in ((before, f"pair_{index:02d}.control.png"), (after, f"pair_{index:02d}.png")):
+            image = Image.new("RGB", (width, height), _COLOURS["white"])
+            _draw_shape(ImageDraw.Draw(image), shape, (x0, y0, x0 + size, y0 + size), _COLOURS[colour])
+            image.save(folder / name)
+        (folder / f"pair_{index:02d}.txt").write_text(f"make the {shape} {after}", encoding="utf-8")
+    return folder
