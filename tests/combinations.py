@@ -214,7 +214,7 @@ def row_values(row: dict[str, str], output_dir: Path, class_dir: Path, existing_
 # skip, textual inversion, DDPM loss weights, convolutions, a trained text encoder) stays out of these rows;
 # FAMILY_REFUSED checks Flux.1's refusals of the same keys.
 FLOW_FACTORS: dict[str, list[str]] = {
-    "model": ["qwen-image", "chroma", "z-image", "flux2-klein"],
+    "model": ["qwen-image", "chroma", "z-image", "flux2-klein", "qwen-image-edit"],
     "network": ["lora", "lokr", "full"],   # network.type
     "base": ["fp32", "fp8", "nf4"],        # base_dtype
     "precision": ["32", "bf16"],           # trainer.precision
@@ -234,7 +234,15 @@ FLOW_FACTORS: dict[str, list[str]] = {
     "offload": ["off", "on"],              # memory.offload_activations, with gradient_checkpointing
 }
 FLOW_ROW_MODELS = {"qwen-image": "demo:tiny-qwen-image", "chroma": "demo:tiny-chroma", "z-image": "demo:tiny-z-image",
-                   "flux2-klein": "demo:tiny-flux2-klein"}
+                   "flux2-klein": "demo:tiny-flux2-klein", "qwen-image-edit": "demo:tiny-qwen-image-edit"}
+# What the edit model refuses at start, naming the key: class images have no control images, and its prompts are
+# read with the control images, so they are not cached. Rows avoid these pairs, and one test checks each refusal.
+FLOW_FAMILY_REFUSED: dict[Pair, str] = {
+    (("model", "qwen-image-edit"), ("prior", "gen")): "data.concepts[0].class_set",
+    (("model", "qwen-image-edit"), ("textcache", "on")): "cache.text_embeddings",
+}
+# the edit model's pairs (a control image beside each target), and the control its samples edit
+EDIT_PAIRS = "demo:sample-data/edit"
 
 
 def flow_row_values(row: dict[str, str], output_dir: Path, class_dir: Path, cache_dir: Path) -> dict:
@@ -272,6 +280,11 @@ def flow_row_values(row: dict[str, str], output_dir: Path, class_dir: Path, cach
     class_set = values["data"]["concepts"][0]["class_set"]
     class_set["path"] = str(class_dir)
     class_set["auto_generate"].update(enabled=True, num_target=ROW_CLASS_IMAGES, steps=2, batch_size=2)
+    if row["model"] == "qwen-image-edit":
+        values["data"]["concepts"][0]["instance_set"].update(path=EDIT_PAIRS, prompt="{TXT_PROMPT}")
+        if row["prior"] == "off":
+            values["data"]["concepts"][0]["class_set"] = None
+        values["sampling"]["concepts"][0]["control_image"] = f"{EDIT_PAIRS}/pair_00.control.png"
     return values
 
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from combinations import (EMBEDDING_TOKEN, FACTORS, FAMILY_REFUSED, FLOW_FACTORS, FLOW_ROW_MODELS, FSDP_REFUSED,
+from combinations import (EMBEDDING_TOKEN, FACTORS, FAMILY_REFUSED, FLOW_FACTORS, FLOW_FAMILY_REFUSED, FLOW_ROW_MODELS,
+                          FSDP_REFUSED,
                           INELIGIBLE, PRESET_CLASS_IMAGES, PRESET_STEPS, PRESETS, ROW_CLASS_IMAGES, ROW_STEPS,
                           all_pairs, changed_elements, flow_row_values, messages, pairs_of, pairwise_rows,
                           preset_to_tiny, read_metrics, refused_pairs, row_id, row_values, tensor_dtypes)
@@ -40,10 +41,10 @@ REFUSED = refused_pairs(FACTORS, _probe_values)
 ROWS = pairwise_rows(FACTORS, set(REFUSED) | INELIGIBLE | set(FAMILY_REFUSED), seed=PAIRWISE_SEED)
 ROW_IDS = [row_id(i, row, FACTORS) for i, row in enumerate(ROWS)]
 
-FLOW_SEED = 4  # 15 rows; the families' four stand-ins times base_dtype's three levels need 12
-MAX_FLOW_ROWS = 15
+FLOW_SEED = 19  # 16 rows; the families' five stand-ins times base_dtype's three levels need 15
+MAX_FLOW_ROWS = 16
 FLOW_REFUSED = refused_pairs(FLOW_FACTORS, lambda row: flow_row_values(row, **_FLOW_PROBE_PATHS))
-FLOW_ROWS = pairwise_rows(FLOW_FACTORS, set(FLOW_REFUSED), seed=FLOW_SEED)
+FLOW_ROWS = pairwise_rows(FLOW_FACTORS, set(FLOW_REFUSED) | set(FLOW_FAMILY_REFUSED), seed=FLOW_SEED)
 FLOW_ROW_IDS = [row_id(i, row, FLOW_FACTORS) for i, row in enumerate(FLOW_ROWS)]
 
 # What engine.config.validate() documents as refused among these factors, and the key each message names.
@@ -155,10 +156,12 @@ def test_the_refused_pairs_are_the_ones_validate_documents():
 def test_the_flow_rows_cover_every_pair_of_their_option_values():
     names = list(FLOW_FACTORS)
     covered = set().union(*(pairs_of(row, names) for row in FLOW_ROWS))
-    assert sorted(all_pairs(FLOW_FACTORS) - set(FLOW_REFUSED) - covered) == []
-    assert not covered & set(FLOW_REFUSED)
+    excluded = set(FLOW_REFUSED) | set(FLOW_FAMILY_REFUSED)
+    assert set(FLOW_FAMILY_REFUSED) <= all_pairs(FLOW_FACTORS)
+    assert sorted(all_pairs(FLOW_FACTORS) - excluded - covered) == []
+    assert not covered & excluded
     assert set(FLOW_FACTORS["model"]) == set(FLOW_ROW_MODELS)
-    assert 12 <= len(FLOW_ROWS) <= MAX_FLOW_ROWS and len(set(FLOW_ROW_IDS)) == len(FLOW_ROWS)
+    assert 15 <= len(FLOW_ROWS) <= MAX_FLOW_ROWS and len(set(FLOW_ROW_IDS)) == len(FLOW_ROWS)
     for row in FLOW_ROWS:
         cfg.from_dict(flow_row_values(row, **_FLOW_PROBE_PATHS))
 
@@ -328,6 +331,19 @@ def test_a_combination_the_model_family_refuses_stops_at_start_naming_its_key(pa
     result = Trainer(config).run()
     assert isinstance(result, events.Failed) and result.user_error, result
     assert result.error.startswith(f"config key '{FAMILY_REFUSED[pair]}'"), result.error
+    assert not list((tmp_path / "out").glob("*/*/checkpoints"))
+
+
+@pytest.mark.parametrize("pair", sorted(FLOW_FAMILY_REFUSED), ids=lambda pair: "+".join(f"{n}_{v}" for n, v in pair))
+def test_a_combination_a_flow_family_refuses_stops_at_start_naming_its_key(pair, tmp_path):
+    from engine.train import Trainer
+
+    defaults = {name: levels[0] for name, levels in FLOW_FACTORS.items()}
+    config = cfg.from_dict(flow_row_values({**defaults, **dict(pair)}, tmp_path / "out", tmp_path / "class",
+                                           tmp_path / "cache"))
+    result = Trainer(config).run()
+    assert isinstance(result, events.Failed) and result.user_error, result
+    assert result.error.startswith(f"config key '{FLOW_FAMILY_REFUSED[pair]}'"), result.error
     assert not list((tmp_path / "out").glob("*/*/checkpoints"))
 
 
