@@ -432,6 +432,9 @@ class Config:
     gradient_checkpointing: bool = False
     memory: Memory = field(default_factory=Memory)
     xformers: bool = False
+    # torch.compile of the denoiser's repeated blocks (regional compilation), once per image size; the kernels
+    # are cached on disk
+    compile: bool = False
     # 1 = the last layer; at most the depth of the shallowest text encoder (CLIP ViT-L: SD1.x, SDXL's first)
     clip_stop_at_layer: Annotated[int, Range(1, 12)] = 1
     pad_tokens: bool = True
@@ -853,6 +856,11 @@ def _validate_memory(config: Config) -> None:
     _require(config.gradient_checkpointing or not memory.offload_activations,
              "config key 'memory.offload_activations': offloads what gradient checkpointing keeps of each block; "
              "set 'gradient_checkpointing: true' too, or set it to false")
+    # a compiled block runs its own forward hooks traced, and block swap's moves of its weights do not take
+    # effect there: the block would compute with its weights off the device
+    _require(not (config.compile and memory.blocks_on_cpu),
+             "config key 'compile': cannot be combined with 'memory.blocks_on_cpu' (block swap moves a block's "
+             "weights in hooks that a compiled block does not run as written); set one of them off")
     if memory.blocks_on_cpu:
         _require(config.network.adapter or config.optimizer.fused_backward,
                  "config key 'memory.blocks_on_cpu': a full fine-tune (network.type: full) with blocks on the CPU "

@@ -108,6 +108,12 @@ def refuse_for_processes(config: Config, processes: int) -> None:
         raise ConfigError(f"config key 'memory.blocks_on_cpu': works in one training process only ({processes} "
                           "were started): DDP and FSDP keep each parameter on its device; set it to 0 or train on one "
                           "device")
+    if processes > 1 and config.compile:
+        # DDP: the compiled blocks' adapter gradients came out unlike the eager run's (2 gloo processes, tiny SD);
+        # FSDP: fully_shard makes each transformer block a class of its own, which regional compilation misses
+        raise ConfigError(f"config key 'compile': works in one training process only ({processes} were started): "
+                          "neither DDP nor FSDP trains compiled blocks as it trains eager ones; set it to false or "
+                          "train on one device")
     if config.trainer.strategy == "fsdp":
         refuse_for_fsdp(config, processes)
 

@@ -71,7 +71,7 @@ RESUME_KEYS = (
     "aspect_ratio_bucket", "validation",
     # what the run writes along the way, and how it uses the machine
     "checkpoint", "sampling", "loggers", "trainer.log_every_n_steps", "description", "num_workers", "cache",
-    "gradient_checkpointing", "memory", "xformers", "trainer.devices", "trainer.strategy",
+    "gradient_checkpointing", "memory", "xformers", "compile", "trainer.devices", "trainer.strategy",
 )
 
 
@@ -115,6 +115,7 @@ class StepContext:
     external: object = None
     validation: object = None    # the main process's validation.ValidationSet; None with validation off
     fill: object = None          # cache_fill.FirstEpochFill while the first epoch writes the caches
+    compile_clock: object = None  # regional_compile.CompileClock with compile on
 
 
 def optimizer_steps(context: StepContext, state: checkpoints.TrainState, accumulate: int):
@@ -223,6 +224,10 @@ class Trainer(Job):
         # Planned (and refused, for rules that depend on the process count) before any process group or
         # run folder exists.
         plan = make_plan(self.config, device.type, distributed.world_size_from_environment())
+        if self.config.compile:
+            from .regional_compile import refuse_unusable
+
+            refuse_unusable(device)
         topology = distributed.init_from_environment(use_cuda=device.type == "cuda")
         refused = False
         try:
@@ -345,6 +350,7 @@ class Trainer(Job):
         objective = family.objective(config, components.noise_scheduler)  # a range past the schedule fails here
         data = prepare_data(config, components.tokenizer, config.seed, topology.rank, topology.world_size,
                             expansions)
+        compile_clock = self._compile(components.unet, data, cleanup) if config.compile else None
         # Built on every rank, so that a mistake in its settings stops them all alike; the main one validates.
         validation = build_validation_set(config, components.tokenizer, components.noise_scheduler, data.held_out,
                                           data.bucket_sizes, expansions)
@@ -373,7 +379,8 @@ class Trainer(Job):
             scaler=torch.amp.GradScaler(device.type, enabled=plan.grad_scaler), text_cache=None,
             ema=None, prompt_encoder=PromptEncoder(family, components.tokenizer, components.text_encoder,
                                                    config.clip_stop_at_layer, expansions),
-            batches_per_epoch=batches_per_epoch, total_steps=total_steps)
+            batches_per_epoch=batches_per_epoch, total_steps=total_steps,
+            compile_clock=compile_clock)
         self.state = self._restore(context, resume_from)
         self._start_caches(context)
         train_mode(optimizer)  # after the restore: checkpoints hold a schedule-free optimizer's evaluation point
@@ -397,6 +404,19 @@ class Trainer(Job):
         self.log(f"{data.images} training images{repeated}, {len(data.skipped)} skipped{held}; {batches_per_epoch} "
                  f"batches per epoch; {total_steps} steps; device {device}; attention {attention}")
         return context
+
+    def _compile(self, unet: torch.nn.Module, data: PreparedData, cleanup: contextlib.ExitStack):
+        """`compile`: the denoiser's repeated blocks compiled (on first use, once per size), and the clock of
+        the seconds spent compiling. Dynamo's compiled code is let go when the run ends."""
+        from . import regional_compile
+
+        # training and validation (gradients off: graphs of their own) at each bucket's size, samples at each prompt's
+        sizes = 2 * len(data.bucket_sizes) + len(self.config.sampling.concepts)
+        regional_compile.compile_blocks(unet, sizes)
+        cleanup.callback(torch._dynamo.reset)
+        self.log(f"compile: {len(regional_compile.compiled_blocks(unet))} repeated blocks of the denoiser compile "
+                 f"on the first step of each size; kernels cached in {regional_compile.inductor_cache()}")
+        return cleanup.enter_context(regional_compile.CompileClock())
 
     def _start_caches(self, context: StepContext) -> None:
         """Build the caches now or, with cache.fill: first_epoch and the first epoch still to finish, let its
@@ -535,13 +555,20 @@ class Trainer(Job):
             epoch_ended = state.advance(len(micro_batches), context.batches_per_epoch)
             if epoch_ended and context.fill is not None:
                 self._finish_fill(context)
-            it_per_s = clock.tick()
+            # a step that compiled counts its compile time apart: the step time is that of the compiled steps
+            compile_s = context.compile_clock.take() if context.compile_clock is not None else 0.0
+            it_per_s = clock.tick(compile_s)
+            if compile_s:
+                self.log(f"compile: {compile_s:.1f} s compiling during step {state.step}")
             validation = self._validate(context)  # before the step's record, which carries its result
-            self._report_step(context, epoch, sum(losses) / len(losses), lr, parts, it_per_s, validation)
+            self._report_step(context, epoch, sum(losses) / len(losses), lr, parts, it_per_s, validation,
+                              compile_s)
             stopped = distributed.any_rank(topology, self.stop_requested, device)
             last = stopped or state.step >= context.total_steps
             self._run_due(context, epoch_ended, last, stopped)
             clock.restart()  # sampling and saving are not training time
+            if context.compile_clock is not None:
+                context.compile_clock.take()  # nor is compiling for them
         if context.fill is not None:
             context.fill.flush()  # a run stopped within its first epoch keeps what it encoded
         summary = {"steps": state.step, "images": context.data.images, "skipped": len(context.data.skipped),
@@ -550,11 +577,13 @@ class Trainer(Job):
         return events.Finished(run_dir=str(self.run_dir), step=state.step, stopped=stopped, summary=summary)
 
     def _report_step(self, context: StepContext, epoch: int, loss: float, lr: float, parts: LossParts,
-                     it_per_s: float, validation: dict) -> None:
+                     it_per_s: float, validation: dict, compile_s: float) -> None:
         state, total = self.state, context.total_steps
         record = {"step": state.step, "epoch": epoch,
                   "loss": distributed.mean_over_ranks(context.topology, loss, context.device),
                   "lr": lr, "width": parts.width, "height": parts.height}
+        if compile_s:
+            record["compile_s"] = compile_s
         if context.plan.grad_scaler:
             record["overflow_steps"] = state.overflow_steps
         if parts.prior_loss is not None:  # CPU–GPU sync
@@ -761,9 +790,10 @@ class StepClock:
         self.times: list[float] = []
         self.last = time.perf_counter()
 
-    def tick(self) -> float:
+    def tick(self, excluded: float = 0.0) -> float:
+        """Steps per second, this step's time less `excluded` seconds (spent compiling)."""
         now = time.perf_counter()
-        self.times.append(now - self.last)
+        self.times.append(max(now - self.last - excluded, 0.0))
         self.last = now
         recent = self.times[-20:]
         return len(recent) / sum(recent) if sum(recent) > 0 else 0.0
