@@ -38,7 +38,13 @@ def newest_unet(output_dir):
     {"model": "demo:tiny-chroma", "base_dtype": "fp8"},
     # Z-Image: Qwen3's prompts of several lengths, and a LoRA whose file every rank's checkpoint shares
     {"model": "demo:tiny-z-image", "network.type": "lora", "network.rank": 4},
-], ids=["sd", "sdxl", "flux", "qwen-image", "flux2-klein", "chroma", "z-image"])
+    # Qwen-Image-Edit: the pairs' control images read with the caption and denoised beside the target
+    {"model": "demo:tiny-qwen-image-edit", "data.concepts[0].instance_set.path": "demo:sample-data/edit",
+     "data.concepts[0].instance_set.prompt": "{TXT_PROMPT}", "data.concepts[0].class_set": None,
+     "prior_preservation.enabled": False,
+     "sampling.concepts[0].control_image": "demo:sample-data/edit/pair_00.control.png",
+     "sampling.concepts[0].steps": 2, "sampling.concepts[0].cfg_scale": 1.0},
+], ids=["sd", "sdxl", "flux", "qwen-image", "flux2-klein", "chroma", "z-image", "qwen-image-edit"])
 def test_two_gloo_ranks_equal_one_process_with_the_same_global_batch(model, tmp_path, class_images):
     steps = {"trainer.max_steps": 4, "sampling.interval_steps": 2, "checkpoint.every_n_train_steps": 2,
              "gradient_checkpointing": True, **model}
