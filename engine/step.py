@@ -72,9 +72,11 @@ def control_latents(vae, batch: dict, device: torch.device, to_model_space) -> t
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     if "control_latent_params" in batch:
-        mean = DiagonalGaussianDistribution(batch["control_latent_params"].flatten(0, 1).to(device)).mean
+        params = batch["control_latent_params"].flatten(0, 1).to(device, non_blocking=True)
+        mean = DiagonalGaussianDistribution(params).mean
     else:
-        mean = vae.encode(batch["control_pixel_values"].flatten(0, 1).to(device)).latent_dist.mean
+        pixels = batch["control_pixel_values"].flatten(0, 1).to(device, non_blocking=True)
+        mean = vae.encode(pixels).latent_dist.mean
     return to_model_space(vae, mean).unflatten(0, batch["control_pixel_values"].shape[:2])
 
 
@@ -85,15 +87,15 @@ def compute_loss(config: Config, models: StepModels, batch: dict, device: torch.
     text_cache (a cache.TextEmbeddingCache) provide them. `timesteps` (one per row) replace the drawn ones.
     `fill` (a cache_fill.FirstEpochFill) records what the VAE and text encoder compute."""
     vae, objective = models.vae, models.objective
-    input_ids = batch["input_ids"].to(device)
+    input_ids = batch["input_ids"].to(device, non_blocking=True)
     draws = RowNoise(batch["sample_keys"], objective)
     with torch.no_grad():
         if "latent_params" in batch:
             from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-            distribution = DiagonalGaussianDistribution(batch["latent_params"].to(device))
+            distribution = DiagonalGaussianDistribution(batch["latent_params"].to(device, non_blocking=True))
         else:
-            distribution = vae.encode(batch["pixel_values"].to(device)).latent_dist
+            distribution = vae.encode(batch["pixel_values"].to(device, non_blocking=True)).latent_dist
             if fill is not None:
                 fill.add_latents(batch, distribution.parameters)
         latents = draws.sample_latents(distribution.mean, distribution.std)
@@ -109,7 +111,8 @@ def compute_loss(config: Config, models: StepModels, batch: dict, device: torch.
     noisy_latents = objective.noisy(latents, noise, timesteps)
     with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
         if text_cache is not None:
-            conditioning = {name: value.to(device) for name, value in text_cache.lookup(input_ids).items()}
+            # looked up by the batch's ids still on the CPU, so that reading them waits for no device
+            conditioning = {name: value.to(device) for name, value in text_cache.lookup(batch["input_ids"]).items()}
         elif fill is not None and fill.records_text:
             full = fill.full_padding(input_ids)
             with torch.no_grad():  # text is cached only while the encoder is frozen
@@ -130,8 +133,8 @@ def compute_loss(config: Config, models: StepModels, batch: dict, device: torch.
     target = objective.target(latents, noise, timesteps)
     weights = objective.weights(timesteps)
     # With masked_loss on every row has a mask: all white for images without one and for class images.
-    pixel_weights = (mask_weights(batch["masks"].to(device), latents.shape[-2:], config.masked_loss.unmasked_weight)
-                     if "masks" in batch else None)
+    pixel_weights = (mask_weights(batch["masks"].to(device, non_blocking=True), latents.shape[-2:],
+                                  config.masked_loss.unmasked_weight) if "masks" in batch else None)
     loss, instance_loss, prior_loss = dreambooth_loss(prediction, target, batch["num_instance"],
                                                       config.prior_preservation.prior_loss_weight, weights,
                                                       pixel_weights)

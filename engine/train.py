@@ -349,7 +349,7 @@ class Trainer(Job):
             sharding.shard(components.unet, device)
         objective = family.objective(config, components.noise_scheduler)  # a range past the schedule fails here
         data = prepare_data(config, components.tokenizer, config.seed, topology.rank, topology.world_size,
-                            expansions)
+                            expansions, pin_memory=device.type == "cuda")
         compile_clock = self._compile(components.unet, data, cleanup) if config.compile else None
         # Built on every rank, so that a mistake in its settings stops them all alike; the main one validates.
         validation = build_validation_set(config, components.tokenizer, components.noise_scheduler, data.held_out,

@@ -40,7 +40,7 @@ class PreparedData:
 
 
 def prepare_data(config: Config, tokenizer, seed: int, rank: int = 0, world_size: int = 1,
-                 prompt_expansions: Optional[dict] = None) -> PreparedData:
+                 prompt_expansions: Optional[dict] = None, pin_memory: bool = False) -> PreparedData:
     if not config.data.concepts:
         raise UserError("config key 'data.concepts': at least one concept with an instance_set is required")
     use_prior = config.prior_preservation.enabled
@@ -119,7 +119,8 @@ def prepare_data(config: Config, tokenizer, seed: int, rank: int = 0, world_size
                       "fewer GPUs", DataWarning)
     workers = config.num_workers if config.num_workers is not None else min(4, os.cpu_count() or 1)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=workers,
+        # pinned batches copy to a GPU while it computes (the step's copies do not wait for them)
+        dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory,
         collate_fn=Collate(tokenizer.pad_token_id, tokenizer.model_max_length, config.pad_tokens),
         generator=torch.Generator().manual_seed(seed))
     return PreparedData(dataset, sampler, loader, skipped, instance_plan.sizes, images=len(instance_plan.kept),
