@@ -7,10 +7,10 @@ of settings, each trainer in its own process, on the CPU.
     python bench/peers.py --smoke ...   (the tiny demo models, 64 px, 3 steps, 2 rounds: checks the script; kohya's
                                          sd-scripts cannot load them and is skipped)
 
-Cases: SD1.5 LoRA (rank 16, alpha 16, over the UNet's transformer blocks: this project, diffusers'
-`examples/dreambooth/train_dreambooth_lora.py` with its UNet targets widened to that set, kohya's `train_network.py`
-with `networks.lora`), SD1.5 full fine-tune of the UNet (diffusers' `train_dreambooth.py`) and SDXL LoRA (kohya's
-`sdxl_train_network.py`). Every trainer gets the same random full-size model (the shipped configs, written once as a
+Cases: SD1.5 LoRA (rank 16, alpha 16, over the UNet's transformer blocks: this project eager and with
+`compile: true`, diffusers' `examples/dreambooth/train_dreambooth_lora.py` with its UNet targets widened to that
+set, kohya's `train_network.py` with `networks.lora`), SD1.5 full fine-tune of the UNet (diffusers'
+`train_dreambooth.py`) and SDXL LoRA (kohya's `sdxl_train_network.py`). Every trainer gets the same random full-size model (the shipped configs, written once as a
 diffusers folder into the cache), the same 16 images at the resolution, one prompt, batch 1, fp32, AdamW (lr 1e-4,
 weight decay 1e-2, constant rate), PyTorch's SDPA attention, frozen text encoders and VAE run on every step, no
 data-loader workers, no GPU (CUDA_VISIBLE_DEVICES empty) and `--threads` torch threads.
@@ -195,10 +195,10 @@ class Run:
     site: Optional[Path] = None  # put first on PYTHONPATH
 
 
-def ours(case: "Case", model: Path, s: Settings, out: Path) -> Run:
+def ours(case: "Case", model: Path, s: Settings, out: Path, compile_blocks: bool = False) -> Run:
     import yaml
 
-    values = {
+    values = {"compile": compile_blocks,
         "model": str(model), "output_dir": str(out), "project": "peers", "batch_size": 1, "seed": 0,
         "num_workers": 0, "network": {"type": "lora", "rank": RANK, "alpha": RANK} if case.lora else {"type": "full"},
         "data": {"resolution": s.resolution, "center_crop": True,
@@ -212,6 +212,11 @@ def ours(case: "Case", model: Path, s: Settings, out: Path) -> Run:
     config = out.parent / f"{out.name}.yaml"
     config.write_text(yaml.safe_dump(values), encoding="utf-8")
     return Run([sys.executable, "-m", "engine", "train", "--config", str(config)], ROOT)
+
+
+def ours_compiled(case: "Case", model: Path, s: Settings, out: Path) -> Run:
+    """This project with `compile: true`: its blocks compile during the first step, before the timed ones."""
+    return ours(case, model, s, out, compile_blocks=True)
 
 
 def _diffusers_common(model: Path, s: Settings, out: Path) -> list[str]:
@@ -257,6 +262,7 @@ class Contender:
 
 
 OURS = Contender("this project", ours)
+OURS_COMPILED = Contender("this project, compile: true", ours_compiled)
 DIFFUSERS_LORA = Contender("diffusers train_dreambooth_lora.py", diffusers_lora,
                            "examples/dreambooth/train_dreambooth_lora.py", "diffusers")
 DIFFUSERS_FULL = Contender("diffusers train_dreambooth.py", diffusers_full,
@@ -273,7 +279,7 @@ class Case:
     trainers: list
 
 
-CASES = [Case("sd15-lora", "sd", True, [OURS, DIFFUSERS_LORA, KOHYA_SD]),
+CASES = [Case("sd15-lora", "sd", True, [OURS, OURS_COMPILED, DIFFUSERS_LORA, KOHYA_SD]),
          Case("sd15-full", "sd", False, [OURS, DIFFUSERS_FULL]),
          Case("sdxl-lora", "sdxl", True, [OURS, KOHYA_SDXL])]
 
