@@ -13,7 +13,8 @@ set, kohya's `train_network.py` with `networks.lora`), SD1.5 full fine-tune of t
 `train_dreambooth.py`) and SDXL LoRA (kohya's `sdxl_train_network.py`). Every trainer gets the same random full-size
 model (the shipped configs, written once as a diffusers folder into the cache), the same 16 images at the
 resolution, one prompt, batch 1, fp32, AdamW (lr 1e-4, weight decay 1e-2, constant rate), PyTorch's SDPA attention,
-frozen text encoders and VAE run on every step, no data-loader workers, no GPU (CUDA_VISIBLE_DEVICES empty) and `--threads` torch threads.
+frozen text encoders and VAE run on every step, no data-loader workers, no GPU (CUDA_VISIBLE_DEVICES empty) and
+`--threads` torch threads.
 
 Measurement: each run starts with `bench/step_probe.py` loaded at interpreter start, whose global optimizer-step
 hook records wall time, process CPU time, RSS and peak RSS after every step and ends the process after the last one.
