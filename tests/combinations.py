@@ -158,30 +158,20 @@ AUGMENT = [{"name": "hflip", "p": 0.5}, {"name": "rotate", "degrees": 8.0, "p": 
            {"name": "color_jitter", "p": 1.0}]
 
 
-def row_values(row: dict[str, str], output_dir: Path, class_dir: Path, existing_class_dir: Path,
-               embedding_file: Path, cache_dir: Path) -> dict:
-    """The tiny demo preset with one row's options, trained for ROW_STEPS steps with one sampling round at
-    the last step and one checkpoint."""
-    on = {name: level == "on" for name, level in row.items()}
-    prompt = f"sks toy {EMBEDDING_TOKEN}" if on["ti"] else "sks toy"
-    values = tiny_config(output_dir, **{
-        "model": ROW_MODELS[row["model"]],
+def _shared_options(row: dict[str, str], on: dict[str, bool], prompt: str, cache_dir: Path) -> dict:
+    """The overrides of the tiny demo preset that both matrices' rows set alike: ROW_STEPS steps with one
+    sampling round and one checkpoint at the last, and the options the two share."""
+    return {
         "trainer.max_steps": ROW_STEPS, "trainer.max_epochs": None,
         "sampling.interval_steps": ROW_STEPS, "sampling.batch_size": 1,
         "sampling.concepts": [{"prompt": prompt, "negative_prompt": "", "steps": 2, "cfg_scale": 3.0,
-                               "num_samples": 1, "seed": 7, "width": ROW_RESOLUTION,
-                               "height": ROW_RESOLUTION}],
+                               "num_samples": 1, "seed": 7, "width": ROW_RESOLUTION, "height": ROW_RESOLUTION}],
         "data.resolution": ROW_RESOLUTION,
         "checkpoint.every_n_train_steps": ROW_STEPS,
         "data.concepts[0].instance_set.prompt": prompt,
-        "clip_stop_at_layer": int(row["clip"]),
         "cache": {"latents": on["latents"], "text_embeddings": on["textcache"], "dir": str(cache_dir)},
-        "data.center_crop": on["centercrop"],
         "aspect_ratio_bucket.enabled": on["buckets"],
-        # Flux.1's sides are multiples of 16: a step of 64 / 4
-        "aspect_ratio_bucket.c_div": 4 if row["model"] == "flux" else 8,
         "ema": {"enabled": on["ema"], "use_for_samples": on["ema"]},
-        "train_text_encoder": on["te"],
         "optimizer.fused_backward": on["fused"],
         "trainer.accumulate_grad_batches": int(row["accum"]),
         "weights_dtype": "bf16" if on["bf16w"] else "fp32",
@@ -189,6 +179,25 @@ def row_values(row: dict[str, str], output_dir: Path, class_dir: Path, existing_
         "trainer.precision": row["precision"] if row["precision"] == "bf16" else int(row["precision"]),
         "trainer.gradient_clip_val": 1.0 if on["gradclip"] else None,
         "uncond": {"enabled": on["uncond"], "p": 0.5},
+        "memory": {"blocks_on_cpu": 1 if on["swap"] else 0, "offload_activations": on["offload"]},
+        "gradient_checkpointing": on["offload"],
+    }
+
+
+def row_values(row: dict[str, str], output_dir: Path, class_dir: Path, existing_class_dir: Path,
+               embedding_file: Path, cache_dir: Path) -> dict:
+    """The tiny demo preset with one row's options, trained for ROW_STEPS steps with one sampling round at
+    the last step and one checkpoint."""
+    on = {name: level == "on" for name, level in row.items()}
+    prompt = f"sks toy {EMBEDDING_TOKEN}" if on["ti"] else "sks toy"
+    values = tiny_config(output_dir, **{
+        **_shared_options(row, on, prompt, cache_dir),
+        "model": ROW_MODELS[row["model"]],
+        "clip_stop_at_layer": int(row["clip"]),
+        "data.center_crop": on["centercrop"],
+        # Flux.1's sides are multiples of 16: a step of 64 / 4
+        "aspect_ratio_bucket.c_div": 4 if row["model"] == "flux" else 8,
+        "train_text_encoder": on["te"],
         "min_snr_gamma": 5.0 if on["minsnr"] else None,
         "noise_offset": 0.05 if on["noiseoffset"] else 0.0,
         "augment": copy.deepcopy(AUGMENT) if on["augment"] else [],
@@ -196,8 +205,6 @@ def row_values(row: dict[str, str], output_dir: Path, class_dir: Path, existing_
         "network": ({"type": "lora", "rank": 4, "alpha": 4.0, "conv_rank": 2, "conv_alpha": 2.0} if on["locon"]
                     else {"type": "lora", "rank": 4, "alpha": 4.0}
                     if row["base"] == "nf4" or (on["swap"] and not on["fused"]) else {"type": "full"}),
-        "memory": {"blocks_on_cpu": 1 if on["swap"] else 0, "offload_activations": on["offload"]},
-        "gradient_checkpointing": on["offload"],
     })
     class_set = values["data"]["concepts"][0]["class_set"]
     # The class set stays in the config with prior preservation off, as users leave it: nothing is generated.
@@ -241,7 +248,7 @@ FLOW_FAMILY_REFUSED: dict[Pair, str] = {
     (("model", "qwen-image-edit"), ("prior", "gen")): "data.concepts[0].class_set",
     (("model", "qwen-image-edit"), ("textcache", "on")): "cache.text_embeddings",
 }
-# the edit model's pairs (a control image beside each target), and the control its samples edit
+# the sample data's (control, target) pairs with their instructions, which an edit model trains on
 EDIT_PAIRS = "demo:sample-data/edit"
 
 
@@ -250,31 +257,14 @@ def flow_row_values(row: dict[str, str], output_dir: Path, class_dir: Path, cach
     with one sampling round, one validation round (when on) and one checkpoint at the last step."""
     on = {name: level == "on" for name, level in row.items()}
     values = tiny_config(output_dir, **{
+        **_shared_options(row, on, "sks toy", cache_dir),
         "model": FLOW_ROW_MODELS[row["model"]],
-        "trainer.max_steps": ROW_STEPS, "trainer.max_epochs": None,
-        "sampling.interval_steps": ROW_STEPS, "sampling.batch_size": 1,
-        "sampling.concepts": [{"prompt": "sks toy", "negative_prompt": "", "steps": 2, "cfg_scale": 3.0,
-                               "num_samples": 1, "seed": 7, "width": ROW_RESOLUTION, "height": ROW_RESOLUTION}],
-        "data.resolution": ROW_RESOLUTION, "data.center_crop": True,
-        "checkpoint.every_n_train_steps": ROW_STEPS,
-        "data.concepts[0].instance_set.prompt": "sks toy",
-        "cache": {"latents": on["latents"], "text_embeddings": on["textcache"], "dir": str(cache_dir)},
-        "aspect_ratio_bucket.enabled": on["buckets"],
+        "data.center_crop": True,
         "aspect_ratio_bucket.c_div": 4,  # the families' sides are multiples of 16: a step of 64 / 4
-        "ema": {"enabled": on["ema"], "use_for_samples": on["ema"]},
-        "optimizer.fused_backward": on["fused"],
-        "trainer.accumulate_grad_batches": int(row["accum"]),
-        "weights_dtype": "bf16" if on["bf16w"] else "fp32",
-        "base_dtype": row["base"],
-        "trainer.precision": row["precision"] if row["precision"] == "bf16" else int(row["precision"]),
-        "trainer.gradient_clip_val": 1.0 if on["gradclip"] else None,
-        "uncond": {"enabled": on["uncond"], "p": 0.5},
         "flow.weighting": row["weighting"],
         "validation": ({"every_n_steps": ROW_STEPS, "split": 0.2, "timesteps": [300, 700]} if on["val"]
                        else {"every_n_steps": 0, "split": 0.0}),
         "network": {"type": row["network"], "rank": 4, "alpha": 4.0},
-        "memory": {"blocks_on_cpu": 1 if on["swap"] else 0, "offload_activations": on["offload"]},
-        "gradient_checkpointing": on["offload"],
     })
     values["prior_preservation"]["enabled"] = row["prior"] != "off"
     class_set = values["data"]["concepts"][0]["class_set"]
@@ -316,10 +306,8 @@ TINY_MODELS = {"sdxl": "demo:tiny-sdxl", "flux1-dev": "demo:tiny-flux", "flux1-s
                "chroma": "demo:tiny-chroma", "z-image": "demo:tiny-z-image", "qwen-image": "demo:tiny-qwen-image",
                "qwen-image-edit": "demo:tiny-qwen-image-edit", "flux2-klein-4b": "demo:tiny-flux2-klein",
                "flux2-klein-9b": "demo:tiny-flux2-klein"}
-# the architectures that edit a control image, and the sample data's (control, target) pairs with their
-# instructions, which they train on
+# the architectures that edit a control image, which train on EDIT_PAIRS
 EDIT_ARCHITECTURES = ("qwen-image-edit",)
-EDIT_PAIRS = "demo:sample-data/edit"
 
 
 def preset_to_tiny(preset: Path, output_dir: Path, class_root: Path, captioned_path: str) -> cfg.Config:
