@@ -97,6 +97,25 @@ def run_cli(*args, cwd=ROOT, env=None, timeout=600):
                           text=True, timeout=timeout)
 
 
+def lora_checkpoint_over_files(output_dir, model, text_encoder, vae):
+    """The checkpoint of a 2-step LoRA run (lr 1e-2 from the first step) over a family's separate files."""
+    from engine import checkpoints, events
+    from engine import config as cfg
+    from engine.testing import tiny_config
+    from engine.train import Trainer
+
+    values = tiny_config(output_dir, **{
+        "model": str(model), "text_encoder": str(text_encoder), "vae": str(vae),
+        "prior_preservation.enabled": False, "sampling.interval_steps": 0,
+        "data.concepts": [{"instance_set": {"path": "demo:sample-data/instance", "prompt": "sks toy"}}],
+        "network.type": "lora", "network.rank": 4, "optimizer.params.lr": 1e-2,
+        "optimizer.lr_scheduler.warmup.enabled": False, "trainer.max_steps": 2, "checkpoint.every_n_train_steps": 2})
+    trainer = Trainer(cfg.from_dict(values))
+    result = trainer.run()
+    assert isinstance(result, events.Finished), getattr(result, "error", result)
+    return checkpoints.latest_checkpoint(trainer.run_dir)
+
+
 def torchrun(processes: int, *train_args) -> list:
     """The command line of `engine train train_args` in `processes` gloo processes."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),

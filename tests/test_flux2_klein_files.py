@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from client_formulas import comfyui_flux_lora_keys
+from conftest import lora_checkpoint_over_files
 from engine.config import Network
 from engine.models import keymap_flux, keymap_flux2
 from engine.models.kohya import from_kohya, to_kohya
@@ -338,26 +339,13 @@ def test_a_flux1_autoencoder_is_refused_naming_the_vae_key(klein_files, tmp_path
 def test_a_lora_run_over_the_files_converts_to_the_merged_file(klein_files, tmp_path, sample_data):
     """Two steps of a LoRA over the three files; the merged conversion reads its base from the transformer file and
     changes exactly the adapted weights, in BFL's layout again."""
-    from engine import checkpoints, events
-    from engine import config as cfg
     from engine.models.convert import convert_checkpoint
     from engine.models.flux2_klein_files import load_klein_transformer
-    from engine.testing import tiny_config
-    from engine.train import Trainer
     from test_flux2_klein import BLOCK_MODULES
 
     _, transformer, qwen_file, files, _ = klein_files
-    values = tiny_config(tmp_path, **{
-        "model": str(transformer), "text_encoder": str(qwen_file), "vae": str(files[False]),
-        "prior_preservation.enabled": False, "sampling.interval_steps": 0,
-        "data.concepts": [{"instance_set": {"path": "demo:sample-data/instance", "prompt": "sks toy"}}],
-        "network.type": "lora", "network.rank": 4, "optimizer.params.lr": 1e-2,
-        "optimizer.lr_scheduler.warmup.enabled": False, "trainer.max_steps": 2, "checkpoint.every_n_train_steps": 2})
-    trainer = Trainer(cfg.from_dict(values))
-    result = trainer.run()
-    assert isinstance(result, events.Finished), getattr(result, "error", result)
-    merged_file = convert_checkpoint(checkpoints.latest_checkpoint(trainer.run_dir), tmp_path / "merged.safetensors",
-                                     adapter_output="merged")
+    checkpoint = lora_checkpoint_over_files(tmp_path, transformer, qwen_file, files[False])
+    merged_file = convert_checkpoint(checkpoint, tmp_path / "merged.safetensors", adapter_output="merged")
     base, merged = (load_klein_transformer(f).state_dict() for f in (transformer, merged_file))
     assert merged.keys() == base.keys()
     changed = {key.rpartition(".")[0] for key in base if not torch.equal(base[key], merged[key])}

@@ -7,6 +7,7 @@ import re
 import pytest
 import torch
 
+from conftest import lora_checkpoint_over_files
 from engine.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -322,26 +323,14 @@ def test_comfyuis_edit_files_read_each_prompt_with_its_control_as_the_diffusers_
 def test_a_lora_run_over_the_files_converts_to_the_merged_file(qwen_files, tmp_path, sample_data):
     """Two steps of a LoRA over the three files; the merged conversion reads its base from the transformer file and
     changes exactly the adapted layers' weights."""
-    from engine import checkpoints, events
-    from engine import config as cfg
+    from engine import checkpoints
     from engine.config import Network
     from engine.models.adapters import target_modules
     from engine.models.convert import convert_checkpoint
     from engine.models.qwen_image import load_transformer_file
-    from engine.testing import tiny_config
-    from engine.train import Trainer
 
     _, transformer, encoders, (vae_file, _) = qwen_files
-    values = tiny_config(tmp_path, **{
-        "model": str(transformer), "text_encoder": str(encoders[False][0]), "vae": str(vae_file),
-        "prior_preservation.enabled": False, "sampling.interval_steps": 0,
-        "data.concepts": [{"instance_set": {"path": "demo:sample-data/instance", "prompt": "sks toy"}}],
-        "network.type": "lora", "network.rank": 4, "optimizer.params.lr": 1e-2,
-        "optimizer.lr_scheduler.warmup.enabled": False, "trainer.max_steps": 2, "checkpoint.every_n_train_steps": 2})
-    trainer = Trainer(cfg.from_dict(values))
-    result = trainer.run()
-    assert isinstance(result, events.Finished), getattr(result, "error", result)
-    checkpoint = checkpoints.latest_checkpoint(trainer.run_dir)
+    checkpoint = lora_checkpoint_over_files(tmp_path, transformer, encoders[False][0], vae_file)
     assert checkpoints.read_meta(checkpoint)["family"] == "qwen-image"  # what convert tells an edit run's file by
     merged_file = convert_checkpoint(checkpoint, tmp_path / "merged.safetensors", adapter_output="merged")
     base_model = load_transformer_file(transformer, torch.float32)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from client_formulas import comfyui_weight, comfyui_zimage_lora_keys
+from conftest import lora_checkpoint_over_files
 from engine.config import Network
 from engine.models.kohya import from_kohya, to_kohya
 from test_adapter_convert import CHANGED, TOLERANCE, library_messages
@@ -285,24 +286,11 @@ def cfg_from(model, **values):
 
 def test_a_lora_run_over_the_files_converts_to_the_merged_file_and_to_diffusers_layout(
         zimage_files, tmp_path, sample_data):
-    from engine import checkpoints, events
-    from engine import config as cfg
     from engine.models.convert import convert_checkpoint
     from engine.models.zimage_files import load_zimage_transformer
-    from engine.testing import tiny_config
-    from engine.train import Trainer
 
     tiny, transformer, qwen_file, vae_file = zimage_files
-    values = tiny_config(tmp_path, **{
-        "model": str(transformer), "text_encoder": str(qwen_file), "vae": str(vae_file),
-        "prior_preservation.enabled": False, "sampling.interval_steps": 0,
-        "data.concepts": [{"instance_set": {"path": "demo:sample-data/instance", "prompt": "sks toy"}}],
-        "network.type": "lora", "network.rank": 4, "optimizer.params.lr": 1e-2,
-        "optimizer.lr_scheduler.warmup.enabled": False, "trainer.max_steps": 2, "checkpoint.every_n_train_steps": 2})
-    trainer = Trainer(cfg.from_dict(values))
-    result = trainer.run()
-    assert isinstance(result, events.Finished), getattr(result, "error", result)
-    checkpoint = checkpoints.latest_checkpoint(trainer.run_dir)
+    checkpoint = lora_checkpoint_over_files(tmp_path, transformer, qwen_file, vae_file)
     merged_file = convert_checkpoint(checkpoint, tmp_path / "merged.safetensors", adapter_output="merged")
     base, merged = load_zimage_transformer(transformer).state_dict(), load_zimage_transformer(merged_file).state_dict()
     assert merged.keys() == base.keys()
