@@ -353,8 +353,9 @@ TRAIN = (
     Field("text_encoder", "Text encoder file", "Flux.1 single files: clip_l.safetensors; Chroma: "
                                                "t5xxl_fp16.safetensors; Z-Image and FLUX.2 [klein]: "
                                                "qwen_3_4b.safetensors; Qwen-Image: qwen_2.5_vl_7b.safetensors; "
-                                               "empty = the model's own"),
-    Field("text_encoder_2", "Second text encoder file", "Flux.1 single files: t5xxl_fp16.safetensors"),
+                                               "ComfyUI's fp8-scaled ones too; empty = the model's own"),
+    Field("text_encoder_2", "Second text encoder file", "Flux.1 single files: t5xxl_fp16.safetensors or "
+                                                        "t5xxl_fp8_e4m3fn_scaled.safetensors"),
     Field("output_dir", "Output folder"),
     Field("project", "Project"),
     Field("seed", "Seed", "empty = random, recorded in the run"),

@@ -1,12 +1,14 @@
 """The weights UIs compute from a kohya/LyCORIS adapter file, transcribed from their source: only the arithmetic
 and the tensor names each reads, without the plumbing (device casts, the `function` hook, padding, Tucker
 factors), at strength 1 and in fp32. Tests judge the engine's files by these, never by the engine's own
-statement of the formulas.
+statement of the formulas. The last functions are how ComfyUI writes and reads its fp8-scaled weights.
 
 Each function names the file, function and commit it was read from, in comfyanonymous/ComfyUI. A function
 returns the patched weight and the file's keys it read for the module; ComfyUI logs any other key of the file as
 "lora key not loaded" and ignores it.
 """
+import json
+
 import torch
 
 
@@ -244,3 +246,63 @@ def comfyui_qwen_image_lora_keys(model_keys):
                          "lycoris_" + path.replace(".", "_")):
                 key_map[name] = target
     return key_map
+
+
+# -- fp8-scaled files: how ComfyUI writes and reads them ----------------------------------------------------------
+def comfyui_fp8_quantize(tensor):
+    """comfy/quant_ops.py, TensorCoreFP8Layout.quantize, in comfyanonymous/ComfyUI at
+    0411153ac63b0983342bca73362a8f95e1da59ac, without a given scale: one scale for the whole tensor, its largest
+    magnitude over float8_e4m3fn's largest (computed in the tensor's dtype, kept in fp32), and the tensor times the
+    scale's reciprocal (in the tensor's dtype) cast to float8_e4m3fn, unclamped. Returns (float8 data, scale)."""
+    fp8 = torch.float8_e4m3fn
+    scale = (torch.amax(tensor.abs()) / torch.finfo(fp8).max).to(torch.float32)
+    return (tensor * (1.0 / scale).to(tensor.dtype)).to(fp8, memory_format=torch.contiguous_format), scale
+
+
+def comfyui_fp8_dequantize(data, scale, orig_dtype):
+    """The same file's TensorCoreFP8Layout.dequantize: the float8 data cast to the compute dtype, times the scale."""
+    return data.to(orig_dtype) * scale
+
+
+def comfyui_quant_record(fmt: str):
+    """A quantized layer's `<layer>.comfy_quant` tensor: the bytes of the JSON {"format": fmt}, uint8, as
+    comfy/ops.py mixed_precision_ops' Linear.state_dict writes it beside `<layer>.weight` (the float8 data) and
+    `<layer>.weight_scale` (comfyanonymous/ComfyUI at 003124c1f6ca4b93066c672cb3f247007c17a038), and
+    comfy/utils.py convert_old_quants makes it from a metadata record."""
+    return torch.tensor(list(json.dumps({"format": fmt}).encode("utf-8")), dtype=torch.uint8)
+
+
+def comfyui_fp8_layers(state, metadata):
+    """The quantized layers ComfyUI reads from a text-encoder file, {layer: (format, float8 data, scale)}.
+
+    comfy/utils.py, convert_old_quants, in Comfy-Org/ComfyUI at 09708eae709a992a5684bed3595ce4d07e705b4e, which the
+    text-encoder loader runs on each file with no prefix: with `_quantization_metadata` in the file's metadata, each
+    of its "layers" records becomes that layer's `comfy_quant` tensor; else, with a `scaled_fp8` tensor (the first
+    layout, whose marker comfy/sd1_clip.py puts at the root of a text encoder's keys as an empty tensor of the float8
+    dtype, comfyanonymous/ComfyUI at b55c2247654476fbc744e572ba7a834fd9378745), the marker is dropped, each
+    `<layer>.scale_weight` becomes `<layer>.weight_scale` with a float8_e4m3fn record, and each
+    `<layer>.scale_input` becomes `<layer>.input_scale` unless it is 1. comfy/ops.py's mixed-precision Linear
+    (003124c1f6ca4b93066c672cb3f247007c17a038) then reads a layer with a record as its weight and `weight_scale`."""
+    state = dict(state)
+    records = {}
+    if "_quantization_metadata" in metadata:
+        records = json.loads(metadata["_quantization_metadata"])["layers"]
+    elif "scaled_fp8" in state:
+        del state["scaled_fp8"]
+        for key in list(state):
+            if key.endswith(".scale_weight"):
+                layer = key[:-len(".scale_weight")]
+                state[layer + ".weight_scale"] = state.pop(key)
+                records[layer] = {"format": "float8_e4m3fn"}
+            elif key.endswith(".scale_input"):
+                scale = state.pop(key)
+                if scale.item() != 1.0:
+                    state[key[:-len(".scale_input")] + ".input_scale"] = scale
+    for layer, record in records.items():
+        state[layer + ".comfy_quant"] = comfyui_quant_record(record["format"])
+    layers = {}
+    for key in [key for key in state if key.endswith(".comfy_quant")]:
+        layer = key[:-len(".comfy_quant")]
+        layers[layer] = (json.loads(state[key].numpy().tobytes())["format"], state[layer + ".weight"],
+                         state.get(layer + ".weight_scale"))
+    return layers

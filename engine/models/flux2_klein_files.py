@@ -142,7 +142,7 @@ def load_klein_files(transformer_file, text_encoder=None, vae=None, dtypes: Opti
         source = Path(paths.resolve(str(given)))
         if not source.is_file():
             raise UserError(f"config key '{name}': not a file: {source}")
-        state = _read_tensors(source, "", name)
+        state = _read_tensors(source, "", name, dtype[name])
         embedding = state.get("model.embed_tokens.weight", state.get("embed_tokens.weight"))
         if name == "text_encoder" and embedding is not None and 3 * embedding.shape[1] != sizes["joint_attention_dim"]:
             raise UserError(f"config key 'text_encoder': {source.name} is {embedding.shape[1]} wide; this transformer "

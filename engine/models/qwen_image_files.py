@@ -2,7 +2,8 @@
 
 - The text encoder (text_encoders/, qwen_2.5_vl_7b.safetensors): Qwen2.5-VL-7B under the names of Qwen's release,
   the language model under `model.` and the vision tower under `visual.` (ComfyUI's Qwen25_7BVLI), its vocabulary
-  head `lm_head.` where the file keeps one. transformers reads those names into Qwen2_5_VLForConditionalGeneration.
+  head `lm_head.` where the file keeps one. transformers reads those names into Qwen2_5_VLForConditionalGeneration;
+  the fp8 file (qwen_2.5_vl_7b_fp8_scaled.safetensors) comes as plain weights first (`comfy_fp8`).
 - The autoencoder (vae/, qwen_image_vae.safetensors): Wan 2.1's autoencoder in its original layout
   (`encoder.downsamples.*`, `decoder.upsamples.*`, `conv1`/`conv2` around the latent), which diffusers' Wan converter
   reads into the same modules AutoencoderKLQwenImage has.
@@ -90,7 +91,7 @@ def load_text_encoder_file(given, dtype: torch.dtype = torch.float32):
     _check_sizes(path, shapes, config)  # before a model of the config's size is built
     try:
         model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            None, config=config, state_dict=_read_tensors(path, "", "text_encoder"), dtype=dtype,
+            None, config=config, state_dict=_read_tensors(path, "", "text_encoder", dtype), dtype=dtype,
             output_loading_info=True)
     except (RuntimeError, ValueError) as error:  # a tensor of another shape
         raise UserError(f"config key 'text_encoder': {path.name} does not fit Qwen2.5-VL's architecture "

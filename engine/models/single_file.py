@@ -14,7 +14,8 @@ padding token.
 Flux.1 comes as ComfyUI keeps it (`load_flux_files`): Black Forest Labs' transformer file (flux1-dev.safetensors,
 for ComfyUI's diffusion_models/ folder) with CLIP-L (clip_l.safetensors), T5-XXL (t5xxl_fp16.safetensors) and
 BFL's autoencoder (ae.safetensors) as separate files, or one checkpoint holding all four under ComfyUI's
-prefixes (FLUX_PARTS). Each model's architecture is the shipped FLUX.1 config with the sizes its tensors show.
+prefixes (FLUX_PARTS); a text encoder in ComfyUI's fp8-scaled layouts (t5xxl_fp8_e4m3fn_scaled.safetensors) comes as
+plain weights (`comfy_fp8`). Each model's architecture is the shipped FLUX.1 config with the sizes its tensors show.
 Chroma comes the same way (`load_chroma_files`): its transformer in the same layout (told apart by its
 `distilled_guidance_layer`), with T5-XXL and the FLUX.1 autoencoder, and no CLIP.
 """
@@ -32,7 +33,7 @@ import torch
 
 from .. import notices, paths
 from ..errors import UserError
-from . import clip_vocab, keymap_flux, keymap_sdxl
+from . import clip_vocab, comfy_fp8, keymap_flux, keymap_sdxl
 from .keymap import CLIP_PREFIX, OPEN_CLIP_PREFIX, TEXT_ENCODER_PREFIX, UNET_PREFIX, VAE_PREFIX
 from .sd import Components, load_tokenizer
 from .sdxl import TextEncoders, is_sdxl_folder
@@ -315,15 +316,18 @@ def load_single_file_components(path: str | Path, vae: Optional[str] = None,
         noise_scheduler=DDPMScheduler.from_config(pipeline.scheduler.config), model_path=str(path))
 
 
-def _read_tensors(path: Path, prefix: str, key: str) -> dict[str, torch.Tensor]:
-    """The tensors under prefix in a .safetensors file, without it; only those are read."""
+def _read_tensors(path: Path, prefix: str, key: str, dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+    """The tensors under prefix in a .safetensors file, without it; only those are read. With dtype, the weights of
+    ComfyUI's fp8-scaled layouts come as plain weights in dtype (`comfy_fp8`)."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), "pt") as handle:
-            return {name[len(prefix):]: handle.get_tensor(name) for name in handle.keys() if name.startswith(prefix)}
+            state = {name[len(prefix):]: handle.get_tensor(name) for name in handle.keys() if name.startswith(prefix)}
+            metadata = handle.metadata() or {}
     except (SafetensorError, OSError) as error:
         raise UserError(f"config key '{key}': cannot read {path} as a .safetensors file: {error}") from None
+    return state if dtype is None else comfy_fp8.plain_weights(state, metadata, prefix, dtype, key, path.name)
 
 
 def _count(keys, prefix: str) -> int:
@@ -507,9 +511,10 @@ def load_flux_files(transformer_file, text_encoder=None, text_encoder_2=None, va
             if not source.is_file():
                 raise UserError(f"config key '{name}': not a file: {source}")
             # a ComfyUI checkpoint given for one part: that part of it
-            state = _read_tensors(source, FLUX_PARTS[name], name) or _read_tensors(source, "", name)
+            state = (_read_tensors(source, FLUX_PARTS[name], name, dtype[name])
+                     or _read_tensors(source, "", name, dtype[name]))
         elif any(key.startswith(FLUX_PARTS[name]) for key in shapes):
-            source, state = path, _read_tensors(path, FLUX_PARTS[name], name)
+            source, state = path, _read_tensors(path, FLUX_PARTS[name], name, dtype[name])
         else:
             raise UserError(f"config key '{name}': {path.name} holds no {name.replace('_', ' ')}; set {name}: to "
                             f"{FLUX_FILES[name]}")
@@ -576,9 +581,10 @@ def load_chroma_files(transformer_file, text_encoder=None, vae=None, dtypes: Opt
             source = Path(paths.resolve(str(given)))
             if not source.is_file():
                 raise UserError(f"config key '{name}': not a file: {source}")
-            state = _read_tensors(source, CHROMA_PARTS[name], name) or _read_tensors(source, "", name)
+            state = (_read_tensors(source, CHROMA_PARTS[name], name, dtype[name])
+                     or _read_tensors(source, "", name, dtype[name]))
         elif any(key.startswith(CHROMA_PARTS[name]) for key in shapes):
-            source, state = path, _read_tensors(path, CHROMA_PARTS[name], name)
+            source, state = path, _read_tensors(path, CHROMA_PARTS[name], name, dtype[name])
         else:
             raise UserError(f"config key '{name}': {path.name} holds no {name.replace('_', ' ')}; set {name}: to "
                             f"{CHROMA_FILES[name]}")

@@ -118,7 +118,7 @@ def load_zimage_files(transformer_file, text_encoder=None, vae=None, dtypes: Opt
         source = Path(paths.resolve(str(given)))
         if not source.is_file():
             raise UserError(f"config key '{name}': not a file: {source}")
-        state = _read_tensors(source, "", name)
+        state = _read_tensors(source, "", name, dtype[name])
         loaded[name] = qwen3_from_file(state, source.name, dtype[name], _shipped("text_encoder"),
                                        FILES["text_encoder"]) if name == "text_encoder" else _vae(
             state, source.name, dtype[name])
