@@ -16,7 +16,7 @@ import torch
 
 from .. import paths
 from ..errors import UserError
-from .single_file import _count, _load_weights, _read_tensors, read_shapes
+from .single_file import _count, _load_weights, _read_tensors, ldm_vae_config, read_shapes
 
 ARCH = "flux2-klein-4b"  # the shipped configs a file's sizes go into
 # what only a FLUX.2 transformer has in BFL's layout: the modulation shared by all blocks (ComfyUI's test for
@@ -112,12 +112,7 @@ def _vae(state: dict, source: str, dtype: torch.dtype, latent_channels: int):
     if latent != latent_channels:
         raise UserError(f"config key 'vae': {source} has {latent} latent channels; this transformer takes "
                         f"{latent_channels} ({FILES['vae']})")
-    config = shipped("vae")
-    levels = _count(state, "encoder.down.")
-    # The group-norm count is no tensor's shape: FLUX.2's is kept.
-    config.update(block_out_channels=[state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(levels)],
-                  layers_per_block=_count(state, "encoder.down.0.block."), latent_channels=latent,
-                  down_block_types=["DownEncoderBlock2D"] * levels, up_block_types=["UpDecoderBlock2D"] * levels)
+    config = ldm_vae_config(state, shipped("vae"))  # the group-norm count is no tensor's shape: FLUX.2's is kept
     with init_empty_weights():
         model = AutoencoderKLFlux2.from_config(config)
     weights = convert_ldm_vae_checkpoint({k: v for k, v in state.items() if not k.startswith(BATCH_NORM)}, config)

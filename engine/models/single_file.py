@@ -335,6 +335,17 @@ def _count(keys, prefix: str) -> int:
     return len({key[len(prefix):].split(".", 1)[0] for key in keys if key.startswith(prefix)})
 
 
+def ldm_vae_config(state: dict, config: dict) -> dict:
+    """config (a diffusers autoencoder's) with the sizes an original-layout (LDM) autoencoder's tensors give: its
+    levels' widths, blocks per level and latent channels."""
+    levels = _count(state, "encoder.down.")
+    return {**config, "block_out_channels": [state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0]
+                                             for i in range(levels)],
+            "layers_per_block": _count(state, "encoder.down.0.block."),
+            "latent_channels": state["decoder.conv_in.weight"].shape[1],
+            "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels}
+
+
 def _load_weights(model: torch.nn.Module, state: dict, key: str, source: str,
                   dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """Put state (cast to dtype) into a model built without weights; any missing or extra tensor is refused."""
@@ -454,12 +465,8 @@ def flux_vae(state: dict, transformer_config, source: str, dtype: torch.dtype):
     if latent != wanted:
         raise UserError(f"config key 'vae': {source} has {latent} latent channels; this transformer takes "
                         f"{wanted} (ae.safetensors)")
-    config = dict(AutoencoderKL.load_config(BUILTIN_CONFIGS / "flux1-dev" / "vae"))
-    levels = _count(state, "encoder.down.")
     # The group-norm count is no tensor's shape: FLUX.1's is kept.
-    config.update(block_out_channels=[state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(levels)],
-                  layers_per_block=_count(state, "encoder.down.0.block."), latent_channels=latent,
-                  down_block_types=["DownEncoderBlock2D"] * levels, up_block_types=["UpDecoderBlock2D"] * levels)
+    config = ldm_vae_config(state, dict(AutoencoderKL.load_config(BUILTIN_CONFIGS / "flux1-dev" / "vae")))
     with init_empty_weights():
         model = AutoencoderKL.from_config(config)
     return _load_weights(model, convert_ldm_vae_checkpoint(state, config), "vae", source, dtype)
