@@ -3,10 +3,10 @@ kind of model, so that none of them knows which one it trains.
 
 A family loads its components (and builds them on fake tensors for the estimator), puts the autoencoder's
 latents in its denoiser's range (`base_family.Family` shifts and scales them; FLUX.2 [klein] normalises each
-channel by its statistics), returns the objective it trains with (`objectives`: how inputs, targets, timesteps and loss weights are made), turns token ids
-into the denoising model's conditioning (CLIP skip applied), runs the model's prediction and builds the
-pipeline that renders samples and class images. For the DDPM families the noise schedule's prediction
-target is set here from the config.
+channel by its statistics), returns the objective it trains with (`objectives`: how inputs, targets, timesteps
+and loss weights are made), turns token ids into the denoising model's conditioning (CLIP skip applied), runs
+the model's prediction and builds the pipeline that renders samples and class images. For the DDPM families the
+noise schedule's prediction target is set here from the config.
 
 The conditioning is a dict of tensors with one row per sample: `encoder_hidden_states` for every family,
 plus what a family adds (SDXL: the pooled `text_embeds`; Flux.1: CLIP's pooled `pooled_projections`; Chroma:
