@@ -14,9 +14,9 @@ from typing import Optional
 
 import torch
 
-from .. import paths
 from ..errors import UserError
-from .single_file import _count, _load_weights, _read_tensors, ldm_vae_config, read_shapes
+from .single_file import (_count, _load_weights, _read_tensors, ldm_vae_config, located_transformer, part_file,
+                          read_shapes)
 
 ARCH = "flux2-klein-4b"  # the shipped configs a file's sizes go into
 # what only a FLUX.2 transformer has in BFL's layout: the modulation shared by all blocks (ComfyUI's test for
@@ -67,14 +67,10 @@ def transformer_config(shapes: dict, prefix: str) -> dict:
 
 
 def _transformer_file(transformer_file) -> tuple[Path, dict, str]:
-    path = Path(paths.resolve(str(transformer_file)))
-    shapes = read_shapes(path)
-    prefix = transformer_prefix(shapes)
-    if prefix is None:
-        raise UserError(f"config key 'model': {path.name} is not a FLUX.2 [klein] transformer; its model file holds "
-                        "it in Black Forest Labs' layout (double_blocks.*, single_blocks.*, "
-                        "double_stream_modulation_img.*), as flux-2-klein-4b.safetensors")
-    return path, shapes, prefix
+    return located_transformer(transformer_file, transformer_prefix,
+                               "a FLUX.2 [klein] transformer; its model file holds it in Black Forest Labs' layout "
+                               "(double_blocks.*, single_blocks.*, double_stream_modulation_img.*), as "
+                               "flux-2-klein-4b.safetensors")
 
 
 def load_klein_transformer(transformer_file, dtype: torch.dtype = torch.float32):
@@ -131,12 +127,7 @@ def load_klein_files(transformer_file, text_encoder=None, vae=None, dtypes: Opti
     sizes = transformer_config(shapes, prefix)
     loaded = {}
     for name, given in (("text_encoder", text_encoder), ("vae", vae)):
-        if not given:
-            raise UserError(f"config key '{name}': a single-file FLUX.2 [klein] model holds the transformer only; "
-                            f"set {name}: to {FILES[name]}")
-        source = Path(paths.resolve(str(given)))
-        if not source.is_file():
-            raise UserError(f"config key '{name}': not a file: {source}")
+        source = part_file(name, given, "FLUX.2 [klein]", FILES[name])
         state = _read_tensors(source, "", name, dtype[name])
         embedding = state.get("model.embed_tokens.weight", state.get("embed_tokens.weight"))
         if name == "text_encoder" and embedding is not None and 3 * embedding.shape[1] != sizes["joint_attention_dim"]:

@@ -335,6 +335,30 @@ def _count(keys, prefix: str) -> int:
     return len({key[len(prefix):].split(".", 1)[0] for key in keys if key.startswith(prefix)})
 
 
+def located_transformer(transformer_file, find_prefix, not_one: str) -> tuple[Path, dict, str]:
+    """(path, tensor shapes, key prefix) of a transformer's file, the prefix as find_prefix(shapes) finds it;
+    refused naming 'model' with `not_one` (what the file is not, and the layout it should hold) when none is."""
+    path = Path(paths.resolve(str(transformer_file)))
+    shapes = read_shapes(path)
+    prefix = find_prefix(shapes)
+    if prefix is None:
+        raise UserError(f"config key 'model': {path.name} is not {not_one}")
+    return path, shapes, prefix
+
+
+def part_file(key: str, given, model: str, expected: str) -> Path:
+    """The file of a single-file model's part (its text encoder or autoencoder) set at config key `key`; refused
+    naming the key when it is not set (`model` holds its transformer only; `expected` names the file to set) or
+    is not a file."""
+    if not given:
+        raise UserError(f"config key '{key}': a single-file {model} model holds the transformer only; set {key}: to "
+                        f"{expected}")
+    source = Path(paths.resolve(str(given)))
+    if not source.is_file():
+        raise UserError(f"config key '{key}': not a file: {source}")
+    return source
+
+
 def ldm_vae_config(state: dict, config: dict) -> dict:
     """config (a diffusers autoencoder's) with the sizes an original-layout (LDM) autoencoder's tensors give: its
     levels' widths, blocks per level and latent channels."""

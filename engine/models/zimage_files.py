@@ -15,11 +15,11 @@ from typing import Optional
 
 import torch
 
-from .. import paths
 from ..errors import UserError
 from . import keymap_zimage
 from .qwen3_text import qwen3_from_file
-from .single_file import BUILTIN_CONFIGS, CONFIGS_KEY, _count, _load_weights, _read_tensors, flux_vae, read_shapes
+from .single_file import (BUILTIN_CONFIGS, CONFIGS_KEY, _count, _load_weights, _read_tensors, flux_vae,
+                          located_transformer, part_file, read_shapes)
 
 # the keys only a Z-Image transformer's original layout has
 TRANSFORMER_KEYS = ("noise_refiner.0.attention.qkv.weight", "cap_embedder.1.weight")
@@ -73,14 +73,9 @@ def transformer_config(path: Path, shapes: dict, prefix: str) -> dict:
 
 
 def _transformer_file(transformer_file) -> tuple[Path, dict, str]:
-    path = Path(paths.resolve(str(transformer_file)))
-    shapes = read_shapes(path)
-    prefix = transformer_prefix(shapes)
-    if prefix is None:
-        raise UserError(f"config key 'model': {path.name} is not a Z-Image transformer; a Z-Image model file holds "
-                        "it in the original layout (layers.*, noise_refiner.*, cap_embedder.*), as "
-                        "z_image_turbo_bf16.safetensors")
-    return path, shapes, prefix
+    return located_transformer(transformer_file, transformer_prefix,
+                               "a Z-Image transformer; a Z-Image model file holds it in the original layout "
+                               "(layers.*, noise_refiner.*, cap_embedder.*), as z_image_turbo_bf16.safetensors")
 
 
 def load_zimage_transformer(transformer_file, dtype: torch.dtype = torch.float32):
@@ -112,12 +107,7 @@ def load_zimage_files(transformer_file, text_encoder=None, vae=None, dtypes: Opt
     _transformer_file(transformer_file)  # refused before the other files are read
     loaded = {}
     for name, given in (("text_encoder", text_encoder), ("vae", vae)):
-        if not given:
-            raise UserError(f"config key '{name}': a single-file Z-Image model holds the transformer only; set "
-                            f"{name}: to {FILES[name]}")
-        source = Path(paths.resolve(str(given)))
-        if not source.is_file():
-            raise UserError(f"config key '{name}': not a file: {source}")
+        source = part_file(name, given, "Z-Image", FILES[name])
         state = _read_tensors(source, "", name, dtype[name])
         loaded[name] = qwen3_from_file(state, source.name, dtype[name], _shipped("text_encoder"),
                                        FILES["text_encoder"]) if name == "text_encoder" else _vae(
