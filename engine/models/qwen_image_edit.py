@@ -235,8 +235,6 @@ class QwenImageEdit(QwenImage):
         from torch._subclasses.fake_tensor import unset_fake_temporarily
         from transformers import AutoImageProcessor
 
-        from .single_file import BUILTIN_CONFIGS
-
         check_config(config)
         components = super().fake_components(config, architecture)
         shipped = BUILTIN_CONFIGS / architecture.source  # (a model folder's source is its own path)
