@@ -3,7 +3,7 @@ of settings, each trainer in its own process, on the CPU.
 
     python bench/peers.py --kohya PATH --kohya-site DIR --diffusers-examples PATH --diffusers-site DIR
                           [--rounds 7] [--threads 2] [--steps 10] [--warmup 2] [--resolution 256]
-                          [--cases sd15-lora sd15-full sdxl-lora] [--work DIR]
+                          [--cases sd15-lora sd15-full sdxl-lora] [--trainers ours kohya ...] [--work DIR]
     python bench/peers.py --smoke ...   (the tiny demo models, 64 px, 3 steps, 2 rounds: checks the script; kohya's
                                          sd-scripts cannot load them and is skipped)
 
@@ -423,6 +423,8 @@ def main() -> None:
     parser.add_argument("--diffusers-site", type=Path,
                         help="packages for the diffusers examples' runs only, first on their PYTHONPATH")
     parser.add_argument("--cases", nargs="+", choices=[case.name for case in CASES], default=[c.name for c in CASES])
+    parser.add_argument("--trainers", nargs="+", choices=sorted({t.build.__name__ for c in CASES for t in c.trainers}),
+                        help="only these trainers of each case (default: all); this project's eager run always runs")
     parser.add_argument("--rounds", type=int, help="default 7, or 2 with --smoke")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, help="steps per run (default 10, or 3 with --smoke)")
@@ -457,8 +459,11 @@ def main() -> None:
           f"fp32, {args.threads} threads, steps {warmup + 1}-{steps} timed; kohya {commit(s.kohya)}, diffusers "
           f"{commit(s.diffusers)}; work folder {work}", flush=True)
     rounds = args.rounds or (2 if args.smoke else 7)
-    found = {case.name: run_case(case, s, rounds, args.smoke) for case in CASES if case.name in args.cases}
-    reported = [report(case, found[case.name]) for case in CASES if case.name in found]
+    cases = [Case(case.name, case.arch, case.lora,
+                  [t for t in case.trainers if t is OURS or not args.trainers or t.build.__name__ in args.trainers])
+             for case in CASES if case.name in args.cases]
+    found = {case.name: run_case(case, s, rounds, args.smoke) for case in cases}
+    reported = [report(case, found[case.name]) for case in cases]
     if not all(reported):
         sys.exit(1)
 

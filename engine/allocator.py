@@ -7,6 +7,12 @@ step allocates and frees the same large activations every step, so every step to
 SD1.5 LoRA step at 256 px, about 580,000 minor page faults and a second of kernel time (bench/allocator.py).
 `keep_freed_memory` raises both thresholds, so freed buffers are reused; a job calls it as it starts and
 `release_freed_memory` (malloc_trim) once it has ended, so an idle app holds no more than it uses.
+
+The thresholds only hold in glibc's main heap. Every other thread gets an arena of its own at its first
+allocation, made of 64 MiB heaps: a larger buffer is mapped and unmapped on every use whatever the threshold,
+and a training run's loop is such a thread (it faulted ~0.9 CPU-s per step in again on the step above). So
+`keep_freed_memory` also limits the process to the main arena, which only applies to threads that have not
+allocated yet: the CLI and the app call it first thing, before any thread starts.
 Elsewhere (Windows, macOS, other C libraries) both do nothing.
 """
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Optional
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
 # Buffers up to this size come from the heap and are reused; larger ones (rare outside a GPU) keep their own
 # mapping. Both are glibc's int parameters.
 MMAP_THRESHOLD = 2**30
@@ -33,12 +40,13 @@ def _glibc() -> Optional[ctypes.CDLL]:
 
 
 def keep_freed_memory() -> bool:
-    """Keep freed buffers in the process for reuse; whether this C library took the setting."""
+    """Keep freed buffers in the process for reuse, for every thread that starts after; whether this C library
+    took the settings."""
     libc = _glibc()
     if libc is None:
         return False
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(libc.mallopt(M_TRIM_THRESHOLD,
-                                                                                       TRIM_THRESHOLD))
+    settings = ((M_ARENA_MAX, 1), (M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return all([bool(libc.mallopt(option, value)) for option, value in settings])
 
 
 def release_freed_memory() -> None:

@@ -242,9 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from . import allocator
     from .config import ConfigError
     from .errors import UserError
 
+    allocator.keep_freed_memory()  # before any thread starts: see engine.allocator
     _quiet_libraries()
     warnings.formatwarning = _format_warning
     args = build_parser().parse_args(argv)

@@ -147,6 +147,9 @@ def open_queue(manager, data_dir: Optional[str]):
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from engine import allocator
+
+    allocator.keep_freed_memory()  # before any thread starts: see engine.allocator
     args = build_parser().parse_args(argv)
     try:
         options = launch_options(args)
