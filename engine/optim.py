@@ -65,10 +65,24 @@ def _hyperparameters(config: OptimizerConfig, name: str, lr: float) -> dict:
     return kwargs
 
 
+def _fusable(cls: type, params) -> bool:
+    """Whether cls has torch's fused kernel (the whole update of a parameter in one pass over it, instead of
+    a pass per operation; the same arithmetic to the last bits) for every device the parameters are on."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    if cls not in (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD):
+        return False
+    tensors = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
+    return all(p.device.type in _get_fused_kernels_supported_devices() and p.is_floating_point() for p in tensors)
+
+
 def build_optimizer(config: OptimizerConfig, params, lr: float) -> torch.optim.Optimizer:
     path = optimizer_path(config.name)
     cls = _import_class(path, "optimizer.name", torch.optim.Optimizer)
+    params = list(params)
     kwargs = _hyperparameters(config, cls.__name__, lr)
+    if _fusable(cls, params):
+        kwargs["fused"] = True
     try:
         optimizer = cls(params, **kwargs)
     except TypeError as error:
