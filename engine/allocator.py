@@ -46,7 +46,7 @@ def keep_freed_memory() -> bool:
     if libc is None:
         return False
     settings = ((M_ARENA_MAX, 1), (M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD))
-    return all([bool(libc.mallopt(option, value)) for option, value in settings])
+    return all([bool(libc.mallopt(option, value)) for option, value in settings])  # a list: every one is set
 
 
 def release_freed_memory() -> None:

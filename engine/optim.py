@@ -67,7 +67,7 @@ def _hyperparameters(config: OptimizerConfig, name: str, lr: float) -> dict:
 
 def _fusable(cls: type, params) -> bool:
     """Whether cls has torch's fused kernel (the whole update of a parameter in one pass over it, instead of
-    a pass per operation; the same arithmetic to the last bits) for every device the parameters are on."""
+    a pass per operation; the same update to within float rounding) for every device the parameters are on."""
     from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
     if cls not in (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD):

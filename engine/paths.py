@@ -80,6 +80,14 @@ def resolve(path: str) -> str:
     return str(cache_dir() / name)
 
 
+def existing_file(given, key: str) -> Path:
+    """The file config key `key` names, resolved; refused naming the key when it is not a file."""
+    path = Path(resolve(str(given)))
+    if not path.is_file():
+        raise UserError(f"config key '{key}': not a file: {path}")
+    return path
+
+
 def writable_folder(folder: Path, key: str) -> Path:
     """Create folder if needed and make sure it can be written; errors name the config key."""
     try:

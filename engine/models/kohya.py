@@ -328,9 +328,7 @@ def read_file(location: str, key: str) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = Path(paths.resolve(location))
-    if not path.is_file():
-        raise UserError(f"config key '{key}': not a file: {path}")
+    path = paths.existing_file(location, key)
     try:
         return load_file(str(path))
     except SafetensorError as error:

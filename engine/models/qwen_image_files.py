@@ -49,9 +49,7 @@ def _config(path: Path, component: str) -> dict:
 
 def _checked(given, key: str, wanted: tuple[str, ...]) -> tuple[Path, dict]:
     """The file's path and tensor shapes; a file without the tensors `wanted` is refused naming key."""
-    path = Path(paths.resolve(str(given)))
-    if not path.is_file():
-        raise UserError(f"config key '{key}': not a file: {path}")
+    path = paths.existing_file(given, key)
     try:
         shapes = read_shapes(path)
     except UserError:

@@ -353,10 +353,7 @@ def part_file(key: str, given, model: str, expected: str) -> Path:
     if not given:
         raise UserError(f"config key '{key}': a single-file {model} model holds the transformer only; set {key}: to "
                         f"{expected}")
-    source = Path(paths.resolve(str(given)))
-    if not source.is_file():
-        raise UserError(f"config key '{key}': not a file: {source}")
-    return source
+    return paths.existing_file(given, key)
 
 
 def ldm_vae_config(state: dict, config: dict) -> dict:
@@ -538,9 +535,7 @@ def load_flux_files(transformer_file, text_encoder=None, text_encoder_2=None, va
     given = {"text_encoder": text_encoder, "text_encoder_2": text_encoder_2, "vae": vae}
     for name, loader in _FLUX_LOADERS.items():
         if given[name]:
-            source = Path(paths.resolve(str(given[name])))
-            if not source.is_file():
-                raise UserError(f"config key '{name}': not a file: {source}")
+            source = paths.existing_file(given[name], name)
             # a ComfyUI checkpoint given for one part: that part of it
             state = (_read_tensors(source, FLUX_PARTS[name], name, dtype[name])
                      or _read_tensors(source, "", name, dtype[name]))
@@ -609,9 +604,7 @@ def load_chroma_files(transformer_file, text_encoder=None, vae=None, dtypes: Opt
     t5 = functools.partial(_flux_t5, key="text_encoder")  # Chroma's one text encoder
     for name, given, loader in (("text_encoder", text_encoder, t5), ("vae", vae, flux_vae)):
         if given:
-            source = Path(paths.resolve(str(given)))
-            if not source.is_file():
-                raise UserError(f"config key '{name}': not a file: {source}")
+            source = paths.existing_file(given, name)
             state = (_read_tensors(source, CHROMA_PARTS[name], name, dtype[name])
                      or _read_tensors(source, "", name, dtype[name]))
         elif any(key.startswith(CHROMA_PARTS[name]) for key in shapes):
