@@ -1,7 +1,8 @@
 """`compile: true`: regional compilation. torch.compile compiles the denoiser's repeated blocks (the classes its
 diffusers model names in `_repeated_blocks`: a UNet's transformer blocks, a transformer's blocks), adapter
 layers inside them included, rather than the whole model: one block's graph serves every block of its shapes,
-so a run compiles a few graphs instead of one per layer.
+so a run compiles a few graphs instead of one per layer. Where the step encodes its images (no latent cache),
+the frozen VAE's convolutional encoder compiles whole too: without gradients its graph is one per image size.
 
 Shapes are static (`dynamic=False`): each bucket's sizes compile once, on the first step that meets them. The
 compiled kernels go to Inductor's on-disk caches under the app's cache folder, so a later run of the same model
@@ -48,20 +49,36 @@ def refuse_unusable(device: torch.device) -> None:
                           f"false") from None
 
 
-def compile_blocks(unet: torch.nn.Module, sizes: int) -> None:
-    """Compile the denoiser's repeated blocks in place, shapes static. `sizes`: how many sizes the blocks run
-    at (training's, and with gradients off validation's and sampling's), each of which compiles its own graphs."""
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache()
-    limit = SHAPES_PER_SIZE * sizes
+def allow_graphs(count: int) -> None:
+    """Let Dynamo keep `count` graphs of the code all compiled modules share (Module._call_impl) before it runs
+    them eagerly."""
     dynamo = torch._dynamo.config
-    dynamo.recompile_limit = max(dynamo.recompile_limit, limit)
-    dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, limit)
+    dynamo.recompile_limit = max(dynamo.recompile_limit, count)
+    dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, count)
+
+
+def compile_blocks(unet: torch.nn.Module) -> None:
+    """Compile the denoiser's repeated blocks in place, shapes static."""
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache()
     unet.compile_repeated_blocks(dynamic=False)  # diffusers' ModelMixin: block.compile() on each
 
 
-def compiled_blocks(unet: torch.nn.Module) -> list[torch.nn.Module]:
-    """The modules of unet that run compiled."""
-    return [module for module in unet.modules() if getattr(module, "_compiled_call_impl", None) is not None]
+def compile_encoder(vae: torch.nn.Module) -> bool:
+    """Compile the VAE's image encoder in place, shapes static, where it is diffusers' 2D `Encoder` (the SD,
+    SDXL, Flux and Flux.2 VAEs; Qwen-Image's causal 3D encoder stays eager). True when compiled."""
+    from diffusers.models.autoencoders.vae import Encoder
+
+    encoder = getattr(vae, "encoder", None)
+    if not isinstance(encoder, Encoder):
+        return False
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache()
+    encoder.compile(dynamic=False)
+    return True
+
+
+def compiled_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules of model that run compiled."""
+    return [module for module in model.modules() if getattr(module, "_compiled_call_impl", None) is not None]
 
 
 class CompileClock:

@@ -350,7 +350,7 @@ class Trainer(Job):
         objective = family.objective(config, components.noise_scheduler)  # a range past the schedule fails here
         data = prepare_data(config, components.tokenizer, config.seed, topology.rank, topology.world_size,
                             expansions, pin_memory=device.type == "cuda")
-        compile_clock = self._compile(components.unet, data, cleanup) if config.compile else None
+        compile_clock = self._compile(components, plan, data, cleanup) if config.compile else None
         # Built on every rank, so that a mistake in its settings stops them all alike; the main one validates.
         validation = build_validation_set(config, components.tokenizer, components.noise_scheduler, data.held_out,
                                           data.bucket_sizes, expansions)
@@ -405,17 +405,23 @@ class Trainer(Job):
                  f"batches per epoch; {total_steps} steps; device {device}; attention {attention}")
         return context
 
-    def _compile(self, unet: torch.nn.Module, data: PreparedData, cleanup: contextlib.ExitStack):
-        """`compile`: the denoiser's repeated blocks compiled (on first use, once per size), and the clock of
-        the seconds spent compiling. Dynamo's compiled code is let go when the run ends."""
+    def _compile(self, components, plan: RunPlan, data: PreparedData, cleanup: contextlib.ExitStack):
+        """`compile`: the denoiser's repeated blocks compiled and, where the step encodes its images, the VAE's
+        encoder (each on first use, once per size); and the clock of the seconds spent compiling. Dynamo's
+        compiled code is let go when the run ends."""
         from . import regional_compile
 
-        # training and validation (gradients off: graphs of their own) at each bucket's size, samples at each prompt's
-        sizes = 2 * len(data.bucket_sizes) + len(self.config.sampling.concepts)
-        regional_compile.compile_blocks(unet, sizes)
+        # blocks: training and validation (gradients off: graphs of their own) at each bucket's size, samples at
+        # each prompt's; the encoder: images and control images at each bucket's size
+        buckets = len(data.bucket_sizes)
+        block_sizes = 2 * buckets + len(self.config.sampling.concepts)
+        regional_compile.allow_graphs(regional_compile.SHAPES_PER_SIZE * block_sizes + 2 * buckets)
+        regional_compile.compile_blocks(components.unet)
         cleanup.callback(torch._dynamo.reset)
-        self.log(f"compile: {len(regional_compile.compiled_blocks(unet))} repeated blocks of the denoiser compile "
-                 f"on the first step of each size; kernels cached in {regional_compile.inductor_cache()}")
+        encoder = not plan.cache_latents and regional_compile.compile_encoder(components.vae)
+        self.log(f"compile: {len(regional_compile.compiled_blocks(components.unet))} repeated blocks of the "
+                 f"denoiser{' and the VAE encoder' if encoder else ''} compile on the first step of each size; "
+                 f"kernels cached in {regional_compile.inductor_cache()}")
         return cleanup.enter_context(regional_compile.CompileClock())
 
     def _start_caches(self, context: StepContext) -> None:

@@ -1,5 +1,5 @@
-"""compile: a run whose denoiser's repeated blocks Inductor compiles trains as the eager run does, compiles once
-for its one bucket, reports the compile time apart and keeps the kernels on disk; what it cannot combine with is
+"""compile: a run whose denoiser's repeated blocks and VAE encoder Inductor compiles trains as the eager run does,
+compiles once for its one bucket, reports the compile time apart and keeps the kernels on disk; what it cannot combine with is
 refused at start naming the key."""
 import json
 
@@ -15,10 +15,11 @@ from engine.train import Trainer
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TOLERANCE = 1e-5
 COMPILE_BLOCKS = regional_compile.compile_blocks
+COMPILE_ENCODER = regional_compile.compile_encoder
 
 
 def _train(output_dir, monkeypatch, **overrides):
-    """(per-step metrics, the adapter's tensors, the compiled blocks) of a 3-step LoRA run at 64 px."""
+    """(per-step metrics, the adapter's tensors, the compiled modules) of a 3-step LoRA run at 64 px."""
     values = tiny_config(output_dir, **{
         "prior_preservation.enabled": False, "sampling.interval_steps": 0, "trainer.max_steps": 3,
         "checkpoint.every_n_train_steps": 3, "network.type": "lora", "network.rank": 4,
@@ -28,8 +29,10 @@ def _train(output_dir, monkeypatch, **overrides):
         "data.concepts": [{"instance_set": {"path": "demo:sample-data/instance", "prompt": "sks toy"}}],
         **overrides})
     compiled = []
-    monkeypatch.setattr(regional_compile, "compile_blocks", lambda unet, sizes: (
-        COMPILE_BLOCKS(unet, sizes), compiled.extend(regional_compile.compiled_blocks(unet))))
+    monkeypatch.setattr(regional_compile, "compile_blocks", lambda unet: (
+        COMPILE_BLOCKS(unet), compiled.extend(regional_compile.compiled_blocks(unet))))
+    monkeypatch.setattr(regional_compile, "compile_encoder", lambda vae: (
+        COMPILE_ENCODER(vae), compiled.extend(regional_compile.compiled_blocks(vae)))[0])
     trainer = Trainer(cfg.from_dict(values))
     result = trainer.run()
     assert isinstance(result, events.Finished), getattr(result, "error", result)
@@ -38,20 +41,24 @@ def _train(output_dir, monkeypatch, **overrides):
     return metrics, adapter, compiled
 
 
-@pytest.mark.parametrize("model, overrides", [
-    ("demo:tiny-sd", {}),
+@pytest.mark.parametrize("model, overrides, encoders", [
+    ("demo:tiny-sd", {}, 1),
     # with the features that wrap the blocks' forward and backward: checkpointing, its inputs offloaded, the
-    # optimizer stepping each parameter from its gradient hook
+    # optimizer stepping each parameter from its gradient hook; latents cached, so the step runs no encoder
     ("demo:tiny-flux", {"gradient_checkpointing": True, "memory.offload_activations": True,
-                        "optimizer.fused_backward": True}),
+                        "optimizer.fused_backward": True, "cache.latents": True}, 0),
 ], ids=["sd", "flux"])
-def test_compiled_blocks_train_as_the_eager_ones_and_compile_once(model, overrides, tmp_path, monkeypatch,
+def test_compiled_blocks_train_as_the_eager_ones_and_compile_once(model, overrides, encoders, tmp_path, monkeypatch,
                                                                   sample_data, demo_cache):
     eager, eager_adapter, none = _train(tmp_path / "eager", monkeypatch, model=model, **overrides)
     compiled, compiled_adapter, blocks = _train(tmp_path / "compiled", monkeypatch, model=model, compile=True,
                                                 **overrides)
     assert not none
-    # the repeated blocks, the adapter's layers inside them, and nothing else
+    # the repeated blocks, the adapter's layers inside them, the VAE's encoder where the step encodes, and
+    # nothing else
+    compiled_encoders = [block for block in blocks if type(block).__name__ == "Encoder"]
+    blocks = [block for block in blocks if block not in compiled_encoders]
+    assert len(compiled_encoders) == encoders
     unet_classes = {type(block).__name__ for block in blocks}
     assert blocks and unet_classes <= {"BasicTransformerBlock", "FluxTransformerBlock", "FluxSingleTransformerBlock"}
     assert all(any("lora_A" in name for name, _ in block.named_parameters()) for block in blocks)
