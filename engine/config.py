@@ -432,8 +432,8 @@ class Config:
     gradient_checkpointing: bool = False
     memory: Memory = field(default_factory=Memory)
     xformers: bool = False
-    # torch.compile of the denoiser's repeated blocks (regional compilation), once per image size; the kernels
-    # are cached on disk
+    # torch.compile of the denoiser's repeated blocks (regional compilation) and, where the step encodes its
+    # images, the VAE's encoder, once per image size; the kernels are cached on disk
     compile: bool = False
     # 1 = the last layer; at most the depth of the shallowest text encoder (CLIP ViT-L: SD1.x, SDXL's first)
     clip_stop_at_layer: Annotated[int, Range(1, 12)] = 1
