@@ -26,9 +26,17 @@ def tiny_raw(tmp_path, **overrides) -> dict:
 
 
 @pytest.fixture(scope="module")
-def every_step(tiny_model, tmp_path_factory):
+def shared_output(tmp_path_factory):
+    """The output folder of the configs that no test trains: the estimates of a config are kept by every
+    setting it has (memory_plan.TRACES), its output folder among them, so that tests planning the same config
+    in this folder trace each candidate once."""
+    return tmp_path_factory.mktemp("plan")
+
+
+@pytest.fixture(scope="module")
+def every_step(tiny_model, shared_output):
     """The plan of the tiny config under a limit nothing meets: every step, estimated in turn."""
-    config = cfg.load(base=tiny_raw(tmp_path_factory.mktemp("plan")))
+    config = cfg.load(base=tiny_raw(shared_output))
     return memory_plan.plan_memory(config, vram_gib=1e-9, ram_gib=64)
 
 
@@ -74,8 +82,8 @@ def test_each_step_lowers_the_estimate_and_a_refused_one_is_skipped(every_step):
     assert found.group(2) == max(parts, key=parts.get) and found.group(3) == f"{max(parts.values()):.2f}"
 
 
-def test_the_first_step_that_fits_is_chosen_with_the_ones_before(every_step, tmp_path):
-    config = cfg.load(base=tiny_raw(tmp_path))
+def test_the_first_step_that_fits_is_chosen_with_the_ones_before(every_step, shared_output):
+    config = cfg.load(base=tiny_raw(shared_output))
     plan = memory_plan.plan_memory(config, vram_gib=between(every_step, 2), ram_gib=64)
     assert plan.fits and plan.settings == {"cache.text_embeddings": True, "cache.latents": True,
                                            "gradient_checkpointing": True}
@@ -107,11 +115,11 @@ def test_a_step_that_gained_nothing_is_dropped_where_the_fit_holds_without_it(tm
     assert verdicts["without cached latents and text embeddings"] == "fits: dropped"
 
 
-def test_the_command_writes_a_config_whose_estimate_fits(every_step, tmp_path, capsys):
+def test_the_command_writes_a_config_whose_estimate_fits(every_step, shared_output, tmp_path, capsys):
     from engine.cli import main
 
     source, written = tmp_path / "tiny.yaml", tmp_path / "fitted.yaml"
-    source.write_text(yaml.safe_dump(tiny_raw(tmp_path)), encoding="utf-8")
+    source.write_text(yaml.safe_dump(tiny_raw(shared_output)), encoding="utf-8")
     limit = between(every_step, 1)
     assert main(["plan-memory", "--config", str(source), "--vram", str(limit), "--ram", "64",
                  "--write", str(written)]) == 0
@@ -122,11 +130,11 @@ def test_the_command_writes_a_config_whose_estimate_fits(every_step, tmp_path, c
     assert vram.estimate(fitted).peak <= limit
 
 
-def test_nothing_fits_gives_one_line_and_exit_status_1(tiny_model, tmp_path, capsys):
+def test_nothing_fits_gives_one_line_and_exit_status_1(tiny_model, shared_output, tmp_path, capsys):
     from engine.cli import main
 
     source = tmp_path / "tiny.yaml"
-    source.write_text(yaml.safe_dump(tiny_raw(tmp_path, **EVERY_STEP_TAKEN, batch_size=1)), encoding="utf-8")
+    source.write_text(yaml.safe_dump(tiny_raw(shared_output, **EVERY_STEP_TAKEN, batch_size=1)), encoding="utf-8")
     assert main(["plan-memory", "--config", str(source), "--vram", "1e-9", "--ram", "64"]) == 1
     lines = capsys.readouterr().out.splitlines()
     # fused backward would drop the clip norm: refused by the config's validation, never applied
@@ -138,8 +146,8 @@ def test_nothing_fits_gives_one_line_and_exit_status_1(tiny_model, tmp_path, cap
     assert capsys.readouterr().err == "error: --vram: a size in GiB above 0, got 0.0\n"
 
 
-def test_system_ram_above_its_limit_is_the_reason(tiny_model, tmp_path):
-    config = cfg.load(base=tiny_raw(tmp_path, **EVERY_STEP_TAKEN, batch_size=1))
+def test_system_ram_above_its_limit_is_the_reason(tiny_model, shared_output):
+    config = cfg.load(base=tiny_raw(shared_output, **EVERY_STEP_TAKEN, batch_size=1))
     plan = memory_plan.plan_memory(config, vram_gib=64, ram_gib=0.1)
     ram = plan.tried[0].estimate.ram.peak
     assert not plan.fits and plan.reason == (
@@ -178,14 +186,14 @@ def test_the_trainer_refuses_to_start_when_nothing_fits(tiny_model, tmp_path):
     assert not (tmp_path / "tiny-demo").exists()
 
 
-def test_the_app_writes_the_chosen_settings_into_the_yaml(every_step, tmp_path):
+def test_the_app_writes_the_chosen_settings_into_the_yaml(every_step, shared_output):
     from scal_gui import configs, fields
     from scal_gui.actions import Actions
     from scal_gui.jobs import JobManager
     from scal_gui.tab_train import fit_to_card
 
     actions = Actions(JobManager())
-    text = configs.to_yaml(tiny_raw(tmp_path))
+    text = configs.to_yaml(tiny_raw(shared_output))
     message, fitted = actions.fit_memory(text, between(every_step, 1), 64)
     assert message.startswith("Fits: estimated GPU peak ") and "cache.latents=true" in message
     raw = configs.parse_yaml(fitted)
