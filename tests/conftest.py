@@ -97,6 +97,20 @@ def run_cli(*args, cwd=ROOT, env=None, timeout=600):
                           text=True, timeout=timeout)
 
 
+def train_here(values: dict):
+    """Train the config `values` in this process and return its Trainer: for the run that one started from the
+    command line (killed and resumed, or several torchrun processes) is compared with. This process has
+    imported and warmed up what a new one would spend seconds on."""
+    from engine import config as cfg
+    from engine import events
+    from engine.train import Trainer
+
+    trainer = Trainer(cfg.from_dict(values))
+    result = trainer.run()
+    assert isinstance(result, events.Finished), getattr(result, "error", result)
+    return trainer
+
+
 def lora_checkpoint_over_files(output_dir, model, text_encoder, vae):
     """The checkpoint of a 2-step LoRA run (lr 1e-2 from the first step) over a family's separate files."""
     from engine import checkpoints, events

@@ -10,7 +10,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import ROOT, kill_at_checkpoint, run_cli, torchrun
+from conftest import ROOT, kill_at_checkpoint, run_cli, torchrun, train_here
 from engine.run_dir import RunDir
 from engine import checkpoints, events
 from engine import config as cfg
@@ -77,8 +77,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(model, processes, more,
         return ShardStore(folder)
 
     reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
-    reference = run_cli("train", "--config", str(write_config(tmp_path / "a.yaml", values(reference_dir))))
-    assert reference.returncode == 0, reference.stderr[-2000:]
+    train_here(values(reference_dir))
 
     kill_at_checkpoint(write_config(tmp_path / "b.yaml", values(killed_dir, killed=True)), "step-00000010", processes)
     run_dir = only_run(killed_dir)
@@ -120,8 +119,7 @@ def test_sigkill_then_resume_with_block_swap_and_offloaded_activations_is_bit_ex
             "memory.offload_activations": True})
 
     reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
-    reference = run_cli("train", "--config", str(write_config(tmp_path / "a.yaml", values(reference_dir))))
-    assert reference.returncode == 0, reference.stderr[-2000:]
+    train_here(values(reference_dir))
     kill_at_checkpoint(write_config(tmp_path / "b.yaml", values(killed_dir)), "step-00000004")
     run_dir = only_run(killed_dir)
     assert metric_steps(run_dir)[-1] < 12
