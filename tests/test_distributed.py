@@ -7,7 +7,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, train_here
 from engine import checkpoints
 from engine.testing import tiny_config
 
@@ -51,11 +51,9 @@ def test_two_gloo_ranks_equal_one_process_with_the_same_global_batch(model, tmp_
     last = f"step-{steps['trainer.max_steps']:08d}"
     single = tiny_config(tmp_path / "single", batch_size=2, **steps, **{"cache.dir": str(tmp_path / "c1")})
     ranks = tiny_config(tmp_path / "ddp", batch_size=1, **steps, **{"cache.dir": str(tmp_path / "c2")})
-    (tmp_path / "single.yaml").write_text(yaml.safe_dump(single))
     (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(ranks))
 
-    result = run_cli("train", "--config", str(tmp_path / "single.yaml"))
-    assert result.returncode == 0, result.stderr[-2000:]
+    train_here(single)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                 "-m", "engine", "train", "--config", str(tmp_path / "ddp.yaml")]
