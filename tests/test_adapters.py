@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from client_formulas import comfyui_weight
-from conftest import ROOT, kill_at_checkpoint, run_cli
+from conftest import ROOT, kill_at_checkpoint, run_cli, train_here
 from engine import checkpoints, events
 from engine import config as cfg
 from engine.testing import tiny_config
@@ -252,9 +252,7 @@ def test_a_dora_file_gives_comfyui_the_trained_weights_says_where_not_and_reads_
 
 def test_resume_after_sigkill_equals_an_uninterrupted_adapter_run(tmp_path, class_images):
     values = {**LOCON, "trainer.max_steps": 8, "checkpoint.every_n_train_steps": 3, "optimizer.params.lr": 1e-3}
-    reference = tmp_path / "a.yaml"
-    reference.write_text(yaml.safe_dump(tiny_config(tmp_path / "reference", **values)))
-    assert run_cli("train", "--config", str(reference)).returncode == 0
+    train_here(tiny_config(tmp_path / "reference", **values))
     killed = tmp_path / "b.yaml"
     killed.write_text(yaml.safe_dump(tiny_config(tmp_path / "killed", **values)))
     kill_at_checkpoint(killed, "step-00000003")
@@ -272,9 +270,8 @@ def test_two_gloo_ranks_train_the_adapter_as_one_process_with_the_same_global_ba
     # Adam's first steps move every weight by about the rate, whatever the gradient's size: a low rate keeps
     # the float differences of summing the batch in two processes small
     values = {**LOCON, "trainer.max_steps": 2, "checkpoint.every_n_train_steps": 2, "optimizer.params.lr": 1e-4}
-    (tmp_path / "single.yaml").write_text(yaml.safe_dump(tiny_config(tmp_path / "single", batch_size=2, **values)))
     (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(tiny_config(tmp_path / "ddp", batch_size=1, **values)))
-    assert run_cli("train", "--config", str(tmp_path / "single.yaml")).returncode == 0
+    train_here(tiny_config(tmp_path / "single", batch_size=2, **values))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                 "-m", "engine", "train", "--config", str(tmp_path / "ddp.yaml")]
     result = subprocess.run(torchrun, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,

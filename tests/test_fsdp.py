@@ -11,7 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_cli, torchrun
+from conftest import ROOT, run_cli, torchrun, train_here
 from engine import checkpoints
 from engine import config as cfg
 from engine import vram
@@ -51,10 +51,8 @@ def test_two_fsdp_ranks_equal_one_process_and_one_process_resumes_their_checkpoi
     # process (ddp, batch 2) resumes their checkpoint for the last 2
     one = tiny_config(tmp_path / "one", batch_size=2, model=model, **{**STEPS, "trainer.max_steps": 6})
     two = tiny_config(tmp_path / "two", batch_size=1, model=model, **STEPS, **{"trainer.strategy": "fsdp"})
-    (tmp_path / "one.yaml").write_text(yaml.safe_dump(one))
     (tmp_path / "two.yaml").write_text(yaml.safe_dump(two))
-    result = run_cli("train", "--config", str(tmp_path / "one.yaml"))
-    assert result.returncode == 0, result.stderr[-2000:]
+    train_here(one)
     result = subprocess.run(torchrun(2, "--config", str(tmp_path / "two.yaml")), cwd=ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]

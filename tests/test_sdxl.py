@@ -9,7 +9,7 @@ import yaml
 from PIL import Image, ImageOps
 from safetensors.torch import load_file
 
-from conftest import kill_at_checkpoint, run_cli
+from conftest import kill_at_checkpoint, run_cli, train_here
 from engine import checkpoints
 from engine import config as cfg
 from engine.data.index import ImageRecord
@@ -41,9 +41,7 @@ def metrics_of(run_dir):
 def test_sdxl_trains_all_three_models_and_resume_after_sigkill_is_exact(tmp_path, sample_data, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the tiny model's ops are too small to split over threads
     values = sdxl_values(tmp_path / "reference", **{"trainer.max_steps": 10, "checkpoint.every_n_train_steps": 5})
-    (tmp_path / "a.yaml").write_text(yaml.safe_dump(values))
-    result = run_cli("train", "--config", str(tmp_path / "a.yaml"))
-    assert result.returncode == 0, result.stderr[-3000:]
+    train_here(values)
     reference = only_run(tmp_path / "reference")
     losses = [m["loss"] for m in metrics_of(reference)]
     assert len(losses) == 10 and sum(losses[-3:]) < sum(losses[:3]), losses
