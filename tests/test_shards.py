@@ -14,7 +14,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import ROOT, kill_at_checkpoint, run_cli
+from conftest import ROOT, kill_at_checkpoint, run_cli, train_here
 from engine import checkpoints
 from engine import config as cfg
 from engine.data import shards as shard_source
@@ -49,14 +49,6 @@ def worst_difference(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def train_in_process(values):
-    from engine import events
-    from engine.train import Trainer
-
-    result = Trainer(cfg.from_dict(values)).run()
-    assert isinstance(result, events.Finished), getattr(result, "error", result)
-
-
 @pytest.fixture(scope="module")
 def shard_dir(sample_data, tmp_path_factory):
     target = tmp_path_factory.mktemp("shards") / "finetune"
@@ -72,7 +64,7 @@ def shard_dir(sample_data, tmp_path_factory):
 def folder_unet(sample_data, tmp_path_factory, one_torch_thread):
     """The tiny model after STEPS on the captioned sample folder, batch 2."""
     output = tmp_path_factory.mktemp("folder-run")
-    train_in_process(train_values(output, sample_data / "finetune"))
+    train_here(train_values(output, sample_data / "finetune"))
     return newest_unet(output)
 
 
@@ -113,7 +105,7 @@ def test_shard_records_equal_the_folder_records_and_pixels(shard_dir, sample_dat
 
 
 def test_shards_train_to_the_weights_of_their_folder(shard_dir, folder_unet, tmp_path, one_torch_thread):
-    train_in_process(train_values(tmp_path, shard_dir))
+    train_here(train_values(tmp_path, shard_dir))
     weights, name = newest_unet(tmp_path)
     assert name == folder_unet[1] == "step-00000008"
     assert worst_difference(weights, folder_unet[0]) <= 1e-6
