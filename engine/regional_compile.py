@@ -64,8 +64,8 @@ def compile_blocks(unet: torch.nn.Module) -> None:
 
 
 def compile_encoder(vae: torch.nn.Module) -> bool:
-    """Compile the VAE's image encoder in place, shapes static, where it is diffusers' 2D `Encoder` (the SD,
-    SDXL, Flux and Flux.2 VAEs; Qwen-Image's causal 3D encoder stays eager). True when compiled."""
+    """Compile the VAE's image encoder in place, shapes static, where it is diffusers' 2D `Encoder` (a video
+    VAE's causal 3D encoder stays eager). True when compiled."""
     from diffusers.models.autoencoders.vae import Encoder
 
     encoder = getattr(vae, "encoder", None)
