@@ -228,6 +228,10 @@ class Trainer(Job):
             from .regional_compile import refuse_unusable
 
             refuse_unusable(device)
+        # Downloaded (or built, for a demo model), or failed, before any run folder exists, and before joining
+        # the process group: transformers' save_pretrained writes no weights on a rank other than 0 once a
+        # group exists, so a demo model built there would have empty text encoders.
+        resolve_model_path(self.config.model, self.config.model_sha256)
         topology = distributed.init_from_environment(use_cuda=device.type == "cuda")
         refused = False
         try:
@@ -334,7 +338,6 @@ class Trainer(Job):
         """Run folder, class images, models, data and caches, optimizer, resumed state and loggers, in that
         order. None when a stop request came during class image generation."""
         config = self.config
-        resolve_model_path(config.model, config.model_sha256)  # download, or fail, before creating a run folder
         resume_from = self._open_run_dir(topology, cleanup)
         random.seed(config.seed)
         np.random.seed(config.seed % 2**32)

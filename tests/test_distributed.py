@@ -1,4 +1,5 @@
 """torchrun with two CPU processes (gloo) trains exactly like one process with the same global batch."""
+import json
 import os
 import subprocess
 import sys
@@ -99,6 +100,24 @@ def test_fused_backward_is_refused_at_start_when_torchrun_starts_two_processes(t
     assert refusals[0].startswith("error: config key 'optimizer.fused_backward': works in one training process "
                                   "only (2 were started)")
     assert not (tmp_path / "out").exists()  # refused before a run folder was made
+
+
+def test_two_ranks_on_an_empty_cache_build_the_demo_model_whole_and_train_on_it(tmp_path):
+    """Both ranks find the demo model missing and build it at once: whichever copy lands, its text encoder has
+    its weights (a rank other than 0 inside a process group would write none) and both ranks load it."""
+    values = tiny_config(tmp_path / "out", **{
+        "prior_preservation.enabled": False, "trainer.max_steps": 1, "sampling.interval_steps": 0,
+        "data.concepts": [{"instance_set": {"path": "demo:sample-data/instance", "prompt": "sks toy"}}]})
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(values))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "engine", "train", "--config", str(tmp_path / "run.yaml")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SCAL_SDT_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run(torchrun, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    weights = load_file(tmp_path / "cache" / "tiny-sd" / "text_encoder" / "model.safetensors")
+    assert len(weights) > 10
+    (run_dir,) = (tmp_path / "out" / "tiny-demo").iterdir()
+    assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1]
 
 
 # -- every optimizer mode: two gloo ranks at batch 1 against one process at batch 2 ------------------------------
