@@ -136,6 +136,35 @@ def torchrun(processes: int, *train_args) -> list:
             "-m", "engine", "train", *train_args]
 
 
+def run_torchrun(processes: int, *train_args, env=None, timeout=480):
+    """Run `engine train train_args` in `processes` gloo processes to its end, one torch thread each, and return
+    the completed process (text output). Should it outlive `timeout`, every process prints its threads' stacks
+    (faulthandler, on SIGABRT) before all are killed, and the test fails with the end of that output."""
+    import contextlib
+    import signal
+    import subprocess
+
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **(env or {})}
+    command = torchrun(processes, *train_args)
+    process = subprocess.Popen(command, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        import psutil
+
+        for child in psutil.Process(process.pid).children(recursive=True):
+            child.send_signal(signal.SIGABRT)
+        try:
+            stdout, stderr = process.communicate(timeout=30)
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # all gone already
+                os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail(f"torchrun ran past {timeout} s; its processes' stacks and output:\n{stdout[-3000:]}\n"
+                    f"{stderr[-12000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
 def kill_at_checkpoint(config_path, checkpoint_name: str, processes: int = 1) -> None:
     """Train config_path from the CLI (through torchrun for several processes) and SIGKILL it, every process
     at once, as soon as it reports the checkpoint checkpoint_name."""

@@ -3,9 +3,6 @@ has them (tests/client_formulas.py), exact resume (after SIGKILL and in two gloo
 refusals."""
 import io
 import logging
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from client_formulas import comfyui_weight
-from conftest import ROOT, kill_at_checkpoint, run_cli, train_here
+from conftest import kill_at_checkpoint, run_cli, run_torchrun, train_here
 from engine import checkpoints, events
 from engine import config as cfg
 from engine.testing import tiny_config
@@ -272,10 +269,7 @@ def test_two_gloo_ranks_train_the_adapter_as_one_process_with_the_same_global_ba
     values = {**LOCON, "trainer.max_steps": 2, "checkpoint.every_n_train_steps": 2, "optimizer.params.lr": 1e-4}
     (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(tiny_config(tmp_path / "ddp", batch_size=1, **values)))
     train_here(tiny_config(tmp_path / "single", batch_size=2, **values))
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "-m", "engine", "train", "--config", str(tmp_path / "ddp.yaml")]
-    result = subprocess.run(torchrun, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                            text=True, timeout=240)
+    result = run_torchrun(2, "--config", str(tmp_path / "ddp.yaml"))
     assert result.returncode == 0, result.stderr[-3000:]
     runs = [next((tmp_path / name / "tiny-demo").iterdir()) for name in ("single", "ddp")]
     for component in ("unet", "text_encoder"):

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from conftest import ROOT, train_here
+from conftest import ROOT, run_torchrun, train_here
 from engine import checkpoints
 from engine.testing import tiny_config
 
@@ -55,10 +55,7 @@ def test_two_gloo_ranks_equal_one_process_with_the_same_global_batch(model, tmp_
     (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(ranks))
 
     train_here(single)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "-m", "engine", "train", "--config", str(tmp_path / "ddp.yaml")]
-    result = subprocess.run(torchrun, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    result = run_torchrun(2, "--config", str(tmp_path / "ddp.yaml"))
     assert result.returncode == 0, result.stderr[-3000:]
 
     assert len(list((tmp_path / "ddp" / "tiny-demo").iterdir())) == 1
@@ -90,10 +87,7 @@ def test_two_gloo_ranks_equal_one_process_with_the_same_global_batch(model, tmp_
 def test_fused_backward_is_refused_at_start_when_torchrun_starts_two_processes(tmp_path):
     values = tiny_config(tmp_path / "out", **{"optimizer.fused_backward": True, "trainer.max_steps": 2})
     (tmp_path / "fused.yaml").write_text(yaml.safe_dump(values))
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "-m", "engine", "train", "--config", str(tmp_path / "fused.yaml")]
-    result = subprocess.run(torchrun, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                            text=True, timeout=240)
+    result = run_torchrun(2, "--config", str(tmp_path / "fused.yaml"))
     assert result.returncode != 0
     refusals = [line for line in result.stderr.splitlines() if "optimizer.fused_backward" in line]
     assert len(refusals) == 1, result.stderr[-3000:]
@@ -109,10 +103,7 @@ def test_two_ranks_on_an_empty_cache_build_the_demo_model_whole_and_train_on_it(
         "prior_preservation.enabled": False, "trainer.max_steps": 1, "sampling.interval_steps": 0,
         "data.concepts": [{"instance_set": {"path": "demo:sample-data/instance", "prompt": "sks toy"}}]})
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(values))
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "-m", "engine", "train", "--config", str(tmp_path / "run.yaml")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SCAL_SDT_CACHE": str(tmp_path / "cache")}
-    result = subprocess.run(torchrun, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    result = run_torchrun(2, "--config", str(tmp_path / "run.yaml"), env={"SCAL_SDT_CACHE": str(tmp_path / "cache")})
     assert result.returncode == 0, result.stderr[-3000:]
     weights = load_file(tmp_path / "cache" / "tiny-sd" / "text_encoder" / "model.safetensors")
     assert len(weights) > 10

@@ -2,16 +2,14 @@
 checkpoints one process writes (which one process resumes), refuse at start what they cannot shard, and the
 estimate's per-process figures."""
 import json
-import os
 import re
-import subprocess
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_cli, torchrun, train_here
+from conftest import run_cli, run_torchrun, train_here
 from engine import checkpoints
 from engine import config as cfg
 from engine import vram
@@ -53,8 +51,7 @@ def test_two_fsdp_ranks_equal_one_process_and_one_process_resumes_their_checkpoi
     two = tiny_config(tmp_path / "two", batch_size=1, model=model, **STEPS, **{"trainer.strategy": "fsdp"})
     (tmp_path / "two.yaml").write_text(yaml.safe_dump(two))
     train_here(one)
-    result = subprocess.run(torchrun(2, "--config", str(tmp_path / "two.yaml")), cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=240)
+    result = run_torchrun(2, "--config", str(tmp_path / "two.yaml"))
     assert result.returncode == 0, result.stderr[-3000:]
     single, sharded = only_run(tmp_path / "one"), only_run(tmp_path / "two")
 

@@ -10,7 +10,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import ROOT, kill_at_checkpoint, run_cli, torchrun, train_here
+from conftest import ROOT, kill_at_checkpoint, run_cli, run_torchrun, train_here
 from engine.run_dir import RunDir
 from engine import checkpoints, events
 from engine import config as cfg
@@ -87,8 +87,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(model, processes, more,
     assert len(latents(killed_dir)) > 0 and len(latents(reference_dir)) == crops
 
     resumed = (run_cli("train", "--resume", str(run_dir)) if processes == 1 else
-               subprocess.run(torchrun(processes, "--resume", str(run_dir)), cwd=ROOT, capture_output=True,
-                              text=True, timeout=600))
+               run_torchrun(processes, "--resume", str(run_dir), timeout=600))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     steps = values(reference_dir)["trainer"]["max_steps"]
     assert metric_steps(run_dir) == list(range(1, steps + 1))

@@ -4,8 +4,6 @@ import io
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tarfile
 
 import numpy as np
@@ -14,7 +12,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import ROOT, kill_at_checkpoint, run_cli, train_here
+from conftest import kill_at_checkpoint, run_cli, run_torchrun, train_here
 from engine import checkpoints
 from engine import config as cfg
 from engine.data import shards as shard_source
@@ -129,10 +127,7 @@ def test_sigkill_then_resume_over_shards_is_exact(shard_dir, folder_unet, tmp_pa
 
 def test_two_gloo_ranks_over_shards_train_like_one_process(shard_dir, folder_unet, tmp_path):
     (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(train_values(tmp_path / "ddp", shard_dir, batch_size=1)))
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "-m", "engine", "train", "--config", str(tmp_path / "ddp.yaml")]
-    result = subprocess.run(torchrun, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                            text=True, timeout=240)
+    result = run_torchrun(2, "--config", str(tmp_path / "ddp.yaml"))
     assert result.returncode == 0, result.stderr[-3000:]
     weights, name = newest_unet(tmp_path / "ddp")
     assert name == "step-00000008"
