@@ -1,3 +1,4 @@
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -11,6 +12,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # models' ops are too small to split, and two test processes share the cores, where torch's spinning thread
 # pools make each run several times slower.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Every process a test starts prints its threads' stacks when it dies of a fatal signal: a test that finds a
+# training process hung sends it SIGABRT (abort_children) and shows where it was.
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
 
 import pytest
 
@@ -136,25 +140,33 @@ def torchrun(processes: int, *train_args) -> list:
             "-m", "engine", "train", *train_args]
 
 
+def abort_children(pid: int) -> None:
+    """SIGABRT to every process below `pid` (torchrun's ranks), each of which prints its threads' stacks
+    (PYTHONFAULTHANDLER) and dies."""
+    import signal
+
+    import psutil
+
+    for child in psutil.Process(pid).children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.send_signal(signal.SIGABRT)
+
+
 def run_torchrun(processes: int, *train_args, env=None, timeout=480):
     """Run `engine train train_args` in `processes` gloo processes to its end, one torch thread each, and return
     the completed process (text output). Should it outlive `timeout`, every process prints its threads' stacks
-    (faulthandler, on SIGABRT) before all are killed, and the test fails with the end of that output."""
-    import contextlib
+    (abort_children) before all are killed, and the test fails with the end of that output."""
     import signal
     import subprocess
 
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **(env or {})}
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     command = torchrun(processes, *train_args)
     process = subprocess.Popen(command, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, start_new_session=True)
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        import psutil
-
-        for child in psutil.Process(process.pid).children(recursive=True):
-            child.send_signal(signal.SIGABRT)
+        abort_children(process.pid)
         try:
             stdout, stderr = process.communicate(timeout=30)
         finally:

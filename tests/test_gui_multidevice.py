@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, abort_children
 from engine import distributed, events
 from engine.errors import UserError
 from engine.testing import tiny_config
@@ -34,9 +34,12 @@ def spawned(monkeypatch):
     yield jobs
     for job in jobs:
         if job.process.poll() is None:
-            job.process.terminate()  # torchrun passes it on to the ranks, which a kill would orphan
-            job.process.wait(60)
-            pytest.fail("a training child process was left running")
+            # the child's error output (a file the job closes once the child ends), opened again through /proc
+            with open(f"/proc/{job.process.pid}/fd/2", "rb") as stderr:
+                abort_children(job.process.pid)  # the ranks print where they were and die; torchrun then ends
+                job.process.wait(60)
+                output = stderr.read()[-12000:].decode("utf-8", "replace")
+            pytest.fail(f"a training child process was left running; its ranks' stacks and output:\n{output}")
 
 
 def wait_for(predicate, timeout):
