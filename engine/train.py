@@ -16,6 +16,7 @@ import shutil
 import re
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -233,6 +234,19 @@ class Trainer(Job):
         # group exists, so a demo model built there would have empty text encoders.
         resolve_model_path(self.config.model, self.config.model_sha256)
         topology = distributed.init_from_environment(use_cuda=device.type == "cuda")
+        # The process group ends once the models are gone, those of a failure's frames included. DDP's reducer
+        # holds the group: were it the last to let go, ending the group would wait for gloo's threads while
+        # holding the GIL, which a thread finishing a collective on a Python tensor needs, and the rank would
+        # hang at the end of its run. The group's own Python object lets go of the GIL before it waits.
+        try:
+            return self._train_in_group(plan, topology, device)
+        except BaseException as failure:
+            traceback.clear_frames(failure.__traceback__)
+            raise
+        finally:
+            distributed.shutdown(topology)
+
+    def _train_in_group(self, plan: RunPlan, topology: distributed.Topology, device: torch.device) -> events.Event:
         refused = False
         try:
             with contextlib.ExitStack() as cleanup:
@@ -251,7 +265,6 @@ class Trainer(Job):
         finally:
             # the finished job must not keep the models alive (the app holds on to its last job)
             self._models = None
-            distributed.shutdown(topology)
             if refused and topology.is_main:
                 self._discard_untrained_run_dir()
 

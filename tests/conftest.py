@@ -152,10 +152,27 @@ def abort_children(pid: int) -> None:
             child.send_signal(signal.SIGABRT)
 
 
+def innermost_frames(output: str, frames: int = 8) -> str:
+    """The threads' stacks that faulthandler printed into `output`, each cut to its `frames` innermost frames:
+    where every process was, short enough to end a failure's message (the part of a long one that is shown)."""
+    kept, taken = [], None
+    for line in output.splitlines():
+        if line.startswith(("Fatal Python error", "Thread 0x", "Current thread 0x")):
+            kept.append(line)
+            taken = 0
+        elif taken is not None and line.startswith('  File "'):
+            if taken < frames:
+                kept.append(line)
+            taken += 1
+        else:
+            taken = None
+    return "\n".join(kept)
+
+
 def run_torchrun(processes: int, *train_args, env=None, timeout=480):
     """Run `engine train train_args` in `processes` gloo processes to its end, one torch thread each, and return
     the completed process (text output). Should it outlive `timeout`, every process prints its threads' stacks
-    (abort_children) before all are killed, and the test fails with the end of that output."""
+    (abort_children) before all are killed, and the test fails with that output, ending with where each was."""
     import signal
     import subprocess
 
@@ -172,8 +189,8 @@ def run_torchrun(processes: int, *train_args, env=None, timeout=480):
         finally:
             with contextlib.suppress(ProcessLookupError):  # all gone already
                 os.killpg(process.pid, signal.SIGKILL)
-        pytest.fail(f"torchrun ran past {timeout} s; its processes' stacks and output:\n{stdout[-3000:]}\n"
-                    f"{stderr[-12000:]}")
+        pytest.fail(f"torchrun ran past {timeout} s; its output:\n{stdout[-3000:]}\n{stderr[-8000:]}\n"
+                    f"its processes' innermost frames:\n{innermost_frames(stderr)}")
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, abort_children
+from conftest import ROOT, abort_children, innermost_frames
 from engine import distributed, events
 from engine.errors import UserError
 from engine.testing import tiny_config
@@ -38,8 +38,9 @@ def spawned(monkeypatch):
             with open(f"/proc/{job.process.pid}/fd/2", "rb") as stderr:
                 abort_children(job.process.pid)  # the ranks print where they were and die; torchrun then ends
                 job.process.wait(60)
-                output = stderr.read()[-12000:].decode("utf-8", "replace")
-            pytest.fail(f"a training child process was left running; its ranks' stacks and output:\n{output}")
+                output = stderr.read().decode("utf-8", "replace")
+            pytest.fail(f"a training child process was left running; its output:\n{output[-8000:]}\n"
+                        f"its ranks' innermost frames:\n{innermost_frames(output)}")
 
 
 def wait_for(predicate, timeout):
