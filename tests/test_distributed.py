@@ -178,6 +178,15 @@ def mode_runs(tmp_path_factory, sample_data, tiny_model):
     return runs, load_file(tiny_model / "unet" / "diffusion_pytorch_model.safetensors")
 
 
+def test_a_rank_ends_its_process_group_after_its_ddp_wrappers(mode_runs):
+    """A DDP wrapper still alive then would be the last to hold the group, whose end would wait for gloo's threads
+    while holding the GIL they may need, and the rank could hang at the end of its run."""
+    runs, _ = mode_runs
+    for mode, (rank0, rank1, one) in runs.items():
+        assert [len(rank0["forwards"]), len(rank1["forwards"])] == [1, 1], mode  # each rank wrapped its UNet
+        assert [rank0["alive_at_end"], rank1["alive_at_end"], one["alive_at_end"]] == [0, 0, 0], mode
+
+
 @pytest.mark.parametrize("mode", list(MODES))
 def test_every_optimizer_mode_trains_alike_on_two_gloo_ranks_and_one_process(mode, mode_runs):
     import torch
