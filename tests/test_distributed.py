@@ -221,3 +221,29 @@ def test_every_optimizer_mode_trains_alike_on_two_gloo_ranks_and_one_process(mod
         mean = torch.cat([d.flatten() for d in difference.values()]).mean()
         assert mean < 0.05 * moved.mean(), (mean, moved.mean())
         assert rank0["weights"][full[0]].dtype == torch.bfloat16
+
+
+def test_a_failed_run_has_let_go_of_its_models_when_it_ends_its_process_group(tmp_path, tiny_model, monkeypatch):
+    """A fault in the step leaves frames that hold the models; they are cleared before the process group ends, so
+    that, as on a run that finishes, DDP's reducer is not what ends the group."""
+    import weakref
+
+    import engine.train
+    from engine import config as cfg
+    from engine import events
+
+    unets, alive = [], []
+
+    def faulty_step(config, models, *args, **kwargs):
+        unets.append(weakref.ref(models.unet))
+        raise RuntimeError("a fault in the step")
+
+    monkeypatch.setattr(engine.train, "compute_loss", faulty_step)
+    monkeypatch.setattr(engine.train.distributed, "shutdown", lambda topology: alive.append(unets[0]() is not None))
+    values = tiny_config(tmp_path / "out", **{
+        "prior_preservation.enabled": False, "trainer.max_steps": 1, "sampling.interval_steps": 0,
+        "data.concepts": [{"instance_set": {"path": "demo:sample-data/instance", "prompt": "sks toy"}}]})
+    result = engine.train.Trainer(cfg.from_dict(values)).run()
+    assert isinstance(result, events.Failed) and "RuntimeError: a fault in the step" in result.error
+    assert 'in faulty_step\n    raise RuntimeError("a fault in the step")' in result.error  # the traceback is whole
+    assert alive == [False]
