@@ -61,12 +61,12 @@ def compile_blocks(unet: torch.nn.Module) -> None:
     """Compile the denoiser's repeated blocks in place, shapes static, each making its tensor inputs contiguous
     first."""
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache()
-    for block in unet.modules():
-        if type(block).__name__ in unet._repeated_blocks:
-            # Inside the compiled region. A compiled block handed a non-contiguous view with a batch of 1 (an SD1
-            # UNet's blocks get proj_in's output permuted and reshaped) returned an input gradient 12 % off.
-            block.register_forward_pre_hook(_contiguous_inputs, with_kwargs=True)
     unet.compile_repeated_blocks(dynamic=False)  # diffusers' ModelMixin: block.compile() on each
+    for block in compiled_blocks(unet):
+        # Traced into the block's graph at its first call. A compiled block handed a non-contiguous view with a
+        # batch of 1 (an SD1 UNet's blocks get proj_in's output permuted and reshaped) returned an input
+        # gradient 12 % off.
+        block.register_forward_pre_hook(_contiguous_inputs, with_kwargs=True)
 
 
 def _contiguous_inputs(block: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
