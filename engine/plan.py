@@ -88,6 +88,9 @@ def refuse_for_fsdp(config: Config, processes: int) -> None:
                                "adapter's are small and its frozen base is what DDP with base_dtype saves")
     if config.trains_text_encoder:
         refuse("train_text_encoder", "fsdp shards the denoiser alone; the text encoder cannot train")
+    if config.compile:
+        refuse("compile", "fully_shard makes each transformer block a class of its own, which regional "
+                          "compilation does not find; set it to false")
     if config.ema.enabled:
         refuse("ema.enabled", "the main process keeps the average from whole weights, which no process holds; "
                               "EMA cannot be kept")
@@ -108,12 +111,6 @@ def refuse_for_processes(config: Config, processes: int) -> None:
         raise ConfigError(f"config key 'memory.blocks_on_cpu': works in one training process only ({processes} "
                           "were started): DDP and FSDP keep each parameter on its device; set it to 0 or train on one "
                           "device")
-    if processes > 1 and config.compile:
-        # DDP: the compiled blocks' adapter gradients came out unlike the eager run's (2 gloo processes, tiny SD);
-        # FSDP: fully_shard makes each transformer block a class of its own, which regional compilation misses
-        raise ConfigError(f"config key 'compile': works in one training process only ({processes} were started): "
-                          "neither DDP nor FSDP trains compiled blocks as it trains eager ones; set it to false or "
-                          "train on one device")
     if config.trainer.strategy == "fsdp":
         refuse_for_fsdp(config, processes)
 

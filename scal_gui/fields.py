@@ -429,7 +429,7 @@ ADVANCED = (
     Field("flow.guidance", "Guidance while training", "Flux.1-dev's guidance input; empty = 1.0"),
     Field("xformers", "xformers attention", "used only when installed and on CUDA"),
     Field("compile", "Compile the denoiser's blocks", "torch.compile of its repeated blocks: faster steps after "
-          "the first step of each image size compiles; one process, not with blocks on the CPU"),
+          "the first step of each image size compiles; not with blocks on the CPU or fsdp"),
     # beside the memory switches: on one GPU per process, what lets a full fine-tune fit several
     Field("trainer.strategy", "Multi-device strategy", "ddp: each device holds the whole model; fsdp: a full "
           "fine-tune's weights, gradients and optimizer states are split over the devices (README, Several GPUs)"),

@@ -81,12 +81,14 @@ def test_compile_is_refused_with_block_swap():
         cfg.from_dict(values)
 
 
-def test_compile_is_refused_with_several_processes():
-    assert make_plan(cfg.from_dict(tiny_config("/tmp", compile=True)), "cpu", processes=1).processes == 1
-    for strategy in ("ddp", "fsdp"):
+def test_compile_is_refused_with_fsdp_alone():
+    """DDP trains each process's compiled blocks (test_distributed); FSDP's sharded blocks are not found."""
+    for strategy, processes in (("ddp", 1), ("ddp", 2)):
         config = cfg.from_dict(tiny_config("/tmp", compile=True, **{"trainer.strategy": strategy}))
-        with pytest.raises(cfg.ConfigError, match=r"^config key 'compile': works in one training process only"):
-            make_plan(config, "cpu", processes=2)
+        assert make_plan(config, "cpu", processes=processes).processes == processes
+    config = cfg.from_dict(tiny_config("/tmp", compile=True, **{"trainer.strategy": "fsdp"}))
+    with pytest.raises(cfg.ConfigError, match=r"^config key 'compile': fully_shard .* with 'trainer.strategy: fsdp'"):
+        make_plan(config, "cpu", processes=2)
 
 
 def test_compile_without_a_cpp_compiler_is_refused_at_start(tmp_path, monkeypatch):

@@ -51,13 +51,16 @@ EDIT = {"trainer.max_steps": 15, "sampling.interval_steps": 0, "prior_preservati
 
 
 # fsdp: two processes shard the Flux.1 transformer at batch 1 (the reference is one process at batch 2), are
-# killed together and resume together from the checkpoint gathered into one process's layout
+# killed together and resume together from the checkpoint gathered into one process's layout.
+# compile: the resumed run compiles its blocks again (from the kernels cached on disk) and the VAE encoder, which
+# the first epoch runs to fill the latent cache.
 @pytest.mark.parametrize("model,processes,more,epoch_steps,crops", [
     ("demo:tiny-sd", 1, {}, 15, 20), ("demo:tiny-flux", 1, {}, 15, 20), ("demo:tiny-qwen-image", 1, {}, 15, 20),
     ("demo:tiny-chroma", 1, {}, 15, 20), ("demo:tiny-z-image", 1, {}, 15, 20), ("demo:tiny-flux2-klein", 1, {}, 15, 20),
-    ("demo:tiny-qwen-image-edit", 1, EDIT, 12, 16), ("demo:tiny-flux", 2, {}, 15, 20)],
+    ("demo:tiny-qwen-image-edit", 1, EDIT, 12, 16), ("demo:tiny-flux", 2, {}, 15, 20),
+    ("demo:tiny-sd", 1, {"compile": True}, 15, 20)],
     ids=["demo:tiny-sd", "demo:tiny-flux", "demo:tiny-qwen-image", "demo:tiny-chroma", "demo:tiny-z-image",
-         "demo:tiny-flux2-klein", "demo:tiny-qwen-image-edit", "fsdp"])
+         "demo:tiny-flux2-klein", "demo:tiny-qwen-image-edit", "fsdp", "compile"])
 def test_sigkill_then_resume_equals_an_uninterrupted_run(model, processes, more, epoch_steps, crops, tmp_path,
                                                          class_images):
     from engine.data.cache import ShardStore
