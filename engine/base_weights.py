@@ -49,8 +49,10 @@ def upcast(stored: torch.Tensor, scale: torch.Tensor, shape: torch.Size, dtype: 
     if stored.dtype == torch.uint8:
         import bitsandbytes  # noqa: F401 (registers torch.ops.bitsandbytes)
 
-        # flat, as quantize_4bit packed it: bitsandbytes' CPU kernel needs an even last dimension
-        flat = torch.ops.bitsandbytes.dequantize_4bit(stored, scale, NF4_BLOCK, "nf4", [shape.numel()], dtype)
+        # flat, as quantize_4bit packed it: bitsandbytes' CPU kernel needs an even last dimension. One row of
+        # them rather than a 1-D shape, which that kernel returns as one row while the op's shape function (what
+        # a compiled block checks its outputs against) says 1-D.
+        flat = torch.ops.bitsandbytes.dequantize_4bit(stored, scale, NF4_BLOCK, "nf4", [1, shape.numel()], dtype)
         return flat.view(shape)
     weight = stored.to(dtype)
     return weight if scale.numel() == 0 else weight * scale.to(dtype).view(-1, *[1] * (stored.dim() - 1))

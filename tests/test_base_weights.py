@@ -50,6 +50,22 @@ def test_a_stored_network_computes_with_its_dequantized_weights(storage):
     assert 0 < error < {"bf16": 0.005, "fp8": 0.05, "int8": 0.005, "nf4": 0.05}[storage]
 
 
+@pytest.mark.parametrize("storage", ["fp8", "int8", "nf4"])
+def test_a_compiled_stored_network_computes_as_the_eager_one(storage):
+    """`compile` traces the stored layers inside the blocks it compiles, and checks each op's outputs against
+    the op's own shape function (bitsandbytes' nf4 kernel returns a 1-D shape as one row)."""
+    net = model()
+    store_frozen(net, STORAGE[storage])
+    compiled = torch.compile(net, dynamic=False)
+    x = torch.randn(4, 3, 4, 4, requires_grad=True)
+    x_compiled = x.detach().clone().requires_grad_(True)
+    out, out_compiled = net(x), compiled(x_compiled)
+    torch.testing.assert_close(out_compiled, out, rtol=1e-5, atol=1e-5)
+    out.square().sum().backward()
+    out_compiled.square().sum().backward()
+    torch.testing.assert_close(x_compiled.grad, x.grad, rtol=1e-5, atol=1e-5)
+
+
 def test_backward_keeps_the_stored_weight_not_an_upcast_copy():
     net = model()
     store_frozen(net, torch.float8_e4m3fn)
