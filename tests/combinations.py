@@ -114,6 +114,7 @@ FACTORS: dict[str, list[str]] = {
     # without it these rows train a LoRA
     "swap": ["off", "on"],
     "offload": ["off", "on"],              # memory.offload_activations, with gradient_checkpointing
+    "compile": ["off", "on"],              # compile: the denoiser's repeated blocks and the VAE encoder
 }
 
 # Pairs whose meaning is "this cache is off", which the engine says with a warning (cache.attach_caches):
@@ -148,6 +149,7 @@ FSDP_REFUSED: dict[tuple[str, str], str] = {
     ("locon", "on"): "network.type",
     ("base", "nf4"): "network.type",  # nf4 storage needs an adapter
     ("swap", "on"): "memory.blocks_on_cpu",
+    ("compile", "on"): "compile",
 }
 
 ROW_STEPS = 2
@@ -198,6 +200,7 @@ def row_values(row: dict[str, str], output_dir: Path, class_dir: Path, existing_
         # Flux.1's sides are multiples of 16: a step of 64 / 4
         "aspect_ratio_bucket.c_div": 4 if row["model"] == "flux" else 8,
         "train_text_encoder": on["te"],
+        "compile": on["compile"],
         "min_snr_gamma": 5.0 if on["minsnr"] else None,
         "noise_offset": 0.05 if on["noiseoffset"] else 0.0,
         "augment": copy.deepcopy(AUGMENT) if on["augment"] else [],
