@@ -23,8 +23,8 @@ sys.path.insert(0, str(ROOT))
 
 # The files that take longest, first. The suite runs each file whole in one process (`--dist loadfile`), taking
 # files in collection order: one of these started last would leave the other process idle for minutes.
-LONGEST_FIRST = ("test_vram.py", "test_reliability.py", "test_distributed.py", "test_memory_plan.py",
-                 "test_fsdp.py")
+LONGEST_FIRST = ("test_vram.py", "test_combinations.py", "test_reliability.py", "test_distributed.py",
+                 "test_memory_plan.py", "test_fsdp.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -19,9 +19,9 @@ from engine.vram import BNB_MIN_8BIT_SIZE
 from engine import config as cfg
 from engine import events
 
-# Any seed covers every pair; 37 gives 14 rows for these factors, 5 of them compiled (most seeds give 15 or more
-# rows, 6 or more compiled).
-PAIRWISE_SEED = 37
+# Any seed covers every pair; 913 gives 14 rows for these factors (most seeds 15 or more), 5 of them compiled,
+# one of those with buckets (each bucket's size compiles its own graphs).
+PAIRWISE_SEED = 913
 MAX_ROWS = 14  # each row is a training run: more would outgrow the matrix's time budget
 CAPTIONED = "demo:sample-data/finetune"
 MODEL_FILES = {"unet": "unet/diffusion_pytorch_model.safetensors", "text_encoder": "text_encoder/model.safetensors",
