@@ -117,6 +117,7 @@ FP32_TOLERANCE = 1e-5
 SCHEDULE_FREE_SIDE_TASKS = {"optimizer.name": "adamw_schedulefree", "checkpoint.every_n_train_steps": 2,
                             "sampling.interval_steps": 2, "sampling.concepts[0].num_samples": 1,
                             "validation.every_n_steps": 1, "validation.split": 0.2, "validation.timesteps": [500]}
+LORA = {"network.type": "lora", "network.rank": 4, "network.alpha": 4, "optimizer.params.lr": 1e-2}
 # mode: (overrides, the largest difference from one process allowed, or None for bf16 weights)
 MODES = {
     "adamw": ({}, FP32_TOLERANCE),
@@ -132,12 +133,10 @@ MODES = {
     # Prodigy's own step size starts at 1e-6 and grows over far more steps than these: lr multiplies it, so
     # that the weights travel as far as the others'.
     "prodigy": ({"optimizer.name": "prodigy", "optimizer.params.lr": 100.0}, FP32_TOLERANCE),
-    "lora": ({"network.type": "lora", "network.rank": 4, "network.alpha": 4, "optimizer.params.lr": 1e-2},
-             FP32_TOLERANCE),
+    "lora": (LORA, FP32_TOLERANCE),
     "accumulate": ({"trainer.accumulate_grad_batches": 3}, FP32_TOLERANCE),
     # each rank compiles its own blocks, which at batch 1 are handed a non-contiguous view of one image
-    "lora-compile": ({"network.type": "lora", "network.rank": 4, "network.alpha": 4, "optimizer.params.lr": 1e-2,
-                      "compile": True}, FP32_TOLERANCE),
+    "lora-compile": ({**LORA, "compile": True}, FP32_TOLERANCE),
 }
 
 
