@@ -183,6 +183,7 @@ def _shared_options(row: dict[str, str], on: dict[str, bool], prompt: str, cache
         "uncond": {"enabled": on["uncond"], "p": 0.5},
         "memory": {"blocks_on_cpu": 1 if on["swap"] else 0, "offload_activations": on["offload"]},
         "gradient_checkpointing": on["offload"],
+        "compile": on["compile"],
     }
 
 
@@ -200,7 +201,6 @@ def row_values(row: dict[str, str], output_dir: Path, class_dir: Path, existing_
         # Flux.1's sides are multiples of 16: a step of 64 / 4
         "aspect_ratio_bucket.c_div": 4 if row["model"] == "flux" else 8,
         "train_text_encoder": on["te"],
-        "compile": on["compile"],
         "min_snr_gamma": 5.0 if on["minsnr"] else None,
         "noise_offset": 0.05 if on["noiseoffset"] else 0.0,
         "augment": copy.deepcopy(AUGMENT) if on["augment"] else [],
@@ -242,6 +242,7 @@ FLOW_FACTORS: dict[str, list[str]] = {
     "val": ["off", "on"],                  # validation on a held-out split at the last step
     "swap": ["off", "on"],                 # memory.blocks_on_cpu: 1
     "offload": ["off", "on"],              # memory.offload_activations, with gradient_checkpointing
+    "compile": ["off", "on"],              # compile: the transformer's repeated blocks and the VAE encoder
 }
 FLOW_ROW_MODELS = {"qwen-image": "demo:tiny-qwen-image", "chroma": "demo:tiny-chroma", "z-image": "demo:tiny-z-image",
                    "flux2-klein": "demo:tiny-flux2-klein", "qwen-image-edit": "demo:tiny-qwen-image-edit"}

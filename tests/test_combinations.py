@@ -42,8 +42,10 @@ REFUSED = refused_pairs(FACTORS, _probe_values)
 ROWS = pairwise_rows(FACTORS, set(REFUSED) | INELIGIBLE | set(FAMILY_REFUSED), seed=PAIRWISE_SEED)
 ROW_IDS = [row_id(i, row, FACTORS) for i, row in enumerate(ROWS)]
 
-FLOW_SEED = 19  # 16 rows; the families' five stand-ins times base_dtype's three levels need 15
-MAX_FLOW_ROWS = 16
+# 17 rows (the families' five stand-ins times base_dtype's three levels need 15), 5 of them compiled, the fewest
+# pairwise covering allows: one per family, Qwen-Image-Edit's with buckets.
+FLOW_SEED = 506
+MAX_FLOW_ROWS = 17
 FLOW_REFUSED = refused_pairs(FLOW_FACTORS, lambda row: flow_row_values(row, **_FLOW_PROBE_PATHS))
 FLOW_ROWS = pairwise_rows(FLOW_FACTORS, set(FLOW_REFUSED) | set(FLOW_FAMILY_REFUSED), seed=FLOW_SEED)
 FLOW_ROW_IDS = [row_id(i, row, FLOW_FACTORS) for i, row in enumerate(FLOW_ROWS)]
@@ -59,6 +61,7 @@ EXPECTED_FLOW_REFUSED = {
     (("fused", "on"), ("gradclip", "on")): "optimizer.fused_backward",
     (("network", "full"), ("base", "nf4")): "base_dtype",
     (("network", "full"), ("swap", "on")): "memory.blocks_on_cpu",
+    (("swap", "on"), ("compile", "on")): "compile",
 }
 # the tensors peft starts at zero, one of which any trained adapter has moved
 ZERO_STARTED = re.compile(r"\.(lora_B|lokr_w1|lokr_w1_a|hada_w2_b)(\.|$)")
@@ -114,6 +117,14 @@ def assert_caches(log, cache_dir: Path, latents: bool, text: bool) -> None:
     assert bool(list(cache_dir.glob("latents-*/*.safetensors"))) == latents
     assert bool(messages(log, "text-embedding cache ")) == text
     assert bool(list(cache_dir.glob("text-*/*.safetensors"))) == text
+
+
+def assert_compiled(log, metrics, compiled: bool) -> None:
+    """The first step compiled the blocks (a later one too where its bucket's size is new), the compile seconds
+    reported apart; a run without compile has neither."""
+    assert bool(messages(log, "compile: ")) == compiled
+    assert (metrics[0].get("compile_s", 0) > 0) == compiled
+    assert any("compile_s" in m for m in metrics) == compiled
 
 
 def pngs(folder: Path) -> list[Path]:
@@ -293,11 +304,7 @@ def test_option_row_trains_samples_and_saves(row, tmp_path, tiny_model, class_im
         assert messages(log, f"loaded custom embeddings: {EMBEDDING_TOKEN}")
     if row["precision"] == "16" and not on["bf16w"]:
         assert messages(log, "fp16 mixed precision needs CUDA", "warning")
-    # the first step compiled the blocks (a later one too where its bucket's size is new), the compile seconds
-    # reported apart
-    assert bool(messages(log, "compile: ")) == on["compile"]
-    assert (metrics[0].get("compile_s", 0) > 0) == on["compile"]
-    assert any("compile_s" in m for m in metrics) == on["compile"]
+    assert_compiled(log, metrics, on["compile"])
 
 
 @pytest.mark.parametrize("row", FLOW_ROWS, ids=FLOW_ROW_IDS)
@@ -310,6 +317,7 @@ def test_flow_family_row_trains_samples_validates_and_saves(row, tmp_path):
     assert [("val_loss" in m) for m in metrics] == [False] * (ROW_STEPS - 1) + [on["val"]]
     assert [p.parent for p in run_dir.glob("samples/*/*.png")] == [run_dir / "samples" / f"{ROW_STEPS:06d}"]
     assert_caches(log, tmp_path / "cache", latents=on["latents"], text=on["textcache"])
+    assert_compiled(log, metrics, on["compile"])
 
     meta = checkpoints.read_meta(checkpoint)
     assert meta["network"] == row["network"] and meta["trained"] == (["ema_unet", "unet"] if on["ema"] else ["unet"])
