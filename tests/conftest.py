@@ -39,6 +39,12 @@ def demo_cache(tmp_path_factory):
     """Demo assets (`demo:` paths) are built once per test run in a private cache."""
     cache = tmp_path_factory.mktemp("scal-cache")
     os.environ["SCAL_SDT_CACHE"] = str(cache)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # The test processes share Inductor's kernels, as a user's runs do (engine.regional_compile): a kernel
+        # one of them built is read by the other instead of compiled again. Inductor writes each entry whole.
+        shared = tmp_path_factory.getbasetemp().parent / "inductor"
+        shared.mkdir(exist_ok=True)
+        (cache / "inductor").symlink_to(shared, target_is_directory=True)
     return cache
 
 
